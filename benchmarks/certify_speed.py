@@ -1,0 +1,67 @@
+"""certify_topk against the sort + cumsum baseline, measured side by side in one run.
+
+Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 5]``
+
+The baseline is the issue's reference (float32 sort, float32 exp, float64 cumsum); the
+ratio is baseline time / certify_topk time, each the median of interleaved repeats on
+the same input (the machine is noisy, so only same-run ratios mean anything).  The
+second ratio compares with one ``scipy.special.logsumexp`` pass over the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+from scipy.special import logsumexp
+
+import certattn
+
+
+def baseline(x: np.ndarray, eps: float) -> np.ndarray:
+    s = np.sort(x, axis=-1)
+    e = np.exp(s - s[:, -1:])
+    cs = np.cumsum(e, axis=-1, dtype=np.float64)
+    return x.shape[-1] - (cs <= eps * cs[:, -1:]).sum(-1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=2048)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--eps", type=float, default=0.01)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--sigmas", type=float, nargs="+", default=[3.0, 6.0])
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    print(f"rows={args.rows} n={args.n} eps={args.eps} float32, median of {args.repeats}")
+    print("| sigma | baseline ms | certify ms | logsumexp ms | speed-up | certify / lse |")
+    print("|---|---|---|---|---|---|")
+    for sigma in args.sigmas:
+        x = (rng.standard_normal((args.rows, args.n)) * sigma).astype(np.float32)
+        funcs = {
+            "base": lambda x=x: baseline(x, args.eps),
+            "cert": lambda x=x: certattn.certify_topk(x, args.eps),
+            "lse": lambda x=x: logsumexp(x, axis=-1),
+        }
+        times: dict[str, list[float]] = {name: [] for name in funcs}
+        for _ in range(args.repeats):
+            for name, f in funcs.items():
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+        k_base = baseline(x, args.eps)
+        k_cert = np.asarray(certattn.certify_topk(x, args.eps).k)
+        agree = float(np.mean(k_base == k_cert))
+        print(
+            f"| {sigma:g} | {med['base']:.1f} | {med['cert']:.1f} | {med['lse']:.1f} "
+            f"| {med['base'] / med['cert']:.2f}x | {med['cert'] / med['lse']:.2f} |"
+            f"  (k agrees with baseline on {agree:.1%} of rows)"
+        )
+
+
+if __name__ == "__main__":
+    main()

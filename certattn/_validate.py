@@ -1,0 +1,59 @@
+"""Input checks shared by the whole library: bad input gets a clear ValueError.
+
+Each check names what is wrong and where (the batch index of the offending row and
+the key position), so that the CLI can print it as one line.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ._array import to_numpy
+
+__all__ = ["check_eps", "check_logits", "first_bad_position"]
+
+
+def first_bad_position(bad: Any) -> tuple[int, ...]:
+    """Index (as a tuple of ints) of the first True entry of a boolean array."""
+    hits = np.argwhere(to_numpy(bad))
+    return tuple(int(i) for i in hits[0])
+
+
+def _where(pos: tuple[int, ...]) -> str:
+    if len(pos) == 1:
+        return f"at key {pos[0]}"
+    return f"in row {pos[:-1] if len(pos) > 2 else pos[0]} at key {pos[-1]}"
+
+
+def check_logits(x: Any, xp: Any, *, name: str = "logits", allow_empty: bool = False) -> None:
+    """Reject NaN, ``+inf`` and an empty key axis (last axis of ``x``).
+
+    ``-inf`` is allowed: it marks a masked key.  Fully masked rows are checked by the
+    callers that care (:func:`certattn.certify_topk` has a policy for them).
+    """
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have a key axis, got a scalar")
+    if x.shape[-1] == 0 and not allow_empty:
+        raise ValueError(f"{name} have an empty key axis (shape {tuple(x.shape)})")
+    nan = xp.isnan(x)
+    if bool(xp.any(nan)):
+        raise ValueError(f"{name} contain NaN {_where(first_bad_position(nan))}")
+    pinf = x == xp.inf
+    if bool(xp.any(pinf)):
+        raise ValueError(f"{name} contain +inf {_where(first_bad_position(pinf))}")
+
+
+def check_eps(eps: Any, *, name: str = "eps") -> float:
+    """A tail budget must be a real number in [0, 1)."""
+    if isinstance(eps, bool):
+        raise ValueError(f"{name} must be a number in [0, 1), got {eps!r}")
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {eps!r}") from None
+    if math.isnan(value) or not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value

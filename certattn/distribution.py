@@ -1,0 +1,227 @@
+r"""Distribution level: what a truncation of the softmax loses (THEORY section 2).
+
+For logits :math:`s` (``-inf`` marks a masked key), :math:`P = \mathrm{softmax}(s)` and a
+kept set :math:`A` with discarded mass :math:`\tau = 1 - P(A)`, the renormalised
+truncation :math:`\hat P = P(\cdot \mid A)` satisfies
+
+* **TV-TAIL** (Lemma 4.1 of Tzachristas et al.; any kept set [derived]):
+  :math:`\mathrm{TV}(P, \hat P) = \tau`;
+* **TV-KL** (Thm 4.3 of Tzachristas et al.):
+  :math:`\mathrm{KL}(\hat P \Vert P) = \mathrm{LSE}(s) - \mathrm{LSE}(s_A) = -\log(1-\tau)` and
+  :math:`\mathrm{TV} = 1 - e^{-\mathrm{KL}}`; :math:`\mathrm{KL}(P \Vert \hat P) = +\infty`
+  whenever :math:`\tau > 0`;
+* **DIV-COROLLARIES** [derived]: :math:`\chi^2(\hat P \Vert P) = \tau / (1-\tau)`, squared
+  Hellinger :math:`1 - \sqrt{1-\tau}`, every Renyi divergence
+  :math:`D_\alpha(\hat P \Vert P) = -\log(1-\tau)`;
+* **BUDGET-EQUIV** [derived]: :math:`\mathrm{TV} \le \varepsilon` iff
+  :math:`\mathrm{KL}(\hat P\Vert P) \le -\log(1-\varepsilon)`.
+
+Every function here is batched over the leading axes, works on any array-API namespace
+and computes in float64, in log space, so tiny tails keep their relative accuracy:
+:math:`\tau = \exp(\mathrm{LSE}(s_T) - \mathrm{LSE}(s))`, KL as ``-log1p(-tau)`` and TV from
+KL as ``-expm1(-KL)`` (THEORY section 7).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._array import as_float_array, namespace, to_numpy
+from ._validate import check_logits
+
+__all__ = [
+    "Divergences",
+    "kl_budget_to_tv",
+    "kl_from_tail",
+    "log_partition",
+    "tail_mass",
+    "topk_mask",
+    "truncation_divergences",
+    "tv_budget_to_kl",
+    "tv_from_kl",
+]
+
+Array = Any
+
+
+def _prepare(logits: Any, axis: int) -> tuple[Array, Any, Any]:
+    x, xp, dev = as_float_array(logits, name="logits")
+    x = xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
+    check_logits(x, xp)
+    return xp.astype(x, xp.float64), xp, dev
+
+
+def _lse(x: Array, xp: Any) -> Array:
+    """Row-wise log-sum-exp over the last axis; ``-inf`` for rows with no finite entry."""
+    finite = x > -xp.inf
+    m = xp.max(xp.where(finite, x, -math.inf), axis=-1, keepdims=True)
+    m_safe = xp.where(m > -xp.inf, m, xp.zeros_like(m))
+    s = xp.sum(xp.where(finite, xp.exp(x - m_safe), xp.zeros_like(x)), axis=-1)
+    with np.errstate(divide="ignore"):
+        return xp.log(s) + m_safe[..., 0]
+
+
+def topk_mask(logits: Any, k: Any, *, axis: int = -1) -> Array:
+    """Boolean mask of the ``k`` largest logits along ``axis``.
+
+    Ties are broken by position (the earlier key is kept), masked keys (``-inf``) are
+    never kept, so a row keeps ``min(k, n_valid)`` keys.  ``k`` is an integer or an
+    integer array broadcastable to the batch shape.
+    """
+    x, xp, dev = as_float_array(logits, name="logits")
+    moved = axis not in (-1, x.ndim - 1)
+    if moved:
+        x = xp.moveaxis(x, axis, -1)
+    order = xp.argsort(x, axis=-1, descending=True, stable=True)
+    rank = xp.argsort(order, axis=-1, stable=True)  # rank of each key, 0 = largest
+    k_arr = k if hasattr(k, "shape") else xp.asarray(k, device=dev)
+    kept = rank < xp.astype(k_arr, rank.dtype)[..., None]
+    kept = xp.logical_and(kept, x > -xp.inf)
+    return xp.moveaxis(kept, -1, axis) if moved else kept
+
+
+def _kept_from(x: Array, xp: Any, kept: Any, k: Any) -> Array:
+    if (kept is None) == (k is None):
+        raise ValueError("give exactly one of `kept` (a boolean mask) or `k` (a count)")
+    if k is not None:
+        return topk_mask(x, k)
+    kept = kept if hasattr(kept, "dtype") else np.asarray(kept)
+    if tuple(kept.shape) != tuple(x.shape):
+        raise ValueError(
+            f"kept mask has shape {tuple(kept.shape)} but logits have shape {tuple(x.shape)}"
+        )
+    if kept.dtype != xp.bool:
+        raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+    return kept
+
+
+def log_partition(logits: Any, kept: Any = None, *, axis: int = -1) -> Array:
+    r""":math:`\mathrm{LSE}(s_A) = \log \sum_{i \in A} e^{s_i}` in float64.
+
+    ``A`` is every key when ``kept`` is None, else the keys where ``kept`` is True
+    (masked keys never count).  Empty sets give ``-inf``.
+    """
+    x, xp, _ = _prepare(logits, axis)
+    if kept is not None:
+        if axis not in (-1, x.ndim - 1):
+            kept = xp.moveaxis(kept, axis, -1)
+        kept = _kept_from(x, xp, kept, None)
+        x = xp.where(kept, x, -math.inf)
+    return _lse(x, xp)
+
+
+def tail_mass(logits: Any, kept: Any = None, *, k: Any = None, axis: int = -1) -> Array:
+    r"""Discarded softmax mass :math:`\tau = 1 - P(A)` of a kept set (Theorem TV-TAIL).
+
+    .. math::
+
+        \tau = \exp\big(\mathrm{LSE}(s_T) - \mathrm{LSE}(s)\big),
+        \qquad T = \text{valid keys} \setminus A
+
+    which equals :math:`\mathrm{TV}(P, P(\cdot\mid A))` (Lemma 4.1 of Tzachristas et al.,
+    for any kept set).  Computed in float64 in log space: accurate to a few ulps relative
+    even for tails far below 1e-16.  This is a *value*, not a certificate: for a sound
+    upper bound use :func:`certattn.certify_topk`.
+
+    Parameters
+    ----------
+    logits : array
+        Logits, ``-inf`` for masked keys.  Rows must have at least one finite entry.
+    kept : boolean array, optional
+        Kept set, same shape as ``logits``.
+    k : int or integer array, optional
+        Keep the top ``k`` keys (ties by position) instead of an explicit mask.
+    axis : int
+        Key axis.
+    """
+    x, xp, _ = _prepare(logits, axis)
+    if kept is not None and axis not in (-1, x.ndim - 1):
+        kept = xp.moveaxis(kept, axis, -1)
+    kept = _kept_from(x, xp, kept, k)
+    tail = xp.where(kept, -math.inf, x)
+    return xp.exp(_lse(tail, xp) - _lse(x, xp))
+
+
+def kl_from_tail(tau: Any) -> Array:
+    r""":math:`\mathrm{KL}(\hat P \Vert P) = -\log(1 - \tau)` (Theorem TV-KL).
+
+    Computed as ``-log1p(-tau)``, accurate for tiny tails.
+    """
+    xp, _ = namespace(tau)
+    return -xp.log1p(-xp.asarray(tau))
+
+
+def tv_from_kl(kl: Any) -> Array:
+    r""":math:`\mathrm{TV} = 1 - e^{-\mathrm{KL}}` (Theorem TV-KL), as ``-expm1(-kl)``."""
+    xp, _ = namespace(kl)
+    return -xp.expm1(-xp.asarray(kl))
+
+
+def tv_budget_to_kl(eps: float) -> float:
+    r"""The KL budget equivalent to a TV budget: :math:`-\log(1-\varepsilon)` (BUDGET-EQUIV)."""
+    return float(-np.log1p(-float(eps)))
+
+
+def kl_budget_to_tv(kl: float) -> float:
+    r"""The TV budget equivalent to a KL budget: :math:`1 - e^{-\mathrm{KL}}` (BUDGET-EQUIV)."""
+    return float(-np.expm1(-float(kl)))
+
+
+@dataclass(frozen=True)
+class Divergences:
+    r"""Divergences between :math:`P` and its renormalised truncation :math:`\hat P`.
+
+    All are functions of the tail mass :math:`\tau` alone (THEORY section 2):
+    ``tv`` = :math:`\tau`; ``kl`` = :math:`\mathrm{KL}(\hat P\Vert P) = -\log(1-\tau)`;
+    ``kl_reverse`` = :math:`\mathrm{KL}(P\Vert\hat P)` (``+inf`` where :math:`\tau>0`);
+    ``chi2`` = :math:`\chi^2(\hat P\Vert P) = \tau/(1-\tau)`;
+    ``hellinger2`` = :math:`1-\sqrt{1-\tau}` (squared Hellinger, :math:`1 - \sum\sqrt{p\hat p}`).
+    """
+
+    tv: Array
+    kl: Array
+    kl_reverse: Array
+    chi2: Array
+    hellinger2: Array
+
+    def renyi(self, alpha: float) -> Array:
+        r""":math:`D_\alpha(\hat P \Vert P) = -\log(1-\tau)` for every order :math:`\alpha > 0`.
+
+        Since :math:`\hat p_i / p_i = 1/(1-\tau)` is constant on the support of
+        :math:`\hat P`, every Renyi divergence equals the KL (DIV-COROLLARIES).
+        """
+        if not (alpha > 0):
+            raise ValueError(f"Renyi order alpha must be > 0, got {alpha}")
+        return self.kl
+
+
+def truncation_divergences(
+    logits: Any, kept: Any = None, *, k: Any = None, axis: int = -1
+) -> Divergences:
+    """TV, both KLs, chi-square and squared Hellinger of a truncation (TV-KL, DIV-COROLLARIES).
+
+    Computed from the float64 log-space tail mass :func:`tail_mass`; ``kl`` uses
+    :math:`\\mathrm{LSE}(s) - \\mathrm{LSE}(s_A)` directly, which stays accurate when the
+    tail is tiny and when it is close to 1.
+    """
+    x, xp, _ = _prepare(logits, axis)
+    if kept is not None and axis not in (-1, x.ndim - 1):
+        kept = xp.moveaxis(kept, axis, -1)
+    kept = _kept_from(x, xp, kept, k)
+    lse_all = _lse(x, xp)
+    lse_head = _lse(xp.where(kept, x, -math.inf), xp)
+    lse_tail = _lse(xp.where(kept, -math.inf, x), xp)
+    if bool(xp.any(lse_head == -xp.inf)):
+        bad = np.argwhere(to_numpy(lse_head) == -np.inf)[0]
+        raise ValueError(f"kept set holds no valid key in row {tuple(int(i) for i in bad)}")
+    tau = xp.exp(lse_tail - lse_all)
+    kl = lse_all - lse_head
+    kl = xp.where(kl > 0, kl, xp.zeros_like(kl))
+    kl_rev = xp.where(tau > 0, xp.full_like(tau, xp.inf), xp.zeros_like(tau))
+    chi2 = xp.expm1(kl)  # 1/(1-tau) - 1 = tau/(1-tau)
+    hell2 = -xp.expm1(-0.5 * kl)  # 1 - sqrt(1 - tau)
+    return Divergences(tv=tau, kl=kl, kl_reverse=kl_rev, chi2=chi2, hellinger2=hell2)

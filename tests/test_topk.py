@@ -1,0 +1,266 @@
+"""certify_topk / certify_topp: sound, minimal, invariant; on every backend.
+
+The contract (issue "Certified Top-k core"): for the exact softmax of the given logits,
+k is never below the exact minimal k_eps, and exceeds it only when the exact tail of
+k - 1 keys lies within a relative 1e-6 of eps; tail_mass is a sound upper bound on the
+exact tail of the kept set and never exceeds eps.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import certattn
+from certattn._array import device_of, to_numpy
+from certattn.topk import _certify_rows, _cut_numpy, _cut_sorted
+
+from ._exact import exact_min_k, exact_tail_of_set, exact_tails
+
+DTYPES = [np.float16, np.float32, np.float64]
+
+
+@st.composite
+def logit_rows(draw, max_n: int = 40, dtypes=DTYPES):
+    """Rows with ties, -inf masks, extreme ranges, in float16/32/64."""
+    dtype = draw(st.sampled_from(dtypes))
+    n = draw(st.integers(1, max_n))
+    kind = draw(st.sampled_from(["grid", "wide", "extreme", "gauss"]))
+    if kind == "grid":  # many ties
+        vals = draw(st.lists(st.integers(-40, 40), min_size=n, max_size=n))
+        row = np.array(vals, dtype=np.float64) / 4
+    elif kind == "wide":
+        row = np.array(
+            draw(st.lists(st.floats(-60, 60, allow_nan=False), min_size=n, max_size=n))
+        )
+    elif kind == "extreme":
+        big = float(np.finfo(dtype).max) / 2
+        choices = st.sampled_from([-big, -1e4, -700.0, -40.0, 0.0, 1.0, 30.0, 1e4, big])
+        row = np.array(draw(st.lists(choices, min_size=n, max_size=n)))
+    else:
+        seed = draw(st.integers(0, 2**32 - 1))
+        sigma = draw(st.sampled_from([0.1, 1.0, 3.0, 8.0]))
+        row = np.random.default_rng(seed).normal(0, sigma, n)
+    finfo = np.finfo(dtype)
+    row = np.clip(row, -float(finfo.max), float(finfo.max)).astype(dtype)
+    mask = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    if mask.all():
+        mask[draw(st.integers(0, n - 1))] = False
+    row[mask & (draw(st.floats(0, 1)) < 0.5)] = -np.inf
+    assume(np.isfinite(row).any())
+    return row
+
+
+EPS = st.one_of(
+    st.sampled_from([0.0, 1e-300, 1e-12, 1e-3, 0.01, 0.1, 0.5, 0.999999]),
+    st.floats(0, 0.999, exclude_max=True),
+)
+
+
+def _check_contract(row: np.ndarray, eps: float, k: int, tail_bound: float) -> None:
+    tails = exact_tails(row)
+    k_exact = next(j for j, t in enumerate(tails) if t <= mpmath.mpf(eps))
+    assert k >= k_exact, f"unsound: k={k} < exact k_eps={k_exact}"
+    if k > k_exact:
+        assert tails[k - 1] >= mpmath.mpf(eps) * (1 - mpmath.mpf("1e-6")), "not minimal"
+    assert tail_bound <= eps
+    assert mpmath.mpf(tail_bound) >= tails[k], "tail_mass below the exact tail"
+
+
+@given(row=logit_rows(), eps=EPS)
+def test_sound_and_minimal_against_exact_arithmetic(row, eps):
+    cert = certattn.certify_topk(row, eps)
+    _check_contract(row, eps, int(cert.k), float(cert.tail_mass))
+    assert int(cert.n_valid) == int(np.isfinite(row).sum())
+
+
+@given(rows=st.lists(logit_rows(max_n=24, dtypes=[np.float64]), min_size=1, max_size=6), eps=EPS)
+def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
+    """The NumPy bucketed kernel and the sort kernel both satisfy the contract."""
+    assume(eps > 0)
+    n = max(len(r) for r in rows)
+    batch = np.full((len(rows), n), -np.inf)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = r
+    import array_api_compat.numpy as xnp
+
+    for kernel in (_cut_numpy, _cut_sorted):
+        import certattn.topk as topk
+
+        saved = topk._cut_numpy
+        try:
+            topk._cut_numpy = kernel
+            k, tail = _certify_rows(batch, eps, xp=xnp, progress=None)
+        finally:
+            topk._cut_numpy = saved
+        for i, r in enumerate(rows):
+            _check_contract(r, eps, int(k[i]), float(tail[i]))
+
+
+@given(row=logit_rows(dtypes=[np.float64]), e1=EPS, e2=EPS)
+def test_monotone_in_eps(row, e1, e2):
+    lo, hi = sorted((e1, e2))
+    assert certattn.certify_topk(row, lo).k >= certattn.certify_topk(row, hi).k
+
+
+@given(row=logit_rows(), eps=EPS, seed=st.integers(0, 2**32 - 1))
+def test_invariant_to_permuting_keys(row, eps, seed):
+    perm = np.random.default_rng(seed).permutation(row.size)
+    a = certattn.certify_topk(row, eps)
+    b = certattn.certify_topk(row[perm], eps)
+    assert int(a.k) == int(b.k)
+
+
+@given(
+    vals=st.lists(st.integers(-200, 200), min_size=1, max_size=40),
+    shift=st.integers(-50, 50),
+    eps=EPS,
+)
+def test_invariant_to_exact_constant_shift(vals, shift, eps):
+    """Logits on a 1/8 grid shifted by an integer: the shift is exact in float64."""
+    row = np.array(vals, dtype=np.float64) / 8
+    a = certattn.certify_topk(row, eps)
+    b = certattn.certify_topk(row + shift, eps)
+    assert int(a.k) == int(b.k)
+
+
+@given(row=logit_rows(), eps=EPS)
+def test_kept_set_is_topk_and_its_exact_tail_is_certified(row, eps):
+    cert = certattn.certify_topk(row, eps)
+    kept = np.asarray(cert.kept_mask())
+    assert kept.sum() == int(cert.k)
+    assert not kept[row == -np.inf].any()
+    if kept.any() and (~kept & np.isfinite(row)).any():
+        assert row[kept].min() >= row[~kept & np.isfinite(row)].max()
+    assert exact_tail_of_set(row, kept) <= mpmath.mpf(float(cert.tail_mass))
+    idx = np.asarray(cert.kept_indices())
+    assert sorted(idx[idx >= 0].tolist()) == sorted(np.flatnonzero(kept).tolist())
+
+
+def test_topp_is_topk_with_eps_one_minus_p():
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 2, (5, 50))
+    a = certattn.certify_topp(x, 0.9)
+    b = certattn.certify_topk(x, 1 - 0.9)
+    np.testing.assert_array_equal(a.k, b.k)
+    with pytest.raises(ValueError, match="p must be"):
+        certattn.certify_topp(x, 0.0)
+
+
+def test_eps_zero_keeps_every_valid_key():
+    row = np.array([0.0, -np.inf, -1000.0, 3.0])
+    cert = certattn.certify_topk(row, 0.0)
+    assert int(cert.k) == 3 and float(cert.tail_mass) == 0.0
+
+
+def test_float32_cumsum_pitfall_long_near_uniform_rows():
+    """Rows where float32 cumsum never reaches 1 - eps (THEORY section 7)."""
+    rng = np.random.default_rng(7)
+    x = (rng.normal(0, 0.05, (4, 4096))).astype(np.float32)
+    eps = 1e-4
+    cert = certattn.certify_topk(x, eps)
+    for i in range(2):
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+    assert (cert.k > 4000).all()
+
+
+def test_tiny_eps_on_long_rows_is_minimal():
+    rng = np.random.default_rng(3)
+    row = rng.normal(0, 30, 300)
+    for eps in (1e-300, 1e-200, 1e-30):
+        cert = certattn.certify_topk(row, eps)
+        _check_contract(row, eps, int(cert.k), float(cert.tail_mass))
+
+
+def test_batched_axis_and_shape():
+    rng = np.random.default_rng(2)
+    x = rng.normal(0, 2, (3, 7, 4))  # keys on axis 1
+    cert = certattn.certify_topk(x, 0.05, axis=1)
+    assert cert.k.shape == (3, 4)
+    ref = certattn.certify_topk(np.moveaxis(x, 1, -1), 0.05)
+    np.testing.assert_array_equal(cert.k, ref.k)
+    assert cert.kept_mask().shape == x.shape
+    assert (cert.kept_mask().sum(axis=1) == cert.k).all()
+
+
+def test_masked_rows_policy():
+    x = np.array([[0.0, 1.0], [-np.inf, -np.inf], [2.0, -np.inf]])
+    with pytest.raises(ValueError, match=r"fully masked.*row 1"):
+        certattn.certify_topk(x, 0.1)
+    cert = certattn.certify_topk(x, 0.1, masked_rows="skip")
+    assert cert.k.tolist() == [2, 0, 1]
+    assert cert.masked.tolist() == [False, True, False]
+    assert float(cert.tail_mass[1]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        (np.array([0.0, np.nan]), "NaN at key 1"),
+        (np.array([[0.0, 1.0], [np.inf, 0.0]]), r"\+inf in row 1 at key 0"),
+        (np.zeros((2, 0)), "empty key axis"),
+        (np.array([1, 2, 3]), "floating-point"),
+        (np.array(["a", "b"]), "floating-point|array of numbers"),
+    ],
+)
+def test_bad_logits_raise_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        certattn.certify_topk(bad, 0.1)
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0, 2.0, float("nan"), "x", None, True])
+def test_bad_eps_raises(eps):
+    with pytest.raises(ValueError, match="eps"):
+        certattn.certify_topk(np.zeros(3), eps)
+
+
+def test_bfloat16_input_is_sound():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 3, (3, 64)).astype(ml_dtypes.bfloat16)
+    cert = certattn.certify_topk(x, 0.01)
+    for i in range(3):
+        row = x[i].astype(np.float64)
+        _check_contract(row, 0.01, int(cert.k[i]), float(cert.tail_mass[i]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_backends_agree_and_stay_on_device(backend, dtype):
+    rng = np.random.default_rng(11)
+    x = rng.normal(0, 3, (4, 6, 33)).astype(dtype)
+    x[0, 0, :5] = -np.inf
+    xb = backend.asarray(x)
+    cert = certattn.certify_topk(xb, 0.02)
+    ref = certattn.certify_topk(x, 0.02)
+    for field in ("k", "tail_mass", "kl", "n_valid", "masked"):
+        arr = getattr(cert, field)
+        assert device_of(arr) == device_of(xb), field
+        assert type(arr) is type(xb) or backend.name == "numpy"
+    np.testing.assert_array_equal(to_numpy(cert.k), ref.k)
+    np.testing.assert_allclose(to_numpy(cert.tail_mass), ref.tail_mass, rtol=1e-9)
+    kept = cert.kept_mask()
+    assert device_of(kept) == device_of(xb)
+    np.testing.assert_array_equal(to_numpy(kept), ref.kept_mask())
+    np.testing.assert_array_equal(to_numpy(cert.kept_indices()), ref.kept_indices())
+
+
+def test_real_attention_rows_are_certified_exactly():
+    """Rows of real MiniLM attention (the shipped sample) against exact arithmetic."""
+    from certattn.models import load_sample
+
+    att = load_sample()[0]
+    logits = np.asarray(att.logits, dtype=np.float32)
+    rows = logits.reshape(-1, logits.shape[-1])[::97][:12]
+    for eps in (1e-3, 1e-2, 0.1):
+        cert = certattn.certify_topk(rows, eps)
+        for i in range(rows.shape[0]):
+            _check_contract(rows[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+
+
+def test_exact_min_k_reference_itself():
+    """Sanity of the reference: two equal keys, eps just below and above 1/2."""
+    assert exact_min_k([0.0, 0.0], 0.5) == 1
+    assert exact_min_k([0.0, 0.0], 0.4999) == 2
