@@ -110,8 +110,8 @@ def to_numpy(x: Array) -> np.ndarray:
     Works for every namespace, including ``array-api-strict``'s non-default
     devices, which refuse ``np.asarray`` but accept DLPack.
     """
-    if isinstance(x, np.ndarray):
-        return x
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x)
     if compat.is_cupy_array(x):
         return x.get()
     if compat.is_torch_array(x):

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, namespace, to_numpy
-from ._validate import check_logits
+from ._array import as_float_array, namespace
+from ._validate import check_logits, first_bad_position
 
 __all__ = [
     "Divergences",
@@ -55,14 +55,36 @@ def _prepare(logits: Any, axis: int) -> tuple[Array, Any, Any]:
     return xp.astype(x, xp.float64), xp, dev
 
 
+def _row_max(x: Array, xp: Any) -> Array:
+    """Row maximum over the last axis (keepdims), 0 for rows with no finite entry."""
+    m = xp.max(x, axis=-1, keepdims=True)
+    return xp.where(m > -xp.inf, m, xp.zeros_like(m))
+
+
+def _lse_parts(x: Array, xp: Any) -> tuple[Array, Array]:
+    """``(m, log sum exp(x - m))`` per row, ``m`` the row's own maximum.
+
+    The log-sum lies in ``[0, log n]`` (``-inf`` for an empty row), so differences of two
+    LSEs are formed as ``(m_a - m_b) + (l_a - l_b)``: no ``log(29) + 1e38`` absorption,
+    and no underflow of a far tail against the other set's maximum.
+    """
+    m = _row_max(x, xp)
+    s = xp.sum(xp.exp(x - m), axis=-1)  # masked keys: exp(-inf) = 0
+    with np.errstate(divide="ignore"):
+        return m[..., 0], xp.log(s)
+
+
 def _lse(x: Array, xp: Any) -> Array:
     """Row-wise log-sum-exp over the last axis; ``-inf`` for rows with no finite entry."""
-    finite = x > -xp.inf
-    m = xp.max(xp.where(finite, x, -math.inf), axis=-1, keepdims=True)
-    m_safe = xp.where(m > -xp.inf, m, xp.zeros_like(m))
-    s = xp.sum(xp.where(finite, xp.exp(x - m_safe), xp.zeros_like(x)), axis=-1)
-    with np.errstate(divide="ignore"):
-        return xp.log(s) + m_safe[..., 0]
+    m, ls = _lse_parts(x, xp)
+    return ls + m
+
+
+def _lse_diff(a: Array, b: Array, xp: Any) -> Array:
+    """``LSE(a) - LSE(b)`` row-wise, accurate (see :func:`_lse_parts`)."""
+    ma, la = _lse_parts(a, xp)
+    mb, lb = _lse_parts(b, xp)
+    return (ma - mb) + (la - lb)
 
 
 def topk_mask(logits: Any, k: Any, *, axis: int = -1) -> Array:
@@ -142,8 +164,7 @@ def tail_mass(logits: Any, kept: Any = None, *, k: Any = None, axis: int = -1) -
     if kept is not None and axis not in (-1, x.ndim - 1):
         kept = xp.moveaxis(kept, axis, -1)
     kept = _kept_from(x, xp, kept, k)
-    tail = xp.where(kept, -math.inf, x)
-    return xp.exp(_lse(tail, xp) - _lse(x, xp))
+    return xp.exp(_lse_diff(xp.where(kept, -math.inf, x), x, xp))
 
 
 def kl_from_tail(tau: Any) -> Array:
@@ -212,16 +233,18 @@ def truncation_divergences(
     if kept is not None and axis not in (-1, x.ndim - 1):
         kept = xp.moveaxis(kept, axis, -1)
     kept = _kept_from(x, xp, kept, k)
-    lse_all = _lse(x, xp)
-    lse_head = _lse(xp.where(kept, x, -math.inf), xp)
-    lse_tail = _lse(xp.where(kept, -math.inf, x), xp)
-    if bool(xp.any(lse_head == -xp.inf)):
-        bad = np.argwhere(to_numpy(lse_head) == -np.inf)[0]
-        raise ValueError(f"kept set holds no valid key in row {tuple(int(i) for i in bad)}")
-    tau = xp.exp(lse_tail - lse_all)
-    kl = lse_all - lse_head
-    kl = xp.where(kl > 0, kl, xp.zeros_like(kl))
+    head = xp.where(kept, x, -math.inf)
+    empty = xp.max(head, axis=-1) == -xp.inf
+    if bool(xp.any(empty)):
+        where = f" in row {first_bad_position(empty)}" if empty.ndim else ""
+        raise ValueError(f"kept set holds no valid key{where}")
+    tau = xp.exp(_lse_diff(xp.where(kept, -math.inf, x), x, xp))
+    # KL = -log(1 - tau): from tau where the tail is small (no cancellation), from the
+    # LSE difference LSE(all) - LSE(head) where it is large (1 - tau would cancel).
+    with np.errstate(divide="ignore", over="ignore"):
+        kl = xp.where(tau < 0.5, -xp.log1p(-tau), _lse_diff(x, head, xp))
+        kl = xp.where(kl > 0, kl, xp.zeros_like(kl))
+        chi2 = xp.expm1(kl)  # 1/(1-tau) - 1 = tau/(1-tau)
     kl_rev = xp.where(tau > 0, xp.full_like(tau, xp.inf), xp.zeros_like(tau))
-    chi2 = xp.expm1(kl)  # 1/(1-tau) - 1 = tau/(1-tau)
     hell2 = -xp.expm1(-0.5 * kl)  # 1 - sqrt(1 - tau)
     return Divergences(tv=tau, kl=kl, kl_reverse=kl_rev, chi2=chi2, hellinger2=hell2)

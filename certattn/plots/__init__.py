@@ -1,0 +1,1 @@
+"""Figures of certattn (matplotlib); each function returns a :class:`matplotlib.figure.Figure`."""
