@@ -25,15 +25,16 @@ def _zero(expr: sp.Expr) -> None:
 @proof("TV-TAIL", "1/2 sum |p - p_hat| = tail mass for a generic kept set")
 def tv_equals_tail() -> None:
     # On the head p_hat >= p (renormalised up); on the tail p_hat = 0.
-    tv = sp.Rational(1, 2) * (sum(ph - p for ph, p in zip(_phat, _p_head)) + sum(_p_tail))
-    for ph, p in zip(_phat, _p_head):
+    gain = sum(ph - p for ph, p in zip(_phat, _p_head, strict=True))
+    tv = sp.Rational(1, 2) * (gain + sum(_p_tail))
+    for ph, p in zip(_phat, _p_head, strict=True):
         assert sp.simplify(ph - p - p * _B / _A) == 0  # p_hat - p = p * B/A >= 0
     _zero(tv - _tau)
 
 
 @proof("TV-KL", "KL(P_hat||P) = LSE(all) - LSE(head) = -log(1 - tau); TV = 1 - exp(-KL)")
 def kl_identity() -> None:
-    kl = sum(ph * sp.log(ph / p) for ph, p in zip(_phat, _p_head))
+    kl = sum(ph * sp.log(ph / p) for ph, p in zip(_phat, _p_head, strict=True))
     _zero(sp.expand_log(sp.simplify(kl - sp.log(_Z / _A)), force=True))
     _zero(sp.simplify(sp.log(_Z / _A) + sp.log(1 - _tau)))
     _zero(sp.simplify(1 - sp.exp(-sp.log(_Z / _A)) - _tau))
@@ -41,19 +42,17 @@ def kl_identity() -> None:
 
 @proof("DIV-COROLLARIES", "chi2 = tau/(1-tau), Hellinger^2 = 1 - sqrt(1-tau), Renyi = -log(1-tau)")
 def corollaries() -> None:
-    chi2 = sum(ph**2 / p for ph, p in zip(_phat, _p_head)) - 1
+    chi2 = sum(ph**2 / p for ph, p in zip(_phat, _p_head, strict=True)) - 1
     _zero(chi2 - _tau / (1 - _tau))
-    bc = sum(sp.sqrt(ph * p) for ph, p in zip(_phat, _p_head))  # Bhattacharyya coefficient
+    # Bhattacharyya coefficient sum sqrt(p_hat p); squared Hellinger = 1 - bc.
+    bc = sum(sp.sqrt(ph * p) for ph, p in zip(_phat, _p_head, strict=True))
     _zero(sp.simplify(bc**2 - (1 - _tau)))
     alpha = sp.symbols("alpha", positive=True)
-    renyi = sp.log(sum(ph**alpha * p ** (1 - alpha) for ph, p in zip(_phat, _p_head))) / (
-        alpha - 1
-    )
+    # D_alpha = log(sum_i p_hat_i^alpha p_i^(1 - alpha)) / (alpha - 1) with p_hat_i = r p_i:
     ratio = sp.simplify(_phat[0] / _p_head[0])  # = Z / A on every head key
     inner = sum(p * ratio**alpha for p in _p_head)
     _zero(sp.simplify(inner - ratio ** (alpha - 1)))
     _zero(sp.simplify(sp.log(ratio ** (alpha - 1)) / (alpha - 1) - sp.log(ratio)))
-    del renyi
 
 
 @proof("BUDGET-EQUIV", "tau <= eps  <=>  -log(1-tau) <= -log(1-eps) (monotone map)")
