@@ -28,22 +28,45 @@ def _where(pos: tuple[int, ...]) -> str:
     return f"in row {pos[:-1] if len(pos) > 2 else pos[0]} at key {pos[-1]}"
 
 
-def check_logits(x: Any, xp: Any, *, name: str = "logits", allow_empty: bool = False) -> None:
+def check_logits(
+    x: Any, xp: Any, *, name: str = "logits", allow_empty: bool = False, row_max: Any = None
+) -> None:
     """Reject NaN, ``+inf`` and an empty key axis (last axis of ``x``).
 
     ``-inf`` is allowed: it marks a masked key.  Fully masked rows are checked by the
     callers that care (:func:`certattn.certify_topk` has a policy for them).
+    ``row_max``, the maxima of ``x`` over its last axis, saves a pass when the caller
+    has them anyway (NaN propagates through max on NumPy, CuPy and PyTorch).
     """
     if x.ndim == 0:
         raise ValueError(f"{name} must have a key axis, got a scalar")
     if x.shape[-1] == 0 and not allow_empty:
         raise ValueError(f"{name} have an empty key axis (shape {tuple(x.shape)})")
+    if x.size and _max_is_finite_or_neginf(x if row_max is None else row_max, xp):
+        return  # one reduction (or the caller's row maxima), no temporaries
     nan = xp.isnan(x)
     if bool(xp.any(nan)):
         raise ValueError(f"{name} contain NaN {_where(first_bad_position(nan))}")
     pinf = x == xp.inf
     if bool(xp.any(pinf)):
         raise ValueError(f"{name} contain +inf {_where(first_bad_position(pinf))}")
+
+
+def _max_is_finite_or_neginf(x: Any, xp: Any) -> bool:
+    """True if ``max(x)`` is neither NaN nor ``+inf`` (NaN propagates through max).
+
+    Only trusted where NaN is known to propagate (NumPy, CuPy, PyTorch); elsewhere
+    answer False so that the explicit checks run.
+    """
+    import array_api_compat as compat
+
+    if not (
+        compat.is_numpy_namespace(xp) or compat.is_cupy_namespace(xp)
+        or compat.is_torch_namespace(xp)
+    ):
+        return False
+    top = float(xp.max(x))
+    return not (math.isnan(top) or top == math.inf)
 
 
 def check_eps(eps: Any, *, name: str = "eps") -> float:

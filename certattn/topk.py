@@ -61,8 +61,7 @@ _TINY = 2.0**-1073  # bound on the absolute error of one underflowing exp
 _SMALLEST = 2.0**-1074  # smallest positive float64
 _GAMMA_TERM = 2100 * _U
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
-_FAST_ROWS = 64  # rows per chunk of the NumPy fast path (fits in L2 for n = 4096)
-_NBINS = 256  # histogram bins per row in the NumPy fast path
+_FAST_ROWS = 64  # rows per chunk of the NumPy fast path
 
 
 @dataclass(frozen=True)
@@ -226,20 +225,25 @@ def certify_topk(
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
     xl = xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
-    check_logits(xl, xp)
     n = int(xl.shape[-1])
     batch = tuple(int(s) for s in xl.shape[:-1])
     rows = math.prod(batch)
+    if n == 0:
+        check_logits(xl, xp)  # raises: empty key axis
     flat = xp.reshape(xl, (rows, n))
-
-    n_valid = xp.sum(xp.astype(flat > -xp.inf, xp.int64), axis=-1)
+    row_max = xp.max(flat, axis=-1)
+    check_logits(flat if batch else xl, xp, row_max=row_max)
+    if rows and bool(xp.min(row_max) > -xp.inf) and bool(xp.min(flat) > -xp.inf):
+        n_valid = xp.full((rows,), n, dtype=xp.int64, device=_dev(flat))  # nothing masked
+    else:
+        n_valid = xp.astype(xp.count_nonzero(flat > -xp.inf, axis=-1), xp.int64)
     masked = n_valid == 0
     if masked_rows == "error" and bool(xp.any(masked)):
         pos = first_bad_position(xp.reshape(masked, batch) if batch else masked)
         where = f"row {pos if len(pos) > 1 else pos[0]}" if batch else "the only row"
         raise ValueError(f"logits are fully masked (all -inf) in {where}")
 
-    k, tail = _certify_rows(flat, eps, xp=xp, progress=progress)
+    k, tail = _certify_rows(flat, row_max, n_valid, eps, xp=xp, progress=progress)
     k = xp.where(masked, xp.zeros_like(k), k)
     tail = xp.where(masked, xp.zeros_like(tail), tail)
     # KL(P_hat || P) = -log1p(-tail), rounded up so it stays an upper bound.
@@ -264,51 +268,127 @@ def certify_topk(
 
 
 def _certify_rows(
-    flat: Array, eps: float, *, xp: Any, progress: Callable[[int, int], None] | None
+    flat: Array,
+    row_max: Array,
+    n_valid: Array,
+    eps: float,
+    *,
+    xp: Any,
+    progress: Callable[[int, int], None] | None,
 ) -> tuple[Array, Array]:
     """``(k, tail_upper)`` for a (rows, n) batch; fully masked rows give garbage."""
     rows, n = flat.shape
     if eps == 0.0:
         # Every valid key has positive exact mass: keep them all, lose nothing.
-        k = xp.sum(xp.astype(flat > -xp.inf, xp.int64), axis=-1)
-        return k, xp.zeros(rows, dtype=xp.float64, device=_dev(flat))
-    shift = max(0.0, -math.log(eps) - 600.0)
+        return n_valid, xp.zeros(rows, dtype=xp.float64, device=_dev(flat))
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     alpha = n * _TINY
-    step = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
-    kernel = _cut_numpy if is_numpy(xp) else _cut_sorted
-    if is_numpy(xp):
-        step = _FAST_ROWS
+    fast = is_numpy(xp)
+    step = _FAST_ROWS if fast else max(1, _CHUNK_BYTES // (8 * max(n, 1)))
     ks, tails = [], []
     for start in range(0, rows, step):
         stop = min(rows, start + step)
-        e, z = _exp_shifted(flat[start:stop, ...], shift, xp)
+        chunk = flat[start:stop, ...]
+        e, c = _exp_terms(chunk, row_max[start:stop], eps, xp)
+        z = xp.sum(e, axis=-1)
         z_lo = z * (1.0 - gamma) - alpha
         # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
         budget = (eps * z_lo - alpha) / (1.0 + gamma)
-        t, t_hat = kernel(e, budget, xp)
+        t, t_hat = _cut_bracket(chunk, e, c, budget) if fast else _cut_sorted(e, budget, xp)
         ks.append(n - t)
         tails.append((t_hat * (1.0 + gamma) + alpha) / z_lo)
         if progress is not None:
             progress(stop, rows)
-    k = xp.concat(ks) if len(ks) != 1 else ks[0]
+    k = xp.astype(xp.concat(ks) if len(ks) != 1 else ks[0], xp.int64)
     tail = xp.concat(tails) if len(tails) != 1 else tails[0]
     # Cover the rounding of the division: relative for normal results, absolute (half a
     # subnormal spacing) for subnormal ones, so a positive tail never rounds to zero.
     tail = tail * (1.0 + 4 * _U) + _SMALLEST
-    k = xp.astype(k, xp.int64)
-    n_valid = xp.sum(xp.astype(flat > -xp.inf, xp.int64), axis=-1)
     tail = xp.where(k < n_valid, tail, xp.zeros_like(tail))
     return k, xp.minimum(tail, eps)
 
 
-def _exp_shifted(x: Array, shift: float, xp: Any) -> tuple[Array, Array]:
-    r"""``e = exp(x - max + shift)`` in float64 (masked keys give 0) and its row sums."""
-    x = xp.astype(x, xp.float64)
-    m = xp.max(x, axis=-1, keepdims=True)
-    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any finite shift
-    e = xp.exp((x - m) + shift)
-    return e, xp.sum(e, axis=-1)
+def _exp_terms(x: Array, m: Array, eps: float, xp: Any) -> tuple[Array, Array]:
+    r"""Terms :math:`e_i = e^{s_i - c}` in float64 (masked keys give 0) and ``c`` per row.
+
+    ``m`` holds the row maxima.  The common factor :math:`e^{-c}` cancels in every
+    ratio, so ``c`` only has to keep the terms in range.  When every row maximum
+    satisfies :math:`-650 - \log\varepsilon \le m \le 700 - \log n` (all practical logits)
+    ``c = 0``: ``exp`` of the exact float64 value of each logit, no rounded subtraction.
+    Otherwise ``c = m - shift`` per row, formed as ``(s - m) + shift``, where
+    ``shift = max(0, -log(eps) - 600)`` lifts tiny budgets clear of underflow.
+    """
+    n = x.shape[-1]
+    lo, hi = -650.0 - math.log(eps), 700.0 - math.log(max(n, 1))
+    m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
+    if bool(xp.all(xp.logical_and(m >= lo, m <= hi))):
+        if is_numpy(xp) and x.dtype in (np.float16, np.float32, np.float64):
+            return np.exp(x, dtype=np.float64), xp.zeros_like(m)  # one pass, no copy
+        return xp.exp(xp.astype(x, xp.float64)), xp.zeros_like(m)
+    shift = max(0.0, -math.log(eps) - 600.0)
+    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
+    return xp.exp((xp.astype(x, xp.float64) - m) + shift), m - shift
+
+
+_SAMPLE = 256  # keys sampled per row to place the bracket (NumPy fast path)
+_HALF_WIDTH = 8  # half-width of the bracket, in sample ranks
+
+
+def _cut_bracket(
+    x: np.ndarray, e: np.ndarray, c: np.ndarray, budget: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy fast path of :func:`_cut_sorted`: the same answer without sorting rows.
+
+    A strided sample of each row (``_SAMPLE`` keys) estimates where the cumulative tail
+    crosses the budget; its neighbours in sample rank give a bracket ``[lo, hi)`` of
+    logit values.  Keys below ``lo`` are summed exactly (in float64, one pass), keys in
+    the bracket are sorted, and the tail grows from the small end as in the generic
+    kernel.  The answer is exact whenever the crossing falls inside the bracket, which
+    is checked; the rare rows where it does not are sorted.
+    """
+    r, n = x.shape
+    stride = n // _SAMPLE
+    if stride < 4:
+        import array_api_compat.numpy as xnp
+
+        return _cut_sorted(e, budget, xnp)
+    rows = np.arange(r)
+    samp = np.sort(x[:, ::stride], axis=1)  # exact order, no rounding, x's own dtype
+    m = samp.shape[1]
+    # Estimated tail sum below each sample rank, in the units of ``e`` (= exp(s - c)).
+    est = np.cumsum(np.exp(samp.astype(np.float64) - c), axis=1) * (n / m)
+    j = (est <= budget[:, None]).sum(axis=1)  # estimated crossing, in sample ranks
+    lo_i, hi_i = j - _HALF_WIDTH, j + _HALF_WIDTH
+    # Thresholds stay in the logits' dtype, so the comparisons below never cast x.
+    lo = np.where(lo_i >= 0, samp[rows, np.clip(lo_i, 0, m - 1)], -np.inf).astype(x.dtype)
+    hi = np.where(hi_i < m, samp[rows, np.clip(hi_i, 0, m - 1)], np.inf).astype(x.dtype)
+    below = x < lo[:, None]
+    s_lo = np.einsum("ij,ij->i", e, below)  # exact-order-free float64 sum, one pass
+    n_lo = below.view(np.uint8).sum(axis=1, dtype=np.int64)
+    mid = x < hi[:, None]
+    mid &= ~below
+    flat = np.flatnonzero(mid)  # few hits: cheaper than boolean indexing or nonzero
+    vals = e.ravel()[flat]
+    ri = flat // n
+    widths = np.bincount(ri, minlength=r)
+    w = int(widths.max()) if r else 0
+    pad = np.full((r, w + 1), np.inf)
+    pad[:, 0] = s_lo
+    start = np.cumsum(widths) - widths
+    pad[ri, 1 + np.arange(vals.size) - start[ri]] = vals
+    pad[:, 1:].sort(axis=1)
+    cs = np.cumsum(pad, axis=1)
+    extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
+    t = n_lo + extra
+    t_hat = cs[rows, extra]
+    # Exact iff the prefix below the bracket fits and some bracket key does not.
+    miss = (s_lo > budget) | (extra >= widths)
+    if miss.any():  # rare: sort those rows (plain NumPy, same arithmetic as _cut_sorted)
+        cs_m = np.cumsum(np.sort(e[miss], axis=1), axis=1)
+        t_m = (cs_m <= budget[miss][:, None]).sum(axis=1)
+        t[miss] = t_m
+        t_hat[miss] = np.where(t_m > 0, cs_m[np.arange(t_m.size), np.maximum(t_m - 1, 0)], 0.0)
+    return t, t_hat
 
 
 def _cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:
@@ -320,47 +400,8 @@ def _cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:
     es = xp.sort(e, axis=-1)
     cs = xp.cumulative_sum(es, axis=-1)
     ok = cs <= budget[:, None]
-    t = xp.sum(xp.astype(ok, xp.int64), axis=-1)
+    t = xp.astype(xp.count_nonzero(ok, axis=-1), xp.int64)
     idx = xp.reshape(xp.where(t > 0, t - 1, xp.zeros_like(t)), (-1, 1))
     t_hat = xp.take_along_axis(cs, idx, axis=-1)[:, 0]
     t_hat = xp.where(t > 0, t_hat, xp.zeros_like(t_hat))
     return t, t_hat
-
-
-def _cut_numpy(e: np.ndarray, budget: np.ndarray, xp: Any) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy fast path of :func:`_cut_sorted` (same answer, no full sort).
-
-    Positive float64 values order like their bit patterns, so the top bits (exponent
-    and two mantissa bits) bucket every row into ``_NBINS`` ordered bins of ratio
-    :math:`2^{1/4}`; everything far below the row's largest term shares bin 0.  One
-    weighted ``bincount`` gives every bin's exact-order sum, so the cut lies in the first
-    bin whose cumulative sum exceeds the budget, and only that bin is sorted.
-    """
-    r, _n = e.shape
-    top = e.max(axis=1).view(np.int64) >> 50
-    b = (e.view(np.int64) >> 50) - (top - (_NBINS - 1))[:, None]
-    np.clip(b, 0, _NBINS - 1, out=b)
-    b += (np.arange(r, dtype=np.int64) * _NBINS)[:, None]
-    flat_b = b.ravel()
-    sums = np.bincount(flat_b, weights=e.ravel(), minlength=r * _NBINS).reshape(r, _NBINS)
-    counts = np.bincount(flat_b, minlength=r * _NBINS).reshape(r, _NBINS)
-    csum = np.cumsum(sums, axis=1)
-    cut = (csum <= budget[:, None]).sum(axis=1)  # bins fully in the tail
-    rows = np.arange(r)
-    below = np.where(cut > 0, csum[rows, np.maximum(cut - 1, 0)], 0.0)
-    ccount = np.cumsum(counts, axis=1)
-    n_below = np.where(cut > 0, ccount[rows, np.maximum(cut - 1, 0)], 0)
-    # The cut bin: sort its members and extend the tail key by key.
-    in_cut = b == (cut + rows * _NBINS)[:, None]
-    width = counts[rows, np.minimum(cut, _NBINS - 1)]
-    w = int(width.max()) if r else 0
-    pad = np.full((r, w + 1), np.inf)
-    pad[:, 0] = below
-    ri, ci = np.nonzero(in_cut)
-    start = np.cumsum(width) - width
-    pad[ri, 1 + np.arange(ri.size) - start[ri]] = e[ri, ci]
-    pad[:, 1:].sort(axis=1)
-    cs = np.cumsum(pad, axis=1)
-    extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
-    t = n_below + extra
-    return t, cs[rows, extra]

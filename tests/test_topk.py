@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import certattn
 from certattn._array import device_of, to_numpy
-from certattn.topk import _certify_rows, _cut_numpy, _cut_sorted
+from certattn.topk import _certify_rows, _cut_sorted
 
 from ._exact import exact_min_k, exact_tail_of_set, exact_tails
 
@@ -79,7 +79,7 @@ def test_sound_and_minimal_against_exact_arithmetic(row, eps):
 
 @given(rows=st.lists(logit_rows(max_n=24, dtypes=[np.float64]), min_size=1, max_size=6), eps=EPS)
 def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
-    """The NumPy bucketed kernel and the sort kernel both satisfy the contract."""
+    """The NumPy bracket kernel and the generic sort kernel both satisfy the contract."""
     assume(eps > 0)
     n = max(len(r) for r in rows)
     batch = np.full((len(rows), n), -np.inf)
@@ -87,15 +87,19 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
         batch[i, : len(r)] = r
     import array_api_compat.numpy as xnp
 
-    for kernel in (_cut_numpy, _cut_sorted):
-        import certattn.topk as topk
+    import certattn.topk as topk
 
-        saved = topk._cut_numpy
+    valid = np.isfinite(batch).sum(axis=1)
+    saved = topk._cut_bracket
+    for kernel in ("bracket", "sorted"):
         try:
-            topk._cut_numpy = kernel
-            k, tail = _certify_rows(batch, eps, xp=xnp, progress=None)
+            if kernel == "sorted":
+                topk._cut_bracket = lambda x, e, c, b: _cut_sorted(e, b, xnp)
+            k, tail = _certify_rows(
+                batch, batch.max(axis=1), valid, eps, xp=xnp, progress=None
+            )
         finally:
-            topk._cut_numpy = saved
+            topk._cut_bracket = saved
         for i, r in enumerate(rows):
             _check_contract(r, eps, int(k[i]), float(tail[i]))
 
@@ -264,3 +268,42 @@ def test_exact_min_k_reference_itself():
     """Sanity of the reference: two equal keys, eps just below and above 1/2."""
     assert exact_min_k([0.0, 0.0], 0.5) == 1
     assert exact_min_k([0.0, 0.0], 0.4999) == 2
+
+
+def _long_rows(seed: int) -> np.ndarray:
+    """Rows long enough for the NumPy bracket kernel, of every shape that can fool it."""
+    rng = np.random.default_rng(seed)
+    n = 1024
+    rows = [
+        rng.normal(0, 1, n),
+        rng.normal(0, 3, n),
+        rng.normal(0, 8, n),
+        np.round(rng.normal(0, 2, n) * 2) / 2,  # heavy ties on a grid
+        np.r_[rng.normal(0, 1, n - 3), [14.0, 13.0, 12.5]],  # a few dominant keys
+        np.where(rng.random(n) < 0.5, -np.inf, rng.normal(0, 2, n)),  # half masked
+        np.r_[np.full(n - 1, -5.0), 0.0],  # one key and a flat floor
+        rng.standard_cauchy(n),  # heavy tails
+    ]
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("eps", [1e-4, 0.01, 0.2])
+def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
+    x = _long_rows(seed)
+    cert = certattn.certify_topk(x, eps)
+    for i in range(x.shape[0]):
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+
+
+@pytest.mark.parametrize("half_width", [0, 1])
+def test_bracket_misses_fall_back_soundly(monkeypatch, half_width):
+    """A bracket too narrow to hold the crossing must be detected and redone."""
+    import certattn.topk as topk
+
+    monkeypatch.setattr(topk, "_HALF_WIDTH", half_width)
+    x = _long_rows(3)
+    for eps in (1e-3, 0.05):
+        cert = certattn.certify_topk(x, eps)
+        for i in range(x.shape[0]):
+            _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
