@@ -4,6 +4,24 @@ Sound, per-query budgets for sparse attention: how many keys to keep so that the
 softmax loses at most a given total-variation mass, and what that costs at the output.
 """
 
+from .attention import AttentionCertificate, certify_attention
+from .blocks import (
+    BlockSelection,
+    block_tail_bounds,
+    greedy_block_set,
+    key_block_bounds,
+    smallest_block_count,
+)
+from .bounds import (
+    BOUNDS,
+    certified_k,
+    exact_head_bound,
+    gap_bound,
+    gap_threshold,
+    multigap_bound,
+    tail_bound,
+    uniform_gap_bound,
+)
 from .distribution import (
     Divergences,
     kl_from_tail,
@@ -13,20 +31,51 @@ from .distribution import (
     truncation_divergences,
     tv_from_kl,
 )
+from .output import (
+    HeadTail,
+    OutputBounds,
+    VarianceDecomposition,
+    head_tail_terms,
+    output_bounds,
+    smallest_k_for_output,
+    variance_decomposition,
+)
 from .topk import TopkCertificate, certify_topk, certify_topp
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BOUNDS",
+    "AttentionCertificate",
+    "BlockSelection",
     "Divergences",
+    "HeadTail",
+    "OutputBounds",
     "TopkCertificate",
+    "VarianceDecomposition",
     "__version__",
+    "block_tail_bounds",
+    "certified_k",
+    "certify_attention",
     "certify_topk",
     "certify_topp",
+    "exact_head_bound",
+    "gap_bound",
+    "gap_threshold",
+    "greedy_block_set",
+    "head_tail_terms",
+    "key_block_bounds",
     "kl_from_tail",
     "log_partition",
+    "multigap_bound",
+    "output_bounds",
+    "smallest_block_count",
+    "smallest_k_for_output",
+    "tail_bound",
     "tail_mass",
     "topk_mask",
     "truncation_divergences",
     "tv_from_kl",
+    "uniform_gap_bound",
+    "variance_decomposition",
 ]

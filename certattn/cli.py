@@ -153,6 +153,49 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_budget(args: argparse.Namespace) -> int:
+    from .budget import budget_for_model
+
+    eps = _parse_eps(args.eps)
+    text = args.text
+    if args.text_file is not None:
+        if text is not None:
+            raise CLIError("give --text or --text-file, not both")
+        try:
+            text = Path(args.text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CLIError(f"cannot read {args.text_file}: {exc}") from None
+    try:
+        coverage = float(args.coverage)
+    except ValueError:
+        raise CLIError(f"--coverage must be a number in (0, 1], got {args.coverage!r}") from None
+    table = budget_for_model(
+        args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
+        progress=_progress(10**9, 1) if not args.json else None,
+    )
+    if args.out is not None:
+        try:
+            table.write_json(args.out)
+        except OSError as exc:
+            raise CLIError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    print(table.to_json() if args.json else table.to_markdown())
+    return 0
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .reproduce import reproduce
+
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    unknown = [m for m in models if m not in ("minilm", "smollm2")]
+    if unknown or not models:
+        raise CLIError(f"--models takes minilm and/or smollm2, got {args.models!r}")
+    if args.tokens < 16:
+        raise CLIError(f"--tokens must be at least 16, got {args.tokens}")
+    summary = reproduce(args.out, models=models, smollm2_tokens=args.tokens, quick=args.quick)
+    print(summary.short_report())
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -179,6 +222,36 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
     c.set_defaults(func=_cmd_certify)
+
+    b = sub.add_parser(
+        "budget",
+        help="per-layer, per-head Top-k budget table of a model's attention",
+        description="Certify every query of a model's attention and summarise per layer and "
+        "head: quantiles of k and k/n, and the fixed k covering a fraction of the queries "
+        "(a statistical budget for serving, not a per-query certificate).",
+    )
+    b.add_argument("--model", default="minilm-sample",
+                   choices=["minilm-sample", "minilm", "smollm2"],
+                   help="minilm-sample (shipped, default), minilm or smollm2 (need the model "
+                   "packages, see README)")
+    b.add_argument("--text", help="text to run the model on (default: built-in prose)")
+    b.add_argument("--text-file", help="read the text from this file")
+    b.add_argument("--tokens", type=int, help="truncate/extend the context to N tokens")
+    b.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
+    b.add_argument("--coverage", default="0.9", help="fraction of queries the fixed k covers")
+    b.add_argument("--json", action="store_true", help="print JSON for an inference engine")
+    b.add_argument("--out", help="also write the JSON to this file")
+    b.set_defaults(func=_cmd_budget)
+
+    r = sub.add_parser(
+        "reproduce",
+        help="reproduce the paper's experiments on real attention (figures + summary)",
+    )
+    r.add_argument("--out", default="reproduce", help="output folder (default ./reproduce)")
+    r.add_argument("--models", default="minilm,smollm2", help="comma list: minilm,smollm2")
+    r.add_argument("--tokens", type=int, default=1024, help="SmolLM2 context (default 1024)")
+    r.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    r.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")

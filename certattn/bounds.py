@@ -1,0 +1,498 @@
+r"""Tail bounds from ordered logits alone (THEORY section 3).
+
+For a row of logits sorted descending, :math:`s_1 \ge \dots \ge s_n` (``n`` = number of
+valid keys; ``-inf`` marks a masked key and never counts), the Top-k set
+:math:`H = \{1..k\}` discards :math:`\tau_k = \sum_{i>k} p_i`.  Every bound here is an
+upper bound on :math:`\tau_k` of the form :math:`X / (D + X)`, with :math:`X \ge` the
+tail sum and :math:`D \le` the head sum (in units of :math:`e^{s_1}`):
+
+* **GAP-SINGLE** (Thm 4.5 of Tzachristas et al.): :math:`X = (n-k)e^{s_{k+1}}`,
+  :math:`D = k e^{s_k}`, i.e. :math:`\tau_k \le 1/(1 + \tfrac{k}{n-k} e^{\Delta_k})`,
+  :math:`\Delta_k = s_k - s_{k+1}`; equality iff the logits take two levels; certifies
+  :math:`\tau_k \le \varepsilon` iff
+  :math:`\Delta_k \ge \ln\tfrac{n-k}{k} + \ln\tfrac{1-\varepsilon}{\varepsilon}`.
+* **GAP-EXACT-HEAD** [derived]: the same :math:`X`, :math:`D = \sum_{i \le k} e^{s_i}` (the
+  exact head sum, when the head is scored anyway).  Never looser than GAP-SINGLE.
+* **GAP-MULTI** [paper names it; form derived]: cut points :math:`k = j_0 < \dots < j_m < n`,
+  :math:`X = \sum_r (j_{r+1} - j_r)\, e^{s_{j_r+1}}` (:math:`j_{m+1} = n`), :math:`D = k e^{s_k}`.
+  ``n_cuts = m = 0`` is GAP-SINGLE; cutting everywhere (the *all-gap* form) makes
+  :math:`X` the exact tail sum.  For a given number of cuts the library chooses the cut
+  points by **dynamic programming** (the exact minimiser of :math:`X`, hence of the
+  bound): for all k at once in :math:`O(m n^2)` time per row.
+* **GAP-UNIFORM** [derived corollary]: if every gap past k is at least :math:`\delta`
+  (:math:`s_i - s_{i+1} \ge \delta` for :math:`k \le i < n`), then
+  :math:`\tau_k \le 1/(1 + k(e^\delta - 1))`, independent of n.  The library takes
+  :math:`\delta_k = \min_{k \le i < n} (s_i - s_{i+1})`.
+
+Every function accepts unsorted logits of any array-API namespace, any batch shape, and
+``k`` as an int or an integer array of the batch shape.  ``k >= n_valid`` gives 0 (the
+tail is empty).  :func:`certified_k` returns, per row, the smallest k whose bound is at
+most eps (the bounds need not be monotone in k, so every k is evaluated).
+
+Soundness (THEORY section 7)
+----------------------------
+Each bound is a claim about the exact real-number softmax of the given logits.  It is
+evaluated in float64, in log space, as :math:`L = \log X - \log(D + X)` with logits shifted
+by the row maximum (:math:`d_i = s_i - s_1`), and reported as
+:math:`\min(1, e^{L + \sigma}(1 + 4u) + 2^{-1073})`, :math:`u = 2^{-53}` (the last term
+covers an ``exp`` that lands among the subnormals), with the log-space margin
+
+.. math:: \sigma_k = u\,\big(4(|d_k| + |d_{k+1}|) + 4 n + 2^{14}\big)
+
+(:math:`|d_{k+1}|` replaced by 700 in the all-gap and checkpoint forms, whose tail terms are
+all rounded up at -700), which covers the rounding of the differences (at most :math:`u|d|`
+each; terms of the cumulative head sums lie in :math:`[d_k, 0]`), of
+``exp``/``log``/``logaddexp`` (a few ulps of arguments below about 800 in magnitude), and of
+the :math:`n`-term sums (relative :math:`1.01 n u`), with a factor of about two to spare.
+For ordinary rows :math:`\sigma \approx 2\cdot 10^{-12}`. Tail terms more than 700 nats
+below the row maximum are rounded *up* to :math:`e^{-700}` before summation (so underflow
+can never shrink a tail); head terms that underflow only shrink the head (conservative).
+This makes the all-gap and checkpoint forms loose (never unsound) on rows spanning more than
+700 nats. A non-empty tail never reports 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ._array import as_float_array, from_numpy, to_numpy
+from ._validate import check_eps, check_logits, first_bad_position
+
+__all__ = [
+    "BOUNDS",
+    "certified_k",
+    "exact_head_bound",
+    "gap_bound",
+    "gap_threshold",
+    "multigap_bound",
+    "tail_bound",
+    "uniform_gap_bound",
+]
+
+Array = Any
+
+_U = 2.0**-53
+_SMALLEST = 2.0**-1074
+_CLIP = -700.0  # tail terms below e^{-700} (relative to the row maximum) are rounded up
+_DCAP = 1e300  # |d| is capped in the margin so that it stays finite
+_CHUNK_ELEMS = 1 << 22  # float64 temporaries per chunk of the dynamic programme
+
+BOUNDS = ("gap", "exact_head", "all_gap", "checkpoint", "uniform_gap")
+"""Names accepted by :func:`tail_bound` and :func:`certified_k`."""
+
+
+# --------------------------------------------------------------------------
+# Shared machinery (also used by certattn.blocks and certattn.output)
+# --------------------------------------------------------------------------
+
+
+def _rows(logits: Any, axis: int) -> tuple[Array, Array, Any, Any]:
+    """Validated float64 logits with the key axis last, and the valid-key counts.
+
+    Raises ``ValueError`` on NaN, ``+inf``, an empty key axis or a fully masked row.
+    """
+    x, xp, dev = as_float_array(logits, name="logits")
+    if x.ndim == 0:
+        raise ValueError("logits must have a key axis, got a scalar")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
+    if axis not in (-1, x.ndim - 1):
+        x = xp.moveaxis(x, axis, -1)
+    check_logits(x, xp)
+    x = xp.astype(x, xp.float64)
+    n_valid = xp.sum(xp.astype(x > -xp.inf, xp.int64), axis=-1)
+    empty = n_valid == 0
+    if bool(xp.any(empty)):
+        pos = first_bad_position(empty) if empty.ndim else ()
+        raise ValueError(f"logits are fully masked (all -inf) in row {pos}")
+    return x, n_valid, xp, dev
+
+
+def _neg_inf(xp: Any, like: Array) -> Array:
+    return xp.full_like(like, -xp.inf)
+
+
+def _log_cumsum(d: Array, valid: Array, xp: Any, *, reverse: bool, upper: bool) -> Array:
+    """``log`` of cumulative sums of ``exp(d)`` along the last axis (``d <= 0``).
+
+    ``reverse`` accumulates from the end (suffix sums, i.e. from the small end of a
+    descending row).  ``upper`` (tail role) rounds terms below ``e^{-700}`` up to it so
+    that no term underflows; otherwise (head role) underflow only shrinks the sums.
+    Invalid entries contribute 0.  Empty sums give ``-inf``.
+    """
+    if upper:
+        d = xp.maximum(d, _CLIP)
+    e = xp.where(valid, xp.exp(d), xp.zeros_like(d))
+    if reverse:
+        e = xp.flip(e, axis=-1)
+    c = xp.cumulative_sum(e, axis=-1)
+    if reverse:
+        c = xp.flip(c, axis=-1)
+    with np.errstate(divide="ignore"):
+        return xp.where(c > 0, xp.log(xp.where(c > 0, c, xp.ones_like(c))), _neg_inf(xp, c))
+
+
+def _shift_left(x: Array, xp: Any, fill: float) -> Array:
+    """``y[..., i] = x[..., i + 1]``, last entry ``fill``."""
+    pad = xp.full((*x.shape[:-1], 1), fill, dtype=x.dtype, device=_device(x))
+    return xp.concat([x[..., 1:], pad], axis=-1)
+
+
+def _as_xp(a: Any, xp: Any, dev: Any) -> Array:
+    """``a`` (any array or array-like) as an array of ``xp`` on ``dev``."""
+    import array_api_compat
+
+    if array_api_compat.is_array_api_obj(a) and array_api_compat.array_namespace(a) is xp:
+        return a
+    if array_api_compat.is_array_api_obj(a):
+        a = to_numpy(a)
+    return from_numpy(np.asarray(a), xp=xp, device=dev)
+
+
+def _device(x: Array) -> Any:
+    import array_api_compat
+
+    return array_api_compat.device(x)
+
+
+def _margin(a: Array, b: Array, n: Any, xp: Any) -> Array:
+    """Log-space margin ``u (4(|a| + |b|) + 4 n + 2^14)`` with infinities capped."""
+    cap = _DCAP
+    a = xp.minimum(xp.abs(a), cap)
+    b = xp.minimum(xp.abs(b), cap)
+    return _U * (4.0 * (a + b) + 4.0 * n + 16384.0)
+
+
+def _round_up(log_b: Array, margin: Array, positive: Array, xp: Any) -> Array:
+    r"""Sound upper bound :math:`\min(1, e^{L+\sigma}(1+4u) + 2^{-1073})`.
+
+    Where ``positive`` (the exact quantity is > 0) the result is at least the smallest
+    subnormal, elsewhere it is 0.
+    """
+    # + 2^-1073: an exp that lands among the subnormals errs by up to half of 2^-1074
+    v = xp.exp(xp.minimum(log_b + margin, 0.0)) * (1.0 + 4 * _U) + 2 * _SMALLEST
+    v = xp.minimum(v, 1.0)
+    return xp.where(positive, v, xp.zeros_like(v))
+
+
+def _round_down(log_b: Array, margin: Array, xp: Any) -> Array:
+    r"""Sound lower bound :math:`\max(0, e^{L-\sigma}(1-4u) - 2^{-1073})`."""
+    v = xp.exp(log_b - margin) * (1.0 - 4 * _U) - 2 * _SMALLEST
+    return xp.minimum(xp.maximum(v, 0.0), 1.0)
+
+
+def _ratio_log(log_x: Array, log_d: Array, xp: Any) -> Array:
+    """``log(X / (D + X))`` from ``log X`` and ``log D``; ``-inf`` where ``X = 0``."""
+    lx = xp.where(log_x > -xp.inf, log_x, xp.zeros_like(log_x))
+    out = lx - xp.logaddexp(log_d, lx)
+    return xp.where(log_x > -xp.inf, out, _neg_inf(xp, out))
+
+
+# --------------------------------------------------------------------------
+# The bounds as curves over k = 1..n (column j <-> k = j + 1)
+# --------------------------------------------------------------------------
+
+
+def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
+    s = xp.sort(x, axis=-1, descending=True)
+    n = s.shape[-1]
+    dev = _device(s)
+    k = xp.arange(1, n + 1, dtype=xp.float64, device=dev)
+    nv = xp.astype(n_valid, xp.float64)[..., None]
+    valid = k <= nv  # position k (1-based) holds a valid key
+    d = s - s[..., :1]
+    d = xp.where(valid, d, _neg_inf(xp, d))
+    d_next = _shift_left(d, xp, -math.inf)
+    m = nv - k  # tail size of the top-k set
+    has_tail = m > 0
+    return {
+        "s": s,
+        "d": d,
+        "d_next": d_next,
+        "k": k,
+        "m": m,
+        "valid": valid,
+        "has_tail": has_tail,
+        "margin": _margin(d, xp.where(has_tail, d_next, xp.zeros_like(d)), nv, xp),
+        # forms whose tail terms are all rounded up at -700 only need |d_{k+1}| <= 700
+        "margin_clipped": _margin(d, xp.zeros_like(d) + 700.0, nv, xp),
+    }
+
+
+def _log_k(p: dict[str, Array], xp: Any) -> Array:
+    return xp.log(p["k"])
+
+
+def _log_m(p: dict[str, Array], xp: Any) -> Array:
+    return xp.log(xp.where(p["has_tail"], p["m"], xp.ones_like(p["m"])))
+
+
+def _gap_pair(p: dict[str, Array], xp: Any) -> tuple[Array, Array]:
+    """``(s_k, s_{k+1})`` per column, with 0 in place of masked entries (no inf - inf)."""
+    s = xp.where(p["valid"], p["s"], xp.zeros_like(p["s"]))
+    s_next = _shift_left(s, xp, 0.0)
+    return s, xp.where(p["has_tail"], s_next, s)
+
+
+def _curve_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
+    """GAP-SINGLE: ``L = -log(1 + (k/(n-k)) e^{Delta_k})`` with Delta from the raw logits."""
+    s, s_next = _gap_pair(p, xp)
+    delta = xp.where(p["has_tail"], s - s_next, xp.zeros_like(s))
+    z = _log_k(p, xp) - _log_m(p, xp) + delta
+    out = -xp.logaddexp(xp.zeros_like(z), z)
+    return xp.where(p["has_tail"], out, _neg_inf(xp, out))
+
+
+def _curve_exact_head(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
+    """GAP-EXACT-HEAD: ``X = (n-k) e^{d_{k+1}}``, ``D = sum_{i<=k} e^{d_i}``."""
+    head = _log_cumsum(p["d"], p["valid"], xp, reverse=False, upper=False)
+    log_x = xp.where(p["has_tail"], _log_m(p, xp) + p["d_next"], _neg_inf(xp, head))
+    return _ratio_log(log_x, head, xp)
+
+
+def _curve_all_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
+    """GAP-MULTI with every cut: ``X = sum_{i>k} e^{d_i}`` (rounded up), ``D = k e^{d_k}``."""
+    suffix = _log_cumsum(p["d"], p["valid"], xp, reverse=True, upper=True)
+    log_x = _shift_left(suffix, xp, -math.inf)
+    log_x = xp.where(p["has_tail"], log_x, _neg_inf(xp, log_x))
+    return _ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
+
+
+def _curve_checkpoint(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
+    """GAP-MULTI with ``n_cuts`` optimal cut points (dynamic programming)."""
+    if n_cuts is None or isinstance(n_cuts, bool) or int(n_cuts) != n_cuts or n_cuts < 0:
+        raise ValueError(f"n_cuts must be a non-negative integer, got {n_cuts!r}")
+    g = _checkpoint_costs(p, xp, int(n_cuts))
+    log_g = xp.log(xp.where(g > 0, g, xp.ones_like(g)))
+    log_g = xp.where(g > 0, log_g, _neg_inf(xp, g))
+    log_x = _shift_left(log_g, xp, -math.inf)  # top-k tail starts at 0-based position k
+    log_x = xp.where(p["has_tail"], log_x, _neg_inf(xp, log_x))
+    return _ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
+
+
+def _checkpoint_costs(p: dict[str, Array], xp: Any, m: int) -> Array:
+    r"""``G[..., a]`` = min over at most ``m`` extra cuts of the segment cost covering
+    0-based positions ``a..n_valid-1``, a segment ``[a, b)`` costing ``(b - a) e^{d_a}``.
+
+    Recurrence: ``G_0(a) = (n_v - a) w_a``;
+    ``G_r(a) = min(G_{r-1}(a), min_{a < b < n_v} (b - a) w_a + G_{r-1}(b))``.
+    Weights use tail rounding (``d`` clipped at -700), so ``G`` never underestimates.
+    """
+    d, valid = p["d"], p["valid"]
+    w = xp.where(valid, xp.exp(xp.maximum(d, _CLIP)), xp.zeros_like(d))
+    n = d.shape[-1]
+    dev = _device(d)
+    pos = p["k"] - 1.0  # 0-based positions as float64
+    nv = p["m"][..., :1] + 1.0  # n_valid, shape (..., 1)
+    g = xp.where(valid, (nv - pos) * w, xp.zeros_like(w))
+    if m == 0 or n < 2:
+        return g
+    batch = tuple(g.shape[:-1])
+    rows = math.prod(batch)
+    gf, wf, nvf = (xp.reshape(a, (rows, -1)) for a in (g, w, xp.broadcast_to(nv, (*batch, 1))))
+    idx = xp.arange(n, dtype=xp.float64, device=dev)
+    step_a = max(1, _CHUNK_ELEMS // max(1, n * max(1, rows)))
+    for _ in range(m):
+        parts = []
+        for a0 in range(0, n, step_a):
+            a1 = min(n, a0 + step_a)
+            a = idx[a0:a1][:, None]  # (A, 1)
+            ok = (idx[None, :] > a) & (idx[None, :] < nvf[:, :, None])  # (rows, A, n)
+            cand = idx[None, None, :] * wf[:, a0:a1, None] + gf[:, None, :]
+            cand = xp.where(ok, cand, xp.full_like(cand, xp.inf))
+            best = xp.min(cand, axis=-1) - a[None, :, 0] * wf[:, a0:a1]
+            parts.append(xp.minimum(gf[:, a0:a1], best))
+        gf = xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+    return xp.reshape(gf, g.shape)
+
+
+def _suffix_min(g: Array, xp: Any) -> Array:
+    """``out[..., i] = min(g[..., i:])`` by doubling (``O(n log n)``, array-API only)."""
+    n = g.shape[-1]
+    step = 1
+    while step < n:
+        g = xp.minimum(g, _shift_by(g, step, xp))
+        step *= 2
+    return g
+
+
+def _shift_by(x: Array, step: int, xp: Any) -> Array:
+    pad = xp.full((*x.shape[:-1], step), xp.inf, dtype=x.dtype, device=_device(x))
+    return xp.concat([x[..., step:], pad], axis=-1)
+
+
+def _curve_uniform_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
+    r"""GAP-UNIFORM: ``L = -log(1 + k(e^{delta_k} - 1))``, ``delta_k`` = min gap past k."""
+    s, s_next = _gap_pair(p, xp)
+    gap = xp.where(p["has_tail"], s - s_next, xp.full_like(s, xp.inf))
+    delta = _suffix_min(gap, xp)
+    k = p["k"]
+    small = delta < 600.0
+    dc = xp.where(small, delta, xp.zeros_like(delta))
+    direct = -xp.log1p(k * xp.expm1(dc))
+    # delta >= 600: 1 + k(e^delta - 1) = k e^delta (1 + (1-k) e^{-delta}/k), the last
+    # factor is 1 to within 1e-260, so the log is log k + delta to within rounding.
+    large = -(xp.log(k) + xp.where(small, xp.zeros_like(delta), delta))
+    out = xp.where(small, direct, large)
+    return xp.where(p["has_tail"], out, _neg_inf(xp, out))
+
+
+_CURVES: dict[str, Callable[[dict[str, Array], Any, Any], Array]] = {
+    "gap": _curve_gap,
+    "exact_head": _curve_exact_head,
+    "all_gap": _curve_all_gap,
+    "checkpoint": _curve_checkpoint,
+    "uniform_gap": _curve_uniform_gap,
+}
+
+
+def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array, Array, Any]:
+    """Sound upper bounds for every k = 1..n (column k - 1) and ``n_valid``."""
+    if bound not in _CURVES:
+        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
+    if bound != "checkpoint" and n_cuts is not None:
+        raise ValueError("n_cuts is only used by bound='checkpoint'")
+    x, n_valid, xp, _ = _rows(logits, axis)
+    p = _sorted_parts(x, n_valid, xp)
+    log_b = _CURVES[bound](p, xp, n_cuts)
+    margin = p["margin_clipped" if bound in ("all_gap", "checkpoint") else "margin"]
+    return _round_up(log_b, margin, p["has_tail"], xp), n_valid, xp
+
+
+def _k_index(k: Any, batch: tuple[int, ...], n: int, xp: Any, dev: Any) -> Array:
+    if isinstance(k, bool):
+        raise ValueError(f"k must be a positive integer or integer array, got {k!r}")
+    if isinstance(k, int | np.integer):
+        k_arr = xp.full(batch, int(k), dtype=xp.int64, device=dev)
+    else:
+        k_arr = _as_xp(k, xp, dev)
+        if not xp.isdtype(k_arr.dtype, "integral"):
+            raise ValueError(f"k must hold integers, got dtype {k_arr.dtype}")
+        k_arr = xp.broadcast_to(xp.astype(k_arr, xp.int64), batch)
+    if bool(xp.any(k_arr < 1)) or bool(xp.any(k_arr > n)):
+        raise ValueError(f"k must lie in [1, {n}] (the key-axis length)")
+    return k_arr
+
+
+def tail_bound(
+    logits: Any, k: Any, *, bound: str = "gap", n_cuts: int | None = None, axis: int = -1
+) -> Array:
+    r"""Sound upper bound on the exact tail mass :math:`\tau_k` of the Top-k set.
+
+    Parameters
+    ----------
+    logits : array
+        Unsorted logits, ``-inf`` for masked keys; batch over the other axes.
+    k : int or integer array (batch shape)
+        Kept keys per row, ``1 <= k <= n`` (``n`` = length of the key axis); ``k`` at or
+        above the number of valid keys gives 0.
+    bound : {"gap", "exact_head", "all_gap", "checkpoint", "uniform_gap"}
+        GAP-SINGLE, GAP-EXACT-HEAD, GAP-MULTI (every cut / ``n_cuts`` optimal cuts),
+        GAP-UNIFORM (module docstring).
+    n_cuts : int, optional
+        Number of extra cut points for ``bound="checkpoint"``.
+    axis : int
+        Key axis.
+
+    Returns
+    -------
+    float64 array, batch shape
+        Upper bounds in [0, 1], rounded upwards (module docstring).
+    """
+    curve, _, xp = _bound_curve(logits, bound, n_cuts, axis)
+    dev = _device(curve)
+    k_arr = _k_index(k, tuple(curve.shape[:-1]), int(curve.shape[-1]), xp, dev)
+    return xp.take_along_axis(curve, (k_arr - 1)[..., None], axis=-1)[..., 0]
+
+
+def gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
+    r"""Theorem GAP-SINGLE (Thm 4.5 of Tzachristas et al.), rounded upwards.
+
+    .. math:: \tau_k \le \frac{(n-k) e^{s_{k+1}}}{k e^{s_k} + (n-k) e^{s_{k+1}}}
+              = \frac{1}{1 + \frac{k}{n-k} e^{\Delta_k}}, \qquad \Delta_k = s_k - s_{k+1},
+
+    with ``n`` the number of valid keys of the row; equality iff the logits take two
+    levels.  See :func:`tail_bound` for parameters.
+    """
+    return tail_bound(logits, k, bound="gap", axis=axis)
+
+
+def exact_head_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
+    r"""Theorem GAP-EXACT-HEAD [derived]: GAP-SINGLE with the exact head sum.
+
+    .. math:: \tau_k \le \frac{(n-k) e^{s_{k+1}}}{\sum_{i \le k} e^{s_i} + (n-k) e^{s_{k+1}}}
+
+    Never above :func:`gap_bound` (the head sum is at least :math:`k e^{s_k}`).
+    """
+    return tail_bound(logits, k, bound="exact_head", axis=axis)
+
+
+def multigap_bound(logits: Any, k: Any, *, n_cuts: int | None = None, axis: int = -1) -> Array:
+    r"""Theorem GAP-MULTI [paper names it; form derived].
+
+    .. math:: \tau_k \le \frac{X}{k + X}, \quad
+              X = \sum_{r=0}^{m} (j_{r+1} - j_r)\, e^{-(s_k - s_{j_r + 1})},
+              \quad j_0 = k,\ j_{m+1} = n.
+
+    ``n_cuts=None`` cuts at every position (the all-gap form, :math:`X` = the exact tail
+    over :math:`e^{s_k}`); ``n_cuts=m`` uses the ``m`` cut points that minimise :math:`X`,
+    found by dynamic programming (exact optimum; :math:`O(m n^2)` time per row, chunked
+    to bounded memory).  ``n_cuts=0`` is GAP-SINGLE.
+    """
+    if n_cuts is None:
+        return tail_bound(logits, k, bound="all_gap", axis=axis)
+    return tail_bound(logits, k, bound="checkpoint", n_cuts=n_cuts, axis=axis)
+
+
+def uniform_gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
+    r"""Theorem GAP-UNIFORM [derived corollary of GAP-MULTI].
+
+    .. math:: \tau_k \le \frac{1}{1 + k (e^{\delta_k} - 1)}, \qquad
+              \delta_k = \min_{k \le i < n} (s_i - s_{i+1}),
+
+    since :math:`s_k - s_{k+r} \ge r\delta_k` gives :math:`X \le \sum_{r \ge 1} e^{-r\delta_k}
+    = 1/(e^{\delta_k} - 1)`.  Independent of ``n``; vacuous (1) when the tail has a tie.
+    """
+    return tail_bound(logits, k, bound="uniform_gap", axis=axis)
+
+
+def certified_k(
+    logits: Any, eps: float, *, bound: str = "gap", n_cuts: int | None = None, axis: int = -1
+) -> Array:
+    r"""Smallest k whose ``bound`` certifies :math:`\tau_k \le \varepsilon`, per row.
+
+    ``min{k >= 1 : tail_bound(logits, k, bound=...) <= eps}`` with the same rounded
+    bound as :func:`tail_bound`, so it is minimal *for that bound* and sound (the exact
+    tail of the returned k is at most eps).  Every k is evaluated because the bounds are
+    not monotone in k in general (e.g. ``s = (10, 0, 0, 0)``: GAP-SINGLE certifies k = 1
+    but not k = 2).  At most the number of valid keys (whose tail is empty).
+
+    For GAP-SINGLE the condition is the solved form
+    :math:`\Delta_k \ge \ln\frac{n-k}{k} + \ln\frac{1-\varepsilon}{\varepsilon}`
+    (:func:`gap_threshold`), up to the rounding margin.
+
+    Returns
+    -------
+    int64 array, batch shape
+    """
+    eps = check_eps(eps)
+    curve, n_valid, xp = _bound_curve(logits, bound, n_cuts, axis)
+    ok = curve <= eps
+    n = int(curve.shape[-1])
+    k = xp.arange(1, n + 1, dtype=xp.int64, device=_device(curve))
+    first = xp.min(xp.where(ok, k, xp.full_like(k, n + 1)), axis=-1)
+    return xp.minimum(first, n_valid)
+
+
+def gap_threshold(k: Any, n: Any, eps: Any) -> Any:
+    r"""The gap GAP-SINGLE needs: :math:`\ln\frac{n-k}{k} + \ln\frac{1-\varepsilon}{\varepsilon}`.
+
+    ``gap_bound <= eps`` iff :math:`\Delta_k` is at least this (Thm 4.5 of Tzachristas et
+    al., solved for :math:`\Delta_k`); exact real formula, no rounding margin.
+    """
+    k, n, eps = (np.asarray(a, dtype=np.float64) for a in (k, n, eps))
+    return np.log((n - k) / k) + np.log((1.0 - eps) / eps)

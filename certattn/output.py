@@ -1,0 +1,579 @@
+r"""Output level: what a truncation of attention costs at the output (THEORY section 4).
+
+Logits :math:`s` (``(..., Lq, n)``, ``-inf`` = masked key), values :math:`v`
+(``(..., n, dv)``, batch axes broadcast with the logits' axes before ``Lq``), any kept
+set :math:`H` (a boolean mask or the Top-k set), tail :math:`T` = the other valid keys,
+:math:`\tau = P(T)`, :math:`\mu_H = \mathrm{Attn}_k`, :math:`\mu_T = E_P[V \mid T]`.
+
+* **OUT-HEAD-TAIL** (Thm 5.2 of Tzachristas et al.): :math:`\mathrm{Attn} - \mathrm{Attn}_k
+  = \tau(\mu_T - \mu_H)`, exact for any kept set and any norm.
+* **OUT-BOUNDED** (Prop 5.1): :math:`|\mathrm{Attn} - \mathrm{Attn}_k| \le 2C\tau` if every
+  :math:`|v_j| \le C` (here :math:`C = \max_{j \text{ valid}} |v_j|`).
+* **OUT-DIAMETER** (Prop 5.3 + chain [derived]):
+  :math:`|\mathrm{Attn}-\mathrm{Attn}_k| \le \tau\max_{j\in T}|v_j - \mu_H|
+  \le \tau\,\mathrm{diam}_{H,T} \le \tau\,\mathrm{diam}(V) \le 2C\tau`,
+  :math:`\mathrm{diam}_{H,T} = \max_{i\in H, j\in T}|v_i - v_j|`
+  (the first step because :math:`\mu_T` is a convex combination of the tail values).
+* **OUT-BEST** (Thm 5.6): the minimum of the above and
+  :math:`\sqrt{\tau/(1-\tau)}\sqrt{\mathrm{Var}_P(V)}` (Euclidean norm only).
+* **OUT-VAR-DECOMP** [derived]:
+  :math:`\mathrm{Var}_P(V) = (1-\tau)\mathrm{Var}_H + \tau\mathrm{Var}_T
+  + \tau(1-\tau)|\mu_T - \mu_H|^2`, hence :math:`|\mathrm{Attn}-\mathrm{Attn}_k| =
+  \sqrt{\tau/(1-\tau)}\sqrt{\text{between-group variance}}`.
+
+Norms are Euclidean throughout (the identity and the diameter bounds hold for any norm,
+the variance bound only for this one).
+
+Costs: the head-tail terms, ``2 C tau``, the tail-to-head bound and the variance bound
+are :math:`O(L_q\, n\, d_v)`; the two diameters need every pairwise value distance,
+:math:`O(n^2 d_v)` per value set plus :math:`O(L_q\, n^2)` masked maxima; everything is
+processed in query chunks of bounded size (``chunk_elems`` float64 temporaries).
+
+Soundness: the bounds are claims about the exact :math:`|\mathrm{Attn} - \mathrm{Attn}_k|`
+of the given float arrays.  They use a sound upper bound :math:`\bar\tau` of the tail mass
+(computed here with the margin of :mod:`certattn.bounds`, or given, e.g. a certificate's
+``tail_mass``), the absolute error of the computed :math:`\mu_H`
+(:math:`\delta = C(u(2n + 2d_v + 2048) + n 2^{-1074})`, from float64 weights of relative
+error :math:`u(|s_i - \max s| + n + 8)` and float64 sums), and distances and variances
+rounded up as described in :class:`_Centred` (tail-to-head, variance: one matmul per query
+chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._array import as_float_array
+from ._validate import first_bad_position
+from .bounds import _U, _as_xp, _device, _log_cumsum, _round_up, _rows
+
+__all__ = [
+    "HeadTail",
+    "OutputBounds",
+    "VarianceDecomposition",
+    "head_tail_terms",
+    "output_bounds",
+    "smallest_k_for_output",
+    "variance_decomposition",
+]
+
+Array = Any
+
+_CHUNK_ELEMS = 1 << 22
+_SMALLEST = 2.0**-1074
+BOUND_NAMES = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
+
+
+# --------------------------------------------------------------------------
+# Inputs and exact terms
+# --------------------------------------------------------------------------
+
+
+def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
+    x, n_valid, xp, dev = _rows(logits, -1)
+    v, _, _ = as_float_array(_as_xp(values, xp, dev), name="values")
+    v = xp.astype(v, xp.float64)
+    if v.ndim < 2 or v.shape[-2] != x.shape[-1]:
+        raise ValueError(
+            f"values must be (..., n, dv) with n = {x.shape[-1]} keys, got {tuple(v.shape)}"
+        )
+    bad = ~xp.isfinite(v)
+    if bool(xp.any(bad)):
+        raise ValueError(f"values contain NaN or inf at {first_bad_position(bad)}")
+    x = _shift_rows(x, xp)
+    valid = x > -xp.inf
+    if kept is None and k is None:
+        raise ValueError("give a kept set: `kept` (boolean mask) or `k` (count)")
+    if kept is not None and k is not None:
+        raise ValueError("give only one of `kept` and `k`")
+    if k is not None:
+        from .distribution import topk_mask
+
+        kept = topk_mask(x, _as_xp(k, xp, dev) if not isinstance(k, int) else k)
+    kept = _as_xp(kept, xp, dev)
+    if kept.dtype != xp.bool:
+        raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+    kept = xp.broadcast_to(kept, x.shape) & valid
+    empty = ~xp.any(kept, axis=-1)
+    if bool(xp.any(empty)):
+        pos = first_bad_position(empty) if empty.ndim else ()
+        raise ValueError(f"kept set holds no valid key in row {pos}")
+    return x, v, valid, kept, n_valid, xp
+
+
+def _shift_rows(x: Array, xp: Any) -> Array:
+    """Logits minus their row maximum (softmax-invariant; keeps log-sums near 0, so the
+    rounding of every derived quantity is relative to the differences that matter)."""
+    m = xp.max(x, axis=-1, keepdims=True)
+    return x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
+
+
+def _weights(x: Array, keep: Array, xp: Any) -> tuple[Array, Array]:
+    """Normalised weights ``exp(x_i - LSE(keep))`` on ``keep`` (0 elsewhere) and the LSE."""
+    xm = xp.where(keep, x, xp.full_like(x, -xp.inf))
+    m = xp.max(xm, axis=-1, keepdims=True)
+    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))
+    e = xp.where(keep, xp.exp(xm - m), xp.zeros_like(x))
+    z = xp.sum(e, axis=-1, keepdims=True)
+    zs = xp.where(z > 0, z, xp.ones_like(z))
+    with np.errstate(divide="ignore"):
+        lse = xp.where(z > 0, xp.log(zs) + m, xp.full_like(z, -xp.inf))
+    return e / zs, lse[..., 0]
+
+
+@dataclass(frozen=True)
+class HeadTail:
+    r"""Terms of Theorem OUT-HEAD-TAIL (float64 values, not bounds).
+
+    ``tau`` (batch), ``attn``, ``attn_k`` (= ``mu_head``), ``mu_tail`` (``(..., Lq, dv)``;
+    ``mu_tail = mu_head`` where the tail is empty), ``error = attn - attn_k``.
+    """
+
+    tau: Array
+    attn: Array
+    attn_k: Array
+    mu_head: Array
+    mu_tail: Array
+    error: Array
+
+
+def _head_tail(x: Array, v: Array, valid: Array, kept: Array, xp: Any) -> HeadTail:
+    tail = valid & ~kept
+    p, lse_all = _weights(x, valid, xp)
+    ph, _ = _weights(x, kept, xp)
+    pt, lse_tail = _weights(x, tail, xp)
+    tau = xp.exp(lse_tail - lse_all)
+    attn = xp.matmul(p, v)
+    mu_h = xp.matmul(ph, v)
+    has_tail = xp.any(tail, axis=-1)[..., None]
+    mu_t = xp.where(has_tail, xp.matmul(pt, v), mu_h)
+    return HeadTail(tau=tau, attn=attn, attn_k=mu_h, mu_head=mu_h, mu_tail=mu_t, error=attn - mu_h)
+
+
+def head_tail_terms(logits: Any, values: Any, kept: Any = None, *, k: Any = None) -> HeadTail:
+    r"""Theorem OUT-HEAD-TAIL (Thm 5.2 of Tzachristas et al.): the exact decomposition terms.
+
+    :math:`\mathrm{Attn} - \mathrm{Attn}_k = \tau(\mu_T - \mu_H)` for any kept set.
+
+    Parameters
+    ----------
+    logits : array (..., Lq, n)
+        Key axis last, ``-inf`` for masked keys.
+    values : array (..., n, dv)
+    kept : bool array (..., Lq, n), optional
+        Kept set (masked keys are dropped from it); or give ``k`` (Top-k, ties by position).
+    """
+    x, v, valid, kept, _, xp = _inputs(logits, values, kept, k)
+    return _head_tail(x, v, valid, kept, xp)
+
+
+@dataclass(frozen=True)
+class VarianceDecomposition:
+    r"""Theorem OUT-VAR-DECOMP: ``total = (1 - tau) within_head + tau within_tail + between``.
+
+    ``total`` = :math:`\mathrm{Var}_P(V)`, ``within_head`` = :math:`\mathrm{Var}_{\hat P}(V)`,
+    ``within_tail`` = :math:`\mathrm{Var}_{P(\cdot|T)}(V)`, ``between`` =
+    :math:`\tau(1-\tau)|\mu_T-\mu_H|^2`;
+    ``error`` = :math:`\sqrt{\tau/(1-\tau)}\sqrt{\text{between}}`
+    (equal to :math:`|\mathrm{Attn}-\mathrm{Attn}_k|`).
+    """
+
+    tau: Array
+    total: Array
+    within_head: Array
+    within_tail: Array
+    between: Array
+    error: Array
+
+
+def _variance(w: Array, v: Array, mean: Array, xp: Any, chunk_elems: int) -> Array:
+    """``sum_i w_i |v_i - mean|^2`` per row, chunked over the query axis."""
+
+    def one(sl: slice) -> Array:
+        diff = v[..., None, :, :] - mean[..., sl, None, :]
+        return xp.sum(w[..., sl, :] * xp.sum(diff * diff, axis=-1), axis=-1)
+
+    return _by_query_chunks(one, w.shape, v.shape[-1], xp, chunk_elems)
+
+
+def _by_query_chunks(fn: Any, shape: tuple[int, ...], width: int, xp: Any, chunk: int) -> Array:
+    lq, n = int(shape[-2]), int(shape[-1])
+    lead = math.prod(int(s) for s in shape[:-2])
+    step = max(1, chunk // max(1, lead * n * width))
+    parts = [fn(slice(i, min(lq, i + step))) for i in range(0, lq, step)]
+    return xp.concat(parts, axis=-1) if len(parts) > 1 else parts[0]
+
+
+def variance_decomposition(
+    logits: Any, values: Any, kept: Any = None, *, k: Any = None, chunk_elems: int = _CHUNK_ELEMS
+) -> VarianceDecomposition:
+    """Theorem OUT-VAR-DECOMP [derived]: the exact law-of-total-variance split (float64 values)."""
+    x, v, valid, kept, _, xp = _inputs(logits, values, kept, k)
+    ht = _head_tail(x, v, valid, kept, xp)
+    p, _ = _weights(x, valid, xp)
+    ph, _ = _weights(x, kept, xp)
+    pt, _ = _weights(x, valid & ~kept, xp)
+    total = _variance(p, v, ht.attn, xp, chunk_elems)
+    vh = _variance(ph, v, ht.mu_head, xp, chunk_elems)
+    vt = _variance(pt, v, ht.mu_tail, xp, chunk_elems)
+    gap = ht.mu_tail - ht.mu_head
+    between = ht.tau * (1.0 - ht.tau) * xp.sum(gap * gap, axis=-1)
+    head = 1.0 - ht.tau
+    ok = head > 0
+    ratio = ht.tau / xp.where(ok, head, xp.ones_like(head))
+    # where tau rounds to 1 the product is 0 * inf: use its limit tau |mu_T - mu_H|
+    err = xp.where(
+        ok, xp.sqrt(ratio) * xp.sqrt(between), ht.tau * xp.sqrt(xp.sum(gap * gap, axis=-1))
+    )
+    return VarianceDecomposition(ht.tau, total, vh, vt, between, err)
+
+
+# --------------------------------------------------------------------------
+# Sound bounds
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OutputBounds:
+    r"""All output-error bounds of one kept set (Theorems OUT-BOUNDED ... OUT-BEST).
+
+    Sound upper bounds on the exact :math:`|\mathrm{Attn} - \mathrm{Attn}_k|` (Euclidean):
+    ``bounded`` (:math:`2C\bar\tau`), ``diameter_all`` (:math:`\bar\tau\,\mathrm{diam}(V)`),
+    ``diameter`` (:math:`\bar\tau\,\mathrm{diam}_{H,T}`), ``tail_head``
+    (:math:`\bar\tau\max_{T}|v_j-\mu_H|`), ``variance``
+    (:math:`\sqrt{\bar\tau/(1-\bar\tau)}\sqrt{\mathrm{Var}_P V}`), ``best`` (their minimum),
+    ``tightest`` (index into :attr:`names` of the minimiser).  ``error`` is the float64
+    value of :math:`|\mathrm{Attn}-\mathrm{Attn}_k|` (an estimate, not a bound),
+    ``tau_upper`` the :math:`\bar\tau` used.  Diameters are NaN when not computed.
+    """
+
+    error: Array
+    tau_upper: Array
+    bounded: Array
+    diameter_all: Array
+    diameter: Array
+    tail_head: Array
+    variance: Array
+    best: Array
+    tightest: Array
+    names: tuple[str, ...] = BOUND_NAMES
+
+    def tightest_names(self) -> np.ndarray:
+        """The name of the tightest bound per row, as a NumPy string array."""
+        from ._array import to_numpy
+
+        return np.asarray(self.names)[to_numpy(self.tightest)]
+
+
+def _up(x: Array, rel: float) -> Array:
+    return x * (1.0 + rel)
+
+
+def _value_scale(v: Array, valid: Array, xp: Any) -> Array:
+    """Sound ``C = max_{j valid} |v_j|`` per query row."""
+    vn = xp.linalg.vector_norm(v, axis=-1)[..., None, :]  # (..., 1, n)
+    c = xp.max(xp.where(valid, vn, xp.zeros_like(vn)), axis=-1)
+    return _up(c, (v.shape[-1] + 4) * _U)
+
+
+def _mu_error(c: Array, n: int, dv: int) -> Array:
+    """Absolute error bound of a computed float64 weighted mean of values of norm <= C."""
+    return c * (_U * (2 * n + 2 * dv + 2048) + n * _SMALLEST)
+
+
+def _tau_upper(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
+    """Sound upper bound on the exact tail mass of ``kept`` (margin of certattn.bounds)."""
+    tail = valid & ~kept
+    _, lse_all = _weights(x, valid, xp)
+    _, lse_tail = _weights(x, tail, xp)
+    m = xp.max(xp.where(valid, x, xp.full_like(x, -xp.inf)), axis=-1)
+    n = x.shape[-1]
+    a = xp.where(lse_tail > -xp.inf, lse_tail - m, xp.zeros_like(m))
+    margin = _U * (4.0 * (xp.abs(a) + xp.abs(lse_all - m)) + 4.0 * n + 16384.0)
+    return _round_up(lse_tail - lse_all, margin, xp.any(tail, axis=-1), xp)
+
+
+def _chi_sqrt(tau: Array, xp: Any) -> Array:
+    """Rounded-up :math:`\\sqrt{\\tau/(1-\\tau)}` (``inf`` at ``tau = 1``)."""
+    one = xp.ones_like(tau)
+    denom = one - tau
+    safe = xp.where(denom > 0, denom, one)
+    r = xp.where(denom > 0, xp.sqrt(tau / safe) * (1.0 + 8 * _U), xp.full_like(tau, xp.inf))
+    return r
+
+
+class _Centred:
+    r"""Values centred at their key mean ``c``, for BLAS-speed sound distance/variance bounds.
+
+    With :math:`w_j = v_j - c`, :math:`a_j = |w_j|^2` and a point :math:`y`:
+    :math:`|v_j - y|^2 = a_j - 2 w_j\cdot(y - c) + |y - c|^2` (one matmul for all queries), and
+    :math:`\mathrm{Var}_P V = E_P|V - c|^2 - |E_P V - c|^2` (any ``c``; the mean keeps the
+    cancellation small).  Rounding: the squared distance errs by at most
+    :math:`4(d_v + 16)u(a_j + |y-c|^2)`, added before the square root; the variance is bounded
+    by :math:`E(1+\gamma) - ((|m - c|(1-(d_v+4)u) - \delta)_+)^2 (1-\gamma)`.
+    """
+
+    def __init__(self, v: Array, xp: Any) -> None:
+        self.xp = xp
+        self.dv = int(v.shape[-1])
+        self.c = xp.mean(v, axis=-2, keepdims=True)  # (..., 1, dv)
+        self.w = v - self.c
+        self.a = xp.sum(self.w * self.w, axis=-1)  # (..., n)
+
+    def max_dist(self, y: Array, keys: Array) -> Array:
+        """Sound ``max_{j in keys} |v_j - y_q|`` per query (0 if ``keys`` is empty)."""
+        xp = self.xp
+        yc = y - self.c
+        b = xp.sum(yc * yc, axis=-1)[..., None]  # (..., Lq, 1)
+        g = xp.matmul(yc, xp.matrix_transpose(self.w))  # (..., Lq, n)
+        a = self.a[..., None, :]
+        sq = a - 2.0 * g + b + 4.0 * (self.dv + 16) * _U * (a + b)
+        dist = xp.sqrt(xp.maximum(sq, 0.0)) * (1.0 + 4 * _U)
+        dist = dist + 2 * _U * (xp.sqrt(a) + xp.sqrt(b))
+        return xp.max(xp.where(keys, dist, xp.zeros_like(dist)), axis=-1)
+
+    def variance_upper(self, p: Array, mean: Array, delta: Array, scale: Array) -> Array:
+        r"""Sound upper bound on :math:`\mathrm{Var}_P V` from weights ``p`` and computed mean."""
+        xp = self.xp
+        n = int(p.shape[-1])
+        gam = _U * (2 * n + 2 * self.dv + 2048)
+        e2 = xp.matmul(p, self.a[..., :, None])[..., 0]
+        e2 = e2 * (1.0 + gam) + 4.0 * n * _SMALLEST * scale * scale
+        mc = xp.linalg.vector_norm(mean - self.c, axis=-1) * (1.0 - (self.dv + 4) * _U)
+        low = xp.maximum(mc - delta, 0.0)
+        return xp.maximum(e2 - low * low * (1.0 - gam), 0.0)
+
+
+def _pair_dist(v: Array, xp: Any, chunk: int) -> Array:
+    """All pairwise ``|v_i - v_j|`` ``(..., n, n)``, chunked over ``i`` (``O(n^2 dv)``)."""
+    n, dv = int(v.shape[-2]), int(v.shape[-1])
+    lead = math.prod(int(s) for s in v.shape[:-2])
+    step = max(1, chunk // max(1, lead * n * dv))
+    parts = []
+    for i in range(0, n, step):
+        diff = v[..., i : i + step, None, :] - v[..., None, :, :]
+        parts.append(xp.linalg.vector_norm(diff, axis=-1))
+    return xp.concat(parts, axis=-2) if len(parts) > 1 else parts[0]
+
+
+def _masked_pair_max(dist: Array, rows: Array, cols: Array, xp: Any, chunk: int) -> Array:
+    """``max_{i in rows, j in cols} dist_ij`` per query (0 if empty), chunked over queries."""
+    n = int(dist.shape[-1])
+
+    def one(sl: slice) -> Array:
+        m = rows[..., sl, :, None] & cols[..., sl, None, :]
+        d = xp.where(m, dist[..., None, :, :], xp.zeros_like(dist[..., None, :, :]))
+        return xp.max(xp.max(d, axis=-1), axis=-1)
+
+    return _by_query_chunks(one, rows.shape, n, xp, chunk)
+
+
+def _sound_bounds(
+    x: Array,
+    v: Array,
+    valid: Array,
+    kept: Array,
+    tau_up: Array,
+    xp: Any,
+    *,
+    diameters: bool,
+    chunk: int,
+) -> dict[str, Array]:
+    """All bounds (dict by name) plus ``attn_k`` and ``mu_err`` for one kept set."""
+    n, dv = int(x.shape[-1]), int(v.shape[-1])
+    rel = (dv + 8) * _U
+    tail = valid & ~kept
+    ph, _ = _weights(x, kept, xp)
+    p, _ = _weights(x, valid, xp)
+    mu_h = xp.matmul(ph, v)
+    attn = xp.matmul(p, v)
+    c = _value_scale(v, valid, xp)
+    delta = _mu_error(c, n, dv)
+    out: dict[str, Array] = {"attn_k": mu_h, "attn": attn, "mu_err": delta}
+    out["bounded"] = _up(2.0 * c * tau_up, 4 * _U)
+    centred = _Centred(v, xp)
+    th = centred.max_dist(mu_h, tail)
+    out["tail_head"] = _up(tau_up * (th + delta), 4 * _U)
+    var = centred.variance_upper(p, attn, delta, c)
+    out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * _U)
+    if diameters:
+        dist = _pair_dist(v, xp, chunk)
+        out["diameter"] = _up(
+            tau_up * _up(_masked_pair_max(dist, kept, tail, xp, chunk), rel), 4 * _U
+        )
+        out["diameter_all"] = _up(
+            tau_up * _up(_masked_pair_max(dist, valid, valid, xp, chunk), rel), 4 * _U
+        )
+    else:
+        out["diameter"] = xp.full_like(tau_up, xp.nan)
+        out["diameter_all"] = xp.full_like(tau_up, xp.nan)
+    stack = xp.stack([out[name] for name in BOUND_NAMES], axis=-1)
+    stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
+    out["best"] = xp.min(stack, axis=-1)
+    out["tightest"] = xp.argmin(stack, axis=-1)
+    return out
+
+
+def output_bounds(
+    logits: Any,
+    values: Any,
+    kept: Any = None,
+    *,
+    k: Any = None,
+    tau_upper: Any = None,
+    diameters: bool = True,
+    chunk_elems: int = _CHUNK_ELEMS,
+) -> OutputBounds:
+    r"""Every output-error bound of Theorems OUT-BOUNDED, OUT-DIAMETER and OUT-BEST at once.
+
+    Parameters
+    ----------
+    logits : array (..., Lq, n)
+        Key axis last, ``-inf`` for masked keys.
+    values : array (..., n, dv)
+    kept : bool array (..., Lq, n), optional
+        The kept set; or give ``k`` (Top-k, ties by position).
+    tau_upper : array (..., Lq), optional
+        A sound upper bound on the tail mass to use (e.g. a certificate's ``tail_mass``);
+        by default the exact tail mass rounded up.
+    diameters : bool
+        Compute the two diameter bounds (:math:`O(n^2 d_v)` per value set and
+        :math:`O(L_q n^2)`; never the tightest, since ``tail_head`` is at most
+        ``diameter``).  If False they are NaN.
+    chunk_elems : int
+        Float64 temporaries per chunk.
+
+    Returns
+    -------
+    OutputBounds
+    """
+    x, v, valid, kept, _, xp = _inputs(logits, values, kept, k)
+    single = x.ndim == 1
+    if single:  # one row: give it a query axis
+        x, valid, kept = x[None, :], valid[None, :], kept[None, :]
+    tau = _tau_upper(x, valid, kept, xp)
+    if tau_upper is not None:
+        given = xp.astype(_as_xp(tau_upper, xp, _device(x)), xp.float64)
+        tau = xp.broadcast_to(given, tau.shape)
+    b = _sound_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
+    err = xp.linalg.vector_norm(b["attn"] - b["attn_k"], axis=-1)
+    if single:
+        b = {name: b[name][0, ...] for name in (*BOUND_NAMES, "best", "tightest")}
+        err, tau = err[0, ...], tau[0, ...]
+    return OutputBounds(
+        error=err,
+        tau_upper=tau,
+        **{name: b[name] for name in (*BOUND_NAMES, "best", "tightest")},
+    )
+
+
+def smallest_k_for_output(
+    logits: Any,
+    values: Any,
+    delta: float,
+    *,
+    bound: str = "best",
+    chunk_elems: int = _CHUNK_ELEMS,
+) -> Array:
+    r"""Smallest Top-k whose sound output-error bound is at most ``delta``, per query.
+
+    ``bound`` is ``"bounded"`` (:math:`2C\bar\tau_k`), ``"variance"``
+    (:math:`\sqrt{\bar\tau_k/(1-\bar\tau_k)}\sqrt{\mathrm{Var}_P V}`), ``"tail_head"``
+    (:math:`\bar\tau_k \max_{j>k}|v_j - \mu_{H_k}|`) or ``"best"`` (their minimum, which
+    equals the OUT-BEST minimum since the diameter bounds are never below ``tail_head``).
+    Every k is evaluated (``tail_head`` is not monotone in k): :math:`O(n^2 d_v)` per
+    query for ``tail_head``/``best``, :math:`O(n d_v)` otherwise.  Minimal for the chosen
+    bound and sound.  At most the number of valid keys (where the bound is 0).
+
+    Returns
+    -------
+    int64 array (..., Lq)
+    """
+    if bound not in ("bounded", "variance", "tail_head", "best"):
+        raise ValueError(
+            f"bound must be 'bounded', 'variance', 'tail_head' or 'best', got {bound!r}"
+        )
+    delta = float(delta)
+    if not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+    x, n_valid, xp, dev = _rows(logits, -1)
+    single = x.ndim == 1
+    if single:
+        x, n_valid = x[None, :], n_valid[None]
+    x = _shift_rows(x, xp)
+    v, _, _ = as_float_array(_as_xp(values, xp, dev), name="values")
+    v = xp.astype(v, xp.float64)
+    n, dv = int(x.shape[-1]), int(v.shape[-1])
+    if v.ndim < 2 or v.shape[-2] != n:
+        raise ValueError(f"values must be (..., n, dv) with n = {n} keys, got {tuple(v.shape)}")
+    valid = x > -xp.inf
+    p, _ = _weights(x, valid, xp)
+    attn = xp.matmul(p, v)
+    c = _value_scale(v, valid, xp)[..., None]
+    mu_err = _mu_error(c, n, dv)
+    # tau upper bounds for every k, in sorted order
+    order = xp.argsort(x, axis=-1, descending=True, stable=True)
+    s = xp.take_along_axis(x, order, axis=-1)
+    sv = s > -xp.inf
+    d = xp.where(sv, s - s[..., :1], xp.full_like(s, -xp.inf))
+    z = _log_cumsum(d, sv, xp, reverse=False, upper=False)[..., -1:]
+    t = _log_cumsum(d, sv, xp, reverse=True, upper=True)
+    t = xp.concat([t[..., 1:], xp.full_like(t[..., :1], -xp.inf)], axis=-1)  # tail of top-k
+    ks = xp.arange(1, n + 1, dtype=xp.int64, device=dev)
+    has_tail = ks < n_valid[..., None]
+    tau = _round_up(t - z, _U * (4.0 * n + 16384.0 + 8.0 * xp.abs(z)), has_tail, xp)
+    curves = []
+    if bound in ("bounded", "best"):
+        curves.append(_up(2.0 * c * tau, 4 * _U))
+    if bound in ("variance", "best"):
+        var = _Centred(v, xp).variance_upper(p, attn, mu_err[..., 0], c[..., 0])
+        curves.append(_up(_chi_sqrt(tau, xp) * xp.sqrt(var)[..., None], 4 * _U))
+    if bound in ("tail_head", "best"):
+        dist = _tail_head_curve(s, v, order, xp, chunk_elems)
+        curves.append(_up(tau * (_up(dist, (dv + 8) * _U) + mu_err), 4 * _U))
+    best = curves[0]
+    for cv in curves[1:]:
+        best = xp.minimum(best, cv)
+    best = xp.where(has_tail, best, xp.zeros_like(best))
+    first = xp.minimum(xp.min(xp.where(best <= delta, ks, xp.full_like(ks, n)), axis=-1), n_valid)
+    return first[0] if single else first
+
+
+def _tail_head_curve(s: Array, v: Array, order: Array, xp: Any, chunk: int) -> Array:
+    """``max_{j > k} |v_(j) - mu_H(k)|`` for every k (``(..., Lq, n)``), sorted order.
+
+    ``mu_H(k)`` is the prefix softmax mean of the k largest logits.  Chunked over queries;
+    ``O(n^2 d_v)`` work per query.
+    """
+    n, dv = int(s.shape[-1]), int(v.shape[-1])
+    lead = math.prod(int(a) for a in s.shape[:-2])
+    lq = int(s.shape[-2])
+    step = max(1, chunk // max(1, lead * n * max(n, dv)))
+    jj = xp.arange(n, device=_device(s))
+    later = jj[None, :] > jj[:, None]  # (k0, j): j after position k0 (0-based k0 = k - 1)
+    parts = []
+    for q0 in range(0, lq, step):
+        sl = slice(q0, min(lq, q0 + step))
+        ss = s[..., sl, :]
+        valid = ss > -xp.inf
+        w = xp.where(valid, xp.exp(ss - ss[..., :1]), xp.zeros_like(ss))
+        vs = xp.take_along_axis(
+            xp.broadcast_to(v[..., None, :, :], (*ss.shape, dv)),
+            xp.broadcast_to(order[..., sl, :][..., None], (*ss.shape, dv)),
+            axis=-2,
+        )
+        num = xp.cumulative_sum(w[..., None] * vs, axis=-2)
+        den = xp.cumulative_sum(w, axis=-1)[..., None]
+        mu = num / den  # (..., q, k0, dv)
+        rows = []
+        for k0 in range(n):
+            diff = vs - mu[..., k0 : k0 + 1, :]
+            dist = xp.linalg.vector_norm(diff, axis=-1)  # (..., q, j)
+            ok = later[k0, :] & valid
+            rows.append(xp.max(xp.where(ok, dist, xp.zeros_like(dist)), axis=-1))
+        parts.append(xp.stack(rows, axis=-1))
+    return xp.concat(parts, axis=-2) if len(parts) > 1 else parts[0]

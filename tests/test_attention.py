@@ -1,0 +1,180 @@
+"""certify_attention against a dense NumPy reference (causal, additive and boolean masks).
+
+The reference computes every score, the full softmax and the exact Top-k of each query;
+the certified output must equal attention over those keys, its error bound must cover
+the distance to dense attention, and the certificate must match certify_topk.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pytest
+
+import certattn
+from certattn._array import device_of, to_numpy
+from certattn.attention import certify_attention, normalize_mask
+
+from ._exact import exact_weights
+
+
+def _reference(q, k, v, *, mask=None, causal=False, scale=None):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    d = q.shape[-1]
+    scale = 1 / np.sqrt(d) if scale is None else scale
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    lq, lk = s.shape[-2], s.shape[-1]
+    vis = np.ones(s.shape, bool)
+    if mask is not None:
+        m = np.asarray(mask)
+        if m.dtype == bool:
+            vis = vis & m
+        else:
+            vis = vis & (m > np.finfo(m.dtype).min / 2)
+            s = s + np.where(vis, m.astype(np.float64), 0.0)
+    if causal:
+        vis = vis & (np.arange(lk)[None, :] <= np.arange(lq)[:, None] + lk - lq)
+    s = np.where(vis, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return s, p @ v
+
+
+def _sparse(s, v, kk):
+    """Attention over the kk top keys of every row (ties by position)."""
+    order = np.argsort(-s, axis=-1, kind="stable")
+    rank = np.argsort(order, axis=-1, kind="stable")
+    kept = rank < kk[..., None]
+    t = np.where(kept, s, -np.inf)
+    p = np.exp(t - t.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return p @ v
+
+
+def _check(cert, s, dense, v, eps):
+    ref_cert = certattn.certify_topk(s, eps)
+    np.testing.assert_array_equal(to_numpy(cert.k), ref_cert.k)
+    np.testing.assert_allclose(to_numpy(cert.tail_mass), ref_cert.tail_mass, rtol=1e-12)
+    assert np.all(to_numpy(cert.tail_mass) <= eps)
+    out = to_numpy(cert.output)
+    np.testing.assert_allclose(out, _sparse(s, v, ref_cert.k), rtol=1e-10, atol=1e-12)
+    err = np.linalg.norm(dense - out, axis=-1)
+    assert np.all(err <= to_numpy(cert.error_bound))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_dense_reference(dtype, causal):
+    rng = np.random.default_rng(0)
+    q = (rng.normal(size=(2, 3, 6, 8)) * 2).astype(dtype)
+    k = (rng.normal(size=(2, 3, 9, 8)) * 2).astype(dtype)
+    v = rng.normal(size=(2, 3, 9, 5)).astype(dtype)
+    for eps in (0.0, 1e-3, 0.1):
+        cert = certify_attention(q, k, v, eps, causal=causal, chunk_elems=100)
+        s, dense = _reference(q, k, v, causal=causal)
+        _check(cert, s, dense, np.asarray(v, np.float64), eps)
+        assert to_numpy(cert.output).dtype == np.float64
+        np.testing.assert_array_equal(to_numpy(cert.n_valid), np.isfinite(s).sum(-1))
+
+
+def test_additive_hf_mask_and_boolean_mask_agree():
+    """A Hugging Face additive mask (finfo.min on padded keys) and its boolean form."""
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(2, 4, 5, 16)).astype(np.float32)
+    k = rng.normal(size=(2, 4, 7, 16)).astype(np.float32)
+    v = rng.normal(size=(2, 4, 7, 3)).astype(np.float32)
+    pad = np.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]], bool)
+    add = np.where(pad, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+    c1 = certify_attention(q, k, v, 0.01, mask=add, causal=True)
+    c2 = certify_attention(q, k, v, 0.01, mask=pad[:, None, None, :], causal=True)
+    for f in ("output", "k", "tail_mass", "error_bound"):
+        np.testing.assert_array_equal(to_numpy(getattr(c1, f)), to_numpy(getattr(c2, f)))
+    s, dense = _reference(q, k, v, mask=add, causal=True)
+    _check(c1, s, dense, v.astype(np.float64), 0.01)
+    assert np.all(to_numpy(c1.n_valid)[0] <= 5)
+
+
+def test_additive_bias_values_are_added():
+    """Finite additive entries (e.g. ALiBi-like biases) shift the scores."""
+    rng = np.random.default_rng(2)
+    q, k, v = rng.normal(size=(3, 4)), rng.normal(size=(6, 4)), rng.normal(size=(6, 2))
+    bias = -0.5 * np.abs(np.arange(3)[:, None] - np.arange(6)[None, :]).astype(np.float64)
+    cert = certify_attention(q, k, v, 0.05, mask=bias)
+    s, dense = _reference(q, k, v, mask=bias)
+    _check(cert, s, dense, v, 0.05)
+
+
+def test_error_bound_against_exact_arithmetic():
+    """The error bound covers the exact (mpmath) dense attention output."""
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(4, 6)) * 3
+    k = rng.normal(size=(10, 6))
+    v = rng.normal(size=(10, 3)) + 5.0
+    cert = certify_attention(q, k, v, 0.02, scale=0.7)
+    s = q @ k.T * 0.7
+    for i in range(4):
+        w = exact_weights(s[i])
+        z = mpmath.fsum(w)
+        e2 = mpmath.mpf(0)
+        for c in range(3):
+            a = mpmath.fsum(wi * mpmath.mpf(float(vi)) for wi, vi in zip(w, v[:, c], strict=True))
+            e2 += (a / z - mpmath.mpf(float(cert.output[i, c]))) ** 2
+        assert mpmath.sqrt(e2) <= mpmath.mpf(float(cert.error_bound[i]))
+
+
+def test_chunking_does_not_change_the_result():
+    rng = np.random.default_rng(4)
+    q, k, v = rng.normal(size=(2, 7, 4)), rng.normal(size=(2, 11, 4)), rng.normal(size=(2, 11, 3))
+    a = certify_attention(q, k, v, 0.01, causal=True, chunk_elems=1)
+    b = certify_attention(q, k, v, 0.01, causal=True)
+    np.testing.assert_array_equal(a.k, b.k)  # matmul blocking may differ in the last ulp
+    for f in ("output", "tail_mass", "error_bound"):
+        np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-13, atol=1e-15)
+
+
+def test_backends(backend):
+    rng = np.random.default_rng(5)
+    q, k, v = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 8, 4)), rng.normal(size=(2, 8, 3))
+    mask = rng.random((5, 8)) < 0.8
+    mask[:, 0] = True
+    ref = certify_attention(q, k, v, 0.05, mask=mask, causal=True)
+    qb, kb, vb, mb = (backend.asarray(a) for a in (q, k, v, mask))
+    got = certify_attention(qb, kb, vb, 0.05, mask=mb, causal=True, chunk_elems=50)
+    assert device_of(got.output) == device_of(qb)
+    for f in ("output", "k", "tail_mass", "error_bound"):
+        np.testing.assert_allclose(to_numpy(getattr(got, f)), getattr(ref, f), rtol=1e-12)
+
+
+def test_normalize_mask_threshold():
+    """Half the dtype's most negative finite number is the cut (at or below = masked)."""
+    lo = float(np.finfo(np.float16).min)
+    m = np.array([0.0, lo / 2, lo / 2 * 0.99, lo, -np.inf, -3.0], np.float16)
+    vis, bias = normalize_mask(m)
+    np.testing.assert_array_equal(vis, [True, False, True, False, False, True])
+    assert bias[5] == -3.0 and bias[1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mask": np.zeros((3, 4), np.int64)}, "boolean"),
+        ({"mask": np.zeros((3, 4), bool)}, "fully masked"),
+        ({"mask": np.full((3, 4), np.nan)}, "NaN"),
+        ({"scale": -1.0}, "scale"),
+    ],
+)
+def test_bad_input(kwargs, match):
+    rng = np.random.default_rng(6)
+    q, k, v = rng.normal(size=(3, 2)), rng.normal(size=(4, 2)), rng.normal(size=(4, 2))
+    with pytest.raises(ValueError, match=match):
+        certify_attention(q, k, v, 0.1, **kwargs)
+
+
+def test_shape_errors():
+    z = np.zeros
+    with pytest.raises(ValueError, match="d ="):
+        certify_attention(z((3, 2)), z((4, 3)), z((4, 2)), 0.1)
+    with pytest.raises(ValueError, match="keys"):
+        certify_attention(z((3, 2)), z((4, 2)), z((5, 2)), 0.1)
+    with pytest.raises(ValueError, match="eps"):
+        certify_attention(z((3, 2)), z((4, 2)), z((4, 2)), 1.5)

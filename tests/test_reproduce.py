@@ -1,0 +1,138 @@
+"""``certattn reproduce`` in quick mode: files, summary fields, identity checks, and
+numbers consistent with :func:`certattn.certify_topk`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from certattn import certify_topk
+from certattn.models import load_sample
+from certattn.reproduce import EPS_GRID, PAPER, Section, reproduce
+
+SECTIONS = ("identities", "bounds", "gaussian", "output", "budgets", "search")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("reproduce")
+    summary = reproduce(out, quick=True, progress=False)
+    return out, summary, json.loads((out / "summary.json").read_text())
+
+
+def test_files_written(quick_run) -> None:
+    out, summary, doc = quick_run
+    assert (out / "summary.md").stat().st_size > 0
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) >= 6
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p.name
+    for sec in doc["sections"].values():
+        for f in sec["figures"]:
+            assert (out / f).exists(), f
+    assert set(summary.files) >= {"summary.md", "summary.json"}
+
+
+def test_summary_fields(quick_run) -> None:
+    _, summary, doc = quick_run
+    assert doc["schema"] == "certattn.reproduce/1" and doc["quick"] is True
+    assert set(doc["sections"]) == set(SECTIONS)
+    for name, sec in doc["sections"].items():
+        assert sec["status"] in ("ok", "pending"), (name, sec["reason"])
+        assert {"title", "status", "reason", "seconds", "figures", "results"} <= set(sec)
+    assert doc["paper"]["search_scored"] == {"128": 58.8, "256": 107.8}
+    assert doc["models"]["minilm"]["status"] == "ok"
+    assert doc["models"]["smollm2"]["status"] == "pending"  # quick mode
+    assert "model/smollm2" in summary.pending
+    assert doc["headline"]["search_n128"]["paper_scored"] == 58.8
+
+
+def test_markdown_states_paper_numbers(quick_run) -> None:
+    out, _, _ = quick_run
+    md = (out / "summary.md").read_text()
+    assert "58.8 / 128" in md and "107.8 / 256" in md
+    assert PAPER["keps_rule"] in md
+    for name in SECTIONS:
+        assert f"| {name} |" in md
+
+
+def test_identity_checks_pass(quick_run) -> None:
+    """Theorems TV-TAIL and TV-KL on real rows, for Top-k and arbitrary kept sets."""
+    _, _, doc = quick_run
+    res = doc["sections"]["identities"]["results"]
+    assert res["all_pass"] is True
+    for kind in res["minilm"].values():
+        assert kind["pass"] is True and kind["rows"] > 0
+        assert kind["max_abs_tv_minus_tau"] < 1e-9
+
+
+def test_budgets_match_certify_topk(quick_run) -> None:
+    """Per-layer mean k_eps / n of the summary equals certify_topk on the same rows."""
+    _, _, doc = quick_run
+    res = doc["sections"]["budgets"]["results"]["minilm"]
+    atts = load_sample()
+    for j, layer in enumerate(atts[0].layers):
+        for e in EPS_GRID:
+            fr = np.concatenate([
+                (np.asarray(certify_topk(a.logits[j], e).k) / a.n_tokens).ravel() for a in atts
+            ])
+            row = next(t for t in res["per_layer"] if t["layer"] == int(layer))
+            assert row["mean_k_over_n"][str(e)] == pytest.approx(fr.mean(), rel=1e-12)
+            assert row["reduction"][str(e)] >= 1.0
+    # tighter budgets keep more keys
+    o = res["overall"]
+    fr = [o[str(e)]["mean_k_over_n"] for e in EPS_GRID]
+    assert fr == sorted(fr, reverse=True)
+
+
+def test_bounds_and_output_sound(quick_run) -> None:
+    _, _, doc = quick_run
+    for section in ("bounds", "output"):
+        sec = doc["sections"][section]
+        if sec["status"] != "ok":
+            pytest.skip(f"{section} pending: {sec['reason']}")
+        for name, b in sec["results"]["minilm"]["bounds"].items():
+            if name != "tightest_share":
+                assert b["sound"] is True, (section, name)
+    b = doc["sections"]["bounds"]["results"]["minilm"]
+    assert all(v["mean_k_over_n"] >= b["exact_mean_k_over_n"] for v in b["bounds"].values())
+
+
+def test_search_never_beats_exact_floor(quick_run) -> None:
+    _, _, doc = quick_run
+    sec = doc["sections"]["search"]
+    if sec["status"] != "ok":
+        pytest.skip(f"search pending: {sec['reason']}")
+    for n, v in sec["results"]["minilm"]["by_n"].items():
+        assert 1 <= v["exact_k_eps"] <= v["mc_scored"] <= int(n)
+        assert v["exact_k_eps"] <= v["tree_scored"] <= int(n)
+
+
+def test_missing_module_is_pending_not_a_crash(tmp_path: Path, monkeypatch) -> None:
+    import certattn.reproduce as rp
+
+    monkeypatch.setitem(sys.modules, "certattn.search", None)  # import raises ImportError
+
+    def boom(*args, **kwargs) -> Section:
+        raise RuntimeError("broken on purpose")
+
+    keep = [s for s in rp._SECTIONS if s[0] == "search"] + [("identities", "x", boom)]
+    monkeypatch.setattr(rp, "_SECTIONS", tuple(keep))
+    s = reproduce(tmp_path, models=("minilm",), quick=True, progress=False)
+    assert s.sections["search"].status == "pending"
+    assert "certattn.search" in s.sections["search"].reason
+    assert s.sections["identities"].status == "failed"
+    assert "broken on purpose" in s.sections["identities"].reason
+    assert "search" in s.pending
+    assert "pending" in (tmp_path / "summary.md").read_text()
+
+
+def test_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown model"):
+        reproduce(tmp_path, models=("gpt2",), quick=True, progress=False)
+    with pytest.raises(ValueError, match="smollm2_tokens"):
+        reproduce(tmp_path, smollm2_tokens=4, quick=True, progress=False)
