@@ -22,6 +22,14 @@ from .bounds import (
     tail_bound,
     uniform_gap_bound,
 )
+from .cells import (
+    CellTree,
+    ball_box_score_upper,
+    ball_score_upper,
+    box_score_upper,
+    cell_tree,
+    kmeans_cells,
+)
 from .distribution import (
     Divergences,
     kl_from_tail,
@@ -40,6 +48,7 @@ from .output import (
     smallest_k_for_output,
     variance_decomposition,
 )
+from .search import SearchResult, certified_search
 from .topk import TopkCertificate, certify_topk, certify_topp
 
 __version__ = "0.1.0"
@@ -48,14 +57,21 @@ __all__ = [
     "BOUNDS",
     "AttentionCertificate",
     "BlockSelection",
+    "CellTree",
     "Divergences",
     "HeadTail",
     "OutputBounds",
+    "SearchResult",
     "TopkCertificate",
     "VarianceDecomposition",
     "__version__",
+    "ball_box_score_upper",
+    "ball_score_upper",
     "block_tail_bounds",
+    "box_score_upper",
+    "cell_tree",
     "certified_k",
+    "certified_search",
     "certify_attention",
     "certify_topk",
     "certify_topp",
@@ -66,6 +82,7 @@ __all__ = [
     "head_tail_terms",
     "key_block_bounds",
     "kl_from_tail",
+    "kmeans_cells",
     "log_partition",
     "multigap_bound",
     "output_bounds",

@@ -1,0 +1,570 @@
+"""Certified search: attend over few keys, scoring few keys (Theorem SEARCH-SOUND).
+
+Keys are partitioned once into cells (:mod:`certattn.cells`); each cell ``j`` carries a
+sound upper bound ``U_j`` on every score in it (Theorem BLOCK-SCORE).  A search reveals
+cells best-first; with scored keys ``S``, unrevealed cells ``R`` (the frontier), any kept
+set ``A`` of scored keys and ``X = sum_{j in R} n_j e^{U_j}``, Theorem SEARCH-SOUND
+(Algorithm 2 "MC-Search" and Thm 7.2 of Tzachristas et al.; the form below is derived,
+THEORY section 6) says
+
+    tau(A) = 1 - P(A) <= (sum_{S \\ A} e^{s_i} + X) / (sum_S e^{s_i} + X),
+
+because ``tau(A) = (a + x)/(b + x)`` with ``a = sum_{S\\A} e^{s_i} <= b = sum_S e^{s_i}``,
+``x = sum_{i in R} e^{s_i} <= X``, and ``(a + x)/(b + x)`` is non-decreasing in ``x`` when
+``a <= b`` (``proofs/search.py``).  By the any-set identity ``TV(P, P(.|A)) = 1 - P(A)``
+(Theorem TV-TAIL) the truncation to ``A`` is then certified to total variation ``tau(A)``.
+
+Four searches share one engine:
+
+* ``method="mc"`` -- the paper's MC-Search: k-means with ``ceil(sqrt(n))`` ball cells
+  (fixed seed), all cells bounded first, cells scored in decreasing ball bound ``U_j``,
+  ``X = sum_{j in R} n_j e^{U_j}``.
+* ``method="ours"`` (default) -- the same cells, the same order, the same cells bounded,
+  but a tighter sound ``X``: per cell the smaller of ``n_j e^{U_j}`` with ``U_j`` the
+  intersection (minimum) of the ball and the box bound (BLOCK-SCORE), and the Bennett
+  mass bound from the cell's mean score and score variance (BLOCK-MASS; the mean score
+  ``scale q.c_j`` and ``|q|`` are by-products of the ball bound, the variance factor is
+  precomputed per cell).  *By design it never costs more than MC-Search, query by query*:
+  both reveal cells in the same order and pay the same bounds, ours' ``X`` is never larger
+  at any step, and the certificate is non-decreasing in ``X``, so ours certifies at
+  MC-Search's stopping step or earlier (the tests check it).
+* ``method="tree"`` -- hierarchical and adaptive: MC-Search's cells split further by
+  k-means (branching 4, leaves of at most 8 keys, no one-key sub-cells, and a cell is split
+  only where the split removes at least 40% of its k-means scatter), bounds clamped by
+  the parent's (a sub-cell's keys are its parent's), revealed best-first; expanding a cell bounds its
+  sub-cells and scores its direct keys, unless a cost rule scores it whole (small cells,
+  cells predicted to be in the head, hopelessly loose sub-cells).  Measured
+  (``benchmarks/search_cost.py``): 0.78x MC-Search's cost on average, down to 0.31x on
+  clustered keys, and no costlier than MC-Search on average on any configuration
+  measured (synthetic, MiniLM, SmolLM2); but not guaranteed query by query (single
+  SmolLM2 queries cost up to about 5% more, where no cell bound certifies anything).
+* ``method="gap"`` -- MC-Search's cells and schedule, stopping on the logit-only single
+  cut with the exact head sum (Theorem GAP-EXACT-HEAD, the sharper form of GAP-SINGLE):
+  every unscored key has score at most ``u = max_{j in R} U_j``, so ``X`` is replaced by
+  ``|R| e^u``; it never stops before MC-Search.
+
+Cost of a search = keys scored + cells bounded (per query).  The stopping rule is checked
+after every expansion and the search stops at the first certified step; since ``X`` only
+decreases and ``sum_S e^{s_i}`` only increases along a best-first schedule, the first
+certified step is found by bisection over the schedule.  Then ``A`` is the smallest set of
+top scored keys whose bound is <= eps.
+
+Implementation note.  For speed the NumPy engine evaluates all scores with one batched
+matrix product and then *charges* only the scores the search reveals: every decision
+(schedule, stop, kept set) depends only on cell bounds and on revealed scores.
+
+Floating point.  Scores are computed in float64 and known to within
+``delta = (2 d + 8) u |q| max_i |k_i| scale`` (``u = 2**-53``); sums of exponentials are
+accumulated in float64 and widened by the relative factor ``gamma = (2 n + 2 N + 2000) u``
+(N = number of cells; the 2000 covers the rounding of exponent arguments up to 745 in
+magnitude) plus ``1e-300`` per term (underflow); the final ratio is multiplied by
+``1 + 4u``.  So ``tail_bound`` bounds the exact tail of ``kept`` under the exact softmax of
+the exact logits ``scale * q.k``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._array import from_numpy, namespace, to_numpy
+from ._validate import check_eps
+from .cells import CellTree, cell_tree, kmeans_cells, score_bound_margin
+
+__all__ = ["SearchResult", "certified_search", "search_cells"]
+
+Array = Any
+_U = 2.0**-53
+_PER_TERM = 1e-300
+
+# Searches: partition ("flat" = MC-Search's k-means cells, "nested" = those cells split
+# further by k-means), bound kind, mass bound, order, stopping rule, score-directly rules.
+_METHODS: dict[str, dict[str, Any]] = {
+    "mc": {"cells": "flat", "kind": "ball", "mass": "count", "order": "upper", "stop": "sum"},
+    "gap": {"cells": "flat", "kind": "ball", "mass": "count", "order": "upper", "stop": "gap"},
+    "ours": {"cells": "flat", "kind": "both", "mass": "bennett", "order": "ball", "stop": "sum"},
+    "tree": {
+        "cells": "nested",
+        "kind": "both",
+        "mass": "bennett",
+        "order": "ball",
+        "stop": "sum",
+        "branching": 4,
+        "leaf_size": 8,
+        "direct_size": 16,
+        "direct_heavy": -2.0,
+        "direct_loose": 4.0,
+        "max_scatter": 0.6,
+    },
+}
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """Outcome of :func:`certified_search` (Theorem SEARCH-SOUND).
+
+    Batch shape ``B`` = the queries' leading shape (``(m,)`` or ``(H, m)``).
+
+    Attributes
+    ----------
+    kept : array
+        ``B + (n,)`` bool: the certified kept set ``A`` (a subset of the scored keys).
+    scored : array
+        ``B`` int64: keys scored (``|S|`` at the stop).
+    bounded : array
+        ``B`` int64: cells bounded.
+    tail_bound : array
+        ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps).
+    output : array
+        ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
+    error_bound : array
+        ``B`` float64: sound bound on ``|Attn - output|`` (Euclidean), from the head-tail
+        identity ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL).
+    n_valid : array
+        ``B`` int64: unmasked keys.
+    eps : float
+        The budget.
+    method : str
+        ``"ours"``, ``"mc"``, ``"tree"`` or ``"gap"``.
+    """
+
+    kept: Array
+    scored: Array
+    bounded: Array
+    tail_bound: Array
+    output: Array
+    error_bound: Array
+    n_valid: Array
+    eps: float
+    method: str
+
+    @property
+    def cost(self) -> Array:
+        """Keys scored plus cells bounded, per query."""
+        return self.scored + self.bounded
+
+
+def _cells_for(method: str, keys: np.ndarray, seed: int) -> CellTree:
+    cfg = _METHODS[method]
+    if cfg["cells"] == "flat":
+        return kmeans_cells(keys, seed=seed)
+    return cell_tree(
+        keys,
+        branching=cfg["branching"],
+        leaf_size=cfg["leaf_size"],
+        seed=seed,
+        top_cells=math.ceil(math.sqrt(keys.shape[0])),
+        max_scatter=cfg["max_scatter"],
+    )
+
+
+class _Schedule:
+    """Per-query best-first schedule over one cell tree and its evaluation at a step."""
+
+    def __init__(
+        self,
+        tree: CellTree,
+        q: np.ndarray,
+        logits: np.ndarray,
+        visible: np.ndarray,
+        *,
+        scale: float,
+        eps: float,
+        cfg: dict[str, Any],
+    ) -> None:
+        kind, stop = cfg["kind"], cfg["stop"]
+        m = q.shape[0]
+        nn, n = tree.n_nodes, tree.n_keys
+        self.tree, self.stop = tree, stop
+        self.parent = np.where(tree.parent < 0, 0, tree.parent)
+        upper = np.asarray(tree.score_upper(q, scale=scale, kind=kind), dtype=np.float64)
+        # clamp by the parent's bound (sound: a sub-cell's keys are the parent's keys)
+        for dep in range(2, int(tree.depth.max()) + 1):
+            lev = np.flatnonzero(tree.depth == dep)
+            upper[:, lev] = np.minimum(upper[:, lev], upper[:, tree.parent[lev]])
+        # unmasked keys per node, via prefix sums over the permuted keys
+        vis_perm = visible[:, tree.order]
+        csum = np.zeros((m, n + 1), dtype=np.int64)
+        np.cumsum(vis_perm, axis=1, out=csum[:, 1:])
+        cnt = csum[:, tree.stop] - csum[:, tree.start]
+        self.cnt = cnt
+        live = cnt > 0
+        # normalising shift (the largest visible score): every key exponential is <= 1 and
+        # the largest is 1; a cell bound far above it overflows to inf, which only means
+        # "not certified" (the ratios below map inf/inf to 1)
+        self.shift = np.max(np.where(visible, logits, -np.inf), axis=1)[:, None]
+        with np.errstate(divide="ignore"):
+            logw = np.where(live, np.log(np.maximum(cnt, 1)) + upper, -np.inf)
+        mean_low = None
+        if cfg["mass"] == "bennett":  # Theorem BLOCK-MASS, valid for the whole cell (masked or not)
+            logw = np.minimum(logw, tree.log_mass_upper(q, upper, scale=scale))
+            mean_low = (q @ tree.centre.T) * scale - 1e-9 * (1 + np.abs(upper))
+        for dep in range(2, int(tree.depth.max()) + 1):  # a sub-cell's mass <= its parent's
+            lev = np.flatnonzero(tree.depth == dep)
+            logw[:, lev] = np.minimum(logw[:, lev], logw[:, tree.parent[lev]])
+        # score-directly rules: a node is scored whole (its sub-cells are never bounded)
+        # when it holds at most `direct_size` keys; or when its predicted mass (Jensen:
+        # n_v e^{mean score} <= its true mass) exceeds the tail budget eps/(1-eps) Z by
+        # `direct_heavy` nats, Z predicted likewise from the top-level cells (such a node
+        # is almost surely in the head, so refining it would only add bounds); or, below
+        # the top level, when its mass bound exceeds that prediction by `direct_loose`
+        # nats (bounds that loose do not tighten enough by refining).  These rules use only
+        # bounds, and change the cost, never the soundness.
+        size = tree.size.astype(np.float64)
+        direct = np.zeros((m, nn), dtype=bool)
+        direct[:, 1:] = size[None, 1:] <= cfg.get("direct_size", 0)
+        heavy = cfg.get("direct_heavy")
+        if heavy is not None and mean_low is not None and eps > 0:
+            jensen = np.log(size)[None, :] + mean_low
+            top = np.flatnonzero(tree.parent == 0)
+            zpred = np.logaddexp.reduce(np.where(live[:, top], jensen[:, top], -np.inf), axis=1)
+            budget = zpred + math.log(eps / (1 - eps))
+            direct[:, 1:] |= jensen[:, 1:] >= budget[:, None] + heavy
+            loose = cfg.get("direct_loose")
+            if loose is not None:  # sub-cells whose bound is far from their mean: hopeless
+                deep = tree.depth[None, 1:] >= 2
+                direct[:, 1:] |= deep & (logw[:, 1:] - jensen[:, 1:] > loose)
+        covered = np.zeros((m, nn), dtype=bool)  # under a directly scored node
+        scorer = np.broadcast_to(np.arange(nn)[None, :], (m, nn)).copy()
+        for dep in range(2, int(tree.depth.max()) + 1):
+            lev = np.flatnonzero(tree.depth == dep)
+            par = tree.parent[lev]
+            covered[:, lev] = covered[:, par] | direct[:, par]
+            scorer[:, lev] = np.where(covered[:, lev], scorer[:, par], lev[None, :])
+        live &= ~covered
+        self.key_node = np.take_along_axis(
+            scorer, np.broadcast_to(tree.key_parent[None, :], (m, n)), axis=1
+        )
+        upper[:, 0] = np.inf
+        self.upper = upper
+        logw[:, 0] = -np.inf  # the root is expanded first; its own bound is never used
+        with np.errstate(over="ignore"):
+            w = np.where(live, np.exp(logw - self.shift), 0.0)
+        w[:, 0] = 0.0
+        self.w = w
+        # what expanding a node reveals: exponentials and count of the keys it scores
+        e = np.where(visible, np.exp(logits - self.shift), 0.0)
+        self.e = e
+        self.dz = np.zeros((m, nn))
+        self.dscore = np.zeros((m, nn), dtype=np.int64)
+        rows = np.broadcast_to(np.arange(m)[:, None], (m, n))
+        np.add.at(self.dz, (rows, self.key_node), e)
+        np.add.at(self.dscore, (rows, self.key_node), visible.astype(np.int64))
+        self.dbound = np.zeros((m, nn), dtype=np.int64)
+        rows_n = np.broadcast_to(np.arange(m)[:, None], (m, nn - 1))
+        np.add.at(
+            self.dbound,
+            (rows_n, np.broadcast_to(tree.parent[None, 1:], (m, nn - 1))),
+            live[:, 1:].astype(np.int64),
+        )
+        # best-first order (monotone along the tree, parents first on ties): "upper" =
+        # decreasing (clamped) score bound, MC-Search's order; "ball" = MC-Search's order of
+        # the top-level cells (ball bounds), sub-cells by clamped bound below their parent
+        if cfg["order"] == "ball":
+            prio = np.asarray(tree.score_upper(q, scale=scale, kind="ball"), dtype=np.float64)
+            prio[:, 1:] = np.where(tree.depth[None, 1:] == 1, prio[:, 1:], upper[:, 1:])
+            for dep in range(2, int(tree.depth.max()) + 1):
+                lev = np.flatnonzero(tree.depth == dep)
+                prio[:, lev] = np.minimum(prio[:, lev], prio[:, tree.parent[lev]])
+        else:
+            prio = upper.copy()
+        prio = np.where(live, prio, -np.inf)
+        prio[:, 0] = np.inf
+        order = np.argsort(-prio, axis=1, kind="stable")
+        self.rank = np.empty_like(order)
+        np.put_along_axis(self.rank, order, np.arange(nn)[None, :], axis=1)
+        self.gamma = (2 * n + 2 * nn + 2000) * _U
+        self.live = live
+
+    def state(self, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Expanded mask, sound frontier mass ``X`` (upper), scored mass (unwidened), #terms."""
+        expanded = self.rank <= t[:, None]
+        frontier = expanded[:, self.parent] & ~expanded & self.live
+        frontier[:, 0] = False
+        nterm = frontier.sum(axis=1)
+        if self.stop == "gap":
+            cnt = np.sum(np.where(frontier, self.cnt, 0), axis=1)
+            umax = np.max(np.where(frontier, self.upper, -np.inf), axis=1, initial=-np.inf)
+            with np.errstate(over="ignore"):
+                x = np.where(cnt > 0, cnt * np.exp(umax - self.shift[:, 0]), 0.0)
+        else:
+            x = np.sum(np.where(frontier, self.w, 0.0), axis=1)
+        x = x * (1.0 + self.gamma) + _PER_TERM * nterm
+        z = np.sum(np.where(expanded, self.dz, 0.0), axis=1)
+        return expanded, x, z, nterm
+
+
+def _ratio_up(num: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``num / (num + head)`` rounded upward (0 when num is 0)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = num / (num + head)
+    r = np.where(num > 0, r * (1.0 + 4 * _U), 0.0)
+    return np.where(np.isnan(r), 1.0, np.minimum(r, 1.0))
+
+
+def search_cells(
+    tree: CellTree,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    visible: np.ndarray,
+    eps: float,
+    *,
+    scale: float,
+    method: str,
+) -> dict[str, np.ndarray]:
+    """Run one certified search on one key head (host float64; Theorem SEARCH-SOUND).
+
+    Parameters
+    ----------
+    tree : CellTree
+        Partition of ``keys``.
+    queries : numpy.ndarray
+        ``(m, d)`` float64.
+    keys : numpy.ndarray
+        ``(n, d)`` float64.
+    visible : numpy.ndarray
+        ``(m, n)`` bool, True where the key is not masked; every row has a True.
+    eps : float
+        Tail budget in [0, 1).
+    scale : float
+        Positive logit scale.
+    method : {"ours", "mc", "tree", "gap"}
+        Schedule and stopping rule (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``kept`` (m, n) bool, ``scored``, ``bounded`` (m,) int64, ``tail_bound`` (m,) float64,
+        ``shift`` (m,) and ``weights`` (m, n) (exp(s - shift) of kept keys, 0 elsewhere).
+    """
+    cfg = _METHODS[method]
+    m, n = visible.shape
+    logits = (queries @ keys.T) * scale
+    if not np.all(np.isfinite(logits)):
+        raise ValueError("scores scale * q.k overflow float64")
+    logits = np.where(visible, logits, -np.inf)
+    sch = _Schedule(tree, queries, logits, visible, scale=scale, eps=eps, cfg=cfg)
+    kmax = float(np.max(np.linalg.norm(keys, axis=1)))
+    delta = score_bound_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
+    delta = delta + 1e-300
+    down = np.exp(-delta) * (1.0 - sch.gamma)
+    up = np.exp(delta) * (1.0 + sch.gamma)
+
+    def certified(t: np.ndarray) -> np.ndarray:
+        _, x, z, _ = sch.state(t)
+        # z is summed in another order than the prefix sums used below for the kept set;
+        # shrinking it by 4 (n + N) u makes this test imply the kept set's (at A = S)
+        return _ratio_up(x, z * down * (1.0 - 4 * (n + tree.n_nodes) * _U)) <= eps
+
+    # bisection for the first certified step (the predicate is monotone in exact arithmetic;
+    # the certificate is re-checked at the returned step, so rounding cannot make it unsound)
+    nn = tree.n_nodes
+    lo = np.zeros(m, dtype=np.int64)
+    hi = np.full(m, nn - 1, dtype=np.int64)
+    if not np.all(certified(hi)):
+        raise AssertionError("internal: full expansion not certified")  # pragma: no cover
+    hi = np.where(certified(lo), lo, hi)
+    while np.any(hi - lo > 1):
+        mid = (lo + hi) // 2
+        ok = certified(mid)
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    t_stop = hi
+    expanded, x, _, _ = sch.state(t_stop)
+    scored_mask = visible & np.take_along_axis(expanded, sch.key_node, axis=1)
+    scored = scored_mask.sum(axis=1)
+    bounded = np.sum(np.where(expanded, sch.dbound, 0), axis=1)
+    # smallest head A of the scored keys with a certified bound <= eps
+    key = np.where(scored_mask, logits, -np.inf)
+    idx = np.argsort(-key, axis=1, kind="stable")
+    es = np.take_along_axis(np.where(scored_mask, sch.e, 0.0), idx, axis=1)
+    prefix = np.zeros((m, n + 1))
+    np.cumsum(es, axis=1, out=prefix[:, 1:])
+    suffix = np.zeros((m, n + 1))
+    suffix[:, :-1] = np.cumsum(es[:, ::-1], axis=1)[:, ::-1]  # from the small end
+    kk = np.arange(n + 1)[None, :]
+    dropped = np.maximum(scored[:, None] - kk, 0)
+    num = suffix * up[:, None] + x[:, None] + _PER_TERM * dropped
+    bound = _ratio_up(num, prefix * down[:, None])
+    bound = np.where(kk <= scored[:, None], bound, np.inf)
+    good = bound <= eps
+    if not np.all(good[np.arange(m), scored]):
+        raise AssertionError("internal: stop step not certified")  # pragma: no cover
+    k = np.argmax(good, axis=1)
+    tail = bound[np.arange(m), k]
+    kept_sorted = kk[:, :n] < k[:, None]
+    kept = np.zeros((m, n), dtype=bool)
+    np.put_along_axis(kept, idx, kept_sorted, axis=1)
+    return {
+        "kept": kept,
+        "scored": scored.astype(np.int64),
+        "bounded": bounded.astype(np.int64),
+        "tail_bound": tail,
+        "weights": np.where(kept, sch.e, 0.0),
+    }
+
+
+def _as_heads(x: np.ndarray, name: str, last: int) -> np.ndarray:
+    if x.ndim == last:
+        return x[None]
+    if x.ndim == last + 1:
+        return x
+    raise ValueError(f"{name} must have {last} or {last + 1} dimensions, got shape {x.shape}")
+
+
+def certified_search(
+    queries: Array,
+    keys: Array,
+    values: Array,
+    eps: float,
+    *,
+    scale: float | None = None,
+    mask: Array | None = None,
+    cells: CellTree | list[CellTree] | None = None,
+    seed: int = 0,
+    method: str = "ours",
+) -> SearchResult:
+    """Certified sparse attention that scores few keys (Theorem SEARCH-SOUND).
+
+    Implements Algorithm 2 ("MC-Search") and Thm 7.2 of Tzachristas et al. (THEORY
+    section 6; details derived): cells of keys are bounded, revealed best-first, and the
+    search stops as soon as the tail bound
+    ``(sum_{S\\A} e^{s_i} + sum_{j in R} n_j e^{U_j}) / (sum_S e^{s_i} + sum_{j in R} n_j e^{U_j})``
+    certifies ``eps`` for the kept set ``A``; sound for any kept set by the any-set identity
+    ``TV(P, P(.|A)) = 1 - P(A)`` (Theorem TV-TAIL).  See the module docstring for the three
+    methods and the floating-point margins.
+
+    Parameters
+    ----------
+    queries : array
+        ``(m, d)`` or ``(H, m, d)``.
+    keys : array
+        ``(n, d)`` or ``(H_kv, n, d)``; with grouped-query attention (``H`` a multiple of
+        ``H_kv``) query head ``h`` reads key head ``h // (H / H_kv)``; each head is searched
+        on its own.
+    values : array
+        ``(n, dv)`` or ``(H_kv, n, dv)``.
+    eps : float
+        Total-variation budget in [0, 1).
+    scale : float, optional
+        Logit scale, ``1/sqrt(d)`` by default; must be positive.
+    mask : array, optional
+        Boolean, broadcastable to ``(m, n)`` or ``(H, m, n)``; True = visible (e.g. causal).
+        A masked key is never scored and has probability 0.
+    cells : CellTree or list of CellTree, optional
+        Precomputed partition (one per key head) to reuse; built from ``keys`` otherwise
+        (``kmeans_cells`` for "mc", "gap" and "ours", ``cell_tree`` with MC-Search's cells
+        on top for "tree").
+    seed : int
+        Seed of the k-means partition (the result is deterministic given the seed).
+    method : {"ours", "mc", "tree", "gap"}
+        Ours (MC-Search's schedule with tighter bounds: never costlier than MC-Search),
+        the paper's MC-Search, ours hierarchical, or the gap-stopped search.
+
+    Returns
+    -------
+    SearchResult
+        In the namespace and on the device of ``queries``.
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
+    eps = check_eps(eps)
+    xp, dev = namespace(queries, keys, values, mask)
+    q_all = np.asarray(to_numpy(queries), dtype=np.float64)
+    single = q_all.ndim == 2
+    q_all = _as_heads(q_all, "queries", 2)
+    k_all = _as_heads(np.asarray(to_numpy(keys), dtype=np.float64), "keys", 2)
+    v_np = to_numpy(values)
+    out_dtype = v_np.dtype if np.dtype(v_np.dtype).kind == "f" else np.float64
+    v_all = _as_heads(np.asarray(v_np, dtype=np.float64), "values", 2)
+    nh, m, d = q_all.shape
+    nkv, n, dk = k_all.shape
+    if dk != d:
+        raise ValueError(f"queries have dimension {d} but keys have {dk}")
+    if v_all.shape[:2] != (nkv, n):
+        raise ValueError(f"values must be ({nkv}, {n}, dv) to match keys, got {v_all.shape}")
+    if nh % nkv:
+        raise ValueError(f"{nh} query heads cannot share {nkv} key heads evenly")
+    for name, arr in (("queries", q_all), ("values", v_all)):
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} contain a non-finite value")
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
+    if mask is None:
+        vis_all = np.ones((nh, m, n), dtype=bool)
+    else:
+        mk = to_numpy(mask)
+        if mk.dtype != np.bool_:
+            raise ValueError(f"mask must be boolean, got dtype {mk.dtype}")
+        try:
+            vis_all = np.broadcast_to(mk, (nh, m, n) if not single else (m, n))
+        except ValueError:
+            raise ValueError(f"mask of shape {mk.shape} does not broadcast to the logits") from None
+        vis_all = np.broadcast_to(vis_all, (nh, m, n))
+    empty = ~vis_all.any(axis=-1)
+    if np.any(empty):
+        pos = tuple(int(i) for i in np.argwhere(empty)[0])
+        raise ValueError(f"query {pos if not single else pos[1]} has every key masked")
+    if cells is None:
+        trees = [_cells_for(method, k_all[j], seed) for j in range(nkv)]
+    else:
+        trees = [cells] if isinstance(cells, CellTree) else list(cells)
+        if len(trees) != nkv or any(t.n_keys != n for t in trees):
+            raise ValueError(f"cells must hold {nkv} partition(s) of {n} keys")
+    group = nh // nkv
+    res = {key: [] for key in ("kept", "scored", "bounded", "tail_bound", "output", "error")}
+    for h in range(nh):
+        j = h // group
+        r = search_cells(trees[j], q_all[h], k_all[j], vis_all[h], eps, scale=scale, method=method)
+        out, err = _output_and_error(r["weights"], r["tail_bound"], v_all[j], out_dtype)
+        for key in ("kept", "scored", "bounded", "tail_bound"):
+            res[key].append(r[key])
+        res["output"].append(out)
+        res["error"].append(err)
+    arrays = {key: np.stack(val) for key, val in res.items()}
+    arrays["n_valid"] = vis_all.sum(axis=-1).astype(np.int64)
+    if single:
+        arrays = {key: val[0] for key, val in arrays.items()}
+    conv = {
+        key: from_numpy(np.ascontiguousarray(val), xp=xp, device=dev) for key, val in arrays.items()
+    }
+    return SearchResult(
+        kept=conv["kept"],
+        scored=conv["scored"],
+        bounded=conv["bounded"],
+        tail_bound=conv["tail_bound"],
+        output=conv["output"],
+        error_bound=conv["error"],
+        n_valid=conv["n_valid"],
+        eps=eps,
+        method=method,
+    )
+
+
+def _output_and_error(
+    weights: np.ndarray, tail: np.ndarray, values: np.ndarray, out_dtype: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """Truncated attention over the kept keys and a sound bound on its error.
+
+    ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL) and ``mu_tail`` is a
+    convex combination of values, so ``|Attn - Attn_A| <= tau max_j |v_j - Attn_A| <=
+    tail_bound (|c_V - Attn_A| + r_V)`` with the values' ball (centre ``c_V``, radius
+    ``r_V``, known before the search).  Rounding of the float64 sum (``e_out``) and of the
+    cast to the output dtype are added.
+    """
+    n, dv = values.shape
+    zsum = weights.sum(axis=1, keepdims=True)
+    out = (weights / zsum) @ values
+    cv = values.mean(axis=0)
+    rv = float(np.max(np.linalg.norm(values - cv, axis=1))) * (1 + score_bound_margin(dv))
+    vmax = float(np.max(np.linalg.norm(values, axis=1)))
+    e_out = (4 * n + 4 * dv + 20) * _U * vmax + 1e-300
+    dist = np.linalg.norm(out - cv, axis=1) * (1 + score_bound_margin(dv))
+    out_cast = out.astype(out_dtype)
+    cast = np.linalg.norm(out_cast.astype(np.float64) - out, axis=1)
+    err = tail * (dist + rv + e_out) + e_out + cast
+    return out_cast, err * (1 + 8 * _U)
