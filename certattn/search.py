@@ -31,8 +31,8 @@ Four searches share one engine:
 * ``method="tree"`` -- hierarchical and adaptive: MC-Search's cells split further by
   k-means (branching 4, leaves of at most 8 keys, no one-key sub-cells, and a cell is split
   only where the split removes at least 40% of its k-means scatter), bounds clamped by
-  the parent's (a sub-cell's keys are its parent's), revealed best-first; expanding a cell bounds its
-  sub-cells and scores its direct keys, unless a cost rule scores it whole (small cells,
+  the parent's (a sub-cell's keys are its parent's), revealed best-first; expanding a cell
+  bounds its sub-cells and scores its direct keys, unless a cost rule scores it whole (small cells,
   cells predicted to be in the head, hopelessly loose sub-cells).  Measured
   (``benchmarks/search_cost.py``): 0.78x MC-Search's cost on average, down to 0.31x on
   clustered keys, and no costlier than MC-Search on average on any configuration
