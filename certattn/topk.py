@@ -43,7 +43,9 @@ logits; :meth:`TopkCertificate.kept_mask` breaks ties at the cut by position.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,19 +233,19 @@ def certify_topk(
     if n == 0:
         check_logits(xl, xp)  # raises: empty key axis
     flat = xp.reshape(xl, (rows, n))
-    row_max = xp.max(flat, axis=-1)
+    try:
+        k, tail, n_valid, row_max = _certify_rows(flat, eps, xp=xp, progress=progress)
+    except Exception:
+        check_logits(flat if batch else xl, xp)  # bad input explains the failure: say so
+        raise
+    # NaN and +inf propagate into the row maxima: a clear error, never a wrong answer.
     check_logits(flat if batch else xl, xp, row_max=row_max)
-    if rows and bool(xp.min(row_max) > -xp.inf) and bool(xp.min(flat) > -xp.inf):
-        n_valid = xp.full((rows,), n, dtype=xp.int64, device=_dev(flat))  # nothing masked
-    else:
-        n_valid = xp.astype(xp.count_nonzero(flat > -xp.inf, axis=-1), xp.int64)
     masked = n_valid == 0
     if masked_rows == "error" and bool(xp.any(masked)):
         pos = first_bad_position(xp.reshape(masked, batch) if batch else masked)
         where = f"row {pos if len(pos) > 1 else pos[0]}" if batch else "the only row"
         raise ValueError(f"logits are fully masked (all -inf) in {where}")
 
-    k, tail = _certify_rows(flat, row_max, n_valid, eps, xp=xp, progress=progress)
     k = xp.where(masked, xp.zeros_like(k), k)
     tail = xp.where(masked, xp.zeros_like(tail), tail)
     # KL(P_hat || P) = -log1p(-tail), rounded up so it stays an upper bound.
@@ -269,43 +271,92 @@ def certify_topk(
 
 def _certify_rows(
     flat: Array,
-    row_max: Array,
-    n_valid: Array,
     eps: float,
     *,
     xp: Any,
     progress: Callable[[int, int], None] | None,
-) -> tuple[Array, Array]:
-    """``(k, tail_upper)`` for a (rows, n) batch; fully masked rows give garbage."""
+) -> tuple[Array, Array, Array, Array]:
+    """``(k, tail_upper, n_valid, row_max)`` for a (rows, n) batch, chunk by chunk.
+
+    Everything per row happens inside the chunks (in parallel threads on NumPy), the row
+    maxima included; fully masked rows give meaningless ``k`` and ``tail`` (the caller
+    decides), rows with NaN or ``+inf`` are caught by the caller from ``row_max``.
+    """
     rows, n = flat.shape
-    if eps == 0.0:
-        # Every valid key has positive exact mass: keep them all, lose nothing.
-        return n_valid, xp.zeros(rows, dtype=xp.float64, device=_dev(flat))
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     alpha = n * _TINY
     fast = is_numpy(xp)
     step = _FAST_ROWS if fast else max(1, _CHUNK_BYTES // (8 * max(n, 1)))
-    ks, tails = [], []
-    for start in range(0, rows, step):
+
+    def one_chunk(start: int) -> tuple[Array, Array, Array, Array]:
         stop = min(rows, start + step)
         chunk = flat[start:stop, ...]
-        e, c = _exp_terms(chunk, row_max[start:stop], eps, xp)
+        m = xp.max(chunk, axis=-1)
+        if bool(xp.min(chunk) > -xp.inf):
+            n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=_dev(flat))
+        else:
+            n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
+        zeros = xp.zeros(stop - start, dtype=xp.float64, device=_dev(flat))
+        if eps == 0.0 or not bool(xp.all(m < xp.inf)):
+            # eps = 0: every valid key has positive exact mass, so keep them all.  NaN or
+            # +inf in the chunk (m is NaN or inf): skip the work, the caller raises.
+            return n_valid, zeros, n_valid, m
+        e, c = _exp_terms(chunk, m, eps, xp)
         z = xp.sum(e, axis=-1)
         z_lo = z * (1.0 - gamma) - alpha
         # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
         budget = (eps * z_lo - alpha) / (1.0 + gamma)
         t, t_hat = _cut_bracket(chunk, e, c, budget) if fast else _cut_sorted(e, budget, xp)
-        ks.append(n - t)
-        tails.append((t_hat * (1.0 + gamma) + alpha) / z_lo)
-        if progress is not None:
-            progress(stop, rows)
-    k = xp.astype(xp.concat(ks) if len(ks) != 1 else ks[0], xp.int64)
-    tail = xp.concat(tails) if len(tails) != 1 else tails[0]
+        return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, m
+
+    starts = range(0, rows, step)
+    parts: list[tuple[Array, Array, Array, Array]] = []
+    # NumPy releases the GIL in every heavy call of a chunk: spread chunks over the cores.
+    workers = _threads() if fast and len(starts) > 1 else 1
+    with ThreadPoolExecutor(workers) if workers > 1 else _Serial() as pool:
+        for start, part in zip(starts, pool.map(one_chunk, starts), strict=True):
+            parts.append(part)
+            if progress is not None:
+                progress(min(rows, start + step), rows)
+    if not parts:  # no rows at all
+        empty = xp.zeros(0, dtype=xp.float64, device=_dev(flat))
+        ints = xp.zeros(0, dtype=xp.int64, device=_dev(flat))
+        return ints, empty, ints, empty
+    k, tail, n_valid, row_max = (
+        xp.concat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(4)
+    )
+    k = xp.astype(k, xp.int64)
+    if eps == 0.0:
+        return k, tail, n_valid, row_max
     # Cover the rounding of the division: relative for normal results, absolute (half a
     # subnormal spacing) for subnormal ones, so a positive tail never rounds to zero.
     tail = tail * (1.0 + 4 * _U) + _SMALLEST
     tail = xp.where(k < n_valid, tail, xp.zeros_like(tail))
-    return k, xp.minimum(tail, eps)
+    return k, xp.minimum(tail, eps), n_valid, row_max
+
+
+class _Serial:
+    """Stand-in for an executor: ``map`` in the calling thread."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    map = staticmethod(map)
+
+
+def _threads() -> int:
+    """Worker threads for the NumPy path: ``CERTATTN_NUM_THREADS`` or the usable cores."""
+    env = os.environ.get("CERTATTN_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
 
 
 def _exp_terms(x: Array, m: Array, eps: float, xp: Any) -> tuple[Array, Array]:
