@@ -373,12 +373,18 @@ def _exp_terms(x: Array, m: Array, eps: float, xp: Any) -> tuple[Array, Array]:
     lo, hi = -650.0 - math.log(eps), 700.0 - math.log(max(n, 1))
     m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
     if bool(xp.all(xp.logical_and(m >= lo, m <= hi))):
-        if is_numpy(xp) and x.dtype in (np.float16, np.float32, np.float64):
-            return np.exp(x, dtype=np.float64), xp.zeros_like(m)  # one pass, no copy
-        return xp.exp(xp.astype(x, xp.float64)), xp.zeros_like(m)
+        e = _exp64(x) if is_numpy(xp) else xp.exp(xp.astype(x, xp.float64))
+        return e, xp.zeros_like(m)
     shift = max(0.0, -math.log(eps) - 600.0)
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
     return xp.exp((xp.astype(x, xp.float64) - m) + shift), m - shift
+
+
+def _exp64(a: np.ndarray) -> np.ndarray:
+    """``exp`` of a NumPy float array computed and returned in float64 (one pass)."""
+    if a.dtype in (np.float16, np.float32, np.float64):
+        return np.exp(a, dtype=np.float64)
+    return np.exp(a.astype(np.float64))  # e.g. ml_dtypes' bfloat16
 
 
 _SAMPLE = 256  # keys sampled per row to place the bracket (NumPy fast path)
@@ -406,13 +412,16 @@ def _cut_bracket(
     rows = np.arange(r)
     samp = np.sort(x[:, ::stride], axis=1)  # exact order, no rounding, x's own dtype
     m = samp.shape[1]
-    # Estimated tail sum below each sample rank, in the units of ``e`` (= exp(s - c)).
-    est = np.cumsum(np.exp(samp.astype(np.float64) - c), axis=1) * (n / m)
-    j = (est <= budget[:, None]).sum(axis=1)  # estimated crossing, in sample ranks
-    lo_i, hi_i = j - _HALF_WIDTH, j + _HALF_WIDTH
+    # Estimated tail sum below each sample rank, in the units of ``e`` (= exp(s - c)),
+    # compared with the budget scaled to the sample (m of n keys).
+    est = _exp64(samp) if not c.any() else np.exp(samp.astype(np.float64) - c)
+    np.cumsum(est, axis=1, out=est)
+    j = (est <= (budget * (m / n))[:, None]).sum(axis=1)  # estimated crossing rank
+    ends = np.take_along_axis(samp, np.clip(np.stack([j - _HALF_WIDTH, j + _HALF_WIDTH], 1),
+                                            0, m - 1), axis=1)
     # Thresholds stay in the logits' dtype, so the comparisons below never cast x.
-    lo = np.where(lo_i >= 0, samp[rows, np.clip(lo_i, 0, m - 1)], -np.inf).astype(x.dtype)
-    hi = np.where(hi_i < m, samp[rows, np.clip(hi_i, 0, m - 1)], np.inf).astype(x.dtype)
+    lo = np.where(j - _HALF_WIDTH >= 0, ends[:, 0], -np.inf).astype(x.dtype, copy=False)
+    hi = np.where(j + _HALF_WIDTH < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
     below = x < lo[:, None]
     s_lo = np.einsum("ij,ij->i", e, below)  # exact-order-free float64 sum, one pass
     n_lo = below.view(np.uint8).sum(axis=1, dtype=np.int64)
