@@ -27,6 +27,7 @@ import numpy as np
 __all__ = [
     "argpartition",
     "as_float_array",
+    "asarray_on",
     "device_of",
     "from_numpy",
     "is_numpy",
@@ -133,6 +134,18 @@ def from_numpy(a: np.ndarray, *, xp: ModuleType, device: Any) -> Array:
     if compat.is_array_api_strict_namespace(xp):
         return xp.asarray(xp.asarray(a), device=device)
     return xp.asarray(a, device=device)
+
+
+def asarray_on(a: Any, *, xp: ModuleType, device: Any) -> Array:
+    """``a`` (an array of any library, or an array-like) as an array of ``xp`` on ``device``.
+
+    Arrays already in ``xp`` are returned as they are; others go through NumPy.
+    """
+    if compat.is_array_api_obj(a):
+        if compat.array_namespace(a) is xp:
+            return a
+        a = to_numpy(a)
+    return from_numpy(np.asarray(a), xp=xp, device=device)
 
 
 # --------------------------------------------------------------------------

@@ -20,9 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._array import as_float_array, namespace
+from ._array import as_float_array, asarray_on, device_of, namespace
 from ._validate import check_eps
-from .bounds import _as_xp, _device
 from .output import _CHUNK_ELEMS, BOUND_NAMES, _sound_bounds
 
 __all__ = ["AttentionCertificate", "certify_attention", "normalize_mask"]
@@ -77,7 +76,7 @@ def normalize_mask(mask: Any, *, xp: Any = None, device: Any = None) -> tuple[Ar
     """
     if xp is None:
         xp, device = namespace(mask)
-    m = _as_xp(mask, xp, device)
+    m = asarray_on(mask, xp=xp, device=device)
     if m.dtype == xp.bool:
         return m, None
     if not xp.isdtype(m.dtype, "real floating"):
@@ -144,8 +143,8 @@ def certify_attention(
 
     eps = check_eps(eps)
     qa, xp, dev = as_float_array(q, name="q")
-    ka, _, _ = as_float_array(_as_xp(k, xp, dev), name="k")
-    va, _, _ = as_float_array(_as_xp(v, xp, dev), name="v")
+    ka, _, _ = as_float_array(asarray_on(k, xp=xp, device=dev), name="k")
+    va, _, _ = as_float_array(asarray_on(v, xp=xp, device=dev), name="v")
     if qa.ndim < 2 or ka.ndim < 2 or va.ndim < 2:
         raise ValueError("q, k, v must have at least two axes: (..., L, d)")
     lq, d = int(qa.shape[-2]), int(qa.shape[-1])
@@ -166,7 +165,7 @@ def certify_attention(
     lead = math.prod(int(s) for s in xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2]))
     step = max(1, chunk_elems // max(1, lead * lk * 4))
     offset = lk - lq
-    cols = xp.arange(lk, device=_device(q64))
+    cols = xp.arange(lk, device=device_of(q64))
     fields: dict[str, list[Array]] = {f: [] for f in ("out", "k", "tail", "err", "idx", "nv")}
     for i0 in range(0, lq, step):
         sl = slice(i0, min(lq, i0 + step))
@@ -176,7 +175,7 @@ def certify_attention(
             s = s + b
         vis = _rows_of(visible, sl)
         if causal:
-            rows = xp.arange(i0, sl.stop, device=_device(q64))
+            rows = xp.arange(i0, sl.stop, device=device_of(q64))
             cm = cols[None, :] <= rows[:, None] + offset
             vis = cm if vis is None else (vis & cm)
         if vis is not None:

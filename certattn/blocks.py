@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, namespace
+from ._array import as_float_array, asarray_on, device_of, namespace
 from ._validate import check_eps, first_bad_position
-from .bounds import _U, _as_xp, _device, _neg_inf, _ratio_log, _round_down, _round_up
+from .bounds import _U, _neg_inf, _ratio_log, _round_down, _round_up
 
 __all__ = [
     "BlockSelection",
@@ -81,8 +81,8 @@ class BlockSelection:
 def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array, ...]:
     """Validated float64 ``(a, b, n, valid, xp)``: ``a = log n + u - M``, ``b = log n + l - M``."""
     lo, xp, dev = as_float_array(lower, name="lower")
-    up, _, _ = as_float_array(_as_xp(upper, xp, dev), name="upper")
-    n = _as_xp(sizes, xp, dev)
+    up, _, _ = as_float_array(asarray_on(upper, xp=xp, device=dev), name="upper")
+    n = asarray_on(sizes, xp=xp, device=dev)
     lo, up = xp.astype(lo, xp.float64), xp.astype(up, xp.float64)
     n = xp.astype(n, xp.float64)
     lo, up, n = xp.broadcast_arrays(lo, up, n)
@@ -160,7 +160,7 @@ def block_tail_bounds(
         block bounds: ``lo`` rounded down, ``hi`` rounded up.
     """
     a, b, _, valid, xp = _block_inputs(lower, upper, sizes, axis)
-    kept = _as_xp(kept, xp, _device(a))
+    kept = asarray_on(kept, xp=xp, device=device_of(a))
     if kept.dtype != xp.bool:
         raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
     kept = xp.broadcast_to(
@@ -183,7 +183,7 @@ def greedy_block_set(
     if cost not in ("keys", "blocks"):
         raise ValueError(f"cost must be 'keys' or 'blocks', got {cost!r}")
     a, b, n, valid, xp = _block_inputs(lower, upper, sizes, axis)
-    dev = _device(a)
+    dev = device_of(a)
     nb = int(a.shape[-1])
     if eps > 0:
         logv = xp.logaddexp(math.log(eps) + b, math.log1p(-eps) + a)

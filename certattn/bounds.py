@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, from_numpy, to_numpy
+from ._array import as_float_array, asarray_on, device_of
 from ._validate import check_eps, check_logits, first_bad_position
 
 __all__ = [
@@ -138,25 +138,8 @@ def _log_cumsum(d: Array, valid: Array, xp: Any, *, reverse: bool, upper: bool) 
 
 def _shift_left(x: Array, xp: Any, fill: float) -> Array:
     """``y[..., i] = x[..., i + 1]``, last entry ``fill``."""
-    pad = xp.full((*x.shape[:-1], 1), fill, dtype=x.dtype, device=_device(x))
+    pad = xp.full((*x.shape[:-1], 1), fill, dtype=x.dtype, device=device_of(x))
     return xp.concat([x[..., 1:], pad], axis=-1)
-
-
-def _as_xp(a: Any, xp: Any, dev: Any) -> Array:
-    """``a`` (any array or array-like) as an array of ``xp`` on ``dev``."""
-    import array_api_compat
-
-    if array_api_compat.is_array_api_obj(a) and array_api_compat.array_namespace(a) is xp:
-        return a
-    if array_api_compat.is_array_api_obj(a):
-        a = to_numpy(a)
-    return from_numpy(np.asarray(a), xp=xp, device=dev)
-
-
-def _device(x: Array) -> Any:
-    import array_api_compat
-
-    return array_api_compat.device(x)
 
 
 def _margin(a: Array, b: Array, n: Any, xp: Any) -> Array:
@@ -200,7 +183,7 @@ def _ratio_log(log_x: Array, log_d: Array, xp: Any) -> Array:
 def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
     s = xp.sort(x, axis=-1, descending=True)
     n = s.shape[-1]
-    dev = _device(s)
+    dev = device_of(s)
     k = xp.arange(1, n + 1, dtype=xp.float64, device=dev)
     nv = xp.astype(n_valid, xp.float64)[..., None]
     valid = k <= nv  # position k (1-based) holds a valid key
@@ -285,7 +268,7 @@ def _checkpoint_costs(p: dict[str, Array], xp: Any, m: int) -> Array:
     d, valid = p["d"], p["valid"]
     w = xp.where(valid, xp.exp(xp.maximum(d, _CLIP)), xp.zeros_like(d))
     n = d.shape[-1]
-    dev = _device(d)
+    dev = device_of(d)
     pos = p["k"] - 1.0  # 0-based positions as float64
     nv = p["m"][..., :1] + 1.0  # n_valid, shape (..., 1)
     g = xp.where(valid, (nv - pos) * w, xp.zeros_like(w))
@@ -321,7 +304,7 @@ def _suffix_min(g: Array, xp: Any) -> Array:
 
 
 def _shift_by(x: Array, step: int, xp: Any) -> Array:
-    pad = xp.full((*x.shape[:-1], step), xp.inf, dtype=x.dtype, device=_device(x))
+    pad = xp.full((*x.shape[:-1], step), xp.inf, dtype=x.dtype, device=device_of(x))
     return xp.concat([x[..., step:], pad], axis=-1)
 
 
@@ -369,7 +352,7 @@ def _k_index(k: Any, batch: tuple[int, ...], n: int, xp: Any, dev: Any) -> Array
     if isinstance(k, int | np.integer):
         k_arr = xp.full(batch, int(k), dtype=xp.int64, device=dev)
     else:
-        k_arr = _as_xp(k, xp, dev)
+        k_arr = asarray_on(k, xp=xp, device=dev)
         if not xp.isdtype(k_arr.dtype, "integral"):
             raise ValueError(f"k must hold integers, got dtype {k_arr.dtype}")
         k_arr = xp.broadcast_to(xp.astype(k_arr, xp.int64), batch)
@@ -404,7 +387,7 @@ def tail_bound(
         Upper bounds in [0, 1], rounded upwards (module docstring).
     """
     curve, _, xp = _bound_curve(logits, bound, n_cuts, axis)
-    dev = _device(curve)
+    dev = device_of(curve)
     k_arr = _k_index(k, tuple(curve.shape[:-1]), int(curve.shape[-1]), xp, dev)
     return xp.take_along_axis(curve, (k_arr - 1)[..., None], axis=-1)[..., 0]
 
@@ -483,7 +466,7 @@ def certified_k(
     curve, n_valid, xp = _bound_curve(logits, bound, n_cuts, axis)
     ok = curve <= eps
     n = int(curve.shape[-1])
-    k = xp.arange(1, n + 1, dtype=xp.int64, device=_device(curve))
+    k = xp.arange(1, n + 1, dtype=xp.int64, device=device_of(curve))
     first = xp.min(xp.where(ok, k, xp.full_like(k, n + 1)), axis=-1)
     return xp.minimum(first, n_valid)
 

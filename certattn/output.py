@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array
+from ._array import as_float_array, asarray_on, device_of
 from ._validate import first_bad_position
-from .bounds import _U, _as_xp, _device, _log_cumsum, _round_up, _rows
+from .bounds import _U, _log_cumsum, _round_up, _rows
 
 __all__ = [
     "HeadTail",
@@ -75,7 +75,7 @@ BOUND_NAMES = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
 
 def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
     x, n_valid, xp, dev = _rows(logits, -1)
-    v, _, _ = as_float_array(_as_xp(values, xp, dev), name="values")
+    v, _, _ = as_float_array(asarray_on(values, xp=xp, device=dev), name="values")
     v = xp.astype(v, xp.float64)
     if v.ndim < 2 or v.shape[-2] != x.shape[-1]:
         raise ValueError(
@@ -93,8 +93,8 @@ def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
     if k is not None:
         from .distribution import topk_mask
 
-        kept = topk_mask(x, _as_xp(k, xp, dev) if not isinstance(k, int) else k)
-    kept = _as_xp(kept, xp, dev)
+        kept = topk_mask(x, asarray_on(k, xp=xp, device=dev) if not isinstance(k, int) else k)
+    kept = asarray_on(kept, xp=xp, device=dev)
     if kept.dtype != xp.bool:
         raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
     kept = xp.broadcast_to(kept, x.shape) & valid
@@ -457,7 +457,7 @@ def output_bounds(
         x, valid, kept = x[None, :], valid[None, :], kept[None, :]
     tau = _tau_upper(x, valid, kept, xp)
     if tau_upper is not None:
-        given = xp.astype(_as_xp(tau_upper, xp, _device(x)), xp.float64)
+        given = xp.astype(asarray_on(tau_upper, xp=xp, device=device_of(x)), xp.float64)
         tau = xp.broadcast_to(given, tau.shape)
     b = _sound_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
     err = xp.linalg.vector_norm(b["attn"] - b["attn_k"], axis=-1)
@@ -505,7 +505,7 @@ def smallest_k_for_output(
     if single:
         x, n_valid = x[None, :], n_valid[None]
     x = _shift_rows(x, xp)
-    v, _, _ = as_float_array(_as_xp(values, xp, dev), name="values")
+    v, _, _ = as_float_array(asarray_on(values, xp=xp, device=dev), name="values")
     v = xp.astype(v, xp.float64)
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     if v.ndim < 2 or v.shape[-2] != n:
@@ -553,7 +553,7 @@ def _tail_head_curve(s: Array, v: Array, order: Array, xp: Any, chunk: int) -> A
     lead = math.prod(int(a) for a in s.shape[:-2])
     lq = int(s.shape[-2])
     step = max(1, chunk // max(1, lead * n * max(n, dv)))
-    jj = xp.arange(n, device=_device(s))
+    jj = xp.arange(n, device=device_of(s))
     later = jj[None, :] > jj[:, None]  # (k0, j): j after position k0 (0-based k0 = k - 1)
     parts = []
     for q0 in range(0, lq, step):

@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, is_numpy
+from ._array import as_float_array, device_of, is_numpy, namespace
 from ._validate import check_eps, check_logits, first_bad_position
 
 __all__ = ["TopkCertificate", "certify_topk", "certify_topp"]
@@ -123,26 +123,14 @@ class TopkCertificate:
         Shape: batch shape + ``(max(k),)``; row ``r`` holds ``k[r]`` valid indices.
         """
         x = self._logits
-        xp = _ns(x)
+        xp, _ = namespace(x)
         if self.axis not in (-1, x.ndim - 1):
             x = xp.moveaxis(x, self.axis, -1)
         width = int(xp.max(self.k)) if self.k.size else 0
         order = xp.argsort(x, axis=-1, descending=True, stable=True)[..., :width]
-        pos = xp.arange(width, device=_dev(x))
+        pos = xp.arange(width, device=device_of(x))
         keep = pos < xp.astype(self.k, pos.dtype)[..., None]
         return xp.where(keep, order, xp.full_like(order, -1))
-
-
-def _ns(x: Array) -> Any:
-    import array_api_compat
-
-    return array_api_compat.array_namespace(x)
-
-
-def _dev(x: Array) -> Any:
-    import array_api_compat
-
-    return array_api_compat.device(x)
 
 
 def certify_topp(
@@ -293,10 +281,10 @@ def _certify_rows(
         chunk = flat[start:stop, ...]
         m = xp.max(chunk, axis=-1)
         if bool(xp.min(chunk) > -xp.inf):
-            n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=_dev(flat))
+            n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
         else:
             n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
-        zeros = xp.zeros(stop - start, dtype=xp.float64, device=_dev(flat))
+        zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
         if eps == 0.0 or not bool(xp.all(m < xp.inf)):
             # eps = 0: every valid key has positive exact mass, so keep them all.  NaN or
             # +inf in the chunk (m is NaN or inf): skip the work, the caller raises.
@@ -319,8 +307,8 @@ def _certify_rows(
             if progress is not None:
                 progress(min(rows, start + step), rows)
     if not parts:  # no rows at all
-        empty = xp.zeros(0, dtype=xp.float64, device=_dev(flat))
-        ints = xp.zeros(0, dtype=xp.int64, device=_dev(flat))
+        empty = xp.zeros(0, dtype=xp.float64, device=device_of(flat))
+        ints = xp.zeros(0, dtype=xp.int64, device=device_of(flat))
         return ints, empty, ints, empty
     k, tail, n_valid, row_max = (
         xp.concat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(4)
