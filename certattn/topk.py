@@ -376,7 +376,7 @@ def _exp64(a: np.ndarray) -> np.ndarray:
 
 
 _SAMPLE = 256  # keys sampled per row to place the bracket (NumPy fast path)
-_HALF_WIDTH = 8  # half-width of the bracket, in sample ranks
+_HALF_WIDTHS = (4, 16)  # bracket half-widths tried in turn, in sample ranks
 
 
 def _cut_bracket(
@@ -389,7 +389,8 @@ def _cut_bracket(
     logit values.  Keys below ``lo`` are summed exactly (in float64, one pass), keys in
     the bracket are sorted, and the tail grows from the small end as in the generic
     kernel.  The answer is exact whenever the crossing falls inside the bracket, which
-    is checked; the rare rows where it does not are sorted.
+    is checked: rows where it does not get a wider bracket (``_HALF_WIDTHS``), and the
+    rare rows that still miss are sorted.
     """
     r, n = x.shape
     stride = n // _SAMPLE
@@ -397,7 +398,6 @@ def _cut_bracket(
         import array_api_compat.numpy as xnp
 
         return _cut_sorted(e, budget, xnp)
-    rows = np.arange(r)
     samp = np.sort(x[:, ::stride], axis=1)  # exact order, no rounding, x's own dtype
     m = samp.shape[1]
     # Estimated tail sum below each sample rank, in the units of ``e`` (= exp(s - c)),
@@ -405,13 +405,37 @@ def _cut_bracket(
     est = _exp64(samp) if not c.any() else np.exp(samp.astype(np.float64) - c)
     np.cumsum(est, axis=1, out=est)
     j = (est <= (budget * (m / n))[:, None]).sum(axis=1)  # estimated crossing rank
-    ends = np.take_along_axis(samp, np.clip(np.stack([j - _HALF_WIDTH, j + _HALF_WIDTH], 1),
-                                            0, m - 1), axis=1)
+    t = np.empty(r, dtype=np.int64)
+    t_hat = np.empty(r)
+    todo = np.arange(r)
+    for half in _HALF_WIDTHS:
+        sel = todo if todo.size < r else slice(None)
+        tt, th, miss = _bracket_pass(x[sel], e[sel], samp[sel], j[sel], half, budget[sel])
+        t[todo], t_hat[todo] = tt, th
+        todo = todo[miss]
+        if todo.size == 0:
+            return t, t_hat
+    # Still outside every bracket: sort those rows (same arithmetic as _cut_sorted).
+    cs = np.cumsum(np.sort(e[todo], axis=1), axis=1)
+    t_m = (cs <= budget[todo][:, None]).sum(axis=1)
+    t[todo] = t_m
+    t_hat[todo] = np.where(t_m > 0, cs[np.arange(t_m.size), np.maximum(t_m - 1, 0)], 0.0)
+    return t, t_hat
+
+
+def _bracket_pass(
+    x: np.ndarray, e: np.ndarray, samp: np.ndarray, j: np.ndarray, half: int,
+    budget: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One bracket of ``half`` sample ranks around ``j``: ``(t, t_hat, miss)`` per row."""
+    r, n = x.shape
+    m = samp.shape[1]
+    ends = np.take_along_axis(samp, np.clip(np.stack([j - half, j + half], 1), 0, m - 1), 1)
     # Thresholds stay in the logits' dtype, so the comparisons below never cast x.
-    lo = np.where(j - _HALF_WIDTH >= 0, ends[:, 0], -np.inf).astype(x.dtype, copy=False)
-    hi = np.where(j + _HALF_WIDTH < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
+    lo = np.where(j - half >= 0, ends[:, 0], -np.inf).astype(x.dtype, copy=False)
+    hi = np.where(j + half < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
     below = x < lo[:, None]
-    s_lo = np.einsum("ij,ij->i", e, below)  # exact-order-free float64 sum, one pass
+    s_lo = np.einsum("ij,ij->i", e, below)  # float64 sum of the keys below, one pass
     n_lo = below.view(np.uint8).sum(axis=1, dtype=np.int64)
     mid = x < hi[:, None]
     mid &= ~below
@@ -427,16 +451,9 @@ def _cut_bracket(
     pad[:, 1:].sort(axis=1)
     cs = np.cumsum(pad, axis=1)
     extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
-    t = n_lo + extra
-    t_hat = cs[rows, extra]
     # Exact iff the prefix below the bracket fits and some bracket key does not.
     miss = (s_lo > budget) | (extra >= widths)
-    if miss.any():  # rare: sort those rows (plain NumPy, same arithmetic as _cut_sorted)
-        cs_m = np.cumsum(np.sort(e[miss], axis=1), axis=1)
-        t_m = (cs_m <= budget[miss][:, None]).sum(axis=1)
-        t[miss] = t_m
-        t_hat[miss] = np.where(t_m > 0, cs_m[np.arange(t_m.size), np.maximum(t_m - 1, 0)], 0.0)
-    return t, t_hat
+    return n_lo + extra, cs[np.arange(r), extra], miss
 
 
 def _cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:

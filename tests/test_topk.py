@@ -295,12 +295,12 @@ def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
         _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
 
 
-@pytest.mark.parametrize("half_width", [0, 1])
-def test_bracket_misses_fall_back_soundly(monkeypatch, half_width):
+@pytest.mark.parametrize("half_widths", [(0,), (1,), (0, 1), (1, 2, 3)])
+def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
     """A bracket too narrow to hold the crossing must be detected and redone."""
     import certattn.topk as topk
 
-    monkeypatch.setattr(topk, "_HALF_WIDTH", half_width)
+    monkeypatch.setattr(topk, "_HALF_WIDTHS", half_widths)
     x = _long_rows(3)
     for eps in (1e-3, 0.05):
         cert = certattn.certify_topk(x, eps)
