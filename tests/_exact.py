@@ -1,7 +1,7 @@
 """Exact-arithmetic references (mpmath at 60 digits) for small rows.
 
 Floats are converted to mpmath exactly (every binary float is a rational), so these
-references are the real-number softmax of the given logits, up to 1e-55 relative.
+references are the real-number softmax of the given logits, up to 1e-75 relative.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import mpmath
 import numpy as np
 
-mpmath.mp.dps = 60
+_DPS = 80  # working precision of every reference below (local: never global)
 
 
+@mpmath.workdps(_DPS)
 def exact_weights(row: Sequence[float]) -> list[mpmath.mpf]:
     """Unnormalised exact weights exp(s_i - max) (0 for masked keys), in row order."""
     vals = [float(v) for v in np.asarray(row, dtype=np.float64)]
@@ -22,6 +23,7 @@ def exact_weights(row: Sequence[float]) -> list[mpmath.mpf]:
     return [mpmath.mpf(0) if v == -np.inf else mpmath.exp(mpmath.mpf(v) - m) for v in vals]
 
 
+@mpmath.workdps(_DPS)
 def exact_tails(row: Sequence[float]) -> list[mpmath.mpf]:
     """``tails[k]`` = exact tail mass of the top-k set, for k = 0..n."""
     w = sorted(exact_weights(row), reverse=True)
@@ -37,6 +39,7 @@ def exact_tails(row: Sequence[float]) -> list[mpmath.mpf]:
     return tails
 
 
+@mpmath.workdps(_DPS)
 def exact_min_k(row: Sequence[float], eps: float) -> int:
     """The exact minimal k with tail(k) <= eps."""
     tails = exact_tails(row)
@@ -44,6 +47,7 @@ def exact_min_k(row: Sequence[float], eps: float) -> int:
     return next(k for k, t in enumerate(tails) if t <= e)
 
 
+@mpmath.workdps(_DPS)
 def exact_tail_of_set(row: Sequence[float], kept: Sequence[bool]) -> mpmath.mpf:
     """Exact discarded mass of an arbitrary kept set."""
     w = exact_weights(row)

@@ -22,9 +22,9 @@ from certattn.cells import (
     kmeans_cells,
 )
 
-mpmath.mp.dps = 50
 
 
+@mpmath.workdps(60)
 def _exact_scores(q: np.ndarray, keys: np.ndarray, scale: float) -> list[list[mpmath.mpf]]:
     """Exact ``scale * q.k`` (every float is a rational number)."""
     sc = mpmath.mpf(scale)

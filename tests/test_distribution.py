@@ -26,6 +26,7 @@ def rows_and_sets(draw):
     return row, kept
 
 
+@mpmath.workdps(80)
 def _exact_divergences(row, kept):
     """TV, KL(P_hat||P), chi2, Hellinger^2 straight from their definitions, in mpmath."""
     w = exact_weights(row)

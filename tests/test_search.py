@@ -19,10 +19,10 @@ from certattn import certify_topk
 from certattn._array import to_numpy
 from certattn.search import certified_search
 
-mpmath.mp.dps = 50
 METHODS = ("mc", "gap", "ours", "tree")
 
 
+@mpmath.workdps(60)
 def _exact_tail(
     q: np.ndarray,
     keys: np.ndarray,
