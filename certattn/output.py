@@ -355,7 +355,7 @@ def _pair_dist(v: Array, xp: Any, chunk: int) -> Array:
     step = max(1, chunk // max(1, lead * n * dv))
     parts = []
     for i in range(0, n, step):
-        diff = v[..., i : i + step, None, :] - v[..., None, :, :]
+        diff = v[..., i : min(n, i + step), None, :] - v[..., None, :, :]
         parts.append(xp.linalg.vector_norm(diff, axis=-1))
     return xp.concat(parts, axis=-2) if len(parts) > 1 else parts[0]
 

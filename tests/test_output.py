@@ -241,6 +241,10 @@ def test_batched_heads_and_backends(backend):
     for i in range(5):
         one = output_bounds(x[1, 2, i], v[1, 2], kept[1, 2, i])
         assert float(one.best) == pytest.approx(float(ref.best[1, 2, i]), rel=1e-12)
+    # The default chunk is larger than the key axis: slices must stay in range
+    # (array-api-strict rejects out-of-range slices that NumPy silently clips).
+    full = output_bounds(xb, vb, kb)
+    np.testing.assert_allclose(to_numpy(full.best), ref.best, rtol=1e-12)
     kb_out = smallest_k_for_output(xb, vb, 0.1, chunk_elems=64)
     np.testing.assert_array_equal(to_numpy(kb_out), smallest_k_for_output(x, v, 0.1))
 
