@@ -140,6 +140,30 @@ def _print_table(description: str, cert: Any, eps: float, labels: np.ndarray | N
     print(_summary_row("all", k[keep], nv[keep], tail[keep]))
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .theorems import THEOREMS
+    from .verify import format_table, run_verify, to_json
+
+    known = {t.id for t in THEOREMS}
+    unknown = [i for i in args.only or () if i not in known]
+    if unknown:
+        raise CLIError(f"unknown theorem id {', '.join(unknown)} (see docs/theorems.md)")
+    if args.rows is not None and args.rows < 1:
+        raise CLIError(f"--rows must be at least 1, got {args.rows}")
+    if args.backend == "cupy":
+        try:
+            import cupy  # noqa: F401
+        except Exception as exc:  # ImportError, or a CUDA error at import time
+            raise CLIError(f"--backend cupy needs CuPy and a CUDA GPU ({exc})") from None
+    results = run_verify(args.rows, backend=args.backend, seed=args.seed, ids=args.only)
+    if args.json:
+        json.dump(to_json(results), sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(format_table(results))
+    return 0 if all(r.passed for r in results) else 1
+
+
 def _cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if args.what == "gaussian":
@@ -252,6 +276,22 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tokens", type=int, default=1024, help="SmolLM2 context (default 1024)")
     r.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     r.set_defaults(func=_cmd_reproduce)
+
+    v = sub.add_parser(
+        "verify",
+        help="check every registered theorem numerically on large random batches",
+        description="For every theorem of the registry (docs/theorems.md), draw large batches "
+        "of instances (ties, masks, extreme ranges, float16 included) and report the largest "
+        "violation against its tolerance. Exit status 1 if any check fails.",
+    )
+    v.add_argument("--rows", type=int, help="rows per row-based check (default: about a minute "
+                   "in all; other checks scale proportionally)")
+    v.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
+                   help="array library to run on (cupy: on the GPU)")
+    v.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    v.add_argument("--json", action="store_true", help="print a JSON list of results")
+    v.add_argument("--only", nargs="+", metavar="ID", help="check only these theorem ids")
+    v.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")

@@ -135,3 +135,32 @@ def test_console_script_runs_as_a_process(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_verify_command_json_and_failure(capsys, monkeypatch):
+    code, out, err = run(capsys, "verify", "--rows", "200", "--only", "TV-TAIL", "GAP-SINGLE",
+                         "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert [d["id"] for d in doc] == ["TV-TAIL", "GAP-SINGLE"]
+    assert all(set(d) == {"id", "rows", "max_violation", "tolerance", "passed", "seconds"}
+               for d in doc)
+    import certattn.bounds
+
+    real = certattn.bounds.gap_bound
+    monkeypatch.setattr(certattn.bounds, "gap_bound", lambda *a, **k: real(*a, **k) / 2)
+    code, out, _ = run(capsys, "verify", "--rows", "200", "--only", "GAP-SINGLE")
+    assert code == 1 and "FAIL" in out.upper()
+    code, _, err = run(capsys, "verify", "--only", "NO-SUCH-ID")
+    assert code == 2 and "NO-SUCH-ID" in err
+
+
+def test_budget_command(capsys, tmp_path):
+    out_file = tmp_path / "b.json"
+    code, out, err = run(capsys, "budget", "--eps", "0.05", "--json", "--out", str(out_file))
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc == json.loads(out_file.read_text())
+    assert doc["eps"] == 0.05
+    code, _, err = run(capsys, "budget", "--coverage", "abc")
+    assert code == 2 and "--coverage" in err
