@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ _TINY = 2.0**-1073  # bound on the absolute error of one underflowing exp
 _SMALLEST = 2.0**-1074  # smallest positive float64
 _GAMMA_TERM = 2100 * _U
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
-_FAST_ROWS = 64  # rows per chunk of the NumPy fast path
+_FAST_KEYS = 1 << 20  # keys per chunk of the NumPy fast path
 
 
 @dataclass(frozen=True)
@@ -274,7 +275,11 @@ def _certify_rows(
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     alpha = n * _TINY
     fast = is_numpy(xp)
-    step = _FAST_ROWS if fast else max(1, _CHUNK_BYTES // (8 * max(n, 1)))
+    workers = _threads() if fast else 1
+    if fast:  # about 2^20 keys a chunk (8 MiB of float64), and work for every thread
+        step = max(1, min(_FAST_KEYS // max(n, 1), -(-rows // workers)))
+    else:
+        step = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
 
     def one_chunk(start: int) -> tuple[Array, Array, Array, Array]:
         stop = min(rows, start + step)
@@ -300,7 +305,7 @@ def _certify_rows(
     starts = range(0, rows, step)
     parts: list[tuple[Array, Array, Array, Array]] = []
     # NumPy releases the GIL in every heavy call of a chunk: spread chunks over the cores.
-    workers = _threads() if fast and len(starts) > 1 else 1
+    workers = min(workers, len(starts))
     with ThreadPoolExecutor(workers) if workers > 1 else _Serial() as pool:
         for start, part in zip(starts, pool.map(one_chunk, starts), strict=True):
             parts.append(part)
@@ -361,22 +366,39 @@ def _exp_terms(x: Array, m: Array, eps: float, xp: Any) -> tuple[Array, Array]:
     lo, hi = -650.0 - math.log(eps), 700.0 - math.log(max(n, 1))
     m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
     if bool(xp.all(xp.logical_and(m >= lo, m <= hi))):
-        e = _exp64(x) if is_numpy(xp) else xp.exp(xp.astype(x, xp.float64))
+        e = _exp64(x, out=_workspace(x.shape)) if is_numpy(xp) else xp.exp(xp.astype(x, xp.float64))
         return e, xp.zeros_like(m)
     shift = max(0.0, -math.log(eps) - 600.0)
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
     return xp.exp((xp.astype(x, xp.float64) - m) + shift), m - shift
 
 
-def _exp64(a: np.ndarray) -> np.ndarray:
+def _exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``exp`` of a NumPy float array computed and returned in float64 (one pass)."""
     if a.dtype in (np.float16, np.float32, np.float64):
-        return np.exp(a, dtype=np.float64)
-    return np.exp(a.astype(np.float64))  # e.g. ml_dtypes' bfloat16
+        return np.exp(a, dtype=np.float64, out=out)
+    return np.exp(a.astype(np.float64), out=out)  # e.g. ml_dtypes' bfloat16
+
+
+_local = threading.local()
+
+
+def _workspace(shape: tuple[int, ...]) -> np.ndarray:
+    """A float64 scratch array of ``shape``, reused by the calling thread.
+
+    The terms of a chunk are recomputed for every chunk; reusing one buffer per thread
+    saves the page faults of a fresh multi-MiB allocation each time (about 20% of the
+    ``exp`` pass).  Nothing returned from a chunk may point into it.
+    """
+    size = math.prod(shape)
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.size < size:
+        buf = _local.buf = np.empty(size)
+    return buf[:size].reshape(shape)
 
 
 _SAMPLE = 256  # keys sampled per row to place the bracket (NumPy fast path)
-_HALF_WIDTHS = (4, 16)  # bracket half-widths tried in turn, in sample ranks
+_HALF_WIDTHS = (5, 16)  # bracket half-widths tried in turn, in sample ranks
 
 
 def _cut_bracket(
