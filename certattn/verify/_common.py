@@ -1,0 +1,219 @@
+"""Shared machinery of the batch checks of :mod:`certattn.verify`.
+
+The result type :class:`VerifyResult`, the running worst violation :class:`_Worst`, the
+relative-error and slack measures, the chunking helpers (at most about
+:data:`CHUNK_ELEMS` float64 numbers per step), the per-check context (array namespace,
+device, seeded generator, progress, dtypes), the seeded adversarial logit rows
+(:func:`_draw`, :func:`_cases`: ties, ``-inf`` masks, wide ranges, values next to the
+dtype's maximum, dominant keys, near-uniform rows) and the float64 references computed
+from the definitions (softmax terms, tails summed from the small end, Top-k masks) that
+several areas share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._array import from_numpy, to_numpy
+
+Array = Any
+CHUNK_ELEMS = 1 << 20
+_U = 2.0**-53
+_TINY = 1e-250  # floor of relative errors: values below it are "zero" for every purpose
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """One line of the verify table."""
+
+    id: str
+    rows: int
+    max_violation: float
+    tolerance: float
+    passed: bool
+    seconds: float
+
+
+class _Worst:
+    """Running maximum of violations (NaN counts as infinitely bad)."""
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def add(self, v: Any) -> None:
+        a = np.asarray(to_numpy(v) if not isinstance(v, float | int) else v, dtype=np.float64)
+        if a.size:
+            a = np.where(np.isnan(a), np.inf, a)
+            self.value = max(self.value, float(np.max(a)))
+
+    def flag(self, bad: Any) -> None:
+        """A logical failure anywhere in ``bad`` counts as a violation of 1."""
+        if bool(np.any(np.asarray(to_numpy(bad) if not isinstance(bad, bool) else bad))):
+            self.value = max(self.value, 1.0)
+
+
+def _rel(xp: Any, lib: Array, ref: Array, floor: float = _TINY) -> Array:
+    return xp.abs(xp.astype(lib, xp.float64) - ref) / (xp.abs(ref) + floor)
+
+
+def _slack(xp: Any, true: Array, bound: Array, scale: Any = None) -> Array:
+    """``max(0, true - bound) / scale`` (``scale`` defaults to ``true``; 0 where both vanish)."""
+    s = true if scale is None else scale
+    over = xp.maximum(true - xp.astype(bound, xp.float64), xp.zeros_like(true))
+    return xp.where(over > 0, over / xp.maximum(s, xp.full_like(true, 1e-300)), xp.zeros_like(true))
+
+
+def _split(rows: int, parts: int) -> list[int]:
+    return [rows // parts + (i < rows % parts) for i in range(parts)]
+
+
+def _steps(rows: int, per_row: int) -> Iterator[int]:
+    step = max(1, CHUNK_ELEMS // max(1, per_row))
+    done = 0
+    while done < rows:
+        r = min(step, rows - done)
+        yield r
+        done += r
+
+
+@dataclass
+class _Ctx:
+    xp: Any
+    device: Any
+    rng: np.random.Generator
+    progress: Progress | None
+    dtypes: tuple[Any, ...]
+
+    def put(self, a: Any) -> Array:
+        return from_numpy(np.ascontiguousarray(a), xp=self.xp, device=self.device)
+
+    def tick(self, r: int) -> None:
+        if self.progress is not None:
+            self.progress(r)
+
+
+def _ctx(xp: Any, device: Any, rng: np.random.Generator, progress: Progress | None) -> _Ctx:
+    import array_api_compat as compat
+
+    if compat.is_array_api_strict_namespace(xp):
+        dtypes: tuple[Any, ...] = (np.float64, np.float32)
+    else:
+        dtypes = (np.float64, np.float32, np.float16)
+    return _Ctx(xp, device, rng, progress, dtypes)
+
+
+KINDS = ("normal", "ties", "masked", "wide", "near_max", "dominant", "uniform")
+
+
+def _draw(rng: np.random.Generator, kind: str, r: int, n: int, dtype: Any) -> np.ndarray:
+    """``r`` rows of ``n`` logits of one adversarial ``kind``, exactly representable in dtype."""
+    top = float(np.finfo(dtype).max)
+    z = rng.standard_normal((r, n))
+    if kind == "normal":
+        x = z * rng.uniform(0.1, 5.0, (r, 1)) + rng.uniform(-50, 50, (r, 1))
+    elif kind == "ties":  # a coarse grid: many exact ties, also at the cut
+        x = np.round(z * rng.uniform(0.5, 3.0, (r, 1))) / 2
+    elif kind == "masked":
+        x = z * rng.uniform(0.5, 4.0, (r, 1))
+        drop = rng.random((r, n)) < rng.uniform(0.0, 0.95, (r, 1))
+        drop[np.arange(r), rng.integers(0, n, r)] = False  # at least one valid key
+        x[drop] = -np.inf
+    elif kind == "wide":  # spreads up to 1e4 around offsets up to +-1e4 (f16: smaller)
+        big = 1e4 if dtype != np.float16 else 3e3
+        x = z * 10 ** rng.uniform(0, math.log10(big), (r, 1)) + rng.uniform(-big, big, (r, 1))
+    elif kind == "near_max":  # next to +-max of the dtype: differences are astronomically large
+        sign = np.where(rng.random((r, 1)) < 0.5, 1.0, -1.0)
+        x = sign * 0.99 * top * (1 - rng.integers(0, 4, (r, n)) * 2.0**-9)
+        x = np.where(sign > 0, x, x * (1 - 2.0**-8))
+    elif kind == "dominant":  # a few keys far above a noisy floor
+        x = z.copy()
+        hot = rng.random((r, n)) < 2.0 / n
+        x[hot] += rng.uniform(10, 40, int(hot.sum()))
+    elif kind == "uniform":  # near-uniform rows (long rows are the float32 cumsum pitfall)
+        x = 1e-3 * z
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    x = np.clip(x, -top, top)
+    return x.astype(dtype)
+
+
+def _cases(
+    ctx: _Ctx,
+    rows: int,
+    ns: tuple[int, ...],
+    kinds: tuple[str, ...] = KINDS,
+    *,
+    width: int = 1,
+) -> Iterator[tuple[Array, Array, int, str]]:
+    """Sub-batches ``(x_lib, x64, n, kind)`` covering ``rows`` rows over every (kind, dtype, n).
+
+    ``x_lib`` is in the drawn dtype on the backend; ``x64`` is its exact float64 value.
+    ``width`` = float64 numbers per logit kept alive by the check (sizes the chunks).
+    """
+    combos = [(k, d, n) for n in ns for d in ctx.dtypes for k in kinds]
+    for (kind, dtype, n), share in zip(combos, _split(rows, len(combos)), strict=True):
+        for r in _steps(share, n * width):
+            x = _draw(ctx.rng, kind, r, n, dtype)
+            yield ctx.put(x), ctx.put(x.astype(np.float64)), n, kind
+            ctx.tick(r)
+
+
+def _terms(xp: Any, x64: Array) -> tuple[Array, Array]:
+    """``(e, Z)``: ``e_i = exp(s_i - max s)`` (0 for masked keys) and ``Z = sum e``."""
+    m = xp.max(x64, axis=-1, keepdims=True)
+    e = xp.exp(x64 - m)
+    return e, xp.sum(e, axis=-1)
+
+
+def _sorted_tails(xp: Any, e: Array) -> tuple[Array, Array]:
+    """Cumulative sums of the ascending terms (small end first) and descending (head)."""
+    es = xp.sort(e, axis=-1)
+    return xp.cumulative_sum(es, axis=-1), xp.cumulative_sum(xp.flip(es, axis=-1), axis=-1)
+
+
+def _at(xp: Any, a: Array, idx: Array) -> Array:
+    """``a[row, idx[row]]`` with ``idx`` clipped into range."""
+    n = a.shape[-1]
+    i = xp.clip(idx, 0, n - 1)
+    return xp.take_along_axis(a, xp.reshape(xp.astype(i, xp.int64), (-1, 1)), axis=-1)[:, 0]
+
+
+def _topk_tail(xp: Any, cs_up: Array, k: Array) -> Array:
+    """Exact-to-rounding ``T_k`` (sum of the ``n - k`` smallest terms) from the small end."""
+    n = cs_up.shape[-1]
+    t = _at(xp, cs_up, n - k - 1)
+    return xp.where(k < n, t, xp.zeros_like(t))
+
+
+def _rank_mask(xp: Any, x64: Array, k: Array) -> Array:
+    """A Top-k mask (ties by position) from the reference's own sort."""
+    order = xp.argsort(-x64, axis=-1, stable=True)
+    rank = xp.argsort(order, axis=-1, stable=True)
+    return (rank < xp.reshape(k, (-1, 1))) & (x64 > -xp.inf)
+
+
+def _rand_k(ctx: _Ctx, r: int, lo: int, hi: int) -> Array:
+    return ctx.put(ctx.rng.integers(lo, hi + 1, r).astype(np.int64))
+
+
+def _rand_kept(ctx: _Ctx, x64: Array, r: int, n: int) -> Array:
+    """An arbitrary kept set (random keys) that contains one valid key (the row maximum)."""
+    xp = ctx.xp
+    kept = ctx.put(ctx.rng.random((r, n)) < ctx.rng.uniform(0.05, 0.95, (r, 1)))
+    top = x64 == xp.max(x64, axis=-1, keepdims=True)
+    return kept | top
+
+
+_EPS = (0.3, 0.1, 1e-2, 1e-4, 1e-8, 1e-20)
+"""Budgets the distribution, bound and search checks certify at."""
+
+
+def _longdouble_ok() -> bool:
+    return np.finfo(np.longdouble).nmant >= 63

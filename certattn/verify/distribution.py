@@ -1,0 +1,174 @@
+"""Batch checks of the distribution-level theorems: TV-TAIL, TV-KL, DIV-COROLLARIES,
+BUDGET-EQUIV and TOPK-MINIMAL.
+
+Each check runs the library's :mod:`certattn.distribution` / :mod:`certattn.topk`
+functions on adversarial logit rows and compares the total variation, KL, chi-square,
+Hellinger and Renyi divergences of the Top-k truncation, the budget conversions and the
+minimality of the certified ``k`` with float64 references built from the definitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._common import (
+    _EPS,
+    _at,
+    _cases,
+    _ctx,
+    _rand_k,
+    _rand_kept,
+    _rank_mask,
+    _rel,
+    _slack,
+    _sorted_tails,
+    _terms,
+    _topk_tail,
+    _Worst,
+)
+
+_NS = (7, 64, 1000)
+
+
+def check_tv_tail(rows, *, xp, device, rng, progress):
+    """TV-TAIL on arbitrary kept sets: ``tail_mass(x, kept)`` against (a) the tail summed
+    directly, ``sum_T e_i / sum e_i`` (relative, floor 1e-250) and (b) the definition
+    ``1/2 sum |p - p_hat|`` (absolute budget 1e-12 through a floor of 1e-2).  Tolerance
+    1e-10: both sides err by at most ``u (|d|max + n + 8)`` with ``|d| <= 745`` for terms
+    that do not underflow and ``n <= 1000``, i.e. below 3e-13."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..distribution import tail_mass
+
+    for x, x64, n, _ in _cases(ctx, rows, _NS, width=6):
+        kept = _rand_kept(ctx, x64, x.shape[0], n)
+        lib = tail_mass(x, kept)
+        e, z = _terms(xp, x64)
+        t = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1)
+        h = xp.sum(xp.where(kept, e, xp.zeros_like(e)), axis=-1)
+        p = e / z[:, None]
+        ph = xp.where(kept, e / h[:, None], xp.zeros_like(e))
+        w.add(_rel(xp, lib, t / z))
+        w.add(_rel(xp, lib, 0.5 * xp.sum(xp.abs(p - ph), axis=-1), 1e-2))
+    return w.value, 1e-10
+
+
+def _divergence_refs(xp, x64, k):
+    """Reference tau, KL, chi2, Hellinger^2 of the Top-k truncation, from the definitions."""
+    e, z = _terms(xp, x64)
+    cs_up, cs_down = _sorted_tails(xp, e)
+    t = _topk_tail(xp, cs_up, k)
+    h = _at(xp, cs_down, k - 1)
+    tau = t / z
+    with np.errstate(divide="ignore"):
+        kl = xp.where(tau < 0.5, -xp.log1p(-tau), xp.log(z) - xp.log(h))
+    # chi2 and Hellinger from their definitions, with p_hat_i - p_i = e_i (1/H - 1/Z) formed
+    # as e_i T / (H Z) (exact algebra, Z = H + T): no cancellation, no normalisation mismatch
+    head = _rank_mask(xp, x64, k)
+    zero = xp.zeros_like(e)
+    hh = xp.sum(xp.where(head, e, zero), axis=-1)
+    tt = xp.sum(xp.where(head, zero, e), axis=-1)
+    zz = hh + tt
+    p = e / zz[:, None]
+    ph = e / hh[:, None]
+    diff = e * (tt / (hh * zz))[:, None]
+    pos = p > 0
+    safe = xp.where(pos, p, xp.ones_like(p))
+    chi_h = xp.where(pos, diff * diff / safe, zero)
+    hel_h = xp.where(pos, diff * diff / (xp.sqrt(ph) + xp.sqrt(safe)) ** 2, zero)
+    chi2 = xp.sum(xp.where(head, chi_h, p), axis=-1)  # tail keys contribute p_i exactly
+    hell = 0.5 * xp.sum(xp.where(head, hel_h, p), axis=-1)
+    return tau, kl, chi2, hell, t
+
+
+def check_tv_kl(rows, *, xp, device, rng, progress):
+    """TV-KL: ``truncation_divergences(x, k=k).kl`` against ``-log1p(-tau)`` (tail summed from
+    the small end; ``log Z - log H`` where ``tau >= 1/2``), ``tv_from_kl(kl)`` against tau,
+    and ``kl_reverse = inf`` exactly where the tail is non-empty (1 if not).  Relative,
+    tolerance 1e-10 (rounding of both sides below 3e-13, see TV-TAIL)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..distribution import truncation_divergences, tv_from_kl
+
+    for x, x64, n, _ in _cases(ctx, rows, _NS, width=8):
+        k = _rand_k(ctx, x.shape[0], 1, n)
+        d = truncation_divergences(x, k=k)
+        tau, kl, _, _, t = _divergence_refs(xp, x64, k)
+        w.add(_rel(xp, d.kl, kl))
+        w.add(_rel(xp, tv_from_kl(d.kl), tau))
+        w.flag((t > 1e-300) & ~(d.kl_reverse == xp.inf))
+        nv = xp.sum(xp.astype(x64 > -xp.inf, xp.int64), axis=-1)
+        w.flag((k >= nv) & (d.kl_reverse != 0))
+    return w.value, 1e-10
+
+
+def check_div_corollaries(rows, *, xp, device, rng, progress):
+    """DIV-COROLLARIES: ``chi2``, ``hellinger2`` and Renyi orders 2 and 1/2 of
+    ``truncation_divergences`` against the definitions ``sum (p_hat - p)^2 / p``,
+    ``1/2 sum (sqrt p - sqrt p_hat)^2``, ``log(sum p_hat^2/p) = log1p(chi2)`` and
+    ``-2 log sum sqrt(p p_hat) = -2 log1p(-H^2)`` (all sums of non-negative terms: no
+    cancellation: ``p_hat_i - p_i = e_i T/(H Z)`` on the head, ``p_i`` on the tail).
+    Relative, tolerance 1e-10."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..distribution import truncation_divergences
+
+    for x, x64, n, _ in _cases(ctx, rows, _NS, width=10):
+        k = _rand_k(ctx, x.shape[0], 1, n)
+        d = truncation_divergences(x, k=k)
+        _, _, chi2, hell, _ = _divergence_refs(xp, x64, k)
+        for lib, ref in ((d.chi2, chi2), (d.hellinger2, hell), (d.renyi(2.0), xp.log1p(chi2)),
+                         (d.renyi(0.5), -2.0 * xp.log1p(-hell))):
+            w.add(_rel(xp, lib, ref))
+    return w.value, 1e-10
+
+
+def check_budget_equiv(rows, *, xp, device, rng, progress):
+    """BUDGET-EQUIV: (a) ``tau <= eps`` iff ``kl_from_tail(tau) <= tv_budget_to_kl(eps)`` for
+    the reference tail of random k (rows within relative 1e-12 of the boundary skipped);
+    (b) ``certify_topp(x, p).k == certify_topk(x, 1 - p).k``; (c) the budgets round-trip,
+    ``kl_budget_to_tv(tv_budget_to_kl(eps)) = eps``.  Logical failures count 1; the
+    round-trip's relative error must be at most 1e-14 (a few ulps)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..distribution import kl_budget_to_tv, kl_from_tail, tv_budget_to_kl
+    from ..topk import certify_topk, certify_topp
+
+    for i, (x, x64, n, _) in enumerate(_cases(ctx, rows, _NS, width=6)):
+        eps = _EPS[i % len(_EPS)]
+        k = _rand_k(ctx, x.shape[0], 1, n)
+        e, z = _terms(xp, x64)
+        tau = _topk_tail(xp, _sorted_tails(xp, e)[0], k) / z
+        far = xp.abs(tau - eps) > 1e-12 * eps
+        w.flag(far & ((tau <= eps) != (kl_from_tail(tau) <= tv_budget_to_kl(eps))))
+        p = 1.0 - eps
+        w.flag(certify_topp(x, p).k != certify_topk(x, 1.0 - p).k)
+        w.add(abs(kl_budget_to_tv(tv_budget_to_kl(eps)) - eps) / eps)
+    return w.value, 1e-14
+
+
+def check_topk_minimal(rows, *, xp, device, rng, progress):
+    """TOPK-MINIMAL: for ``cert = certify_topk(x, eps)`` and the float64 tail summed from the
+    small end, ``tail_ref(k) <= eps (1 + tol)``, ``tail_ref(k - 1) >= eps (1 - 1e-6 - tol)``
+    (minimality), ``tail_ref(k) <= cert.tail_mass (1 + tol)`` and ``cert.tail_mass <= eps``;
+    ``eps = 0`` keeps every valid key.  Violation: the relative excess; tolerance
+    ``tol = 1e-11`` covers the reference's rounding (``u (n + 760)`` per term, n <= 2048)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..topk import certify_topk
+
+    eps_list = (*_EPS, 1e-300, 0.0)
+    for i, (x, x64, _, _) in enumerate(_cases(ctx, rows, (5, 64, 2048), width=6)):
+        eps = eps_list[i % len(eps_list)]
+        cert = certify_topk(x, eps)
+        k = xp.astype(cert.k, xp.int64)
+        nv = xp.sum(xp.astype(x64 > -xp.inf, xp.int64), axis=-1)
+        if eps == 0.0:
+            w.flag((k != nv) | (cert.tail_mass != 0))
+            continue
+        e, z = _terms(xp, x64)
+        cs_up = _sorted_tails(xp, e)[0]
+        tk = _topk_tail(xp, cs_up, k) / z
+        tk1 = _topk_tail(xp, cs_up, k - 1) / z
+        zero = xp.zeros_like(tk)
+        w.add(xp.maximum(tk / eps - 1.0, zero))
+        w.add(xp.where(k >= 2, xp.maximum((1.0 - 1e-6) - tk1 / eps, zero), zero))
+        w.add(_slack(xp, tk, cert.tail_mass))
+        w.add(xp.maximum(cert.tail_mass / eps - 1.0, zero))
+        w.flag((k < 1) | (k > nv))
+    return w.value, 1e-11

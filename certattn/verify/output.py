@@ -1,0 +1,138 @@
+"""Batch checks of the output-level theorems: OUT-BOUNDED, OUT-HEAD-TAIL, OUT-DIAMETER,
+OUT-BEST and OUT-VAR-DECOMP.
+
+Random value matrices next to adversarial logit rows: the bounds of
+:mod:`certattn.output` on ``|Attn - Attn_k|`` must dominate the error computed directly
+from the definitions, and the head/tail and variance decompositions must match their
+float64 references.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from ._common import _U, Array, _cases, _Ctx, _ctx, _rand_kept, _rank_mask, _rel, _terms, _Worst
+
+_OUT_KINDS = ("normal", "ties", "masked", "wide", "dominant", "uniform")
+
+
+def _values(ctx: _Ctx, n: int, dv: int = 8) -> tuple[Array, Array, float]:
+    """Values (n, dv) with a random scale (1e-2 .. 1e3), on the backend, and C = max |v_j|."""
+    v = ctx.rng.standard_normal((n, dv)) * 10 ** ctx.rng.uniform(-2, 3)
+    v[ctx.rng.random(n) < 0.1] = v[0]  # repeated values
+    c = float(np.max(np.linalg.norm(v, axis=-1)))
+    return ctx.put(v), ctx.put(v), c
+
+
+def _output_refs(xp, x64, v, kept):
+    """Reference tau, Attn, Attn_k, |Attn - Attn_k|, Var_P(V) from the definitions."""
+    e, z = _terms(xp, x64)
+    h = xp.sum(xp.where(kept, e, xp.zeros_like(e)), axis=-1)
+    p = e / z[:, None]
+    ph = xp.where(kept, e / h[:, None], xp.zeros_like(e))
+    attn, attn_k = p @ v, ph @ v
+    err = xp.linalg.vector_norm(attn - attn_k, axis=-1)
+    dev = v[None, :, :] - attn[:, None, :]
+    var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
+    tau = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1) / z
+    return tau, attn, attn_k, err, var
+
+
+def _out_cases(ctx, rows, ns, width):
+    for x, x64, n, _ in _cases(ctx, rows, ns, _OUT_KINDS, width=width):
+        v, v64, c = _values(ctx, n)
+        yield x, x64, v, v64, c, _rand_kept(ctx, x64, x.shape[0], n)
+
+
+def check_out_head_tail(rows, *, xp, device, rng, progress):
+    """OUT-HEAD-TAIL: ``tau (mu_tail - mu_head)`` from ``head_tail_terms`` against the direct
+    difference ``sum p_i v_i - sum p_hat_i v_i`` (max-norm error divided by
+    ``C (tau + 1e-3)``, i.e. relative with an absolute budget of ``1e-3 C tol``) and its
+    ``tau`` against the reference (relative).  Tolerance 1e-9: the direct difference errs
+    by about ``n u C`` (n <= 512)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..output import head_tail_terms
+
+    for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
+        ht = head_tail_terms(x, v, kept)
+        tau, attn, attn_k, _, _ = _output_refs(xp, x64, v64, kept)
+        lhs = ht.tau[:, None] * (ht.mu_tail - ht.mu_head)
+        diff = xp.max(xp.abs(lhs - (attn - attn_k)), axis=-1)
+        w.add(diff / (c * (tau + 1e-3)))
+        w.add(_rel(xp, ht.tau, tau))
+    return w.value, 1e-9
+
+
+def check_out_bounded(rows, *, xp, device, rng, progress):
+    """OUT-BOUNDED: ``output_bounds(...).bounded >= |Attn - Attn_k|`` (reference from the
+    definitions).  Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` with
+    n = 512 (4e-12), the reference's absolute rounding."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..output import output_bounds
+
+    for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
+        ob = output_bounds(x, v, kept, diameters=False)
+        err = _output_refs(xp, x64, v64, kept)[3]
+        w.add(xp.maximum(err - ob.bounded, xp.zeros_like(err)) / (2 * c))
+    return w.value, 64 * 512 * _U
+
+
+def check_out_diameter(rows, *, xp, device, rng, progress):
+    """OUT-DIAMETER: the chain ``|Attn - Attn_k| <= tail_head <= diameter <= diameter_all <=
+    bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``).  Tolerance
+    ``64 n u`` with n = 128."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..output import output_bounds
+
+    for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
+        ob = output_bounds(x, v, kept, diameters=True)
+        err = _output_refs(xp, x64, v64, kept)[3]
+        chain = (err, ob.tail_head, ob.diameter, ob.diameter_all, ob.bounded)
+        for a, b in itertools.pairwise(chain):
+            w.add(xp.maximum(xp.astype(a, xp.float64) - b, xp.zeros_like(err)) / (2 * c))
+    return w.value, 64 * 128 * _U
+
+
+def check_out_best(rows, *, xp, device, rng, progress):
+    """OUT-BEST: the variance bound and ``best`` of ``output_bounds`` are ``>=
+    |Attn - Attn_k|``, ``best`` is the minimum of the five bounds (relative error), and
+    ``smallest_k_for_output(x, v, delta)`` keeps a Top-k whose exact error is ``<= delta``.
+    Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` (n = 128)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..output import output_bounds, smallest_k_for_output
+
+    for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
+        ob = output_bounds(x, v, kept, diameters=True)
+        err = _output_refs(xp, x64, v64, kept)[3]
+        zero = xp.zeros_like(err)
+        for b in (ob.variance, ob.best):
+            w.add(xp.maximum(err - b, zero) / (2 * c))
+        mins = ob.bounded
+        for b in (ob.diameter_all, ob.diameter, ob.tail_head, ob.variance):
+            mins = xp.minimum(mins, b)
+        w.add(_rel(xp, ob.best, xp.astype(mins, xp.float64)))
+        delta = float(ctx.rng.uniform(0.001, 0.5)) * c
+        k = smallest_k_for_output(x, v, delta)
+        err_k = _output_refs(xp, x64, v64, _rank_mask(xp, x64, xp.astype(k, xp.int64)))[3]
+        w.add(xp.maximum(err_k - delta, zero) / (2 * c))
+    return w.value, 64 * 128 * _U
+
+
+def check_out_var_decomp(rows, *, xp, device, rng, progress):
+    """OUT-VAR-DECOMP: ``(1-tau) within_head + tau within_tail + between`` of
+    ``variance_decomposition`` against ``Var_P(V) = sum p_i |v_i - Attn|^2`` (relative, floor
+    ``1e-6 C^2``) and its ``error`` against ``|Attn - Attn_k|`` (relative, floor
+    ``1e-3 C``).  Tolerance 1e-9 (reference rounding about ``n u`` relative, n <= 512)."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..output import variance_decomposition
+
+    for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
+        vd = variance_decomposition(x, v, kept)
+        _, _, _, err, var = _output_refs(xp, x64, v64, kept)
+        total = (1.0 - vd.tau) * vd.within_head + vd.tau * vd.within_tail + vd.between
+        w.add(_rel(xp, total, var, 1e-6 * c * c))
+        w.add(_rel(xp, vd.total, var, 1e-6 * c * c))
+        w.add(_rel(xp, vd.error, err, 1e-3 * c))
+    return w.value, 1e-9

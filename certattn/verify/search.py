@@ -1,0 +1,64 @@
+"""Batch check of certified search: SEARCH-SOUND.
+
+For every method of :func:`certattn.search.certified_search` (ours, mc, tree, gap) on
+clustered keys and random queries, the exact tail of the kept set (logits and softmax in
+extended precision) must be at most the returned ``tail_bound``, and that bound at most
+the budget ``eps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .._array import to_numpy
+from ._common import _EPS, _ctx, _longdouble_ok, _split, _steps, _Worst
+
+
+def check_search_sound(rows, *, xp, device, rng, progress):
+    """SEARCH-SOUND: for every method (ours, mc, tree, gap), clustered keys (n = 64 or 256,
+    d = 16; repeated keys, magnitudes x100, float32, random causal-style masks) and
+    ``rows`` queries, the exact tail of ``kept`` (logits ``scale q.k`` and softmax in
+    longdouble) is ``<= tail_bound`` and ``tail_bound <= eps``.  Violation: relative
+    excess; tolerance 1e-12 (the longdouble reference errs by about ``d 2^-64`` in the
+    logits, below 1e-15 relative in the tail); 1e-9 where longdouble is float64."""
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    from ..search import certified_search
+
+    methods = ("ours", "mc", "tree", "gap")
+    combos = [(m, n, mag, dt) for m in methods for n in (64, 256) for mag in (1.0, 100.0)
+              for dt in ctx.dtypes[:2]]
+    for i, ((method, n, mag, dt), share) in enumerate(
+            zip(combos, _split(rows, len(combos)), strict=True)):
+        if share == 0:
+            continue
+        d, rng_ = 16, ctx.rng
+        cents = rng_.standard_normal((8, d)) * 3
+        keys = cents[rng_.integers(0, 8, n)] + 0.5 * rng_.standard_normal((n, d))
+        keys[rng_.random(n) < 0.1] = keys[0]
+        keys = (keys * mag / 10).astype(dt)
+        vals = rng_.standard_normal((n, 4)).astype(dt)
+        eps = _EPS[i % 4]
+        for r in _steps(share, n * 8):
+            q = (cents[rng_.integers(0, 8, r)] * rng_.uniform(0, 2, (r, 1))
+                 + rng_.standard_normal((r, d))).astype(dt)
+            mask = None
+            if i % 3 == 0:
+                lim = rng_.integers(1, n + 1, r)
+                mask = np.arange(n)[None, :] < lim[:, None]
+            res = certified_search(ctx.put(q), ctx.put(keys), ctx.put(vals), eps,
+                                   mask=None if mask is None else ctx.put(mask), method=method)
+            kept, tb = to_numpy(res.kept).astype(bool), to_numpy(res.tail_bound)
+            ld = np.longdouble
+            lg = (q.astype(ld) @ keys.astype(ld).T) * ld(1.0 / math.sqrt(d))
+            vis = np.ones((r, n), bool) if mask is None else mask
+            lg = np.where(vis, lg, -np.inf)
+            e = np.exp(lg - lg.max(axis=1, keepdims=True))
+            tau = np.where(kept, 0, e).sum(axis=1) / e.sum(axis=1)
+            tau = tau.astype(np.float64)
+            w.add(np.where(tau > tb, (tau - tb) / np.maximum(tau, 1e-300), 0.0))
+            w.add(np.maximum(tb / eps - 1.0, 0.0))
+            w.flag(kept & ~vis)
+            ctx.tick(r)
+    return w.value, (1e-12 if _longdouble_ok() else 1e-9)
