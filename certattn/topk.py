@@ -397,8 +397,8 @@ def _workspace(shape: tuple[int, ...]) -> np.ndarray:
     return buf[:size].reshape(shape)
 
 
-_SAMPLE = 256  # keys sampled per row to place the bracket (NumPy fast path)
-_HALF_WIDTHS = (5, 16)  # bracket half-widths tried in turn, in sample ranks
+_SAMPLE = 512  # keys sampled per row to place the bracket (NumPy fast path)
+_HALF_WIDTHS = (8, 24)  # bracket half-widths tried in turn, in sample ranks
 
 
 def _cut_bracket(
