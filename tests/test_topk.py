@@ -271,8 +271,10 @@ def test_exact_min_k_reference_itself():
 
 def _long_rows(seed: int) -> np.ndarray:
     """Rows long enough for the NumPy bracket kernel, of every shape that can fool it."""
+    import certattn.topk as topk
+
     rng = np.random.default_rng(seed)
-    n = 1024
+    n = 4 * topk._SAMPLE  # long enough for the sampled bracket (stride 4)
     rows = [
         rng.normal(0, 1, n),
         rng.normal(0, 3, n),
@@ -306,3 +308,14 @@ def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
         cert = certattn.certify_topk(x, eps)
         for i in range(x.shape[0]):
             _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+
+
+def test_long_rows_take_the_bracket_path(monkeypatch):
+    """Guard: the long-row tests above must exercise the bracket, not the sort fallback."""
+    import certattn.topk as topk
+
+    calls = []
+    real = topk._bracket_pass
+    monkeypatch.setattr(topk, "_bracket_pass", lambda *a: calls.append(1) or real(*a))
+    certattn.certify_topk(_long_rows(0), 0.01)
+    assert calls
