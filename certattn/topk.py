@@ -460,7 +460,7 @@ def _bracket_pass(
     s_lo = np.einsum("ij,ij->i", e, below)  # float64 sum of the keys below, one pass
     n_lo = below.view(np.uint8).sum(axis=1, dtype=np.int64)
     mid = x < hi[:, None]
-    mid &= ~below
+    np.not_equal(mid, below, out=mid)  # x in [lo, hi): below is a subset of x < hi
     flat = np.flatnonzero(mid)  # few hits: cheaper than boolean indexing or nonzero
     vals = e.ravel()[flat]
     ri = flat // n
