@@ -12,10 +12,14 @@ smallest with :math:`\mathrm{KL}(\hat P \Vert P) \le -\log(1-\varepsilon)`.
 Soundness (THEORY section 7)
 ----------------------------
 The certificate is a claim about the *exact* real-number softmax of the given logits.
-With :math:`d_i = s_i - \max s` and :math:`e_i = e^{d_i}`, the tail condition is
-:math:`T_k = \sum_{i>k} e_i \le \varepsilon Z` with :math:`Z = \sum_i e_i`.  We compute
-:math:`\hat e_i` in float64 and every sum in float64 (tails accumulated from the small
-end), and bound the rounding error rigorously:
+With :math:`e_i = e^{s_i - c}` for a per-row constant :math:`c` (it cancels), the tail
+condition is :math:`T_k = \sum_{i>k} e_i \le \varepsilon Z` with :math:`Z = \sum_i e_i`.
+For ordinary logits (every row maximum in :math:`[-650 - \log\varepsilon, 700 - \log n]`)
+:math:`c = 0`: the terms are ``exp`` of the exact float64 value of each logit, with no
+rounded subtraction; otherwise :math:`c = \max s - \text{shift}`.  We compute
+:math:`\hat e_i` and every sum in float64 and bound the rounding error rigorously (the
+bounds hold for any summation order; the generic kernel sums tails from the small end,
+the NumPy kernel sums the keys below its bracket in one pass):
 
 * each term: :math:`|\hat e_i - e_i| \le \gamma_e e_i + 2^{-1074}`, with
   :math:`\gamma_e = 2100\,u` (:math:`u = 2^{-53}`) covering the rounding of
