@@ -13,7 +13,7 @@ import numpy as np
 
 from ._array import to_numpy
 
-__all__ = ["check_eps", "check_logits", "first_bad_position"]
+__all__ = ["check_eps", "check_logits", "check_number", "first_bad_position"]
 
 
 def first_bad_position(bad: Any) -> tuple[int, ...]:
@@ -69,14 +69,24 @@ def _max_is_finite_or_neginf(x: Any, xp: Any) -> bool:
     return not (math.isnan(top) or top == math.inf)
 
 
+def check_number(
+    value: Any, *, name: str, low: float, high: float, closed_low: bool, closed_high: bool
+) -> float:
+    """A real number (not a bool, not NaN) in the interval between ``low`` and ``high``."""
+    interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}") from None
+    above = v >= low if closed_low else v > low
+    below = v <= high if closed_high else v < high
+    if math.isnan(v) or not (above and below):
+        raise ValueError(f"{name} must be in {interval}, got {v!r}")
+    return v
+
+
 def check_eps(eps: Any, *, name: str = "eps") -> float:
     """A tail budget must be a real number in [0, 1)."""
-    if isinstance(eps, bool):
-        raise ValueError(f"{name} must be a number in [0, 1), got {eps!r}")
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1), got {eps!r}") from None
-    if math.isnan(value) or not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    return value
+    return check_number(eps, name=name, low=0.0, high=1.0, closed_low=True, closed_high=False)

@@ -52,12 +52,13 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
 from ._array import as_float_array, device_of, is_numpy, namespace
-from ._validate import check_eps, check_logits, first_bad_position
+from ._validate import check_eps, check_logits, check_number, first_bad_position
 
 __all__ = ["TopkCertificate", "certify_topk", "certify_topp"]
 
@@ -151,15 +152,13 @@ def certify_topp(
     Top-p with ``p = 1 - eps`` is exactly a TV budget (Theorem BUDGET-EQUIV): the kept
     keys carry at least mass ``p`` of the exact softmax.  ``p`` must lie in (0, 1].
     """
-    if isinstance(p, bool):
-        raise ValueError(f"p must be a number in (0, 1], got {p!r}")
-    try:
-        pv = float(p)
-    except (TypeError, ValueError):
-        raise ValueError(f"p must be a number in (0, 1], got {p!r}") from None
-    if math.isnan(pv) or not (0.0 < pv <= 1.0):
-        raise ValueError(f"p must be in (0, 1], got {pv!r}")
-    return certify_topk(logits, 1.0 - pv, axis=axis, masked_rows=masked_rows, progress=progress)
+    pv = check_number(p, name="p", low=0.0, high=1.0, closed_low=False, closed_high=True)
+    # fl(1 - p) can round above the exact 1 - p when p < 1/2: step down to the largest
+    # float budget that does not exceed it, so the kept mass is at least p exactly.
+    eps = 1.0 - pv
+    if Fraction(eps) > 1 - Fraction(pv):
+        eps = math.nextafter(eps, 0.0)
+    return certify_topk(logits, eps, axis=axis, masked_rows=masked_rows, progress=progress)
 
 
 def certify_topk(

@@ -319,3 +319,15 @@ def test_long_rows_take_the_bracket_path(monkeypatch):
     monkeypatch.setattr(topk, "_bracket_pass", lambda *a: calls.append(1) or real(*a))
     certattn.certify_topk(_long_rows(0), 0.01)
     assert calls
+
+
+@pytest.mark.parametrize(
+    "p", [0.020486761968097345, 0.33531220734681516, 1e-17, 2.0**-60, 0.9, 1.0]
+)
+def test_topp_budget_never_rounds_above_one_minus_p(p):
+    """fl(1 - p) can exceed the exact 1 - p: the certificate must use a budget <= 1 - p."""
+    from fractions import Fraction
+
+    cert = certattn.certify_topp(np.array([0.0, -1.0, -30.0]), p)
+    assert Fraction(cert.eps) <= 1 - Fraction(p)
+    assert Fraction(float(cert.tail_mass)) <= 1 - Fraction(p)
