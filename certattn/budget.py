@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import check_eps
+from ._validate import check_eps, check_number
 from .topk import certify_topk
 
 __all__ = [
@@ -245,15 +245,6 @@ def _qlabel(q: float) -> str:
     return "max" if q == 1.0 else f"p{100 * q:g}"
 
 
-def _check_level(value: float, name: str, *, closed_low: bool) -> float:
-    v = float(value)
-    ok = (0.0 <= v <= 1.0) if closed_low else (0.0 < v <= 1.0)
-    if math.isnan(v) or not ok:
-        interval = "[0, 1]" if closed_low else "(0, 1]"
-        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
-    return v
-
-
 def _fixed_k(k: np.ndarray, coverage: float) -> int:
     """Smallest observed k with at least ``coverage`` of ``k`` at or below it."""
     return int(np.quantile(k, coverage, method="inverted_cdf"))
@@ -350,8 +341,13 @@ def attention_budget(
     BudgetTable
     """
     eps = check_eps(eps)
-    coverage = _check_level(coverage, "coverage", closed_low=False)
-    qs = tuple(_check_level(q, "quantile", closed_low=True) for q in quantiles)
+    coverage = check_number(
+        coverage, name="coverage", low=0.0, high=1.0, closed_low=False, closed_high=True
+    )
+    qs = tuple(
+        check_number(q, name="quantile", low=0.0, high=1.0, closed_low=True, closed_high=True)
+        for q in quantiles
+    )
     if not qs:
         raise ValueError("give at least one quantile level")
     groups, layers, model, meta = _as_groups(attn)
