@@ -8,6 +8,7 @@ no display needed).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps
@@ -124,17 +125,8 @@ def plot_bound_ratios(
     fig = Figure(figsize=(11.0, 4.8), layout="constrained")
     ax1, ax2 = fig.subplots(1, 2, width_ratios=(1.4, 1.0))
     data = [np.clip(np.asarray(ratios[n], dtype=np.float64), 1.0, 1e12) for n in names]
-    bp = ax1.boxplot(data, whis=(5, 95), showfliers=False, patch_artist=True,
-                     medianprops={"color": "black"})
-    for patch, n in zip(bp["boxes"], names, strict=True):
-        patch.set_facecolor(_BOUND_COLORS[n])
-        patch.set_alpha(0.55)
-    ax1.set_xticks(range(1, len(names) + 1), [_BOUND_LABELS[n] for n in names], rotation=15,
-                   fontsize=8)
-    ax1.set_yscale("log")
-    ax1.axhline(1.0, color="0.4", ls="--", lw=1)
-    ax1.set_ylabel("bound / true tail mass τ  at k = k_eps")
-    ax1.grid(alpha=0.3, which="both", axis="y")
+    _ratio_boxes(ax1, data, [_BOUND_LABELS[n] for n in names],
+                 [_BOUND_COLORS[n] for n in names], "bound / true tail mass τ  at k = k_eps", 15)
     ax1.set_title(f"Overshoot of each bound at the exact budget (ε = {eps:g}); "
                   "boxes: quartiles, whiskers 5-95%", fontsize=9)
     bars = ["exact", *names]
@@ -278,17 +270,8 @@ def plot_output_bounds(
     ax1.legend(fontsize=7, loc="lower right", markerscale=2)
     ax1.set_title(f"Output error at the certified k_eps (ε = {eps:g})", fontsize=10)
     data = [_positive(bounds[n], 1e-30) / err for n in names]
-    bp = ax2.boxplot(data, whis=(5, 95), showfliers=False, patch_artist=True,
-                     medianprops={"color": "black"})
-    for patch, n in zip(bp["boxes"], names, strict=True):
-        patch.set_facecolor(_OUT_COLORS[n])
-        patch.set_alpha(0.55)
-    ax2.set_xticks(range(1, len(names) + 1), [_OUT_LABELS[n] for n in names], rotation=20,
-                   fontsize=8)
-    ax2.set_yscale("log")
-    ax2.axhline(1.0, color="0.4", ls="--", lw=1)
-    ax2.set_ylabel("bound / true error")
-    ax2.grid(alpha=0.3, which="both", axis="y")
+    _ratio_boxes(ax2, data, [_OUT_LABELS[n] for n in names], [_OUT_COLORS[n] for n in names],
+                 "bound / true error", 20)
     ax2.set_title("How loose each bound is (1 = exact)", fontsize=10)
     fig.suptitle(title, fontsize=11)
     return fig
@@ -410,3 +393,20 @@ def plot_search(
     fig.legend(handles, labels, loc="outside lower center", ncols=len(groups), fontsize=8)
     fig.suptitle("Certified search: keys scored before the certificate holds", fontsize=11)
     return fig
+
+
+def _ratio_boxes(
+    ax: Any, data: list[np.ndarray], labels: list[str], colors: list[str], ylabel: str,
+    rotation: float,
+) -> None:
+    """Log-scale boxes (5-95% whiskers) of bound/true ratios, with the exact line at 1."""
+    bp = ax.boxplot(data, whis=(5, 95), showfliers=False, patch_artist=True,
+                    medianprops={"color": "black"})
+    for patch, color in zip(bp["boxes"], colors, strict=True):
+        patch.set_facecolor(color)
+        patch.set_alpha(0.55)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=rotation, fontsize=8)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="0.4", ls="--", lw=1)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both", axis="y")
