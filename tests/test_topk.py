@@ -331,3 +331,51 @@ def test_topp_budget_never_rounds_above_one_minus_p(p):
     cert = certattn.certify_topp(np.array([0.0, -1.0, -30.0]), p)
     assert Fraction(cert.eps) <= 1 - Fraction(p)
     assert Fraction(float(cert.tail_mass)) <= 1 - Fraction(p)
+
+
+@given(
+    bits=st.integers(1, 40).flatmap(
+        lambda n: st.lists(st.lists(st.booleans(), min_size=n, max_size=n), min_size=1, max_size=5)
+    )
+)
+def test_packed_bit_helpers_match_numpy(bits):
+    """Positions and row counts read from packed bits equal np.nonzero / sum (any n)."""
+    from certattn import topk
+
+    mask = np.array(bits, dtype=bool)
+    packed = np.packbits(mask, axis=1)
+    rows, cols = topk._packed_positions(packed)
+    want_rows, want_cols = np.nonzero(mask)
+    np.testing.assert_array_equal(rows, want_rows)
+    np.testing.assert_array_equal(cols, want_cols)
+    np.testing.assert_array_equal(topk._popcount_rows(packed), mask.sum(axis=1))
+    # The lookup-table fallback (NumPy < 2 has no bitwise_count) agrees too.
+    np.testing.assert_array_equal(
+        topk._POPCOUNT8[packed].sum(axis=1, dtype=np.int64), mask.sum(axis=1)
+    )
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.sampled_from([0.5, 3.0, 30.0]),
+    masked=st.booleans(),
+    frac=st.floats(1e-6, 1.0),
+)
+def test_sample_rank_matches_a_full_prefix_sum(seed, scale, masked, frac):
+    """The blocked two-level search finds the crossing rank of one full cumsum."""
+    from certattn import topk
+
+    rng = np.random.default_rng(seed)
+    samp = np.sort(rng.normal(0, scale, (7, topk._SAMPLE)), axis=1)
+    if masked:
+        samp[:, : topk._SAMPLE // 3] = -np.inf
+        samp[0] = -np.inf  # a sample with no valid key at all
+    c = np.zeros((7, 1))
+    total = np.exp(samp).sum(axis=1)
+    thr = frac * total
+    j = topk._sample_rank(samp, c, thr)
+    assert np.all((0 <= j) & (j <= topk._SAMPLE))
+    ref = (np.cumsum(np.exp(samp), axis=1) <= thr[:, None]).sum(axis=1)
+    # Single precision inside: the rank may differ by one where a prefix sum sits
+    # within rounding of the threshold.
+    assert np.all(np.abs(j - ref) <= 1)
