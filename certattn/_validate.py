@@ -35,8 +35,9 @@ def check_logits(
 
     ``-inf`` is allowed: it marks a masked key.  Fully masked rows are checked by the
     callers that care (:func:`certattn.certify_topk` has a policy for them).
-    ``row_max``, the maxima of ``x`` over its last axis, saves a pass when the caller
-    has them anyway (NaN propagates through max on NumPy, CuPy and PyTorch).
+    ``row_max``, the maxima of ``x`` over its last axis (or any per-row values that are
+    NaN or ``+inf`` exactly where the row holds NaN or ``+inf``), saves a pass when the
+    caller has them anyway (NaN propagates through max on NumPy, CuPy and PyTorch).
     """
     if x.ndim == 0:
         raise ValueError(f"{name} must have a key axis, got a scalar")

@@ -293,7 +293,8 @@ def _tau_upper(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
     m = xp.max(xp.where(valid, x, xp.full_like(x, -xp.inf)), axis=-1)
     n = x.shape[-1]
     a = xp.where(lse_tail > -xp.inf, lse_tail - m, xp.zeros_like(m))
-    margin = _U * (4.0 * (xp.abs(a) + xp.abs(lse_all - m)) + 4.0 * n + 16384.0)
+    # 4u|a| + 4u|b| rather than u * 4(|a| + |b|): no overflow for logits near float max
+    margin = (4.0 * _U) * xp.abs(a) + (4.0 * _U) * xp.abs(lse_all - m) + _U * (4.0 * n + 16384.0)
     return _round_up(lse_tail - lse_all, margin, xp.any(tail, axis=-1), xp)
 
 
@@ -525,7 +526,7 @@ def smallest_k_for_output(
     t = xp.concat([t[..., 1:], xp.full_like(t[..., :1], -xp.inf)], axis=-1)  # tail of top-k
     ks = xp.arange(1, n + 1, dtype=xp.int64, device=dev)
     has_tail = ks < n_valid[..., None]
-    tau = _round_up(t - z, _U * (4.0 * n + 16384.0 + 8.0 * xp.abs(z)), has_tail, xp)
+    tau = _round_up(t - z, _U * (4.0 * n + 16384.0) + (8.0 * _U) * xp.abs(z), has_tail, xp)
     curves = []
     if bound in ("bounded", "best"):
         curves.append(_up(2.0 * c * tau, 4 * _U))

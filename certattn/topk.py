@@ -14,7 +14,7 @@ Soundness (THEORY section 7)
 The certificate is a claim about the *exact* real-number softmax of the given logits.
 With :math:`e_i = e^{s_i - c}` for a per-row constant :math:`c` (it cancels), the tail
 condition is :math:`T_k = \sum_{i>k} e_i \le \varepsilon Z` with :math:`Z = \sum_i e_i`.
-For ordinary logits (every row maximum in :math:`[-650 - \log\varepsilon, 700 - \log n]`)
+For ordinary logits (every computed row sum in :math:`[e^{-650}/\varepsilon, e^{700}]`)
 :math:`c = 0`: the terms are ``exp`` of the exact float64 value of each logit, with no
 rounded subtraction; otherwise :math:`c = \max s - \text{shift}`.  We compute
 :math:`\hat e_i` and every sum in float64 and bound the rounding error rigorously (the
@@ -226,12 +226,12 @@ def certify_topk(
         check_logits(xl, xp)  # raises: empty key axis
     flat = xp.reshape(xl, (rows, n))
     try:
-        k, tail, n_valid, row_max = _certify_rows(flat, eps, xp=xp, progress=progress)
+        k, tail, n_valid, row_top = _certify_rows(flat, eps, xp=xp, progress=progress)
     except Exception:
         check_logits(flat if batch else xl, xp)  # bad input explains the failure: say so
         raise
-    # NaN and +inf propagate into the row maxima: a clear error, never a wrong answer.
-    check_logits(flat if batch else xl, xp, row_max=row_max)
+    # NaN and +inf propagate into row_top: a clear error, never a wrong answer.
+    check_logits(flat if batch else xl, xp, row_max=row_top)
     masked = n_valid == 0
     if masked_rows == "error" and bool(xp.any(masked)):
         pos = first_bad_position(xp.reshape(masked, batch) if batch else masked)
@@ -268,11 +268,12 @@ def _certify_rows(
     xp: Any,
     progress: Callable[[int, int], None] | None,
 ) -> tuple[Array, Array, Array, Array]:
-    """``(k, tail_upper, n_valid, row_max)`` for a (rows, n) batch, chunk by chunk.
+    """``(k, tail_upper, n_valid, row_top)`` for a (rows, n) batch, chunk by chunk.
 
-    Everything per row happens inside the chunks (in parallel threads on NumPy), the row
-    maxima included; fully masked rows give meaningless ``k`` and ``tail`` (the caller
-    decides), rows with NaN or ``+inf`` are caught by the caller from ``row_max``.
+    Everything per row happens inside the chunks (in parallel threads on NumPy); fully
+    masked rows give meaningless ``k`` and ``tail`` (the caller
+    decides), rows with NaN or ``+inf`` are caught by the caller from ``row_top``, which
+    is NaN or ``+inf`` exactly for those rows (a row maximum or a row sum of terms).
     """
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
@@ -287,23 +288,21 @@ def _certify_rows(
     def one_chunk(start: int) -> tuple[Array, Array, Array, Array]:
         stop = min(rows, start + step)
         chunk = flat[start:stop, ...]
-        m = xp.max(chunk, axis=-1)
         if bool(xp.min(chunk) > -xp.inf):
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
         else:
             n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
         zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
-        if eps == 0.0 or not bool(xp.all(m < xp.inf)):
-            # eps = 0: every valid key has positive exact mass, so keep them all.  NaN or
-            # +inf in the chunk (m is NaN or inf): skip the work, the caller raises.
-            return n_valid, zeros, n_valid, m
-        e, c = _exp_terms(chunk, m, eps, xp)
-        z = xp.sum(e, axis=-1)
+        if eps == 0.0:  # every valid key has positive exact mass: keep them all
+            return n_valid, zeros, n_valid, xp.max(chunk, axis=-1)
+        e, c, z, top = _exp_terms(chunk, eps, xp)
+        if e is None:  # NaN or +inf in the chunk: skip the work, the caller raises
+            return n_valid, zeros, n_valid, top
         z_lo = z * (1.0 - gamma) - alpha
         # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
         budget = (eps * z_lo - alpha) / (1.0 + gamma)
         t, t_hat = _cut_bracket(chunk, e, c, budget) if fast else _cut_sorted(e, budget, xp)
-        return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, m
+        return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, top
 
     starts = range(0, rows, step)
     parts: list[tuple[Array, Array, Array, Array]] = []
@@ -318,17 +317,17 @@ def _certify_rows(
         empty = xp.zeros(0, dtype=xp.float64, device=device_of(flat))
         ints = xp.zeros(0, dtype=xp.int64, device=device_of(flat))
         return ints, empty, ints, empty
-    k, tail, n_valid, row_max = (
+    k, tail, n_valid, row_top = (
         xp.concat([p[i] for p in parts]) if len(parts) > 1 else parts[0][i] for i in range(4)
     )
     k = xp.astype(k, xp.int64)
     if eps == 0.0:
-        return k, tail, n_valid, row_max
+        return k, tail, n_valid, row_top
     # Cover the rounding of the division: relative for normal results, absolute (half a
     # subnormal spacing) for subnormal ones, so a positive tail never rounds to zero.
     tail = tail * (1.0 + 4 * _U) + _SMALLEST
     tail = xp.where(k < n_valid, tail, xp.zeros_like(tail))
-    return k, xp.minimum(tail, eps), n_valid, row_max
+    return k, xp.minimum(tail, eps), n_valid, row_top
 
 
 class _Serial:
@@ -355,25 +354,40 @@ def _threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _exp_terms(x: Array, m: Array, eps: float, xp: Any) -> tuple[Array, Array]:
-    r"""Terms :math:`e_i = e^{s_i - c}` in float64 (masked keys give 0) and ``c`` per row.
+def _exp_terms(x: Array, eps: float, xp: Any) -> tuple[Array | None, Array, Array, Array]:
+    r"""Terms :math:`e_i = e^{s_i - c}` in float64 (masked keys give 0), ``c``, their row sums.
 
-    ``m`` holds the row maxima.  The common factor :math:`e^{-c}` cancels in every
-    ratio, so ``c`` only has to keep the terms in range.  When every row maximum
-    satisfies :math:`-650 - \log\varepsilon \le m \le 700 - \log n` (all practical logits)
-    ``c = 0``: ``exp`` of the exact float64 value of each logit, no rounded subtraction.
-    Otherwise ``c = m - shift`` per row, formed as ``(s - m) + shift``, where
-    ``shift = max(0, -log(eps) - 600)`` lifts tiny budgets clear of underflow.
+    Returns ``(e, c, z, top)``.  The common factor :math:`e^{-c}` cancels in every
+    ratio, so ``c`` only has to keep the terms in range.  First ``c = 0``: ``exp`` of the
+    exact float64 value of each logit, no rounded subtraction.  It is kept when every row
+    sum satisfies :math:`e^{-650}/arepsilon \le Z \le e^{700}` (all practical logits):
+    then no term overflowed and underflow is negligible against :math:`arepsilon Z`.
+    Otherwise ``c = m - shift`` per row (``m`` the row maximum), formed as
+    ``(s - m) + shift``, where ``shift = max(0, -log(eps) - 600)`` lifts tiny budgets
+    clear of underflow.
+
+    ``top`` is finite exactly for the rows without NaN or ``+inf`` (the row sums on the
+    first path, the row maxima on the second) and feeds the caller's input check; ``e``
+    is ``None`` when some row has NaN or ``+inf``.
     """
-    n = x.shape[-1]
-    lo, hi = -650.0 - math.log(eps), 700.0 - math.log(max(n, 1))
-    m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
-    if bool(xp.all(xp.logical_and(m >= lo, m <= hi))):
-        e = _exp64(x, out=_workspace(x.shape)) if is_numpy(xp) else xp.exp(xp.astype(x, xp.float64))
-        return e, xp.zeros_like(m)
+    with np.errstate(over="ignore"):  # an overflow only sends the chunk on
+        if is_numpy(xp):
+            e = _exp64(x, out=_workspace(x.shape))
+        else:
+            e = xp.exp(xp.astype(x, xp.float64))
+    z = xp.sum(e, axis=-1)
+    z_min, z_max = math.exp(-650.0) / eps, math.exp(700.0)
+    if bool(xp.all(xp.logical_and(z >= z_min, z <= z_max))):  # False for NaN
+        return e, xp.zeros_like(z[:, None]), z, z
+    m = xp.max(x, axis=-1)
+    if not bool(xp.all(m < xp.inf)):
+        return None, m, z, m
     shift = max(0.0, -math.log(eps) - 600.0)
+    top = m
+    m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
-    return xp.exp((xp.astype(x, xp.float64) - m) + shift), m - shift
+    e = xp.exp((xp.astype(x, xp.float64) - m) + shift)
+    return e, m - shift, xp.sum(e, axis=-1), top
 
 
 def _exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -462,7 +476,7 @@ def _sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray
         est = np.exp(s - top)  # in (0, 1]; masked keys give 0
         thr = thr * np.exp(c[:, 0] - top[:, 0].astype(np.float64))
     blocks = est.reshape(r, m // _BLOCK, _BLOCK)
-    cb = np.cumsum(blocks.sum(axis=2), axis=1)
+    cb = np.cumsum(np.einsum("ijk->ij", blocks), axis=1)  # faster than sum(axis=2)
     jb = (cb <= thr[:, None]).sum(axis=1)  # whole blocks under the threshold
     rows = np.arange(r)
     inner = np.minimum(jb, cb.shape[1] - 1)
@@ -481,12 +495,13 @@ def _popcount_rows(packed: np.ndarray) -> np.ndarray:
     return bits.sum(axis=1, dtype=np.int64)
 
 
-def _packed_positions(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(row, column)`` of every set bit of row-wise packed bits (``np.packbits(axis=1)``).
+def _packed_positions(packed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(row, flat)`` of every set bit of a row-wise packed ``(r, n)`` boolean array.
 
-    Scans the packed bytes (an eighth of the bits) for the non-zero ones and unpacks only
-    those: about twice as fast as ``np.nonzero`` on the boolean array when set bits are
-    few.
+    ``packed`` is ``np.packbits(mask, axis=1)``; ``flat = row * n + column`` indexes the
+    C-ordered ``(r, n)`` array.  Scans the packed bytes (an eighth of the bits) for the
+    non-zero ones and unpacks only those: about twice as fast as ``np.nonzero`` on the
+    boolean array when set bits are few.
     """
     nb = packed.shape[1]
     flat = packed.ravel()
@@ -494,7 +509,10 @@ def _packed_positions(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     sub = np.flatnonzero(np.unpackbits(flat[hit]).view(bool))
     byte = hit[sub >> 3]
     row = byte // nb
-    return row, (byte - row * nb) * 8 + (sub & 7)
+    pos = (byte << 3) | (sub & 7)  # bit index in the packed layout
+    if n != 8 * nb:  # rows were padded to whole bytes: drop the padding
+        pos -= row * (8 * nb - n)
+    return row, pos
 
 
 def _bracket_pass(
@@ -515,8 +533,8 @@ def _bracket_pass(
     # Keys in [lo, hi): the bits of x < hi that are not below lo (below is a subset).
     packed_mid = np.packbits(np.less(x, hi[:, None], out=below), axis=1)
     np.bitwise_xor(packed_mid, packed_lo, out=packed_mid)
-    ri, col = _packed_positions(packed_mid)
-    vals = e[ri, col]
+    ri, pos = _packed_positions(packed_mid, x.shape[1])
+    vals = e.ravel()[pos]
     widths = np.bincount(ri, minlength=r)
     w = int(widths.max()) if r else 0
     # Row i's bracket terms go to pad[i, 1:1 + widths[i]]; pad[i, 0] holds s_lo.
