@@ -297,6 +297,25 @@ def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
         _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64-huge", "float64-tiny-eps"])
+def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(dtype):
+    """Long rows in the other dtypes; huge offsets take the shifted (c = max) path."""
+    x = _long_rows(2).astype(np.float64)
+    eps = 0.01
+    if dtype == "float16":
+        x = np.clip(x, -6e4, 6e4).astype(np.float16)
+    elif dtype == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        x = x.astype(ml_dtypes.bfloat16)
+    elif dtype == "float64-huge":
+        x = x + 1e4  # every row sum overflows exp: c = row max
+    else:
+        eps = 1e-290  # below e^-600: terms are lifted clear of underflow
+    cert = certattn.certify_topk(x, eps)
+    for i in range(x.shape[0]):
+        _check_contract(x[i].astype(np.float64), eps, int(cert.k[i]), float(cert.tail_mass[i]))
+
+
 @pytest.mark.parametrize("half_widths", [(0,), (1,), (0, 1), (1, 2, 3)])
 def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
     """A bracket too narrow to hold the crossing must be detected and redone."""
