@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ._array import to_numpy
+from ._array import as_float_array, to_numpy
 
-__all__ = ["check_eps", "check_logits", "check_number", "first_bad_position"]
+__all__ = ["check_eps", "check_logits", "check_number", "first_bad_position", "valid_rows"]
 
 
 def first_bad_position(bad: Any) -> tuple[int, ...]:
@@ -91,3 +91,25 @@ def check_number(
 def check_eps(eps: Any, *, name: str = "eps") -> float:
     """A tail budget must be a real number in [0, 1)."""
     return check_number(eps, name=name, low=0.0, high=1.0, closed_low=True, closed_high=False)
+
+
+def valid_rows(logits: Any, axis: int) -> tuple[Any, Any, Any, Any]:
+    """Validated float64 logits with the key axis last, and the valid-key counts.
+
+    Raises ``ValueError`` on NaN, ``+inf``, an empty key axis or a fully masked row.
+    """
+    x, xp, dev = as_float_array(logits, name="logits")
+    if x.ndim == 0:
+        raise ValueError("logits must have a key axis, got a scalar")
+    if not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
+    if axis not in (-1, x.ndim - 1):
+        x = xp.moveaxis(x, axis, -1)
+    check_logits(x, xp)
+    x = xp.astype(x, xp.float64)
+    n_valid = xp.sum(xp.astype(x > -xp.inf, xp.int64), axis=-1)
+    empty = n_valid == 0
+    if bool(xp.any(empty)):
+        pos = first_bad_position(empty) if empty.ndim else ()
+        raise ValueError(f"logits are fully masked (all -inf) in row {pos}")
+    return x, n_valid, xp, dev

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of, namespace
+from ._logspace import U, neg_inf, ratio_log, round_down, round_up
 from ._validate import check_eps, first_bad_position
-from .bounds import _U, _neg_inf, _ratio_log, _round_down, _round_up
 
 __all__ = [
     "BlockSelection",
@@ -100,8 +100,8 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
     if bool(xp.any(valid & (lo > up))):
         raise ValueError(f"lower > upper at block {first_bad_position(valid & (lo > up))}")
     logn = xp.log(xp.where(valid, n, xp.ones_like(n)))
-    a = xp.where(valid, logn + up, _neg_inf(xp, up))
-    b = xp.where(valid, logn + lo, _neg_inf(xp, lo))
+    a = xp.where(valid, logn + up, neg_inf(xp, up))
+    b = xp.where(valid, logn + lo, neg_inf(xp, lo))
     if bool(xp.any(~xp.any(valid, axis=-1))):
         raise ValueError("a row has no non-empty block with a finite upper bound")
     m = xp.max(a, axis=-1, keepdims=True)
@@ -110,7 +110,7 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
 
 def _lse(x: Array, keep: Array, xp: Any) -> Array:
     """Log-sum-exp over the last axis of the entries where ``keep``; ``-inf`` if none."""
-    x = xp.where(keep, x, _neg_inf(xp, x))
+    x = xp.where(keep, x, neg_inf(xp, x))
     m = xp.max(x, axis=-1, keepdims=True)
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))
     s = xp.sum(xp.exp(x - m), axis=-1)
@@ -119,9 +119,10 @@ def _lse(x: Array, keep: Array, xp: Any) -> Array:
 
 
 def _margin(l1: Array, l2: Array, nb: int, xp: Any) -> Array:
+    """Log-space margin ``u (8(|l1| + |l2|) + 4 nb + 2^14)`` of a block ratio, -inf as 0."""
     cap = 1e300
     l1, l2 = (xp.minimum(xp.abs(xp.where(v > -xp.inf, v, xp.zeros_like(v))), cap) for v in (l1, l2))
-    return _U * (8.0 * (l1 + l2) + 4.0 * nb + 16384.0)
+    return U * (8.0 * (l1 + l2) + 4.0 * nb + 16384.0)
 
 
 def _bounds_of_set(a: Array, b: Array, valid: Array, kept: Array, xp: Any) -> tuple[Array, Array]:
@@ -131,8 +132,8 @@ def _bounds_of_set(a: Array, b: Array, valid: Array, kept: Array, xp: Any) -> tu
     positive = xp.any(tail, axis=-1)
     t_up, h_lo = _lse(a, tail, xp), _lse(b, head, xp)
     t_lo, h_up = _lse(b, tail, xp), _lse(a, head, xp)
-    hi = _round_up(_ratio_log(t_up, h_lo, xp), _margin(t_up, h_lo, nb, xp), positive, xp)
-    lo = _round_down(_ratio_log(t_lo, h_up, xp), _margin(t_lo, h_up, nb, xp), xp)
+    hi = round_up(ratio_log(t_up, h_lo, xp), _margin(t_up, h_lo, nb, xp), positive, xp)
+    lo = round_down(ratio_log(t_lo, h_up, xp), _margin(t_lo, h_up, nb, xp), xp)
     return lo, hi
 
 
@@ -191,7 +192,7 @@ def greedy_block_set(
         logv = a
     if cost == "keys":
         logv = logv - xp.log(xp.where(valid, n, xp.ones_like(n)))
-    logv = xp.where(valid, logv, _neg_inf(xp, logv))
+    logv = xp.where(valid, logv, neg_inf(xp, logv))
     order = xp.argsort(logv, axis=-1, descending=True, stable=True)
     rank = xp.argsort(order, axis=-1, stable=True)
     # every prefix j = 1..nb at once, (..., j, block): O(nb^2), evaluated exactly as

@@ -59,8 +59,16 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, asarray_on, device_of
-from ._validate import check_eps, check_logits, first_bad_position
+from ._array import asarray_on, device_of
+from ._logspace import (
+    CLIP,
+    log_cumsum,
+    margin,
+    neg_inf,
+    ratio_log,
+    round_up,
+)
+from ._validate import check_eps, valid_rows
 
 __all__ = [
     "BOUNDS",
@@ -75,10 +83,6 @@ __all__ = [
 
 Array = Any
 
-_U = 2.0**-53
-_SMALLEST = 2.0**-1074
-_CLIP = -700.0  # tail terms below e^{-700} (relative to the row maximum) are rounded up
-_DCAP = 1e300  # |d| is capped in the margin so that it stays finite
 _CHUNK_ELEMS = 1 << 22  # float64 temporaries per chunk of the dynamic programme
 
 BOUNDS = ("gap", "exact_head", "all_gap", "checkpoint", "uniform_gap")
@@ -86,93 +90,14 @@ BOUNDS = ("gap", "exact_head", "all_gap", "checkpoint", "uniform_gap")
 
 
 # --------------------------------------------------------------------------
-# Shared machinery (also used by certattn.blocks and certattn.output)
+# Helpers
 # --------------------------------------------------------------------------
-
-
-def _rows(logits: Any, axis: int) -> tuple[Array, Array, Any, Any]:
-    """Validated float64 logits with the key axis last, and the valid-key counts.
-
-    Raises ``ValueError`` on NaN, ``+inf``, an empty key axis or a fully masked row.
-    """
-    x, xp, dev = as_float_array(logits, name="logits")
-    if x.ndim == 0:
-        raise ValueError("logits must have a key axis, got a scalar")
-    if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
-    if axis not in (-1, x.ndim - 1):
-        x = xp.moveaxis(x, axis, -1)
-    check_logits(x, xp)
-    x = xp.astype(x, xp.float64)
-    n_valid = xp.sum(xp.astype(x > -xp.inf, xp.int64), axis=-1)
-    empty = n_valid == 0
-    if bool(xp.any(empty)):
-        pos = first_bad_position(empty) if empty.ndim else ()
-        raise ValueError(f"logits are fully masked (all -inf) in row {pos}")
-    return x, n_valid, xp, dev
-
-
-def _neg_inf(xp: Any, like: Array) -> Array:
-    return xp.full_like(like, -xp.inf)
-
-
-def _log_cumsum(d: Array, valid: Array, xp: Any, *, reverse: bool, upper: bool) -> Array:
-    """``log`` of cumulative sums of ``exp(d)`` along the last axis (``d <= 0``).
-
-    ``reverse`` accumulates from the end (suffix sums, i.e. from the small end of a
-    descending row).  ``upper`` (tail role) rounds terms below ``e^{-700}`` up to it so
-    that no term underflows; otherwise (head role) underflow only shrinks the sums.
-    Invalid entries contribute 0.  Empty sums give ``-inf``.
-    """
-    if upper:
-        d = xp.maximum(d, _CLIP)
-    e = xp.where(valid, xp.exp(d), xp.zeros_like(d))
-    if reverse:
-        e = xp.flip(e, axis=-1)
-    c = xp.cumulative_sum(e, axis=-1)
-    if reverse:
-        c = xp.flip(c, axis=-1)
-    with np.errstate(divide="ignore"):
-        return xp.where(c > 0, xp.log(xp.where(c > 0, c, xp.ones_like(c))), _neg_inf(xp, c))
 
 
 def _shift_left(x: Array, xp: Any, fill: float) -> Array:
     """``y[..., i] = x[..., i + 1]``, last entry ``fill``."""
     pad = xp.full((*x.shape[:-1], 1), fill, dtype=x.dtype, device=device_of(x))
     return xp.concat([x[..., 1:], pad], axis=-1)
-
-
-def _margin(a: Array, b: Array, n: Any, xp: Any) -> Array:
-    """Log-space margin ``u (4(|a| + |b|) + 4 n + 2^14)`` with infinities capped."""
-    cap = _DCAP
-    a = xp.minimum(xp.abs(a), cap)
-    b = xp.minimum(xp.abs(b), cap)
-    return _U * (4.0 * (a + b) + 4.0 * n + 16384.0)
-
-
-def _round_up(log_b: Array, margin: Array, positive: Array, xp: Any) -> Array:
-    r"""Sound upper bound :math:`\min(1, e^{L+\sigma}(1+4u) + 2^{-1073})`.
-
-    Where ``positive`` (the exact quantity is > 0) the result is at least the smallest
-    subnormal, elsewhere it is 0.
-    """
-    # + 2^-1073: an exp that lands among the subnormals errs by up to half of 2^-1074
-    v = xp.exp(xp.minimum(log_b + margin, 0.0)) * (1.0 + 4 * _U) + 2 * _SMALLEST
-    v = xp.minimum(v, 1.0)
-    return xp.where(positive, v, xp.zeros_like(v))
-
-
-def _round_down(log_b: Array, margin: Array, xp: Any) -> Array:
-    r"""Sound lower bound :math:`\max(0, e^{L-\sigma}(1-4u) - 2^{-1073})`."""
-    v = xp.exp(log_b - margin) * (1.0 - 4 * _U) - 2 * _SMALLEST
-    return xp.minimum(xp.maximum(v, 0.0), 1.0)
-
-
-def _ratio_log(log_x: Array, log_d: Array, xp: Any) -> Array:
-    """``log(X / (D + X))`` from ``log X`` and ``log D``; ``-inf`` where ``X = 0``."""
-    lx = xp.where(log_x > -xp.inf, log_x, xp.zeros_like(log_x))
-    out = lx - xp.logaddexp(log_d, lx)
-    return xp.where(log_x > -xp.inf, out, _neg_inf(xp, out))
 
 
 # --------------------------------------------------------------------------
@@ -188,7 +113,7 @@ def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
     nv = xp.astype(n_valid, xp.float64)[..., None]
     valid = k <= nv  # position k (1-based) holds a valid key
     d = s - s[..., :1]
-    d = xp.where(valid, d, _neg_inf(xp, d))
+    d = xp.where(valid, d, neg_inf(xp, d))
     d_next = _shift_left(d, xp, -math.inf)
     m = nv - k  # tail size of the top-k set
     has_tail = m > 0
@@ -200,9 +125,9 @@ def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
         "m": m,
         "valid": valid,
         "has_tail": has_tail,
-        "margin": _margin(d, xp.where(has_tail, d_next, xp.zeros_like(d)), nv, xp),
+        "margin": margin(d, xp.where(has_tail, d_next, xp.zeros_like(d)), nv, xp),
         # forms whose tail terms are all rounded up at -700 only need |d_{k+1}| <= 700
-        "margin_clipped": _margin(d, xp.zeros_like(d) + 700.0, nv, xp),
+        "margin_clipped": margin(d, xp.zeros_like(d) + 700.0, nv, xp),
     }
 
 
@@ -227,22 +152,22 @@ def _curve_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     delta = xp.where(p["has_tail"], s - s_next, xp.zeros_like(s))
     z = _log_k(p, xp) - _log_m(p, xp) + delta
     out = -xp.logaddexp(xp.zeros_like(z), z)
-    return xp.where(p["has_tail"], out, _neg_inf(xp, out))
+    return xp.where(p["has_tail"], out, neg_inf(xp, out))
 
 
 def _curve_exact_head(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-EXACT-HEAD: ``X = (n-k) e^{d_{k+1}}``, ``D = sum_{i<=k} e^{d_i}``."""
-    head = _log_cumsum(p["d"], p["valid"], xp, reverse=False, upper=False)
-    log_x = xp.where(p["has_tail"], _log_m(p, xp) + p["d_next"], _neg_inf(xp, head))
-    return _ratio_log(log_x, head, xp)
+    head = log_cumsum(p["d"], p["valid"], xp, reverse=False, upper=False)
+    log_x = xp.where(p["has_tail"], _log_m(p, xp) + p["d_next"], neg_inf(xp, head))
+    return ratio_log(log_x, head, xp)
 
 
 def _curve_all_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-MULTI with every cut: ``X = sum_{i>k} e^{d_i}`` (rounded up), ``D = k e^{d_k}``."""
-    suffix = _log_cumsum(p["d"], p["valid"], xp, reverse=True, upper=True)
+    suffix = log_cumsum(p["d"], p["valid"], xp, reverse=True, upper=True)
     log_x = _shift_left(suffix, xp, -math.inf)
-    log_x = xp.where(p["has_tail"], log_x, _neg_inf(xp, log_x))
-    return _ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
+    log_x = xp.where(p["has_tail"], log_x, neg_inf(xp, log_x))
+    return ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
 
 
 def _curve_checkpoint(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
@@ -251,10 +176,10 @@ def _curve_checkpoint(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
         raise ValueError(f"n_cuts must be a non-negative integer, got {n_cuts!r}")
     g = _checkpoint_costs(p, xp, int(n_cuts))
     log_g = xp.log(xp.where(g > 0, g, xp.ones_like(g)))
-    log_g = xp.where(g > 0, log_g, _neg_inf(xp, g))
+    log_g = xp.where(g > 0, log_g, neg_inf(xp, g))
     log_x = _shift_left(log_g, xp, -math.inf)  # top-k tail starts at 0-based position k
-    log_x = xp.where(p["has_tail"], log_x, _neg_inf(xp, log_x))
-    return _ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
+    log_x = xp.where(p["has_tail"], log_x, neg_inf(xp, log_x))
+    return ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
 
 
 def _checkpoint_costs(p: dict[str, Array], xp: Any, m: int) -> Array:
@@ -266,7 +191,7 @@ def _checkpoint_costs(p: dict[str, Array], xp: Any, m: int) -> Array:
     Weights use tail rounding (``d`` clipped at -700), so ``G`` never underestimates.
     """
     d, valid = p["d"], p["valid"]
-    w = xp.where(valid, xp.exp(xp.maximum(d, _CLIP)), xp.zeros_like(d))
+    w = xp.where(valid, xp.exp(xp.maximum(d, CLIP)), xp.zeros_like(d))
     n = d.shape[-1]
     dev = device_of(d)
     pos = p["k"] - 1.0  # 0-based positions as float64
@@ -321,7 +246,7 @@ def _curve_uniform_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     # factor is 1 to within 1e-260, so the log is log k + delta to within rounding.
     large = -(xp.log(k) + xp.where(small, xp.zeros_like(delta), delta))
     out = xp.where(small, direct, large)
-    return xp.where(p["has_tail"], out, _neg_inf(xp, out))
+    return xp.where(p["has_tail"], out, neg_inf(xp, out))
 
 
 _CURVES: dict[str, Callable[[dict[str, Array], Any, Any], Array]] = {
@@ -339,11 +264,11 @@ def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array
         raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
     if bound != "checkpoint" and n_cuts is not None:
         raise ValueError("n_cuts is only used by bound='checkpoint'")
-    x, n_valid, xp, _ = _rows(logits, axis)
+    x, n_valid, xp, _ = valid_rows(logits, axis)
     p = _sorted_parts(x, n_valid, xp)
     log_b = _CURVES[bound](p, xp, n_cuts)
-    margin = p["margin_clipped" if bound in ("all_gap", "checkpoint") else "margin"]
-    return _round_up(log_b, margin, p["has_tail"], xp), n_valid, xp
+    sigma = p["margin_clipped" if bound in ("all_gap", "checkpoint") else "margin"]
+    return round_up(log_b, sigma, p["has_tail"], xp), n_valid, xp
 
 
 def _k_index(k: Any, batch: tuple[int, ...], n: int, xp: Any, dev: Any) -> Array:

@@ -48,8 +48,8 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of
-from ._validate import first_bad_position
-from .bounds import _U, _log_cumsum, _round_up, _rows
+from ._logspace import SMALLEST, U, log_cumsum, margin, round_up
+from ._validate import first_bad_position, valid_rows
 
 __all__ = [
     "HeadTail",
@@ -64,7 +64,6 @@ __all__ = [
 Array = Any
 
 _CHUNK_ELEMS = 1 << 22
-_SMALLEST = 2.0**-1074
 BOUND_NAMES = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
 
 
@@ -74,7 +73,7 @@ BOUND_NAMES = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
 
 
 def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
-    x, n_valid, xp, dev = _rows(logits, -1)
+    x, n_valid, xp, dev = valid_rows(logits, -1)
     v, _, _ = as_float_array(asarray_on(values, xp=xp, device=dev), name="values")
     v = xp.astype(v, xp.float64)
     if v.ndim < 2 or v.shape[-2] != x.shape[-1]:
@@ -277,12 +276,12 @@ def _value_scale(v: Array, valid: Array, xp: Any) -> Array:
     """Sound ``C = max_{j valid} |v_j|`` per query row."""
     vn = xp.linalg.vector_norm(v, axis=-1)[..., None, :]  # (..., 1, n)
     c = xp.max(xp.where(valid, vn, xp.zeros_like(vn)), axis=-1)
-    return _up(c, (v.shape[-1] + 4) * _U)
+    return _up(c, (v.shape[-1] + 4) * U)
 
 
 def _mu_error(c: Array, n: int, dv: int) -> Array:
     """Absolute error bound of a computed float64 weighted mean of values of norm <= C."""
-    return c * (_U * (2 * n + 2 * dv + 2048) + n * _SMALLEST)
+    return c * (U * (2 * n + 2 * dv + 2048) + n * SMALLEST)
 
 
 def _tau_upper(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
@@ -293,9 +292,8 @@ def _tau_upper(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
     m = xp.max(xp.where(valid, x, xp.full_like(x, -xp.inf)), axis=-1)
     n = x.shape[-1]
     a = xp.where(lse_tail > -xp.inf, lse_tail - m, xp.zeros_like(m))
-    # 4u|a| + 4u|b| rather than u * 4(|a| + |b|): no overflow for logits near float max
-    margin = (4.0 * _U) * xp.abs(a) + (4.0 * _U) * xp.abs(lse_all - m) + _U * (4.0 * n + 16384.0)
-    return _round_up(lse_tail - lse_all, margin, xp.any(tail, axis=-1), xp)
+    sigma = margin(a, lse_all - m, n, xp)
+    return round_up(lse_tail - lse_all, sigma, xp.any(tail, axis=-1), xp)
 
 
 def _chi_sqrt(tau: Array, xp: Any) -> Array:
@@ -303,7 +301,7 @@ def _chi_sqrt(tau: Array, xp: Any) -> Array:
     one = xp.ones_like(tau)
     denom = one - tau
     safe = xp.where(denom > 0, denom, one)
-    r = xp.where(denom > 0, xp.sqrt(tau / safe) * (1.0 + 8 * _U), xp.full_like(tau, xp.inf))
+    r = xp.where(denom > 0, xp.sqrt(tau / safe) * (1.0 + 8 * U), xp.full_like(tau, xp.inf))
     return r
 
 
@@ -332,19 +330,19 @@ class _Centred:
         b = xp.sum(yc * yc, axis=-1)[..., None]  # (..., Lq, 1)
         g = xp.matmul(yc, xp.matrix_transpose(self.w))  # (..., Lq, n)
         a = self.a[..., None, :]
-        sq = a - 2.0 * g + b + 4.0 * (self.dv + 16) * _U * (a + b)
-        dist = xp.sqrt(xp.maximum(sq, 0.0)) * (1.0 + 4 * _U)
-        dist = dist + 2 * _U * (xp.sqrt(a) + xp.sqrt(b))
+        sq = a - 2.0 * g + b + 4.0 * (self.dv + 16) * U * (a + b)
+        dist = xp.sqrt(xp.maximum(sq, 0.0)) * (1.0 + 4 * U)
+        dist = dist + 2 * U * (xp.sqrt(a) + xp.sqrt(b))
         return xp.max(xp.where(keys, dist, xp.zeros_like(dist)), axis=-1)
 
     def variance_upper(self, p: Array, mean: Array, delta: Array, scale: Array) -> Array:
         r"""Sound upper bound on :math:`\mathrm{Var}_P V` from weights ``p`` and computed mean."""
         xp = self.xp
         n = int(p.shape[-1])
-        gam = _U * (2 * n + 2 * self.dv + 2048)
+        gam = U * (2 * n + 2 * self.dv + 2048)
         e2 = xp.matmul(p, self.a[..., :, None])[..., 0]
-        e2 = e2 * (1.0 + gam) + 4.0 * n * _SMALLEST * scale * scale
-        mc = xp.linalg.vector_norm(mean - self.c, axis=-1) * (1.0 - (self.dv + 4) * _U)
+        e2 = e2 * (1.0 + gam) + 4.0 * n * SMALLEST * scale * scale
+        mc = xp.linalg.vector_norm(mean - self.c, axis=-1) * (1.0 - (self.dv + 4) * U)
         low = xp.maximum(mc - delta, 0.0)
         return xp.maximum(e2 - low * low * (1.0 - gam), 0.0)
 
@@ -386,7 +384,7 @@ def _sound_bounds(
 ) -> dict[str, Array]:
     """All bounds (dict by name) plus ``attn_k`` and ``mu_err`` for one kept set."""
     n, dv = int(x.shape[-1]), int(v.shape[-1])
-    rel = (dv + 8) * _U
+    rel = (dv + 8) * U
     tail = valid & ~kept
     ph, _ = _weights(x, kept, xp)
     p, _ = _weights(x, valid, xp)
@@ -395,19 +393,19 @@ def _sound_bounds(
     c = _value_scale(v, valid, xp)
     delta = _mu_error(c, n, dv)
     out: dict[str, Array] = {"attn_k": mu_h, "attn": attn, "mu_err": delta}
-    out["bounded"] = _up(2.0 * c * tau_up, 4 * _U)
+    out["bounded"] = _up(2.0 * c * tau_up, 4 * U)
     centred = _Centred(v, xp)
     th = centred.max_dist(mu_h, tail)
-    out["tail_head"] = _up(tau_up * (th + delta), 4 * _U)
+    out["tail_head"] = _up(tau_up * (th + delta), 4 * U)
     var = centred.variance_upper(p, attn, delta, c)
-    out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * _U)
+    out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * U)
     if diameters:
         dist = _pair_dist(v, xp, chunk)
         out["diameter"] = _up(
-            tau_up * _up(_masked_pair_max(dist, kept, tail, xp, chunk), rel), 4 * _U
+            tau_up * _up(_masked_pair_max(dist, kept, tail, xp, chunk), rel), 4 * U
         )
         out["diameter_all"] = _up(
-            tau_up * _up(_masked_pair_max(dist, valid, valid, xp, chunk), rel), 4 * _U
+            tau_up * _up(_masked_pair_max(dist, valid, valid, xp, chunk), rel), 4 * U
         )
     else:
         out["diameter"] = xp.full_like(tau_up, xp.nan)
@@ -501,7 +499,7 @@ def smallest_k_for_output(
     delta = float(delta)
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
-    x, n_valid, xp, dev = _rows(logits, -1)
+    x, n_valid, xp, dev = valid_rows(logits, -1)
     single = x.ndim == 1
     if single:
         x, n_valid = x[None, :], n_valid[None]
@@ -521,21 +519,21 @@ def smallest_k_for_output(
     s = xp.take_along_axis(x, order, axis=-1)
     sv = s > -xp.inf
     d = xp.where(sv, s - s[..., :1], xp.full_like(s, -xp.inf))
-    z = _log_cumsum(d, sv, xp, reverse=False, upper=False)[..., -1:]
-    t = _log_cumsum(d, sv, xp, reverse=True, upper=True)
+    z = log_cumsum(d, sv, xp, reverse=False, upper=False)[..., -1:]
+    t = log_cumsum(d, sv, xp, reverse=True, upper=True)
     t = xp.concat([t[..., 1:], xp.full_like(t[..., :1], -xp.inf)], axis=-1)  # tail of top-k
     ks = xp.arange(1, n + 1, dtype=xp.int64, device=dev)
     has_tail = ks < n_valid[..., None]
-    tau = _round_up(t - z, _U * (4.0 * n + 16384.0) + (8.0 * _U) * xp.abs(z), has_tail, xp)
+    tau = round_up(t - z, U * (4.0 * n + 16384.0) + (8.0 * U) * xp.abs(z), has_tail, xp)
     curves = []
     if bound in ("bounded", "best"):
-        curves.append(_up(2.0 * c * tau, 4 * _U))
+        curves.append(_up(2.0 * c * tau, 4 * U))
     if bound in ("variance", "best"):
         var = _Centred(v, xp).variance_upper(p, attn, mu_err[..., 0], c[..., 0])
-        curves.append(_up(_chi_sqrt(tau, xp) * xp.sqrt(var)[..., None], 4 * _U))
+        curves.append(_up(_chi_sqrt(tau, xp) * xp.sqrt(var)[..., None], 4 * U))
     if bound in ("tail_head", "best"):
         dist = _tail_head_curve(s, v, order, xp, chunk_elems)
-        curves.append(_up(tau * (_up(dist, (dv + 8) * _U) + mu_err), 4 * _U))
+        curves.append(_up(tau * (_up(dist, (dv + 8) * U) + mu_err), 4 * U))
     best = curves[0]
     for cv in curves[1:]:
         best = xp.minimum(best, cv)
