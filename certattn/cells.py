@@ -357,7 +357,7 @@ def bennett_log_mass(
     ``Y = s - mu <= b``, ``E Y = 0``, ``E Y^2 <= v``):
 
     .. math:: \sum_i e^{s_i} = n e^{\mu} E e^{Y}
-              \le n\, e^{	ext{mean\_up}}\, rac{v e^{b} + b^2 e^{-v/b}}{v + b^2},
+              \le n\, e^{\text{mean\_up}}\, \frac{v e^{b} + b^2 e^{-v/b}}{v + b^2},
 
     attained by two-level scores (at ``mu + b`` and ``mu - v/b``).  The proof: the
     quadratic ``p`` through ``(a, e^a)`` tangent there and through ``(b, e^b)``,

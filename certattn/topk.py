@@ -25,14 +25,19 @@ the NumPy kernel sums the keys below its bracket in one pass):
   :math:`\gamma_e = 2100\,u` (:math:`u = 2^{-53}`) covering the rounding of
   :math:`s_i - \max s` (exponents up to about 900 in magnitude matter; smaller terms
   underflow and are covered by the absolute part) and 4 ulps for ``exp``;
+* exponents below :math:`-700` (masked keys included) are raised to :math:`-700` before
+  ``exp`` when a chunk has any (``exp`` then never lands among the subnormals, where
+  NumPy is several times slower): such a term *over*-estimates its exact value, by at
+  most :math:`e^{-699}`;
 * each sum of :math:`m` non-negative terms: relative error :math:`\le 1.01\,m u`.
 
 A cut is accepted only if the *upper* bound of the tail is at most :math:`\varepsilon`
 times the *lower* bound of :math:`Z`, with :math:`\gamma = 2(n + 4096)u` (about
-:math:`10^{-12}` for :math:`n = 4096`) and the absolute underflow term
-:math:`\alpha = n\,2^{-1073}`.  For tiny budgets (:math:`\varepsilon < e^{-600}`) all terms are
-scaled by :math:`e^{c}`, :math:`c = -\log\varepsilon - 600`, so that underflow stays
-negligible against :math:`\varepsilon Z`.  Hence:
+:math:`10^{-12}` for :math:`n = 4096`) and the absolute term :math:`\alpha = n\,2^{-1073}`
+(underflow), or :math:`n e^{-699}` where exponents were raised.  For tiny budgets
+(:math:`\varepsilon < e^{-600}`) all terms are scaled by :math:`e^{c}`,
+:math:`c = -\log\varepsilon - 600`, so that :math:`\alpha` stays negligible against
+:math:`\varepsilon Z` (below :math:`n e^{-49}` relative to it).  Hence:
 
 * **sound**: the reported ``k`` is never below the exact :math:`k_\varepsilon`, and the
   reported ``tail_mass`` is never below the exact :math:`\tau_k` (and never above eps);
@@ -68,6 +73,7 @@ _U = 2.0**-53  # unit roundoff of float64
 _TINY = 2.0**-1073  # bound on the absolute error of one underflowing exp
 _SMALLEST = 2.0**-1074  # smallest positive float64
 _GAMMA_TERM = 2100 * _U
+_FLOOR = -700.0  # exponents below are raised to it before exp (see _exp_terms)
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
 _FAST_KEYS = 1 << 20  # keys per chunk of the NumPy fast path
 
@@ -277,7 +283,6 @@ def _certify_rows(
     """
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
-    alpha = n * _TINY
     fast = is_numpy(xp)
     workers = _threads() if fast else 1
     if fast:  # about 2^20 keys a chunk (8 MiB of float64), and work for every thread
@@ -288,14 +293,19 @@ def _certify_rows(
     def one_chunk(start: int) -> tuple[Array, Array, Array, Array]:
         stop = min(rows, start + step)
         chunk = flat[start:stop, ...]
-        if bool(xp.min(chunk) > -xp.inf):
+        if fast and chunk.dtype.itemsize < 4:  # float16, bfloat16: exact in float32, and
+            chunk = chunk.astype(np.float32)  # NumPy compares and casts those natively
+        lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
+        if lowest > -math.inf:
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
+        elif fast:
+            n_valid = _popcount_rows(np.packbits(chunk > -np.inf, axis=1))
         else:
             n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
         zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
         if eps == 0.0:  # every valid key has positive exact mass: keep them all
             return n_valid, zeros, n_valid, xp.max(chunk, axis=-1)
-        e, c, z, top = _exp_terms(chunk, eps, xp)
+        e, c, z, top, alpha = _exp_terms(chunk, eps, xp, lowest)
         if e is None:  # NaN or +inf in the chunk: skip the work, the caller raises
             return n_valid, zeros, n_valid, top
         z_lo = z * (1.0 - gamma) - alpha
@@ -354,40 +364,54 @@ def _threads() -> int:
     return max(1, min(cores, 8))
 
 
-def _exp_terms(x: Array, eps: float, xp: Any) -> tuple[Array | None, Array, Array, Array]:
-    r"""Terms :math:`e_i = e^{s_i - c}` in float64 (masked keys give 0), ``c``, their row sums.
+def _exp_terms(
+    x: Array, eps: float, xp: Any, lowest: float
+) -> tuple[Array | None, Array, Array, Array, float]:
+    r"""Terms :math:`\hat e_i \approx e^{s_i - c}` in float64, ``c``, their row sums.
 
-    Returns ``(e, c, z, top)``.  The common factor :math:`e^{-c}` cancels in every
+    Returns ``(e, c, z, top, alpha)``.  The common factor :math:`e^{-c}` cancels in every
     ratio, so ``c`` only has to keep the terms in range.  First ``c = 0``: ``exp`` of the
     exact float64 value of each logit, no rounded subtraction.  It is kept when every row
-    sum satisfies :math:`e^{-650}/arepsilon \le Z \le e^{700}` (all practical logits):
-    then no term overflowed and underflow is negligible against :math:`arepsilon Z`.
+    sum satisfies :math:`e^{-650}/\varepsilon \le Z \le e^{700}` (all practical logits):
+    then no term overflowed and ``alpha`` is negligible against :math:`\varepsilon Z`.
     Otherwise ``c = m - shift`` per row (``m`` the row maximum), formed as
     ``(s - m) + shift``, where ``shift = max(0, -log(eps) - 600)`` lifts tiny budgets
     clear of underflow.
+
+    Exponents below ``_FLOOR`` (masked keys included) are raised to it first when the
+    chunk has any (``lowest`` is its minimum): ``exp`` then never produces a subnormal
+    or a zero, which costs NumPy several times the normal speed.  A raised term
+    over-estimates its exact value, by at most :math:`e^{-699}`; ``alpha`` bounds the
+    total absolute error of the terms, :math:`n e^{-699}` with raising, else
+    :math:`n 2^{-1073}` (underflow).
 
     ``top`` is finite exactly for the rows without NaN or ``+inf`` (the row sums on the
     first path, the row maxima on the second) and feeds the caller's input check; ``e``
     is ``None`` when some row has NaN or ``+inf``.
     """
+    n = x.shape[-1]
+    raised = not lowest >= _FLOOR
+    alpha = n * (math.exp(_FLOOR + 1.0) if raised else _TINY)
     with np.errstate(over="ignore"):  # an overflow only sends the chunk on
-        if is_numpy(xp):
+        if is_numpy(xp) and raised:  # raise into the float64 buffer, exp in place
+            e = np.exp(np.maximum(x, _FLOOR, out=_workspace(x.shape)), out=_workspace(x.shape))
+        elif is_numpy(xp):
             e = _exp64(x, out=_workspace(x.shape))
         else:
-            e = xp.exp(xp.astype(x, xp.float64))
+            e = xp.exp(xp.astype(xp.clip(x, min=_FLOOR) if raised else x, xp.float64))
     z = xp.sum(e, axis=-1)
     z_min, z_max = math.exp(-650.0) / eps, math.exp(700.0)
     if bool(xp.all(xp.logical_and(z >= z_min, z <= z_max))):  # False for NaN
-        return e, xp.zeros_like(z[:, None]), z, z
+        return e, xp.zeros_like(z[:, None]), z, z, alpha
     m = xp.max(x, axis=-1)
     if not bool(xp.all(m < xp.inf)):
-        return None, m, z, m
+        return None, m, z, m, alpha
     shift = max(0.0, -math.log(eps) - 600.0)
     top = m
     m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
-    e = xp.exp((xp.astype(x, xp.float64) - m) + shift)
-    return e, m - shift, xp.sum(e, axis=-1), top
+    e = xp.exp(xp.clip((xp.astype(x, xp.float64) - m) + shift, min=_FLOOR))
+    return e, m - shift, xp.sum(e, axis=-1), top, n * math.exp(_FLOOR + 1.0)
 
 
 def _exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -424,27 +448,30 @@ def _cut_bracket(
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy fast path of :func:`_cut_sorted`: the same answer without sorting rows.
 
-    A strided sample of each row (``_SAMPLE`` keys) estimates where the cumulative tail
-    crosses the budget; its neighbours in sample rank give a bracket ``[lo, hi)`` of
-    logit values.  Keys below ``lo`` are summed exactly (in float64, one pass), keys in
-    the bracket are sorted, and the tail grows from the small end as in the generic
-    kernel.  The answer is exact whenever the crossing falls inside the bracket, which
-    is checked: rows where it does not get a wider bracket (``_HALF_WIDTHS``), and the
-    rare rows that still miss are sorted.  The sample only steers the work; it never
-    enters a sum that is certified.
+    A strided sample of each row (``_SAMPLE`` keys, or a quarter of a shorter row)
+    estimates where the cumulative tail crosses the budget; its neighbours in sample
+    rank give a bracket ``[lo, hi)`` of logit values.  Keys below ``lo`` are summed
+    exactly (in float64, one pass), keys in the bracket are sorted, and the tail grows
+    from the small end as in the generic kernel.  The answer is exact whenever the
+    crossing falls inside the bracket, which is checked: rows where it does not get a
+    wider bracket (``_HALF_WIDTHS``), and the rare rows that still miss are sorted.  The
+    sample only steers the work; it never enters a sum that is certified.
     """
     r, n = x.shape
-    stride = n // _SAMPLE
-    if stride < 4:
+    m = min(_SAMPLE, n // 4 // _BLOCK * _BLOCK)  # sample size: whole blocks, stride >= 4
+    if m < 2 * _BLOCK:  # rows too short to be worth a sample
         import array_api_compat.numpy as xnp
 
         return _cut_sorted(e, budget, xnp)
-    samp = np.sort(x[:, ::stride][:, :_SAMPLE], axis=1)  # exact order, x's own dtype
-    j = _sample_rank(samp, c, budget * (_SAMPLE / n))
+    stride = n // m
+    samp = np.sort(x[:, ::stride][:, :m], axis=1)  # exact order, x's own dtype
+    j = _sample_rank(samp, c, budget * (m / n))
     t = np.empty(r, dtype=np.int64)
     t_hat = np.empty(r)
     todo = np.arange(r)
-    for half in _HALF_WIDTHS:
+    # The rank error of the estimate grows like the square root of the sample size.
+    scale = math.sqrt(m / _SAMPLE)
+    for half in (max(min(h, 1), round(h * scale)) for h in _HALF_WIDTHS):
         sel = todo if todo.size < r else slice(None)
         tt, th, miss = _bracket_pass(x[sel], e[sel], samp[sel], j[sel], half, budget[sel])
         t[todo], t_hat[todo] = tt, th
@@ -524,8 +551,12 @@ def _bracket_pass(
     m = samp.shape[1]
     ends = np.take_along_axis(samp, np.clip(np.stack([j - half, j + half], 1), 0, m - 1), 1)
     # Thresholds stay in the logits' dtype, so the comparisons below never cast x.
+    # lo is at least the most negative finite value: masked keys always count as below
+    # (their raised terms are summed there) and never crowd the bracket.
     lo = np.where(j - half >= 0, ends[:, 0], -np.inf).astype(x.dtype, copy=False)
+    lo = np.maximum(lo, -np.finfo(x.dtype).max)
     hi = np.where(j + half < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
+    hi = np.maximum(hi, lo)  # so that x < lo implies x < hi
     below = x < lo[:, None]
     s_lo = np.einsum("ij,ij->i", e, below)  # float64 sum of the keys below, one pass
     packed_lo = np.packbits(below, axis=1)

@@ -321,6 +321,22 @@ def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(dtype):
         _check_contract(x[i].astype(np.float64), eps, int(cert.k[i]), float(cert.tail_mass[i]))
 
 
+@pytest.mark.parametrize("fill", [-np.inf, -1e4, -720.0])
+@pytest.mark.parametrize("eps", [1e-3, 0.05])
+def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(fill, eps):
+    """Prefix-valid rows (causal masks): -inf, a large negative number or an exponent in
+    the subnormal range after the prefix; terms below e^-700 are raised before exp."""
+    rng = np.random.default_rng(5)
+    n = 2048
+    x = rng.normal(0, 3, (6, n)).astype(np.float32)
+    for i, valid in enumerate([1, 3, 17, 600, 1500, n - 1]):
+        x[i, valid:] = fill
+    cert = certattn.certify_topk(x, eps)
+    for i in range(x.shape[0]):
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+    np.testing.assert_array_equal(cert.n_valid, np.isfinite(x).sum(axis=1))
+
+
 @pytest.mark.parametrize("half_widths", [(0,), (1,), (0, 1), (1, 2, 3)])
 def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
     """A bracket too narrow to hold the crossing must be detected and redone."""
