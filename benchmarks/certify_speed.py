@@ -1,11 +1,13 @@
 """certify_topk against the sort + cumsum baseline, measured side by side in one run.
 
-Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 5]``
+Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 7] [--more]``
 
 The baseline is the issue's reference (float32 sort, float32 exp, float64 cumsum); the
 ratio is baseline time / certify_topk time, each the median of interleaved repeats on
 the same input (the machine is noisy, so only same-run ratios mean anything).  The
 second ratio compares with one ``scipy.special.logsumexp`` pass over the batch.
+``--more`` adds the shapes users meet beyond the issue's Gaussian batch (sigma = 3): causal
+masks (-inf after a prefix), float16 and float64 logits, and shorter (n / 4) rows.
 """
 
 from __future__ import annotations
@@ -38,14 +40,33 @@ def main() -> None:
         "--cpu-time", action="store_true",
         help="time with process CPU time instead of wall clock (steadier on a busy machine)",
     )
+    ap.add_argument(
+        "--more", action="store_true",
+        help="also time causal masks, float16 and float64 logits and shorter rows",
+    )
     args = ap.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
     rng = np.random.default_rng(0)
-    print(f"rows={args.rows} n={args.n} eps={args.eps} float32, median of {args.repeats}")
-    print("| sigma | baseline ms | certify ms | logsumexp ms | speed-up | certify / lse |")
+    print(
+        f"rows={args.rows} n={args.n} eps={args.eps} float32 unless said, "
+        f"median of {args.repeats}"
+    )
+    print("| sigma, case | baseline ms | certify ms | logsumexp ms | speed-up | certify / lse |")
     print("|---|---|---|---|---|---|")
-    for sigma in args.sigmas:
-        x = (rng.standard_normal((args.rows, args.n)) * sigma).astype(np.float32)
+    cases = [
+        (f"{sigma:g}", (rng.standard_normal((args.rows, args.n)) * sigma).astype(np.float32))
+        for sigma in args.sigmas
+    ]
+    if args.more:
+        x = (rng.standard_normal((args.rows, args.n)) * 3).astype(np.float32)
+        prefix = np.linspace(1, args.n, args.rows).astype(int)[:, None]
+        cases += [
+            ("3, causal", np.where(np.arange(args.n) < prefix, x, -np.inf).astype(np.float32)),
+            ("3, float16", x.astype(np.float16)),
+            ("3, float64", x.astype(np.float64)),
+            ("3, n / 4", x.reshape(4 * args.rows, args.n // 4)),
+        ]
+    for label, x in cases:
         funcs = {
             "base": lambda x=x: baseline(x, args.eps),
             "cert": lambda x=x: certattn.certify_topk(x, args.eps),
@@ -62,7 +83,7 @@ def main() -> None:
         k_cert = np.asarray(certattn.certify_topk(x, args.eps).k)
         agree = float(np.mean(k_base == k_cert))
         print(
-            f"| {sigma:g} | {med['base']:.1f} | {med['cert']:.1f} | {med['lse']:.1f} "
+            f"| {label} | {med['base']:.1f} | {med['cert']:.1f} | {med['lse']:.1f} "
             f"| {med['base'] / med['cert']:.2f}x | {med['cert'] / med['lse']:.2f} |"
             f"  (k agrees with baseline on {agree:.1%} of rows)"
         )
