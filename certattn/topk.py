@@ -276,10 +276,10 @@ def _certify_rows(
 ) -> tuple[Array, Array, Array, Array]:
     """``(k, tail_upper, n_valid, row_top)`` for a (rows, n) batch, chunk by chunk.
 
-    Everything per row happens inside the chunks (in parallel threads on NumPy); fully
-    masked rows give meaningless ``k`` and ``tail`` (the caller
-    decides), rows with NaN or ``+inf`` are caught by the caller from ``row_top``, which
-    is NaN or ``+inf`` exactly for those rows (a row maximum or a row sum of terms).
+    Everything per row happens inside the chunks (in parallel threads on NumPy).  Fully
+    masked rows give meaningless ``k`` and ``tail`` (the caller decides); rows with NaN
+    or ``+inf`` are caught by the caller from ``row_top``, which is NaN or ``+inf``
+    exactly for those rows (a row maximum or a row sum of terms).
     """
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
