@@ -76,6 +76,7 @@ _GAMMA_TERM = 2100 * _U
 _FLOOR = -700.0  # exponents below are raised to it before exp (see _exp_terms)
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
 _FAST_KEYS = 1 << 20  # keys per chunk of the NumPy fast path
+_THREAD_KEYS = 1 << 18  # fewest keys per chunk worth a hand-off to a worker thread
 
 
 @dataclass(frozen=True)
@@ -285,8 +286,10 @@ def _certify_rows(
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     fast = is_numpy(xp)
     workers = _threads() if fast else 1
-    if fast:  # about 2^20 keys a chunk (8 MiB of float64), and work for every thread
-        step = max(1, min(_FAST_KEYS // max(n, 1), -(-rows // workers)))
+    if fast:  # about 2^20 keys a chunk (8 MiB of float64), and work for every thread,
+        # but at least 2^18 keys a chunk: a thread hand-off costs more than smaller work
+        step = min(_FAST_KEYS // max(n, 1), -(-rows // workers))
+        step = max(1, step, _THREAD_KEYS // max(n, 1))
     else:
         step = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
 
@@ -318,11 +321,11 @@ def _certify_rows(
     parts: list[tuple[Array, Array, Array, Array]] = []
     # NumPy releases the GIL in every heavy call of a chunk: spread chunks over the cores.
     workers = min(workers, len(starts))
-    with ThreadPoolExecutor(workers) if workers > 1 else _Serial() as pool:
-        for start, part in zip(starts, pool.map(one_chunk, starts), strict=True):
-            parts.append(part)
-            if progress is not None:
-                progress(min(rows, start + step), rows)
+    chunks = _pool(workers).map(one_chunk, starts) if workers > 1 else map(one_chunk, starts)
+    for start, part in zip(starts, chunks, strict=True):
+        parts.append(part)
+        if progress is not None:
+            progress(min(rows, start + step), rows)
     if not parts:  # no rows at all
         empty = xp.zeros(0, dtype=xp.float64, device=device_of(flat))
         ints = xp.zeros(0, dtype=xp.int64, device=device_of(flat))
@@ -340,16 +343,30 @@ def _certify_rows(
     return k, xp.minimum(tail, eps), n_valid, row_top
 
 
-class _Serial:
-    """Stand-in for an executor: ``map`` in the calling thread."""
+_POOL: tuple[int, ThreadPoolExecutor] | None = None
+_POOL_LOCK = threading.Lock()
 
-    def __enter__(self) -> _Serial:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The worker threads of the NumPy path, started once and kept (each keeps its
+    scratch buffer, :func:`_workspace`, so repeated calls reuse warm memory)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[0] != workers:
+            if _POOL is not None:
+                _POOL[1].shutdown(wait=False)
+            _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="certattn"))
+        return _POOL[1]
 
-    map = staticmethod(map)
+
+def _forget_pool() -> None:
+    """In a forked child the parent's threads do not exist: start afresh."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _threads() -> int:
@@ -429,9 +446,13 @@ def _workspace(shape: tuple[int, ...]) -> np.ndarray:
 
     The terms of a chunk are recomputed for every chunk; reusing one buffer per thread
     saves the page faults of a fresh multi-MiB allocation each time (about 20% of the
-    ``exp`` pass).  Nothing returned from a chunk may point into it.
+    ``exp`` pass).  Nothing returned from a chunk may point into it.  Only chunk-sized
+    buffers are kept (a row longer than a chunk gets a fresh one), so the threads hold at
+    most 8 MiB each between calls.
     """
     size = math.prod(shape)
+    if size > _FAST_KEYS:
+        return np.empty(shape)
     buf = getattr(_local, "buf", None)
     if buf is None or buf.size < size:
         buf = _local.buf = np.empty(size)

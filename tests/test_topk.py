@@ -419,3 +419,46 @@ def test_sample_rank_matches_a_full_prefix_sum(seed, scale, masked, frac):
     # Single precision inside: the rank may differ by one where a prefix sum sits
     # within rounding of the threshold.
     assert np.all(np.abs(j - ref) <= 1)
+
+
+def _certify_in_child(conn) -> None:
+    x = np.random.default_rng(1).normal(0, 3, (512, 2048)).astype(np.float32)
+    conn.send(np.asarray(certattn.certify_topk(x, 0.01).k).tolist())
+
+
+@pytest.mark.skipif(
+    "fork" not in __import__("multiprocessing").get_all_start_methods(),
+    reason="needs the fork start method",
+)
+def test_worker_threads_survive_fork(monkeypatch):
+    """The kept worker pool does not exist in a forked child: the child starts its own."""
+    import multiprocessing
+
+    monkeypatch.setenv("CERTATTN_NUM_THREADS", "2")
+    x = np.random.default_rng(1).normal(0, 3, (512, 2048)).astype(np.float32)
+    want = np.asarray(certattn.certify_topk(x, 0.01).k).tolist()  # the parent's pool runs
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_certify_in_child, args=(child,))
+    proc.start()
+    try:
+        assert parent.poll(60), "the forked child hung on the parent's worker pool"
+        assert parent.recv() == want
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+
+
+def test_small_batches_stay_on_the_calling_thread(monkeypatch):
+    """A thread hand-off costs more than a small batch: those never reach the pool."""
+    import certattn.topk as topk
+
+    monkeypatch.setenv("CERTATTN_NUM_THREADS", "2")
+    used = []
+    real = topk._pool
+    monkeypatch.setattr(topk, "_pool", lambda w: used.append(w) or real(w))
+    certattn.certify_topk(np.zeros((64, 1024), dtype=np.float32), 0.01)
+    assert not used
+    certattn.certify_topk(np.zeros((1024, 1024), dtype=np.float32), 0.01)
+    assert used == [2]
