@@ -52,16 +52,14 @@ logits; :meth:`TopkCertificate.kept_mask` breaks ties at the cut by position.
 from __future__ import annotations
 
 import math
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 
+from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
 from ._validate import check_eps, check_logits, check_number, first_bad_position
 
@@ -75,8 +73,6 @@ _SMALLEST = 2.0**-1074  # smallest positive float64
 _GAMMA_TERM = 2100 * _U
 _FLOOR = -700.0  # exponents below are raised to it before exp (see _exp_terms)
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
-_FAST_KEYS = 1 << 20  # keys per chunk of the NumPy fast path
-_THREAD_KEYS = 1 << 18  # fewest keys per chunk worth a hand-off to a worker thread
 
 
 @dataclass(frozen=True)
@@ -285,11 +281,9 @@ def _certify_rows(
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     fast = is_numpy(xp)
-    workers = _threads() if fast else 1
-    if fast:  # about 2^20 keys a chunk (8 MiB of float64), and work for every thread,
-        # but at least 2^18 keys a chunk: a thread hand-off costs more than smaller work
-        step = min(_FAST_KEYS // max(n, 1), -(-rows // workers))
-        step = max(1, step, _THREAD_KEYS // max(n, 1))
+    workers = _np_path.threads() if fast else 1
+    if fast:
+        step = _np_path.chunk_rows(rows, n, workers)
     else:
         step = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
 
@@ -302,7 +296,7 @@ def _certify_rows(
         if lowest > -math.inf:
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
         elif fast:
-            n_valid = _popcount_rows(np.packbits(chunk > -np.inf, axis=1))
+            n_valid = _np_path.valid_counts(chunk)
         else:
             n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
         zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
@@ -314,14 +308,20 @@ def _certify_rows(
         z_lo = z * (1.0 - gamma) - alpha
         # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
         budget = (eps * z_lo - alpha) / (1.0 + gamma)
-        t, t_hat = _cut_bracket(chunk, e, c, budget) if fast else _cut_sorted(e, budget, xp)
+        if fast:
+            t, t_hat = _np_path.cut_bracket(chunk, e, c, budget)
+        else:
+            t, t_hat = _cut_sorted(e, budget, xp)
         return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, top
 
     starts = range(0, rows, step)
     parts: list[tuple[Array, Array, Array, Array]] = []
     # NumPy releases the GIL in every heavy call of a chunk: spread chunks over the cores.
     workers = min(workers, len(starts))
-    chunks = _pool(workers).map(one_chunk, starts) if workers > 1 else map(one_chunk, starts)
+    if workers > 1:
+        chunks = _np_path.pool(workers).map(one_chunk, starts)
+    else:
+        chunks = map(one_chunk, starts)
     for start, part in zip(starts, chunks, strict=True):
         parts.append(part)
         if progress is not None:
@@ -341,44 +341,6 @@ def _certify_rows(
     tail = tail * (1.0 + 4 * _U) + _SMALLEST
     tail = xp.where(k < n_valid, tail, xp.zeros_like(tail))
     return k, xp.minimum(tail, eps), n_valid, row_top
-
-
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The worker threads of the NumPy path, started once and kept (each keeps its
-    scratch buffer, :func:`_workspace`, so repeated calls reuse warm memory)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != workers:
-            if _POOL is not None:
-                _POOL[1].shutdown(wait=False)
-            _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="certattn"))
-        return _POOL[1]
-
-
-def _forget_pool() -> None:
-    """In a forked child the parent's threads do not exist: start afresh."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pool)
-
-
-def _threads() -> int:
-    """Worker threads for the NumPy path: ``CERTATTN_NUM_THREADS`` or the usable cores."""
-    env = os.environ.get("CERTATTN_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
 
 
 def _exp_terms(
@@ -410,10 +372,8 @@ def _exp_terms(
     raised = not lowest >= _FLOOR
     alpha = n * (math.exp(_FLOOR + 1.0) if raised else _TINY)
     with np.errstate(over="ignore"):  # an overflow only sends the chunk on
-        if is_numpy(xp) and raised:  # raise into the float64 buffer, exp in place
-            e = np.exp(np.maximum(x, _FLOOR, out=_workspace(x.shape)), out=_workspace(x.shape))
-        elif is_numpy(xp):
-            e = _exp64(x, out=_workspace(x.shape))
+        if is_numpy(xp):
+            e = _np_path.terms(x, _FLOOR if raised else None)
         else:
             e = xp.exp(xp.astype(xp.clip(x, min=_FLOOR) if raised else x, xp.float64))
     z = xp.sum(e, axis=-1)
@@ -429,178 +389,6 @@ def _exp_terms(
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
     e = xp.exp(xp.clip((xp.astype(x, xp.float64) - m) + shift, min=_FLOOR))
     return e, m - shift, xp.sum(e, axis=-1), top, n * math.exp(_FLOOR + 1.0)
-
-
-def _exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``exp`` of a NumPy float array computed and returned in float64 (one pass)."""
-    if a.dtype in (np.float16, np.float32, np.float64):
-        return np.exp(a, dtype=np.float64, out=out)
-    return np.exp(a.astype(np.float64), out=out)  # e.g. ml_dtypes' bfloat16
-
-
-_local = threading.local()
-
-
-def _workspace(shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 scratch array of ``shape``, reused by the calling thread.
-
-    The terms of a chunk are recomputed for every chunk; reusing one buffer per thread
-    saves the page faults of a fresh multi-MiB allocation each time (about 20% of the
-    ``exp`` pass).  Nothing returned from a chunk may point into it.  Only chunk-sized
-    buffers are kept (a row longer than a chunk gets a fresh one), so the threads hold at
-    most 8 MiB each between calls.
-    """
-    size = math.prod(shape)
-    if size > _FAST_KEYS:
-        return np.empty(shape)
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _local.buf = np.empty(size)
-    return buf[:size].reshape(shape)
-
-
-_SAMPLE = 512  # keys sampled per row to place the bracket (NumPy fast path)
-_BLOCK = 16  # sample ranks per block of the two-level prefix sum
-_HALF_WIDTHS = (8, 24)  # bracket half-widths tried in turn, in sample ranks
-
-
-def _cut_bracket(
-    x: np.ndarray, e: np.ndarray, c: np.ndarray, budget: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy fast path of :func:`_cut_sorted`: the same answer without sorting rows.
-
-    A strided sample of each row (``_SAMPLE`` keys, or a quarter of a shorter row)
-    estimates where the cumulative tail crosses the budget; its neighbours in sample
-    rank give a bracket ``[lo, hi)`` of logit values.  Keys below ``lo`` are summed
-    exactly (in float64, one pass), keys in the bracket are sorted, and the tail grows
-    from the small end as in the generic kernel.  The answer is exact whenever the
-    crossing falls inside the bracket, which is checked: rows where it does not get a
-    wider bracket (``_HALF_WIDTHS``), and the rare rows that still miss are sorted.  The
-    sample only steers the work; it never enters a sum that is certified.
-    """
-    r, n = x.shape
-    m = min(_SAMPLE, n // 4 // _BLOCK * _BLOCK)  # sample size: whole blocks, stride >= 4
-    if m < 2 * _BLOCK:  # rows too short to be worth a sample
-        import array_api_compat.numpy as xnp
-
-        return _cut_sorted(e, budget, xnp)
-    stride = n // m
-    samp = np.sort(x[:, ::stride][:, :m], axis=1)  # exact order, x's own dtype
-    j = _sample_rank(samp, c, budget * (m / n))
-    t = np.empty(r, dtype=np.int64)
-    t_hat = np.empty(r)
-    todo = np.arange(r)
-    # The rank error of the estimate grows like the square root of the sample size.
-    scale = math.sqrt(m / _SAMPLE)
-    for half in (max(min(h, 1), round(h * scale)) for h in _HALF_WIDTHS):
-        sel = todo if todo.size < r else slice(None)
-        tt, th, miss = _bracket_pass(x[sel], e[sel], samp[sel], j[sel], half, budget[sel])
-        t[todo], t_hat[todo] = tt, th
-        todo = todo[miss]
-        if todo.size == 0:
-            return t, t_hat
-    # Still outside every bracket: sort those rows (same arithmetic as _cut_sorted).
-    cs = np.cumsum(np.sort(e[todo], axis=1), axis=1)
-    t_m = (cs <= budget[todo][:, None]).sum(axis=1)
-    t[todo] = t_m
-    t_hat[todo] = np.where(t_m > 0, cs[np.arange(t_m.size), np.maximum(t_m - 1, 0)], 0.0)
-    return t, t_hat
-
-
-def _sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray:
-    """Per row, how many of the ascending ``samp`` fit under ``thr`` (an estimate only).
-
-    ``thr`` is in the units of the terms ``exp(s - c)``.  The rank only steers the
-    bracket, so single precision will do: the sample terms are taken relative to the
-    sample maximum, summed in blocks of ``_BLOCK``, and one cumulative sum over the
-    block totals finds the crossing block, a second one inside it the crossing rank
-    (a full row ``cumsum`` is several times slower).
-    """
-    r, m = samp.shape
-    s = samp if samp.dtype.itemsize >= 4 else samp.astype(np.float32)
-    with np.errstate(over="ignore", invalid="ignore"):
-        top = s[:, -1:]
-        top = np.where(np.isfinite(top), top, np.zeros_like(top))  # all-masked sample
-        est = np.exp(s - top)  # in (0, 1]; masked keys give 0
-        thr = thr * np.exp(c[:, 0] - top[:, 0].astype(np.float64))
-    blocks = est.reshape(r, m // _BLOCK, _BLOCK)
-    cb = np.cumsum(np.einsum("ijk->ij", blocks), axis=1)  # faster than sum(axis=2)
-    jb = (cb <= thr[:, None]).sum(axis=1)  # whole blocks under the threshold
-    rows = np.arange(r)
-    inner = np.minimum(jb, cb.shape[1] - 1)
-    base = np.where(jb > 0, cb[rows, np.maximum(jb - 1, 0)], 0.0)
-    part = np.cumsum(blocks[rows, inner], axis=1) + base[:, None]
-    within = (part <= thr[:, None]).sum(axis=1)
-    return jb * _BLOCK + np.where(jb < cb.shape[1], within, 0)
-
-
-_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _popcount_rows(packed: np.ndarray) -> np.ndarray:
-    """Set bits per row of a 2-D ``uint8`` array (int64)."""
-    bits = np.bitwise_count(packed) if hasattr(np, "bitwise_count") else _POPCOUNT8[packed]
-    return bits.sum(axis=1, dtype=np.int64)
-
-
-def _packed_positions(packed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(row, flat)`` of every set bit of a row-wise packed ``(r, n)`` boolean array.
-
-    ``packed`` is ``np.packbits(mask, axis=1)``; ``flat = row * n + column`` indexes the
-    C-ordered ``(r, n)`` array.  Scans the packed bytes (an eighth of the bits) for the
-    non-zero ones and unpacks only those: about twice as fast as ``np.nonzero`` on the
-    boolean array when set bits are few.
-    """
-    nb = packed.shape[1]
-    flat = packed.ravel()
-    hit = np.flatnonzero(flat != 0)
-    sub = np.flatnonzero(np.unpackbits(flat[hit]).view(bool))
-    byte = hit[sub >> 3]
-    row = byte // nb
-    pos = (byte << 3) | (sub & 7)  # bit index in the packed layout
-    if n != 8 * nb:  # rows were padded to whole bytes: drop the padding
-        pos -= row * (8 * nb - n)
-    return row, pos
-
-
-def _bracket_pass(
-    x: np.ndarray, e: np.ndarray, samp: np.ndarray, j: np.ndarray, half: int,
-    budget: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One bracket of ``half`` sample ranks around ``j``: ``(t, t_hat, miss)`` per row."""
-    r = x.shape[0]
-    m = samp.shape[1]
-    ends = np.take_along_axis(samp, np.clip(np.stack([j - half, j + half], 1), 0, m - 1), 1)
-    # Thresholds stay in the logits' dtype, so the comparisons below never cast x.
-    # lo is at least the most negative finite value: masked keys always count as below
-    # (their raised terms are summed there) and never crowd the bracket.
-    lo = np.where(j - half >= 0, ends[:, 0], -np.inf).astype(x.dtype, copy=False)
-    lo = np.maximum(lo, -np.finfo(x.dtype).max)
-    hi = np.where(j + half < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
-    hi = np.maximum(hi, lo)  # so that x < lo implies x < hi
-    below = x < lo[:, None]
-    s_lo = np.einsum("ij,ij->i", e, below)  # float64 sum of the keys below, one pass
-    packed_lo = np.packbits(below, axis=1)
-    n_lo = _popcount_rows(packed_lo)
-    # Keys in [lo, hi): the bits of x < hi that are not below lo (below is a subset).
-    packed_mid = np.packbits(np.less(x, hi[:, None], out=below), axis=1)
-    np.bitwise_xor(packed_mid, packed_lo, out=packed_mid)
-    ri, pos = _packed_positions(packed_mid, x.shape[1])
-    vals = e.ravel()[pos]
-    widths = np.bincount(ri, minlength=r)
-    w = int(widths.max()) if r else 0
-    # Row i's bracket terms go to pad[i, 1:1 + widths[i]]; pad[i, 0] holds s_lo.
-    pad = np.full((r, w + 1), np.inf)
-    pad[:, 0] = s_lo
-    first = np.cumsum(widths) - widths  # index in ``vals`` of each row's first term
-    slot = np.arange(vals.size) + (ri * (w + 1) + 1 - first[ri])
-    pad.ravel()[slot] = vals
-    pad[:, 1:].sort(axis=1)
-    cs = np.cumsum(pad, axis=1)
-    extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
-    # Exact iff the prefix below the bracket fits and some bracket key does not.
-    miss = (s_lo > budget) | (extra >= widths)
-    return n_lo + extra, cs[np.arange(r), extra], miss
 
 
 def _cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:

@@ -87,18 +87,18 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
         batch[i, : len(r)] = r
     import array_api_compat.numpy as xnp
 
-    import certattn.topk as topk
+    import certattn._topk_numpy as npk
 
     valid = np.isfinite(batch).sum(axis=1)
-    saved = topk._cut_bracket
+    saved = npk.cut_bracket
     for kernel in ("bracket", "sorted"):
         try:
             if kernel == "sorted":
-                topk._cut_bracket = lambda x, e, c, b: _cut_sorted(e, b, xnp)
+                npk.cut_bracket = lambda x, e, c, b: _cut_sorted(e, b, xnp)
             k, tail, n_valid, _ = _certify_rows(batch, eps, xp=xnp, progress=None)
             np.testing.assert_array_equal(n_valid, valid)
         finally:
-            topk._cut_bracket = saved
+            npk.cut_bracket = saved
         for i, r in enumerate(rows):
             _check_contract(r, eps, int(k[i]), float(tail[i]))
 
@@ -271,10 +271,10 @@ def test_exact_min_k_reference_itself():
 
 def _long_rows(seed: int) -> np.ndarray:
     """Rows long enough for the NumPy bracket kernel, of every shape that can fool it."""
-    import certattn.topk as topk
+    import certattn._topk_numpy as npk
 
     rng = np.random.default_rng(seed)
-    n = 4 * topk._SAMPLE  # long enough for the sampled bracket (stride 4)
+    n = 4 * npk.SAMPLE  # long enough for the sampled bracket (stride 4)
     rows = [
         rng.normal(0, 1, n),
         rng.normal(0, 3, n),
@@ -340,9 +340,9 @@ def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(fill, eps):
 @pytest.mark.parametrize("half_widths", [(0,), (1,), (0, 1), (1, 2, 3)])
 def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
     """A bracket too narrow to hold the crossing must be detected and redone."""
-    import certattn.topk as topk
+    import certattn._topk_numpy as npk
 
-    monkeypatch.setattr(topk, "_HALF_WIDTHS", half_widths)
+    monkeypatch.setattr(npk, "HALF_WIDTHS", half_widths)
     x = _long_rows(3)
     for eps in (1e-3, 0.05):
         cert = certattn.certify_topk(x, eps)
@@ -352,11 +352,11 @@ def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
 
 def test_long_rows_take_the_bracket_path(monkeypatch):
     """Guard: the long-row tests above must exercise the bracket, not the sort fallback."""
-    import certattn.topk as topk
+    import certattn._topk_numpy as npk
 
     calls = []
-    real = topk._bracket_pass
-    monkeypatch.setattr(topk, "_bracket_pass", lambda *a: calls.append(1) or real(*a))
+    real = npk.bracket_pass
+    monkeypatch.setattr(npk, "bracket_pass", lambda *a: calls.append(1) or real(*a))
     certattn.certify_topk(_long_rows(0), 0.01)
     assert calls
 
@@ -380,18 +380,18 @@ def test_topp_budget_never_rounds_above_one_minus_p(p):
 )
 def test_packed_bit_helpers_match_numpy(bits):
     """Positions and row counts read from packed bits equal np.nonzero / sum (any n)."""
-    from certattn import topk
+    import certattn._topk_numpy as npk
 
     mask = np.array(bits, dtype=bool)
     packed = np.packbits(mask, axis=1)
-    rows, flat = topk._packed_positions(packed, mask.shape[1])
+    rows, flat = npk.packed_positions(packed, mask.shape[1])
     want_rows = np.nonzero(mask)[0]
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_array_equal(flat, np.flatnonzero(mask))
-    np.testing.assert_array_equal(topk._popcount_rows(packed), mask.sum(axis=1))
+    np.testing.assert_array_equal(npk.popcount_rows(packed), mask.sum(axis=1))
     # The lookup-table fallback (NumPy < 2 has no bitwise_count) agrees too.
     np.testing.assert_array_equal(
-        topk._POPCOUNT8[packed].sum(axis=1, dtype=np.int64), mask.sum(axis=1)
+        npk.POPCOUNT8[packed].sum(axis=1, dtype=np.int64), mask.sum(axis=1)
     )
 
 
@@ -403,18 +403,18 @@ def test_packed_bit_helpers_match_numpy(bits):
 )
 def test_sample_rank_matches_a_full_prefix_sum(seed, scale, masked, frac):
     """The blocked two-level search finds the crossing rank of one full cumsum."""
-    from certattn import topk
+    import certattn._topk_numpy as npk
 
     rng = np.random.default_rng(seed)
-    samp = np.sort(rng.normal(0, scale, (7, topk._SAMPLE)), axis=1)
+    samp = np.sort(rng.normal(0, scale, (7, npk.SAMPLE)), axis=1)
     if masked:
-        samp[:, : topk._SAMPLE // 3] = -np.inf
+        samp[:, : npk.SAMPLE // 3] = -np.inf
         samp[0] = -np.inf  # a sample with no valid key at all
     c = np.zeros((7, 1))
     total = np.exp(samp).sum(axis=1)
     thr = frac * total
-    j = topk._sample_rank(samp, c, thr)
-    assert np.all((0 <= j) & (j <= topk._SAMPLE))
+    j = npk.sample_rank(samp, c, thr)
+    assert np.all((0 <= j) & (j <= npk.SAMPLE))
     ref = (np.cumsum(np.exp(samp), axis=1) <= thr[:, None]).sum(axis=1)
     # Single precision inside: the rank may differ by one where a prefix sum sits
     # within rounding of the threshold.
@@ -452,12 +452,12 @@ def test_worker_threads_survive_fork(monkeypatch):
 
 def test_small_batches_stay_on_the_calling_thread(monkeypatch):
     """A thread hand-off costs more than a small batch: those never reach the pool."""
-    import certattn.topk as topk
+    import certattn._topk_numpy as npk
 
     monkeypatch.setenv("CERTATTN_NUM_THREADS", "2")
     used = []
-    real = topk._pool
-    monkeypatch.setattr(topk, "_pool", lambda w: used.append(w) or real(w))
+    real = npk.pool
+    monkeypatch.setattr(npk, "pool", lambda w: used.append(w) or real(w))
     certattn.certify_topk(np.zeros((64, 1024), dtype=np.float32), 0.01)
     assert not used
     certattn.certify_topk(np.zeros((1024, 1024), dtype=np.float32), 0.01)
