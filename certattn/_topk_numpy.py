@@ -198,24 +198,23 @@ def popcount_rows(packed: np.ndarray) -> np.ndarray:
     return bits.sum(axis=1, dtype=np.int64)
 
 
-def packed_positions(packed: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(row, flat)`` of every set bit of a row-wise packed ``(r, n)`` boolean array.
+def packed_positions(packed: np.ndarray, n: int) -> np.ndarray:
+    """Flat indices ``row * n + column`` of the set bits of a packed ``(r, n)`` mask.
 
-    ``packed`` is ``np.packbits(mask, axis=1)``; ``flat = row * n + column`` indexes the
-    C-ordered ``(r, n)`` array.  Scans the packed bytes (an eighth of the bits) for the
-    non-zero ones and unpacks only those: about twice as fast as ``np.nonzero`` on the
-    boolean array when set bits are few.
+    ``packed`` is ``np.packbits(mask, axis=1)``; the indices address the C-ordered
+    ``(r, n)`` array, in row-major order.  Scans the packed bytes (an eighth of the
+    bits) for the non-zero ones and unpacks only those: about twice as fast as
+    ``np.nonzero`` on the boolean array when set bits are few.
     """
     nb = packed.shape[1]
     flat = packed.ravel()
     hit = np.flatnonzero(flat != 0)
     sub = np.flatnonzero(np.unpackbits(flat[hit]).view(bool))
     byte = hit[sub >> 3]
-    row = byte // nb
     pos = (byte << 3) | (sub & 7)  # bit index in the packed layout
     if n != 8 * nb:  # rows were padded to whole bytes: drop the padding
-        pos -= row * (8 * nb - n)
-    return row, pos
+        pos -= (byte // nb) * (8 * nb - n)
+    return pos
 
 
 def bracket_pass(
@@ -240,16 +239,13 @@ def bracket_pass(
     # Keys in [lo, hi): the bits of x < hi that are not below lo (below is a subset).
     packed_mid = np.packbits(np.less(x, hi[:, None], out=below), axis=1)
     np.bitwise_xor(packed_mid, packed_lo, out=packed_mid)
-    ri, pos = packed_positions(packed_mid, x.shape[1])
-    vals = e.ravel()[pos]
-    widths = np.bincount(ri, minlength=r)
+    vals = e.ravel()[packed_positions(packed_mid, x.shape[1])]  # row by row
+    widths = popcount_rows(packed_mid)
     w = int(widths.max()) if r else 0
     # Row i's bracket terms go to pad[i, 1:1 + widths[i]]; pad[i, 0] holds s_lo.
     pad = np.full((r, w + 1), np.inf)
     pad[:, 0] = s_lo
-    first = np.cumsum(widths) - widths  # index in ``vals`` of each row's first term
-    slot = np.arange(vals.size) + (ri * (w + 1) + 1 - first[ri])
-    pad.ravel()[slot] = vals
+    pad[:, 1:][np.arange(w) < widths[:, None]] = vals  # fills row by row, in order
     pad[:, 1:].sort(axis=1)
     cs = np.cumsum(pad, axis=1)
     extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
