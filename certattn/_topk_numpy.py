@@ -17,6 +17,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -38,11 +39,12 @@ def valid_counts(chunk: np.ndarray) -> np.ndarray:
 
 def terms(x: np.ndarray, floor: float | None) -> np.ndarray:
     """``exp`` of ``x`` (raised to ``floor`` first, if given) in float64, in the calling
-    thread's buffer."""
+    thread's ``"terms"`` buffer."""
     if floor is None:
-        return exp64(x, out=workspace(x.shape))
+        return exp64(x, out=workspace(x.shape, "terms"))
     # raise into the float64 buffer, exp in place
-    return np.exp(np.maximum(x, floor, out=workspace(x.shape)), out=workspace(x.shape))
+    e = np.maximum(x, floor, out=workspace(x.shape, "terms"))
+    return np.exp(e, out=e)
 
 
 _POOL: tuple[int, ThreadPoolExecutor] | None = None
@@ -93,21 +95,22 @@ def exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
 _local = threading.local()
 
 
-def workspace(shape: tuple[int, ...]) -> np.ndarray:
-    """A float64 scratch array of ``shape``, reused by the calling thread.
+def workspace(shape: tuple[int, ...], name: str, dtype: Any = np.float64) -> np.ndarray:
+    """The calling thread's scratch array ``name``, as ``shape`` and ``dtype``.
 
-    The terms of a chunk are recomputed for every chunk; reusing one buffer per thread
-    saves the page faults of a fresh multi-MiB allocation each time (about 20% of the
-    ``exp`` pass).  Nothing returned from a chunk may point into it.  Only chunk-sized
-    buffers are kept (a row longer than a chunk gets a fresh one), so the threads hold at
-    most 8 MiB each between calls.
+    Every chunk needs the same temporaries again; reusing them per thread saves the page
+    faults of fresh allocations, which cost about a fifth of the running time on a
+    virtual machine.  Each use has its own ``name``; nothing returned from a chunk may
+    point into one.  Only chunk-sized buffers are kept (a row longer than a chunk gets
+    fresh ones), so a thread holds about 12 MiB between calls.
     """
     size = math.prod(shape)
     if size > FAST_KEYS:
-        return np.empty(shape)
-    buf = getattr(_local, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _local.buf = np.empty(size)
+        return np.empty(shape, dtype=dtype)
+    bufs = _local.__dict__.setdefault("bufs", {})
+    buf = bufs.get(name)
+    if buf is None or buf.dtype != dtype or buf.size < size:
+        buf = bufs[name] = np.empty(size, dtype=dtype)
     return buf[:size].reshape(shape)
 
 
@@ -135,7 +138,9 @@ def cut_bracket(
     if m < 2 * BLOCK:  # rows too short to be worth a sample
         return sorted_cut(e, budget)
     stride = n // m
-    samp = np.sort(x[:, ::stride][:, :m], axis=1)  # exact order, x's own dtype
+    samp = workspace((r, m), "sample", x.dtype)  # sorted in place: exact order, x's own dtype
+    np.copyto(samp, x[:, ::stride][:, :m])
+    samp.sort(axis=1)
     j = sample_rank(samp, c, budget * (m / n))
     t = np.empty(r, dtype=np.int64)
     t_hat = np.empty(r)
@@ -176,7 +181,8 @@ def sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore", invalid="ignore"):
         top = s[:, -1:]
         top = np.where(np.isfinite(top), top, np.zeros_like(top))  # all-masked sample
-        est = np.exp(s - top)  # in (0, 1]; masked keys give 0
+        est = np.subtract(s, top, out=workspace(s.shape, "estimate", s.dtype))
+        np.exp(est, out=est)  # in (0, 1]; masked keys give 0
         thr = thr * np.exp(c[:, 0] - top[:, 0].astype(np.float64))
     blocks = est.reshape(r, m // BLOCK, BLOCK)
     cb = np.cumsum(np.einsum("ijk->ij", blocks), axis=1)  # faster than sum(axis=2)
@@ -208,12 +214,14 @@ def packed_positions(packed: np.ndarray, n: int) -> np.ndarray:
     """
     nb = packed.shape[1]
     flat = packed.ravel()
-    hit = np.flatnonzero(flat != 0)
+    hit = np.flatnonzero(np.not_equal(flat, 0, out=workspace(flat.shape, "nonzero", bool)))
     sub = np.flatnonzero(np.unpackbits(flat[hit]).view(bool))
-    byte = hit[sub >> 3]
-    pos = (byte << 3) | (sub & 7)  # bit index in the packed layout
-    if n != 8 * nb:  # rows were padded to whole bytes: drop the padding
-        pos -= (byte // nb) * (8 * nb - n)
+    pos = hit[sub >> 3]  # the byte of each bit
+    row = pos // nb if n != 8 * nb else None
+    np.left_shift(pos, 3, out=pos)
+    pos |= np.bitwise_and(sub, 7, out=sub)  # bit index in the packed layout
+    if row is not None:  # rows were padded to whole bytes: drop the padding
+        pos -= row * (8 * nb - n)
     return pos
 
 
@@ -232,7 +240,7 @@ def bracket_pass(
     lo = np.maximum(lo, -np.finfo(x.dtype).max)
     hi = np.where(j + half < m, ends[:, 1], np.inf).astype(x.dtype, copy=False)
     hi = np.maximum(hi, lo)  # so that x < lo implies x < hi
-    below = x < lo[:, None]
+    below = np.less(x, lo[:, None], out=workspace(x.shape, "below", bool))
     s_lo = np.einsum("ij,ij->i", e, below)  # float64 sum of the keys below, one pass
     packed_lo = np.packbits(below, axis=1)
     n_lo = popcount_rows(packed_lo)
@@ -243,11 +251,12 @@ def bracket_pass(
     widths = popcount_rows(packed_mid)
     w = int(widths.max()) if r else 0
     # Row i's bracket terms go to pad[i, 1:1 + widths[i]]; pad[i, 0] holds s_lo.
-    pad = np.full((r, w + 1), np.inf)
+    pad = workspace((r, w + 1), "pad")
+    pad.fill(np.inf)
     pad[:, 0] = s_lo
     pad[:, 1:][np.arange(w) < widths[:, None]] = vals  # fills row by row, in order
     pad[:, 1:].sort(axis=1)
-    cs = np.cumsum(pad, axis=1)
+    cs = np.cumsum(pad, axis=1, out=pad)
     extra = (cs[:, 1:] <= budget[:, None]).sum(axis=1)
     # Exact iff the prefix below the bracket fits and some bracket key does not.
     miss = (s_lo > budget) | (extra >= widths)
