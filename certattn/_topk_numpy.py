@@ -34,7 +34,18 @@ def chunk_rows(rows: int, n: int, workers: int) -> int:
 
 def valid_counts(chunk: np.ndarray) -> np.ndarray:
     """Keys above ``-inf`` per row (int64)."""
-    return popcount_rows(np.packbits(chunk > -np.inf, axis=1))
+    valid = np.greater(chunk, -np.inf, out=workspace(chunk.shape, "valid", bool))
+    return popcount_rows(np.packbits(valid, axis=1))
+
+
+def as_float32(chunk: np.ndarray) -> np.ndarray:
+    """A float16 or bfloat16 chunk in float32 (exact), in a scratch buffer."""
+    out = workspace(chunk.shape, "float32", np.float32)
+    if chunk.dtype == np.float16:
+        np.copyto(out, chunk)
+    else:  # ml_dtypes' bfloat16 casts only through astype
+        out[...] = chunk.astype(np.float32)
+    return out
 
 
 def terms(x: np.ndarray, floor: float | None) -> np.ndarray:
@@ -102,7 +113,7 @@ def workspace(shape: tuple[int, ...], name: str, dtype: Any = np.float64) -> np.
     faults of fresh allocations, which cost about a fifth of the running time on a
     virtual machine.  Each use has its own ``name``; nothing returned from a chunk may
     point into one.  Only chunk-sized buffers are kept (a row longer than a chunk gets
-    fresh ones), so a thread holds about 12 MiB between calls.
+    fresh ones), so a thread holds at most about 16 MiB between calls.
     """
     size = math.prod(shape)
     if size > FAST_KEYS:
@@ -247,7 +258,8 @@ def bracket_pass(
     # Keys in [lo, hi): the bits of x < hi that are not below lo (below is a subset).
     packed_mid = np.packbits(np.less(x, hi[:, None], out=below), axis=1)
     np.bitwise_xor(packed_mid, packed_lo, out=packed_mid)
-    vals = e.ravel()[packed_positions(packed_mid, x.shape[1])]  # row by row
+    pos = packed_positions(packed_mid, x.shape[1])
+    vals = np.take(e.ravel(), pos, out=workspace(pos.shape, "values"))  # row by row
     widths = popcount_rows(packed_mid)
     w = int(widths.max()) if r else 0
     # Row i's bracket terms go to pad[i, 1:1 + widths[i]]; pad[i, 0] holds s_lo.

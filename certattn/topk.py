@@ -291,7 +291,7 @@ def _certify_rows(
         stop = min(rows, start + step)
         chunk = flat[start:stop, ...]
         if fast and chunk.dtype.itemsize < 4:  # float16, bfloat16: exact in float32, and
-            chunk = chunk.astype(np.float32)  # NumPy compares and casts those natively
+            chunk = _np_path.as_float32(chunk)  # NumPy compares and casts those natively
         lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
         if lowest > -math.inf:
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
