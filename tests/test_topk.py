@@ -250,6 +250,25 @@ def test_backends_agree_and_stay_on_device(backend, dtype):
     np.testing.assert_array_equal(to_numpy(cert.kept_indices()), ref.kept_indices())
 
 
+@pytest.mark.parametrize("case", ["huge", "tiny-eps"])
+def test_backends_agree_on_the_shifted_path(backend, case):
+    """Row sums out of range send every namespace through the shifted (c = max) terms."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(0, 3, (3, 40))
+    x[1, 30:] = -np.inf
+    eps = 0.05
+    if case == "huge":
+        x = x + 1e4
+    else:
+        eps = 1e-290
+    cert = certattn.certify_topk(backend.asarray(x), eps)
+    assert device_of(cert.k) == device_of(backend.asarray(x))
+    ref = certattn.certify_topk(x, eps)
+    np.testing.assert_array_equal(to_numpy(cert.k), ref.k)
+    for i in range(x.shape[0]):
+        _check_contract(x[i], eps, int(to_numpy(cert.k)[i]), float(to_numpy(cert.tail_mass)[i]))
+
+
 def test_real_attention_rows_are_certified_exactly():
     """Rows of real MiniLM attention (the shipped sample) against exact arithmetic."""
     from certattn.models import load_sample
