@@ -319,8 +319,7 @@ def _certify_rows(
     starts = range(0, rows, step)
     parts: list[tuple[Array, Array, Array, Array]] = []
     # NumPy releases the GIL in every heavy call of a chunk: spread chunks over the cores.
-    workers = min(workers, len(starts))
-    if workers > 1:
+    if min(workers, len(starts)) > 1:  # the pool keeps its threads whatever the count
         chunks = _np_path.pool(workers).map(one_chunk, starts)
     else:
         chunks = map(one_chunk, starts)
