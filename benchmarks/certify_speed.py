@@ -75,6 +75,8 @@ def main() -> None:
         }
         times: dict[str, list[float]] = {name: [] for name in funcs}
         names = list(funcs)
+        for f in funcs.values():  # warm-up: threads, scratch buffers, first touch of x
+            f()
         for i in range(args.repeats):
             # Rotate the order: on a virtual machine the call right after the baseline
             # (which allocates and frees about 200 MB) runs up to 25% slower, so each
