@@ -79,7 +79,7 @@ class BlockSelection:
 
 
 def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array, ...]:
-    """Validated float64 ``(a, b, n, valid, xp)``: ``a = log n + u - M``, ``b = log n + l - M``."""
+    """Validated float64 ``(a, b, n, valid, xp)``: ``a = (u - M) + log n``, likewise ``b``."""
     lo, xp, dev = as_float_array(lower, name="lower")
     up, _, _ = as_float_array(asarray_on(upper, xp=xp, device=dev), name="upper")
     n = asarray_on(sizes, xp=xp, device=dev)
@@ -99,13 +99,17 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
     valid = (n > 0) & (up > -xp.inf)
     if bool(xp.any(valid & (lo > up))):
         raise ValueError(f"lower > upper at block {first_bad_position(valid & (lo > up))}")
-    logn = xp.log(xp.where(valid, n, xp.ones_like(n)))
-    a = xp.where(valid, logn + up, neg_inf(xp, up))
-    b = xp.where(valid, logn + lo, neg_inf(xp, lo))
     if bool(xp.any(~xp.any(valid, axis=-1))):
         raise ValueError("a row has no non-empty block with a finite upper bound")
-    m = xp.max(a, axis=-1, keepdims=True)
-    return a - m, b - m, n, valid, xp
+    logn = xp.log(xp.where(valid, n, xp.ones_like(n)))
+    # Shift by the largest upper bound *before* adding log n: log n + u would lose log n
+    # entirely next to a huge |u| (log 4 - 1e300 == -1e300), beyond any margin taken on
+    # the shifted values.  A difference that overflows to -inf is a term below e^-1e308.
+    m = xp.max(xp.where(valid, up, neg_inf(xp, up)), axis=-1, keepdims=True)
+    with np.errstate(over="ignore"):
+        a = xp.where(valid, (up - m) + logn, neg_inf(xp, up))
+        b = xp.where(valid, (lo - m) + logn, neg_inf(xp, lo))
+    return a, b, n, valid, xp
 
 
 def _lse(x: Array, keep: Array, xp: Any) -> Array:

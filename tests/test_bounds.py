@@ -258,6 +258,17 @@ def blocked_rows(draw):
     return row, labels, lo, up, sizes, kept
 
 
+@pytest.mark.parametrize("offset", [0.0, -1e3, -1e300, 1e300])
+def test_block_bounds_keep_block_sizes_next_to_huge_logits(offset):
+    """Regression (found by the thorough profile): log n + u lost log n when |u| was huge,
+    so blocks of 1 and 4 keys at -1e300 weighed the same and the lower bound was 0.5 for
+    an exact tail of 0.2."""
+    lo = np.full(2, offset)
+    b_lo, b_hi = block_tail_bounds(lo, lo, np.array([1, 4]), np.array([False, True]))
+    assert float(b_lo) <= 0.2 <= float(b_hi)
+    assert float(b_hi) - float(b_lo) < 1e-9
+
+
 @given(case=blocked_rows())
 def test_block_bounds_sandwich_the_exact_tail(case):
     """BLOCK-BOUNDS: lower <= exact tail of the kept blocks <= upper (mpmath)."""
