@@ -108,7 +108,10 @@ def _shift_rows(x: Array, xp: Any) -> Array:
     """Logits minus their row maximum (softmax-invariant; keeps log-sums near 0, so the
     rounding of every derived quantity is relative to the differences that matter)."""
     m = xp.max(x, axis=-1, keepdims=True)
-    return x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
+    # A difference beyond -float max becomes -inf: a key whose exact weight is below
+    # e^-1.7e308, so zero to every float64 digit (tail bounds stay positive regardless).
+    with np.errstate(over="ignore"):
+        return x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
 
 
 def _weights(x: Array, keep: Array, xp: Any) -> tuple[Array, Array]:

@@ -96,6 +96,20 @@ def test_every_bound_is_sound_against_exact_arithmetic(case):
         )
 
 
+def test_rows_spanning_the_float_range_are_bounded_quietly():
+    """Logits at +-1.7e308 in one row: x - max overflows to -inf for the low key (its
+    exact weight is below e^-1.7e308); no warning, every bound still covers the error."""
+    x = np.array([[1.7e308, 1.7e308 - 1e293, -1.7e308, 0.0]])
+    v = np.eye(4)[:, :2]
+    for kept in ([True, False, False, False], [True, True, False, False]):
+        kept = np.array([kept])
+        ob = output_bounds(x, v, kept)
+        exact = _exact_error(x[0], v, kept[0])
+        for name in (*NAMES, "best"):
+            assert mpmath.mpf(float(getattr(ob, name)[0])) >= exact, name
+        assert 0 < float(ob.tau_upper[0]) <= 1e-300  # a positive tail, bounded tightly
+
+
 @given(case=cases())
 def test_head_tail_identity_is_exact(case):
     """OUT-HEAD-TAIL: Attn - Attn_k = tau (mu_tail - mu_head), and tau matches mpmath."""
