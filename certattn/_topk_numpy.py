@@ -52,7 +52,7 @@ def terms(x: np.ndarray, floor: float | None) -> np.ndarray:
     """``exp`` of ``x`` (raised to ``floor`` first, if given) in float64, in the calling
     thread's ``"terms"`` buffer."""
     if floor is None:
-        return exp64(x, out=workspace(x.shape, "terms"))
+        return np.exp(x, dtype=np.float64, out=workspace(x.shape, "terms"))
     # raise into the float64 buffer, exp in place
     e = np.maximum(x, floor, out=workspace(x.shape, "terms"))
     return np.exp(e, out=e)
@@ -94,13 +94,6 @@ def threads() -> int:
     except AttributeError:  # not on Linux
         cores = os.cpu_count() or 1
     return max(1, min(cores, 8))
-
-
-def exp64(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``exp`` of a NumPy float array computed and returned in float64 (one pass)."""
-    if a.dtype in (np.float16, np.float32, np.float64):
-        return np.exp(a, dtype=np.float64, out=out)
-    return np.exp(a.astype(np.float64), out=out)  # e.g. ml_dtypes' bfloat16
 
 
 _local = threading.local()
@@ -171,11 +164,12 @@ def cut_bracket(
 
 
 def sorted_cut(e: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The generic kernel's arithmetic on NumPy: sort, sum from the small end, cut."""
-    cs = np.cumsum(np.sort(e, axis=1), axis=1)
-    t = (cs <= budget[:, None]).sum(axis=1)
-    t_hat = np.where(t > 0, cs[np.arange(t.size), np.maximum(t - 1, 0)], 0.0)
-    return t.astype(np.int64), t_hat
+    """The generic kernel (sort, sum from the small end, cut) on NumPy rows."""
+    import array_api_compat.numpy as xnp
+
+    from .topk import _cut_sorted  # the one sorted kernel; imported late (topk imports us)
+
+    return _cut_sorted(e, budget, xnp)
 
 
 def sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray:
@@ -187,12 +181,11 @@ def sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray:
     block totals finds the crossing block, a second one inside it the crossing rank
     (a full row ``cumsum`` is several times slower).
     """
-    r, m = samp.shape
-    s = samp if samp.dtype.itemsize >= 4 else samp.astype(np.float32)
+    r, m = samp.shape  # float32 or float64: half precision was widened with its chunk
     with np.errstate(over="ignore", invalid="ignore"):
-        top = s[:, -1:]
+        top = samp[:, -1:]
         top = np.where(np.isfinite(top), top, np.zeros_like(top))  # all-masked sample
-        est = np.subtract(s, top, out=workspace(s.shape, "estimate", s.dtype))
+        est = np.subtract(samp, top, out=workspace(samp.shape, "estimate", samp.dtype))
         np.exp(est, out=est)  # in (0, 1]; masked keys give 0
         thr = thr * np.exp(c[:, 0] - top[:, 0].astype(np.float64))
     blocks = est.reshape(r, m // BLOCK, BLOCK)
