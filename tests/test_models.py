@@ -157,10 +157,12 @@ def test_sample_equals_live_forward(minilm) -> None:
         live = minilm.attention(att.metadata["text"], layers=att.layers.tolist())
         assert live.tokens == att.tokens
         np.testing.assert_array_equal(live.token_ids, att.token_ids)
-        np.testing.assert_array_equal(live.queries, att.queries)
-        np.testing.assert_array_equal(live.keys, att.keys)
-        np.testing.assert_array_equal(live.values, att.values)
-        np.testing.assert_array_equal(live.logits, att.logits)
+        # The sample was written on another machine: BLAS kernels differ in the last bits
+        # (float32 projections), so equal up to float32 rounding of a 384-term dot product.
+        for name in ("queries", "keys", "values", "logits"):
+            np.testing.assert_allclose(
+                getattr(live, name), getattr(att, name), rtol=1e-4, atol=1e-4, err_msg=name
+            )
 
 
 # ---------------------------------------------------------------- SmolLM2
