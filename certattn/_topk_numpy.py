@@ -1,6 +1,6 @@
 r"""NumPy fast path of :func:`certattn.certify_topk`: threads, scratch memory, the bracket.
 
-The generic kernel (:func:`certattn.topk._cut_sorted`) sorts every row.  On NumPy the cut
+The generic kernel (:func:`certattn._topk_generic.cut_sorted`) sorts every row.  On NumPy the cut
 is found without sorting rows: a strided sample of each row places a bracket around the
 cut, the keys below it are summed exactly in one masked pass, and only the keys inside the
 bracket (about 3% of a row) are sorted.  The sample only steers the work; every sum that
@@ -19,7 +19,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import array_api_compat.numpy as _XNP
 import numpy as np
+
+from ._topk_generic import cut_sorted
 
 FAST_KEYS = 1 << 20  # keys per chunk
 THREAD_KEYS = 1 << 18  # fewest keys per chunk worth a hand-off to a worker thread
@@ -126,7 +129,7 @@ HALF_WIDTHS = (8, 24)  # bracket half-widths tried in turn, in sample ranks
 def cut_bracket(
     x: np.ndarray, e: np.ndarray, c: np.ndarray, budget: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy fast path of :func:`certattn.topk._cut_sorted`: the same answer without sorting rows.
+    """NumPy fast path of :func:`certattn._topk_generic.cut_sorted`: the same answer without sorting rows.
 
     A strided sample of each row (``SAMPLE`` keys, or a quarter of a shorter row)
     estimates where the cumulative tail crosses the budget; its neighbours in sample
@@ -165,11 +168,7 @@ def cut_bracket(
 
 def sorted_cut(e: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The generic kernel (sort, sum from the small end, cut) on NumPy rows."""
-    import array_api_compat.numpy as xnp
-
-    from .topk import _cut_sorted  # the one sorted kernel; imported late (topk imports us)
-
-    return _cut_sorted(e, budget, xnp)
+    return cut_sorted(e, budget, _XNP)
 
 
 def sample_rank(samp: np.ndarray, c: np.ndarray, thr: np.ndarray) -> np.ndarray:

@@ -13,7 +13,27 @@ import numpy as np
 
 from ._array import as_float_array, to_numpy
 
-__all__ = ["check_eps", "check_logits", "check_number", "first_bad_position", "valid_rows"]
+__all__ = [
+    "InputError",
+    "check_eps",
+    "check_finite",
+    "check_kept",
+    "check_logits",
+    "check_number",
+    "check_scale",
+    "first_bad_position",
+    "move_key_axis",
+    "valid_rows",
+]
+
+
+class InputError(ValueError):
+    """Bad input to a certattn function: what is wrong and where, in one line.
+
+    A subclass of :class:`ValueError`, so ``except ValueError`` keeps working; the CLI
+    prints it as one line with exit status 2 (other exceptions are bugs and keep their
+    traceback).
+    """
 
 
 def first_bad_position(bad: Any) -> tuple[int, ...]:
@@ -40,17 +60,17 @@ def check_logits(
     caller has them anyway (NaN propagates through max on NumPy, CuPy and PyTorch).
     """
     if x.ndim == 0:
-        raise ValueError(f"{name} must have a key axis, got a scalar")
+        raise InputError(f"{name} must have a key axis, got a scalar")
     if x.shape[-1] == 0 and not allow_empty:
-        raise ValueError(f"{name} have an empty key axis (shape {tuple(x.shape)})")
+        raise InputError(f"{name} have an empty key axis (shape {tuple(x.shape)})")
     if x.size and _max_is_finite_or_neginf(x if row_max is None else row_max, xp):
         return  # one reduction (or the caller's row maxima), no temporaries
     nan = xp.isnan(x)
     if bool(xp.any(nan)):
-        raise ValueError(f"{name} contain NaN {_where(first_bad_position(nan))}")
+        raise InputError(f"{name} contain NaN {_where(first_bad_position(nan))}")
     pinf = x == xp.inf
     if bool(xp.any(pinf)):
-        raise ValueError(f"{name} contain +inf {_where(first_bad_position(pinf))}")
+        raise InputError(f"{name} contain +inf {_where(first_bad_position(pinf))}")
 
 
 def _max_is_finite_or_neginf(x: Any, xp: Any) -> bool:
@@ -76,16 +96,65 @@ def check_number(
     """A real number (not a bool, not NaN) in the interval between ``low`` and ``high``."""
     interval = f"{'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+        raise InputError(f"{name} must be a number in {interval}, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}") from None
+        raise InputError(f"{name} must be a number in {interval}, got {value!r}") from None
     above = v >= low if closed_low else v > low
     below = v <= high if closed_high else v < high
     if math.isnan(v) or not (above and below):
-        raise ValueError(f"{name} must be in {interval}, got {v!r}")
+        raise InputError(f"{name} must be in {interval}, got {v!r}")
     return v
+
+
+def check_scale(scale: Any, d: int | None = None) -> float:
+    """A score scale: a finite positive number; ``None`` means ``1/sqrt(d)``."""
+    if scale is None:
+        if d is None:
+            raise InputError("scale must be a finite positive number, got None")
+        if d < 1:
+            raise InputError(f"queries and keys need a feature dimension d >= 1, got d = {d}")
+        return 1.0 / math.sqrt(d)
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise InputError(f"scale must be a finite positive number, got {scale!r}") from None
+    if isinstance(scale, bool) or not (math.isfinite(v) and v > 0.0):
+        raise InputError(f"scale must be a finite positive number, got {scale!r}")
+    return v
+
+
+def check_finite(a: Any, xp: Any, name: str) -> None:
+    """Reject NaN and +-inf in ``a`` (queries, keys, values), naming the first position."""
+    bad = ~xp.isfinite(a)
+    if bool(xp.any(bad)):
+        pos = first_bad_position(bad) if bad.ndim else ()
+        raise InputError(f"{name} contain NaN or inf at index {pos}")
+
+
+def move_key_axis(x: Any, axis: int, xp: Any) -> Any:
+    """``x`` with its key axis ``axis`` moved last (validated)."""
+    if x.ndim == 0:
+        raise InputError("logits must have a key axis, got a scalar")
+    if isinstance(axis, bool) or not -x.ndim <= int(axis) < x.ndim:
+        raise InputError(f"axis {axis} is out of range for an array of shape {tuple(x.shape)}")
+    return xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
+
+
+def check_kept(kept: Any, shape: tuple[int, ...], xp: Any, device: Any) -> Any:
+    """A boolean kept set broadcast to ``shape`` (on ``device``)."""
+    from ._array import asarray_on
+
+    kept = asarray_on(kept, xp=xp, device=device)
+    if kept.dtype != xp.bool:
+        raise InputError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+    try:
+        return xp.broadcast_to(kept, shape)
+    except (ValueError, RuntimeError):
+        raise InputError(
+            f"kept mask of shape {tuple(kept.shape)} does not match logits of shape {shape}"
+        ) from None
 
 
 def check_eps(eps: Any, *, name: str = "eps") -> float:
@@ -100,9 +169,9 @@ def valid_rows(logits: Any, axis: int) -> tuple[Any, Any, Any, Any]:
     """
     x, xp, dev = as_float_array(logits, name="logits")
     if x.ndim == 0:
-        raise ValueError("logits must have a key axis, got a scalar")
+        raise InputError("logits must have a key axis, got a scalar")
     if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
+        raise InputError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
     if axis not in (-1, x.ndim - 1):
         x = xp.moveaxis(x, axis, -1)
     check_logits(x, xp)
@@ -111,5 +180,5 @@ def valid_rows(logits: Any, axis: int) -> tuple[Any, Any, Any, Any]:
     empty = n_valid == 0
     if bool(xp.any(empty)):
         pos = first_bad_position(empty) if empty.ndim else ()
-        raise ValueError(f"logits are fully masked (all -inf) in row {pos}")
+        raise InputError(f"logits are fully masked (all -inf) in row {pos}")
     return x, n_valid, xp, dev

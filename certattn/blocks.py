@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of, namespace
-from ._logspace import U, neg_inf, ratio_log, round_down, round_up
+from ._fp import NORMAL_MIN, lse, margin, neg_inf, ratio_log, round_down, round_up, score_margin
 from ._validate import check_eps, first_bad_position
 
 __all__ = [
@@ -112,32 +112,16 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
     return a, b, n, valid, xp
 
 
-def _lse(x: Array, keep: Array, xp: Any) -> Array:
-    """Log-sum-exp over the last axis of the entries where ``keep``; ``-inf`` if none."""
-    x = xp.where(keep, x, neg_inf(xp, x))
-    m = xp.max(x, axis=-1, keepdims=True)
-    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))
-    s = xp.sum(xp.exp(x - m), axis=-1)
-    with np.errstate(divide="ignore"):
-        return xp.log(s) + m[..., 0]
-
-
-def _margin(l1: Array, l2: Array, nb: int, xp: Any) -> Array:
-    """Log-space margin ``u (8(|l1| + |l2|) + 4 nb + 2^14)`` of a block ratio, -inf as 0."""
-    cap = 1e300
-    l1, l2 = (xp.minimum(xp.abs(xp.where(v > -xp.inf, v, xp.zeros_like(v))), cap) for v in (l1, l2))
-    return U * (8.0 * (l1 + l2) + 4.0 * nb + 16384.0)
-
-
 def _bounds_of_set(a: Array, b: Array, valid: Array, kept: Array, xp: Any) -> tuple[Array, Array]:
     nb = int(a.shape[-1])
     tail = valid & ~kept
     head = valid & kept
     positive = xp.any(tail, axis=-1)
-    t_up, h_lo = _lse(a, tail, xp), _lse(b, head, xp)
-    t_lo, h_up = _lse(b, tail, xp), _lse(a, head, xp)
-    hi = round_up(ratio_log(t_up, h_lo, xp), _margin(t_up, h_lo, nb, xp), positive, xp)
-    lo = round_down(ratio_log(t_lo, h_up, xp), _margin(t_lo, h_up, nb, xp), xp)
+    t_up, h_lo = lse(a, xp, tail), lse(b, xp, head)
+    t_lo, h_up = lse(b, xp, tail), lse(a, xp, head)
+    # log-sums of bounds (log n_b + u_b, each rounded once already): factor 8
+    hi = round_up(ratio_log(t_up, h_lo, xp), margin(t_up, h_lo, nb, xp, factor=8.0), positive, xp)
+    lo = round_down(ratio_log(t_lo, h_up, xp), margin(t_lo, h_up, nb, xp, factor=8.0), xp)
     return lo, hi
 
 
@@ -251,7 +235,6 @@ def key_block_bounds(
         ball_score_upper,
         box_score_lower,
         box_score_upper,
-        score_bound_margin,
     )
 
     xp, dev = namespace(q, keys)
@@ -287,7 +270,7 @@ def key_block_bounds(
         size = xp.max(xp.linalg.vector_norm(kb, axis=-1), axis=1) + xp.linalg.vector_norm(
             c, axis=-1
         )
-        r = r * (1.0 + score_bound_margin(d)) + score_bound_margin(d) * size + 2.0**-1022
+        r = r * (1.0 + score_margin(d)) + score_margin(d) * size + NORMAL_MIN
         out.append((ball_score_lower(q, c, r, scale=scale), ball_score_upper(q, c, r, scale=scale)))
     lo = out[0][0] if len(out) == 1 else xp.maximum(out[0][0], out[1][0])
     up = out[0][1] if len(out) == 1 else xp.minimum(out[0][1], out[1][1])

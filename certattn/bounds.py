@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from ._array import asarray_on, device_of
-from ._logspace import (
+from ._fp import (
     CLIP,
     log_cumsum,
     margin,

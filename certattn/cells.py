@@ -45,6 +45,9 @@ from typing import Any
 import numpy as np
 
 from ._array import namespace, to_numpy
+from ._fp import NORMAL_MIN, score_margin
+from ._fp import U as _U
+from ._validate import check_scale as _check_scale
 
 __all__ = [
     "CellTree",
@@ -61,30 +64,8 @@ __all__ = [
 
 Array = Any
 
-_U = 2.0**-53
-_TINY = float(np.finfo(np.float64).tiny)
-
-
-def score_bound_margin(d: int) -> float:
-    """Relative rounding margin ``(2 d + 8) u`` of a float64 score bound (``u = 2**-53``).
-
-    Parameters
-    ----------
-    d : int
-        Key dimension.
-
-    Returns
-    -------
-    float
-    """
-    return (2.0 * d + 8.0) * _U
-
-
-def _check_scale(scale: float) -> float:
-    scale = float(scale)
-    if not (math.isfinite(scale) and scale > 0.0):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-    return scale
+_TINY = NORMAL_MIN
+score_bound_margin = score_margin  # the error model's (2 d + 8) u, under its public name here
 
 
 def _f64(x: Array, xp: Any, dev: Any) -> Array:

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, namespace
+from ._fp import lse as _lse_all
+from ._fp import lse_diff as _lse_diff
 from ._validate import check_logits, first_bad_position
 
 __all__ = [
@@ -53,38 +55,6 @@ def _prepare(logits: Any, axis: int) -> tuple[Array, Any, Any]:
     x = xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
     check_logits(x, xp)
     return xp.astype(x, xp.float64), xp, dev
-
-
-def _row_max(x: Array, xp: Any) -> Array:
-    """Row maximum over the last axis (keepdims), 0 for rows with no finite entry."""
-    m = xp.max(x, axis=-1, keepdims=True)
-    return xp.where(m > -xp.inf, m, xp.zeros_like(m))
-
-
-def _lse_parts(x: Array, xp: Any) -> tuple[Array, Array]:
-    """``(m, log sum exp(x - m))`` per row, ``m`` the row's own maximum.
-
-    The log-sum lies in ``[0, log n]`` (``-inf`` for an empty row), so differences of two
-    LSEs are formed as ``(m_a - m_b) + (l_a - l_b)``: no ``log(29) + 1e38`` absorption,
-    and no underflow of a far tail against the other set's maximum.
-    """
-    m = _row_max(x, xp)
-    s = xp.sum(xp.exp(x - m), axis=-1)  # masked keys: exp(-inf) = 0
-    with np.errstate(divide="ignore"):
-        return m[..., 0], xp.log(s)
-
-
-def _lse(x: Array, xp: Any) -> Array:
-    """Row-wise log-sum-exp over the last axis; ``-inf`` for rows with no finite entry."""
-    m, ls = _lse_parts(x, xp)
-    return ls + m
-
-
-def _lse_diff(a: Array, b: Array, xp: Any) -> Array:
-    """``LSE(a) - LSE(b)`` row-wise, accurate (see :func:`_lse_parts`)."""
-    ma, la = _lse_parts(a, xp)
-    mb, lb = _lse_parts(b, xp)
-    return (ma - mb) + (la - lb)
 
 
 def topk_mask(logits: Any, k: Any, *, axis: int = -1) -> Array:
@@ -133,7 +103,7 @@ def log_partition(logits: Any, kept: Any = None, *, axis: int = -1) -> Array:
             kept = xp.moveaxis(kept, axis, -1)
         kept = _kept_from(x, xp, kept, None)
         x = xp.where(kept, x, -math.inf)
-    return _lse(x, xp)
+    return _lse_all(x, xp)
 
 
 def tail_mass(logits: Any, kept: Any = None, *, k: Any = None, axis: int = -1) -> Array:

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of
-from ._logspace import SMALLEST, U, log_cumsum, margin, round_up
+from ._fp import SMALLEST, U, log_cumsum, margin, round_up
 from ._validate import first_bad_position, valid_rows
 
 __all__ = [

@@ -61,17 +61,14 @@ import numpy as np
 
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
+from ._fp import GAMMA_EXP, SMALLEST, U
+from ._topk_generic import cut_sorted, exp_terms
 from ._validate import check_eps, check_logits, check_number, first_bad_position
 
 __all__ = ["TopkCertificate", "certify_topk", "certify_topp"]
 
 Array = Any
 
-_U = 2.0**-53  # unit roundoff of float64
-_TINY = 2.0**-1073  # bound on the absolute error of one underflowing exp
-_SMALLEST = 2.0**-1074  # smallest positive float64
-_GAMMA_TERM = 2100 * _U
-_FLOOR = -700.0  # exponents below are raised to it before exp (see _exp_terms)
 _CHUNK_BYTES = 1 << 26  # 64 MiB of float64 temporaries per chunk (generic path)
 
 
@@ -281,7 +278,7 @@ def _certify_rows(
     exactly for those rows (a row maximum or a row sum of terms).
     """
     rows, n = flat.shape
-    gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
+    gamma = 2.0 * (n + 4096) * U + GAMMA_EXP
     fast = is_numpy(xp)
     workers = _np_path.threads() if fast else 1
     if fast:
@@ -304,7 +301,9 @@ def _certify_rows(
         zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
         if eps == 0.0:  # every valid key has positive exact mass: keep them all
             return n_valid, zeros, n_valid, xp.max(chunk, axis=-1)
-        e, c, z, top, alpha = _exp_terms(chunk, eps, xp, lowest)
+        e, c, z, top, alpha = exp_terms(
+            chunk, eps, xp, lowest, terms=_np_path.terms if fast else None
+        )
         if e is None:  # NaN or +inf in the chunk: skip the work, the caller raises
             return n_valid, zeros, n_valid, top
         z_lo = z * (1.0 - gamma) - alpha
@@ -313,7 +312,7 @@ def _certify_rows(
         if fast:
             t, t_hat = _np_path.cut_bracket(chunk, e, c, budget)
         else:
-            t, t_hat = _cut_sorted(e, budget, xp)
+            t, t_hat = cut_sorted(e, budget, xp)
         return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, top
 
     starts = range(0, rows, step)
@@ -339,70 +338,6 @@ def _certify_rows(
         return k, tail, n_valid, row_top
     # Cover the rounding of the division: relative for normal results, absolute (half a
     # subnormal spacing) for subnormal ones, so a positive tail never rounds to zero.
-    tail = tail * (1.0 + 4 * _U) + _SMALLEST
+    tail = tail * (1.0 + 4 * U) + SMALLEST
     tail = xp.where(k < n_valid, tail, xp.zeros_like(tail))
     return k, xp.minimum(tail, eps), n_valid, row_top
-
-
-def _exp_terms(
-    x: Array, eps: float, xp: Any, lowest: float
-) -> tuple[Array | None, Array, Array, Array, float]:
-    r"""Terms :math:`\hat e_i \approx e^{s_i - c}` in float64, ``c``, their row sums.
-
-    Returns ``(e, c, z, top, alpha)``.  The common factor :math:`e^{-c}` cancels in every
-    ratio, so ``c`` only has to keep the terms in range.  First ``c = 0``: ``exp`` of the
-    exact float64 value of each logit, no rounded subtraction.  It is kept when every row
-    sum satisfies :math:`e^{-650}/\varepsilon \le Z \le e^{700}` (all practical logits):
-    then no term overflowed and ``alpha`` is negligible against :math:`\varepsilon Z`.
-    Otherwise ``c = m - shift`` per row (``m`` the row maximum), formed as
-    ``(s - m) + shift``, where ``shift = max(0, -log(eps) - 600)`` lifts tiny budgets
-    clear of underflow.
-
-    Exponents below ``_FLOOR`` (masked keys included) are raised to it first when the
-    chunk has any (``lowest`` is its minimum): ``exp`` then never produces a subnormal
-    or a zero, which costs NumPy several times the normal speed.  A raised term
-    over-estimates its exact value, by at most :math:`e^{-699}`; ``alpha`` bounds the
-    total absolute error of the terms, :math:`n e^{-699}` with raising, else
-    :math:`n 2^{-1073}` (underflow).
-
-    ``top`` is finite exactly for the rows without NaN or ``+inf`` (the row sums on the
-    first path, the row maxima on the second) and feeds the caller's input check; ``e``
-    is ``None`` when some row has NaN or ``+inf``.
-    """
-    n = x.shape[-1]
-    raised = not lowest >= _FLOOR
-    alpha = n * (math.exp(_FLOOR + 1.0) if raised else _TINY)
-    with np.errstate(over="ignore"):  # an overflow only sends the chunk on
-        if is_numpy(xp):
-            e = _np_path.terms(x, _FLOOR if raised else None)
-        else:
-            e = xp.exp(xp.astype(xp.clip(x, min=_FLOOR) if raised else x, xp.float64))
-    z = xp.sum(e, axis=-1)
-    z_min, z_max = math.exp(-650.0) / eps, math.exp(700.0)
-    if bool(xp.all(xp.logical_and(z >= z_min, z <= z_max))):  # False for NaN
-        return e, xp.zeros_like(z[:, None]), z, z, alpha
-    m = xp.max(x, axis=-1)
-    if not bool(xp.all(m < xp.inf)):
-        return None, m, z, m, alpha
-    shift = max(0.0, -math.log(eps) - 600.0)
-    top = m
-    m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
-    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
-    e = xp.exp(xp.clip((xp.astype(x, xp.float64) - m) + shift, min=_FLOOR))
-    return e, m - shift, xp.sum(e, axis=-1), top, n * math.exp(_FLOOR + 1.0)
-
-
-def _cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:
-    """Generic kernel: longest prefix of the ascending order whose sum <= budget.
-
-    Returns ``(t, T)``: the number of tail keys and the computed tail sum (float64,
-    accumulated from the small end).
-    """
-    es = xp.sort(e, axis=-1)
-    cs = xp.cumulative_sum(es, axis=-1)
-    ok = cs <= budget[:, None]
-    t = xp.astype(xp.count_nonzero(ok, axis=-1), xp.int64)
-    idx = xp.reshape(xp.where(t > 0, t - 1, xp.zeros_like(t)), (-1, 1))
-    t_hat = xp.take_along_axis(cs, idx, axis=-1)[:, 0]
-    t_hat = xp.where(t > 0, t_hat, xp.zeros_like(t_hat))
-    return t, t_hat

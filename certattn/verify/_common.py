@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from .._array import from_numpy, to_numpy
+from .._fp import U as _U
 
 Array = Any
 CHUNK_ELEMS = 1 << 20
-_U = 2.0**-53
-_TINY = 1e-250  # floor of relative errors: values below it are "zero" for every purpose
+_REL_FLOOR = 1e-250  # floor of relative errors: values below it are "zero" for every purpose
 
 Progress = Callable[[int], None]
 
@@ -59,7 +59,7 @@ class _Worst:
             self.value = max(self.value, 1.0)
 
 
-def _rel(xp: Any, lib: Array, ref: Array, floor: float = _TINY) -> Array:
+def _rel(xp: Any, lib: Array, ref: Array, floor: float = _REL_FLOOR) -> Array:
     return xp.abs(xp.astype(lib, xp.float64) - ref) / (xp.abs(ref) + floor)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from .._array import to_numpy
 from ._common import (
     _EPS,
-    _TINY,
+    _REL_FLOOR,
     _U,
     _cases,
     _Ctx,
@@ -133,7 +133,7 @@ def check_gap_uniform(rows, *, xp, device, rng, progress):
         dmin = np.array([d[i, k[i] - 1:].min() for i in range(r)])
         closed = 1.0 / (1.0 + k * np.expm1(dmin))
         lib = to_numpy(uniform_gap_bound(ctx.put(xs), ctx.put(k.astype(np.int64))))
-        w.add(np.abs(lib - closed) / (closed + _TINY))
+        w.add(np.abs(lib - closed) / (closed + _REL_FLOOR))
     return w.value, 1e-9
 
 

@@ -1,0 +1,244 @@
+r"""The float64 error model: one home for every rounding constant and sound helper.
+
+A certificate is a claim about the *exact* real-number softmax of the given logits.
+Everything certattn computes is float64 arithmetic whose rounding is bounded here, once,
+and used by every certificate (Top-k, any kept set, blocks, cells, search, output):
+
+Constants
+---------
+``U = 2^-53``
+    Unit roundoff: ``fl(a op b) = (a op b)(1 + d)``, ``|d| <= U`` for normal results.
+``SMALLEST = 2^-1074``
+    Smallest positive subnormal; half of it bounds the absolute error of a subnormal result.
+``EXP_ABS_ERR = 2^-1073``
+    Absolute error bound of one ``exp`` whose result underflows (lands among subnormals).
+``NORMAL_MIN = 2^-1022``
+    Smallest normal float64 (an absolute floor added to radii and score bounds).
+``EXP_FLOOR = -700``
+    Exponents below it are raised to it before ``exp`` where a kernel wants no subnormals:
+    a raised term over-estimates its exact value by at most ``e^-699``.
+``GAMMA_EXP = 2100 U``
+    Relative error of ``exp(x)`` for ``|x| <~ 900`` computed from a float64 ``x`` that is
+    itself the rounded difference of two logits (``|x| U`` for the subtraction, 4 ulps for
+    ``exp``).
+
+Formulas
+--------
+:func:`sum_gamma`
+    ``(n + extra) U``-type relative error of a float64 sum of ``n`` non-negative terms in
+    any order (Higham, Thm 4.3: ``gamma_{n-1} <= 1.01 (n - 1) U``).
+:func:`score_margin`
+    ``(2 d + 8) U``: relative error of a float64 dot product of length ``d`` and a scale.
+:func:`margin`
+    Log-space margin ``U (f (|a| + |b|) + 4 n + 2^14)`` of ``L = a - b`` where ``a`` and
+    ``b`` are log-sums of ``n`` terms: ``f = 4`` when ``a`` and ``b`` were each formed
+    by one shifted log-sum-exp (the shift is exact and each log errs by ``|.| U``),
+    ``f = 8`` when they are log-sums of *bounds* that already carry one rounding of
+    their own (blocks: ``log n_b + u_b`` then the LSE).
+:func:`round_up` / :func:`round_down`
+    ``e^{L +- sigma}`` back to a probability, rounded the right way.
+:func:`ratio_up`
+    ``num / (num + head)`` rounded up, **failing closed**: NaN or an overflow anywhere
+    gives 1 (the trivial bound), never a small number.
+
+Log-sum-exp
+-----------
+:func:`lse`, :func:`lse_parts`, :func:`lse_diff`, :func:`masked_weights`: the masked
+log-sum-exp family every module uses (shifted by the row maximum, ``-inf`` for empty
+sets, accurate differences of two LSEs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CLIP",
+    "EXP_ABS_ERR",
+    "EXP_FLOOR",
+    "GAMMA_EXP",
+    "NORMAL_MIN",
+    "SMALLEST",
+    "U",
+    "log_cumsum",
+    "lse",
+    "lse_diff",
+    "lse_parts",
+    "margin",
+    "masked_weights",
+    "neg_inf",
+    "ratio_log",
+    "ratio_up",
+    "round_down",
+    "round_up",
+    "row_max",
+    "score_margin",
+    "sum_gamma",
+]
+
+Array = Any
+
+U = 2.0**-53
+"""Unit roundoff of float64."""
+SMALLEST = 2.0**-1074
+"""Smallest positive (subnormal) float64."""
+EXP_ABS_ERR = 2.0 * SMALLEST
+"""Absolute error bound of one ``exp`` that underflows (``2^-1073``)."""
+NORMAL_MIN = 2.0**-1022
+"""Smallest normal float64."""
+EXP_FLOOR = -700.0
+"""Exponents below it are raised to it before ``exp`` (no subnormal results)."""
+CLIP = EXP_FLOOR
+"""Alias of :data:`EXP_FLOOR` used by the log-space tail sums."""
+GAMMA_EXP = 2100 * U
+"""Relative error of one term ``exp(s_i - c)`` (subtraction plus 4 ulps of ``exp``)."""
+_DCAP = 1e300  # |d| is capped in the margin so that it stays finite
+
+
+def sum_gamma(n: int, extra: int = 0) -> float:
+    """Relative error bound ``2 (n + extra) U`` of a float64 sum of ``n`` non-negative
+    terms in any order (twice Higham's ``1.01 (n - 1) U``, plus ``extra`` for the
+    operations around it)."""
+    return 2.0 * (n + extra) * U
+
+
+def score_margin(d: int) -> float:
+    """Relative rounding margin ``(2 d + 8) U`` of a float64 score ``scale * q.k`` (or a
+    score bound built from one dot product, a norm product and a scale) in dimension ``d``."""
+    return (2.0 * d + 8.0) * U
+
+
+def neg_inf(xp: Any, like: Array) -> Array:
+    """An array of ``-inf`` shaped like ``like`` (on its device)."""
+    return xp.full_like(like, -xp.inf)
+
+
+def log_cumsum(d: Array, valid: Array, xp: Any, *, reverse: bool, upper: bool) -> Array:
+    """``log`` of cumulative sums of ``exp(d)`` along the last axis (``d <= 0``).
+
+    ``reverse`` accumulates from the end (suffix sums, i.e. from the small end of a
+    descending row).  ``upper`` (tail role) rounds terms below ``e^{-700}`` up to it so
+    that no term underflows; otherwise (head role) underflow only shrinks the sums.
+    Invalid entries contribute 0.  Empty sums give ``-inf``.
+    """
+    if upper:
+        d = xp.maximum(d, CLIP)
+    e = xp.where(valid, xp.exp(d), xp.zeros_like(d))
+    if reverse:
+        e = xp.flip(e, axis=-1)
+    c = xp.cumulative_sum(e, axis=-1)
+    if reverse:
+        c = xp.flip(c, axis=-1)
+    with np.errstate(divide="ignore"):
+        return xp.where(c > 0, xp.log(xp.where(c > 0, c, xp.ones_like(c))), neg_inf(xp, c))
+
+
+def margin(a: Array, b: Array, n: Any, xp: Any, *, factor: float = 4.0) -> Array:
+    """Log-space margin ``U (factor (|a| + |b|) + 4 n + 2^14)``.
+
+    ``-inf`` (an empty set's log-sum, no rounding) counts as 0; other magnitudes are capped
+    at 1e300, so ``+inf`` gives a margin that makes :func:`round_up` return 1 (fail closed);
+    NaN stays NaN, which :func:`round_up` also maps to 1.
+    ``factor = 4`` for log-sums of terms, ``8`` for log-sums of bounds (module docstring).
+    """
+    a = xp.minimum(xp.abs(xp.where(a > -xp.inf, a, xp.zeros_like(a))), _DCAP)
+    b = xp.minimum(xp.abs(xp.where(b > -xp.inf, b, xp.zeros_like(b))), _DCAP)
+    return U * (factor * (a + b) + 4.0 * n + 16384.0)
+
+
+def round_up(log_b: Array, sigma: Array, positive: Array, xp: Any) -> Array:
+    r"""Sound upper bound :math:`\min(1, e^{L+\sigma}(1+4u) + 2^{-1073})`.
+
+    Where ``positive`` (the exact quantity is > 0) the result is at least the smallest
+    subnormal, elsewhere it is 0.  Fails closed: NaN in ``log_b`` or ``sigma`` gives 1.
+    """
+    # + 2^-1073: an exp that lands among the subnormals errs by up to half of 2^-1074
+    t = log_b + sigma
+    t = xp.where(xp.isnan(t), xp.zeros_like(t), t)
+    v = xp.exp(xp.minimum(t, 0.0)) * (1.0 + 4 * U) + 2 * SMALLEST
+    v = xp.minimum(v, 1.0)
+    return xp.where(positive, v, xp.zeros_like(v))
+
+
+def round_down(log_b: Array, sigma: Array, xp: Any) -> Array:
+    r"""Sound lower bound :math:`\max(0, e^{L-\sigma}(1-4u) - 2^{-1073})`; NaN gives 0."""
+    v = xp.exp(log_b - sigma) * (1.0 - 4 * U) - 2 * SMALLEST
+    v = xp.where(xp.isnan(v), xp.zeros_like(v), v)
+    return xp.minimum(xp.maximum(v, 0.0), 1.0)
+
+
+def ratio_log(log_x: Array, log_d: Array, xp: Any) -> Array:
+    """``log(X / (D + X))`` from ``log X`` and ``log D``; ``-inf`` where ``X = 0``."""
+    lx = xp.where(log_x > -xp.inf, log_x, xp.zeros_like(log_x))
+    out = lx - xp.logaddexp(log_d, lx)
+    return xp.where(log_x > -xp.inf, out, neg_inf(xp, out))
+
+
+def ratio_up(num: Array, head: Array, xp: Any) -> Array:
+    """``num / (num + head)`` rounded up, in [0, 1]; ``0`` where ``num == 0``.
+
+    Fails closed: a NaN (``0 * inf``, ``inf / inf``) or an overflow in either input gives
+    ``1``, the trivial tail bound, never a small number.
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        r = num / (num + head)
+        r = r * (1.0 + 4 * U)
+    bad = xp.isnan(r) | xp.isnan(num) | xp.isnan(head) | (num == xp.inf)
+    r = xp.where(num == 0, xp.zeros_like(r), r)
+    r = xp.where(bad, xp.ones_like(r), r)
+    return xp.minimum(r, 1.0)
+
+
+# --------------------------------------------------------------------------
+# Masked log-sum-exp
+# --------------------------------------------------------------------------
+
+
+def row_max(x: Array, xp: Any) -> Array:
+    """Row maximum over the last axis (keepdims), 0 for rows with no finite entry."""
+    m = xp.max(x, axis=-1, keepdims=True)
+    return xp.where(m > -xp.inf, m, xp.zeros_like(m))
+
+
+def lse_parts(x: Array, xp: Any) -> tuple[Array, Array]:
+    """``(m, log sum exp(x - m))`` per row, ``m`` the row's own maximum (``-inf`` = absent).
+
+    The log-sum lies in ``[0, log n]`` (``-inf`` for an empty row), so differences of two
+    LSEs are formed as ``(m_a - m_b) + (l_a - l_b)``: no ``log(29) + 1e38`` absorption,
+    and no underflow of a far tail against the other set's maximum.
+    """
+    m = row_max(x, xp)
+    with np.errstate(over="ignore"):
+        s = xp.sum(xp.exp(x - m), axis=-1)  # masked keys: exp(-inf) = 0
+    with np.errstate(divide="ignore"):
+        return m[..., 0], xp.log(s)
+
+
+def lse(x: Array, xp: Any, keep: Array | None = None) -> Array:
+    """Row-wise log-sum-exp over the last axis of the entries where ``keep`` (all if
+    None); ``-inf`` for rows with no finite kept entry."""
+    if keep is not None:
+        x = xp.where(keep, x, neg_inf(xp, x))
+    m, ls = lse_parts(x, xp)
+    return ls + m
+
+
+def lse_diff(a: Array, b: Array, xp: Any) -> Array:
+    """``LSE(a) - LSE(b)`` row-wise, accurate (see :func:`lse_parts`)."""
+    ma, la = lse_parts(a, xp)
+    mb, lb = lse_parts(b, xp)
+    return (ma - mb) + (la - lb)
+
+
+def masked_weights(x: Array, keep: Array, xp: Any) -> tuple[Array, Array]:
+    """Normalised weights ``exp(x_i - LSE(keep))`` on ``keep`` (0 elsewhere) and the LSE."""
+    xm = xp.where(keep, x, neg_inf(xp, x))
+    m = row_max(xm, xp)
+    e = xp.where(keep, xp.exp(xm - m), xp.zeros_like(x))
+    z = xp.sum(e, axis=-1, keepdims=True)
+    zs = xp.where(z > 0, z, xp.ones_like(z))
+    with np.errstate(divide="ignore"):
+        out_lse = xp.where(z > 0, xp.log(zs) + m, xp.full_like(z, -xp.inf))
+    return e / zs, out_lse[..., 0]
