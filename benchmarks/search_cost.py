@@ -89,7 +89,7 @@ def _check(res: object, logits: np.ndarray, eps: float) -> None:
     p /= p.sum(axis=-1, keepdims=True)
     kept = np.asarray(res.kept)
     tail = 1.0 - np.sum(np.where(kept, p, 0.0), axis=-1)
-    bound = np.asarray(res.tail_bound)
+    bound = np.asarray(res.tail_upper)
     if np.any(tail > bound + 1e-12) or np.any(bound > eps):
         raise AssertionError("unsound certificate in the benchmark")
 

@@ -4,7 +4,8 @@ Sound, per-query budgets for sparse attention: how many keys to keep so that the
 softmax loses at most a given total-variation mass, and what that costs at the output.
 """
 
-from .attention import AttentionCertificate, certify_attention
+from . import policies
+from .attention import AttentionCertificate, ScoreCertificate, certify_attention, certify_scores
 from .blocks import (
     BlockSelection,
     block_tail_bounds,
@@ -39,6 +40,7 @@ from .distribution import (
     truncation_divergences,
     tv_from_kl,
 )
+from .kept import KeptCertificate, certify_kept
 from .output import (
     HeadTail,
     OutputBounds,
@@ -60,7 +62,9 @@ __all__ = [
     "CellTree",
     "Divergences",
     "HeadTail",
+    "KeptCertificate",
     "OutputBounds",
+    "ScoreCertificate",
     "SearchResult",
     "TopkCertificate",
     "VarianceDecomposition",
@@ -73,6 +77,8 @@ __all__ = [
     "certified_k",
     "certified_search",
     "certify_attention",
+    "certify_kept",
+    "certify_scores",
     "certify_topk",
     "certify_topp",
     "exact_head_bound",
@@ -86,6 +92,7 @@ __all__ = [
     "log_partition",
     "multigap_bound",
     "output_bounds",
+    "policies",
     "smallest_block_count",
     "smallest_k_for_output",
     "tail_bound",
@@ -96,3 +103,22 @@ __all__ = [
     "uniform_gap_bound",
     "variance_decomposition",
 ]
+
+# Submodules named in the README, reachable as attributes without slowing `import certattn`
+# (imported on first use; none of them is needed by the core above).
+_LAZY = frozenset(
+    {"budget", "gaussian", "gaussian_mc", "geometry", "io", "models", "plots", "reproduce",
+     "theorems", "verify"}
+)
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _LAZY)

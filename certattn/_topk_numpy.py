@@ -129,7 +129,7 @@ HALF_WIDTHS = (8, 24)  # bracket half-widths tried in turn, in sample ranks
 def cut_bracket(
     x: np.ndarray, e: np.ndarray, c: np.ndarray, budget: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy fast path of :func:`certattn._topk_generic.cut_sorted`: the same answer without sorting rows.
+    """NumPy fast path of :func:`certattn._topk_generic.cut_sorted`, without sorting rows.
 
     A strided sample of each row (``SAMPLE`` keys, or a quarter of a shorter row)
     estimates where the cumulative tail crosses the budget; its neighbours in sample

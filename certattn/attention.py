@@ -1,13 +1,17 @@
-r"""Certified Top-k attention end to end: scores, certificate, sparse output, error bound.
+r"""Certified sparse attention end to end: scores, any policy's kept set, certificate, output.
 
 :func:`certify_attention` computes, per query, the scores
-:math:`s = \mathrm{scale}\; q k^\top` (+ an additive mask) in float64, certifies the
-smallest Top-k whose discarded mass is at most eps (:func:`certattn.certify_topk`,
-Theorems TV-TAIL and TV-KL), attends over the kept keys only
-(:math:`\mathrm{Attn}_k`), and bounds :math:`|\mathrm{Attn} - \mathrm{Attn}_k|` by the best
-of Theorems OUT-BOUNDED, OUT-DIAMETER (tail-to-head form) and OUT-BEST, evaluated at the
-certificate's sound tail bound.  Queries are processed in chunks, so the full
-:math:`L_q \times L_k` score matrix is never held at once.
+:math:`s = \mathrm{scale}\; q k^\top` (+ an additive mask) in float64, lets a selection
+policy (:mod:`certattn.policies`: Top-k by default, top-p, window + sinks, Quest pages,
+certified blocks, search) choose the kept keys, certifies their discarded mass (the
+policy's own sound bound, or :func:`certattn.certify_kept`; Theorems TV-TAIL and TV-KL),
+attends over the kept keys only (:math:`\mathrm{Attn}_A`), and bounds
+:math:`|\mathrm{Attn} - \mathrm{Attn}_A|` by the best of Theorems OUT-BOUNDED,
+OUT-DIAMETER (tail-to-head form) and OUT-BEST (the output-error engine
+:func:`certattn.output.sound_output_bounds`).  :func:`certify_scores` is the same loop
+without values: per-query certificates from queries and keys alone.  Queries are
+processed in chunks, so the full :math:`L_q \times L_k` score matrix is never held at
+once: peak extra memory is about ``chunk_elems`` float64 numbers.
 
 What is certified: the exact softmax of the float64 scores computed from the given
 ``q``, ``k`` and mask (float32 or bfloat16 attention kernels compute slightly different
@@ -17,16 +21,72 @@ scores; the certificate is not about their rounding).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from ._array import as_float_array, asarray_on, device_of, namespace
-from ._validate import check_eps
-from .output import _CHUNK_ELEMS, BOUND_NAMES, _sound_bounds
+from ._array import as_float_array, asarray_on, device_of
+from ._validate import InputError, check_finite, check_scale, first_bad_position
+from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
+from .masks import kv_head_map as _kv_map
+from .masks import normalize_mask
+from .output import OUTPUT_BOUNDS, sound_output_bounds
+from .policies import Context, as_policy
 
-__all__ = ["AttentionCertificate", "certify_attention", "normalize_mask"]
+__all__ = [
+    "AttentionCertificate",
+    "ScoreCertificate",
+    "certify_attention",
+    "certify_scores",
+    "normalize_mask",
+]
+
+CHUNK_ELEMS = 1 << 22
+"""Default float64 temporaries per query chunk (32 MiB)."""
 
 Array = Any
+
+
+@dataclass(frozen=True)
+class ScoreCertificate:
+    r"""Per-query certificate of :func:`certify_scores` (no values, no output).
+
+    Attributes
+    ----------
+    k : int64 array (..., Lq)
+        Keys kept per query (a count).
+    tail_upper : float64 array (..., Lq)
+        Sound upper bound on the exact discarded mass of the kept set (= TV, Theorem
+        TV-TAIL).
+    kl_upper : float64 array (..., Lq)
+        Sound upper bound on :math:`\mathrm{KL}(\hat P\Vert P)` (Theorem TV-KL).
+    n_valid : int64 array (..., Lq)
+        Visible keys per query.
+    kept : bool array (..., Lq, Lk) or None
+        The kept set, when asked for (``return_kept=True``).
+    scored : int64 array (..., Lq) or None
+        Keys scored exactly, for policies that score fewer than all (search).
+    policy : str
+        The policy's name.
+    eps : float or None
+        The policy's TV budget, when it has one.
+    """
+
+    k: Array
+    tail_upper: Array
+    kl_upper: Array
+    n_valid: Array
+    kept: Array | None
+    scored: Array | None
+    policy: str
+    eps: float | None
+
+    def kept_mask(self) -> Array:
+        """The kept set (``return_kept=True`` must have been given)."""
+        if self.kept is None:
+            raise InputError("the kept set was not recorded: call with return_kept=True")
+        return self.kept
 
 
 @dataclass(frozen=True)
@@ -36,60 +96,63 @@ class AttentionCertificate:
     Attributes
     ----------
     output : float64 array (..., Lq, dv)
-        :math:`\mathrm{Attn}_k`, attention over the certified Top-k keys.
+        :math:`\mathrm{Attn}_A`, attention over the kept keys only.
     k : int64 array (..., Lq)
-        Certified Top-k per query (never below the exact minimal :math:`k_\varepsilon`).
-    tail_mass : float64 array (..., Lq)
-        Sound upper bound on the discarded mass (at most ``eps``).
+        Keys kept per query (a count; for Top-k never below the exact minimal
+        :math:`k_\varepsilon`).
+    tail_upper : float64 array (..., Lq)
+        Sound upper bound on the discarded mass (for budget policies at most ``eps``).
+    kl_upper : float64 array (..., Lq)
+        Sound upper bound on :math:`\mathrm{KL}(\hat P\Vert P)`.
     error_bound : float64 array (..., Lq)
         Sound upper bound on :math:`|\mathrm{Attn} - \mathrm{output}|` (Euclidean), the
         rounding of the returned output included.
-    bound : int64 array (..., Lq)
+    tightest : int64 array (..., Lq)
         Index into :attr:`names` of the bound that gave ``error_bound``.
     n_valid : int64 array (..., Lq)
         Visible keys per query.
-    eps : float
+    kept : bool array (..., Lq, Lk) or None
+        The kept set (None with ``return_kept=False``).
+    eps : float or None
+        The policy's budget, when it has one.
+    policy : str
+    names : tuple of str
+        :data:`certattn.output.OUTPUT_BOUNDS`.
     """
 
     output: Array
     k: Array
-    tail_mass: Array
+    tail_upper: Array
+    kl_upper: Array
     error_bound: Array
-    bound: Array
+    tightest: Array
     n_valid: Array
-    eps: float
-    names: tuple[str, ...] = BOUND_NAMES
+    kept: Array | None = field(default=None, repr=False)
+    eps: float | None = None
+    policy: str = "topk"
+    names: tuple[str, ...] = OUTPUT_BOUNDS
+
+    def kept_mask(self) -> Array:
+        """The kept set (``return_kept=True``, the default, must have been given)."""
+        if self.kept is None:
+            raise InputError("the kept set was not recorded: call with return_kept=True")
+        return self.kept
+
+    @property
+    def tail_mass(self) -> Array:
+        """Deprecated (0.1): the sound bound is :attr:`tail_upper`."""
+        _deprecated("AttentionCertificate.tail_mass", "tail_upper")
+        return self.tail_upper
+
+    @property
+    def bound(self) -> Array:
+        """Deprecated (0.1): use :attr:`tightest`."""
+        _deprecated("AttentionCertificate.bound", "tightest")
+        return self.tightest
 
 
-def normalize_mask(mask: Any, *, xp: Any = None, device: Any = None) -> tuple[Array, Array | None]:
-    """A boolean or additive attention mask as ``(visible, bias)``.
-
-    * boolean: True = visible; ``bias`` is None;
-    * floating (additive, as Hugging Face models use): an entry at or below half the
-      dtype's most negative finite number is masked; the other entries are added to the
-      scores (``bias``, float64, 0 where masked).
-
-    Raises
-    ------
-    ValueError
-        Integer masks, NaN or ``+inf`` entries.
-    """
-    if xp is None:
-        xp, device = namespace(mask)
-    m = asarray_on(mask, xp=xp, device=device)
-    if m.dtype == xp.bool:
-        return m, None
-    if not xp.isdtype(m.dtype, "real floating"):
-        raise ValueError(
-            f"mask must be boolean (True = visible) or additive floating, got dtype {m.dtype}"
-        )
-    if bool(xp.any(xp.isnan(m))) or bool(xp.any(m == xp.inf)):
-        raise ValueError("additive mask contains NaN or +inf")
-    visible = m > float(xp.finfo(m.dtype).min) / 2
-    bias = xp.where(
-        visible, xp.astype(m, xp.float64), xp.zeros(m.shape, dtype=xp.float64, device=device)
-    )
-    return visible, bias
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"{old} is deprecated; use {new}", DeprecationWarning, stacklevel=3)
 
 
 def _rows_of(a: Array | None, sl: slice) -> Array | None:
@@ -99,36 +162,278 @@ def _rows_of(a: Array | None, sl: slice) -> Array | None:
     return a[..., sl, :]
 
 
-def certify_attention(
-    q: Any,
-    k: Any,
-    v: Any,
-    eps: float,
+@dataclass
+class _Prepared:
+    """Validated float64 inputs of the attention loop."""
+
+    q: Array
+    k: Array
+    v: Array | None
+    visible: Array | None
+    bias: Array | None
+    scale: float
+    causal: bool
+    xp: Any
+    dev: Any
+
+
+def _prepare(
+    queries: Any,
+    keys: Any,
+    values: Any,
     *,
+    scale: Any,
+    mask: Any,
+    causal: bool,
+    kv_heads: Any,
+) -> _Prepared:
+    qa, xp, dev = as_float_array(queries, name="queries")
+    ka, _, _ = as_float_array(asarray_on(keys, xp=xp, device=dev), name="keys")
+    va = None
+    if values is not None:
+        va, _, _ = as_float_array(asarray_on(values, xp=xp, device=dev), name="values")
+    arrays = (("queries", qa), ("keys", ka)) + ((("values", va),) if va is not None else ())
+    for name, a in arrays:
+        if a.ndim < 2:
+            raise InputError(f"{name} must have at least two axes (..., L, d), got {a.shape}")
+    lq, d = int(qa.shape[-2]), int(qa.shape[-1])
+    lk = int(ka.shape[-2])
+    if int(ka.shape[-1]) != d:
+        raise InputError(f"queries have d = {d} but keys have d = {ka.shape[-1]}")
+    if va is not None and int(va.shape[-2]) != lk:
+        raise InputError(f"keys have {lk} rows but values have {va.shape[-2]}")
+    if lq == 0 or lk == 0:
+        raise InputError(f"need at least one query and one key, got {lq} and {lk}")
+    scale = check_scale(scale, d)
+    for name, a in arrays:
+        check_finite(a, xp, name)
+    if kv_heads is not None or (qa.ndim >= 3 and ka.ndim >= 3 and qa.shape[-3] != ka.shape[-3]):
+        if qa.ndim < 3 or ka.ndim < 3:
+            raise InputError("kv_heads needs a head axis (-3) on queries and keys")
+        mapping = _kv_map(kv_heads, int(qa.shape[-3]), int(ka.shape[-3]))
+        if mapping is not None:
+            idx = xp.asarray(mapping, dtype=xp.int64, device=dev)
+            ka = xp.take(ka, idx, axis=ka.ndim - 3)
+            if va is not None:
+                va = xp.take(va, idx, axis=va.ndim - 3)
+    try:
+        xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2])
+        if va is not None:
+            xp.broadcast_shapes(ka.shape[:-2], va.shape[:-2])
+    except (ValueError, RuntimeError):
+        raise InputError(
+            f"leading (batch, head) axes do not broadcast: queries {tuple(qa.shape)}, "
+            f"keys {tuple(ka.shape)}" + (f", values {tuple(va.shape)}" if va is not None else "")
+        ) from None
+    visible, bias = normalize_mask(mask, xp=xp, device=dev) if mask is not None else (None, None)
+    if visible is not None:
+        lead = xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2])
+        try:
+            xp.broadcast_shapes(visible.shape, (*lead, lq, lk))
+        except (ValueError, RuntimeError):
+            raise InputError(
+                f"mask of shape {tuple(visible.shape)} does not broadcast to the scores "
+                f"{(*lead, lq, lk)}"
+            ) from None
+    return _Prepared(
+        q=xp.astype(qa, xp.float64),
+        k=xp.astype(ka, xp.float64),
+        v=xp.astype(va, xp.float64) if va is not None else None,
+        visible=visible,
+        bias=bias,
+        scale=scale,
+        causal=bool(causal),
+        xp=xp,
+        dev=dev,
+    )
+
+
+def _chunks(
+    pr: _Prepared, chunk_elems: int
+) -> Any:
+    """Yield ``(slice, scores, valid, queries)`` per query chunk (float64 scores)."""
+    xp = pr.xp
+    lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
+    lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
+    step = max(1, int(chunk_elems) // max(1, lead * lk * 4))
+    offset = lk - lq
+    kt = xp.matrix_transpose(pr.k)
+    cols = xp.arange(lk, device=device_of(pr.q))
+    for i0 in range(0, lq, step):
+        sl = slice(i0, min(lq, i0 + step))
+        qs = pr.q[..., sl, :]
+        s = xp.matmul(qs, kt) * pr.scale
+        b = _rows_of(pr.bias, sl)
+        if b is not None:
+            s = s + b
+        vis = _rows_of(pr.visible, sl)
+        if pr.causal:
+            rows = xp.arange(i0, sl.stop, device=device_of(pr.q))
+            cm = cols[None, :] <= rows[:, None] + offset
+            vis = cm if vis is None else (vis & cm)
+        if vis is not None:
+            s = xp.where(vis, s, xp.full_like(s, -xp.inf))
+        if not bool(xp.all(s < xp.inf)):  # an overflow of scale * q.k (or a bias)
+            raise InputError("scores scale * q.k (+ mask) overflow float64")
+        valid = s > -xp.inf
+        empty = ~xp.any(valid, axis=-1)
+        if bool(xp.any(empty)):
+            pos = first_bad_position(empty)
+            pos = (*pos[:-1], pos[-1] + i0)
+            where = pos if len(pos) > 1 else pos[0]
+            raise InputError(f"query {where} is fully masked: it sees no key")
+        yield sl, s, valid, qs
+
+
+def _run(
+    pr: _Prepared,
+    policy: Any,
+    *,
+    chunk_elems: int,
+    return_kept: bool,
+    progress: Callable[[int, int], None] | None,
+    with_output: bool,
+    diameters: bool = False,
+) -> dict[str, Any]:
+    xp = pr.xp
+    lq = int(pr.q.shape[-2])
+    cache: dict[str, Any] = {}
+    names = ["k", "tail", "nv", "kept", "scored", "out", "err", "idx"]
+    fields: dict[str, list[Array]] = {f: [] for f in names}
+    for sl, s, valid, qs in _chunks(pr, chunk_elems):
+        ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache)
+        sel = policy.select(s, valid, ctx)
+        kept = sel.kept & valid
+        xs = shift_rows(s, xp)
+        tail = sel.tail_upper if sel.tail_upper is not None else tail_upper_of(xs, valid, kept, xp)
+        fields["k"].append(xp.sum(xp.astype(kept, xp.int64), axis=-1))
+        fields["tail"].append(xp.astype(tail, xp.float64))
+        fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
+        if sel.scored is not None:
+            fields["scored"].append(sel.scored)
+        if return_kept:
+            fields["kept"].append(kept)
+        if with_output:
+            require_nonempty(kept, valid, xp, f"policy {policy.name!r} kept set")
+            v = pr.v
+            res = sound_output_bounds(xs, v, valid, kept, tail, xp, diameters=diameters,
+                                      chunk=chunk_elems)
+            fields["out"].append(res["attn_k"])
+            stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
+            stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
+            fields["err"].append(xp.min(stack, axis=-1) + res["mu_err"])
+            fields["idx"].append(xp.argmin(stack, axis=-1))
+        if progress is not None:
+            progress(sl.stop, lq)
+
+    def cat(parts: list[Array], axis: int) -> Array | None:
+        if not parts:
+            return None
+        return xp.concat(parts, axis=axis) if len(parts) > 1 else parts[0]
+
+    out = {f: cat(fields[f], -2 if f in ("kept", "out") else -1) for f in names}
+    out["kl"] = kl_upper_from_tail(out["tail"], xp)
+    return out
+
+
+def certify_scores(
+    queries: Any,
+    keys: Any,
+    eps: float | None = None,
+    *,
+    policy: Any = None,
     scale: float | None = None,
     mask: Any = None,
     causal: bool = False,
-    chunk_elems: int = _CHUNK_ELEMS,
-) -> AttentionCertificate:
-    r"""Certified Top-k attention with a sound output-error bound, per query.
+    kv_heads: int | Sequence[int] | None = None,
+    chunk_elems: int = CHUNK_ELEMS,
+    return_kept: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> ScoreCertificate:
+    r"""Per-query certificates from queries and keys, without materialising the scores.
+
+    The scores :math:`\mathrm{scale}\, q k^\top` (+ mask) exist one query chunk at a time
+    (about ``chunk_elems`` float64 numbers), so memory stays bounded at any context
+    length.  With the default Top-k policy the result equals
+    :func:`certattn.certify_topk` on the materialised float64 scores, row by row
+    (Theorems TV-TAIL, TV-KL).
 
     Parameters
     ----------
-    q : array (..., Lq, d)
-    k : array (..., Lk, d)
-    v : array (..., Lk, dv)
-        Leading (batch, head) axes broadcast.  Any real floating dtype.
-    eps : float
-        Tail (TV) budget in [0, 1).
+    queries : array (..., [H,] Lq, d)
+    keys : array (..., [H_kv,] Lk, d)
+    eps : float, optional
+        TV budget of the default Top-k policy.
+    policy : policy object, optional
+        A selection policy (:mod:`certattn.policies`); default ``TopK(eps)``.
     scale : float, optional
         Score scale, default :math:`1/\sqrt{d}`.
     mask : array, optional
-        Broadcastable to (..., Lq, Lk): boolean (True = visible) or additive (see
-        :func:`normalize_mask`).
+        Boolean (True = visible) or additive, broadcastable to (..., Lq, Lk).
     causal : bool
         Query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned at the end, as with a cache).
+    kv_heads : int or sequence of int, optional
+        Grouped-query attention: the number of key/value heads (query head ``h`` reads
+        ``h // (H / H_kv)``), or an explicit map from query head to key head.  Inferred
+        when the head axes (-3) differ.
     chunk_elems : int
         Float64 temporaries per query chunk.
+    return_kept : bool
+        Record the kept set ((..., Lq, Lk) booleans: one byte per score).
+    progress : callable, optional
+        ``progress(queries_done, queries_total)`` after each chunk.
+
+    Returns
+    -------
+    ScoreCertificate
+    """
+    pol = as_policy(policy, eps)
+    pr = _prepare(queries, keys, None, scale=scale, mask=mask, causal=causal, kv_heads=kv_heads)
+    r = _run(pr, pol, chunk_elems=chunk_elems, return_kept=return_kept, progress=progress,
+             with_output=False)
+    return ScoreCertificate(
+        k=r["k"], tail_upper=r["tail"], kl_upper=r["kl"], n_valid=r["nv"], kept=r["kept"],
+        scored=r["scored"], policy=pol.name, eps=getattr(pol, "eps", None),
+    )
+
+
+def certify_attention(
+    queries: Any,
+    keys: Any,
+    values: Any,
+    eps: float | None = None,
+    *,
+    policy: Any = None,
+    scale: float | None = None,
+    mask: Any = None,
+    causal: bool = False,
+    kv_heads: int | Sequence[int] | None = None,
+    chunk_elems: int = CHUNK_ELEMS,
+    return_kept: bool = True,
+    diameters: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> AttentionCertificate:
+    r"""Certified sparse attention with a sound output-error bound, per query.
+
+    Parameters
+    ----------
+    queries : array (..., [H,] Lq, d)
+    keys : array (..., [H_kv,] Lk, d)
+    values : array (..., [H_kv,] Lk, dv)
+        Leading (batch, head) axes broadcast.  Any real floating dtype.
+    eps : float, optional
+        TV budget of the default policy, Top-k (``policy=None``).
+    policy : policy object, optional
+        Any selection policy of :mod:`certattn.policies` (``TopK(eps)``, ``TopP(p)``,
+        ``WindowSinks(window, sinks)``, ``Pages(budget)``, ``CertifiedBlocks(eps)``,
+        ``Search(eps)``, ``FixedK(k)``) or your own (module docstring there).
+    scale, mask, causal, kv_heads, chunk_elems, progress
+        As in :func:`certify_scores`.
+    return_kept : bool
+        Record the kept set in the result.
+    diameters : bool
+        Also evaluate the two diameter bounds (:math:`O(L_k^2 d_v)`; never tighter than
+        the tail-to-head bound, which is always evaluated).
 
     Returns
     -------
@@ -137,71 +442,17 @@ def certify_attention(
     Raises
     ------
     ValueError
-        Mismatched shapes, NaN/inf inputs, a query with no visible key, eps outside [0, 1).
+        Mismatched shapes, NaN/inf inputs, a query with no visible key, a kept set with
+        no visible key, eps outside [0, 1).
     """
-    from . import certify_topk
-
-    eps = check_eps(eps)
-    qa, xp, dev = as_float_array(q, name="q")
-    ka, _, _ = as_float_array(asarray_on(k, xp=xp, device=dev), name="k")
-    va, _, _ = as_float_array(asarray_on(v, xp=xp, device=dev), name="v")
-    if qa.ndim < 2 or ka.ndim < 2 or va.ndim < 2:
-        raise ValueError("q, k, v must have at least two axes: (..., L, d)")
-    lq, d = int(qa.shape[-2]), int(qa.shape[-1])
-    lk = int(ka.shape[-2])
-    if int(ka.shape[-1]) != d:
-        raise ValueError(f"q has d = {d} but k has d = {ka.shape[-1]}")
-    if int(va.shape[-2]) != lk:
-        raise ValueError(f"k has {lk} keys but v has {va.shape[-2]}")
-    for name, a in (("q", qa), ("k", ka), ("v", va)):
-        if not bool(xp.all(xp.isfinite(a))):
-            raise ValueError(f"{name} contains NaN or inf")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-    q64, k64, v64 = (xp.astype(a, xp.float64) for a in (qa, ka, va))
-    kt = xp.matrix_transpose(k64)
-    visible, bias = normalize_mask(mask, xp=xp, device=dev) if mask is not None else (None, None)
-    lead = math.prod(int(s) for s in xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2]))
-    step = max(1, chunk_elems // max(1, lead * lk * 4))
-    offset = lk - lq
-    cols = xp.arange(lk, device=device_of(q64))
-    fields: dict[str, list[Array]] = {f: [] for f in ("out", "k", "tail", "err", "idx", "nv")}
-    for i0 in range(0, lq, step):
-        sl = slice(i0, min(lq, i0 + step))
-        s = xp.matmul(q64[..., sl, :], kt) * scale
-        b = _rows_of(bias, sl)
-        if b is not None:
-            s = s + b
-        vis = _rows_of(visible, sl)
-        if causal:
-            rows = xp.arange(i0, sl.stop, device=device_of(q64))
-            cm = cols[None, :] <= rows[:, None] + offset
-            vis = cm if vis is None else (vis & cm)
-        if vis is not None:
-            s = xp.where(vis, s, xp.full_like(s, -xp.inf))
-        cert = certify_topk(s, eps)
-        kept = cert.kept_mask()
-        valid = s > -xp.inf
-        res = _sound_bounds(
-            s, v64, valid, kept, cert.tail_mass, xp, diameters=False, chunk=chunk_elems
-        )
-        fields["out"].append(res["attn_k"])
-        fields["k"].append(cert.k)
-        fields["tail"].append(cert.tail_mass)
-        fields["err"].append(res["best"] + res["mu_err"])
-        fields["idx"].append(res["tightest"])
-        fields["nv"].append(cert.n_valid)
-
-    def cat(parts: list[Array], axis: int) -> Array:
-        return xp.concat(parts, axis=axis) if len(parts) > 1 else parts[0]
-
+    pol = as_policy(policy, eps)
+    if values is None:
+        raise InputError("values are required (use certify_scores for certificates alone)")
+    pr = _prepare(queries, keys, values, scale=scale, mask=mask, causal=causal, kv_heads=kv_heads)
+    r = _run(pr, pol, chunk_elems=chunk_elems, return_kept=return_kept, progress=progress,
+             with_output=True, diameters=diameters)
     return AttentionCertificate(
-        output=cat(fields["out"], -2),
-        k=cat(fields["k"], -1),
-        tail_mass=cat(fields["tail"], -1),
-        error_bound=cat(fields["err"], -1),
-        bound=cat(fields["idx"], -1),
-        n_valid=cat(fields["nv"], -1),
-        eps=eps,
+        output=r["out"], k=r["k"], tail_upper=r["tail"], kl_upper=r["kl"],
+        error_bound=r["err"], tightest=r["idx"], n_valid=r["nv"], kept=r["kept"],
+        eps=getattr(pol, "eps", None), policy=pol.name,
     )

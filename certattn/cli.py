@@ -79,13 +79,13 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         logits, eps, masked_rows=args.masked_rows, progress=_progress(rows, max(n, 1))
     )
     k = np.asarray(cert.k)
-    tail = np.asarray(cert.tail_mass)
-    kl = np.asarray(cert.kl)
+    tail = np.asarray(cert.tail_upper)
+    kl = np.asarray(cert.kl_upper)
     if args.out is not None:
         out = Path(args.out)
         try:
             np.savez(
-                out, k=k, tail_mass=tail, kl=kl, n_valid=np.asarray(cert.n_valid),
+                out, k=k, tail_upper=tail, kl_upper=kl, n_valid=np.asarray(cert.n_valid),
                 masked=np.asarray(cert.masked), eps=np.float64(eps), n=np.int64(n),
             )
         except OSError as exc:
@@ -97,8 +97,8 @@ def _cmd_certify(args: argparse.Namespace) -> int:
             "n": n,
             "eps": eps,
             "k": k.ravel().tolist(),
-            "tail_mass": tail.ravel().tolist(),
-            "kl": kl.ravel().tolist(),
+            "tail_upper": tail.ravel().tolist(),
+            "kl_upper": kl.ravel().tolist(),
             "n_valid": np.asarray(cert.n_valid).ravel().tolist(),
             "masked": np.asarray(cert.masked).ravel().tolist(),
         }
@@ -122,7 +122,7 @@ def _summary_row(label: str, k: np.ndarray, nv: np.ndarray, tail: np.ndarray) ->
 def _print_table(description: str, cert: Any, eps: float, labels: np.ndarray | None) -> None:
     k = np.asarray(cert.k).ravel()
     nv = np.asarray(cert.n_valid).ravel()
-    tail = np.asarray(cert.tail_mass).ravel()
+    tail = np.asarray(cert.tail_upper).ravel()
     keep = ~np.asarray(cert.masked).ravel()
     print(f"certattn certify: {description}")
     print(f"eps = {eps:g} (TV budget; KL(P_hat||P) <= {-math.log1p(-eps):.4g}), key axis n = "
@@ -242,7 +242,7 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
     c.add_argument("--key", help="array name inside an .npz or .safetensors file")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    c.add_argument("--out", help="also write k, tail_mass, kl, ... to this .npz")
+    c.add_argument("--out", help="also write k, tail_upper, kl_upper, ... to this .npz")
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
     c.set_defaults(func=_cmd_certify)

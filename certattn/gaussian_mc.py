@@ -93,7 +93,7 @@ def _sorted_normal_chunks(
 def _exact_keps(s_rows: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """Exact minimal ``k_eps`` and its (sound, upper-bound) tail mass per row."""
     cert = certify_topk(s_rows, eps)
-    return np.asarray(cert.k), np.asarray(cert.tail_mass)
+    return np.asarray(cert.k), np.asarray(cert.tail_upper)
 
 
 def _grid(sigma: object, eps: object) -> tuple[np.ndarray, np.ndarray]:

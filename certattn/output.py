@@ -48,23 +48,31 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of
-from ._fp import SMALLEST, U, log_cumsum, margin, round_up
-from ._validate import first_bad_position, valid_rows
+from ._fp import SMALLEST, U, log_cumsum, round_up
+from ._fp import masked_weights as _weights
+from ._validate import check_finite, first_bad_position, valid_rows
+from .distribution import topk_mask
+from .kept import shift_rows as _shift_rows
+from .kept import tail_upper_of as _tau_upper
 
 __all__ = [
+    "OUTPUT_BOUNDS",
     "HeadTail",
     "OutputBounds",
     "VarianceDecomposition",
     "head_tail_terms",
     "output_bounds",
     "smallest_k_for_output",
+    "sound_output_bounds",
     "variance_decomposition",
 ]
 
 Array = Any
 
 _CHUNK_ELEMS = 1 << 22
-BOUND_NAMES = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
+OUTPUT_BOUNDS = ("bounded", "diameter_all", "diameter", "tail_head", "variance")
+"""Names of the output-error bounds, in the order of every ``tightest`` index."""
+BOUND_NAMES = OUTPUT_BOUNDS  # deprecated name (0.1); use OUTPUT_BOUNDS
 
 
 # --------------------------------------------------------------------------
@@ -80,9 +88,7 @@ def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
         raise ValueError(
             f"values must be (..., n, dv) with n = {x.shape[-1]} keys, got {tuple(v.shape)}"
         )
-    bad = ~xp.isfinite(v)
-    if bool(xp.any(bad)):
-        raise ValueError(f"values contain NaN or inf at {first_bad_position(bad)}")
+    check_finite(v, xp, "values")
     x = _shift_rows(x, xp)
     valid = x > -xp.inf
     if kept is None and k is None:
@@ -90,8 +96,6 @@ def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
     if kept is not None and k is not None:
         raise ValueError("give only one of `kept` and `k`")
     if k is not None:
-        from .distribution import topk_mask
-
         kept = topk_mask(x, asarray_on(k, xp=xp, device=dev) if not isinstance(k, int) else k)
     kept = asarray_on(kept, xp=xp, device=dev)
     if kept.dtype != xp.bool:
@@ -102,29 +106,6 @@ def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
         pos = first_bad_position(empty) if empty.ndim else ()
         raise ValueError(f"kept set holds no valid key in row {pos}")
     return x, v, valid, kept, n_valid, xp
-
-
-def _shift_rows(x: Array, xp: Any) -> Array:
-    """Logits minus their row maximum (softmax-invariant; keeps log-sums near 0, so the
-    rounding of every derived quantity is relative to the differences that matter)."""
-    m = xp.max(x, axis=-1, keepdims=True)
-    # A difference beyond -float max becomes -inf: a key whose exact weight is below
-    # e^-1.7e308, so zero to every float64 digit (tail bounds stay positive regardless).
-    with np.errstate(over="ignore"):
-        return x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
-
-
-def _weights(x: Array, keep: Array, xp: Any) -> tuple[Array, Array]:
-    """Normalised weights ``exp(x_i - LSE(keep))`` on ``keep`` (0 elsewhere) and the LSE."""
-    xm = xp.where(keep, x, xp.full_like(x, -xp.inf))
-    m = xp.max(xm, axis=-1, keepdims=True)
-    m = xp.where(m > -xp.inf, m, xp.zeros_like(m))
-    e = xp.where(keep, xp.exp(xm - m), xp.zeros_like(x))
-    z = xp.sum(e, axis=-1, keepdims=True)
-    zs = xp.where(z > 0, z, xp.ones_like(z))
-    with np.errstate(divide="ignore"):
-        lse = xp.where(z > 0, xp.log(zs) + m, xp.full_like(z, -xp.inf))
-    return e / zs, lse[..., 0]
 
 
 @dataclass(frozen=True)
@@ -262,7 +243,7 @@ class OutputBounds:
     variance: Array
     best: Array
     tightest: Array
-    names: tuple[str, ...] = BOUND_NAMES
+    names: tuple[str, ...] = OUTPUT_BOUNDS
 
     def tightest_names(self) -> np.ndarray:
         """The name of the tightest bound per row, as a NumPy string array."""
@@ -285,18 +266,6 @@ def _value_scale(v: Array, valid: Array, xp: Any) -> Array:
 def _mu_error(c: Array, n: int, dv: int) -> Array:
     """Absolute error bound of a computed float64 weighted mean of values of norm <= C."""
     return c * (U * (2 * n + 2 * dv + 2048) + n * SMALLEST)
-
-
-def _tau_upper(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
-    """Sound upper bound on the exact tail mass of ``kept`` (margin of certattn.bounds)."""
-    tail = valid & ~kept
-    _, lse_all = _weights(x, valid, xp)
-    _, lse_tail = _weights(x, tail, xp)
-    m = xp.max(xp.where(valid, x, xp.full_like(x, -xp.inf)), axis=-1)
-    n = x.shape[-1]
-    a = xp.where(lse_tail > -xp.inf, lse_tail - m, xp.zeros_like(m))
-    sigma = margin(a, lse_all - m, n, xp)
-    return round_up(lse_tail - lse_all, sigma, xp.any(tail, axis=-1), xp)
 
 
 def _chi_sqrt(tau: Array, xp: Any) -> Array:
@@ -374,7 +343,7 @@ def _masked_pair_max(dist: Array, rows: Array, cols: Array, xp: Any, chunk: int)
     return _by_query_chunks(one, rows.shape, n, xp, chunk)
 
 
-def _sound_bounds(
+def sound_output_bounds(
     x: Array,
     v: Array,
     valid: Array,
@@ -382,26 +351,61 @@ def _sound_bounds(
     tau_up: Array,
     xp: Any,
     *,
-    diameters: bool,
-    chunk: int,
+    diameters: bool = False,
+    full_softmax: bool = True,
+    chunk: int = _CHUNK_ELEMS,
 ) -> dict[str, Array]:
-    """All bounds (dict by name) plus ``attn_k`` and ``mu_err`` for one kept set."""
+    r"""The output-error engine: every sound bound of one kept set, by name.
+
+    The one implementation behind :func:`output_bounds`, :func:`certattn.certify_attention`
+    and :func:`certattn.certified_search` (Theorems OUT-BOUNDED, OUT-DIAMETER, OUT-BEST;
+    rounding in the module docstring).
+
+    Parameters
+    ----------
+    x : float64 array (..., Lq, n)
+        Logits shifted by their row maximum (:func:`certattn.kept.shift_rows`).  Only the
+        kept entries are read unless ``full_softmax``.
+    v : float64 array (..., n, dv)
+    valid, kept : bool arrays (..., Lq, n)
+        Visible keys and the kept set (a subset of ``valid``, non-empty per row).
+    tau_up : float64 array (..., Lq)
+        A sound upper bound on the exact tail mass of ``kept``.
+    diameters : bool
+        Also the two diameter bounds (:math:`O(n^2 d_v)`); NaN otherwise.
+    full_softmax : bool
+        The logits of every valid key are known: also the variance bound (OUT-BEST) and
+        the dense output ``attn``.  A search that did not score every key passes False:
+        then only bounds that need the kept logits and the values are formed.
+
+    Returns
+    -------
+    dict
+        ``attn_k`` (the truncated output), ``mu_err`` (its absolute rounding bound), each
+        name of :data:`OUTPUT_BOUNDS` (NaN where not computed), ``best`` (their minimum,
+        NaN ignored; ``error_bound = best + mu_err``) and ``tightest`` (index into
+        :data:`OUTPUT_BOUNDS`); ``attn`` when ``full_softmax``.
+    """
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     rel = (dv + 8) * U
     tail = valid & ~kept
     ph, _ = _weights(x, kept, xp)
-    p, _ = _weights(x, valid, xp)
     mu_h = xp.matmul(ph, v)
-    attn = xp.matmul(p, v)
     c = _value_scale(v, valid, xp)
     delta = _mu_error(c, n, dv)
-    out: dict[str, Array] = {"attn_k": mu_h, "attn": attn, "mu_err": delta}
+    out: dict[str, Array] = {"attn_k": mu_h, "mu_err": delta}
     out["bounded"] = _up(2.0 * c * tau_up, 4 * U)
     centred = _Centred(v, xp)
     th = centred.max_dist(mu_h, tail)
     out["tail_head"] = _up(tau_up * (th + delta), 4 * U)
-    var = centred.variance_upper(p, attn, delta, c)
-    out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * U)
+    if full_softmax:
+        p, _ = _weights(x, valid, xp)
+        attn = xp.matmul(p, v)
+        out["attn"] = attn
+        var = centred.variance_upper(p, attn, delta, c)
+        out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * U)
+    else:
+        out["variance"] = xp.full_like(tau_up, xp.nan)
     if diameters:
         dist = _pair_dist(v, xp, chunk)
         out["diameter"] = _up(
@@ -413,7 +417,7 @@ def _sound_bounds(
     else:
         out["diameter"] = xp.full_like(tau_up, xp.nan)
         out["diameter_all"] = xp.full_like(tau_up, xp.nan)
-    stack = xp.stack([out[name] for name in BOUND_NAMES], axis=-1)
+    stack = xp.stack([out[name] for name in OUTPUT_BOUNDS], axis=-1)
     stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
     out["best"] = xp.min(stack, axis=-1)
     out["tightest"] = xp.argmin(stack, axis=-1)
@@ -461,15 +465,15 @@ def output_bounds(
     if tau_upper is not None:
         given = xp.astype(asarray_on(tau_upper, xp=xp, device=device_of(x)), xp.float64)
         tau = xp.broadcast_to(given, tau.shape)
-    b = _sound_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
+    b = sound_output_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
     err = xp.linalg.vector_norm(b["attn"] - b["attn_k"], axis=-1)
     if single:
-        b = {name: b[name][0, ...] for name in (*BOUND_NAMES, "best", "tightest")}
+        b = {name: b[name][0, ...] for name in (*OUTPUT_BOUNDS, "best", "tightest")}
         err, tau = err[0, ...], tau[0, ...]
     return OutputBounds(
         error=err,
         tau_upper=tau,
-        **{name: b[name] for name in (*BOUND_NAMES, "best", "tightest")},
+        **{name: b[name] for name in (*OUTPUT_BOUNDS, "best", "tightest")},
     )
 
 

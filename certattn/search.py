@@ -58,31 +58,36 @@ Floating point.  Scores are computed in float64 and known to within
 accumulated in float64 and widened by the relative factor ``gamma = (2 n + 2 N + 2000) u``
 (N = number of cells; the 2000 covers the rounding of exponent arguments up to 745 in
 magnitude) plus ``1e-300`` per term (underflow); the final ratio is multiplied by
-``1 + 4u``.  So ``tail_bound`` bounds the exact tail of ``kept`` under the exact softmax of
+``1 + 4u``.  So ``tail_upper`` bounds the exact tail of ``kept`` under the exact softmax of
 the exact logits ``scale * q.k``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._array import from_numpy, namespace, to_numpy
-from ._validate import check_eps
-from .cells import CellTree, cell_tree, kmeans_cells, score_bound_margin
+from ._fp import U as _U
+from ._fp import ratio_up, score_margin
+from ._validate import InputError, check_eps, check_scale
+from .cells import CellTree, cell_tree, kmeans_cells
+from .kept import shift_rows
+from .masks import kv_head_map, normalize_mask
+from .output import sound_output_bounds
 
-__all__ = ["SearchResult", "certified_search", "search_cells"]
+__all__ = ["METHODS", "SearchResult", "build_cells", "certified_search", "search_cells"]
 
 Array = Any
-_U = 2.0**-53
 _PER_TERM = 1e-300
 
 # Searches: partition ("flat" = MC-Search's k-means cells, "nested" = those cells split
 # further by k-means), bound kind, mass bound, order, stopping rule, score-directly rules.
-_METHODS: dict[str, dict[str, Any]] = {
+METHODS: dict[str, dict[str, Any]] = {
     "mc": {"cells": "flat", "kind": "ball", "mass": "count", "order": "upper", "stop": "sum"},
     "gap": {"cells": "flat", "kind": "ball", "mass": "count", "order": "upper", "stop": "gap"},
     "ours": {"cells": "flat", "kind": "both", "mass": "bennett", "order": "ball", "stop": "sum"},
@@ -116,7 +121,7 @@ class SearchResult:
         ``B`` int64: keys scored (``|S|`` at the stop).
     bounded : array
         ``B`` int64: cells bounded.
-    tail_bound : array
+    tail_upper : array
         ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps).
     output : array
         ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
@@ -134,7 +139,7 @@ class SearchResult:
     kept: Array
     scored: Array
     bounded: Array
-    tail_bound: Array
+    tail_upper: Array
     output: Array
     error_bound: Array
     n_valid: Array
@@ -142,13 +147,27 @@ class SearchResult:
     method: str
 
     @property
+    def tail_bound(self) -> Array:
+        """Deprecated (0.1): the sound bound is :attr:`tail_upper`."""
+        warnings.warn(
+            "SearchResult.tail_bound is deprecated; use tail_upper", DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.tail_upper
+
+    def kept_mask(self) -> Array:
+        """The certified kept set (the same protocol as every certificate)."""
+        return self.kept
+
+    @property
     def cost(self) -> Array:
         """Keys scored plus cells bounded, per query."""
         return self.scored + self.bounded
 
 
-def _cells_for(method: str, keys: np.ndarray, seed: int) -> CellTree:
-    cfg = _METHODS[method]
+def build_cells(method: str, keys: np.ndarray, seed: int) -> CellTree:
+    """The partition ``method`` searches over, for one key head ``(n, d)`` (NumPy)."""
+    cfg = METHODS[method]
     if cfg["cells"] == "flat":
         return kmeans_cells(keys, seed=seed)
     return cell_tree(
@@ -297,14 +316,6 @@ class _Schedule:
         return expanded, x, z, nterm
 
 
-def _ratio_up(num: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """``num / (num + head)`` rounded upward (0 when num is 0)."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = num / (num + head)
-    r = np.where(num > 0, r * (1.0 + 4 * _U), 0.0)
-    return np.where(np.isnan(r), 1.0, np.minimum(r, 1.0))
-
-
 def search_cells(
     tree: CellTree,
     queries: np.ndarray,
@@ -337,35 +348,36 @@ def search_cells(
     Returns
     -------
     dict
-        ``kept`` (m, n) bool, ``scored``, ``bounded`` (m,) int64, ``tail_bound`` (m,) float64,
+        ``kept`` (m, n) bool, ``scored``, ``bounded`` (m,) int64, ``tail_upper`` (m,) float64.
         ``shift`` (m,) and ``weights`` (m, n) (exp(s - shift) of kept keys, 0 elsewhere).
     """
-    cfg = _METHODS[method]
+    cfg = METHODS[method]
     m, n = visible.shape
     logits = (queries @ keys.T) * scale
     if not np.all(np.isfinite(logits)):
-        raise ValueError("scores scale * q.k overflow float64")
+        raise InputError("scores scale * q.k overflow float64")
     logits = np.where(visible, logits, -np.inf)
     sch = _Schedule(tree, queries, logits, visible, scale=scale, eps=eps, cfg=cfg)
     kmax = float(np.max(np.linalg.norm(keys, axis=1)))
-    delta = score_bound_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
+    delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
     delta = delta + 1e-300
-    down = np.exp(-delta) * (1.0 - sch.gamma)
-    up = np.exp(delta) * (1.0 + sch.gamma)
+    with np.errstate(over="ignore", under="ignore"):  # overflow: trivial bound (fail closed)
+        down = np.exp(-delta) * (1.0 - sch.gamma)
+        up = np.exp(delta) * (1.0 + sch.gamma)
 
     def certified(t: np.ndarray) -> np.ndarray:
         _, x, z, _ = sch.state(t)
         # z is summed in another order than the prefix sums used below for the kept set;
         # shrinking it by 4 (n + N) u makes this test imply the kept set's (at A = S)
-        return _ratio_up(x, z * down * (1.0 - 4 * (n + tree.n_nodes) * _U)) <= eps
+        return ratio_up(x, z * down * (1.0 - 4 * (n + tree.n_nodes) * _U), np) <= eps
 
     # bisection for the first certified step (the predicate is monotone in exact arithmetic;
     # the certificate is re-checked at the returned step, so rounding cannot make it unsound)
     nn = tree.n_nodes
     lo = np.zeros(m, dtype=np.int64)
     hi = np.full(m, nn - 1, dtype=np.int64)
-    if not np.all(certified(hi)):
-        raise AssertionError("internal: full expansion not certified")  # pragma: no cover
+    # Rows not certified even with every cell scored (score margins so large that the
+    # bound is trivial) fail closed below: they keep every visible key (exact tail 0).
     hi = np.where(certified(lo), lo, hi)
     while np.any(hi - lo > 1):
         mid = (lo + hi) // 2
@@ -387,32 +399,29 @@ def search_cells(
     suffix[:, :-1] = np.cumsum(es[:, ::-1], axis=1)[:, ::-1]  # from the small end
     kk = np.arange(n + 1)[None, :]
     dropped = np.maximum(scored[:, None] - kk, 0)
-    num = suffix * up[:, None] + x[:, None] + _PER_TERM * dropped
-    bound = _ratio_up(num, prefix * down[:, None])
+    with np.errstate(over="ignore", invalid="ignore"):
+        num = suffix * up[:, None] + x[:, None] + _PER_TERM * dropped
+    bound = ratio_up(num, prefix * down[:, None], np)
     bound = np.where(kk <= scored[:, None], bound, np.inf)
     good = bound <= eps
-    if not np.all(good[np.arange(m), scored]):
-        raise AssertionError("internal: stop step not certified")  # pragma: no cover
     k = np.argmax(good, axis=1)
     tail = bound[np.arange(m), k]
     kept_sorted = kk[:, :n] < k[:, None]
     kept = np.zeros((m, n), dtype=bool)
     np.put_along_axis(kept, idx, kept_sorted, axis=1)
+    # Fail closed: no certified head among the scored keys (only where rounding margins
+    # swamp the bound): score and keep every visible key, whose exact tail is 0.
+    closed = ~good[np.arange(m), scored]
+    if np.any(closed):
+        kept[closed] = visible[closed]
+        tail = np.where(closed, 0.0, tail)
+        scored = np.where(closed, visible.sum(axis=1), scored)
     return {
         "kept": kept,
         "scored": scored.astype(np.int64),
         "bounded": bounded.astype(np.int64),
-        "tail_bound": tail,
-        "weights": np.where(kept, sch.e, 0.0),
+        "tail_upper": tail,
     }
-
-
-def _as_heads(x: np.ndarray, name: str, last: int) -> np.ndarray:
-    if x.ndim == last:
-        return x[None]
-    if x.ndim == last + 1:
-        return x
-    raise ValueError(f"{name} must have {last} or {last + 1} dimensions, got shape {x.shape}")
 
 
 def certified_search(
@@ -423,6 +432,8 @@ def certified_search(
     *,
     scale: float | None = None,
     mask: Array | None = None,
+    causal: bool = False,
+    kv_heads: int | list[int] | None = None,
     cells: CellTree | list[CellTree] | None = None,
     seed: int = 0,
     method: str = "ours",
@@ -452,8 +463,13 @@ def certified_search(
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default; must be positive.
     mask : array, optional
-        Boolean, broadcastable to ``(m, n)`` or ``(H, m, n)``; True = visible (e.g. causal).
-        A masked key is never scored and has probability 0.
+        Boolean (True = visible) or additive with entries 0 / -inf, broadcastable to
+        ``(m, n)`` or ``(H, m, n)``.  A masked key is never scored and has probability 0.
+    causal : bool
+        Query ``i`` sees keys ``j <= i + n - m`` (as in :func:`certattn.certify_attention`).
+    kv_heads : int or list of int, optional
+        Grouped-query attention: key heads count or query-to-key head map (as in
+        :func:`certattn.certify_attention`); inferred when the head counts differ.
     cells : CellTree or list of CellTree, optional
         Precomputed partition (one per key head) to reuse; built from ``keys`` otherwise
         (``kmeans_cells`` for "mc", "gap" and "ours", ``cell_tree`` with MC-Search's cells
@@ -469,59 +485,77 @@ def certified_search(
     SearchResult
         In the namespace and on the device of ``queries``.
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
+    if method not in METHODS:
+        raise InputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     eps = check_eps(eps)
     xp, dev = namespace(queries, keys, values, mask)
     q_all = np.asarray(to_numpy(queries), dtype=np.float64)
-    single = q_all.ndim == 2
-    q_all = _as_heads(q_all, "queries", 2)
-    k_all = _as_heads(np.asarray(to_numpy(keys), dtype=np.float64), "keys", 2)
     v_np = to_numpy(values)
     out_dtype = v_np.dtype if np.dtype(v_np.dtype).kind == "f" else np.float64
-    v_all = _as_heads(np.asarray(v_np, dtype=np.float64), "values", 2)
+    single = q_all.ndim == 2
+    if q_all.ndim not in (2, 3):
+        raise InputError(f"queries must be (m, d) or (H, m, d), got shape {q_all.shape}")
+    k_all = np.asarray(to_numpy(keys), dtype=np.float64)
+    v_all = np.asarray(v_np, dtype=np.float64)
+    if k_all.ndim not in (2, 3) or v_all.ndim != k_all.ndim:
+        raise InputError(
+            f"keys and values must both be (n, d) or (H_kv, n, d), got {k_all.shape} "
+            f"and {v_all.shape}"
+        )
+    if k_all.ndim == 2:
+        k_all, v_all = k_all[None], v_all[None]
+    if single:
+        q_all = q_all[None]
     nh, m, d = q_all.shape
     nkv, n, dk = k_all.shape
     if dk != d:
-        raise ValueError(f"queries have dimension {d} but keys have {dk}")
+        raise InputError(f"queries have dimension {d} but keys have {dk}")
     if v_all.shape[:2] != (nkv, n):
-        raise ValueError(f"values must be ({nkv}, {n}, dv) to match keys, got {v_all.shape}")
-    if nh % nkv:
-        raise ValueError(f"{nh} query heads cannot share {nkv} key heads evenly")
-    for name, arr in (("queries", q_all), ("values", v_all)):
+        raise InputError(f"values must be ({nkv}, {n}, dv) to match keys, got {v_all.shape}")
+    if m == 0 or n == 0:
+        raise InputError(f"need at least one query and one key, got {m} and {n}")
+    mapping = kv_head_map(kv_heads, nh, nkv) or list(range(nh))
+    for name, arr in (("queries", q_all), ("keys", k_all), ("values", v_all)):
         if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{name} contain a non-finite value")
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number, got {scale!r}")
-    if mask is None:
-        vis_all = np.ones((nh, m, n), dtype=bool)
-    else:
-        mk = to_numpy(mask)
-        if mk.dtype != np.bool_:
-            raise ValueError(f"mask must be boolean, got dtype {mk.dtype}")
+            raise InputError(f"{name} contain NaN or inf")
+    scale = check_scale(scale, d)
+    vis_all = np.ones((nh, m, n), dtype=bool)
+    if mask is not None:
+        visible, bias = normalize_mask(mask, xp=xp, device=dev)
+        if bias is not None and bool(np.any(to_numpy(bias) != 0)):
+            raise InputError(
+                "certified_search takes visibility masks only (boolean, or additive with "
+                "0 / -inf entries): a finite bias would change the scores its cells bound"
+            )
+        mk = to_numpy(visible)
         try:
-            vis_all = np.broadcast_to(mk, (nh, m, n) if not single else (m, n))
+            vis_all = np.broadcast_to(mk, (m, n) if single else (nh, m, n))
         except ValueError:
-            raise ValueError(f"mask of shape {mk.shape} does not broadcast to the logits") from None
+            raise InputError(f"mask of shape {mk.shape} does not broadcast to the logits") from None
         vis_all = np.broadcast_to(vis_all, (nh, m, n))
+    if causal:
+        rows, cols = np.arange(m)[:, None], np.arange(n)[None, :]
+        vis_all = vis_all & (cols <= rows + (n - m))[None]
     empty = ~vis_all.any(axis=-1)
     if np.any(empty):
         pos = tuple(int(i) for i in np.argwhere(empty)[0])
-        raise ValueError(f"query {pos if not single else pos[1]} has every key masked")
+        raise InputError(f"query {pos if not single else pos[1]} has every key masked")
     if cells is None:
-        trees = [_cells_for(method, k_all[j], seed) for j in range(nkv)]
+        trees = [build_cells(method, k_all[j], seed) for j in range(nkv)]
     else:
         trees = [cells] if isinstance(cells, CellTree) else list(cells)
         if len(trees) != nkv or any(t.n_keys != n for t in trees):
-            raise ValueError(f"cells must hold {nkv} partition(s) of {n} keys")
-    group = nh // nkv
-    res = {key: [] for key in ("kept", "scored", "bounded", "tail_bound", "output", "error")}
+            raise InputError(f"cells must hold {nkv} partition(s) of {n} keys")
+    res: dict[str, list[np.ndarray]] = {
+        key: [] for key in ("kept", "scored", "bounded", "tail_upper", "output", "error")
+    }
     for h in range(nh):
-        j = h // group
+        j = mapping[h]
         r = search_cells(trees[j], q_all[h], k_all[j], vis_all[h], eps, scale=scale, method=method)
-        out, err = _output_and_error(r["weights"], r["tail_bound"], v_all[j], out_dtype)
-        for key in ("kept", "scored", "bounded", "tail_bound"):
+        logits = np.where(vis_all[h], (q_all[h] @ k_all[j].T) * scale, -np.inf)
+        out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
+                                     out_dtype)
+        for key in ("kept", "scored", "bounded", "tail_upper"):
             res[key].append(r[key])
         res["output"].append(out)
         res["error"].append(err)
@@ -536,7 +570,7 @@ def certified_search(
         kept=conv["kept"],
         scored=conv["scored"],
         bounded=conv["bounded"],
-        tail_bound=conv["tail_bound"],
+        tail_upper=conv["tail_upper"],
         output=conv["output"],
         error_bound=conv["error"],
         n_valid=conv["n_valid"],
@@ -546,25 +580,27 @@ def certified_search(
 
 
 def _output_and_error(
-    weights: np.ndarray, tail: np.ndarray, values: np.ndarray, out_dtype: Any
+    logits: np.ndarray,
+    visible: np.ndarray,
+    kept: np.ndarray,
+    tail: np.ndarray,
+    values: np.ndarray,
+    out_dtype: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Truncated attention over the kept keys and a sound bound on its error.
 
-    ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL) and ``mu_tail`` is a
-    convex combination of values, so ``|Attn - Attn_A| <= tau max_j |v_j - Attn_A| <=
-    tail_bound (|c_V - Attn_A| + r_V)`` with the values' ball (centre ``c_V``, radius
-    ``r_V``, known before the search).  Rounding of the float64 sum (``e_out``) and of the
-    cast to the output dtype are added.
+    The library's output-error engine (:func:`certattn.output.sound_output_bounds`) with
+    ``full_softmax=False``: it reads the logits of the kept (scored) keys only and the
+    values, never an unscored score (Theorems OUT-HEAD-TAIL, OUT-BOUNDED, OUT-DIAMETER).
+    The rounding of the cast to the output dtype is added.
     """
-    n, dv = values.shape
-    zsum = weights.sum(axis=1, keepdims=True)
-    out = (weights / zsum) @ values
-    cv = values.mean(axis=0)
-    rv = float(np.max(np.linalg.norm(values - cv, axis=1))) * (1 + score_bound_margin(dv))
-    vmax = float(np.max(np.linalg.norm(values, axis=1)))
-    e_out = (4 * n + 4 * dv + 20) * _U * vmax + 1e-300
-    dist = np.linalg.norm(out - cv, axis=1) * (1 + score_bound_margin(dv))
+    import array_api_compat.numpy as xnp
+
+    x = shift_rows(np.where(kept, logits, -np.inf), xnp)
+    r = sound_output_bounds(x, values, visible, kept, tail, xnp, full_softmax=False)
+    stack = np.stack([r["bounded"], r["tail_head"]], axis=-1)
+    out = r["attn_k"]
     out_cast = out.astype(out_dtype)
     cast = np.linalg.norm(out_cast.astype(np.float64) - out, axis=1)
-    err = tail * (dist + rv + e_out) + e_out + cast
+    err = np.min(stack, axis=-1) + r["mu_err"] + cast
     return out_cast, err * (1 + 8 * _U)

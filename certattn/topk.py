@@ -40,7 +40,7 @@ times the *lower* bound of :math:`Z`, with :math:`\gamma = 2(n + 4096)u` (about
 :math:`\varepsilon Z` (below :math:`n e^{-49}` relative to it).  Hence:
 
 * **sound**: the reported ``k`` is never below the exact :math:`k_\varepsilon`, and the
-  reported ``tail_mass`` is never below the exact :math:`\tau_k` (and never above eps);
+  reported ``tail_upper`` is never below the exact :math:`\tau_k` (and never above eps);
 * **minimal up to the margin**: ``k`` exceeds :math:`k_\varepsilon` only if the exact
   :math:`\tau_{k-1}` lies within a relative :math:`3\gamma + 10^{-12}` of eps (far inside the
   promised :math:`10^{-6}`).
@@ -52,18 +52,19 @@ logits; :meth:`TopkCertificate.kept_mask` breaks ties at the cut by position.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
-
-import numpy as np
 
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
 from ._fp import GAMMA_EXP, SMALLEST, U
 from ._topk_generic import cut_sorted, exp_terms
 from ._validate import check_eps, check_logits, check_number, first_bad_position
+from .distribution import topk_mask
+from .kept import kl_upper_from_tail
 
 __all__ = ["TopkCertificate", "certify_topk", "certify_topp"]
 
@@ -80,12 +81,12 @@ class TopkCertificate:
     ----------
     k : integer array, batch shape
         Keys to keep per row: never below the exact minimal :math:`k_\varepsilon`.
-    tail_mass : float64 array, batch shape
+    tail_upper : float64 array, batch shape
         Sound upper bound on the exact discarded mass :math:`\tau_k` of the kept set,
         never above ``eps`` (it equals TV by Theorem TV-TAIL).
-    kl : float64 array, batch shape
-        ``-log1p(-tail_mass)``: a sound upper bound on :math:`\mathrm{KL}(\hat P\Vert P)`
-        (Theorem TV-KL).
+    kl_upper : float64 array, batch shape
+        ``-log1p(-tail_upper)`` rounded up: a sound upper bound on
+        :math:`\mathrm{KL}(\hat P\Vert P)` (Theorem TV-KL).
     n_valid : integer array, batch shape
         Finite (unmasked) keys per row.
     masked : bool array, batch shape
@@ -99,14 +100,31 @@ class TopkCertificate:
     """
 
     k: Array
-    tail_mass: Array
-    kl: Array
+    tail_upper: Array
+    kl_upper: Array
     n_valid: Array
     masked: Array
     eps: float
     n: int
     axis: int
-    _logits: Array
+    _logits: Array = field(repr=False)
+
+    @property
+    def tail_mass(self) -> Array:
+        """Deprecated (0.1): the sound bound is :attr:`tail_upper`."""
+        warnings.warn(
+            "TopkCertificate.tail_mass is deprecated; use tail_upper", DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.tail_upper
+
+    @property
+    def kl(self) -> Array:
+        """Deprecated (0.1): use :attr:`kl_upper`."""
+        warnings.warn(
+            "TopkCertificate.kl is deprecated; use kl_upper", DeprecationWarning, stacklevel=2
+        )
+        return self.kl_upper
 
     @property
     def batch_shape(self) -> tuple[int, ...]:
@@ -119,8 +137,6 @@ class TopkCertificate:
         Row ``r`` keeps its ``k[r]`` largest logits; ties at the cut go to the earlier
         key.  Masked keys are never kept.
         """
-        from .distribution import topk_mask
-
         return topk_mask(self._logits, self.k, axis=self.axis)
 
     def kept_indices(self) -> Array:
@@ -193,8 +209,8 @@ def certify_topk(
     Returns
     -------
     TopkCertificate
-        ``k``, ``tail_mass`` (sound upper bound on the exact tail, at most ``eps``),
-        ``kl``, ``n_valid``, ``masked``; arrays in the input's namespace and device.
+        ``k``, ``tail_upper`` (sound upper bound on the exact tail, at most ``eps``),
+        ``kl_upper``, ``n_valid``, ``masked``; arrays in the input's namespace and device.
 
     Notes
     -----
@@ -242,13 +258,11 @@ def certify_topk(
 
     k = xp.where(masked, xp.zeros_like(k), k)
     tail = xp.where(masked, xp.zeros_like(tail), tail)
-    # KL(P_hat || P) = -log1p(-tail), rounded up so it stays an upper bound.
-    kl = -xp.log1p(-tail)
-    kl = xp.where(tail > 0, xp.nextafter(kl, xp.full_like(kl, math.inf)), kl)
+    kl = kl_upper_from_tail(tail, xp)  # KL(P_hat || P) = -log1p(-tail), rounded up
     return TopkCertificate(
         k=xp.reshape(k, batch),
-        tail_mass=xp.reshape(tail, batch),
-        kl=xp.reshape(kl, batch),
+        tail_upper=xp.reshape(tail, batch),
+        kl_upper=xp.reshape(kl, batch),
         n_valid=xp.reshape(n_valid, batch),
         masked=xp.reshape(masked, batch),
         eps=eps,

@@ -86,7 +86,7 @@ k = np.asarray(cert.k)
 nv = np.asarray(cert.n_valid)
 print(f"layer {int(a.layers[li])}, head {head}: k_eps / n from {np.min(k / nv):.2f} "
       f"to {np.max(k / nv):.2f}; every certified tail <= eps: "
-      f"{bool(np.all(cert.tail_mass <= 0.01))}")
+      f"{bool(np.all(cert.tail_upper <= 0.01))}")
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for q in (int(np.argmin(k / nv)), int(np.argmax(k / nv))):

@@ -212,4 +212,4 @@ else:
         r = certified_search(q, kk, vv, 0.01, scale=a.scale, method=method)
         print(f"{method:>4}: scored {np.mean(r.scored):5.1f}, kept "
               f"{np.mean(np.sum(r.kept, axis=-1)):5.1f}, exact k_eps {k_ex.mean():5.1f}, "
-              f"n = {a.n_tokens}; tail bounds <= eps: {bool(np.all(r.tail_bound <= 0.01))}")
+              f"n = {a.n_tokens}; tail bounds <= eps: {bool(np.all(r.tail_upper <= 0.01))}")

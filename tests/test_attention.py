@@ -54,8 +54,8 @@ def _sparse(s, v, kk):
 def _check(cert, s, dense, v, eps):
     ref_cert = certattn.certify_topk(s, eps)
     np.testing.assert_array_equal(to_numpy(cert.k), ref_cert.k)
-    np.testing.assert_allclose(to_numpy(cert.tail_mass), ref_cert.tail_mass, rtol=1e-12)
-    assert np.all(to_numpy(cert.tail_mass) <= eps)
+    np.testing.assert_allclose(to_numpy(cert.tail_upper), ref_cert.tail_upper, rtol=1e-12)
+    assert np.all(to_numpy(cert.tail_upper) <= eps)
     out = to_numpy(cert.output)
     np.testing.assert_allclose(out, _sparse(s, v, ref_cert.k), rtol=1e-10, atol=1e-12)
     err = np.linalg.norm(dense - out, axis=-1)
@@ -87,7 +87,7 @@ def test_additive_hf_mask_and_boolean_mask_agree():
     add = np.where(pad, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
     c1 = certify_attention(q, k, v, 0.01, mask=add, causal=True)
     c2 = certify_attention(q, k, v, 0.01, mask=pad[:, None, None, :], causal=True)
-    for f in ("output", "k", "tail_mass", "error_bound"):
+    for f in ("output", "k", "tail_upper", "error_bound"):
         np.testing.assert_array_equal(to_numpy(getattr(c1, f)), to_numpy(getattr(c2, f)))
     s, dense = _reference(q, k, v, mask=add, causal=True)
     _check(c1, s, dense, v.astype(np.float64), 0.01)
@@ -128,7 +128,7 @@ def test_chunking_does_not_change_the_result():
     a = certify_attention(q, k, v, 0.01, causal=True, chunk_elems=1)
     b = certify_attention(q, k, v, 0.01, causal=True)
     np.testing.assert_array_equal(a.k, b.k)  # matmul blocking may differ in the last ulp
-    for f in ("output", "tail_mass", "error_bound"):
+    for f in ("output", "tail_upper", "error_bound"):
         np.testing.assert_allclose(getattr(a, f), getattr(b, f), rtol=1e-13, atol=1e-15)
 
 
@@ -141,7 +141,7 @@ def test_backends(backend):
     qb, kb, vb, mb = (backend.asarray(a) for a in (q, k, v, mask))
     got = certify_attention(qb, kb, vb, 0.05, mask=mb, causal=True, chunk_elems=50)
     assert device_of(got.output) == device_of(qb)
-    for f in ("output", "k", "tail_mass", "error_bound"):
+    for f in ("output", "k", "tail_upper", "error_bound"):
         np.testing.assert_allclose(to_numpy(getattr(got, f)), getattr(ref, f), rtol=1e-12)
 
 

@@ -38,9 +38,9 @@ def test_certify_json_matches_library(tmp_path, capsys):
     cert = certattn.certify_topk(x, 0.05)
     assert doc["batch_shape"] == [2, 3] and doc["n"] == 40 and doc["eps"] == 0.05
     assert doc["k"] == cert.k.ravel().tolist()
-    assert doc["tail_mass"] == cert.tail_mass.ravel().tolist()
-    assert doc["kl"] == cert.kl.ravel().tolist()
-    assert max(doc["tail_mass"]) <= 0.05
+    assert doc["tail_upper"] == cert.tail_upper.ravel().tolist()
+    assert doc["kl_upper"] == cert.kl_upper.ravel().tolist()
+    assert max(doc["tail_upper"]) <= 0.05
 
 
 def test_certify_npz_key_safetensors_and_out(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Theorem SEARCH-SOUND: every certified search certificate is sound.
 
-``true tail of kept <= tail_bound <= eps`` against the exact softmax of the exact logits
+``true tail of kept <= tail_upper <= eps`` against the exact softmax of the exact logits
 ``scale * q.k`` (mpmath on small cases, float64 on wide ones), with masks (causal),
 grouped-query heads, ties and adversarial keys; costs: ours <= MC-Search by design.
 """
@@ -66,7 +66,7 @@ def _f64_tails(q, keys, kept, scale, visible=None):
 def test_search_sound_exact(
     n: int, d: int, seed: int, eps: float, method: str, spread: float
 ) -> None:
-    """SEARCH-SOUND: exact tail of kept <= tail_bound <= eps (mpmath, small rows)."""
+    """SEARCH-SOUND: exact tail of kept <= tail_upper <= eps (mpmath, small rows)."""
     rng = np.random.default_rng(seed)
     keys = rng.normal(size=(n, d)) * spread
     if rng.random() < 0.3:
@@ -77,11 +77,11 @@ def test_search_sound_exact(
     kept = np.asarray(res.kept)
     for i in range(2):
         tail = _exact_tail(q[i], keys, kept[i], scale)
-        assert tail <= mpmath.mpf(float(res.tail_bound[i]))
-        assert float(res.tail_bound[i]) <= eps
+        assert tail <= mpmath.mpf(float(res.tail_upper[i]))
+        assert float(res.tail_upper[i]) <= eps
         assert 0 < res.scored[i] <= n and kept[i].sum() <= res.scored[i]
         if eps == 0.0:
-            assert kept[i].all() and res.tail_bound[i] == 0.0
+            assert kept[i].all() and res.tail_upper[i] == 0.0
 
 
 def _clustered(n, m, d, seed, *, dominant=False):
@@ -101,8 +101,8 @@ def test_search_sound_wide_rows(method: str, eps: float) -> None:
     q, keys, vals = _clustered(300, 24, 32, 1, dominant=True)
     res = certified_search(q, keys, vals, eps, method=method)
     tails, p = _f64_tails(q, keys, np.asarray(res.kept), 1 / math.sqrt(32))
-    assert np.all(tails <= np.asarray(res.tail_bound) * (1 + 1e-9) + 1e-15)
-    assert np.all(np.asarray(res.tail_bound) <= eps)
+    assert np.all(tails <= np.asarray(res.tail_upper) * (1 + 1e-9) + 1e-15)
+    assert np.all(np.asarray(res.tail_upper) <= eps)
     # no certified set keeps fewer than the floor k_eps
     floor = np.asarray(certify_topk(np.log(p), eps).k)
     assert np.all(np.asarray(res.kept).sum(axis=1) >= floor - 1)
@@ -119,10 +119,10 @@ def test_search_causal_mask(method: str) -> None:
     assert np.all(np.asarray(res.scored) <= mask.sum(axis=1))
     assert np.array_equal(np.asarray(res.n_valid), mask.sum(axis=1))
     tails, _ = _f64_tails(q, keys, kept, 0.25, mask)
-    assert np.all(tails <= np.asarray(res.tail_bound) * (1 + 1e-9) + 1e-15)
+    assert np.all(tails <= np.asarray(res.tail_upper) * (1 + 1e-9) + 1e-15)
     for i in (0, 1, 5):  # exact check on short prefixes
         tail = _exact_tail(q[i], keys, kept[i], 0.25, mask[i])
-        assert tail <= mpmath.mpf(float(res.tail_bound[i]))
+        assert tail <= mpmath.mpf(float(res.tail_upper[i]))
 
 
 def test_search_gqa_heads_searched_per_head() -> None:
@@ -147,7 +147,7 @@ def test_search_ties_and_equal_keys(method: str) -> None:
     res = certified_search(q, keys, np.zeros((50, 2)), 0.1, method=method)
     kept = np.asarray(res.kept).sum(axis=1)
     assert np.all(kept >= 45)  # tail of k kept = (50 - k)/50 <= 0.1
-    assert np.all(np.asarray(res.tail_bound) >= (50 - kept) / 50 * (1 - 1e-12))
+    assert np.all(np.asarray(res.tail_upper) >= (50 - kept) / 50 * (1 - 1e-12))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -162,7 +162,7 @@ def test_search_adversarial_magnitudes(method: str, mag: float) -> None:
     res = certified_search(q, keys, rng.normal(size=(12, 2)), 0.01, method=method)
     for i in range(3):
         tail = _exact_tail(q[i], keys, np.asarray(res.kept)[i], 1 / math.sqrt(3))
-        assert tail <= mpmath.mpf(float(res.tail_bound[i])) <= 0.01
+        assert tail <= mpmath.mpf(float(res.tail_upper[i])) <= 0.01
 
 
 def test_search_deterministic_with_seed() -> None:
@@ -216,7 +216,7 @@ def test_search_any_backend(backend) -> None:
     got = certified_search(backend.asarray(q), backend.asarray(keys), backend.asarray(vals), 0.05)
     assert type(got.kept) is type(backend.asarray(q))
     assert np.array_equal(to_numpy(got.kept), want.kept)
-    np.testing.assert_allclose(to_numpy(got.tail_bound), want.tail_bound)
+    np.testing.assert_allclose(to_numpy(got.tail_upper), want.tail_upper)
 
 
 def test_search_float32_inputs() -> None:
@@ -228,7 +228,7 @@ def test_search_float32_inputs() -> None:
     tails, p = _f64_tails(
         q32.astype(np.float64), k32.astype(np.float64), res.kept, 1 / math.sqrt(8)
     )
-    assert np.all(tails <= res.tail_bound * (1 + 1e-9))
+    assert np.all(tails <= res.tail_upper * (1 + 1e-9))
     err = np.linalg.norm(p @ v32.astype(np.float64) - res.output.astype(np.float64), axis=1)
     assert np.all(err <= res.error_bound)
 
@@ -253,7 +253,7 @@ def test_search_rejects_bad_input(kwargs: dict, match: str) -> None:
 
 
 def test_search_rejects_nan_and_shape_mismatch() -> None:
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="NaN or inf"):
         certified_search(np.full((1, 3), np.nan), np.ones((4, 3)), np.ones((4, 2)), 0.1)
     with pytest.raises(ValueError, match="dimension"):
         certified_search(np.ones((1, 3)), np.ones((4, 2)), np.ones((4, 2)), 0.1)
@@ -276,8 +276,8 @@ def test_search_real_attention_sound() -> None:
             np.asarray(res.kept),
             att.scale,
         )
-        assert np.all(tails <= np.asarray(res.tail_bound) * (1 + 1e-9))
-        assert np.all(np.asarray(res.tail_bound) <= 0.01)
+        assert np.all(tails <= np.asarray(res.tail_upper) * (1 + 1e-9))
+        assert np.all(np.asarray(res.tail_upper) <= 0.01)
     mc = certified_search(
         att.queries[1], att.keys[1], att.values[1], 0.01, scale=att.scale, method="mc"
     ).cost

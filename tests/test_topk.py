@@ -74,7 +74,7 @@ def _check_contract(row: np.ndarray, eps: float, k: int, tail_bound: float) -> N
 @given(row=logit_rows(), eps=EPS)
 def test_sound_and_minimal_against_exact_arithmetic(row, eps):
     cert = certattn.certify_topk(row, eps)
-    _check_contract(row, eps, int(cert.k), float(cert.tail_mass))
+    _check_contract(row, eps, int(cert.k), float(cert.tail_upper))
     assert int(cert.n_valid) == int(np.isfinite(row).sum())
 
 
@@ -139,7 +139,7 @@ def test_kept_set_is_topk_and_its_exact_tail_is_certified(row, eps):
     assert not kept[row == -np.inf].any()
     if kept.any() and (~kept & np.isfinite(row)).any():
         assert row[kept].min() >= row[~kept & np.isfinite(row)].max()
-    assert exact_tail_of_set(row, kept) <= mpmath.mpf(float(cert.tail_mass))
+    assert exact_tail_of_set(row, kept) <= mpmath.mpf(float(cert.tail_upper))
     idx = np.asarray(cert.kept_indices())
     assert sorted(idx[idx >= 0].tolist()) == sorted(np.flatnonzero(kept).tolist())
 
@@ -157,7 +157,7 @@ def test_topp_is_topk_with_eps_one_minus_p():
 def test_eps_zero_keeps_every_valid_key():
     row = np.array([0.0, -np.inf, -1000.0, 3.0])
     cert = certattn.certify_topk(row, 0.0)
-    assert int(cert.k) == 3 and float(cert.tail_mass) == 0.0
+    assert int(cert.k) == 3 and float(cert.tail_upper) == 0.0
 
 
 def test_float32_cumsum_pitfall_long_near_uniform_rows():
@@ -167,7 +167,7 @@ def test_float32_cumsum_pitfall_long_near_uniform_rows():
     eps = 1e-4
     cert = certattn.certify_topk(x, eps)
     for i in range(2):
-        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
     assert (cert.k > 4000).all()
 
 
@@ -176,7 +176,7 @@ def test_tiny_eps_on_long_rows_is_minimal():
     row = rng.normal(0, 30, 300)
     for eps in (1e-300, 1e-200, 1e-30):
         cert = certattn.certify_topk(row, eps)
-        _check_contract(row, eps, int(cert.k), float(cert.tail_mass))
+        _check_contract(row, eps, int(cert.k), float(cert.tail_upper))
 
 
 def test_batched_axis_and_shape():
@@ -197,7 +197,7 @@ def test_masked_rows_policy():
     cert = certattn.certify_topk(x, 0.1, masked_rows="skip")
     assert cert.k.tolist() == [2, 0, 1]
     assert cert.masked.tolist() == [False, True, False]
-    assert float(cert.tail_mass[1]) == 0.0
+    assert float(cert.tail_upper[1]) == 0.0
 
 
 @pytest.mark.parametrize(
@@ -228,7 +228,7 @@ def test_bfloat16_input_is_sound():
     cert = certattn.certify_topk(x, 0.01)
     for i in range(3):
         row = x[i].astype(np.float64)
-        _check_contract(row, 0.01, int(cert.k[i]), float(cert.tail_mass[i]))
+        _check_contract(row, 0.01, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -239,12 +239,12 @@ def test_backends_agree_and_stay_on_device(backend, dtype):
     xb = backend.asarray(x)
     cert = certattn.certify_topk(xb, 0.02)
     ref = certattn.certify_topk(x, 0.02)
-    for field in ("k", "tail_mass", "kl", "n_valid", "masked"):
+    for field in ("k", "tail_upper", "kl_upper", "n_valid", "masked"):
         arr = getattr(cert, field)
         assert device_of(arr) == device_of(xb), field
         assert type(arr) is type(xb) or backend.name == "numpy"
     np.testing.assert_array_equal(to_numpy(cert.k), ref.k)
-    np.testing.assert_allclose(to_numpy(cert.tail_mass), ref.tail_mass, rtol=1e-9)
+    np.testing.assert_allclose(to_numpy(cert.tail_upper), ref.tail_upper, rtol=1e-9)
     kept = cert.kept_mask()
     assert device_of(kept) == device_of(xb)
     np.testing.assert_array_equal(to_numpy(kept), ref.kept_mask())
@@ -267,7 +267,7 @@ def test_backends_agree_on_the_shifted_path(backend, case):
     ref = certattn.certify_topk(x, eps)
     np.testing.assert_array_equal(to_numpy(cert.k), ref.k)
     for i in range(x.shape[0]):
-        _check_contract(x[i], eps, int(to_numpy(cert.k)[i]), float(to_numpy(cert.tail_mass)[i]))
+        _check_contract(x[i], eps, int(to_numpy(cert.k)[i]), float(to_numpy(cert.tail_upper)[i]))
 
 
 def test_real_attention_rows_are_certified_exactly():
@@ -280,7 +280,7 @@ def test_real_attention_rows_are_certified_exactly():
     for eps in (1e-3, 1e-2, 0.1):
         cert = certattn.certify_topk(rows, eps)
         for i in range(rows.shape[0]):
-            _check_contract(rows[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+            _check_contract(rows[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
 def test_exact_min_k_reference_itself():
@@ -314,7 +314,7 @@ def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
     x = _long_rows(seed)
     cert = certattn.certify_topk(x, eps)
     for i in range(x.shape[0]):
-        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
 @pytest.mark.parametrize(
@@ -338,7 +338,7 @@ def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(dtype):
         eps = 1e-290  # below e^-600: terms are lifted clear of underflow
     cert = certattn.certify_topk(x, eps)
     for i in range(x.shape[0]):
-        _check_contract(x[i].astype(np.float64), eps, int(cert.k[i]), float(cert.tail_mass[i]))
+        _check_contract(x[i].astype(np.float64), eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
 @pytest.mark.parametrize("fill", [-np.inf, -1e4, -720.0])
@@ -353,7 +353,7 @@ def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(fill, eps):
         x[i, valid:] = fill
     cert = certattn.certify_topk(x, eps)
     for i in range(x.shape[0]):
-        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+        _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
     np.testing.assert_array_equal(cert.n_valid, np.isfinite(x).sum(axis=1))
 
 
@@ -367,7 +367,7 @@ def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
     for eps in (1e-3, 0.05):
         cert = certattn.certify_topk(x, eps)
         for i in range(x.shape[0]):
-            _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_mass[i]))
+            _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
 def test_long_rows_take_the_bracket_path(monkeypatch):
@@ -390,7 +390,7 @@ def test_topp_budget_never_rounds_above_one_minus_p(p):
 
     cert = certattn.certify_topp(np.array([0.0, -1.0, -30.0]), p)
     assert Fraction(cert.eps) <= 1 - Fraction(p)
-    assert Fraction(float(cert.tail_mass)) <= 1 - Fraction(p)
+    assert Fraction(float(cert.tail_upper)) <= 1 - Fraction(p)
 
 
 @given(

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .._array import from_numpy, to_numpy
-from .._fp import U as _U
 
 Array = Any
 CHUNK_ELEMS = 1 << 20

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 
 from .._array import to_numpy
+from .._fp import U as _U
 from ._common import (
     _EPS,
     _REL_FLOOR,
-    _U,
     _cases,
     _Ctx,
     _ctx,

@@ -146,7 +146,7 @@ def check_budget_equiv(rows, *, xp, device, rng, progress):
 def check_topk_minimal(rows, *, xp, device, rng, progress):
     """TOPK-MINIMAL: for ``cert = certify_topk(x, eps)`` and the float64 tail summed from the
     small end, ``tail_ref(k) <= eps (1 + tol)``, ``tail_ref(k - 1) >= eps (1 - 1e-6 - tol)``
-    (minimality), ``tail_ref(k) <= cert.tail_mass (1 + tol)`` and ``cert.tail_mass <= eps``;
+    (minimality), ``tail_ref(k) <= cert.tail_upper (1 + tol)`` and ``cert.tail_upper <= eps``;
     ``eps = 0`` keeps every valid key.  Violation: the relative excess; tolerance
     ``tol = 1e-11`` covers the reference's rounding (``u (n + 760)`` per term, n <= 2048)."""
     ctx, w = _ctx(xp, device, rng, progress), _Worst()
@@ -159,7 +159,7 @@ def check_topk_minimal(rows, *, xp, device, rng, progress):
         k = xp.astype(cert.k, xp.int64)
         nv = xp.sum(xp.astype(x64 > -xp.inf, xp.int64), axis=-1)
         if eps == 0.0:
-            w.flag((k != nv) | (cert.tail_mass != 0))
+            w.flag((k != nv) | (cert.tail_upper != 0))
             continue
         e, z = _terms(xp, x64)
         cs_up = _sorted_tails(xp, e)[0]
@@ -168,7 +168,7 @@ def check_topk_minimal(rows, *, xp, device, rng, progress):
         zero = xp.zeros_like(tk)
         w.add(xp.maximum(tk / eps - 1.0, zero))
         w.add(xp.where(k >= 2, xp.maximum((1.0 - 1e-6) - tk1 / eps, zero), zero))
-        w.add(_slack(xp, tk, cert.tail_mass))
-        w.add(xp.maximum(cert.tail_mass / eps - 1.0, zero))
+        w.add(_slack(xp, tk, cert.tail_upper))
+        w.add(xp.maximum(cert.tail_upper / eps - 1.0, zero))
         w.flag((k < 1) | (k > nv))
     return w.value, 1e-11

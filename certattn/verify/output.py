@@ -13,7 +13,8 @@ import itertools
 
 import numpy as np
 
-from ._common import _U, Array, _cases, _Ctx, _ctx, _rand_kept, _rank_mask, _rel, _terms, _Worst
+from .._fp import U as _U
+from ._common import Array, _cases, _Ctx, _ctx, _rand_kept, _rank_mask, _rel, _terms, _Worst
 
 _OUT_KINDS = ("normal", "ties", "masked", "wide", "dominant", "uniform")
 

@@ -2,7 +2,7 @@
 
 For every method of :func:`certattn.search.certified_search` (ours, mc, tree, gap) on
 clustered keys and random queries, the exact tail of the kept set (logits and softmax in
-extended precision) must be at most the returned ``tail_bound``, and that bound at most
+extended precision) must be at most the returned ``tail_upper``, and that bound at most
 the budget ``eps``.
 """
 
@@ -49,7 +49,7 @@ def check_search_sound(rows, *, xp, device, rng, progress):
                 mask = np.arange(n)[None, :] < lim[:, None]
             res = certified_search(ctx.put(q), ctx.put(keys), ctx.put(vals), eps,
                                    mask=None if mask is None else ctx.put(mask), method=method)
-            kept, tb = to_numpy(res.kept).astype(bool), to_numpy(res.tail_bound)
+            kept, tb = to_numpy(res.kept).astype(bool), to_numpy(res.tail_upper)
             ld = np.longdouble
             lg = (q.astype(ld) @ keys.astype(ld).T) * ld(1.0 / math.sqrt(d))
             vis = np.ones((r, n), bool) if mask is None else mask

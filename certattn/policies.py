@@ -1,0 +1,404 @@
+r"""Selection policies: what to keep, per query.  The certificate is the same for all.
+
+A policy looks at one chunk of queries and yields a kept set per query (a
+:class:`Selection`).  By Theorem TV-TAIL in its any-set form (:mod:`certattn.kept`), every
+kept set has :math:`\mathrm{TV}(P, P(\cdot\mid A)) = 1 - P(A)`, so
+:func:`certattn.certify_attention` certifies any policy the same way: the policy's own
+sound tail bound when it has one (Top-k's exact kernel, BLOCK-BOUNDS for certified
+blocks, SEARCH-SOUND for search), otherwise :func:`certattn.certify_kept` on the scores;
+then the output-error engine (:func:`certattn.output.sound_output_bounds`).
+
+Policies
+--------
+:class:`TopK`          smallest certified Top-k for a TV budget ``eps`` (the exact kernel)
+:class:`TopP`          top-p (nucleus) = Top-k with ``eps = 1 - p``
+:class:`FixedK`        the ``k`` largest scores, whatever they lose (measured, then certified)
+:class:`WindowSinks`   StreamingLLM: the first ``sinks`` and the last ``window`` visible keys
+:class:`Pages`         Quest: pages of keys ranked by their box score bound, up to a budget
+:class:`CertifiedBlocks` blocks chosen from score bounds alone so that BLOCK-BOUNDS <= eps
+:class:`Search`        certified search (SEARCH-SOUND): scores few keys, certifies eps
+
+Writing a policy
+----------------
+A policy is any object with a ``name`` and a ``select(scores, valid, ctx)`` method that
+returns a :class:`Selection`; ``scores`` are the float64 scores of the chunk
+(``-inf`` = masked, shape ``(..., m, n)``), ``valid`` their visible keys, ``ctx`` a
+:class:`Context` (queries, keys, scale, first query row, a per-call cache).  Return the
+kept mask, and a ``tail_upper`` only if the policy has its own *sound* bound.  Add tests
+that check the kept set against a direct definition and the certificate against exact
+arithmetic (``tests/test_policies.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ._array import to_numpy
+from ._validate import InputError, check_eps, check_number
+from .distribution import topk_mask
+from .topk import certify_topk, certify_topp
+
+__all__ = [
+    "CertifiedBlocks",
+    "Context",
+    "FixedK",
+    "Pages",
+    "Policy",
+    "Search",
+    "Selection",
+    "TopK",
+    "TopP",
+    "WindowSinks",
+    "as_policy",
+]
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What a policy keeps for one chunk of queries.
+
+    Attributes
+    ----------
+    kept : bool array (..., m, n)
+        The kept keys (the house removes masked keys from it).
+    tail_upper : float64 array (..., m), optional
+        The policy's own sound upper bound on the exact tail of ``kept``; None lets the
+        house certify ``kept`` with :func:`certattn.certify_kept`.
+    scored : int64 array (..., m), optional
+        Keys whose scores the policy computed exactly (None: every visible key).
+    """
+
+    kept: Array
+    tail_upper: Array | None = None
+    scored: Array | None = None
+
+
+@dataclass
+class Context:
+    """What a policy may look at besides the scores of the chunk.
+
+    Attributes
+    ----------
+    queries : float64 array (..., m, d)
+        The chunk's queries (leading axes broadcast with the keys').
+    keys : float64 array (..., n, d)
+    scale : float
+        Score scale.
+    start : int
+        Index of the chunk's first query row.
+    xp : namespace
+    cache : dict
+        Lives for one call of the house (e.g. page boxes, cell trees per key head).
+    """
+
+    queries: Array
+    keys: Array
+    scale: float
+    start: int
+    xp: Any
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+class Policy(Protocol):
+    """The selection-policy protocol (see the module docstring)."""
+
+    name: str
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        """Kept set (and optionally a sound tail bound) for one chunk of queries."""
+        ...
+
+
+def _count(value: Any, name: str, *, low: int = 0) -> int:
+    if isinstance(value, bool) or int(value) != value or value < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Smallest certified Top-k with :math:`\\tau \\le` ``eps`` (Theorems TV-TAIL, TV-KL).
+
+    Uses :func:`certattn.certify_topk`'s exact kernel; its ``tail_upper`` is the bound.
+    """
+
+    eps: float
+    name: str = "topk"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_eps(self.eps))
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        cert = certify_topk(scores, self.eps)
+        return Selection(kept=topk_mask(scores, cert.k), tail_upper=cert.tail_upper)
+
+
+@dataclass(frozen=True)
+class TopP:
+    """Certified top-p: the kept keys carry at least mass ``p`` (Theorem BUDGET-EQUIV)."""
+
+    p: float
+    name: str = "topp"
+
+    def __post_init__(self) -> None:
+        v = check_number(self.p, name="p", low=0.0, high=1.0, closed_low=False, closed_high=True)
+        object.__setattr__(self, "p", v)
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        cert = certify_topp(scores, self.p)
+        return Selection(kept=topk_mask(scores, cert.k), tail_upper=cert.tail_upper)
+
+
+@dataclass(frozen=True)
+class FixedK:
+    """The ``k`` largest scores per query (ties by position), certified afterwards."""
+
+    k: int
+    name: str = "fixed_k"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "k", _count(self.k, "k", low=1))
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        return Selection(kept=topk_mask(scores, self.k))
+
+
+@dataclass(frozen=True)
+class WindowSinks:
+    """StreamingLLM's sliding window with attention sinks.
+
+    Keeps, per query, the first ``sinks`` visible keys and the last ``window`` visible
+    keys (by key position).  With a causal mask these are the sink tokens and the
+    ``window`` most recent tokens.  Delta Attention's base used 1024 sinks and a
+    2048-key window at 131k tokens; StreamingLLM used 4 sinks.
+    """
+
+    window: int
+    sinks: int = 0
+    name: str = "window_sinks"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", _count(self.window, "window"))
+        object.__setattr__(self, "sinks", _count(self.sinks, "sinks"))
+        if self.window + self.sinks == 0:
+            raise InputError("window + sinks must keep at least one key")
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        return Selection(kept=window_sinks_mask(valid, self.window, self.sinks, ctx.xp))
+
+
+def window_sinks_mask(valid: Array, window: int, sinks: int, xp: Any) -> Array:
+    """The first ``sinks`` and last ``window`` True entries of ``valid`` along the last axis."""
+    v = xp.astype(valid, xp.int64)
+    before = xp.cumulative_sum(v, axis=-1) - v  # visible keys strictly before this one
+    total = xp.sum(v, axis=-1, keepdims=True)
+    after = total - before - v  # visible keys strictly after
+    return valid & ((before < sinks) | (after < window))
+
+
+@dataclass(frozen=True)
+class Pages:
+    """Quest page selection: pages of ``page_size`` keys, top pages by box bound.
+
+    Each page carries the channel-wise min and max of its keys; a query's page upper
+    bound is Theorem BLOCK-SCORE's box bound (Quest's criterion).  The pages with the
+    largest bounds are kept up to ``budget`` keys (``ceil(budget / page_size)`` pages);
+    pages whose keys are all masked are never kept.
+    """
+
+    budget: int
+    page_size: int = 16
+    name: str = "pages"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "budget", _count(self.budget, "budget", low=1))
+        object.__setattr__(self, "page_size", _count(self.page_size, "page_size", low=1))
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        xp = ctx.xp
+        upper, page_of = page_upper_bounds(ctx, self.page_size)
+        vis_pages = _pages_visible(valid, page_of, upper.shape[-1], xp)
+        upper = xp.where(vis_pages, upper, xp.full_like(upper, -xp.inf))
+        n_pages = max(1, math.ceil(self.budget / self.page_size))
+        order = xp.argsort(upper, axis=-1, descending=True, stable=True)
+        rank = xp.argsort(order, axis=-1, stable=True)
+        keep_page = (rank < n_pages) & vis_pages
+        return Selection(kept=_expand_pages(keep_page, page_of, xp) & valid)
+
+
+def page_boxes(keys: Array, page_size: int, xp: Any) -> tuple[Array, Array, Array]:
+    """Per page ``(kmin, kmax, page_of_key)`` of contiguous pages of ``page_size`` keys."""
+    n, d = int(keys.shape[-2]), int(keys.shape[-1])
+    n_pages = -(-n // page_size)
+    pad = n_pages * page_size - n
+    k = keys
+    if pad:  # repeat the last key: the last page's box is unchanged
+        last = xp.broadcast_to(k[..., -1:, :], (*k.shape[:-2], pad, d))
+        k = xp.concat([k, last], axis=-2)
+    kb = xp.reshape(k, (*k.shape[:-2], n_pages, page_size, d))
+    dev = getattr(keys, "device", None)
+    page_of = xp.arange(n, device=dev) // page_size
+    return xp.min(kb, axis=-2), xp.max(kb, axis=-2), page_of
+
+
+def page_upper_bounds(ctx: Context, page_size: int) -> tuple[Array, Array]:
+    """Box score upper bounds ``(..., m, n_pages)`` of the chunk's queries, and page ids."""
+    from .cells import box_score_upper
+
+    key = f"pages:{page_size}"
+    if key not in ctx.cache:
+        ctx.cache[key] = page_boxes(ctx.keys, page_size, ctx.xp)
+    kmin, kmax, page_of = ctx.cache[key]
+    return box_score_upper(ctx.queries, kmin, kmax, scale=ctx.scale), page_of
+
+
+def _pages_visible(valid: Array, page_of: Array, n_pages: int, xp: Any) -> Array:
+    """Pages holding at least one visible key, per query: ``(..., m, n_pages)``."""
+    pages = xp.arange(n_pages, device=getattr(page_of, "device", None))
+    member = page_of[:, None] == pages[None, :]  # (n, P)
+    counts = xp.matmul(xp.astype(valid, xp.float64), xp.astype(member, xp.float64))
+    return counts > 0
+
+
+def _expand_pages(keep_page: Array, page_of: Array, xp: Any) -> Array:
+    """Page-level mask ``(..., m, P)`` to key level ``(..., m, n)``."""
+    return xp.take(keep_page, page_of, axis=-1)
+
+
+@dataclass(frozen=True)
+class CertifiedBlocks:
+    """Blocks chosen from score bounds alone, certified by BLOCK-BOUNDS (no tail scored).
+
+    Contiguous blocks of ``block_size`` keys get sound score bounds from their keys
+    (Theorem BLOCK-SCORE: ``kind`` "box", "ball" or "both"); :func:`certattn.greedy_block_set`
+    keeps the fewest keys whose BLOCK-BOUNDS tail bound is at most ``eps``.  The bound
+    needs no score of a dropped block, so it certifies what a block-sparse kernel that
+    never reads those blocks loses.
+    """
+
+    eps: float
+    block_size: int = 16
+    kind: str = "box"
+    name: str = "certified_blocks"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_eps(self.eps))
+        object.__setattr__(self, "block_size", _count(self.block_size, "block_size", low=1))
+        if self.kind not in ("box", "ball", "both"):
+            raise InputError(f"kind must be 'box', 'ball' or 'both', got {self.kind!r}")
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        from .blocks import greedy_block_set, key_block_bounds
+
+        xp = ctx.xp
+        bs = self.block_size
+        n = int(scores.shape[-1])
+        nb = -(-n // bs)
+        page_of = xp.arange(n, device=getattr(scores, "device", None)) // bs
+        keys = xp.broadcast_to(ctx.keys, (*ctx.queries.shape[:-2], *ctx.keys.shape[-2:]))
+        lo_parts, up_parts = [], []
+        for idx in _lead_indices(keys.shape[:-2]):
+            b = key_block_bounds(ctx.queries[idx], keys[idx], bs, scale=ctx.scale, kind=self.kind)
+            lo_parts.append(b[0])
+            up_parts.append(b[1])
+        lower = _stack_lead(lo_parts, keys.shape[:-2], xp)
+        upper = _stack_lead(up_parts, keys.shape[:-2], xp)
+        # blocks the query cannot see at all carry no mass: size 0; partly visible blocks
+        # keep their full size (sound: their visible keys are at most all of them)
+        vis_blocks = _pages_visible(valid, page_of, nb, xp)
+        sizes = xp.asarray([min(bs, n - i * bs) for i in range(nb)], dtype=xp.int64,
+                           device=getattr(scores, "device", None))
+        sizes = xp.where(vis_blocks, sizes, xp.zeros_like(sizes))
+        sel = greedy_block_set(lower, upper, sizes, self.eps, cost="keys")
+        kept = _expand_pages(sel.kept, page_of, xp) & valid
+        return Selection(kept=kept, tail_upper=sel.tail_upper)
+
+
+@dataclass(frozen=True)
+class Search:
+    """Certified search (Theorem SEARCH-SOUND): score few keys, keep a certified head.
+
+    ``method`` as in :func:`certattn.certified_search` ("ours", "mc", "tree", "gap").
+    Cells are built once per key head and call (NumPy, on the host).
+    """
+
+    eps: float
+    method: str = "ours"
+    seed: int = 0
+    name: str = "search"
+
+    def __post_init__(self) -> None:
+        from .search import METHODS
+
+        object.__setattr__(self, "eps", check_eps(self.eps))
+        if self.method not in METHODS:
+            raise InputError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+
+    def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        import numpy as np
+
+        from ._array import from_numpy
+        from .search import build_cells, search_cells
+
+        xp = ctx.xp
+        dev = getattr(scores, "device", None)
+        lead = tuple(int(s) for s in ctx.queries.shape[:-2])
+        keys = xp.broadcast_to(ctx.keys, (*lead, *ctx.keys.shape[-2:]))
+        kept, tail, scored = [], [], []
+        for idx in _lead_indices(lead):
+            tkey = f"cells:{self.method}:{idx}"
+            k_np = np.asarray(to_numpy(keys[idx]), dtype=np.float64)
+            if tkey not in ctx.cache:
+                ctx.cache[tkey] = build_cells(self.method, k_np, self.seed)
+            r = search_cells(
+                ctx.cache[tkey],
+                np.asarray(to_numpy(ctx.queries[idx]), dtype=np.float64),
+                k_np,
+                np.asarray(to_numpy(valid[idx])),
+                self.eps,
+                scale=ctx.scale,
+                method=self.method,
+            )
+            kept.append(r["kept"])
+            tail.append(r["tail_upper"])
+            scored.append(r["scored"])
+
+        def back(parts: list[Any]) -> Array:
+            arr = np.stack(parts).reshape(*lead, *parts[0].shape) if lead else parts[0]
+            return from_numpy(np.ascontiguousarray(arr), xp=xp, device=dev)
+
+        return Selection(kept=back(kept), tail_upper=back(tail), scored=back(scored))
+
+
+def _lead_indices(lead: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every index tuple into the leading axes (``[()]`` when there are none)."""
+    out: list[tuple[int, ...]] = [()]
+    for size in lead:
+        out = [(*i, j) for i in out for j in range(int(size))]
+    return out
+
+
+def _stack_lead(parts: list[Array], lead: tuple[int, ...], xp: Any) -> Array:
+    if not lead:
+        return parts[0]
+    arr = xp.stack(parts, axis=0)
+    return xp.reshape(arr, (*lead, *parts[0].shape))
+
+
+def as_policy(policy: Any, eps: float | None) -> Any:
+    """A policy object from ``policy`` (an object, a name, or None = Top-k at ``eps``)."""
+    if policy is None or policy == "topk":
+        if eps is None:
+            raise InputError("give eps (the TV budget) or a selection policy")
+        return TopK(eps)
+    if isinstance(policy, str):
+        raise InputError(
+            f"unknown policy {policy!r}: give 'topk' or a policy object from certattn.policies"
+        )
+    if not callable(getattr(policy, "select", None)):
+        raise InputError(f"policy must have a select(scores, valid, ctx) method, got {policy!r}")
+    return policy
