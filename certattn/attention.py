@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ._array import as_float_array, asarray_on, device_of
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
@@ -262,10 +264,11 @@ def _chunks(
     for i0 in range(0, lq, step):
         sl = slice(i0, min(lq, i0 + step))
         qs = pr.q[..., sl, :]
-        s = xp.matmul(qs, kt) * pr.scale
-        b = _rows_of(pr.bias, sl)
-        if b is not None:
-            s = s + b
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
+            s = xp.matmul(qs, kt) * pr.scale
+            b = _rows_of(pr.bias, sl)
+            if b is not None:
+                s = s + b
         vis = _rows_of(pr.visible, sl)
         if pr.causal:
             rows = xp.arange(i0, sl.stop, device=device_of(pr.q))
@@ -273,7 +276,7 @@ def _chunks(
             vis = cm if vis is None else (vis & cm)
         if vis is not None:
             s = xp.where(vis, s, xp.full_like(s, -xp.inf))
-        if not bool(xp.all(s < xp.inf)):  # an overflow of scale * q.k (or a bias)
+        if not bool(xp.all((s < xp.inf) & ~xp.isnan(s))):  # overflow of scale * q.k (+ bias)
             raise InputError("scores scale * q.k (+ mask) overflow float64")
         valid = s > -xp.inf
         empty = ~xp.any(valid, axis=-1)

@@ -75,13 +75,18 @@ class KeptCertificate:
 
 
 def shift_rows(x: Array, xp: Any) -> Array:
-    """Logits minus their row maximum (softmax-invariant; keeps log-sums near 0, so the
-    rounding of every derived quantity is relative to the differences that matter)."""
+    r"""Logits minus their row maximum (softmax-invariant; keeps log-sums near 0, so the
+    rounding of every derived quantity is relative to the differences that matter).
+
+    A valid key whose difference overflows (below ``-float max``: its exact weight is
+    below :math:`e^{-1.7 \cdot 10^{308}}`) gets ``-float max``, not ``-inf``: it stays a
+    valid key of positive exact mass, so a tail holding it keeps a positive bound.
+    """
     m = xp.max(x, axis=-1, keepdims=True)
-    # A difference beyond -float max becomes -inf: a key whose exact weight is below
-    # e^-1.7e308, so zero to every float64 digit (tail bounds stay positive regardless).
     with np.errstate(over="ignore"):
-        return x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
+        d = x - xp.where(m > -xp.inf, m, xp.zeros_like(m))
+    lowest = float(xp.finfo(d.dtype).min)
+    return xp.where((d == -xp.inf) & (x > -xp.inf), xp.full_like(d, lowest), d)
 
 
 def tail_upper_of(x: Array, valid: Array, kept: Array, xp: Any) -> Array:

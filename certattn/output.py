@@ -252,6 +252,16 @@ class OutputBounds:
         return np.asarray(self.names)[to_numpy(self.tightest)]
 
 
+def _norm(a: Array, xp: Any) -> Array:
+    """Euclidean norm over the last axis without overflow or underflow of the squares
+    (a power-of-two rescaling, exact, where the entries are far from 1)."""
+    top = float(xp.max(xp.abs(a))) if a.size else 0.0
+    if top == 0.0 or 2.0**-500 <= top <= 2.0**500:
+        return xp.linalg.vector_norm(a, axis=-1)
+    e = math.frexp(top)[1]
+    return xp.linalg.vector_norm(a * 2.0**-e, axis=-1) * 2.0**e
+
+
 def _up(x: Array, rel: float) -> Array:
     return x * (1.0 + rel)
 
@@ -385,7 +395,44 @@ def sound_output_bounds(
         name of :data:`OUTPUT_BOUNDS` (NaN where not computed), ``best`` (their minimum,
         NaN ignored; ``error_bound = best + mu_err``) and ``tightest`` (index into
         :data:`OUTPUT_BOUNDS`); ``attn`` when ``full_softmax``.
+
+    Notes
+    -----
+    Values far from 1 in magnitude (beyond :math:`2^{\pm 500}`) are first scaled by a
+    power of two (exact), so that squared distances and variances cannot overflow or
+    underflow; every result is scaled back exactly and the bounds are raised by the
+    smallest subnormal (a scaled-back bound may land among the subnormals).  Every bound
+    is homogeneous of degree 1 in the values, so this changes nothing else.
     """
+    top = float(xp.max(xp.abs(v))) if v.size else 0.0
+    if top == 0.0 or 2.0**-500 <= top <= 2.0**500:
+        return _engine(x, v, valid, kept, tau_up, xp, diameters=diameters,
+                       full_softmax=full_softmax, chunk=chunk)
+    e = math.frexp(top)[1]  # top = m 2^e, 0.5 <= m < 1: v 2^-e has max magnitude < 1
+    out = _engine(x, v * 2.0**-e, valid, kept, tau_up, xp, diameters=diameters,
+                  full_softmax=full_softmax, chunk=chunk)
+    back = 2.0**e
+    for name in ("attn_k", "attn"):
+        if name in out:
+            out[name] = out[name] * back
+    for name in ("mu_err", "best", *OUTPUT_BOUNDS):
+        out[name] = out[name] * back + SMALLEST
+    return out
+
+
+def _engine(
+    x: Array,
+    v: Array,
+    valid: Array,
+    kept: Array,
+    tau_up: Array,
+    xp: Any,
+    *,
+    diameters: bool,
+    full_softmax: bool,
+    chunk: int,
+) -> dict[str, Array]:
+    """:func:`sound_output_bounds` on values of moderate magnitude."""
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     rel = (dv + 8) * U
     tail = valid & ~kept
@@ -466,7 +513,7 @@ def output_bounds(
         given = xp.astype(asarray_on(tau_upper, xp=xp, device=device_of(x)), xp.float64)
         tau = xp.broadcast_to(given, tau.shape)
     b = sound_output_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
-    err = xp.linalg.vector_norm(b["attn"] - b["attn_k"], axis=-1)
+    err = _norm(b["attn"] - b["attn_k"], xp)
     if single:
         b = {name: b[name][0, ...] for name in (*OUTPUT_BOUNDS, "best", "tightest")}
         err, tau = err[0, ...], tau[0, ...]
