@@ -23,7 +23,8 @@ computed in float64 and moved outward by the margin
 ``delta = (2 d + 8) u * scale * (|q| |c| + |q| r)``    (ball),
 ``delta = (2 d + 8) u * scale * sum_j |q_j| max(|kmin_j|, |kmax_j|)``   (box),
 
-plus the smallest normal float64, ``u = 2**-53``.  A float64 dot product of length ``d``
+plus the smallest normal float64, ``u`` the unit roundoff (:data:`certattn._fp.U`).
+A float64 dot product of length ``d``
 errs by at most ``gamma_d sum_j |q_j c_j| <= gamma_d |q||c|`` (``gamma_d = d u / (1 - d u)``);
 the norms, the product by ``r`` and by ``scale`` add a few ``u`` relative each, so the
 factor ``2 d + 8`` leaves a factor two of slack.  Radii are computed from the keys in

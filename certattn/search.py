@@ -54,7 +54,8 @@ matrix product and then *charges* only the scores the search reveals: every deci
 (schedule, stop, kept set) depends only on cell bounds and on revealed scores.
 
 Floating point.  Scores are computed in float64 and known to within
-``delta = (2 d + 8) u |q| max_i |k_i| scale`` (``u = 2**-53``); sums of exponentials are
+``delta = (2 d + 8) u |q| max_i |k_i| scale`` (``u`` = :data:`certattn._fp.U`); sums of
+exponentials are
 accumulated in float64 and widened by the relative factor ``gamma = (2 n + 2 N + 2000) u``
 (N = number of cells; the 2000 covers the rounding of exponent arguments up to 745 in
 magnitude) plus ``1e-300`` per term (underflow); the final ratio is multiplied by

@@ -51,43 +51,26 @@ class Backend:
 
 
 def _backends() -> list[Any]:
-    out = [pytest.param(Backend("numpy", np, "cpu"), id="numpy")]
-    try:
-        import array_api_strict as xs
+    """One param per (backend, device) of certattn's backend table; absent libraries are
+    left out, CuPy without a GPU is skipped (so the report says so)."""
+    from certattn._backends import BACKENDS, load
 
-        out.append(pytest.param(Backend("strict", xs, xs.Device("CPU_DEVICE")), id="strict"))
-        out.append(pytest.param(Backend("strict-dev1", xs, xs.Device("device1")), id="strict-dev1"))
-    except ImportError:  # pragma: no cover - test extra always has it
-        pass
-    try:
-        import torch
-
-        out.append(pytest.param(Backend("torch", torch, "cpu"), id="torch"))
-    except ImportError:
-        pass
-    gpu = pytest.mark.skipif(not _have_cupy_gpu(), reason="CuPy with a CUDA GPU not available")
-    cupy = _import_cupy()
-    out.append(pytest.param(Backend("cupy", cupy, None), id="cupy", marks=gpu))
+    out = []
+    for b in BACKENDS:
+        mod = load(b)
+        if mod is None:
+            if b.name == "cupy":
+                reason = "CuPy with a CUDA GPU not available"
+                out.append(pytest.param(None, id="cupy", marks=pytest.mark.skip(reason=reason)))
+            continue
+        devices = b.devices(mod)
+        if not devices:
+            reason = f"{b.name}: no device available (CuPy with a CUDA GPU not available)"
+            out.append(pytest.param(None, id=b.name, marks=pytest.mark.skip(reason=reason)))
+        for label, dev in devices:
+            name = b.name + label
+            out.append(pytest.param(Backend(name, mod, dev), id=name))
     return out
-
-
-def _import_cupy() -> Any:
-    try:
-        import cupy
-
-        return cupy
-    except Exception:  # ImportError, or a CUDA driver error at import time
-        return None
-
-
-def _have_cupy_gpu() -> bool:
-    cupy = _import_cupy()
-    if cupy is None:
-        return False
-    try:
-        return cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
 
 
 @pytest.fixture(params=_backends())

@@ -1,0 +1,152 @@
+"""Which array libraries certattn runs on, and how each public function runs on them.
+
+One table, used everywhere a backend decision is made: the test fixture
+(``tests/conftest.py``), ``certattn verify --backend`` and the README's table
+(:func:`capability_markdown`, checked by ``tests/test_readme.py``).  Modelled on scipy's
+``xp_capabilities``.
+
+How a function runs on a non-NumPy array (``Capability.kind``):
+
+``native``
+    Written once against the array API: computed in the input's namespace, on its
+    device, with no host copy (CuPy on the GPU, PyTorch, array-api-strict).
+``host``
+    Computed with NumPy on the host and returned in the input's namespace and device
+    (one round trip; the algorithm is inherently sequential or tree-shaped).
+``numpy``
+    NumPy only (takes and returns NumPy arrays).
+
+Adding a backend: add a :class:`Backend` row (how to import it, which device to test
+on), run the test suite (the fixture picks it up), and mark in :data:`CAPABILITIES`
+anything that does not run natively on it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["BACKENDS", "CAPABILITIES", "Backend", "Capability", "capability_markdown"]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """An array library certattn supports.
+
+    Attributes
+    ----------
+    name : str
+        Short name (``--backend`` value, test id).
+    module : str
+        Module to import (the namespace).
+    devices : callable
+        ``devices(module) -> list of (label, device)`` to test on; an empty list means
+        "not usable here" (e.g. CuPy without a GPU).
+    verify : bool
+        Offered by ``certattn verify --backend``.
+    """
+
+    name: str
+    module: str
+    devices: Callable[[Any], list[tuple[str, Any]]]
+    verify: bool = True
+
+
+def _cpu(_: Any) -> list[tuple[str, Any]]:
+    return [("", "cpu")]
+
+
+def _strict(xs: Any) -> list[tuple[str, Any]]:
+    # the second device catches arrays created without ``device=`` of the input
+    return [("", xs.Device("CPU_DEVICE")), ("-dev1", xs.Device("device1"))]
+
+
+def _cupy(cupy: Any) -> list[tuple[str, Any]]:
+    try:
+        return [("", None)] if cupy.cuda.runtime.getDeviceCount() > 0 else []
+    except Exception:  # no driver, no device
+        return []
+
+
+BACKENDS: tuple[Backend, ...] = (
+    Backend("numpy", "numpy", _cpu),
+    Backend("strict", "array_api_strict", _strict),
+    Backend("torch", "torch", _cpu, verify=False),
+    Backend("cupy", "cupy", _cupy),
+)
+"""Every supported array library, NumPy first."""
+
+
+def load(backend: Backend) -> Any | None:
+    """The backend's module, or None when it is not installed (or fails to import)."""
+    try:
+        return importlib.import_module(backend.module)
+    except Exception:  # ImportError, or a CUDA driver error at import time
+        return None
+
+
+@dataclass(frozen=True)
+class Capability:
+    """How one public function runs on non-NumPy arrays (module docstring)."""
+
+    kind: str
+    note: str = ""
+
+
+_N = Capability("native")
+_H = Capability("host")
+CAPABILITIES: dict[str, Capability] = {
+    # certificates
+    "certify_topk": Capability("native", "NumPy: threaded bracket kernel; others: sort"),
+    "certify_topp": Capability("native", "as certify_topk"),
+    "certify_kept": _N,
+    "certify_scores": Capability("native", "the Search policy runs on the host"),
+    "certify_attention": Capability("native", "the Search policy runs on the host"),
+    "certified_search": Capability("host", "cell trees and schedules in NumPy"),
+    # distribution
+    "tail_mass": _N,
+    "log_partition": _N,
+    "topk_mask": _N,
+    "truncation_divergences": _N,
+    "kl_from_tail": _N,
+    "tv_from_kl": _N,
+    # logit-only bounds
+    "tail_bound": _N,
+    "gap_bound": _N,
+    "exact_head_bound": _N,
+    "multigap_bound": _N,
+    "uniform_gap_bound": _N,
+    "certified_k": _N,
+    "gap_threshold": _N,
+    # blocks and cells
+    "block_tail_bounds": _N,
+    "greedy_block_set": _N,
+    "smallest_block_count": _N,
+    "key_block_bounds": _N,
+    "ball_score_upper": _N,
+    "box_score_upper": _N,
+    "ball_box_score_upper": _N,
+    "kmeans_cells": Capability("numpy", "k-means partition (host)"),
+    "cell_tree": Capability("numpy", "k-means tree (host)"),
+    # output
+    "output_bounds": _N,
+    "head_tail_terms": _N,
+    "variance_decomposition": _N,
+    "smallest_k_for_output": _N,
+}
+"""Capability of every root function of :mod:`certattn` (a test checks completeness)."""
+
+
+def capability_markdown() -> str:
+    """The README table: one row per function, one column per backend."""
+    names = [b.name for b in BACKENDS if b.name != "numpy"]
+    head = "| function | " + " | ".join(names) + " | note |"
+    rule = "|---|" + "---|" * len(names) + "---|"
+    word = {"native": "native", "host": "host round trip", "numpy": "NumPy only"}
+    rows = [
+        f"| `{fn}` | " + " | ".join(word[cap.kind] for _ in names) + f" | {cap.note} |"
+        for fn, cap in CAPABILITIES.items()
+    ]
+    return "\n".join([head, rule, *rows])
