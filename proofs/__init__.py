@@ -5,6 +5,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
+try:
+    import sympy  # noqa: F401
+except ImportError as exc:  # pragma: no cover - the test extra installs sympy
+    raise ImportError("the symbolic proofs need SymPy: pip install 'certattn[proofs]'") from exc
+
 from ._harness import PROOFS, Proof, proof
 
 __all__ = ["PROOFS", "Proof", "load_all", "proof"]

@@ -77,3 +77,17 @@ def _backends() -> list[Any]:
 def backend(request: pytest.FixtureRequest) -> Backend:
     """Every array backend available here (CuPy skipped without a GPU)."""
     return request.param
+
+
+SLOW_FILES = {
+    "test_models.py", "test_budget.py", "test_notebooks.py", "test_proofs.py",
+    "test_verify.py", "test_reproduce.py", "test_geometry_empirical.py", "test_model_files.py",
+    "test_audit.py", "test_dask.py", "test_cli_fuzz.py",
+}
+"""Artefacts and applications; ``pytest -m "not slow"`` runs the certificate core alone."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)

@@ -110,7 +110,11 @@ def reproduce(
     -------
     Summary
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        msg = "certattn reproduce needs matplotlib: pip install 'certattn[plots]'"
+        raise ImportError(msg) from None
 
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg", force=False)
