@@ -1,8 +1,42 @@
-"""certattn: certified Top-k sparse attention.
+"""certattn: certified sparse attention.
 
-Sound, per-query budgets for sparse attention: how many keys to keep so that the
-softmax loses at most a given total-variation mass, and what that costs at the output.
+Sound, per-query budgets for sparse attention: which keys to keep so that the softmax
+loses at most a given total-variation mass, what any kept set loses, and what that costs
+at the output.  Every bound holds for the exact softmax of the given logits (THEORY
+section 7; the error model is :mod:`certattn._fp`).
+
+Certificates
+------------
+certify_topk        smallest sound Top-k per row (TV-TAIL, TV-KL; exact up to a margin)
+certify_topp        top-p: the same certificate with eps = 1 - p
+certify_kept        any kept set: sound tail and KL bounds (TV-TAIL, any set)
+certify_scores      per-query certificates from queries and keys, in bounded memory
+certify_attention   any selection policy end to end: kept set, output, error bound
+certified_search    score few keys, certify eps (SEARCH-SOUND)
+policies            TopK, TopP, FixedK, WindowSinks, Pages, CertifiedBlocks, Search
+
+Distribution (exact values)
+---------------------------
+tail_mass, log_partition, topk_mask, truncation_divergences, kl_from_tail, tv_from_kl
+
+Logit-only bounds
+-----------------
+tail_bound, gap_bound, exact_head_bound, multigap_bound, uniform_gap_bound, certified_k,
+gap_threshold
+
+Blocks and cells
+----------------
+block_tail_bounds, greedy_block_set, smallest_block_count, key_block_bounds,
+ball_score_upper, box_score_upper, ball_box_score_upper, kmeans_cells, cell_tree
+
+Output level
+------------
+output_bounds, head_tail_terms, variance_decomposition, smallest_k_for_output
+
+Submodules (imported on first use): gaussian, gaussian_mc, geometry, models, budget, io,
+verify, theorems, plots, reproduce.
 """
+
 
 from . import policies
 from .attention import AttentionCertificate, ScoreCertificate, certify_attention, certify_scores
