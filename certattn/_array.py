@@ -24,6 +24,8 @@ import array_api_compat as compat
 import array_api_extra as xpx
 import numpy as np
 
+from .errors import InputError
+
 __all__ = [
     "argpartition",
     "as_float_array",
@@ -99,10 +101,34 @@ def as_float_array(x: Any, *, name: str = "input") -> tuple[Array, ModuleType, A
         kind = np.dtype(dtype).kind
         # ml_dtypes' bfloat16 and friends report kind 'V'; accept them by name.
         if kind != "f" and "float" not in np.dtype(dtype).name:
-            raise ValueError(f"{name} must hold real floating-point numbers, got dtype {dtype}")
+            raise InputError(f"{name} must hold real floating-point numbers, got dtype {dtype}")
+        if kind == "f" and np.dtype(dtype).itemsize > 8:
+            x = _longdouble_to_float64(np.asarray(x), name)
     elif not xp.isdtype(dtype, "real floating"):
-        raise ValueError(f"{name} must hold real floating-point numbers, got dtype {dtype}")
+        raise InputError(f"{name} must hold real floating-point numbers, got dtype {dtype}")
     return x, xp, dev
+
+
+def _longdouble_to_float64(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` (numpy longdouble) as float64, only where that is exact.
+
+    certattn certifies float64 arithmetic on the given numbers: a longdouble value that
+    float64 cannot hold exactly (beyond its range, or with more digits) would silently
+    change the softmax the certificate speaks of, so it is refused.
+    """
+    with np.errstate(over="ignore"):
+        y = x.astype(np.float64)
+    bad = (y.astype(x.dtype) != x) & ~np.isnan(x)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0])
+        big = bool(np.isinf(y[pos]) and np.isfinite(x[pos]))
+        why = "is beyond the float64 range (it would become +-inf)" if big else (
+            "is not exactly representable in float64")
+        raise InputError(
+            f"{name} in {x.dtype} at index {pos} {why}: certattn certifies float64 "
+            "arithmetic; cast to float64 first"
+        )
+    return y
 
 
 def to_numpy(x: Array) -> np.ndarray:

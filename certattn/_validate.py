@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._array import as_float_array, to_numpy
+from .errors import InputError
 
 __all__ = [
     "InputError",
@@ -25,15 +26,6 @@ __all__ = [
     "move_key_axis",
     "valid_rows",
 ]
-
-
-class InputError(ValueError):
-    """Bad input to a certattn function: what is wrong and where, in one line.
-
-    A subclass of :class:`ValueError`, so ``except ValueError`` keeps working; the CLI
-    prints it as one line with exit status 2 (other exceptions are bugs and keep their
-    traceback).
-    """
 
 
 def first_bad_position(bad: Any) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ import numpy as np
 from ._array import as_float_array, namespace
 from ._fp import lse as _lse_all
 from ._fp import lse_diff as _lse_diff
-from ._validate import check_logits, first_bad_position
+from ._validate import InputError, check_eps, check_logits, check_number, first_bad_position
 
 __all__ = [
     "Divergences",
@@ -140,26 +140,52 @@ def tail_mass(logits: Any, kept: Any = None, *, k: Any = None, axis: int = -1) -
 def kl_from_tail(tau: Any) -> Array:
     r""":math:`\mathrm{KL}(\hat P \Vert P) = -\log(1 - \tau)` (Theorem TV-KL).
 
-    Computed as ``-log1p(-tau)``, accurate for tiny tails.
+    Computed as ``-log1p(-tau)``, accurate for tiny tails; ``inf`` at ``tau = 1``.
+
+    Raises
+    ------
+    ValueError
+        ``tau`` outside [0, 1] or NaN (a tail mass is a probability).
     """
     xp, _ = namespace(tau)
-    return -xp.log1p(-xp.asarray(tau))
+    t = xp.asarray(tau)
+    _check_range(t, xp, "tau", 0.0, 1.0)
+    with np.errstate(divide="ignore"):
+        return -xp.log1p(-t)
 
 
 def tv_from_kl(kl: Any) -> Array:
-    r""":math:`\mathrm{TV} = 1 - e^{-\mathrm{KL}}` (Theorem TV-KL), as ``-expm1(-kl)``."""
+    r""":math:`\mathrm{TV} = 1 - e^{-\mathrm{KL}}` (Theorem TV-KL), as ``-expm1(-kl)``.
+
+    Raises
+    ------
+    ValueError
+        ``kl`` negative or NaN (``+inf`` gives 1).
+    """
     xp, _ = namespace(kl)
-    return -xp.expm1(-xp.asarray(kl))
+    k = xp.asarray(kl)
+    _check_range(k, xp, "kl", 0.0, math.inf)
+    return -xp.expm1(-k)
+
+
+def _check_range(a: Array, xp: Any, name: str, low: float, high: float) -> None:
+    """Reject NaN and values outside [low, high], naming the first offender."""
+    bad = xp.isnan(a) | (a < low) | (a > high)
+    if bool(xp.any(bad)):
+        pos = first_bad_position(bad) if bad.ndim else ()
+        where = f" at index {pos}" if pos else ""
+        raise InputError(f"{name} must lie in [{low:g}, {high:g}]{where}")
 
 
 def tv_budget_to_kl(eps: float) -> float:
     r"""The KL budget equivalent to a TV budget: :math:`-\log(1-\varepsilon)` (BUDGET-EQUIV)."""
-    return float(-np.log1p(-float(eps)))
+    return float(-np.log1p(-check_eps(eps)))
 
 
 def kl_budget_to_tv(kl: float) -> float:
     r"""The TV budget equivalent to a KL budget: :math:`1 - e^{-\mathrm{KL}}` (BUDGET-EQUIV)."""
-    return float(-np.expm1(-float(kl)))
+    v = check_number(kl, name="kl", low=0.0, high=math.inf, closed_low=True, closed_high=True)
+    return float(-np.expm1(-v))
 
 
 @dataclass(frozen=True)

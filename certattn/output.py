@@ -42,6 +42,7 @@ chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ import numpy as np
 from ._array import as_float_array, asarray_on, device_of
 from ._fp import SMALLEST, U, log_cumsum, round_up
 from ._fp import masked_weights as _weights
-from ._validate import check_finite, first_bad_position, valid_rows
+from ._validate import InputError, check_finite, first_bad_position, valid_rows
 from .distribution import topk_mask
 from .kept import shift_rows as _shift_rows
 from .kept import tail_upper_of as _tau_upper
@@ -231,11 +232,11 @@ class OutputBounds:
     (:math:`\sqrt{\bar\tau/(1-\bar\tau)}\sqrt{\mathrm{Var}_P V}`), ``best`` (their minimum),
     ``tightest`` (index into :attr:`names` of the minimiser).  ``error`` is the float64
     value of :math:`|\mathrm{Attn}-\mathrm{Attn}_k|` (an estimate, not a bound),
-    ``tau_upper`` the :math:`\bar\tau` used.  Diameters are NaN when not computed.
+    ``tail_upper`` the :math:`\bar\tau` used.  Diameters are NaN when not computed.
     """
 
     error: Array
-    tau_upper: Array
+    tail_upper: Array
     bounded: Array
     diameter_all: Array
     diameter: Array
@@ -244,6 +245,13 @@ class OutputBounds:
     best: Array
     tightest: Array
     names: tuple[str, ...] = OUTPUT_BOUNDS
+
+    @property
+    def tau_upper(self) -> Array:
+        """Deprecated (0.1): use :attr:`tail_upper`."""
+        warnings.warn("OutputBounds.tau_upper is deprecated; use tail_upper",
+                      DeprecationWarning, stacklevel=2)
+        return self.tail_upper
 
     def tightest_names(self) -> np.ndarray:
         """The name of the tightest bound per row, as a NumPy string array."""
@@ -477,9 +485,10 @@ def output_bounds(
     kept: Any = None,
     *,
     k: Any = None,
-    tau_upper: Any = None,
+    tail_upper: Any = None,
     diameters: bool = True,
     chunk_elems: int = _CHUNK_ELEMS,
+    **deprecated: Any,
 ) -> OutputBounds:
     r"""Every output-error bound of Theorems OUT-BOUNDED, OUT-DIAMETER and OUT-BEST at once.
 
@@ -490,9 +499,9 @@ def output_bounds(
     values : array (..., n, dv)
     kept : bool array (..., Lq, n), optional
         The kept set; or give ``k`` (Top-k, ties by position).
-    tau_upper : array (..., Lq), optional
-        A sound upper bound on the tail mass to use (e.g. a certificate's ``tail_mass``);
-        by default the exact tail mass rounded up.
+    tail_upper : array (..., Lq), optional
+        A sound upper bound on the tail mass to use (e.g. a certificate's ``tail_upper``);
+        by default the exact tail mass rounded up (:func:`certattn.certify_kept`).
     diameters : bool
         Compute the two diameter bounds (:math:`O(n^2 d_v)` per value set and
         :math:`O(L_q n^2)`; never the tightest, since ``tail_head`` is at most
@@ -508,9 +517,18 @@ def output_bounds(
     single = x.ndim == 1
     if single:  # one row: give it a query axis
         x, valid, kept = x[None, :], valid[None, :], kept[None, :]
+    if "tau_upper" in deprecated:
+        warnings.warn("output_bounds(tau_upper=...) is deprecated; use tail_upper",
+                      DeprecationWarning, stacklevel=2)
+        tail_upper = deprecated.pop("tau_upper")
+    if deprecated:
+        raise TypeError(f"unexpected keyword arguments {sorted(deprecated)}")
     tau = _tau_upper(x, valid, kept, xp)
-    if tau_upper is not None:
-        given = xp.astype(asarray_on(tau_upper, xp=xp, device=device_of(x)), xp.float64)
+    if tail_upper is not None:
+        given = xp.astype(asarray_on(tail_upper, xp=xp, device=device_of(x)), xp.float64)
+        bad = xp.isnan(given) | (given < 0)
+        if bool(xp.any(bad)):
+            raise InputError("tail_upper must be >= 0 (a bound on a probability), got NaN or < 0")
         tau = xp.broadcast_to(given, tau.shape)
     b = sound_output_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
     err = _norm(b["attn"] - b["attn_k"], xp)
@@ -519,7 +537,7 @@ def output_bounds(
         err, tau = err[0, ...], tau[0, ...]
     return OutputBounds(
         error=err,
-        tau_upper=tau,
+        tail_upper=tau,
         **{name: b[name] for name in (*OUTPUT_BOUNDS, "best", "tightest")},
     )
 

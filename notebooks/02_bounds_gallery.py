@@ -181,7 +181,7 @@ except ImportError as exc:  # pragma: no cover - teammate module
 else:
     hd = a.head(int(a.layers[1]), 0)
     c = certify_topk(hd.logits, 0.01)
-    ob = output_bounds(hd.logits, hd.values, k=c.k, tau_upper=c.tail_mass)
+    ob = output_bounds(hd.logits, hd.values, k=c.k, tail_upper=c.tail_upper)
     err = np.asarray(ob.error)
     live = err > 0
     print(f"{'bound':<14} median bound/error   holds on every query")

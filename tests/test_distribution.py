@@ -168,3 +168,36 @@ def test_backends_agree_and_stay_on_device(backend):
     m = certattn.topk_mask(xb, 4)
     assert device_of(m) == device_of(xb)
     np.testing.assert_array_equal(to_numpy(m), kept)
+
+
+@pytest.mark.parametrize(
+    ("fn", "arg", "match"),
+    [
+        (certattn.kl_from_tail, -0.1, "tau"),
+        (certattn.kl_from_tail, 1.5, "tau"),
+        (certattn.kl_from_tail, np.array([0.1, np.nan]), "tau"),
+        (certattn.tv_from_kl, -1.0, "kl"),
+        (certattn.tv_from_kl, np.nan, "kl"),
+    ],
+)
+def test_divergence_conversions_reject_nonsense(fn, arg, match):
+    """Issue 16 item 12: a negative tail mass used to give a negative KL."""
+    with pytest.raises(ValueError, match=match):
+        fn(np.asarray(arg))
+
+
+def test_divergence_conversions_at_their_edges():
+    assert float(certattn.kl_from_tail(np.asarray(1.0))) == np.inf
+    assert float(certattn.kl_from_tail(np.asarray(0.0))) == 0.0
+    assert float(certattn.tv_from_kl(np.asarray(np.inf))) == 1.0
+
+
+def test_longdouble_logits_beyond_float64_are_refused():
+    """Issue 16 item 2: float128 values beyond float64 silently gave a non-minimal k."""
+    big = np.longdouble("1e400")
+    with pytest.raises(ValueError, match="beyond the float64 range"):
+        certattn.certify_topk(np.array([[big, big, 0]]), 0.6)
+    with pytest.raises(ValueError, match="not exactly representable"):
+        certattn.certify_topk(np.array([[1, 2, np.longdouble(1) / 3]]), 0.6)
+    exact = np.array([[3.0, 3.0, 0.0]], dtype=np.longdouble)
+    assert int(certattn.certify_topk(exact, 0.6).k[0]) == 1

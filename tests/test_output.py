@@ -107,7 +107,7 @@ def test_rows_spanning_the_float_range_are_bounded_quietly():
         exact = _exact_error(x[0], v, kept[0])
         for name in (*NAMES, "best"):
             assert mpmath.mpf(float(getattr(ob, name)[0])) >= exact, name
-        assert 0 < float(ob.tau_upper[0]) <= 1e-300  # a positive tail, bounded tightly
+        assert 0 < float(ob.tail_upper[0]) <= 1e-300  # a positive tail, bounded tightly
 
 
 @given(case=cases())
@@ -197,13 +197,13 @@ def test_variance_bound_can_be_the_tightest():
     assert float(ob.best[0]) <= float(ob.tail_head[0])
 
 
-def test_tau_upper_is_used():
+def test_tail_upper_is_used():
     """A given tail bound (e.g. a certificate's) scales the bounds linearly in 2 C tau."""
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 12))
     v = rng.normal(size=(12, 3))
     a = output_bounds(x, v, k=4)
-    b = output_bounds(x, v, k=4, tau_upper=2 * np.asarray(a.tau_upper))
+    b = output_bounds(x, v, k=4, tail_upper=2 * np.asarray(a.tail_upper))
     np.testing.assert_allclose(b.bounded, 2 * a.bounded, rtol=1e-14)
     assert np.all(b.tail_head >= a.tail_head)
 
@@ -250,7 +250,7 @@ def test_batched_heads_and_backends(backend):
     xb, vb, kb = (backend.asarray(a) for a in (x, v, kept))
     got = output_bounds(xb, vb, kb, chunk_elems=64)
     assert device_of(got.best) == device_of(xb)
-    for name in (*NAMES, "best", "error", "tau_upper"):
+    for name in (*NAMES, "best", "error", "tail_upper"):
         np.testing.assert_allclose(to_numpy(getattr(got, name)), getattr(ref, name), rtol=1e-12)
     for i in range(5):
         one = output_bounds(x[1, 2, i], v[1, 2], kept[1, 2, i])

@@ -34,7 +34,7 @@ def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             x = x[q]
             cert = certify_topk(x, _MAIN_EPS)
             v = a.values[li, int(a.kv_head[h])]
-            ob = output_bounds(x, v, k=cert.k, tau_upper=cert.tail_upper)
+            ob = output_bounds(x, v, k=cert.k, tail_upper=cert.tail_upper)
             errs.append(np.asarray(ob.error))
             for n in names:
                 bnds[n].append(np.asarray(getattr(ob, n)))
