@@ -21,8 +21,8 @@ tail_mass, log_partition, topk_mask, truncation_divergences, kl_from_tail, tv_fr
 
 Logit-only bounds
 -----------------
-tail_bound, gap_bound, exact_head_bound, multigap_bound, uniform_gap_bound, certified_k,
-gap_threshold
+tail_bound, gap_bound, gap_exact_head_bound, multigap_bound, uniform_gap_bound, bound_k,
+gap_threshold, TAIL_BOUNDS
 
 Blocks and cells
 ----------------
@@ -48,10 +48,10 @@ from .blocks import (
     smallest_block_count,
 )
 from .bounds import (
-    BOUNDS,
-    certified_k,
-    exact_head_bound,
+    TAIL_BOUNDS,
+    bound_k,
     gap_bound,
+    gap_exact_head_bound,
     gap_threshold,
     multigap_bound,
     tail_bound,
@@ -90,7 +90,7 @@ from .topk import TopkCertificate, certify_topk, certify_topp
 __version__ = "0.1.0"
 
 __all__ = [
-    "BOUNDS",
+    "TAIL_BOUNDS",
     "AttentionCertificate",
     "BlockSelection",
     "CellTree",
@@ -106,17 +106,17 @@ __all__ = [
     "ball_box_score_upper",
     "ball_score_upper",
     "block_tail_bounds",
+    "bound_k",
     "box_score_upper",
     "cell_tree",
-    "certified_k",
     "certified_search",
     "certify_attention",
     "certify_kept",
     "certify_scores",
     "certify_topk",
     "certify_topp",
-    "exact_head_bound",
     "gap_bound",
+    "gap_exact_head_bound",
     "gap_threshold",
     "greedy_block_set",
     "head_tail_terms",
@@ -146,7 +146,17 @@ _LAZY = frozenset(
 )
 
 
+_RENAMED = {"BOUNDS": "TAIL_BOUNDS", "certified_k": "bound_k",
+            "exact_head_bound": "gap_exact_head_bound"}
+
+
 def __getattr__(name: str) -> object:
+    if name in _RENAMED:  # deprecated names (0.1)
+        import warnings
+
+        warnings.warn(f"certattn.{name} is deprecated; use {_RENAMED[name]}",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[_RENAMED[name]]
     if name in _LAZY:
         import importlib
 

@@ -115,10 +115,10 @@ CAPABILITIES: dict[str, Capability] = {
     # logit-only bounds
     "tail_bound": _N,
     "gap_bound": _N,
-    "exact_head_bound": _N,
+    "gap_exact_head_bound": _N,
     "multigap_bound": _N,
     "uniform_gap_bound": _N,
-    "certified_k": _N,
+    "bound_k": _N,
     "gap_threshold": _N,
     # blocks and cells
     "block_tail_bounds": _N,

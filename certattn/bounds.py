@@ -54,6 +54,7 @@ This makes the all-gap and checkpoint forms loose (never unsound) on rows spanni
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -71,10 +72,10 @@ from ._fp import (
 from ._validate import check_eps, valid_rows
 
 __all__ = [
-    "BOUNDS",
-    "certified_k",
-    "exact_head_bound",
+    "TAIL_BOUNDS",
+    "bound_k",
     "gap_bound",
+    "gap_exact_head_bound",
     "gap_threshold",
     "multigap_bound",
     "tail_bound",
@@ -85,8 +86,29 @@ Array = Any
 
 _CHUNK_ELEMS = 1 << 22  # float64 temporaries per chunk of the dynamic programme
 
-BOUNDS = ("gap", "exact_head", "all_gap", "checkpoint", "uniform_gap")
-"""Names accepted by :func:`tail_bound` and :func:`certified_k`."""
+TAIL_BOUNDS = ("gap", "exact_head", "all_gap", "optimal_cuts", "uniform_gap")
+"""Names accepted by :func:`tail_bound` and :func:`bound_k`."""
+
+_RENAMED = {"BOUNDS": "TAIL_BOUNDS", "certified_k": "bound_k",
+            "exact_head_bound": "gap_exact_head_bound"}
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated names (0.1): ``BOUNDS``, ``certified_k``, ``exact_head_bound``."""
+    if name in _RENAMED:
+        new = _RENAMED[name]
+        warnings.warn(f"certattn.{name} is deprecated; use {new}", DeprecationWarning,
+                      stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _bound_name(bound: str) -> str:
+    if bound == "checkpoint":
+        warnings.warn("bound='checkpoint' is deprecated; use bound='optimal_cuts'",
+                      DeprecationWarning, stacklevel=4)
+        return "optimal_cuts"
+    return bound
 
 
 # --------------------------------------------------------------------------
@@ -253,21 +275,22 @@ _CURVES: dict[str, Callable[[dict[str, Array], Any, Any], Array]] = {
     "gap": _curve_gap,
     "exact_head": _curve_exact_head,
     "all_gap": _curve_all_gap,
-    "checkpoint": _curve_checkpoint,
+    "optimal_cuts": _curve_checkpoint,
     "uniform_gap": _curve_uniform_gap,
 }
 
 
 def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array, Array, Any]:
     """Sound upper bounds for every k = 1..n (column k - 1) and ``n_valid``."""
+    bound = _bound_name(bound)
     if bound not in _CURVES:
-        raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
-    if bound != "checkpoint" and n_cuts is not None:
-        raise ValueError("n_cuts is only used by bound='checkpoint'")
+        raise ValueError(f"bound must be one of {TAIL_BOUNDS}, got {bound!r}")
+    if bound != "optimal_cuts" and n_cuts is not None:
+        raise ValueError("n_cuts is only used by bound='optimal_cuts'")
     x, n_valid, xp, _ = valid_rows(logits, axis)
     p = _sorted_parts(x, n_valid, xp)
     log_b = _CURVES[bound](p, xp, n_cuts)
-    sigma = p["margin_clipped" if bound in ("all_gap", "checkpoint") else "margin"]
+    sigma = p["margin_clipped" if bound in ("all_gap", "optimal_cuts") else "margin"]
     return round_up(log_b, sigma, p["has_tail"], xp), n_valid, xp
 
 
@@ -298,11 +321,12 @@ def tail_bound(
     k : int or integer array (batch shape)
         Kept keys per row, ``1 <= k <= n`` (``n`` = length of the key axis); ``k`` at or
         above the number of valid keys gives 0.
-    bound : {"gap", "exact_head", "all_gap", "checkpoint", "uniform_gap"}
+    bound : {"gap", "exact_head", "all_gap", "optimal_cuts", "uniform_gap"}
         GAP-SINGLE, GAP-EXACT-HEAD, GAP-MULTI (every cut / ``n_cuts`` optimal cuts),
         GAP-UNIFORM (module docstring).
     n_cuts : int, optional
-        Number of extra cut points for ``bound="checkpoint"``.
+        Number of extra cut points for ``bound="optimal_cuts"`` (``"checkpoint"``, its
+        old name, is deprecated).
     axis : int
         Key axis.
 
@@ -329,7 +353,7 @@ def gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
     return tail_bound(logits, k, bound="gap", axis=axis)
 
 
-def exact_head_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
+def gap_exact_head_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
     r"""Theorem GAP-EXACT-HEAD [derived]: GAP-SINGLE with the exact head sum.
 
     .. math:: \tau_k \le \frac{(n-k) e^{s_{k+1}}}{\sum_{i \le k} e^{s_i} + (n-k) e^{s_{k+1}}}
@@ -353,7 +377,7 @@ def multigap_bound(logits: Any, k: Any, *, n_cuts: int | None = None, axis: int 
     """
     if n_cuts is None:
         return tail_bound(logits, k, bound="all_gap", axis=axis)
-    return tail_bound(logits, k, bound="checkpoint", n_cuts=n_cuts, axis=axis)
+    return tail_bound(logits, k, bound="optimal_cuts", n_cuts=n_cuts, axis=axis)
 
 
 def uniform_gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
@@ -368,7 +392,7 @@ def uniform_gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:
     return tail_bound(logits, k, bound="uniform_gap", axis=axis)
 
 
-def certified_k(
+def bound_k(
     logits: Any, eps: float, *, bound: str = "gap", n_cuts: int | None = None, axis: int = -1
 ) -> Array:
     r"""Smallest k whose ``bound`` certifies :math:`\tau_k \le \varepsilon`, per row.

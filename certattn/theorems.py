@@ -112,7 +112,7 @@ THEOREMS: tuple[Theorem, ...] = (
        "iff the logits take two levels; certifies tau_k <= eps iff "
        "Delta_k >= ln((n-k)/k) + ln((1-eps)/eps).",
        f"[paper] Thm 4.5 of {_TV}",
-       "bounds.gap_bound bounds.certified_k bounds.gap_threshold bounds.tail_bound",
+       "bounds.gap_bound bounds.bound_k bounds.gap_threshold bounds.tail_bound",
        "bounds.py::gap_single_equality bounds.py::gap_single_certify bounds.py::ratio_monotone",
        "test_bounds.py::test_gap_single_equality_on_two_level_rows "
        "test_bounds.py::test_gap_threshold_is_the_solved_form "
@@ -121,7 +121,7 @@ THEOREMS: tuple[Theorem, ...] = (
        "tau_k <= (n-k) e^{s_{k+1}} / (sum_{i<=k} e^{s_i} + (n-k) e^{s_{k+1}}), never looser "
        "than GAP-SINGLE.",
        "[derived]",
-       "bounds.exact_head_bound",
+       "bounds.gap_exact_head_bound",
        "bounds.py::exact_head_dominates",
        "test_bounds.py::test_bound_ordering "
        "test_bounds.py::test_every_gap_bound_is_sound_against_exact_arithmetic"),

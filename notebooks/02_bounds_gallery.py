@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from certattn import certify_topk, tail_mass
-from certattn.bounds import certified_k, gap_bound, multigap_bound, tail_bound
+from certattn.bounds import bound_k, gap_bound, multigap_bound, tail_bound
 from certattn.models import load_sample
 
 FULL = os.environ.get("CERTATTN_NOTEBOOK_FULL") == "1"
@@ -88,7 +88,7 @@ ax.grid(alpha=0.3, which="both")
 # %% [markdown]
 # ## 3. What each bound costs: keys kept to certify ε = 0.01
 #
-# `certified_k` is the smallest k whose *bound* is at most eps (every k is tried: the
+# `bound_k` is the smallest k whose *bound* is at most eps (every k is tried: the
 # bounds need not be monotone). The exact $k_\varepsilon$ is the floor.
 
 # %%
@@ -96,9 +96,9 @@ sub = rows[rng.choice(rows.shape[0], size=400 if FULL else 120, replace=False)]
 k_exact = np.asarray(certify_topk(sub, 0.01).k)
 print(f"{'bound':<22} mean k/n   vs exact")
 print(f"{'exact k_eps':<22} {k_exact.mean() / n:.3f}")
-for name, cuts in [("gap", None), ("exact_head", None), ("checkpoint", 2), ("checkpoint", 8),
+for name, cuts in [("gap", None), ("exact_head", None), ("optimal_cuts", 2), ("optimal_cuts", 8),
                    ("all_gap", None), ("uniform_gap", None)]:
-    kb = np.asarray(certified_k(sub, 0.01, bound=name, n_cuts=cuts))
+    kb = np.asarray(bound_k(sub, 0.01, bound=name, n_cuts=cuts))
     label = name if cuts is None else f"{name} (m={cuts})"
     print(f"{label:<22} {kb.mean() / n:.3f}     +{(kb - k_exact).mean():.1f} keys")
 

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+import certattn
 from certattn._array import device_of, to_numpy
 from certattn.blocks import (
     block_tail_bounds,
@@ -22,10 +23,10 @@ from certattn.blocks import (
     smallest_block_count,
 )
 from certattn.bounds import (
-    BOUNDS,
-    certified_k,
-    exact_head_bound,
+    TAIL_BOUNDS,
+    bound_k,
     gap_bound,
+    gap_exact_head_bound,
     gap_threshold,
     multigap_bound,
     tail_bound,
@@ -34,7 +35,7 @@ from certattn.bounds import (
 
 from ._exact import exact_tail_of_set, exact_tails, exact_weights
 
-KW = {"checkpoint": {"n_cuts": 2}}
+KW = {"optimal_cuts": {"n_cuts": 2}}
 
 
 @st.composite
@@ -73,7 +74,7 @@ def test_every_gap_bound_is_sound_against_exact_arithmetic(row):
     """GAP-*: every upper bound >= the exact tail mass of the top-k set, for every k."""
     tails = exact_tails(row)
     n_valid = int(np.isfinite(row).sum())
-    for bound in BOUNDS:
+    for bound in TAIL_BOUNDS:
         ub = _all(row, bound)
         assert np.all((ub >= 0) & (ub <= 1))
         for k in range(1, row.size + 1):
@@ -158,13 +159,13 @@ def test_checkpoint_dp_is_the_optimal_cut_choice():
 
 
 @given(row=rows(), eps=st.sampled_from([1e-6, 1e-3, 0.05, 0.3, 0.9]))
-def test_certified_k_is_minimal_for_its_bound_and_sound(row, eps):
-    """certified_k = min{k : bound(k) <= eps}; its exact tail is <= eps."""
+def test_bound_k_is_minimal_for_its_bound_and_sound(row, eps):
+    """bound_k = min{k : bound(k) <= eps}; its exact tail is <= eps."""
     tails = exact_tails(row)
     n_valid = int(np.isfinite(row).sum())
-    for bound in BOUNDS:
+    for bound in TAIL_BOUNDS:
         ub = _all(row, bound)
-        kk = int(certified_k(row, eps, bound=bound, **KW.get(bound, {})))
+        kk = int(bound_k(row, eps, bound=bound, **KW.get(bound, {})))
         assert 1 <= kk <= n_valid
         assert ub[kk - 1] <= eps
         assert np.all(ub[: kk - 1] > eps)
@@ -175,7 +176,7 @@ def test_bounds_are_not_monotone_in_k():
     """s = (10, 0, 0, 0): GAP-SINGLE certifies k = 1 but not k = 2 (hence every k is scanned)."""
     row = np.array([0.0, 10.0, 0.0, 0.0])
     assert float(gap_bound(row, 1)) < 0.01 < float(gap_bound(row, 2))
-    assert int(certified_k(row, 0.01)) == 1
+    assert int(bound_k(row, 0.01)) == 1
 
 
 def test_batched_per_row_k_axis_and_backends(backend):
@@ -186,7 +187,7 @@ def test_batched_per_row_k_axis_and_backends(backend):
     k = rng.integers(1, 12, (3, 4))
     xb = backend.asarray(np.moveaxis(x, -1, 0))
     kb = backend.asarray(k)
-    for bound in BOUNDS:
+    for bound in TAIL_BOUNDS:
         kw = KW.get(bound, {})
         got = tail_bound(xb, kb, bound=bound, axis=0, **kw)
         assert device_of(got) == device_of(xb)
@@ -197,13 +198,13 @@ def test_batched_per_row_k_axis_and_backends(backend):
             ]
         )
         np.testing.assert_allclose(to_numpy(got), ref, rtol=1e-13)
-        ck = certified_k(xb, 0.02, bound=bound, axis=0, **kw)
+        ck = bound_k(xb, 0.02, bound=bound, axis=0, **kw)
         ref_k = [
-            [int(certified_k(x[i, j], 0.02, bound=bound, **kw)) for j in range(4)] for i in range(3)
+            [int(bound_k(x[i, j], 0.02, bound=bound, **kw)) for j in range(4)] for i in range(3)
         ]
         np.testing.assert_array_equal(to_numpy(ck), ref_k)
     assert to_numpy(gap_bound(xb, kb, axis=0)).shape == (3, 4)
-    assert to_numpy(exact_head_bound(xb, 2, axis=0)).shape == (3, 4)
+    assert to_numpy(gap_exact_head_bound(xb, 2, axis=0)).shape == (3, 4)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +228,7 @@ def test_bad_options():
     with pytest.raises(ValueError, match="n_cuts"):
         multigap_bound(np.zeros(3), 1, n_cuts=-1)
     with pytest.raises(ValueError, match="eps"):
-        certified_k(np.zeros(3), 1.0)
+        bound_k(np.zeros(3), 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -367,3 +368,19 @@ def test_exact_weights_reference_sanity():
     """The mpmath reference itself: weights of a masked row."""
     w = exact_weights([0.0, -np.inf, 0.0])
     assert w[1] == 0 and w[0] == w[2] == 1
+
+
+def test_renamed_bound_names_warn_and_agree():
+    """0.1 renames: certified_k -> bound_k, exact_head_bound -> gap_exact_head_bound,
+    BOUNDS -> TAIL_BOUNDS, bound="checkpoint" -> "optimal_cuts" (old names warn)."""
+    row = np.random.default_rng(3).normal(0, 2, 30)
+    with pytest.warns(DeprecationWarning, match="bound_k"):
+        old = certattn.certified_k
+    assert old is bound_k
+    with pytest.warns(DeprecationWarning, match="gap_exact_head_bound"):
+        assert certattn.exact_head_bound is gap_exact_head_bound
+    with pytest.warns(DeprecationWarning, match="TAIL_BOUNDS"):
+        assert certattn.BOUNDS == TAIL_BOUNDS
+    with pytest.warns(DeprecationWarning, match="optimal_cuts"):
+        a = bound_k(row, 0.05, bound="checkpoint", n_cuts=2)
+    assert int(a) == int(bound_k(row, 0.05, bound="optimal_cuts", n_cuts=2))

@@ -109,3 +109,8 @@ def test_readme_mentions_every_theorem():
     readme = (ROOT / "README.md").read_text()
     missing = [tid for tid in _IDS if tid not in readme]
     assert not missing, f"README lacks {missing}: paste to_markdown(table_only=True)"
+    start = readme.index("<!-- theorems:start -->\n") + len("<!-- theorems:start -->\n")
+    table = readme[start : readme.index("<!-- theorems:end -->")]
+    assert table.strip() == to_markdown(table_only=True).strip(), (
+        "README theorem table is stale: paste to_markdown(table_only=True)"
+    )

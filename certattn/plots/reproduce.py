@@ -29,14 +29,14 @@ __all__ = [
 _BOUND_LABELS = {
     "gap": "single gap (Thm 4.5)",
     "exact_head": "single gap, exact head",
-    "checkpoint": "multi-gap, optimal cuts",
+    "optimal_cuts": "multi-gap, optimal cuts",
     "all_gap": "multi-gap, every cut",
     "uniform_gap": "uniform gap",
 }
 _BOUND_COLORS = {
     "gap": "tab:red",
     "exact_head": "tab:orange",
-    "checkpoint": "tab:purple",
+    "optimal_cuts": "tab:purple",
     "all_gap": "tab:green",
     "uniform_gap": "tab:brown",
 }

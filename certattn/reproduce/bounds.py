@@ -13,11 +13,11 @@ import numpy as np
 from ._runs import _Run, _sample_rows
 from ._summary import _MAIN_EPS, EPS_GRID, Progress, Section, _save
 
-_BOUND_NAMES = ("gap", "exact_head", "checkpoint", "all_gap", "uniform_gap")
+_BOUND_NAMES = ("gap", "exact_head", "optimal_cuts", "all_gap", "uniform_gap")
 
 
 def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
-    from ..bounds import certified_k, tail_bound
+    from ..bounds import bound_k, tail_bound
     from ..distribution import tail_mass
     from ..plots.reproduce import plot_bound_curves, plot_bound_ratios
 
@@ -35,9 +35,9 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         tau = np.asarray(tail_mass(x, k=k), dtype=np.float64)
         ratios, k_frac, res = {}, {"exact": float(np.mean(k / n_valid))}, {}
         for j, name in enumerate(_BOUND_NAMES):
-            nc = cuts if name == "checkpoint" else None
+            nc = cuts if name == "optimal_cuts" else None
             b = np.asarray(tail_bound(x, k, bound=name, n_cuts=nc), dtype=np.float64)
-            kb = np.asarray(certified_k(x, _MAIN_EPS, bound=name, n_cuts=nc))
+            kb = np.asarray(bound_k(x, _MAIN_EPS, bound=name, n_cuts=nc))
             r = b / np.maximum(tau, 1e-300)
             ratios[name] = r
             k_frac[name] = float(np.mean(kb / n_valid))
@@ -67,7 +67,7 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         t_curve = np.asarray(tail_mass(rows, k=ks), dtype=np.float64)
         curves = {
             name: np.asarray(tail_bound(rows, ks, bound=name,
-                                        n_cuts=cuts if name == "checkpoint" else None))
+                                        n_cuts=cuts if name == "optimal_cuts" else None))
             for name in _BOUND_NAMES
         }
         fig = plot_bound_curves(ks, t_curve, curves, n=n0, eps=_MAIN_EPS,

@@ -80,14 +80,14 @@ def check_gap_single(rows, *, xp, device, rng, progress):
 
 
 def check_gap_exact_head(rows, *, xp, device, rng, progress):
-    """GAP-EXACT-HEAD: ``exact_head_bound >= tau_k`` (relative slack) and never looser than
+    """GAP-EXACT-HEAD: ``gap_exact_head_bound >= tau_k`` (relative slack) and never looser than
     ``gap_bound`` (relative excess).  Tolerance 1e-9 (margins as for GAP-SINGLE)."""
     ctx, w = _ctx(xp, device, rng, progress), _Worst()
-    from ..bounds import exact_head_bound, gap_bound
+    from ..bounds import gap_bound, gap_exact_head_bound
 
     for x, x64, n, _ in _cases(ctx, rows, (7, 64, 1000), width=4):
         k = _rand_k(ctx, x.shape[0], 1, n - 1)
-        b = exact_head_bound(x, k)
+        b = gap_exact_head_bound(x, k)
         w.add(_slack(xp, _true_tail(xp, x64, k), b))
         w.add(_slack(xp, xp.astype(b, xp.float64), gap_bound(x, k)))
     return w.value, 1e-9
