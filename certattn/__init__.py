@@ -41,7 +41,9 @@ verify, theorems, plots, reproduce.
 from . import policies
 from .attention import AttentionCertificate, ScoreCertificate, certify_attention, certify_scores
 from .blocks import (
+    BlockScoreBounds,
     BlockSelection,
+    BlockTailBounds,
     block_tail_bounds,
     greedy_block_set,
     key_block_bounds,
@@ -92,7 +94,9 @@ __version__ = "0.1.0"
 __all__ = [
     "TAIL_BOUNDS",
     "AttentionCertificate",
+    "BlockScoreBounds",
     "BlockSelection",
+    "BlockTailBounds",
     "CellTree",
     "Divergences",
     "HeadTail",

@@ -38,7 +38,8 @@ Floating point: as in :mod:`certattn.bounds`, values are shifted by the row maxi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,9 @@ from ._fp import NORMAL_MIN, lse, margin, neg_inf, ratio_log, round_down, round_
 from ._validate import check_eps, first_bad_position
 
 __all__ = [
+    "BlockScoreBounds",
     "BlockSelection",
+    "BlockTailBounds",
     "block_tail_bounds",
     "greedy_block_set",
     "key_block_bounds",
@@ -76,6 +79,45 @@ class BlockSelection:
     tail_lower: Array
     n_blocks: Array
     n_keys: Array
+
+
+class _Unpackable:
+    """Tuple unpacking and indexing of a result dataclass (0.1 returned bare tuples)."""
+
+    def _fields(self) -> tuple[Array, ...]:
+        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Array]:
+        return iter(self._fields())
+
+    def __getitem__(self, i: int) -> Array:
+        return self._fields()[i]
+
+    def __len__(self) -> int:
+        return len(self._fields())
+
+
+@dataclass(frozen=True)
+class BlockTailBounds(_Unpackable):
+    """Theorem BLOCK-BOUNDS for one kept block set: ``lower <= tau <= upper`` (sound).
+
+    Unpacks as ``lower, upper = block_tail_bounds(...)``.
+    """
+
+    lower: Array
+    upper: Array
+
+
+@dataclass(frozen=True)
+class BlockScoreBounds(_Unpackable):
+    """Per-block score bounds ``lower <= s_i <= upper`` and block sizes (BLOCK-SCORE).
+
+    Unpacks as ``lower, upper, sizes = key_block_bounds(...)``.
+    """
+
+    lower: Array
+    upper: Array
+    sizes: Array
 
 
 def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array, ...]:
@@ -127,7 +169,7 @@ def _bounds_of_set(a: Array, b: Array, valid: Array, kept: Array, xp: Any) -> tu
 
 def block_tail_bounds(
     lower: Any, upper: Any, sizes: Any, kept: Any, *, axis: int = -1
-) -> tuple[Array, Array]:
+) -> BlockTailBounds:
     r"""Theorem BLOCK-BOUNDS (eq. 4.4 of Tzachristas et al.; form derived): ``(lo, hi)``.
 
     Parameters
@@ -144,9 +186,10 @@ def block_tail_bounds(
 
     Returns
     -------
-    (lo, hi) : float64 arrays, batch shape
-        Sound bounds on the exact discarded mass of every logit row compatible with the
-        block bounds: ``lo`` rounded down, ``hi`` rounded up.
+    BlockTailBounds
+        ``lower``, ``upper`` (float64, batch shape): sound bounds on the exact discarded
+        mass of every logit row compatible with the block bounds, ``lower`` rounded down,
+        ``upper`` rounded up.
     """
     a, b, _, valid, xp = _block_inputs(lower, upper, sizes, axis)
     kept = asarray_on(kept, xp=xp, device=device_of(a))
@@ -155,7 +198,7 @@ def block_tail_bounds(
     kept = xp.broadcast_to(
         kept if axis in (-1, kept.ndim - 1) else xp.moveaxis(kept, axis, -1), a.shape
     )
-    return _bounds_of_set(a, b, valid, kept, xp)
+    return BlockTailBounds(*_bounds_of_set(a, b, valid, kept, xp))
 
 
 def greedy_block_set(
@@ -211,7 +254,7 @@ def smallest_block_count(
 
 def key_block_bounds(
     q: Any, keys: Any, block_size: int, *, scale: float | None = None, kind: str = "box"
-) -> tuple[Array, Array, Array]:
+) -> BlockScoreBounds:
     r"""Per-block ``(lower, upper, sizes)`` for contiguous blocks of ``block_size`` keys.
 
     Thin convenience over :mod:`certattn.cells` (Theorem BLOCK-SCORE): ``kind="box"``
@@ -228,7 +271,9 @@ def key_block_bounds(
 
     Returns
     -------
-    lower, upper : float64 arrays (..., m, n_blocks); sizes : int64 array (n_blocks,)
+    BlockScoreBounds
+        ``lower``, ``upper``: float64 arrays (..., m, n_blocks); ``sizes``: int64 array
+        (n_blocks,).
     """
     from .cells import (
         ball_score_lower,
@@ -274,4 +319,4 @@ def key_block_bounds(
         out.append((ball_score_lower(q, c, r, scale=scale), ball_score_upper(q, c, r, scale=scale)))
     lo = out[0][0] if len(out) == 1 else xp.maximum(out[0][0], out[1][0])
     up = out[0][1] if len(out) == 1 else xp.minimum(out[0][1], out[1][1])
-    return lo, up, sizes
+    return BlockScoreBounds(lo, up, sizes)
