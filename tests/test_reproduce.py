@@ -42,7 +42,8 @@ def test_summary_fields(quick_run) -> None:
     assert doc["schema"] == "certattn.reproduce/1" and doc["quick"] is True
     assert set(doc["sections"]) == set(SECTIONS)
     for name, sec in doc["sections"].items():
-        assert sec["status"] in ("ok", "pending"), (name, sec["reason"])
+        # only sections that need SmolLM2 at full length may be pending in quick mode
+        assert sec["status"] == "ok" or "smollm2" in sec["reason"].lower(), (name, sec["reason"])
         assert {"title", "status", "reason", "seconds", "figures", "results"} <= set(sec)
     assert doc["paper"]["search_scored"] == {"128": 58.8, "256": 107.8}
     assert doc["models"]["minilm"]["status"] == "ok"
@@ -93,8 +94,8 @@ def test_bounds_and_output_sound(quick_run) -> None:
     _, _, doc = quick_run
     for section in ("bounds", "output"):
         sec = doc["sections"][section]
-        if sec["status"] != "ok":
-            pytest.skip(f"{section} pending: {sec['reason']}")
+        # in quick mode on the shipped sample every section runs: "pending" is a failure
+        assert sec["status"] == "ok", (section, sec["reason"])
         for name, b in sec["results"]["minilm"]["bounds"].items():
             if name != "tightest_share":
                 assert b["sound"] is True, (section, name)
@@ -105,8 +106,7 @@ def test_bounds_and_output_sound(quick_run) -> None:
 def test_search_never_beats_exact_floor(quick_run) -> None:
     _, _, doc = quick_run
     sec = doc["sections"]["search"]
-    if sec["status"] != "ok":
-        pytest.skip(f"search pending: {sec['reason']}")
+    assert sec["status"] == "ok", sec["reason"]
     for n, v in sec["results"]["minilm"]["by_n"].items():
         assert 1 <= v["exact_k_eps"] <= v["mc_scored"] <= int(n)
         assert v["exact_k_eps"] <= v["tree_scored"] <= int(n)
