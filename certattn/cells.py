@@ -86,7 +86,9 @@ def _ball_parts(q: Array, centre: Array, radius: Array) -> tuple[Any, Array, Arr
     return xp, dot, spread, margin
 
 
-def ball_score_upper(q: Array, centre: Array, radius: Array, *, scale: float) -> Array:
+def ball_score_upper(
+    q: Array, centre: Array, radius: Array, *, scale: float | None = None
+) -> Array:
     r"""Sound upper bound on the scores of a ball of keys (Theorem BLOCK-SCORE, ball).
 
     :math:`U = \mathrm{scale}\,(q\cdot c + |q|\,r) + \delta \ge \mathrm{scale}\, q\cdot k`
@@ -109,17 +111,19 @@ def ball_score_upper(q: Array, centre: Array, radius: Array, *, scale: float) ->
     array
         ``(..., m, C)`` float64 upper bounds, in the namespace and on the device of ``q``.
     """
-    scale = _check_scale(scale)
+    scale = _check_scale(scale, q.shape[-1])
     _, dot, spread, margin = _ball_parts(q, centre, radius)
     return (dot + spread) * scale + (margin * scale + _TINY)
 
 
-def ball_score_lower(q: Array, centre: Array, radius: Array, *, scale: float) -> Array:
+def ball_score_lower(
+    q: Array, centre: Array, radius: Array, *, scale: float | None = None
+) -> Array:
     r"""Sound lower bound :math:`\mathrm{scale}\,(q\cdot c - |q|\,r) - \delta` (BLOCK-SCORE).
 
     Same parameters and shapes as :func:`ball_score_upper`.
     """
-    scale = _check_scale(scale)
+    scale = _check_scale(scale, q.shape[-1])
     _, dot, spread, margin = _ball_parts(q, centre, radius)
     return (dot - spread) * scale - (margin * scale + _TINY)
 
@@ -139,7 +143,9 @@ def _box_parts(q: Array, kmin: Array, kmax: Array) -> tuple[Any, Array, Array, A
     return xp, upper, lower, margin
 
 
-def box_score_upper(q: Array, kmin: Array, kmax: Array, *, scale: float) -> Array:
+def box_score_upper(
+    q: Array, kmin: Array, kmax: Array, *, scale: float | None = None
+) -> Array:
     r"""Sound upper bound on the scores of a box of keys (Theorem BLOCK-SCORE, box).
 
     :math:`U = \mathrm{scale}\sum_j \max(q_j k^{min}_j, q_j k^{max}_j) + \delta`
@@ -152,31 +158,34 @@ def box_score_upper(q: Array, kmin: Array, kmax: Array, *, scale: float) -> Arra
         ``(..., m, d)`` queries.
     kmin, kmax : array
         ``(C, d)`` per-channel minimum and maximum of each cell's keys.
-    scale : float
-        Positive logit scale.
+    scale : float, optional
+        Positive logit scale, default ``1/sqrt(d)`` (as everywhere in certattn).
 
     Returns
     -------
     array
         ``(..., m, C)`` float64 upper bounds.
     """
-    scale = _check_scale(scale)
+    scale = _check_scale(scale, q.shape[-1])
     _, upper, _, margin = _box_parts(q, kmin, kmax)
     return upper * scale + (margin * scale + _TINY)
 
 
-def box_score_lower(q: Array, kmin: Array, kmax: Array, *, scale: float) -> Array:
+def box_score_lower(
+    q: Array, kmin: Array, kmax: Array, *, scale: float | None = None
+) -> Array:
     r"""Sound lower bound :math:`\mathrm{scale}\sum_j \min(q_j k^{min}_j, q_j k^{max}_j) - \delta`.
 
     Same parameters and shapes as :func:`box_score_upper` (Theorem BLOCK-SCORE).
     """
-    scale = _check_scale(scale)
+    scale = _check_scale(scale, q.shape[-1])
     _, _, lower, margin = _box_parts(q, kmin, kmax)
     return lower * scale - (margin * scale + _TINY)
 
 
 def ball_box_score_upper(
-    q: Array, centre: Array, radius: Array, kmin: Array, kmax: Array, *, scale: float
+    q: Array, centre: Array, radius: Array, kmin: Array, kmax: Array, *,
+    scale: float | None = None,
 ) -> Array:
     """Upper bound over the intersection of the ball and the box (Theorem BLOCK-SCORE).
 
@@ -263,7 +272,7 @@ class CellTree:
         """``(N,)`` number of keys under each node."""
         return self.stop - self.start
 
-    def score_upper(self, q: Array, *, scale: float, kind: str = "ball") -> Array:
+    def score_upper(self, q: Array, *, scale: float | None = None, kind: str = "ball") -> Array:
         """Upper bounds ``(..., m, N)`` on every score in every node (BLOCK-SCORE).
 
         Parameters
@@ -287,7 +296,7 @@ class CellTree:
             return ball_box_score_upper(q, c, r, lo, hi, scale=scale)
         raise ValueError(f"kind must be 'ball', 'box' or 'both', got {kind!r}")
 
-    def log_mass_upper(self, q: Array, upper: Array, *, scale: float) -> np.ndarray:
+    def log_mass_upper(self, q: Array, upper: Array, *, scale: float | None = None) -> np.ndarray:
         """Log of a sound upper bound on ``sum_{k in node} exp(scale q.k)`` (BLOCK-MASS).
 
         Uses the node's mean score (``scale q.c``, up to ``mean_err``), its score variance
@@ -308,7 +317,7 @@ class CellTree:
         numpy.ndarray
             ``(m, N)`` float64.
         """
-        scale = _check_scale(scale)
+        scale = _check_scale(scale, q.shape[-1])
         q = np.asarray(to_numpy(q), dtype=np.float64)
         d = q.shape[-1]
         qn = np.linalg.norm(q, axis=-1)[:, None]
