@@ -70,7 +70,8 @@ def exp_terms(
     top = m
     m = xp.reshape(xp.astype(m, xp.float64), (-1, 1))
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))  # fully masked rows: any shift
-    e = xp.exp(xp.clip((xp.astype(x, xp.float64) - m) + shift, min=EXP_FLOOR))
+    with np.errstate(over="ignore"):  # x - m below -float max: -inf, raised to the floor
+        e = xp.exp(xp.clip((xp.astype(x, xp.float64) - m) + shift, min=EXP_FLOOR))
     return e, m - shift, xp.sum(e, axis=-1), top, n * math.exp(EXP_FLOOR + 1.0)
 
 

@@ -70,6 +70,7 @@ from ._fp import (
     round_up,
 )
 from ._validate import check_eps, valid_rows
+from .kept import shift_rows
 
 __all__ = [
     "TAIL_BOUNDS",
@@ -134,7 +135,7 @@ def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
     k = xp.arange(1, n + 1, dtype=xp.float64, device=dev)
     nv = xp.astype(n_valid, xp.float64)[..., None]
     valid = k <= nv  # position k (1-based) holds a valid key
-    d = s - s[..., :1]
+    d = shift_rows(s, xp)  # s - s_1; a difference past -float max stays finite (valid)
     d = xp.where(valid, d, neg_inf(xp, d))
     d_next = _shift_left(d, xp, -math.inf)
     m = nv - k  # tail size of the top-k set
@@ -171,7 +172,8 @@ def _gap_pair(p: dict[str, Array], xp: Any) -> tuple[Array, Array]:
 def _curve_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-SINGLE: ``L = -log(1 + (k/(n-k)) e^{Delta_k})`` with Delta from the raw logits."""
     s, s_next = _gap_pair(p, xp)
-    delta = xp.where(p["has_tail"], s - s_next, xp.zeros_like(s))
+    with np.errstate(over="ignore"):  # a gap past float max is +inf: the bound's tiny floor
+        delta = xp.where(p["has_tail"], s - s_next, xp.zeros_like(s))
     z = _log_k(p, xp) - _log_m(p, xp) + delta
     out = -xp.logaddexp(xp.zeros_like(z), z)
     return xp.where(p["has_tail"], out, neg_inf(xp, out))
@@ -258,7 +260,8 @@ def _shift_by(x: Array, step: int, xp: Any) -> Array:
 def _curve_uniform_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     r"""GAP-UNIFORM: ``L = -log(1 + k(e^{delta_k} - 1))``, ``delta_k`` = min gap past k."""
     s, s_next = _gap_pair(p, xp)
-    gap = xp.where(p["has_tail"], s - s_next, xp.full_like(s, xp.inf))
+    with np.errstate(over="ignore"):  # a gap past float max is +inf (sound, see _curve_gap)
+        gap = xp.where(p["has_tail"], s - s_next, xp.full_like(s, xp.inf))
     delta = _suffix_min(gap, xp)
     k = p["k"]
     small = delta < 600.0

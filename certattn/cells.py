@@ -48,6 +48,7 @@ import numpy as np
 from ._array import namespace, to_numpy
 from ._fp import NORMAL_MIN, score_margin
 from ._fp import U as _U
+from ._validate import InputError
 from ._validate import check_scale as _check_scale
 
 __all__ = [
@@ -67,6 +68,18 @@ Array = Any
 
 _TINY = NORMAL_MIN
 score_bound_margin = score_margin  # the error model's (2 d + 8) u, under its public name here
+
+
+def _quiet() -> Any:
+    """Overflow in a score bound is expected at the float range's edges (see _closed)."""
+    return np.errstate(over="ignore", invalid="ignore")
+
+
+def _closed(xp: Any, bound: Array, *, upper: bool) -> Array:
+    """Fail closed: a bound that became NaN (``inf - inf``) is the trivial ``+-inf``;
+    an overflow already gives ``+inf`` (upper) or ``-inf`` (lower), which are sound."""
+    trivial = xp.full_like(bound, xp.inf if upper else -xp.inf)
+    return xp.where(xp.isnan(bound), trivial, bound)
 
 
 def _f64(x: Array, xp: Any, dev: Any) -> Array:
@@ -112,8 +125,9 @@ def ball_score_upper(
         ``(..., m, C)`` float64 upper bounds, in the namespace and on the device of ``q``.
     """
     scale = _check_scale(scale, q.shape[-1])
-    _, dot, spread, margin = _ball_parts(q, centre, radius)
-    return (dot + spread) * scale + (margin * scale + _TINY)
+    with _quiet():
+        xp, dot, spread, margin = _ball_parts(q, centre, radius)
+        return _closed(xp, (dot + spread) * scale + (margin * scale + _TINY), upper=True)
 
 
 def ball_score_lower(
@@ -124,8 +138,9 @@ def ball_score_lower(
     Same parameters and shapes as :func:`ball_score_upper`.
     """
     scale = _check_scale(scale, q.shape[-1])
-    _, dot, spread, margin = _ball_parts(q, centre, radius)
-    return (dot - spread) * scale - (margin * scale + _TINY)
+    with _quiet():
+        xp, dot, spread, margin = _ball_parts(q, centre, radius)
+        return _closed(xp, (dot - spread) * scale - (margin * scale + _TINY), upper=False)
 
 
 def _box_parts(q: Array, kmin: Array, kmax: Array) -> tuple[Any, Array, Array, Array]:
@@ -167,8 +182,9 @@ def box_score_upper(
         ``(..., m, C)`` float64 upper bounds.
     """
     scale = _check_scale(scale, q.shape[-1])
-    _, upper, _, margin = _box_parts(q, kmin, kmax)
-    return upper * scale + (margin * scale + _TINY)
+    with _quiet():
+        xp, upper, _, margin = _box_parts(q, kmin, kmax)
+        return _closed(xp, upper * scale + (margin * scale + _TINY), upper=True)
 
 
 def box_score_lower(
@@ -179,8 +195,9 @@ def box_score_lower(
     Same parameters and shapes as :func:`box_score_upper` (Theorem BLOCK-SCORE).
     """
     scale = _check_scale(scale, q.shape[-1])
-    _, _, lower, margin = _box_parts(q, kmin, kmax)
-    return lower * scale - (margin * scale + _TINY)
+    with _quiet():
+        xp, _, lower, margin = _box_parts(q, kmin, kmax)
+        return _closed(xp, lower * scale - (margin * scale + _TINY), upper=False)
 
 
 def ball_box_score_upper(
@@ -440,11 +457,12 @@ def _cell_geometry(keys: np.ndarray) -> tuple[Any, ...]:
     centre = keys.mean(axis=0)
     if not np.all(np.isfinite(centre)):
         centre = keys[0].copy()
-    diff = keys - centre
-    dist = np.sqrt(np.sum(diff**2, axis=1))
-    radius = float(dist.max()) * (1.0 + score_bound_margin(d)) + _TINY
-    if not math.isfinite(radius) or not math.isfinite(radius * radius):
-        raise ValueError("keys are too large: a cell radius overflows float64")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        diff = keys - centre
+        dist = np.sqrt(np.sum(diff**2, axis=1))
+        radius = float(dist.max()) * (1.0 + score_bound_margin(d)) + _TINY
+        if not math.isfinite(radius) or not math.isfinite(radius * radius):
+            raise InputError("keys are too large: a cell radius overflows float64")
     if nk <= 1:
         lam = 0.0
     elif nk < d:  # largest eigenvalue of the smaller Gram matrix (same nonzero spectrum)
