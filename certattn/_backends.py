@@ -28,7 +28,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["BACKENDS", "CAPABILITIES", "Backend", "Capability", "capability_markdown"]
+__all__ = [
+    "BACKENDS",
+    "CAPABILITIES",
+    "Backend",
+    "Capability",
+    "backend_of",
+    "capability_markdown",
+    "nan_propagates_through_max",
+    "verify_backends",
+]
 
 
 @dataclass(frozen=True)
@@ -46,12 +55,15 @@ class Backend:
         "not usable here" (e.g. CuPy without a GPU).
     verify : bool
         Offered by ``certattn verify --backend``.
+    nan_max : bool
+        ``max`` propagates NaN (lets input checks use one reduction).
     """
 
     name: str
     module: str
     devices: Callable[[Any], list[tuple[str, Any]]]
     verify: bool = True
+    nan_max: bool = False
 
 
 def _cpu(_: Any) -> list[tuple[str, Any]]:
@@ -71,12 +83,39 @@ def _cupy(cupy: Any) -> list[tuple[str, Any]]:
 
 
 BACKENDS: tuple[Backend, ...] = (
-    Backend("numpy", "numpy", _cpu),
+    Backend("numpy", "numpy", _cpu, nan_max=True),
     Backend("strict", "array_api_strict", _strict),
-    Backend("torch", "torch", _cpu, verify=False),
-    Backend("cupy", "cupy", _cupy),
+    Backend("torch", "torch", _cpu, verify=False, nan_max=True),
+    Backend("cupy", "cupy", _cupy, nan_max=True),
 )
 """Every supported array library, NumPy first."""
+
+
+def backend_of(xp: Any) -> Backend | None:
+    """The table's row for namespace ``xp`` (a compat wrapper counts as its library)."""
+    import array_api_compat as compat
+
+    checks = {
+        "numpy": compat.is_numpy_namespace,
+        "strict": compat.is_array_api_strict_namespace,
+        "torch": compat.is_torch_namespace,
+        "cupy": compat.is_cupy_namespace,
+    }
+    for b in BACKENDS:
+        if checks.get(b.name, lambda _: False)(xp):
+            return b
+    return None
+
+
+def nan_propagates_through_max(xp: Any) -> bool:
+    """Whether ``xp.max`` returns NaN for an array holding NaN (from the table)."""
+    b = backend_of(xp)
+    return b is not None and b.nan_max
+
+
+def verify_backends() -> list[str]:
+    """``certattn verify --backend`` choices."""
+    return [b.name for b in BACKENDS if b.verify]
 
 
 def load(backend: Backend) -> Any | None:

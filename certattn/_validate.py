@@ -68,15 +68,13 @@ def check_logits(
 def _max_is_finite_or_neginf(x: Any, xp: Any) -> bool:
     """True if ``max(x)`` is neither NaN nor ``+inf`` (NaN propagates through max).
 
-    Only trusted where NaN is known to propagate (NumPy, CuPy, PyTorch); elsewhere
-    answer False so that the explicit checks run.
+    Only trusted where the backend table says NaN propagates through ``max``
+    (:data:`certattn._backends.BACKENDS`); elsewhere answer False so that the explicit
+    checks run.
     """
-    import array_api_compat as compat
+    from ._backends import nan_propagates_through_max
 
-    if not (
-        compat.is_numpy_namespace(xp) or compat.is_cupy_namespace(xp)
-        or compat.is_torch_namespace(xp)
-    ):
+    if not nan_propagates_through_max(xp):
         return False
     top = float(xp.max(x))
     return not (math.isnan(top) or top == math.inf)

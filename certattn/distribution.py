@@ -33,7 +33,14 @@ import numpy as np
 from ._array import as_float_array, namespace
 from ._fp import lse as _lse_all
 from ._fp import lse_diff as _lse_diff
-from ._validate import InputError, check_eps, check_logits, check_number, first_bad_position
+from ._validate import (
+    InputError,
+    check_eps,
+    check_logits,
+    check_number,
+    first_bad_position,
+    move_key_axis,
+)
 
 __all__ = [
     "Divergences",
@@ -52,7 +59,7 @@ Array = Any
 
 def _prepare(logits: Any, axis: int) -> tuple[Array, Any, Any]:
     x, xp, dev = as_float_array(logits, name="logits")
-    x = xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
+    x = move_key_axis(x, axis, xp)
     check_logits(x, xp)
     return xp.astype(x, xp.float64), xp, dev
 
