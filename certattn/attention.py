@@ -304,12 +304,21 @@ def _run(
     names = ["k", "tail", "nv", "kept", "scored", "out", "err", "idx"]
     fields: dict[str, list[Array]] = {f: [] for f in names}
     for sl, s, valid, qs in _chunks(pr, chunk_elems):
-        ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache)
+        ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
+                      need_kept=return_kept or with_output)
         sel = policy.select(s, valid, ctx)
-        kept = sel.kept & valid
-        xs = shift_rows(s, xp)
-        tail = sel.tail_upper if sel.tail_upper is not None else tail_upper_of(xs, valid, kept, xp)
-        fields["k"].append(xp.sum(xp.astype(kept, xp.int64), axis=-1))
+        if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
+            if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:
+                raise TypeError(f"policy {policy.name!r} returned no kept set")
+            n_kept, tail, kept, xs = sel.n_kept, sel.tail_upper, None, None
+        else:
+            kept = sel.kept & valid
+            xs = shift_rows(s, xp)
+            n_kept = xp.sum(xp.astype(kept, xp.int64), axis=-1)
+            tail = sel.tail_upper
+            if tail is None:
+                tail = tail_upper_of(xs, valid, kept, xp)
+        fields["k"].append(xp.astype(n_kept, xp.int64))
         fields["tail"].append(xp.astype(tail, xp.float64))
         fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
         if sel.scored is not None:

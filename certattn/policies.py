@@ -63,18 +63,23 @@ class Selection:
 
     Attributes
     ----------
-    kept : bool array (..., m, n)
-        The kept keys (the house removes masked keys from it).
+    kept : bool array (..., m, n) or None
+        The kept keys (the house removes masked keys from it).  May be None only when
+        ``ctx.need_kept`` is False and the policy gives ``n_kept`` and ``tail_upper``
+        (Top-k skips building the mask when only counts are wanted).
     tail_upper : float64 array (..., m), optional
         The policy's own sound upper bound on the exact tail of ``kept``; None lets the
         house certify ``kept`` with :func:`certattn.certify_kept`.
     scored : int64 array (..., m), optional
         Keys whose scores the policy computed exactly (None: every visible key).
+    n_kept : int64 array (..., m), optional
+        Valid keys kept, when ``kept`` is None.
     """
 
-    kept: Array
+    kept: Array | None
     tail_upper: Array | None = None
     scored: Array | None = None
+    n_kept: Array | None = None
 
 
 @dataclass
@@ -93,6 +98,8 @@ class Context:
     xp : namespace
     cache : dict
         Lives for one call of the house (e.g. page boxes, cell trees per key head).
+    need_kept : bool
+        Whether the caller needs the kept mask (False: counts and bounds suffice).
     """
 
     queries: Array
@@ -101,6 +108,7 @@ class Context:
     start: int
     xp: Any
     cache: dict[str, Any] = field(default_factory=dict)
+    need_kept: bool = True
 
 
 class Policy(Protocol):
@@ -134,7 +142,8 @@ class TopK:
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         cert = certify_topk(scores, self.eps)
-        return Selection(kept=topk_mask(scores, cert.k), tail_upper=cert.tail_upper)
+        kept = topk_mask(scores, cert.k) if ctx.need_kept else None
+        return Selection(kept=kept, tail_upper=cert.tail_upper, n_kept=cert.k)
 
 
 @dataclass(frozen=True)
@@ -150,7 +159,8 @@ class TopP:
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         cert = certify_topp(scores, self.p)
-        return Selection(kept=topk_mask(scores, cert.k), tail_upper=cert.tail_upper)
+        kept = topk_mask(scores, cert.k) if ctx.need_kept else None
+        return Selection(kept=kept, tail_upper=cert.tail_upper, n_kept=cert.k)
 
 
 @dataclass(frozen=True)
