@@ -394,6 +394,12 @@ def open_logits(
         try:
             return da.from_zarr(str(p), component=key)
         except Exception as exc:  # zarr's own errors on a missing array or bad metadata
+            if key is None:
+                names = _zarr_arrays(p)
+                if names:
+                    raise InputError(
+                        f"{p}: a zarr group; choose an array with --key ({', '.join(names)})"
+                    ) from None
             raise InputError(f"{p}: cannot read zarr ({exc.__class__.__name__}: {exc})") from None
     if not p.is_dir():
         raise InputError(f"{p}: not a directory of .npy shards or a zarr store")
@@ -420,10 +426,47 @@ def open_logits(
     row_bytes = max(1, math.prod(parts[0].shape[1:]) * parts[0].dtype.itemsize)
     rows = max(1, limit // row_bytes)
     arrays = [
-        da.from_array(a, chunks=(min(rows, max(a.shape[0], 1)), *a.shape[1:]))
-        for a in parts
+        da.from_array(
+            _NpyShard(s, a.shape, a.dtype), chunks=(min(rows, max(a.shape[0], 1)), *a.shape[1:]),
+            meta=np.empty((0,) * a.ndim, a.dtype),
+        )
+        for s, a in zip(shards, parts, strict=True)
     ]
     return arrays[0] if len(arrays) == 1 else da.concatenate(arrays, axis=0)
+
+
+class _NpyShard:
+    """A ``.npy`` file as an array-like that reads only the rows asked for.
+
+    :func:`dask.array.from_array` copies anything with a ``copy`` method (a memory map
+    included, which would read the whole file): this stand-in has none, pickles as its
+    path, and memory-maps the file anew for every block it serves.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
+        st = self.path.stat()
+        self._token = (str(self.path.resolve()), st.st_mtime_ns, st.st_size, self.shape,
+                       str(self.dtype))
+
+    def __dask_tokenize__(self) -> tuple:
+        return self._token
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        mm = np.load(self.path, mmap_mode="r", allow_pickle=False)
+        return np.array(mm[index])  # just these rows, in memory; the map is dropped
+
+
+def _zarr_arrays(p: Path) -> list[str]:
+    """Names of the arrays directly in the zarr group at ``p`` (empty if it is none)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(p), mode="r")
+        return sorted(name for name, _ in group.arrays())
+    except Exception:
+        return []
 
 
 # --------------------------------------------------------------------------
@@ -554,6 +597,8 @@ def certify_store(
     work: list[Any] = list(stats)
     if out is not None:
         target_dir = Path(out)
+        if target_dir.resolve() == Path(path).resolve():
+            raise InputError(f"{target_dir}: --out must not be the input itself")
         try:
             targets = _targets(target_dir, cert.batch_shape, cert.k.chunks, cert.eps, cert.n)
         except OSError as exc:
