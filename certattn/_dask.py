@@ -11,6 +11,14 @@ The key axis must be one chunk (a row is certified as a whole); when it is not, 
 rechunked to one chunk, with the batch axes rechunked ``"auto"`` so that blocks keep dask's
 configured size (``array.chunk-size``).
 
+Each block's results are *exactly* the NumPy certificate of that block.  They are exactly
+those of one in-memory call on the whole array as well whenever the NumPy path makes the
+same chunk-wide choices, as it does for ordinary logits; a block holding a fully masked
+row (``masked_rows="skip"``) or a row sum outside :math:`[e^{-650}/\varepsilon, e^{700}]`
+sends that block (and, in memory, that NumPy chunk of rows) to the shifted-exponent path,
+whose ``tail_upper`` may differ in the last bits (both are sound bounds; ``k`` differs only
+within the rounding margin of :mod:`certattn.topk`).
+
 :func:`open_logits` reads a directory of ``.npy`` shards (memory-mapped) or a zarr store as
 one lazy dask array, and :func:`certify_store` is the ``certattn certify DIR`` command:
 it certifies block by block, writes the results incrementally (a directory of ``.npy``

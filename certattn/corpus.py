@@ -211,8 +211,12 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
     if client == "local":
         import logging
 
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
         cluster = LocalCluster(
-            n_workers=os.cpu_count() or 1, threads_per_worker=1, dashboard_address=None,
+            n_workers=cores, threads_per_worker=1, dashboard_address=None,
             silence_logs=logging.ERROR,
         )
         c = Client(cluster)
