@@ -11,6 +11,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import certattn
 from certattn import cli
@@ -47,7 +49,7 @@ def _assert_same(cert, ref) -> None:
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("axis", [-1, 0, 1, 2])
+@pytest.mark.parametrize("axis", [-1, 0, 1, 2, -2])
 def test_topk_equals_numpy_any_axis(dtype, axis):
     a = np.moveaxis(_logits(dtype=dtype), -1, axis)
     x = da.from_array(a, chunks=2)  # the key axis spans many chunks: rechunked
@@ -78,6 +80,27 @@ def test_topk_keeps_batch_chunks_and_is_lazy():
     _assert_same(cert, ref)
     assert len(calls) == x.npartitions  # all five results from one pass over each block
     assert max(s[0] * s[1] for s in calls) == 6  # block by block, never the whole input
+
+
+@given(
+    shape=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 30)),
+    chunks=st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 30)),
+    axis=st.integers(-3, 2),
+    eps=st.sampled_from([0.0, 1e-12, 1e-3, 0.05, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_property_equals_numpy(shape, chunks, axis, eps, seed):
+    """Any shape, chunking and key axis: bit for bit the in-memory certificate (ordinary
+    logits with masked keys and ties, every row with a valid key)."""
+    rng = np.random.default_rng(seed)
+    a = np.round(rng.normal(0, rng.choice([0.5, 4.0, 20.0]), shape), 1)  # ties
+    a[rng.random(shape) < 0.3] = -np.inf
+    a[..., 0] = np.where(np.isfinite(a).any(-1), a[..., 0], 1.0)
+    a = np.moveaxis(a, -1, axis)
+    cert = certattn.certify_topk(da.from_array(a, chunks=chunks), eps, axis=axis)
+    ref = certattn.certify_topk(a, eps, axis=axis)
+    _assert_same(cert, ref)
+    np.testing.assert_array_equal(cert.kept_mask().compute(), ref.kept_mask())
 
 
 @pytest.mark.parametrize("eps", [0.0, 1e-300, 0.5])
