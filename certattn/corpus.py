@@ -5,7 +5,8 @@ row of every recorded (layer, head) with :func:`certattn.certify_topk` (the cert
 minimal :math:`k_\varepsilon` of Theorems TV-TAIL and TV-KL), and summarises them into the
 per-layer, per-head :class:`certattn.budget.BudgetTable` of ``certattn budget``.
 
-Each document is one task (on a ``distributed`` client, or in this process without one);
+Each document (or each document and group of layers) is one task, on a ``distributed``
+client or in this process without one;
 a task returns the per-query ``k`` and ``n_valid`` of its document, never a summary, and
 the merge concatenates them per (layer, head) in document order.  Exact quantiles, the
 fixed k and its held-out coverage (chosen on the even-indexed queries of the pooled
@@ -198,6 +199,18 @@ def _summarise(
     )
 
 
+def _join_layers(parts: Sequence[DocumentQueries]) -> DocumentQueries:
+    """One document's results from its layer groups, layers in group order."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return DocumentQueries(
+        layers=tuple(v for p in parts for v in p.layers), n_heads=first.n_heads,
+        n_tokens=first.n_tokens, k=tuple(r for p in parts for r in p.k),
+        n_valid=tuple(r for p in parts for r in p.n_valid), model=first.model,
+    )
+
+
 def _client(client: Any) -> tuple[Any, list[Any]]:
     """``(client, things to close)`` for a client, ``"local"`` or a scheduler address."""
     if client is None or not isinstance(client, str):
@@ -235,6 +248,7 @@ def budget_corpus(
     eps: float = 0.01,
     tokens: int | None = None,
     layers: Sequence[int] | None = None,
+    layer_groups: Sequence[Sequence[int]] | None = None,
     coverage: float = 0.9,
     quantiles: Sequence[float] = (0.5, 0.9, 0.99, 1.0),
     client: Any = None,
@@ -254,6 +268,11 @@ def budget_corpus(
         Keep the first ``tokens`` tokens of each document.
     layers : sequence of int, optional
         Model layers to record (default all).
+    layer_groups : sequence of sequence of int, optional
+        Instead of ``layers``: one task per document and group, each recording only its
+        group's layers (the table lists the groups' layers in order).  This bounds the
+        logits a task holds (``len(group)`` layers); the forward up to the group's layers
+        is run again by every group.
     coverage, quantiles
         As in :func:`certattn.budget.attention_budget`.
     client : distributed.Client, str or None
@@ -295,20 +314,34 @@ def budget_corpus(
             for i, t in enumerate(texts)]
     if not docs:
         raise InputError("the corpus holds no documents")
-    opts = {"eps": eps, "tokens": tokens, "layers": None if layers is None else list(layers)}
+    if layer_groups is not None:
+        if layers is not None:
+            raise InputError("give layers or layer_groups, not both")
+        groups: list[list[int] | None] = [[int(v) for v in g] for g in layer_groups]
+        if not groups or not all(groups):
+            raise InputError("layer_groups must be non-empty groups of layer indices")
+    else:
+        groups = [None if layers is None else [int(v) for v in layers]]
+    tasks = [(lab, t, g) for lab, t in docs for g in groups]  # document-major
     c, owned = _client(client)
     try:
         if c is None:
-            results = [document_queries(model, t, label=lab, **opts) for lab, t in docs]
+            parts = [
+                document_queries(model, t, eps=eps, tokens=tokens, layers=g, label=lab)
+                for lab, t, g in tasks
+            ]
         else:
             futures = [
-                c.submit(document_queries, model, t, label=lab, **opts, pure=False)
-                for lab, t in docs
+                c.submit(document_queries, model, t, eps=eps, tokens=tokens, layers=g,
+                         label=lab, pure=False)
+                for lab, t, g in tasks
             ]
-            results = c.gather(futures)
+            parts = c.gather(futures)
     finally:
         for thing in owned:
             thing.close()
+    step = len(groups)
+    results = [_join_layers(parts[i : i + step]) for i in range(0, len(parts), step)]
     lens = [r.n_tokens for r in results]
     rows = "second half of each document's query rows (causal)" if model == "smollm2" else (
         "all query rows"
