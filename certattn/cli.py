@@ -63,6 +63,11 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     from .topk import certify_topk
 
     eps = _parse_eps(args.eps)
+    if args.file is not None and Path(args.file).is_dir():  # .npy shards or zarr: lazily
+        from ._dask import certify_store
+
+        return certify_store(args.file, eps, key=args.key, out=args.out, as_json=args.json,
+                             masked_rows=args.masked_rows)
     if args.file is None:
         if args.key is not None:
             raise CLIError("--key needs a FILE")
@@ -193,10 +198,22 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         coverage = float(args.coverage)
     except ValueError:
         raise CLIError(f"--coverage must be a number in (0, 1], got {args.coverage!r}") from None
-    table = budget_for_model(
-        args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
-        progress=_progress(10**9, 1) if not args.json else None,
-    )
+    if args.dask is not None and args.texts is None:
+        raise CLIError("--dask needs --texts (a corpus)")
+    if args.texts is not None:  # a corpus: one task per document on dask.distributed
+        from .corpus import budget_corpus, read_texts
+
+        if text is not None:
+            raise CLIError("give --texts or --text/--text-file, not both")
+        table = budget_corpus(
+            read_texts(args.texts), model=args.model, eps=eps, tokens=args.tokens,
+            coverage=coverage, client=args.dask or "local", source=f"corpus {args.texts}",
+        )
+    else:
+        table = budget_for_model(
+            args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
+            progress=_progress(10**9, 1) if not args.json else None,
+        )
     if args.out is not None:
         try:
             table.write_json(args.out)
@@ -238,11 +255,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "Without FILE, runs on the built-in sample of real attention.",
     )
     c.add_argument("file", nargs="?", help=".npy, .npz or .safetensors; last axis = keys, "
-                   "-inf = masked key")
+                   "-inf = masked key; or a directory of .npy shards (rows concatenated in "
+                   "name order) or a .zarr store, read lazily on dask")
     c.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
-    c.add_argument("--key", help="array name inside an .npz or .safetensors file")
+    c.add_argument("--key", help="array name inside an .npz or .safetensors file (or the "
+                   "array path inside a zarr group)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    c.add_argument("--out", help="also write k, tail_upper, kl_upper, ... to this .npz")
+    c.add_argument("--out", help="also write k, tail_upper, kl_upper, ... to this .npz (for a "
+                   "directory input: to a directory of .npy files or a .zarr store, "
+                   "block by block)")
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
     c.set_defaults(func=_cmd_certify)
@@ -265,6 +286,10 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--coverage", default="0.9", help="fraction of queries the fixed k covers")
     b.add_argument("--json", action="store_true", help="print JSON for an inference engine")
     b.add_argument("--out", help="also write the JSON to this file")
+    b.add_argument("--texts", metavar="FILE_OR_DIR", help="a corpus: one document per line of "
+                   "FILE or per file of DIR; one dask task per document, pooled into one table")
+    b.add_argument("--dask", metavar="ADDRESS", help="with --texts: 'local' (default: a local "
+                   "cluster of this machine's cores) or a scheduler address, tcp://host:8786")
     b.set_defaults(func=_cmd_budget)
 
     r = sub.add_parser(

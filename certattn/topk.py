@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from array_api_compat import is_dask_array
+
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
 from ._fp import GAMMA_EXP, SMALLEST, U
@@ -220,7 +222,8 @@ def certify_topk(
     Work is done in row chunks of bounded size, so peak extra memory does not grow with
     the batch: about 2^20 keys a chunk on NumPy (some 12 MiB of scratch per worker
     thread, ``CERTATTN_NUM_THREADS`` of them, kept between calls), 64 MiB of float64
-    temporaries on other array libraries.
+    temporaries on other array libraries.  A dask array is certified lazily, one task per
+    block of rows (:func:`certattn._dask.certify_topk_dask`; errors surface at compute).
 
     Raises
     ------
@@ -228,6 +231,12 @@ def certify_topk(
         NaN or ``+inf`` logits, an empty key axis, a fully masked row (unless
         ``masked_rows="skip"``), ``eps`` outside [0, 1).
     """
+    if is_dask_array(logits):  # lazily, block by block: certattn._dask
+        from ._dask import certify_topk_dask
+
+        return certify_topk_dask(
+            logits, eps, axis=axis, masked_rows=masked_rows, progress=progress
+        )
     eps = check_eps(eps)
     if masked_rows not in ("error", "skip"):
         raise ValueError(f"masked_rows must be 'error' or 'skip', got {masked_rows!r}")
