@@ -41,15 +41,27 @@ references), one module of checks per area (:mod:`.distribution`, :mod:`.bounds`
 from __future__ import annotations
 
 from ._common import CHUNK_ELEMS, VerifyResult
-from ._runner import BASE_ROWS, CHECKS, format_table, main, rows_for, run_verify, to_json
+from ._runner import (
+    BASE_ROWS,
+    CHECKS,
+    MAX_ROWS,
+    estimated_seconds,
+    format_table,
+    iter_verify,
+    rows_for,
+    run_verify,
+    to_json,
+)
 
 __all__ = [
     "BASE_ROWS",
     "CHECKS",
     "CHUNK_ELEMS",
+    "MAX_ROWS",
     "VerifyResult",
+    "estimated_seconds",
     "format_table",
-    "main",
+    "iter_verify",
     "rows_for",
     "run_verify",
     "to_json",
