@@ -172,9 +172,15 @@ def _curve_all_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
 
 def _curve_checkpoint(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-MULTI with ``n_cuts`` optimal cut points (dynamic programming)."""
-    if n_cuts is None or isinstance(n_cuts, bool) or int(n_cuts) != n_cuts or n_cuts < 0:
+    try:
+        ok = not isinstance(n_cuts, bool) and int(n_cuts) == n_cuts and n_cuts >= 0
+    except (TypeError, ValueError, OverflowError):  # None, NaN, inf, a string
+        ok = False
+    if not ok:
         raise ValueError(f"n_cuts must be a non-negative integer, got {n_cuts!r}")
-    g = _checkpoint_costs(p, xp, int(n_cuts))
+    # More than n - 1 cuts cannot lower the cost (every position is cut by then): cap the
+    # dynamic programming's rounds, so the cost is bounded by the input, not by n_cuts.
+    g = _checkpoint_costs(p, xp, min(int(n_cuts), max(0, p["d"].shape[-1] - 1)))
     log_g = xp.log(xp.where(g > 0, g, xp.ones_like(g)))
     log_g = xp.where(g > 0, log_g, neg_inf(xp, g))
     log_x = _shift_left(log_g, xp, -math.inf)  # top-k tail starts at 0-based position k
