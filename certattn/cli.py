@@ -83,9 +83,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _emit(text: str) -> None:
-    """Write ``text`` to stdout; a write error becomes :class:`_StdoutError`."""
+    """Write all of ``text`` to stdout; a write error becomes :class:`_StdoutError`.
+
+    Goes through the binary layer when there is one and loops over short writes: with
+    ``PYTHONUNBUFFERED=1`` the text layer sits on a raw file, and a short write (a pipe
+    whose reader went away) would otherwise lose the rest silently instead of failing.
+    """
+    out = sys.stdout
     try:
-        sys.stdout.write(text)
+        buf = getattr(out, "buffer", None)
+        if buf is None:
+            out.write(text)
+            return
+        out.flush()
+        view = memoryview(text.encode(out.encoding or "utf-8", out.errors or "strict"))
+        while view:
+            n = buf.write(view)
+            if n is None:  # a non-blocking stdout that is full
+                raise BlockingIOError(11, "stdout would block")
+            view = view[n:]
     except BrokenPipeError:
         raise
     except (OSError, ValueError) as exc:  # ValueError: stdout already closed
