@@ -77,25 +77,45 @@ def _check_npy_size(fh: BinaryIO, available: int, path: Path) -> None:
         )
 
 
-_ML_DTYPES = ("BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0", "F6_", "F4")
+_ML_DTYPES = ("BF16", "F8_", "F6_", "F4")
+_ML_NAMES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+             "F8_E8M0": "float8_e8m0fnu"}
 
 
-def _safetensors_dtypes(path: Path) -> set[str]:
-    """The dtype names in a ``.safetensors`` header (empty if it cannot be parsed)."""
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors of a ``.safetensors`` header (empty if it cannot be parsed)."""
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            return set()
+            return {}
         (size,) = struct.unpack("<Q", head)
-        if size > 100_000_000:  # safetensors' own limit; the reader reports it
-            return set()
+        if size > 100_000_000:  # safetensors' own limit; its reader reports it
+            return {}
         try:
             meta = json.loads(fh.read(size))
         except (UnicodeDecodeError, ValueError):
-            return set()
+            return {}
     if not isinstance(meta, dict):
-        return set()
-    return {str(v.get("dtype")) for v in meta.values() if isinstance(v, dict)}
+        return {}
+    return {k: v for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _read_ml_tensor(path: Path, info: dict) -> np.ndarray:
+    """A BF16/F8 tensor read directly (safetensors' NumPy reader lacks float8)."""
+    import ml_dtypes
+
+    dtype = np.dtype(getattr(ml_dtypes, _ML_NAMES[info["dtype"]]))
+    shape = tuple(int(d) for d in info["shape"])
+    start, stop = (int(v) for v in info["data_offsets"])
+    if stop - start != math.prod(shape) * dtype.itemsize or start < 0:
+        raise InputError(f"{path}: corrupt header (data offsets do not match the shape)")
+    with path.open("rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + size + start)
+        data = fh.read(stop - start)
+    if len(data) != stop - start:
+        raise InputError(f"{path}: truncated (tensor data ends early)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def _import_ml_dtypes() -> None:
@@ -153,9 +173,14 @@ def load_logits(path: str | os.PathLike[str], key: str | None = None) -> np.ndar
         if suffix == ".safetensors":
             from safetensors import safe_open
 
-            _need_ml_dtypes(p, _safetensors_dtypes(p))
+            header = _safetensors_header(p)
+            _need_ml_dtypes(p, {str(v.get("dtype")) for v in header.values()})
             with safe_open(str(p), framework="numpy") as st:
-                return np.asarray(st.get_tensor(_pick_name(list(st.keys()), key, p)))
+                name = _pick_name(list(st.keys()), key, p)
+                info = header.get(name, {})
+                if info.get("dtype") in _ML_NAMES:
+                    return _read_ml_tensor(p, info)
+                return np.asarray(st.get_tensor(name))
     except InputError:
         raise
     except ValueError as exc:
