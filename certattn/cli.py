@@ -213,14 +213,25 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     else:
         logits = load_logits(args.file, args.key)
         description, labels = f"file {args.file}" + (f" [{args.key}]" if args.key else ""), None
+    where = "built-in sample" if args.file is None else (
+        str(args.file) + (f" [{args.key}]" if args.key else ""))
     if logits.ndim == 0:
-        raise CLIError(f"{description}: a scalar has no key axis")
+        raise CLIError(f"{where}: a scalar has no key axis")
+    _check_float64_range(logits, where)
     n = int(logits.shape[-1])
     rows = math.prod(logits.shape[:-1])
     big = args.progress is not None or rows * max(n, 1) >= 20_000_000
-    with _progress_bar("certifying", rows, args.progress, auto=big) as bar:
-        cert = certify_topk(logits, eps, masked_rows=args.masked_rows,
-                            progress=None if bar is None else bar.update)
+    try:
+        with _progress_bar("certifying", rows, args.progress, auto=big) as bar:
+            cert = certify_topk(logits, eps, masked_rows=args.masked_rows,
+                                progress=None if bar is None else bar.update)
+    except ValueError as exc:  # the library's input checks: say which file, and the way out
+        if not (isinstance(exc, InputError) or _raised_by_certattn_check(exc)):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else "invalid logits"
+        if "fully masked" in msg and args.masked_rows == "error":
+            msg += " (--masked-rows skip gives such rows k = 0)"
+        raise CLIError(f"{where}: {msg}") from None
     k = np.asarray(cert.k)
     tail = np.asarray(cert.tail_mass)
     kl = np.asarray(cert.kl)
@@ -246,6 +257,21 @@ def _cmd_certify(args: argparse.Namespace) -> int:
         return 0
     _emit(_format_certify(description, cert, eps, labels))
     return 0
+
+
+def _check_float64_range(logits: np.ndarray, where: str) -> None:
+    """Refuse extended-precision logits beyond the float64 range.
+
+    The certificate is computed in float64; a long double beyond it would become
+    infinite there (the certificate stays sound but is no longer minimal, and NumPy warns).
+    """
+    if logits.dtype.kind != "f" or logits.dtype.itemsize <= 8 or logits.size == 0:
+        return
+    big = np.abs(logits[np.isfinite(logits)])
+    if big.size and big.max() > np.finfo(np.float64).max:
+        top = np.format_float_scientific(big.max(), precision=2)
+        raise CLIError(f"{where}: long double logits beyond the float64 range (largest |x| "
+                       f"= {top}) cannot be certified; certattn computes in float64")
 
 
 def _summary_row(label: str, k: np.ndarray, nv: np.ndarray, tail: np.ndarray) -> str:

@@ -512,3 +512,25 @@ def test_one_entry_point_and_python_dash_m():
     proc = subprocess.run([sys.executable, "-m", "certattn.verify", "--rows", "0"],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "--rows" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_long_double_beyond_float64_is_refused(tmp_path, capsys):
+    """Cast to float64 such logits become infinite: a sound but non-minimal k and NumPy
+    warnings.  Refused in one line; long doubles inside the range are certified."""
+    ld = np.longdouble
+    if np.finfo(ld).max <= np.finfo(np.float64).max:
+        pytest.skip("long double is float64 on this platform")
+    np.save(tmp_path / "far.npy", np.array([[ld("1e4000"), ld(0)]], dtype=ld))
+    code, _, err = run(capsys, "certify", str(tmp_path / "far.npy"))
+    assert code == 2 and "beyond the float64 range" in _one_error_line(err)
+    np.save(tmp_path / "near.npy", np.array([[ld(3), ld(0), ld(-1)]], dtype=ld))
+    code, out, err = run(capsys, "certify", str(tmp_path / "near.npy"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["k"] == [1]
+
+
+def test_library_errors_name_the_file_and_the_way_out(tmp_path, capsys):
+    np.save(tmp_path / "m.npy", np.array([[0.0, 1.0], [-np.inf, -np.inf]]))
+    code, _, err = run(capsys, "certify", str(tmp_path / "m.npy"))
+    line = _one_error_line(err)
+    assert code == 2 and str(tmp_path / "m.npy") in line and "--masked-rows skip" in line
