@@ -285,11 +285,10 @@ def test_broken_pipe_is_quiet(argv, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full on this system")
-@pytest.mark.parametrize("argv", [["certify"], ["budget", "--json"],
-                                  ["verify", "--rows", "5", "--only", "TV-TAIL", "--json"]])
-def test_dev_full_as_a_process(argv):
+def test_dev_full_as_a_process():
+    """The real thing once (the in-process test above covers every command)."""
     with open("/dev/full", "w") as full:
-        proc = subprocess.run([sys.executable, "-m", "certattn", *argv], stdout=full,
+        proc = subprocess.run([sys.executable, "-m", "certattn", "certify"], stdout=full,
                               stderr=subprocess.PIPE, text=True, check=False)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
