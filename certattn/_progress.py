@@ -1,11 +1,11 @@
 """The command line's one progress bar (``certattn certify``, ``budget`` and ``verify``).
 
 A :class:`Progress` draws one line on stderr, redrawn in place at most every 0.2 s:
-a label, a bar, ``done/total`` units, the elapsed time and, when the caller supplies a
-cost model (``weight``), an estimate of the time left.  It is off unless enabled, and
-:func:`progress_enabled` decides that the same way for every command: ``--quiet`` turns
-it off, ``--progress`` on, otherwise it is on when stderr is a terminal (or the
-environment sets ``CERTATTN_PROGRESS=1``).
+a label, a bar, ``done/total`` units, the elapsed time and, when the caller sets ``eta``
+from a cost model (``certattn verify`` does), an estimate of the time left.  It is off
+unless enabled, and :func:`progress_enabled` decides that the same way for every
+command: ``--quiet`` turns it off, ``--progress`` on, otherwise it is on when stderr is a
+terminal (or the environment sets ``CERTATTN_PROGRESS=1``).
 """
 
 from __future__ import annotations
