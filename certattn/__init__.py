@@ -145,8 +145,8 @@ __all__ = [
 # Submodules named in the README, reachable as attributes without slowing `import certattn`
 # (imported on first use; none of them is needed by the core above).
 _LAZY = frozenset(
-    {"budget", "gaussian", "gaussian_mc", "geometry", "io", "models", "plots", "reproduce",
-     "theorems", "verify"}
+    {"budget", "cli", "corpus", "errors", "gaussian", "gaussian_mc", "geometry", "io",
+     "models", "plots", "reproduce", "theorems", "verify"}
 )
 
 

@@ -62,11 +62,11 @@ def namespace(*arrays: Any) -> tuple[ModuleType, Any]:
     try:
         xp = compat.array_namespace(*arrs)
     except TypeError as exc:
-        raise ValueError(f"inputs mix array libraries: {exc}") from None
+        raise InputError(f"inputs mix array libraries: {exc}") from None
     dev = compat.device(arrs[0])
     for a in arrs[1:]:
         if compat.device(a) != dev:
-            raise ValueError(f"inputs live on different devices: {dev} and {compat.device(a)}")
+            raise InputError(f"inputs live on different devices: {dev} and {compat.device(a)}")
     return xp, dev
 
 
@@ -94,7 +94,7 @@ def as_float_array(x: Any, *, name: str = "input") -> tuple[Array, ModuleType, A
         try:
             x = np.asarray(x)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"{name} is not an array of numbers: {exc}") from None
+            raise InputError(f"{name} is not an array of numbers: {exc}") from None
     xp, dev = namespace(x)
     dtype = x.dtype
     if is_numpy(xp):

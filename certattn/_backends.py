@@ -29,10 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ADAPTERS",
     "BACKENDS",
     "CAPABILITIES",
     "Backend",
     "Capability",
+    "adapter",
     "backend_of",
     "capability_markdown",
     "nan_propagates_through_max",
@@ -118,6 +120,24 @@ def verify_backends() -> list[str]:
     return [b.name for b in BACKENDS if b.verify]
 
 
+ADAPTERS = {"dask": "certattn._dask"}
+"""Lazy backends: the module holding ``<function>_dask`` adapters, imported by name on
+first use (the core never imports it, so the import graph stays a DAG)."""
+
+
+def adapter(function: str, *arrays: Any) -> Callable[..., Any] | None:
+    """The lazy-backend adapter of ``function`` for ``arrays``, or None (compute eagerly).
+
+    Today: dask arrays go to ``certattn._dask.<function>_dask`` (blockwise, lazy).
+    """
+    import array_api_compat as compat
+
+    if any(compat.is_dask_array(a) for a in arrays):
+        module = importlib.import_module(ADAPTERS["dask"])
+        return getattr(module, f"{function}_dask")
+    return None
+
+
 def load(backend: Backend) -> Any | None:
     """The backend's module, or None when it is not installed (or fails to import)."""
     try:
@@ -132,15 +152,16 @@ class Capability:
 
     kind: str
     note: str = ""
+    dask: bool = False
 
 
 _N = Capability("native")
 _H = Capability("host")
 CAPABILITIES: dict[str, Capability] = {
     # certificates
-    "certify_topk": Capability("native", "NumPy: threaded bracket kernel; others: sort"),
-    "certify_topp": Capability("native", "as certify_topk"),
-    "certify_kept": _N,
+    "certify_topk": Capability("native", "NumPy: threaded bracket kernel; others: sort", True),
+    "certify_topp": Capability("native", "as certify_topk", True),
+    "certify_kept": Capability("native", "", True),
     "certify_scores": Capability("native", "the Search policy runs on the host"),
     "certify_attention": Capability("native", "the Search policy runs on the host"),
     "certified_search": Capability("host", "cell trees and schedules in NumPy"),
@@ -181,11 +202,12 @@ CAPABILITIES: dict[str, Capability] = {
 def capability_markdown() -> str:
     """The README table: one row per function, one column per backend."""
     names = [b.name for b in BACKENDS if b.name != "numpy"]
-    head = "| function | " + " | ".join(names) + " | note |"
-    rule = "|---|" + "---|" * len(names) + "---|"
+    head = "| function | " + " | ".join(names) + " | dask | note |"
+    rule = "|---|" + "---|" * (len(names) + 1) + "---|"
     word = {"native": "native", "host": "host round trip", "numpy": "NumPy only"}
     rows = [
-        f"| `{fn}` | " + " | ".join(word[cap.kind] for _ in names) + f" | {cap.note} |"
+        f"| `{fn}` | " + " | ".join(word[cap.kind] for _ in names)
+        + f" | {'lazy, blockwise' if cap.dask else '-'} | {cap.note} |"
         for fn, cap in CAPABILITIES.items()
     ]
     return "\n".join([head, rule, *rows])

@@ -634,7 +634,7 @@ def certify_store(
     if summary.masked:
         print(f"{summary.masked} fully masked rows skipped")
     print()
-    print("| rows | count | mean n | mean k | mean k/n | reduction n/k | max tail mass |")
+    print("| rows | count | mean n | mean k | mean k/n | reduction n/k | max tail bound |")
     print("|---|---|---|---|---|---|---|")
     print(summary.row("all"))
     return 0

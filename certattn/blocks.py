@@ -46,7 +46,7 @@ import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of, namespace
 from ._fp import NORMAL_MIN, lse, margin, neg_inf, ratio_log, round_down, round_up, score_margin
-from ._validate import check_eps, first_bad_position
+from ._validate import InputError, check_eps, first_bad_position
 
 __all__ = [
     "BlockScoreBounds",
@@ -129,20 +129,20 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
     n = xp.astype(n, xp.float64)
     lo, up, n = xp.broadcast_arrays(lo, up, n)
     if lo.ndim == 0:
-        raise ValueError("block bounds need a block axis")
+        raise InputError("block bounds need a block axis")
     if axis not in (-1, lo.ndim - 1):
         lo, up, n = (xp.moveaxis(a, axis, -1) for a in (lo, up, n))
     for name, a in (("lower", lo), ("upper", up), ("sizes", n)):
         bad = xp.isnan(a) | (a == xp.inf)
         if bool(xp.any(bad)):
-            raise ValueError(f"{name} contain NaN or +inf at {first_bad_position(bad)}")
+            raise InputError(f"{name} contain NaN or +inf at {first_bad_position(bad)}")
     if bool(xp.any(n < 0)) or bool(xp.any(n != xp.round(n))):
-        raise ValueError("sizes must be non-negative integers")
+        raise InputError("sizes must be non-negative integers")
     valid = (n > 0) & (up > -xp.inf)
     if bool(xp.any(valid & (lo > up))):
-        raise ValueError(f"lower > upper at block {first_bad_position(valid & (lo > up))}")
+        raise InputError(f"lower > upper at block {first_bad_position(valid & (lo > up))}")
     if bool(xp.any(~xp.any(valid, axis=-1))):
-        raise ValueError("a row has no non-empty block with a finite upper bound")
+        raise InputError("a row has no non-empty block with a finite upper bound")
     logn = xp.log(xp.where(valid, n, xp.ones_like(n)))
     # Shift by the largest upper bound *before* adding log n: log n + u would lose log n
     # entirely next to a huge |u| (log 4 - 1e300 == -1e300), beyond any margin taken on
@@ -194,7 +194,7 @@ def block_tail_bounds(
     a, b, _, valid, xp = _block_inputs(lower, upper, sizes, axis)
     kept = asarray_on(kept, xp=xp, device=device_of(a))
     if kept.dtype != xp.bool:
-        raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+        raise InputError(f"kept must be a boolean mask, got dtype {kept.dtype}")
     kept = xp.broadcast_to(
         kept if axis in (-1, kept.ndim - 1) else xp.moveaxis(kept, axis, -1), a.shape
     )
@@ -213,7 +213,7 @@ def greedy_block_set(
     """
     eps = check_eps(eps)
     if cost not in ("keys", "blocks"):
-        raise ValueError(f"cost must be 'keys' or 'blocks', got {cost!r}")
+        raise InputError(f"cost must be 'keys' or 'blocks', got {cost!r}")
     a, b, n, valid, xp = _block_inputs(lower, upper, sizes, axis)
     dev = device_of(a)
     nb = int(a.shape[-1])
@@ -284,12 +284,12 @@ def key_block_bounds(
 
     xp, dev = namespace(q, keys)
     if keys.ndim != 2:
-        raise ValueError(f"keys must be (n, d), got shape {tuple(keys.shape)}")
+        raise InputError(f"keys must be (n, d), got shape {tuple(keys.shape)}")
     n, d = (int(s) for s in keys.shape)
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        raise InputError(f"block_size must be a positive integer, got {block_size!r}")
     if kind not in ("box", "ball", "both"):
-        raise ValueError(f"kind must be 'box', 'ball' or 'both', got {kind!r}")
+        raise InputError(f"kind must be 'box', 'ball' or 'both', got {kind!r}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     bs = int(block_size)
     nb = -(-n // bs)

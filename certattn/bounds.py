@@ -69,7 +69,7 @@ from ._fp import (
     ratio_log,
     round_up,
 )
-from ._validate import check_eps, valid_rows
+from ._validate import InputError, check_eps, valid_rows
 from .kept import shift_rows
 
 __all__ = [
@@ -196,9 +196,15 @@ def _curve_all_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
 
 def _curve_checkpoint(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-MULTI with ``n_cuts`` optimal cut points (dynamic programming)."""
-    if n_cuts is None or isinstance(n_cuts, bool) or int(n_cuts) != n_cuts or n_cuts < 0:
-        raise ValueError(f"n_cuts must be a non-negative integer, got {n_cuts!r}")
-    g = _checkpoint_costs(p, xp, int(n_cuts))
+    try:
+        ok = not isinstance(n_cuts, bool) and int(n_cuts) == n_cuts and n_cuts >= 0
+    except (TypeError, ValueError, OverflowError):  # None, NaN, inf, a string
+        ok = False
+    if not ok:
+        raise InputError(f"n_cuts must be a non-negative integer, got {n_cuts!r}")
+    # More than n - 1 cuts cannot lower the cost (every position is cut by then): cap the
+    # dynamic programming's rounds, so the cost is bounded by the input, not by n_cuts.
+    g = _checkpoint_costs(p, xp, min(int(n_cuts), max(0, p["d"].shape[-1] - 1)))
     log_g = xp.log(xp.where(g > 0, g, xp.ones_like(g)))
     log_g = xp.where(g > 0, log_g, neg_inf(xp, g))
     log_x = _shift_left(log_g, xp, -math.inf)  # top-k tail starts at 0-based position k
@@ -287,9 +293,9 @@ def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array
     """Sound upper bounds for every k = 1..n (column k - 1) and ``n_valid``."""
     bound = _bound_name(bound)
     if bound not in _CURVES:
-        raise ValueError(f"bound must be one of {TAIL_BOUNDS}, got {bound!r}")
+        raise InputError(f"bound must be one of {TAIL_BOUNDS}, got {bound!r}")
     if bound != "optimal_cuts" and n_cuts is not None:
-        raise ValueError("n_cuts is only used by bound='optimal_cuts'")
+        raise InputError("n_cuts is only used by bound='optimal_cuts'")
     x, n_valid, xp, _ = valid_rows(logits, axis)
     p = _sorted_parts(x, n_valid, xp)
     log_b = _CURVES[bound](p, xp, n_cuts)
@@ -299,16 +305,16 @@ def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array
 
 def _k_index(k: Any, batch: tuple[int, ...], n: int, xp: Any, dev: Any) -> Array:
     if isinstance(k, bool):
-        raise ValueError(f"k must be a positive integer or integer array, got {k!r}")
+        raise InputError(f"k must be a positive integer or integer array, got {k!r}")
     if isinstance(k, int | np.integer):
         k_arr = xp.full(batch, int(k), dtype=xp.int64, device=dev)
     else:
         k_arr = asarray_on(k, xp=xp, device=dev)
         if not xp.isdtype(k_arr.dtype, "integral"):
-            raise ValueError(f"k must hold integers, got dtype {k_arr.dtype}")
+            raise InputError(f"k must hold integers, got dtype {k_arr.dtype}")
         k_arr = xp.broadcast_to(xp.astype(k_arr, xp.int64), batch)
     if bool(xp.any(k_arr < 1)) or bool(xp.any(k_arr > n)):
-        raise ValueError(f"k must lie in [1, {n}] (the key-axis length)")
+        raise InputError(f"k must lie in [1, {n}] (the key-axis length)")
     return k_arr
 
 

@@ -311,7 +311,7 @@ class CellTree:
         if kind == "both":
             r = _host_to(self.radius, xp, dev)
             return ball_box_score_upper(q, c, r, lo, hi, scale=scale)
-        raise ValueError(f"kind must be 'ball', 'box' or 'both', got {kind!r}")
+        raise InputError(f"kind must be 'ball', 'box' or 'both', got {kind!r}")
 
     def log_mass_upper(self, q: Array, upper: Array, *, scale: float | None = None) -> np.ndarray:
         """Log of a sound upper bound on ``sum_{k in node} exp(scale q.k)`` (BLOCK-MASS).
@@ -409,10 +409,10 @@ def _host_to(a: np.ndarray, xp: Any, dev: Any) -> Array:
 def _check_keys(keys: Any) -> np.ndarray:
     k = np.asarray(to_numpy(keys), dtype=np.float64)
     if k.ndim != 2 or k.shape[0] == 0 or k.shape[1] == 0:
-        raise ValueError(f"keys must be a non-empty (n, d) array, got shape {k.shape}")
+        raise InputError(f"keys must be a non-empty (n, d) array, got shape {k.shape}")
     if not np.all(np.isfinite(k)):
         bad = np.argwhere(~np.isfinite(k))[0]
-        raise ValueError(f"keys contain a non-finite value at key {bad[0]}, channel {bad[1]}")
+        raise InputError(f"keys contain a non-finite value at key {bad[0]}, channel {bad[1]}")
     return k
 
 
@@ -567,7 +567,7 @@ def kmeans_cells(keys: Array, n_cells: int | None = None, *, seed: int = 0) -> C
     n = k.shape[0]
     c = math.ceil(math.sqrt(n)) if n_cells is None else int(n_cells)
     if c < 1:
-        raise ValueError(f"n_cells must be >= 1, got {c}")
+        raise InputError(f"n_cells must be >= 1, got {c}")
     labels = _kmeans_labels(k, c, seed)
     groups = [(np.flatnonzero(labels == j), []) for j in range(int(labels.max()) + 1)]
     return _build(k, groups)
@@ -616,7 +616,7 @@ def cell_tree(
     """
     k = _check_keys(keys)
     if branching < 2 or leaf_size < 1:
-        raise ValueError("branching must be >= 2 and leaf_size >= 1")
+        raise InputError("branching must be >= 2 and leaf_size >= 1")
     rng_counter = [0]
 
     def split(members: np.ndarray) -> list[tuple[np.ndarray, list[Any]]]:

@@ -1,61 +1,202 @@
 """The ``certattn`` command line: a thin layer over the library.
 
-Every failure the user can cause (bad numbers, bad files, bad options) prints one line
-``certattn: error: ...`` on stderr and exits with status 2; no traceback.
+Every failure the user can cause (bad numbers, bad files, bad options, an output that
+cannot be written) prints one line ``certattn: error: ...`` on stderr and exits with
+status 2; no traceback.  A closed pipe on stdout (``certattn ... | head``) ends the
+command quietly with status 1.  Ctrl-C exits with 130 and SIGTERM (during ``verify``)
+with 143, ``verify`` first printing the checks that finished.  Any other exception is a
+bug: it keeps its traceback (status 1).
+
+Which errors count as the user's: :class:`~certattn.errors.InputError` (the library's
+input validation, a ``ValueError``), :class:`CLIError` (this module's), and, until every
+validating function raises ``InputError``, a ``ValueError`` raised by a ``raise``
+statement of certattn's own code (a deliberate check, not a failure deep in NumPy).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import math
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import IO, Any, NoReturn
 
 import numpy as np
 
-__all__ = ["main"]
+from .errors import InputError
+
+__all__ = ["CLIError", "main"]
 
 EXIT_USAGE = 2
+EXIT_PIPE = 1
+EXIT_INTERRUPT = 130
+EXIT_TERM = 143
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-class CLIError(Exception):
+class CLIError(InputError):
     """A problem to report in one line, with exit status 2."""
+
+
+class _Exit(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (``verify`` turns it into a partial report and status 143)."""
+
+
+class _StdoutError(Exception):
+    """Writing to stdout failed (full disk, closed stream)."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, no usage dump
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        if message:
+            _write_err(message.rstrip("\n"))
+        raise _Exit(status)
 
-def _progress(total_rows: int, n: int) -> Callable[[int, int], None] | None:
-    """A progress bar on stderr for long inputs on a terminal (or CERTATTN_PROGRESS=1)."""
-    forced = os.environ.get("CERTATTN_PROGRESS", "") == "1"
-    if total_rows * n < 20_000_000 and not forced:
-        return None
-    if not (sys.stderr.isatty() or forced):
-        return None
+    def _print_message(self, message: str, file: IO[str] | None = None) -> None:
+        if message:
+            if file is None or file is sys.stdout:
+                _emit(message)
+            else:
+                _write_err(message.rstrip("\n"))
 
-    def show(done: int, total: int) -> None:
-        width = 30
-        filled = int(width * done / max(total, 1))
-        bar = "#" * filled + "-" * (width - filled)
-        end = "\n" if done >= total else ""
-        print(f"\rcertifying [{bar}] {done}/{total} rows", end=end, file=sys.stderr, flush=True)
 
-    return show
+# --------------------------------------------------------------------------
+# Output
+# --------------------------------------------------------------------------
+
+
+def _emit(text: str) -> None:
+    """Write all of ``text`` to stdout; a write error becomes :class:`_StdoutError`.
+
+    Goes through the binary layer when there is one and loops over short writes: with
+    ``PYTHONUNBUFFERED=1`` the text layer sits on a raw file, and a short write (a pipe
+    whose reader went away) would otherwise lose the rest silently instead of failing.
+    """
+    out = sys.stdout
+    try:
+        buf = getattr(out, "buffer", None)
+        if buf is None:
+            out.write(text)
+            return
+        out.flush()
+        view = memoryview(text.encode(out.encoding or "utf-8", out.errors or "strict"))
+        while view:
+            n = buf.write(view)
+            if n is None:  # a non-blocking stdout that is full
+                raise BlockingIOError(11, "stdout would block")
+            view = view[n:]
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:  # ValueError: stdout already closed
+        raise _StdoutError(exc) from None
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise _StdoutError(exc) from None
+
+
+def _write_err(line: str) -> None:
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # stderr gone too: nothing left to tell
+        pass
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that exit-time flushing stays quiet."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError, AttributeError):  # no real descriptor (e.g. capsys)
+        pass
+
+
+def _check_out_file(text: str, option: str = "--out") -> Path:
+    """The output file named by ``option``, checked before any long computation."""
+    if not text:
+        raise CLIError(f"{option} needs a file name, got ''")
+    p = Path(text)
+    if p.is_dir():
+        raise CLIError(f"cannot write {p}: is a directory")
+    parent = p.parent
+    if not parent.exists():
+        raise CLIError(f"cannot write {p}: no such directory {parent}")
+    if not parent.is_dir():
+        raise CLIError(f"cannot write {p}: {parent} is not a directory")
+    return p
+
+
+def _write_file(p: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write exactly the file ``p`` (no suffix added); OSError becomes one line."""
+    try:
+        with p.open("wb") as fh:
+            write(fh)
+    except OSError as exc:
+        raise CLIError(f"cannot write {p}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def _progress_bar(
+    label: str, total: int, flag: bool | None, *, auto: bool = True
+) -> Iterator[Any]:
+    """A :class:`~certattn._progress.Progress` (or None when off), erased at the end."""
+    from ._progress import Progress, progress_enabled
+
+    bar = Progress(label, total) if auto and progress_enabled(flag) else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _parse_eps(text: str) -> float:
-    from ._validate import check_eps
-
     try:
-        return check_eps(float(text))
+        eps = float(text)
     except ValueError:
-        raise CLIError(f"--eps must be a number in [0, 1), got {text!r}") from None
+        eps = math.nan
+    if not 0.0 <= eps < 1.0:
+        raise CLIError(f"--eps must be a number in [0, 1), got {text!r}")
+    return eps
+
+
+def _int_option(name: str, lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]``, else one clear line."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {lo:,} to {hi:,}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
@@ -68,6 +209,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
         return certify_store(args.file, eps, key=args.key, out=args.out, as_json=args.json,
                              masked_rows=args.masked_rows)
+    out = _check_out_file(args.out) if args.out is not None else None
     if args.file is None:
         if args.key is not None:
             raise CLIError("--key needs a FILE")
@@ -76,25 +218,34 @@ def _cmd_certify(args: argparse.Namespace) -> int:
     else:
         logits = load_logits(args.file, args.key)
         description, labels = f"file {args.file}" + (f" [{args.key}]" if args.key else ""), None
+    where = "built-in sample" if args.file is None else (
+        str(args.file) + (f" [{args.key}]" if args.key else ""))
     if logits.ndim == 0:
-        raise CLIError(f"{description}: a scalar has no key axis")
-    n = int(logits.shape[-1]) if logits.ndim else 0
+        raise CLIError(f"{where}: a scalar has no key axis")
+    _check_float64_range(logits, where)
+    n = int(logits.shape[-1])
     rows = math.prod(logits.shape[:-1])
-    cert = certify_topk(
-        logits, eps, masked_rows=args.masked_rows, progress=_progress(rows, max(n, 1))
-    )
+    big = args.progress is not None or rows * max(n, 1) >= 20_000_000
+    try:
+        with _progress_bar("certifying", rows, args.progress, auto=big) as bar:
+            cert = certify_topk(logits, eps, masked_rows=args.masked_rows,
+                                progress=None if bar is None else bar.update)
+    except ValueError as exc:  # the library's input checks: say which file, and the way out
+        if not (isinstance(exc, InputError) or _raised_by_certattn_check(exc)):
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else "invalid logits"
+        if "fully masked" in msg and args.masked_rows == "error":
+            msg += " (--masked-rows skip gives such rows k = 0)"
+        raise CLIError(f"{where}: {msg}") from None
     k = np.asarray(cert.k)
     tail = np.asarray(cert.tail_upper)
     kl = np.asarray(cert.kl_upper)
-    if args.out is not None:
-        out = Path(args.out)
-        try:
-            np.savez(
-                out, k=k, tail_upper=tail, kl_upper=kl, n_valid=np.asarray(cert.n_valid),
-                masked=np.asarray(cert.masked), eps=np.float64(eps), n=np.int64(n),
-            )
-        except OSError as exc:
-            raise CLIError(f"cannot write {out}: {exc.strerror or exc}") from None
+    if out is not None:
+        arrays = {
+            "k": k, "tail_upper": tail, "kl_upper": kl, "n_valid": np.asarray(cert.n_valid),
+            "masked": np.asarray(cert.masked), "eps": np.float64(eps), "n": np.int64(n),
+        }
+        _write_file(out, lambda fh: np.savez(fh, **arrays))
     if args.json:
         doc = {
             "source": description,
@@ -107,78 +258,127 @@ def _cmd_certify(args: argparse.Namespace) -> int:
             "n_valid": np.asarray(cert.n_valid).ravel().tolist(),
             "masked": np.asarray(cert.masked).ravel().tolist(),
         }
-        json.dump(doc, sys.stdout)
-        sys.stdout.write("\n")
+        _emit(json.dumps(doc) + "\n")
         return 0
-    _print_table(description, cert, eps, labels)
+    _emit(_format_certify(description, cert, eps, labels))
     return 0
+
+
+def _check_float64_range(logits: np.ndarray, where: str) -> None:
+    """Refuse extended-precision logits beyond the float64 range.
+
+    The certificate is computed in float64; a long double beyond it would become
+    infinite there (the certificate stays sound but is no longer minimal, and NumPy warns).
+    """
+    if logits.dtype.kind != "f" or logits.dtype.itemsize <= 8 or logits.size == 0:
+        return
+    big = np.abs(logits[np.isfinite(logits)])
+    if big.size and big.max() > np.finfo(np.float64).max:
+        top = np.format_float_scientific(big.max(), precision=2)
+        raise CLIError(f"{where}: long double logits beyond the float64 range (largest |x| "
+                       f"= {top}) cannot be certified; certattn computes in float64")
 
 
 def _summary_row(label: str, k: np.ndarray, nv: np.ndarray, tail: np.ndarray) -> str:
     if k.size == 0:
         return f"| {label} | 0 | - | - | - | - | - |"
-    ratio = k / nv
+    k64, nv64 = k.astype(np.float64), nv.astype(np.float64)
+    ratio = k64 / nv64
     return (
-        f"| {label} | {k.size} | {nv.mean():.1f} | {k.mean():.2f} | {ratio.mean():.3f} "
-        f"| {(nv.sum() / k.sum()):.2f}x | {tail.max():.3g} |"
+        f"| {label} | {k.size} | {nv64.mean():.1f} | {k64.mean():.2f} | {ratio.mean():.3f} "
+        f"| {(nv64.sum() / k64.sum()):.2f}x | {float(tail.max()):.3g} |"
     )
 
 
-def _print_table(description: str, cert: Any, eps: float, labels: np.ndarray | None) -> None:
+def _format_certify(description: str, cert: Any, eps: float, labels: np.ndarray | None) -> str:
     k = np.asarray(cert.k).ravel()
     nv = np.asarray(cert.n_valid).ravel()
     tail = np.asarray(cert.tail_upper).ravel()
     keep = ~np.asarray(cert.masked).ravel()
-    print(f"certattn certify: {description}")
-    print(f"eps = {eps:g} (TV budget; KL(P_hat||P) <= {-math.log1p(-eps):.4g}), key axis n = "
-          f"{cert.n}; k is the certified minimal Top-k per row (sound in exact arithmetic)")
+    lines = [
+        f"certattn certify: {description}",
+        f"eps = {eps:g} (TV budget; KL(P_hat||P) <= {-math.log1p(-eps):.4g}), key axis n = "
+        f"{cert.n}; k is the certified minimal Top-k per row (sound in exact arithmetic)",
+    ]
     if (~keep).any():
-        print(f"{int((~keep).sum())} fully masked rows skipped")
-    print()
-    print("| rows | count | mean n | mean k | mean k/n | reduction n/k | max tail mass |")
-    print("|---|---|---|---|---|---|---|")
+        lines.append(f"{int((~keep).sum())} fully masked rows skipped")
+    lines += [
+        "",
+        "| rows | count | mean n | mean k | mean k/n | reduction n/k | max tail bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
     if labels is not None:
         lab = np.asarray(labels).ravel()
         for value in np.unique(lab):
             sel = keep & (lab == value)
-            print(_summary_row(f"layer {value}", k[sel], nv[sel], tail[sel]))
-    print(_summary_row("all", k[keep], nv[keep], tail[keep]))
+            lines.append(_summary_row(f"layer {value}", k[sel], nv[sel], tail[sel]))
+    lines.append(_summary_row("all", k[keep], nv[keep], tail[keep]))
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While active (main thread only), SIGTERM raises :class:`_Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .theorems import THEOREMS
-    from .verify import format_table, run_verify, to_json
+    from .verify import format_table, iter_verify, to_json
 
     known = {t.id for t in THEOREMS}
     unknown = [i for i in args.only or () if i not in known]
     if unknown:
         raise CLIError(f"unknown theorem id {', '.join(unknown)} (see docs/theorems.md)")
-    if args.rows is not None and args.rows < 1:
-        raise CLIError(f"--rows must be at least 1, got {args.rows}")
     if args.backend == "cupy":
         try:
             import cupy  # noqa: F401
         except Exception as exc:  # ImportError, or a CUDA error at import time
             raise CLIError(f"--backend cupy needs CuPy and a CUDA GPU ({exc})") from None
-    results = run_verify(args.rows, backend=args.backend, seed=args.seed, ids=args.only)
+    wanted = list(args.only) if args.only else [t.id for t in THEOREMS]
+    results = []
+    status = None
+    with _sigterm_raises():
+        try:
+            for r in iter_verify(args.rows, backend=args.backend, seed=args.seed,
+                                 ids=wanted, progress=args.progress):
+                results.append(r)
+        except KeyboardInterrupt:
+            status = EXIT_INTERRUPT
+        except _Terminated:
+            status = EXIT_TERM
     if args.json:
-        json.dump(to_json(results), sys.stdout, indent=1)
-        sys.stdout.write("\n")
+        _emit(json.dumps(to_json(results), indent=1) + "\n")
     else:
-        sys.stdout.write(format_table(results))
+        _emit(format_table(results))
+    if status is not None:
+        if not args.json:
+            _emit(f"interrupted: {len(results)} of {len(wanted)} checks finished\n")
+        _flush_stdout()
+        _write_err(f"certattn: interrupted after {len(results)} of {len(wanted)} checks")
+        return status
     return 0 if all(r.passed for r in results) else 1
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    out = Path(args.out)
     if args.what == "gaussian":
         from .plots.gaussian import save_gaussian_figures
 
-        paths = save_gaussian_figures(out, quick=args.quick)
+        paths = save_gaussian_figures(args.out, quick=args.quick)
     else:  # pragma: no cover - argparse restricts choices
         raise CLIError(f"unknown plot {args.what!r}")
-    for p in paths:
-        print(p)
+    _emit("".join(f"{p}\n" for p in paths))
     return 0
 
 
@@ -186,6 +386,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     from .budget import budget_for_model
 
     eps = _parse_eps(args.eps)
+    out = _check_out_file(args.out) if args.out is not None else None
     text = args.text
     if args.text_file is not None:
         if text is not None:
@@ -197,7 +398,9 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     try:
         coverage = float(args.coverage)
     except ValueError:
-        raise CLIError(f"--coverage must be a number in (0, 1], got {args.coverage!r}") from None
+        coverage = math.nan
+    if not 0.0 < coverage <= 1.0:
+        raise CLIError(f"--coverage must be a number in (0, 1], got {args.coverage!r}")
     if args.dask is not None and args.texts is None:
         raise CLIError("--dask needs --texts (a corpus)")
     if args.texts is not None:  # a corpus: one task per document on dask.distributed
@@ -210,16 +413,15 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             coverage=coverage, client=args.dask or "local", source=f"corpus {args.texts}",
         )
     else:
-        table = budget_for_model(
-            args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
-            progress=_progress(10**9, 1) if not args.json else None,
-        )
-    if args.out is not None:
-        try:
-            table.write_json(args.out)
-        except OSError as exc:
-            raise CLIError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    print(table.to_json() if args.json else table.to_markdown())
+        with _progress_bar("budget", 1, args.progress) as bar:
+            table = budget_for_model(
+                args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
+                progress=None if bar is None else bar.update,
+            )
+    doc = table.to_json()
+    if out is not None:
+        _write_file(out, lambda fh: fh.write((doc + "\n").encode("utf-8")))
+    _emit((doc if args.json else table.to_markdown()) + "\n")
     return 0
 
 
@@ -232,13 +434,31 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise CLIError(f"--models takes minilm and/or smollm2, got {args.models!r}")
     if args.tokens < 16:
         raise CLIError(f"--tokens must be at least 16, got {args.tokens}")
+    if not args.out:
+        raise CLIError("--out needs a folder name, got ''")
     summary = reproduce(args.out, models=models, smollm2_tokens=args.tokens, quick=args.quick)
-    print(summary.short_report())
+    _emit(summary.short_report() + "\n")
     return 0
+
+
+def _add_progress_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--progress", dest="progress", action="store_const", const=True,
+                   default=None, help=f"show a progress bar on stderr ({what})")
+    g.add_argument("--quiet", dest="progress", action="store_const", const=False,
+                   help="no progress bar")
+
+
+_VERIFY_TIMING = (
+    "On 2 CPU cores (NumPy, measured per check; an estimate): the default sizes take "
+    "about 40 s; --rows N takes about 80 s per 100,000 rows (1,000,000: about 14 min; "
+    "10,000,000, the most: about 2.3 h)."
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .verify import MAX_ROWS
 
     parser = _Parser(
         prog="certattn",
@@ -261,11 +481,12 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument("--key", help="array name inside an .npz or .safetensors file (or the "
                    "array path inside a zarr group)")
     c.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    c.add_argument("--out", help="also write k, tail_upper, kl_upper, ... to this .npz (for a "
-                   "directory input: to a directory of .npy files or a .zarr store, "
-                   "block by block)")
+    c.add_argument("--out", help="also write k, tail_upper, kl_upper, ... to exactly this file "
+                   "(NumPy .npz format; no suffix is added); for a directory input: a "
+                   "directory of .npy files or a .zarr store, written block by block")
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
+    _add_progress_options(c, "default: on a terminal, for inputs of 20M logits or more")
     c.set_defaults(func=_cmd_certify)
 
     b = sub.add_parser(
@@ -285,11 +506,12 @@ def _build_parser() -> argparse.ArgumentParser:
     b.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
     b.add_argument("--coverage", default="0.9", help="fraction of queries the fixed k covers")
     b.add_argument("--json", action="store_true", help="print JSON for an inference engine")
-    b.add_argument("--out", help="also write the JSON to this file")
+    b.add_argument("--out", help="also write the JSON to exactly this file")
     b.add_argument("--texts", metavar="FILE_OR_DIR", help="a corpus: one document per line of "
                    "FILE or per file of DIR; one dask task per document, pooled into one table")
     b.add_argument("--dask", metavar="ADDRESS", help="with --texts: 'local' (default: a local "
                    "cluster of this machine's cores) or a scheduler address, tcp://host:8786")
+    _add_progress_options(b, "default: on a terminal")
     b.set_defaults(func=_cmd_budget)
 
     r = sub.add_parser(
@@ -307,15 +529,19 @@ def _build_parser() -> argparse.ArgumentParser:
         help="check every registered theorem numerically on large random batches",
         description="For every theorem of the registry (docs/theorems.md), draw large batches "
         "of instances (ties, masks, extreme ranges, float16 included) and report the largest "
-        "violation against its tolerance. Exit status 1 if any check fails.",
+        "violation against its tolerance. Exit status 1 if any check fails; Ctrl-C (130) or "
+        "SIGTERM (143) prints the checks finished so far. " + _VERIFY_TIMING,
     )
-    v.add_argument("--rows", type=int, help="rows per row-based check (default: about a minute "
-                   "in all; other checks scale proportionally)")
+    v.add_argument("--rows", type=_int_option("--rows", 1, MAX_ROWS), metavar="N",
+                   help=f"rows per row-based check, 1 to {MAX_ROWS:,} (default: each check's "
+                   "own size; other checks scale proportionally). " + _VERIFY_TIMING)
     v.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
                    help="array library to run on (cupy: on the GPU)")
-    v.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    v.add_argument("--seed", type=_int_option("--seed", 0, 2**63 - 1), default=0,
+                   help="random seed (default 0)")
     v.add_argument("--json", action="store_true", help="print a JSON list of results")
     v.add_argument("--only", nargs="+", metavar="ID", help="check only these theorem ids")
+    _add_progress_options(v, "default: on a terminal; shows the estimated time left")
     v.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
@@ -326,24 +552,72 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``certattn`` console script."""
+def _raised_by_certattn_check(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from a ``raise`` statement in certattn's own code.
+
+    Transitional: such a ValueError is a deliberate input check of the library (until
+    every one raises :class:`~certattn.errors.InputError`); a ValueError raised inside
+    NumPy or the standard library is a bug and keeps its traceback.
+    """
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
     try:
-        parser = _build_parser()
-        args = parser.parse_args(argv)
-        return int(args.func(args))
-    except (CLIError, ValueError) as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-        print(f"certattn: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImportError as exc:
-        print(f"certattn: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        inside = Path(filename).resolve().is_relative_to(_PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
+    if not inside:
+        return False
+    lines = [linecache.getline(filename, tb.tb_lineno - i) for i in range(4)]
+    return any(line.lstrip().startswith("raise ") for line in lines)
+
+
+def _fail(message: str) -> int:
+    first = message.splitlines()[0] if message.strip() else "invalid input"
+    _write_err(f"certattn: error: {first}")
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``certattn`` console script; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+    """
+    try:
+        try:
+            args = _build_parser().parse_args(argv)
+            status = int(args.func(args))
+        except _Exit as exc:
+            status = exc.status
+        _flush_stdout()
+        return status
+    except BrokenPipeError:  # the reader went away (``certattn ... | head``): quietly
+        _drop_stdout()
+        return EXIT_PIPE
+    except _StdoutError as exc:
+        _drop_stdout()
+        cause = exc.args[0] if exc.args else exc
+        return _fail(f"cannot write to stdout: {getattr(cause, 'strerror', None) or cause}")
+    except InputError as exc:
+        return _fail(str(exc))
+    except ValueError as exc:
+        if not _raised_by_certattn_check(exc):
+            raise
+        return _fail(str(exc))
+    except ImportError as exc:  # an optional package that is not installed
+        return _fail(str(exc))
     except KeyboardInterrupt:
-        print("certattn: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+        _write_err("certattn: interrupted")
+        return EXIT_INTERRUPT
+    except _Terminated:
+        _write_err("certattn: terminated")
+        return EXIT_TERM
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -85,16 +85,16 @@ def topk_mask(logits: Any, k: Any, *, axis: int = -1) -> Array:
 
 def _kept_from(x: Array, xp: Any, kept: Any, k: Any) -> Array:
     if (kept is None) == (k is None):
-        raise ValueError("give exactly one of `kept` (a boolean mask) or `k` (a count)")
+        raise InputError("give exactly one of `kept` (a boolean mask) or `k` (a count)")
     if k is not None:
         return topk_mask(x, k)
     kept = kept if hasattr(kept, "dtype") else np.asarray(kept)
     if tuple(kept.shape) != tuple(x.shape):
-        raise ValueError(
+        raise InputError(
             f"kept mask has shape {tuple(kept.shape)} but logits have shape {tuple(x.shape)}"
         )
     if kept.dtype != xp.bool:
-        raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+        raise InputError(f"kept must be a boolean mask, got dtype {kept.dtype}")
     return kept
 
 
@@ -219,7 +219,7 @@ class Divergences:
         :math:`\hat P`, every Renyi divergence equals the KL (DIV-COROLLARIES).
         """
         if not (alpha > 0):
-            raise ValueError(f"Renyi order alpha must be > 0, got {alpha}")
+            raise InputError(f"Renyi order alpha must be > 0, got {alpha}")
         return self.kl
 
 
@@ -240,7 +240,7 @@ def truncation_divergences(
     empty = xp.max(head, axis=-1) == -xp.inf
     if bool(xp.any(empty)):
         where = f" in row {first_bad_position(empty)}" if empty.ndim else ""
-        raise ValueError(f"kept set holds no valid key{where}")
+        raise InputError(f"kept set holds no valid key{where}")
     tau = xp.exp(_lse_diff(xp.where(kept, -math.inf, x), x, xp))
     # KL = -log(1 - tau): from tau where the tail is small (no cancellation), from the
     # LSE difference LSE(all) - LSE(head) where it is large (1 - tau would cancel).

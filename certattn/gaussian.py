@@ -37,6 +37,7 @@ from typing import Any
 import array_api_compat as compat
 
 from certattn._array import as_float_array, log_ndtr, namespace, ndtr, ndtri, ndtri_exp
+from certattn.errors import InputError
 
 __all__ = [
     "discarded_mass",
@@ -63,8 +64,24 @@ Array = Any
 # --------------------------------------------------------------------------
 
 
-def _prepare(*values: Any) -> tuple[ModuleType, Any, Any, list[Array]]:
-    """Namespace, device, output dtype and float64 broadcast copies of ``values``."""
+def _prepare(
+    *values: Any, names: tuple[str, ...] = ()
+) -> tuple[ModuleType, Any, Any, list[Array]]:
+    """Namespace, device, output dtype and float64 broadcast copies of ``values``.
+
+    ``names`` name the arguments in the error raised for a value that is not real numbers
+    or that does not broadcast with the others.
+    """
+    names = names or tuple(f"argument {i + 1}" for i in range(len(values)))
+    for v, name in zip(values, names, strict=True):
+        if isinstance(v, bool | str | bytes) or (
+            not compat.is_array_api_obj(v) and not _real_like(v)
+        ):
+            raise InputError(f"{name} must be real numbers, got {v!r}"[:200])
+        if compat.is_array_api_obj(v):
+            xv = compat.array_namespace(v)
+            if not (xv.isdtype(v.dtype, "real floating") or xv.isdtype(v.dtype, "integral")):
+                raise InputError(f"{name} must be real numbers, got dtype {v.dtype}")
     xp, dev = namespace(*values)
     floats = [
         v.dtype
@@ -78,7 +95,27 @@ def _prepare(*values: Any) -> tuple[ModuleType, Any, Any, list[Array]]:
             conv.append(xp.astype(xp.asarray(v), xp.float64))
         else:
             conv.append(xp.asarray(v, dtype=xp.float64, device=dev))
-    return xp, dev, out_dtype, list(xp.broadcast_arrays(*conv))
+    try:
+        return xp, dev, out_dtype, list(xp.broadcast_arrays(*conv))
+    except ValueError:
+        shapes = ", ".join(f"{n} {tuple(c.shape)}" for n, c in zip(names, conv, strict=True))
+        raise InputError(f"the arguments do not broadcast together: {shapes}") from None
+
+
+def _real_like(v: Any) -> bool:
+    """A Python number or a (nested) sequence of them, no complex, bool or string."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int | float):
+        return True
+    if isinstance(v, list | tuple):
+        return all(_real_like(e) for e in v)
+    try:
+        import numpy as np
+
+        return np.asarray(v).dtype.kind in "iuf"
+    except Exception:
+        return False
 
 
 def _out(xp: ModuleType, x: Array, dtype: Any) -> Array:
@@ -87,7 +124,19 @@ def _out(xp: ModuleType, x: Array, dtype: Any) -> Array:
 
 def _check(xp: ModuleType, bad: Array, what: str) -> None:
     if bool(xp.any(bad)):
-        raise ValueError(what)
+        raise InputError(what)
+
+
+def _check_n(xp: ModuleType, n: Array) -> None:
+    _check(xp, xp.isnan(n) | xp.isinf(n) | (n < 1.0), "n must be finite and >= 1")
+
+
+def _check_finite(xp: ModuleType, x: Array, name: str) -> None:
+    _check(xp, xp.isnan(x) | xp.isinf(x), f"{name} must be finite")
+
+
+def _check_t(xp: ModuleType, t: Array) -> None:
+    _check(xp, xp.isnan(t), "t must not be NaN (+-inf are allowed thresholds)")
 
 
 def _check_sigma(xp: ModuleType, sigma: Array, *, positive: bool = False) -> None:
@@ -132,7 +181,8 @@ def tilted_normal(mu: Any, sigma: Any) -> tuple[Array, Array]:
     -------
     (mean, sd) : arrays, ``mu + sigma**2`` and ``sigma``.
     """
-    xp, _, dtype, (mu_, sig) = _prepare(mu, sigma)
+    xp, _, dtype, (mu_, sig) = _prepare(mu, sigma, names=("mu", "sigma"))
+    _check_finite(xp, mu_, "mu")
     _check_sigma(xp, sig)
     return _out(xp, mu_ + sig * sig, dtype), _out(xp, sig, dtype)
 
@@ -156,8 +206,10 @@ def discarded_mass(t: Any, sigma: Any, *, mu: Any = 0.0, log: bool = False) -> A
     log : bool
         Return :math:`\log\tau` (accurate where ``tau`` underflows).
     """
-    xp, _, dtype, (t_, sig, mu_) = _prepare(t, sigma, mu)
+    xp, _, dtype, (t_, sig, mu_) = _prepare(t, sigma, mu, names=("t", "sigma", "mu"))
     _check_sigma(xp, sig, positive=True)
+    _check_t(xp, t_)
+    _check_finite(xp, mu_, "mu")
     return _out(xp, _ndtr((t_ - mu_ - sig * sig) / sig, log=log), dtype)
 
 
@@ -169,8 +221,10 @@ def kept_fraction(t: Any, sigma: Any, *, mu: Any = 0.0, log: bool = False) -> Ar
 
     With ``log=True`` returns :math:`\log\rho`.
     """
-    xp, _, dtype, (t_, sig, mu_) = _prepare(t, sigma, mu)
+    xp, _, dtype, (t_, sig, mu_) = _prepare(t, sigma, mu, names=("t", "sigma", "mu"))
     _check_sigma(xp, sig, positive=True)
+    _check_t(xp, t_)
+    _check_finite(xp, mu_, "mu")
     return _out(xp, _ndtr((mu_ - t_) / sig, log=log), dtype)
 
 
@@ -191,7 +245,7 @@ def top_fraction_tail_mass(rho: Any, sigma: Any, *, log: bool = False) -> Array:
     log : bool
         Log space: ``rho`` is given as ``log rho`` and ``log tau`` is returned.
     """
-    xp, _, dtype, (r, sig) = _prepare(rho, sigma)
+    xp, _, dtype, (r, sig) = _prepare(rho, sigma, names=("rho", "sigma"))
     _check_prob(xp, r, "rho", log=log, upper_open=False)
     _check_sigma(xp, sig)
     return _out(xp, _ndtr(-(_ndtri(r, log=log) + sig), log=log), dtype)
@@ -215,7 +269,7 @@ def keps_fraction(eps: Any, sigma: Any, *, log: bool = False) -> Array:
     log : bool
         Log space: ``eps`` is given as ``log eps``, ``log(k_eps/n)`` is returned.
     """
-    xp, _, dtype, (e, sig) = _prepare(eps, sigma)
+    xp, _, dtype, (e, sig) = _prepare(eps, sigma, names=("eps", "sigma"))
     _check_prob(xp, e, "eps", log=log, upper_open=True)
     _check_sigma(xp, sig)
     return _out(xp, _ndtr(-(sig + _ndtri(e, log=log)), log=log), dtype)
@@ -230,7 +284,7 @@ def keps_sigma(rho: Any, eps: Any, *, log: bool = False) -> Array:
     For ``rho >= 1 - eps`` even uniform logits (``sigma = 0``) reach it and ``0`` is
     returned.  ``log=True``: ``rho`` and ``eps`` are given as logs.
     """
-    xp, _, dtype, (r, e) = _prepare(rho, eps)
+    xp, _, dtype, (r, e) = _prepare(rho, eps, names=("rho", "eps"))
     _check_prob(xp, r, "rho", log=log, upper_open=False)
     _check_prob(xp, e, "eps", log=log, upper_open=True)
     s = -_ndtri(r, log=log) - _ndtri(e, log=log)
@@ -257,7 +311,8 @@ def entropy_limit(n: Any, sigma: Any) -> Array:
     and ``E_P[s] = mu + sigma^2`` by GAUSS-TILT.)  Valid while the partition function
     concentrates; in nats.
     """
-    xp, _, dtype, (n_, sig) = _prepare(n, sigma)
+    xp, _, dtype, (n_, sig) = _prepare(n, sigma, names=("n", "sigma"))
+    _check_n(xp, n_)
     _check_sigma(xp, sig)
     return _out(xp, xp.log(n_) - 0.5 * sig * sig, dtype)
 
@@ -269,7 +324,8 @@ def participation_ratio_limit(n: Any, sigma: Any) -> Array:
 
     (``sum p_i^2 = sum e^{2 s_i} / Z^2 ~ n E e^{2s} / (n E e^s)^2 = e^{sigma^2}/n``.)
     """
-    xp, _, dtype, (n_, sig) = _prepare(n, sigma)
+    xp, _, dtype, (n_, sig) = _prepare(n, sigma, names=("n", "sigma"))
+    _check_n(xp, n_)
     _check_sigma(xp, sig)
     return _out(xp, n_ * xp.exp(-sig * sig), dtype)
 
@@ -288,16 +344,22 @@ def expected_tail_sum(n: Any, t: Any, sigma: Any, *, mu: Any = 0.0, log: bool = 
     Exact for every ``n`` (linearity of expectation; Theorem GAUSS-FINITE-N, [derived]).
     ``t = +inf`` gives :math:`E Z = n e^{\mu+\sigma^2/2}`.  ``log=True`` returns the log.
     """
-    xp, _, dtype, (n_, t_, sig, mu_) = _prepare(n, t, sigma, mu)
+    xp, _, dtype, (n_, t_, sig, mu_) = _prepare(n, t, sigma, mu, names=("n", "t", "sigma", "mu"))
+    _check_n(xp, n_)
     _check_sigma(xp, sig, positive=True)
+    _check_t(xp, t_)
+    _check_finite(xp, mu_, "mu")
     out = xp.log(n_) + mu_ + 0.5 * sig * sig + log_ndtr((t_ - mu_ - sig * sig) / sig)
     return _out(xp, out if log else xp.exp(out), dtype)
 
 
 def expected_kept_count(n: Any, t: Any, sigma: Any, *, mu: Any = 0.0) -> Array:
     r"""Exact :math:`E\,\#\{i : s_i \ge t\} = n \Phi_c((t-\mu)/\sigma)` (GAUSS-FINITE-N)."""
-    xp, _, dtype, (n_, t_, sig, mu_) = _prepare(n, t, sigma, mu)
+    xp, _, dtype, (n_, t_, sig, mu_) = _prepare(n, t, sigma, mu, names=("n", "t", "sigma", "mu"))
+    _check_n(xp, n_)
     _check_sigma(xp, sig, positive=True)
+    _check_t(xp, t_)
+    _check_finite(xp, mu_, "mu")
     return _out(xp, n_ * ndtr((mu_ - t_) / sig), dtype)
 
 
@@ -310,7 +372,8 @@ def partition_rel_sd(n: Any, sigma: Any) -> Array:
     terms.)  Small values mean the population limit applies; see
     :func:`certattn.gaussian_mc.gaussian_validity`.
     """
-    xp, _, dtype, (n_, sig) = _prepare(n, sigma)
+    xp, _, dtype, (n_, sig) = _prepare(n, sigma, names=("n", "sigma"))
+    _check_n(xp, n_)
     _check_sigma(xp, sig)
     return _out(xp, xp.sqrt(xp.expm1(sig * sig) / n_), dtype)
 
@@ -340,16 +403,16 @@ def estimate_sigma(logits: Any, *, axis: int = -1) -> tuple[Array, Array, Array]
     x, xp, _ = as_float_array(logits, name="logits")
     x = xp.astype(x, xp.float64)
     if x.ndim == 0:
-        raise ValueError("logits must have at least one axis")
+        raise InputError("logits must have at least one axis")
     x = xp.moveaxis(x, axis, -1)
     if bool(xp.any(xp.isnan(x))):
-        raise ValueError("logits contain NaN")
+        raise InputError("logits contain NaN")
     if bool(xp.any(x == xp.inf)):
-        raise ValueError("logits contain +inf (only -inf, a masked key, is allowed)")
+        raise InputError("logits contain +inf (only -inf, a masked key, is allowed)")
     valid = x > -xp.inf
     count = xp.sum(xp.astype(valid, xp.int64), axis=-1)
     if bool(xp.any(count == 0)):
-        raise ValueError("a row of logits is fully masked (all -inf)")
+        raise InputError("a row of logits is fully masked (all -inf)")
     zero = xp.zeros_like(x)
     nf = xp.astype(count, xp.float64)
     mu = xp.sum(xp.where(valid, x, zero), axis=-1) / nf
@@ -375,8 +438,12 @@ def predict_k(logits: Any, eps: float, *, axis: int = -1) -> Array:
     Array
         int64, the batch shape, in ``[1, n_valid]``, in the input's namespace and device.
     """
-    if not 0.0 <= float(eps) < 1.0:
-        raise ValueError(f"eps must lie in [0, 1), got {eps}")
+    try:
+        ok = not isinstance(eps, bool | str | bytes) and 0.0 <= float(eps) < 1.0
+    except (TypeError, ValueError):  # not a number (or an array of several)
+        ok = False
+    if not ok:
+        raise InputError(f"eps must be a number in [0, 1), got {eps!r}")
     _, sigma, count = estimate_sigma(logits, axis=axis)
     xp, _ = namespace(sigma)
     frac = keps_fraction(float(eps), sigma)

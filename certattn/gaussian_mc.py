@@ -19,12 +19,15 @@ Carlo error).
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from certattn.bounds import gap_bound
+from certattn.errors import InputError
 from certattn.gaussian import keps_fraction, partition_rel_sd
 from certattn.topk import certify_topk
 
@@ -78,7 +81,7 @@ def _sorted_normal_chunks(
 ) -> Iterator[np.ndarray]:
     """Chunks of i.i.d. standard normal rows of length ``n``, each row sorted ascending."""
     if n < 1 or rows < 1:
-        raise ValueError(f"n and rows must be >= 1, got n={n}, rows={rows}")
+        raise InputError(f"n and rows must be >= 1, got n={n}, rows={rows}")
     rng = np.random.default_rng(seed)
     per = max(1, int(max_elements) // n)
     done = 0
@@ -96,13 +99,44 @@ def _exact_keps(s_rows: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(cert.k), np.asarray(cert.tail_upper)
 
 
+def _real(x: object, name: str) -> np.ndarray:
+    try:
+        a = np.asarray(x)
+        if a.dtype.kind not in "iuf":
+            raise TypeError
+        return a.astype(np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be real numbers, got {x!r}"[:200]) from None
+
+
+def _count(x: object, name: str, *, minimum: int = 1) -> int:
+    """``x`` as an int ``>= minimum`` (bools, floats and NaN refused)."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        v = operator.index(x)
+    except TypeError:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {x!r}") from None
+    if v < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}, got {v}")
+    return v
+
+
+def _seed(seed: object) -> int | np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return _count(seed, "seed", minimum=0)
+
+
 def _grid(sigma: object, eps: object) -> tuple[np.ndarray, np.ndarray]:
-    s, e = np.broadcast_arrays(np.asarray(sigma, dtype=np.float64),
-                               np.asarray(eps, dtype=np.float64))
+    try:
+        s, e = np.broadcast_arrays(_real(sigma, "sigma"), _real(eps, "eps"))
+    except ValueError:
+        raise InputError("sigma and eps do not broadcast together") from None
     if np.any(~np.isfinite(s) | (s < 0)):
-        raise ValueError("sigma must be finite and >= 0")
+        raise InputError("sigma must be finite and >= 0")
     if np.any(~(e >= 0) | (e >= 1)):
-        raise ValueError("eps must lie in [0, 1)")
+        raise InputError("eps must lie in [0, 1)")
     return s, e
 
 
@@ -130,6 +164,8 @@ def monte_carlo_keps(
     >>> round(float(r.mean), 2), round(float(r.rule), 2)   # doctest: +SKIP
     (0.33, 0.25)
     """
+    n, rows = _count(n, "n"), _count(rows, "rows")
+    max_elements, seed = _count(max_elements, "max_elements"), _seed(seed)
     s, e = _grid(sigma, eps)
     flat_s, flat_e = s.ravel(), e.ravel()
     ks = np.empty((flat_s.size, rows), dtype=np.int64)
@@ -199,9 +235,17 @@ def gaussian_validity(
     sigma : array_like
         Score standard deviation (e.g. from :func:`certattn.gaussian.estimate_sigma`).
     """
-    n_, s = np.broadcast_arrays(np.asarray(n, dtype=np.float64), np.asarray(sigma, np.float64))
-    if np.any(~(n_ >= 2)):
-        raise ValueError("n must be >= 2")
+    try:
+        n_, s = np.broadcast_arrays(_real(n, "n"), _real(sigma, "sigma"))
+    except ValueError:
+        raise InputError("n and sigma do not broadcast together") from None
+    if np.any(~(n_ >= 2) | np.isinf(n_)):
+        raise InputError("n must be finite and >= 2")
+    if np.any(~np.isfinite(s) | (s < 0)):
+        raise InputError("sigma must be finite and >= 0")
+    for v, name in ((max_rel_sd, "max_rel_sd"), (max_sigma_ratio, "max_sigma_ratio")):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
+            raise InputError(f"{name} must be a finite number > 0, got {v!r}")
     ratio = s / np.sqrt(2.0 * np.log(n_))
     rel = np.asarray(partition_rel_sd(n_, s))
     return GaussianValidity(ratio, rel, (rel <= max_rel_sd) & (ratio <= max_sigma_ratio))
@@ -231,8 +275,9 @@ def single_gap_overshoot(
     numpy.ndarray
         Shape ``grid + (rows,)`` for the broadcast ``(sigma, eps)`` grid.
     """
+    n, rows = _count(n, "n"), _count(rows, "rows")
+    max_elements, seed = _count(max_elements, "max_elements"), _seed(seed)
     s, e = _grid(sigma, eps)
-    n = int(n)
     flat_s, flat_e = s.ravel(), e.ravel()
     out = np.empty((flat_s.size, rows))
     start = 0

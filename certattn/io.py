@@ -1,18 +1,26 @@
 """Reading logits from files, and the built-in sample.
 
 Formats: ``.npy``, ``.npz`` (one array, or the one named by ``key``) and
-``.safetensors`` (likewise).  Everything that can go wrong raises ``ValueError`` with
-the file name in the message, never a traceback from a third-party reader.
+``.safetensors`` (likewise; ``BF16`` and ``F8_*`` tensors need the small ``ml_dtypes``
+package, a dependency of certattn).  Everything that can go wrong raises
+:class:`~certattn.errors.InputError` (a ``ValueError``) with the file name in the
+message, never a traceback from a third-party reader.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
+
+from .errors import InputError
 
 __all__ = ["LogitsSource", "load_logits", "sample_logits"]
 
@@ -27,18 +35,105 @@ class LogitsSource:
     label_name: str = ""
 
 
-def _pick(arrays: dict[str, np.ndarray], key: str | None, path: Path) -> np.ndarray:
+def _pick_name(names: list[str], key: str | None, path: Path) -> str:
+    """The array to read: ``key``, or the only one; InputError otherwise."""
     if key is not None:
-        if key not in arrays:
-            names = ", ".join(sorted(arrays)) or "none"
-            raise ValueError(f"{path}: no array named {key!r} (arrays: {names})")
-        return arrays[key]
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    if not arrays:
-        raise ValueError(f"{path}: the file holds no arrays")
-    names = ", ".join(sorted(arrays))
-    raise ValueError(f"{path}: holds several arrays ({names}); choose one with --key")
+        if key not in names:
+            listed = ", ".join(sorted(names)) or "none"
+            raise InputError(f"{path}: no array named {key!r} (arrays: {listed})")
+        return key
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise InputError(f"{path}: the file holds no arrays")
+    raise InputError(f"{path}: holds several arrays ({', '.join(sorted(names))}); "
+                     "choose one with --key")
+
+
+def _check_npy_size(fh: BinaryIO, available: int, path: Path) -> None:
+    """Refuse a ``.npy`` stream whose header promises more data than ``available`` bytes.
+
+    Reads the header from ``fh`` (at its start); a header claiming a huge shape is
+    refused here, before NumPy would try to allocate it.
+    """
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(fh)
+        start = fh.tell()
+        read = npformat.read_array_header_1_0 if version == (1, 0) else (
+            npformat.read_array_header_2_0)
+        shape, _, dtype = read(fh)
+    except (ValueError, SyntaxError, TypeError) as exc:
+        raise InputError(f"{path}: cannot read (bad .npy header: {exc})") from None
+    if dtype.hasobject:
+        raise InputError(f"{path}: holds Python objects, not numbers")
+    need = math.prod(shape) * dtype.itemsize
+    have = available - (fh.tell() - start) - 6 - 2  # magic string and version bytes
+    if need > have:
+        raise InputError(
+            f"{path}: truncated or corrupt: the header promises shape {tuple(shape)} of "
+            f"{dtype} ({need:,} bytes), the file holds {max(have, 0):,}"
+        )
+
+
+_ML_DTYPES = ("BF16", "F8_", "F6_", "F4")
+_ML_NAMES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+             "F8_E8M0": "float8_e8m0fnu"}
+
+
+def _safetensors_header(path: Path) -> dict[str, dict]:
+    """The tensors of a ``.safetensors`` header (empty if it cannot be parsed)."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return {}
+        (size,) = struct.unpack("<Q", head)
+        if size > 100_000_000:  # safetensors' own limit; its reader reports it
+            return {}
+        try:
+            meta = json.loads(fh.read(size))
+        except (UnicodeDecodeError, ValueError):
+            return {}
+    if not isinstance(meta, dict):
+        return {}
+    return {k: v for k, v in meta.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
+def _read_ml_tensor(path: Path, info: dict) -> np.ndarray:
+    """A BF16/F8 tensor read directly (safetensors' NumPy reader lacks float8)."""
+    import ml_dtypes
+
+    dtype = np.dtype(getattr(ml_dtypes, _ML_NAMES[info["dtype"]]))
+    shape = tuple(int(d) for d in info["shape"])
+    start, stop = (int(v) for v in info["data_offsets"])
+    if stop - start != math.prod(shape) * dtype.itemsize or start < 0:
+        raise InputError(f"{path}: corrupt header (data offsets do not match the shape)")
+    with path.open("rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        fh.seek(8 + size + start)
+        data = fh.read(stop - start)
+    if len(data) != stop - start:
+        raise InputError(f"{path}: truncated (tensor data ends early)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+
+
+def _import_ml_dtypes() -> None:
+    import ml_dtypes  # noqa: F401  (registers bfloat16, float8_* with NumPy)
+
+
+def _need_ml_dtypes(path: Path, dtypes: set[str]) -> None:
+    """Import ``ml_dtypes`` when a tensor needs it; one clear error when it is missing."""
+    wanted = sorted(d for d in dtypes if d.startswith(_ML_DTYPES))
+    if not wanted:
+        return
+    try:
+        _import_ml_dtypes()
+    except ImportError:
+        raise InputError(
+            f"{path}: {', '.join(wanted)} tensors need the ml_dtypes package "
+            "(pip install ml_dtypes)"
+        ) from None
 
 
 def load_logits(path: str | os.PathLike[str], key: str | None = None) -> np.ndarray:
@@ -46,39 +141,55 @@ def load_logits(path: str | os.PathLike[str], key: str | None = None) -> np.ndar
 
     Raises
     ------
-    ValueError
-        Missing, unreadable or corrupt file, unknown extension, missing ``key``.
+    InputError
+        Missing, unreadable or corrupt file, unknown extension, missing ``key``, a
+        bfloat16/float8 tensor without ``ml_dtypes`` installed.
     """
     p = Path(path)
     if not p.exists():
-        raise ValueError(f"{p}: no such file")
+        raise InputError(f"{p}: no such file")
     if p.is_dir():
-        raise ValueError(f"{p}: is a directory, not a logits file")
+        raise InputError(f"{p}: is a directory, not a logits file")
     suffix = p.suffix.lower()
     try:
         if suffix == ".npy":
             if key is not None:
-                raise ValueError(f"{p}: --key applies to .npz and .safetensors files only")
+                raise InputError(f"{p}: --key applies to .npz and .safetensors files only")
             with p.open("rb") as fh:
                 if fh.read(6) != b"\x93NUMPY":
-                    raise ValueError(f"{p}: not a .npy file (bad magic bytes)")
+                    raise InputError(f"{p}: not a .npy file (bad magic bytes)")
+                fh.seek(0)
+                _check_npy_size(fh, p.stat().st_size, p)
             return np.load(p, allow_pickle=False)
         if suffix == ".npz":
-            with np.load(p, allow_pickle=False) as z:
-                return np.asarray(_pick({name: z[name] for name in z.files}, key, p))
+            with zipfile.ZipFile(p) as zf:
+                members = {i.filename.removesuffix(".npy"): i for i in zf.infolist()
+                           if i.filename.endswith(".npy")}
+                info = members[_pick_name(list(members), key, p)]
+                with zf.open(info) as fh:
+                    _check_npy_size(fh, info.file_size, p)
+                with zf.open(info) as fh:
+                    return np.asarray(np.lib.format.read_array(fh, allow_pickle=False))
         if suffix == ".safetensors":
-            from safetensors.numpy import load_file
+            from safetensors import safe_open
 
-            return _pick(load_file(str(p)), key, p)
+            header = _safetensors_header(p)
+            _need_ml_dtypes(p, {str(v.get("dtype")) for v in header.values()})
+            with safe_open(str(p), framework="numpy") as st:
+                name = _pick_name(list(st.keys()), key, p)
+                info = header.get(name, {})
+                if info.get("dtype") in _ML_NAMES:
+                    return _read_ml_tensor(p, info)
+                return np.asarray(st.get_tensor(name))
+    except InputError:
+        raise
     except ValueError as exc:
-        if str(exc).startswith(str(p)):
-            raise
-        raise ValueError(f"{p}: cannot read ({exc})") from None
+        raise InputError(f"{p}: cannot read ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        raise ValueError(f"{p}: cannot read ({exc.__class__.__name__}: {exc})") from None
+        raise InputError(f"{p}: cannot read ({exc.__class__.__name__}: {exc})") from None
     except Exception as exc:  # e.g. safetensors' own SafetensorError on corrupt headers
-        raise ValueError(f"{p}: cannot read ({exc.__class__.__name__}: {exc})") from None
-    raise ValueError(f"{p}: unknown format {suffix!r} (use .npy, .npz or .safetensors)")
+        raise InputError(f"{p}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    raise InputError(f"{p}: unknown format {suffix!r} (use .npy, .npz or .safetensors)")
 
 
 def sample_logits() -> LogitsSource:

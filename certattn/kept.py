@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from array_api_compat import is_dask_array
 
+from ._backends import adapter
 from ._fp import margin, masked_weights, round_up
 from ._validate import InputError, check_kept, first_bad_position, valid_rows
 
@@ -154,10 +154,9 @@ def certify_kept(logits: Any, kept: Any, *, axis: int = -1) -> KeptCertificate:
     >>> bool(cert.tail_upper >= 1 / (1 + np.exp(3) + np.exp(2)))
     True
     """
-    if is_dask_array(logits) or is_dask_array(kept):  # lazily, block by block
-        from ._dask import certify_kept_dask
-
-        return certify_kept_dask(logits, kept, axis=axis)
+    lazy = adapter("certify_kept", logits, kept)  # dask: lazily, block by block
+    if lazy is not None:
+        return lazy(logits, kept, axis=axis)
     x, n_valid, xp, dev = valid_rows(logits, axis)
     shape = tuple(int(s) for s in x.shape)
     kept_in = check_kept(kept, shape if axis in (-1, len(shape) - 1) else _axis_shape(shape, axis),

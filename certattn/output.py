@@ -86,26 +86,26 @@ def _inputs(logits: Any, values: Any, kept: Any, k: Any) -> tuple[Array, ...]:
     v, _, _ = as_float_array(asarray_on(values, xp=xp, device=dev), name="values")
     v = xp.astype(v, xp.float64)
     if v.ndim < 2 or v.shape[-2] != x.shape[-1]:
-        raise ValueError(
+        raise InputError(
             f"values must be (..., n, dv) with n = {x.shape[-1]} keys, got {tuple(v.shape)}"
         )
     check_finite(v, xp, "values")
     x = _shift_rows(x, xp)
     valid = x > -xp.inf
     if kept is None and k is None:
-        raise ValueError("give a kept set: `kept` (boolean mask) or `k` (count)")
+        raise InputError("give a kept set: `kept` (boolean mask) or `k` (count)")
     if kept is not None and k is not None:
-        raise ValueError("give only one of `kept` and `k`")
+        raise InputError("give only one of `kept` and `k`")
     if k is not None:
         kept = topk_mask(x, asarray_on(k, xp=xp, device=dev) if not isinstance(k, int) else k)
     kept = asarray_on(kept, xp=xp, device=dev)
     if kept.dtype != xp.bool:
-        raise ValueError(f"kept must be a boolean mask, got dtype {kept.dtype}")
+        raise InputError(f"kept must be a boolean mask, got dtype {kept.dtype}")
     kept = xp.broadcast_to(kept, x.shape) & valid
     empty = ~xp.any(kept, axis=-1)
     if bool(xp.any(empty)):
         pos = first_bad_position(empty) if empty.ndim else ()
-        raise ValueError(f"kept set holds no valid key in row {pos}")
+        raise InputError(f"kept set holds no valid key in row {pos}")
     return x, v, valid, kept, n_valid, xp
 
 
@@ -565,12 +565,12 @@ def smallest_k_for_output(
     int64 array (..., Lq)
     """
     if bound not in ("bounded", "variance", "tail_head", "best"):
-        raise ValueError(
+        raise InputError(
             f"bound must be 'bounded', 'variance', 'tail_head' or 'best', got {bound!r}"
         )
     delta = float(delta)
     if not (math.isfinite(delta) and delta >= 0):
-        raise ValueError(f"delta must be a finite number >= 0, got {delta!r}")
+        raise InputError(f"delta must be a finite number >= 0, got {delta!r}")
     x, n_valid, xp, dev = valid_rows(logits, -1)
     single = x.ndim == 1
     if single:
@@ -580,7 +580,7 @@ def smallest_k_for_output(
     v = xp.astype(v, xp.float64)
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     if v.ndim < 2 or v.shape[-2] != n:
-        raise ValueError(f"values must be (..., n, dv) with n = {n} keys, got {tuple(v.shape)}")
+        raise InputError(f"values must be (..., n, dv) with n = {n} keys, got {tuple(v.shape)}")
     valid = x > -xp.inf
     p, _ = _weights(x, valid, xp)
     attn = xp.matmul(p, v)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-__all__ = ["KINDS", "THEOREMS", "Theorem", "by_id", "to_markdown"]
+__all__ = ["KINDS", "THEOREMS", "Theorem", "by_id", "readme_table", "to_markdown"]
 
 KINDS = ("identity", "bound", "closed-form", "empirical", "algorithm")
 
@@ -410,6 +410,17 @@ def _cell(text: str) -> str:
 
 def _names(items: tuple[str, ...]) -> str:
     return "<br>".join(f"`{i}`" for i in items) if items else "none (empirical)"
+
+
+def readme_table() -> str:
+    """The README's table: id, statement, source and where (up to three functions)."""
+    head = ["| id | statement | source | where |", "|---|---|---|---|"]
+    rows = []
+    for t in THEOREMS:
+        names = [f"`{f.removeprefix('certattn.')}`" for f in t.functions[:3]]
+        where = ", ".join(names) + (", ..." if len(t.functions) > 3 else "")
+        rows.append(f"| {t.id} | {_cell(t.statement)} | {_cell(t.source)} | {where or '-'} |")
+    return "\n".join(head + rows) + "\n"
 
 
 def to_markdown(table_only: bool = False) -> str:

@@ -58,13 +58,12 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from array_api_compat import is_dask_array
-
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
+from ._backends import adapter
 from ._fp import GAMMA_EXP, SMALLEST, U
 from ._topk_generic import cut_sorted, exp_terms
-from ._validate import check_eps, check_logits, check_number, first_bad_position
+from ._validate import InputError, check_eps, check_logits, check_number, first_bad_position
 from .distribution import topk_mask
 from .kept import kl_upper_from_tail
 
@@ -231,20 +230,17 @@ def certify_topk(
         NaN or ``+inf`` logits, an empty key axis, a fully masked row (unless
         ``masked_rows="skip"``), ``eps`` outside [0, 1).
     """
-    if is_dask_array(logits):  # lazily, block by block: certattn._dask
-        from ._dask import certify_topk_dask
-
-        return certify_topk_dask(
-            logits, eps, axis=axis, masked_rows=masked_rows, progress=progress
-        )
+    lazy = adapter("certify_topk", logits)  # dask: lazily, block by block (certattn._dask)
+    if lazy is not None:
+        return lazy(logits, eps, axis=axis, masked_rows=masked_rows, progress=progress)
     eps = check_eps(eps)
     if masked_rows not in ("error", "skip"):
-        raise ValueError(f"masked_rows must be 'error' or 'skip', got {masked_rows!r}")
+        raise InputError(f"masked_rows must be 'error' or 'skip', got {masked_rows!r}")
     x, xp, _ = as_float_array(logits, name="logits")
     if x.ndim == 0:
-        raise ValueError("logits must have a key axis, got a scalar")
+        raise InputError("logits must have a key axis, got a scalar")
     if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
+        raise InputError(f"axis {axis} is out of range for logits of shape {tuple(x.shape)}")
     xl = xp.moveaxis(x, axis, -1) if axis not in (-1, x.ndim - 1) else x
     n = int(xl.shape[-1])
     batch = tuple(int(s) for s in xl.shape[:-1])
@@ -263,7 +259,7 @@ def certify_topk(
     if masked_rows == "error" and bool(xp.any(masked)):
         pos = first_bad_position(xp.reshape(masked, batch) if batch else masked)
         where = f"row {pos if len(pos) > 1 else pos[0]}" if batch else "the only row"
-        raise ValueError(f"logits are fully masked (all -inf) in {where}")
+        raise InputError(f"logits are fully masked (all -inf) in {where}")
 
     k = xp.where(masked, xp.zeros_like(k), k)
     tail = xp.where(masked, xp.zeros_like(tail), tail)

@@ -384,3 +384,33 @@ def test_renamed_bound_names_warn_and_agree():
     with pytest.warns(DeprecationWarning, match="optimal_cuts"):
         a = bound_k(row, 0.05, bound="checkpoint", n_cuts=2)
     assert int(a) == int(bound_k(row, 0.05, bound="optimal_cuts", n_cuts=2))
+
+
+@pytest.mark.parametrize("n_cuts", [7, 8, 10**9, 2**62])
+def test_n_cuts_is_capped_at_what_the_row_can_use(monkeypatch, n_cuts):
+    """Issue 16.8: ``n_cuts=10**9`` on 8 keys ran 10^9 DP rounds; at most n - 1 matter."""
+    import certattn.bounds as b
+
+    rounds = []
+    real = b._checkpoint_costs
+
+    def counted(p, xp, m):
+        rounds.append(m)
+        if m > 7:  # uncapped: would run m rounds; fail instead of hanging
+            pytest.fail(f"{m} dynamic-programming rounds for 8 keys")
+        return real(p, xp, m)
+
+    monkeypatch.setattr(b, "_checkpoint_costs", counted)
+    x = np.array([3.0, 1.0, 0.5, 0.4, 0.3, -1.0, -2.0, -5.0])
+    got = bound_k(x, 0.1, bound="optimal_cuts", n_cuts=n_cuts)
+    assert rounds == [7]
+    rounds.clear()
+    assert int(got) == int(bound_k(x, 0.1, bound="optimal_cuts", n_cuts=7))
+    assert float(multigap_bound(x, 2, n_cuts=n_cuts)) == float(multigap_bound(x, 2, n_cuts=7))
+    assert rounds and max(rounds) == 7
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, float("nan"), float("inf"), "3", None, True])
+def test_n_cuts_rejects_non_integers_with_a_value_error(bad):
+    with pytest.raises(ValueError, match="n_cuts must be a non-negative integer"):
+        bound_k(np.zeros(4), 0.1, bound="optimal_cuts", n_cuts=bad)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from certattn.theorems import KINDS, THEOREMS, by_id, to_markdown
+from certattn.theorems import KINDS, THEOREMS, by_id, readme_table, to_markdown
 from certattn.verify import CHECKS
 from proofs import load_all
 
@@ -111,6 +111,6 @@ def test_readme_mentions_every_theorem():
     assert not missing, f"README lacks {missing}: paste to_markdown(table_only=True)"
     start = readme.index("<!-- theorems:start -->\n") + len("<!-- theorems:start -->\n")
     table = readme[start : readme.index("<!-- theorems:end -->")]
-    assert table.strip() == to_markdown(table_only=True).strip(), (
-        "README theorem table is stale: paste to_markdown(table_only=True)"
+    assert table.strip() == readme_table().strip(), (
+        "README theorem table is stale: paste certattn.theorems.readme_table()"
     )

@@ -2,8 +2,8 @@
 
 Runs the whole verification at a small size on NumPy (seconds), a few checks on
 ``array-api-strict`` (the device-faithful path), the JSON output and exit codes of
-:func:`certattn.verify.main`, and deliberately broken implementations (monkeypatched
-library functions) that must make their check fail.
+``certattn verify`` (:func:`certattn.cli.main`), and deliberately broken implementations
+(monkeypatched library functions) that must make their check fail.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ import certattn.distribution
 import certattn.gaussian
 import certattn.geometry.gating
 import certattn.topk
+from certattn.cli import main as cli_main
 from certattn.theorems import THEOREMS
-from certattn.verify import BASE_ROWS, CHECKS, format_table, main, rows_for, run_verify
+from certattn.verify import BASE_ROWS, CHECKS, format_table, rows_for, run_verify
+
+
+def main(argv):
+    return cli_main(["verify", *argv])
 
 _FIELDS = ["id", "rows", "max_violation", "tolerance", "passed", "seconds"]
 

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+from ._check import real_array, spd
 from .metric import Metric, PullbackMetric, precision
 
 if TYPE_CHECKING:
@@ -97,10 +99,39 @@ class Curvature:
         return self.sectional()
 
 
+def _deriv(a: ArrayLike, name: str, p: int, axes: int) -> Array:
+    """A finite derivative array whose last ``axes`` axes all have length ``p``."""
+    arr = real_array(a, name, min_ndim=axes)
+    if arr.shape[-axes:] != (p,) * axes:
+        raise InputError(f"{name} must end in {axes} axes of length {p}, got shape {arr.shape}")
+    return arr
+
+
+def _jac_hess(jac: ArrayLike, hess: ArrayLike) -> tuple[Array, Array]:
+    """Finite Jacobian ``(..., n, p)`` and Hessian ``(..., n, p, p)`` of matching sizes."""
+    J = real_array(jac, "jac", min_ndim=2)
+    H = real_array(hess, "hess", min_ndim=3)
+    n, p = J.shape[-2:]
+    if H.shape[-3:] != (n, p, p):
+        raise InputError(f"hess must end in ({n}, {p}, {p}) for jac of shape {J.shape}, "
+                         f"got {H.shape}")
+    return J, H
+
+
+def _full_rank(g: Array) -> Array:
+    """The pulled-back metric, refused when the Jacobian is rank-deficient."""
+    try:
+        np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        raise InputError("jac must have full column rank (the pulled-back metric is "
+                         "singular)") from None
+    return g
+
+
 def christoffel(g: ArrayLike, dg: ArrayLike) -> Array:
     """``Gamma^k_ij = 1/2 g^{kl} (d_i g_lj + d_j g_li - d_l g_ij)`` at ``[..., k, i, j]``."""
-    g = np.asarray(g, dtype=np.float64)
-    dg = np.asarray(dg, dtype=np.float64)
+    g = spd(g, "g")
+    dg = _deriv(dg, "dg", g.shape[-1], 3)
     gi = np.linalg.inv(g)
     T = np.einsum("...ilj->...lij", dg) + np.einsum("...jli->...lij", dg) - dg
     return 0.5 * np.einsum("...kl,...lij->...kij", gi, T)
@@ -108,10 +139,9 @@ def christoffel(g: ArrayLike, dg: ArrayLike) -> Array:
 
 def christoffel_pullback(jac: ArrayLike, hess: ArrayLike, cov: ArrayLike | None = None) -> Array:
     """Christoffels of a pull-back: ``Gamma^k_ij = g^{kl} d_l mu^T Sigma^{-1} d_i d_j mu``."""
-    J = np.asarray(jac, dtype=np.float64)
-    H = np.asarray(hess, dtype=np.float64)
+    J, H = _jac_hess(jac, hess)
     P = precision(cov, J.shape[-2])
-    g = np.einsum("...ai,...ab,...bj->...ij", J, P, J)
+    g = _full_rank(np.einsum("...ai,...ab,...bj->...ij", J, P, J))
     t = np.einsum("...al,...ab,...bij->...lij", J, P, H)
     return np.einsum("...kl,...lij->...kij", np.linalg.inv(g), t)
 
@@ -122,9 +152,9 @@ def riemann_from_metric(g: ArrayLike, dg: ArrayLike, d2g: ArrayLike) -> Array:
     ``d_m Gamma^k_ij`` is assembled analytically from ``dg`` and ``d2g`` using
     ``d_m g^{-1} = -g^{-1} (d_m g) g^{-1}``.
     """
-    g = np.asarray(g, dtype=np.float64)
-    dg = np.asarray(dg, dtype=np.float64)
-    d2g = np.asarray(d2g, dtype=np.float64)
+    g = spd(g, "g")
+    dg = _deriv(dg, "dg", g.shape[-1], 3)
+    d2g = _deriv(d2g, "d2g", g.shape[-1], 4)
     gi = np.linalg.inv(g)
     T = np.einsum("...ilj->...lij", dg) + np.einsum("...jli->...lij", dg) - dg
     dT = (
@@ -149,30 +179,45 @@ def riemann_from_metric(g: ArrayLike, dg: ArrayLike, d2g: ArrayLike) -> Array:
 
 def ricci_from_riemann(riemann: ArrayLike) -> Array:
     """``Ric_jk = R^i_{ijk}``."""
-    return np.einsum("...iijk->...jk", np.asarray(riemann, dtype=np.float64))
+    R = real_array(riemann, "riemann", min_ndim=4)
+    if len(set(R.shape[-4:])) != 1:
+        raise InputError(f"riemann must be (..., p, p, p, p), got shape {R.shape}")
+    return np.einsum("...iijk->...jk", R)
 
 
 def scalar_from_ricci(g: ArrayLike, ricci: ArrayLike) -> Array:
     """``S = g^{jk} Ric_jk``."""
-    return np.einsum("...jk,...jk->...", np.linalg.inv(np.asarray(g, float)), ricci)
+    g = spd(g, "g")
+    ric = real_array(ricci, "ricci", min_ndim=2)
+    if ric.shape[-2:] != g.shape[-2:]:
+        raise InputError(f"ricci must be (..., {g.shape[-1]}, {g.shape[-1]}), got {ric.shape}")
+    return np.einsum("...jk,...jk->...", np.linalg.inv(g), ric)
 
 
 def sectional_from_riemann(
     g: ArrayLike, riemann: ArrayLike, u: ArrayLike | None = None, v: ArrayLike | None = None
 ) -> Array:
     """``K(u, v) = g(R(u,v)v, u) / (g(u,u) g(v,v) - g(u,v)^2)``; default ``u=e_0, v=e_1``."""
-    g = np.asarray(g, dtype=np.float64)
-    R = np.asarray(riemann, dtype=np.float64)
+    g = spd(g, "g")
     p = g.shape[-1]
-    u = np.eye(p)[0] if u is None else np.asarray(u, dtype=np.float64)
-    v = np.eye(p)[1] if v is None else np.asarray(v, dtype=np.float64)
-    u = np.broadcast_to(u, g.shape[:-1])
-    v = np.broadcast_to(v, g.shape[:-1])
+    if p < 2:
+        raise InputError(f"sectional curvature needs dimension >= 2, got p = {p}")
+    R = _deriv(riemann, "riemann", p, 4)
+    u = np.eye(p)[0] if u is None else real_array(u, "u", min_ndim=1)
+    v = np.eye(p)[1] if v is None else real_array(v, "v", min_ndim=1)
+    try:
+        u = np.broadcast_to(u, g.shape[:-1])
+        v = np.broadcast_to(v, g.shape[:-1])
+    except ValueError:
+        raise InputError(f"u and v must be vectors of length {p}") from None
     num = np.einsum("...aijk,...al,...i,...j,...k,...l->...", R, g, u, v, v, u)
     guu = np.einsum("...i,...ij,...j->...", u, g, u)
     gvv = np.einsum("...i,...ij,...j->...", v, g, v)
     guv = np.einsum("...i,...ij,...j->...", u, g, v)
-    return num / (guu * gvv - guv**2)
+    area = guu * gvv - guv**2
+    if bool(np.any(area <= 1e-14 * guu * gvv)):
+        raise InputError("u and v must span a plane (they are parallel or zero)")
+    return num / area
 
 
 def brioschi(g: ArrayLike, dg: ArrayLike, d2g: ArrayLike) -> Array:
@@ -186,11 +231,11 @@ def brioschi(g: ArrayLike, dg: ArrayLike, d2g: ArrayLike) -> Array:
        M_2 = \\begin{pmatrix} 0 & \\tfrac12E_v & \\tfrac12G_u\\\\ \\tfrac12E_v & E & F\\\\
        \\tfrac12G_u & F & G\\end{pmatrix}.
     """
-    g = np.asarray(g, dtype=np.float64)
-    dg = np.asarray(dg, dtype=np.float64)
-    d2g = np.asarray(d2g, dtype=np.float64)
+    g = spd(g, "g")
     if g.shape[-1] != 2:
-        raise ValueError("Brioschi's formula is for 2-D metrics")
+        raise InputError(f"g: Brioschi's formula is for 2-D metrics, got p = {g.shape[-1]}")
+    dg = _deriv(dg, "dg", 2, 3)
+    d2g = _deriv(d2g, "d2g", 2, 4)
     E, F, G = g[..., 0, 0], g[..., 0, 1], g[..., 1, 1]
     Eu, Ev = dg[..., 0, 0, 0], dg[..., 1, 0, 0]
     Fu, Fv = dg[..., 0, 0, 1], dg[..., 1, 0, 1]
@@ -232,10 +277,9 @@ def second_fundamental_form(
     g : (..., p, p)
     II : (..., n, p, p)
     """
-    J = np.asarray(jac, dtype=np.float64)
-    H = np.asarray(hess, dtype=np.float64)
+    J, H = _jac_hess(jac, hess)
     Pm = precision(cov, J.shape[-2])
-    g = np.einsum("...ai,...ab,...bj->...ij", J, Pm, J)
+    g = _full_rank(np.einsum("...ai,...ab,...bj->...ij", J, Pm, J))
     coef = np.einsum("...kl,...al,...ab,...bij->...kij", np.linalg.inv(g), J, Pm, H)
     II = H - np.einsum("...ak,...kij->...aij", J, coef)
     return g, II
@@ -246,9 +290,9 @@ def gauss_route(jac: ArrayLike, hess: ArrayLike, cov: ArrayLike | None = None) -
 
     ``g(R(d_i,d_j)d_k, d_l) = <II_jk, II_il> - <II_ik, II_jl>``.
     """
-    J = np.asarray(jac, dtype=np.float64)
+    J, H = _jac_hess(jac, hess)
     Pm = precision(cov, J.shape[-2])
-    g, II = second_fundamental_form(J, hess, cov)
+    g, II = second_fundamental_form(J, H, cov)
     ip = np.einsum("...aij,...ab,...bkl->...ijkl", II, Pm, II)  # <II_ij, II_kl>
     Rlow = np.einsum("...jkil->...ijkl", ip) - np.einsum("...ikjl->...ijkl", ip)
     gi = np.linalg.inv(g)
@@ -286,9 +330,15 @@ def curvature(
         ``"gauss"``: from ``J`` and the Hessian (analytic where the map has them);
         ``"metric"``: Christoffel/Riemann of the pull-back metric.
     """
-    theta = np.asarray(theta, dtype=np.float64)
+    theta = real_array(theta, "theta", min_ndim=1)
+    if route not in ("gauss", "metric"):
+        raise InputError(f"route must be 'gauss' or 'metric', got {route!r}")
     if isinstance(obj, Metric):
         return metric_route(*obj.derivatives(theta))
+    if not all(hasattr(obj, a) for a in ("jacobian", "hessian", "dim_in", "dim_out")):
+        raise InputError(f"obj must be a MeanMap or a Metric, got {type(obj).__name__}")
+    if theta.shape[-1] != obj.dim_in:
+        raise InputError(f"theta must end in {obj.dim_in} parameters, got shape {theta.shape}")
     if route == "gauss":
         return gauss_route(obj.jacobian(theta), obj.hessian(theta), cov)
     if route == "metric":

@@ -28,9 +28,13 @@ The step actually used is ``(theta + h) - theta`` so that it is exactly represen
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from ..errors import InputError
+from ._check import callable_arg, positive, real_array
 
 __all__ = [
     "STEP_FIRST",
@@ -58,6 +62,13 @@ def _steps(theta: NDArray[np.float64], h: float) -> NDArray[np.float64]:
     return (theta + raw) - theta
 
 
+def _args(f: Any, theta: ArrayLike, h: Any) -> tuple[NDArray[np.float64], float | None]:
+    """Checked ``theta`` (finite, at least one axis) and ``h`` (None or > 0); ``f`` callable."""
+    callable_arg(f, "f")
+    t = real_array(theta, "theta", min_ndim=1)
+    return t, None if h is None else positive(h, "h")
+
+
 def jacobian_fd(
     f: Func, theta: ArrayLike, h: float | None = None, order: int = 2
 ) -> NDArray[np.float64]:
@@ -83,9 +94,9 @@ def jacobian_fd(
     -------
     ndarray, shape (..., *out, p)
     """
-    if order not in (2, 4):
-        raise ValueError("order must be 2 or 4")
-    theta = np.asarray(theta, dtype=np.float64)
+    if isinstance(order, bool) or order not in (2, 4):
+        raise InputError(f"order must be 2 or 4, got {order!r}")
+    theta, h = _args(f, theta, h)
     p = theta.shape[-1]
     nb = theta.ndim - 1
     hs = _steps(theta, (STEP_FIRST if order == 2 else STEP_FIRST4) if h is None else h)
@@ -121,7 +132,7 @@ def hessian_fd(f: Func, theta: ArrayLike, h: float | None = None) -> NDArray[np.
     -------
     ndarray, shape (..., *out, p, p), symmetric in the last two axes.
     """
-    theta = np.asarray(theta, dtype=np.float64)
+    theta, h = _args(f, theta, h)
     p = theta.shape[-1]
     nb = theta.ndim - 1
     hs = _steps(theta, STEP_SECOND if h is None else h)

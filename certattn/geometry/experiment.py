@@ -28,6 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
+from ..errors import InputError
+from ._check import integer, number
 from .curvature import gauss_route
 from .maps import Gated as _Gated
 from .maps import MeanMap, SigmoidGate, SoftmaxAttention, sigmoid
@@ -50,14 +52,16 @@ _SCALE = 1.0 / np.sqrt(2.0)
 
 def make_task(task: str, n: int, rng: np.random.Generator) -> tuple[Array, Array]:
     """Sample ``n`` points uniform on ``[-2, 2]^2`` with labels in ``{-1, +1}``."""
-    x = rng.uniform(-2.0, 2.0, size=(n, 2))
+    if task not in TASKS:
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    x = rng.uniform(-2.0, 2.0, size=(integer(n, "n"), 2))
     if task == "circle":
         y = np.where(np.sum(x**2, 1) < 8.0 / np.pi, 1.0, -1.0)
     elif task == "linear":
         w = np.array([0.8, -0.6])
         y = np.where(x @ w + 0.3 > 0, 1.0, -1.0)
     else:
-        raise ValueError(f"unknown task {task!r}")
+        raise InputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     return x, y
 
 
@@ -212,7 +216,25 @@ def run_experiment(
 
     The default size runs in about 15 s on one core; ``run_experiment(n_train=150,
     n_test=200, seeds=2, maxiter=100, restarts=1)`` is the light size (tests, notebook).
+
+    Raises
+    ------
+    InputError
+        (a ``ValueError``) A count below 1 (``n_keys`` below 2), a negative or
+        non-finite ``l2``, an unknown or empty ``tasks`` / ``models``, or a model with
+        more than 200 parameters (``n_keys``, ``d_v`` too large).
     """
+    n_train, n_test = integer(n_train, "n_train"), integer(n_test, "n_test")
+    seeds, maxiter = integer(seeds, "seeds"), integer(maxiter, "maxiter")
+    restarts = integer(restarts, "restarts")
+    n_keys, d_v = integer(n_keys, "n_keys", minimum=2), integer(d_v, "d_v")
+    l2 = number(l2, "l2", low=0.0)
+    for name, given, known in (("tasks", tasks, TASKS), ("models", models, MODELS)):
+        if isinstance(given, str) or not given or any(g not in known for g in given):
+            raise InputError(f"{name} must be a non-empty tuple of {', '.join(known)}, "
+                             f"got {given!r}")
+    if max(_Model(k, n_keys, d_v).size for k in models) > 200:
+        raise InputError(f"n_keys = {n_keys}, d_v = {d_v}: more than 200 parameters")
     runs = []
     for task in tasks:
         for seed in range(seeds):

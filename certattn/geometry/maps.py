@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+from ._check import callable_arg, integer, number, positive, real_array
 from .derivatives import hessian_fd, hessian_from_jacobian_fd, jacobian_fd
 
 __all__ = [
@@ -89,6 +91,11 @@ class FunctionMap(MeanMap):
         jac: Callable[[Array], ArrayLike] | None = None,
         hess: Callable[[Array], ArrayLike] | None = None,
     ) -> None:
+        callable_arg(f, "f")
+        for g, name in ((jac, "jac"), (hess, "hess")):
+            if g is not None:
+                callable_arg(g, name)
+        dim_in, dim_out = integer(dim_in, "dim_in"), integer(dim_out, "dim_out")
         self.f, self.jac, self.hess = f, jac, hess
         self.dim_in, self.dim_out = dim_in, dim_out
 
@@ -112,8 +119,12 @@ class AffineMap(MeanMap):
     """``mu(theta) = c + D theta`` (``D`` of shape ``(n, p)``); Hessian zero."""
 
     def __init__(self, D: ArrayLike, c: ArrayLike) -> None:
-        self.D = np.asarray(D, dtype=np.float64)
-        self.c = np.asarray(c, dtype=np.float64)
+        self.D = real_array(D, "D")
+        self.c = real_array(c, "c")
+        if self.D.ndim != 2 or 0 in self.D.shape:
+            raise InputError(f"D must be a non-empty (n, p) matrix, got shape {self.D.shape}")
+        if self.c.shape not in ((), (self.D.shape[0],)):
+            raise InputError(f"c must have shape ({self.D.shape[0]},), got {self.c.shape}")
         self.dim_out, self.dim_in = self.D.shape
 
     def __call__(self, theta: ArrayLike) -> Array:
@@ -139,7 +150,9 @@ def ungated_simplex(values: ArrayLike) -> AffineMap:
     values : array_like, shape (n, d)
         Rows ``U_i``.
     """
-    U = np.asarray(values, dtype=np.float64)
+    U = real_array(values, "values")
+    if U.ndim != 2 or U.shape[0] < 2 or U.shape[1] == 0:
+        raise InputError(f"values must be an (n, d) array with n >= 2 keys, got shape {U.shape}")
     return AffineMap((U[:-1] - U[-1]).T, U[-1])
 
 
@@ -167,11 +180,15 @@ class SoftmaxAttention(MeanMap):
     """
 
     def __init__(self, keys: ArrayLike, values: ArrayLike, scale: float | None = None) -> None:
-        self.keys = np.asarray(keys, dtype=np.float64)
-        self.values = np.asarray(values, dtype=np.float64)
+        self.keys = real_array(keys, "keys")
+        self.values = real_array(values, "values")
+        for a, name in ((self.keys, "keys"), (self.values, "values")):
+            if a.ndim != 2 or 0 in a.shape:
+                raise InputError(f"{name} must be a non-empty 2-D array, got shape {a.shape}")
         if self.keys.shape[0] != self.values.shape[0]:
-            raise ValueError("keys and values need the same number of rows")
-        self.scale = 1.0 / np.sqrt(self.keys.shape[1]) if scale is None else float(scale)
+            raise InputError("keys and values need the same number of rows")
+        self.scale = (1.0 / np.sqrt(self.keys.shape[1]) if scale is None
+                      else positive(scale, "scale"))
         self.dim_in = self.keys.shape[1]
         self.dim_out = self.values.shape[1]
 
@@ -219,9 +236,14 @@ class SigmoidGate(MeanMap):
     """
 
     def __init__(self, weight: ArrayLike, bias: ArrayLike = 0.0) -> None:
-        W = np.asarray(weight, dtype=np.float64)
+        W = real_array(weight, "weight")
+        if W.ndim not in (1, 2) or 0 in W.shape:
+            raise InputError(f"weight must be a non-empty vector or matrix, got shape {W.shape}")
         self.W = W[None, :] if W.ndim == 1 else W
-        self.b = np.broadcast_to(np.asarray(bias, dtype=np.float64), (self.W.shape[0],)).copy()
+        try:
+            self.b = np.broadcast_to(real_array(bias, "bias"), (self.W.shape[0],)).copy()
+        except ValueError:
+            raise InputError(f"bias must be a number or have shape ({self.W.shape[0]},)") from None
         self.dim_out, self.dim_in = self.W.shape
 
     def __call__(self, theta: ArrayLike) -> Array:
@@ -246,7 +268,8 @@ class SphereCapGate(MeanMap):
     """
 
     def __init__(self, c: float, n: int = 3) -> None:
-        self.c = float(c)
+        self.c = positive(c, "c")
+        n = integer(n, "n", minimum=2)
         self.dim_in, self.dim_out = n - 1, 1
         self.M = np.vstack([np.eye(n - 1), -np.ones((1, n - 1))])  # d alpha / d theta
 
@@ -280,9 +303,14 @@ class ExpQuadraticGate(MeanMap):
     def __init__(
         self, A: ArrayLike, theta0: ArrayLike, beta: float = 1.0, offset: float = 0.0
     ) -> None:
-        self.A = np.asarray(A, dtype=np.float64)
-        self.theta0 = np.asarray(theta0, dtype=np.float64)
-        self.beta, self.offset = float(beta), float(offset)
+        self.A = real_array(A, "A")
+        if self.A.ndim != 2 or self.A.shape[0] != self.A.shape[1] or self.A.shape[0] == 0:
+            raise InputError(f"A must be a square matrix, got shape {self.A.shape}")
+        self.theta0 = real_array(theta0, "theta0")
+        if self.theta0.shape != (self.A.shape[0],):
+            raise InputError(f"theta0 must have shape ({self.A.shape[0]},), got "
+                             f"{self.theta0.shape}")
+        self.beta, self.offset = number(beta, "beta"), number(offset, "offset")
         self.dim_in, self.dim_out = self.A.shape[0], 1
 
     def _phi(self, theta: ArrayLike) -> tuple[Array, Array]:
@@ -313,9 +341,13 @@ class ReciprocalQuadraticGate(MeanMap):
     """
 
     def __init__(self, Q: ArrayLike, b: ArrayLike, c0: float) -> None:
-        self.Q = np.asarray(Q, dtype=np.float64)
-        self.b = np.asarray(b, dtype=np.float64)
-        self.c0 = float(c0)
+        self.Q = real_array(Q, "Q")
+        if self.Q.ndim != 2 or self.Q.shape[0] != self.Q.shape[1] or self.Q.shape[0] == 0:
+            raise InputError(f"Q must be a square matrix, got shape {self.Q.shape}")
+        self.b = real_array(b, "b")
+        if self.b.shape != (self.Q.shape[0],):
+            raise InputError(f"b must have shape ({self.Q.shape[0]},), got {self.b.shape}")
+        self.c0 = number(c0, "c0")
         self.dim_in, self.dim_out = self.Q.shape[0], 1
 
     def f(self, theta: ArrayLike) -> Array:
@@ -349,10 +381,13 @@ class Gated(MeanMap):
     """
 
     def __init__(self, base: MeanMap, gate: MeanMap) -> None:
+        for m, name in ((base, "base"), (gate, "gate")):
+            if not isinstance(m, MeanMap):
+                raise InputError(f"{name} must be a MeanMap, got {type(m).__name__}")
         if base.dim_in != gate.dim_in:
-            raise ValueError("base and gate must take the same parameters")
+            raise InputError("base and gate must take the same parameters")
         if gate.dim_out not in (1, base.dim_out):
-            raise ValueError("gate output must be 1 (headwise) or base.dim_out (elementwise)")
+            raise InputError("gate output must be 1 (headwise) or base.dim_out (elementwise)")
         self.base, self.gate = base, gate
         self.dim_in, self.dim_out = base.dim_in, base.dim_out
 
@@ -386,11 +421,13 @@ class Compose(MeanMap):
     """
 
     def __init__(self, layers: Sequence[MeanMap]) -> None:
-        if not layers:
-            raise ValueError("need at least one layer")
+        if isinstance(layers, MeanMap) or not layers:
+            raise InputError("layers must be a non-empty sequence of MeanMaps")
+        if not all(isinstance(m, MeanMap) for m in layers):
+            raise InputError("layers must hold MeanMaps only")
         for a, b in itertools.pairwise(layers):
             if a.dim_out != b.dim_in:
-                raise ValueError("layer dimensions do not chain")
+                raise InputError("layers: dimensions do not chain")
         self.layers = list(layers)
         self.dim_in, self.dim_out = layers[0].dim_in, layers[-1].dim_out
 
@@ -451,8 +488,13 @@ def structured_depth_map(
     """
     base: MeanMap = ungated_simplex(values)
     p = base.dim_in
-    t0 = np.full(p, 1.0 / (p + 1)) if theta0 is None else np.asarray(theta0, dtype=np.float64)
+    t0 = np.full(p, 1.0 / (p + 1)) if theta0 is None else real_array(theta0, "theta0")
+    if isinstance(hessians, str | bytes) or len(hessians) == 0:
+        raise InputError("hessians must be a non-empty sequence of matrices")
     offs = [0.0] * len(hessians) if offsets is None else list(offsets)
+    if len(offs) != len(hessians):
+        raise InputError(f"offsets must have one entry per Hessian ({len(hessians)}), got "
+                         f"{len(offs)}")
     out = base
     for A, c in zip(hessians, offs, strict=True):
         out = Gated(out, ExpQuadraticGate(A, t0, beta, c))

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+from ._check import callable_arg, integer, positive, real_array, spd
 from .derivatives import hessian_fd, jacobian_fd
 
 if TYPE_CHECKING:
@@ -51,16 +53,15 @@ def precision(cov: ArrayLike | None, n: int) -> Array:
     n : int
         Output dimension.
     """
+    n = integer(n, "n")
     if cov is None:
         return np.eye(n)
-    c = np.asarray(cov, dtype=np.float64)
+    c = real_array(cov, "cov")
     if c.ndim == 0:
-        if c <= 0:
-            raise ValueError("covariance must be positive")
-        return np.eye(n) / c
+        return np.eye(n) / positive(float(c), "cov")
     if c.shape[-2:] != (n, n):
-        raise ValueError(f"covariance must have shape (..., {n}, {n}), got {c.shape}")
-    return np.linalg.inv(c)
+        raise InputError(f"cov must have shape (..., {n}, {n}), got {c.shape}")
+    return np.linalg.inv(spd(c, "cov"))
 
 
 def pullback_metric(jac: ArrayLike, cov: ArrayLike | None = None) -> Array:
@@ -77,7 +78,7 @@ def pullback_metric(jac: ArrayLike, cov: ArrayLike | None = None) -> Array:
     -------
     ndarray, shape (..., p, p)
     """
-    J = np.asarray(jac, dtype=np.float64)
+    J = real_array(jac, "jac", min_ndim=2)
     P = precision(cov, J.shape[-2])
     return np.einsum("...ai,...ab,...bj->...ij", J, P, J)
 
@@ -98,11 +99,14 @@ def gaussian_fisher_metric(
     dcov : array_like, shape (..., p, n, n), optional
         ``dcov[..., k] = d Sigma / d theta_k``; omitted means fixed covariance.
     """
-    J = np.asarray(jac, dtype=np.float64)
-    P = np.linalg.inv(np.asarray(cov, dtype=np.float64))
+    J = real_array(jac, "jac", min_ndim=2)
+    P = np.linalg.inv(spd(cov, "cov", n=J.shape[-2]))
     g = np.einsum("...ai,...ab,...bj->...ij", J, P, J)
     if dcov is not None:
-        dS = np.asarray(dcov, dtype=np.float64)
+        dS = real_array(dcov, "dcov", min_ndim=3)
+        if dS.shape[-3:] != (J.shape[-1], J.shape[-2], J.shape[-2]):
+            raise InputError(f"dcov must have shape (..., {J.shape[-1]}, {J.shape[-2]}, "
+                             f"{J.shape[-2]}), got {dS.shape}")
         A = P[..., None, :, :] @ dS  # (..., p, n, n): Sigma^{-1} d_k Sigma
         g = g + 0.5 * np.einsum("...iab,...jba->...ij", A, A)
     return g
@@ -150,7 +154,11 @@ class ExplicitMetric(Metric):
         dg: Callable[[Array], ArrayLike] | None = None,
         d2g: Callable[[Array], ArrayLike] | None = None,
     ) -> None:
-        self._g, self._dg, self._d2g, self.dim = g, dg, d2g, dim
+        callable_arg(g, "g")
+        for f, name in ((dg, "dg"), (d2g, "d2g")):
+            if f is not None:
+                callable_arg(f, name)
+        self._g, self._dg, self._d2g, self.dim = g, dg, d2g, integer(dim, "dim")
 
     def __call__(self, theta: ArrayLike) -> Array:
         return np.asarray(self._g(np.asarray(theta, dtype=np.float64)), dtype=np.float64)
@@ -184,6 +192,8 @@ class PullbackMetric(Metric):
     """
 
     def __init__(self, mean_map: MeanMap, cov: ArrayLike | None = None) -> None:
+        if not all(hasattr(mean_map, a) for a in ("jacobian", "hessian", "dim_in", "dim_out")):
+            raise InputError(f"mean_map must be a MeanMap, got {type(mean_map).__name__}")
         self.map = mean_map
         self.dim = mean_map.dim_in
         self.P = precision(cov, mean_map.dim_out)
@@ -238,7 +248,12 @@ class GaussianFamilyMetric(Metric):
         mean_jac: Callable[[Array], ArrayLike] | None = None,
         dcov: Callable[[Array], ArrayLike] | None = None,
     ) -> None:
-        self.mean, self.cov, self.dim = mean, cov, dim
+        callable_arg(mean, "mean")
+        callable_arg(cov, "cov")
+        for f, name in ((mean_jac, "mean_jac"), (dcov, "dcov")):
+            if f is not None:
+                callable_arg(f, name)
+        self.mean, self.cov, self.dim = mean, cov, integer(dim, "dim")
         self.mean_jac, self.dcov = mean_jac, dcov
 
     def __call__(self, theta: ArrayLike) -> Array:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+from ._check import integer, positive
 from .maps import FunctionMap
 from .metric import ExplicitMetric, GaussianFamilyMetric
 
@@ -30,6 +32,7 @@ Array = NDArray[np.float64]
 
 def sphere_map(r: float = 1.0) -> FunctionMap:
     """Sphere of radius ``r`` in ``R^3``: ``(u, v) -> r (sin u cos v, sin u sin v, cos u)``."""
+    r = positive(r, "r")
 
     def f(t: Array) -> Array:
         u, v = t[..., 0], t[..., 1]
@@ -54,6 +57,9 @@ def sphere_map(r: float = 1.0) -> FunctionMap:
 
 def sphere_metric(r: float = 1.0, analytic: bool = True) -> ExplicitMetric:
     """``g = r^2 diag(1, sin^2 u)`` on ``(u, v)``; ``analytic=False`` uses differences."""
+    r = positive(r, "r")
+    if not isinstance(analytic, bool | np.bool_):
+        raise InputError(f"analytic must be True or False, got {analytic!r}")
 
     def g(t: Array) -> Array:
         s2 = np.sin(t[..., 0]) ** 2
@@ -79,6 +85,7 @@ def sphere_metric(r: float = 1.0, analytic: bool = True) -> ExplicitMetric:
 
 def half_plane_metric(scale: float = 1.0) -> ExplicitMetric:
     """Poincare half-plane ``scale * (dx^2 + dy^2) / y^2`` (``K = -1/scale``)."""
+    scale = positive(scale, "scale")
 
     def g(t: Array) -> Array:
         y = t[..., 1]
@@ -104,6 +111,7 @@ def normal_family_metric(d: int = 1) -> GaussianFamilyMetric:
 
     ``g = diag(I_d, 2d) / s^2``; sectional curvature ``-1/(2d)`` (``-1/2`` for ``d = 1``).
     """
+    d = integer(d, "d")
 
     def mean(t: Array) -> Array:
         return t[..., :d]
@@ -124,6 +132,7 @@ def normal_family_metric(d: int = 1) -> GaussianFamilyMetric:
 
 def cylinder_map(r: float = 1.0) -> FunctionMap:
     """Cylinder ``(u, z) -> (r cos u, r sin u, z)``: extrinsically curved, ``K = 0``."""
+    r = positive(r, "r")
 
     def f(t: ArrayLike) -> Array:
         t = np.asarray(t, dtype=np.float64)

@@ -10,6 +10,8 @@ from matplotlib.figure import Figure
 from matplotlib.tri import Triangulation
 from numpy.typing import ArrayLike
 
+from ..errors import InputError
+from ._check import integer, number, real_array
 from .curvature import gaussian_curvature
 from .experiment import MODELS, ExperimentResults
 from .maps import (
@@ -68,7 +70,12 @@ def plot_simplex_curvature(
         Grid subdivisions of each simplex edge (interior points only).
     """
     heads = default_heads() if heads is None else heads
-    alpha = _simplex_grid(resolution)
+    if not heads:
+        raise InputError("heads must name at least one head")
+    if any(not isinstance(v, tuple) or len(v) != 2 or v[1] not in ("simplex", "softmax")
+           for v in heads.values()):
+        raise InputError("heads must map labels to (MeanMap, 'simplex' | 'softmax') pairs")
+    alpha = _simplex_grid(integer(resolution, "resolution", minimum=3, maximum=2000))
     xy = np.stack([alpha[:, 1] + 0.5 * alpha[:, 2], np.sqrt(3) / 2 * alpha[:, 2]], -1)
     tri = Triangulation(xy[:, 0], xy[:, 1])
     fig = Figure(figsize=(4.2 * len(heads), 4.0), layout="constrained")
@@ -122,9 +129,13 @@ def depth_curves(
     """
     A = np.array([[1.0, 0.2], [0.2, 0.6]]) if A is None else np.asarray(A, dtype=np.float64)
     B = np.array([[0.3, -0.1], [-0.1, 1.2]]) if B is None else np.asarray(B, dtype=np.float64)
-    U = np.eye(3) if values is None else np.asarray(values, dtype=np.float64)
+    U = np.eye(3) if values is None else real_array(values, "values")
+    A, B = real_array(A, "A"), real_array(B, "B")
+    if A.shape != (2, 2) or B.shape != (2, 2):
+        raise InputError(f"A and B must be (2, 2) matrices, got {A.shape} and {B.shape}")
+    beta = number(beta, "beta")
     t0 = np.full(2, 1.0 / 3.0)
-    Ls = np.arange(1, L_max + 1)
+    Ls = np.arange(1, integer(L_max, "L_max", maximum=1000) + 1)
     out: dict[str, np.ndarray] = {"L": Ls}
     seqs = {
         "tied": lambda L: [A] * L,
@@ -159,6 +170,11 @@ def plot_depth(curves: Mapping[str, np.ndarray] | None = None, **kwargs: object)
 
 def plot_experiment(results: ExperimentResults, measure: str = "curvature_density") -> Figure:
     """Test accuracy against measured curvature, one panel per task."""
+    if not isinstance(results, ExperimentResults) or not results.runs:
+        raise InputError("results must be ExperimentResults with at least one run")
+    if measure not in ("curvature_density", "mean_abs_curvature", "proxy"):
+        raise InputError("measure must be 'curvature_density', 'mean_abs_curvature' or "
+                         f"'proxy', got {measure!r}")
     tasks = sorted({r.task for r in results.runs})
     fig = Figure(figsize=(5.0 * len(tasks), 4.0), layout="constrained")
     axes = fig.subplots(1, len(tasks), squeeze=False)[0]

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..errors import InputError
+from ._check import callable_arg, integer, positive, real_array
 from .curvature import second_fundamental_form
 from .metric import precision
 
@@ -45,8 +47,10 @@ def nonlinearity_proxy(
     h : float
         Step; the proxy is ``~ h |D^2 f[u,u]| / (2 |Df u|)`` for small ``h``.
     """
-    x = np.asarray(x, dtype=np.float64)
-    u = np.asarray(u, dtype=np.float64)
+    callable_arg(f, "f")
+    x = real_array(x, "x", min_ndim=1)
+    u = real_array(u, "u", min_ndim=1)
+    h = positive(h, "h")
     fp = np.asarray(f(x + h * u), dtype=np.float64)
     f0 = np.asarray(f(x), dtype=np.float64)
     fm = np.asarray(f(x - h * u), dtype=np.float64)
@@ -61,7 +65,10 @@ def mean_proxy(
     seed: int = 0,
 ) -> float:
     """Average :func:`nonlinearity_proxy` over points ``x (N, p)`` and random unit directions."""
-    x = np.asarray(x, dtype=np.float64)
+    callable_arg(f, "f")
+    x = real_array(x, "x", min_ndim=1)
+    h = positive(h, "h")
+    n_dirs = integer(n_dirs, "n_dirs")
     rng = np.random.default_rng(seed)
     u = rng.normal(size=(n_dirs, *x.shape))
     u /= np.linalg.norm(u, axis=-1, keepdims=True)
@@ -79,8 +86,15 @@ def normal_curvature(
     theta, u : array_like, shape (..., p)
     cov : None, scalar or (n, n)
     """
-    theta = np.asarray(theta, dtype=np.float64)
-    u = np.broadcast_to(np.asarray(u, dtype=np.float64), theta.shape)
+    theta = real_array(theta, "theta", min_ndim=1)
+    u = real_array(u, "u", min_ndim=1)
+    try:
+        u = np.broadcast_to(u, theta.shape)
+    except ValueError:
+        raise InputError(f"u of shape {u.shape} does not fit theta of shape "
+                         f"{theta.shape}") from None
+    if bool(np.any(np.all(u == 0, axis=-1))):
+        raise InputError("u must be a non-zero direction")
     g, II = second_fundamental_form(mean_map.jacobian(theta), mean_map.hessian(theta), cov)
     v = np.einsum("...aij,...i,...j->...a", II, u, u)
     P = precision(cov, v.shape[-1])

@@ -7,11 +7,13 @@ writes them all as PNG (``certattn plot gaussian --out DIR``).  All Monte Carlo 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from certattn.errors import InputError
 from certattn.gaussian import keps_fraction, predict_k, top_fraction_tail_mass
 from certattn.gaussian_mc import gaussian_validity, monte_carlo_keps, single_gap_overshoot
 from certattn.topk import certify_topk
@@ -225,9 +227,24 @@ def save_gaussian_figures(out_dir: str | Path, *, quick: bool = False) -> list[P
 
     ``quick=True`` uses fewer Monte Carlo rows and grid points (seconds instead of tens
     of seconds); the figures keep the same layout.
+
+    Raises
+    ------
+    InputError
+        (a ``ValueError``) ``out_dir`` is empty, an existing file, or cannot be created
+        or written; checked before any figure is computed.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if not str(out_dir):
+        raise InputError("the output folder name is empty")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"cannot write figures to {out}: it exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create the folder {out}: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write figures to {out}: permission denied")
     rows = 200 if quick else 2000
     figs = {
         "gaussian_keps_vs_sigma": plot_keps_vs_sigma(
@@ -240,6 +257,9 @@ def save_gaussian_figures(out_dir: str | Path, *, quick: bool = False) -> list[P
     paths = []
     for name, fig in figs.items():
         p = out / f"{name}.png"
-        fig.savefig(p, dpi=130)
+        try:
+            fig.savefig(p, dpi=130)
+        except OSError as exc:
+            raise InputError(f"cannot write {p}: {exc.strerror or exc}") from None
         paths.append(p)
     return paths

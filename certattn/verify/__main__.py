@@ -1,13 +1,13 @@
-"""``python -m certattn.verify``: the ``certattn verify`` command line.
+"""``python -m certattn.verify``: the same as ``certattn verify``.
 
-Runs :func:`certattn.verify.main` on the process arguments and exits with its status (0
-when every check passes, 1 when one fails, 2 on bad usage).
+Runs :func:`certattn.cli.main` with ``verify`` and the process arguments and exits with
+its status (0 when every check passes, 1 when one fails, 2 on bad usage).
 """
 
 from __future__ import annotations
 
 import sys
 
-from ._runner import main
+from certattn.cli import main
 
-sys.exit(main())
+sys.exit(main(["verify", *sys.argv[1:]]))

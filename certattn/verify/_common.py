@@ -157,11 +157,19 @@ def _cases(
     ``width`` = float64 numbers per logit kept alive by the check (sizes the chunks).
     """
     combos = [(k, d, n) for n in ns for d in ctx.dtypes for k in kinds]
-    for (kind, dtype, n), share in zip(combos, _split(rows, len(combos)), strict=True):
+    shares = _split(rows, len(combos))
+    # Progress ticks in row-equivalents of work (a row of n keys costs about n), so that
+    # the bar moves evenly although the longest rows come last.
+    per_key = rows / max(1, sum(s * c[2] for s, c in zip(shares, combos, strict=True)))
+    work, ticked = 0.0, 0
+    for (kind, dtype, n), share in zip(combos, shares, strict=True):
         for r in _steps(share, n * width):
             x = _draw(ctx.rng, kind, r, n, dtype)
             yield ctx.put(x), ctx.put(x.astype(np.float64)), n, kind
-            ctx.tick(r)
+            work += r * n * per_key
+            step = min(rows, round(work)) - ticked
+            ticked += step
+            ctx.tick(step)
 
 
 def _terms(xp: Any, x64: Array) -> tuple[Array, Array]:

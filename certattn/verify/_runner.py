@@ -4,21 +4,27 @@
 :func:`rows_for` turns ``--rows N`` into each check's size (``BASE_ROWS`` scaling);
 :func:`run_verify` picks the array backend, seeds each check, shows a progress bar on
 stderr and turns a crash into a failed result; :func:`format_table` and :func:`to_json`
-render the results and :func:`main` is the command line.
+render the results.  The command line is :func:`certattn.cli.main` (``certattn verify``).
+
+Each check's ``rate`` is its measured speed in rows per second on the reference machine
+(2 CPU cores, NumPy backend, ``--rows 100000``); :func:`estimated_seconds` sums
+``rows / rate`` to say how long a run will take, and the progress display uses the same
+model for its estimate of the time left.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .._progress import Progress, progress_enabled
+from ..errors import InputError
 from ._common import VerifyResult
 from .bounds import (
     check_block_bounds,
@@ -68,54 +74,59 @@ from .search import check_search_sound
 
 BASE_ROWS = 100_000
 
+MAX_ROWS = 10_000_000
+"""Largest ``--rows``: about 2.5 hours on 2 cores (:func:`estimated_seconds`)."""
+
 
 @dataclass(frozen=True)
 class _Spec:
     func: Callable[..., tuple[float, float]]
     default: int
+    rate: float  # measured rows per second (2 cores, NumPy, --rows 100000)
     row_based: bool = True
     minimum: int = 1
 
 
 CHECKS: dict[str, _Spec] = {
-    "TV-TAIL": _Spec(check_tv_tail, 100_000),
-    "TV-KL": _Spec(check_tv_kl, 40_000),
-    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000),
-    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000),
-    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000),
-    "GAP-SINGLE": _Spec(check_gap_single, 60_000),
-    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000),
-    "GAP-MULTI": _Spec(check_gap_multi, 20_000, False, 20),
-    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000),
-    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000),
-    "BLOCK-SCORE": _Spec(check_block_score, 20_000, False, 12),
-    "BLOCK-MASS": _Spec(check_block_mass, 300_000),
-    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000),
-    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000),
-    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, False, 18),
-    "OUT-BEST": _Spec(check_out_best, 10_000, False, 18),
-    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000),
-    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000),
-    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000),
-    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000),
-    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000),
-    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, False, 64),
-    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, False, 32),
-    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, False, 700),
-    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, False, 32),
-    "GEO-METRIC": _Spec(check_geo_metric, 20_000, False, 4),
-    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, False, 4),
-    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, False, 4),
-    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, False, 4),
-    "GEO-SCOPE": _Spec(check_geo_scope, 800, False, 4),
-    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, False, 4),
-    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, False, 4),
-    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, False, 4),
-    "GEO-DEPTH": _Spec(check_geo_depth, 200, False, 2),
-    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, False, 4),
+    "TV-TAIL": _Spec(check_tv_tail, 100_000, 51_000),
+    "TV-KL": _Spec(check_tv_kl, 40_000, 12_000),
+    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
+    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 35_000),
+    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 23_000),
+    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 17_000),
+    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 11_000),
+    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 33_000, False, 20),
+    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 15_000),
+    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 61_000),
+    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 79_000, False, 12),
+    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 640_000),
+    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 46_000),
+    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 56_000),
+    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 37_000, False, 18),
+    "OUT-BEST": _Spec(check_out_best, 10_000, 5_400, False, 18),
+    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 27_000),
+    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 25_000),
+    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 20_000),
+    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 21_000),
+    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 21_000),
+    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 310_000, False, 64),
+    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 4_900, False, 32),
+    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 73_000, False, 700),
+    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 24_000, False, 32),
+    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 26_000, False, 4),
+    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 7_100, False, 4),
+    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 9_000, False, 4),
+    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 27_000, False, 4),
+    "GEO-SCOPE": _Spec(check_geo_scope, 800, 24_000, False, 4),
+    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 49_000, False, 4),
+    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 100_000, False, 4),
+    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 6_400, False, 4),
+    "GEO-DEPTH": _Spec(check_geo_depth, 200, 1_400, False, 2),
+    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 51_000, False, 4),
 }
-"""Theorem id -> batch check, its default row count, whether ``--rows N`` gives it ``N``
-rows (row-based) or ``default * N / BASE_ROWS`` (at least ``minimum``)."""
+"""Theorem id -> batch check, its default row count, its measured speed (rows per second
+on 2 cores), whether ``--rows N`` gives it ``N`` rows (row-based) or
+``default * N / BASE_ROWS`` (at least ``minimum``)."""
 
 
 def rows_for(theorem_id: str, rows: int | None) -> int:
@@ -137,7 +148,7 @@ def _backend(name: str) -> tuple[Any, Any]:
         try:
             import cupy
         except ImportError as exc:  # pragma: no cover - needs a GPU machine
-            raise ValueError(f"backend 'cupy' needs CuPy with a CUDA GPU: {exc}") from None
+            raise InputError(f"backend 'cupy' needs CuPy with a CUDA GPU: {exc}") from None
         import array_api_compat.cupy as xcp
 
         return xcp, cupy.cuda.Device()
@@ -145,39 +156,98 @@ def _backend(name: str) -> tuple[Any, Any]:
         import array_api_strict as xs
 
         return xs, xs.Device("CPU_DEVICE")
-    raise ValueError(f"backend must be 'numpy', 'cupy' or 'strict', got {name!r}")
+    raise InputError(f"backend must be 'numpy', 'cupy' or 'strict', got {name!r}")
 
 
-class _Bar:
-    """Progress bar on stderr: ``ID  done/total rows  pct  seconds``."""
-
-    def __init__(self, label: str, total: int) -> None:
-        self.label, self.total, self.done, self.t0 = label, total, 0, time.perf_counter()
-        self.last = 0.0
-
-    def __call__(self, r: int) -> None:
-        self.done += r
-        now = time.perf_counter()
-        if now - self.last < 0.2 and self.done < self.total:
-            return
-        self.last = now
-        frac = min(1.0, self.done / max(1, self.total))
-        bar = "#" * int(30 * frac)
-        sys.stderr.write(
-            f"\r{self.label:<18} [{bar:<30}] {self.done:>11,}/{self.total:,} rows "
-            f"{now - self.t0:7.1f}s"
-        )
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        sys.stderr.write("\r" + " " * 100 + "\r")
-        sys.stderr.flush()
+def _check_rows(rows: int | None) -> None:
+    if rows is None:
+        return
+    if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or not (
+        1 <= rows <= MAX_ROWS
+    ):
+        raise InputError(f"rows must be an integer from 1 to {MAX_ROWS:,}, got {rows!r}")
 
 
-def _want_progress(progress: bool | None) -> bool:
-    if progress is not None:
-        return bool(progress)
-    return os.environ.get("CERTATTN_PROGRESS") == "1" or sys.stderr.isatty()
+def estimated_seconds(
+    rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None
+) -> float:
+    """Estimated run time of :func:`run_verify` in seconds on the reference machine (2 cores).
+
+    The sum over the checks of ``rows_for(id, rows) / rate``, with each check's ``rate``
+    measured at ``--rows 100000`` on NumPy (see :data:`CHECKS`).  An estimate: a busy or
+    faster machine differs by its speed ratio.
+    """
+    wanted = list(CHECKS) if ids is None else list(ids)
+    return sum(rows_for(t, rows) / CHECKS[t].rate for t in wanted)
+
+
+def iter_verify(
+    rows: int | None = None,
+    *,
+    backend: str = "numpy",
+    seed: int = 0,
+    ids: list[str] | tuple[str, ...] | None = None,
+    progress: bool | None = None,
+) -> Iterator[VerifyResult]:
+    """Like :func:`run_verify`, but yields each result as its check finishes.
+
+    An interrupted iteration has yielded exactly the finished checks (the command line
+    prints them when stopped by Ctrl-C or SIGTERM).
+    """
+    from ..theorems import THEOREMS
+
+    order = [t.id for t in THEOREMS]
+    wanted = order if ids is None else list(ids)
+    unknown = [i for i in wanted if i not in CHECKS]
+    if unknown:
+        raise InputError(f"no verify check for {', '.join(unknown)}; known: {', '.join(order)}")
+    _check_rows(rows)
+    xp, device = _backend(backend)
+    show = progress_enabled(progress)
+    sizes = [rows_for(t, rows) for t in wanted]
+    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    cost_total, cost_done, t_start = sum(cost), 0.0, time.perf_counter()
+    for i, (tid, n) in enumerate(zip(wanted, sizes, strict=True)):
+        rng = np.random.default_rng([int(seed), order.index(tid) if tid in order else 0])
+        bar = _CheckBar(f"verify {i + 1}/{len(wanted)} {tid}", n, cost_done, cost[i],
+                        cost_total, t_start) if show else None
+        t0 = time.perf_counter()
+        try:
+            with np.errstate(all="ignore"):
+                viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
+        except Exception as exc:  # a crash is a failure of that theorem, not of the run
+            if bar is not None:
+                bar.close()
+            sys.stderr.write(f"{tid}: {type(exc).__name__}: {exc}\n")
+            viol, tol = math.inf, math.nan
+        finally:
+            if bar is not None:
+                bar.close()
+        dt = time.perf_counter() - t0
+        cost_done += cost[i]
+        viol, tol = float(viol), float(tol)
+        yield VerifyResult(tid, n, viol, tol, bool(viol <= tol), round(dt, 3))
+
+
+class _CheckBar(Progress):
+    """The bar of one check, with the time left of the whole run from the cost model.
+
+    Rows of one check need not cost the same (longer rows come last), so the checks tick
+    in row-equivalents of work (:func:`._common._cases`), and the estimate scales the
+    measured costs (:data:`CHECKS` rates) by the speed observed so far on this machine.
+    """
+
+    def __init__(self, label: str, total: int, before: float, cost: float,
+                 cost_total: float, t_start: float) -> None:
+        super().__init__(label, total)
+        self._before, self._cost, self._all, self._t_start = before, cost, cost_total, t_start
+
+    def draw(self) -> None:
+        done = self._before + self._cost * min(1.0, self.done / max(1, self.total))
+        elapsed = time.perf_counter() - self._t_start
+        speed = elapsed / done if done > 0 and elapsed > 1.0 else 1.0
+        self.eta = max(0.0, (self._all - done) * speed)
+        super().draw()
 
 
 def run_verify(
@@ -193,8 +263,10 @@ def run_verify(
     Parameters
     ----------
     rows : int, optional
-        ``None``: each check's default size (about a minute on 2 cores in total).
-        ``N``: ``N`` rows for the row-based checks, the others scaled by ``N / BASE_ROWS``.
+        ``None``: each check's default size (about 40 s on 2 cores in total).
+        ``N`` (1 to :data:`MAX_ROWS`): ``N`` rows for the row-based checks, the others
+        scaled by ``N / BASE_ROWS`` (about 80 s per 100,000 rows on 2 cores; see
+        :func:`estimated_seconds`).
     backend : {"numpy", "cupy", "strict"}
         Array library the library's functions run on.
     seed : int
@@ -206,40 +278,10 @@ def run_verify(
 
     Raises
     ------
-    ValueError
-        Unknown id or backend, ``rows < 1``.
+    InputError
+        (a ``ValueError``) Unknown id or backend, ``rows`` not an integer in ``[1, MAX_ROWS]``.
     """
-    from ..theorems import THEOREMS
-
-    order = [t.id for t in THEOREMS]
-    wanted = order if ids is None else list(ids)
-    unknown = [i for i in wanted if i not in CHECKS]
-    if unknown:
-        raise ValueError(f"no verify check for {', '.join(unknown)}; known: {', '.join(order)}")
-    if rows is not None and (isinstance(rows, bool) or int(rows) < 1):
-        raise ValueError(f"rows must be a positive integer, got {rows!r}")
-    xp, device = _backend(backend)
-    show = _want_progress(progress)
-    out = []
-    for tid in wanted:
-        n = rows_for(tid, rows)
-        rng = np.random.default_rng([int(seed), order.index(tid) if tid in order else 0])
-        bar = _Bar(tid, n) if show else None
-        t0 = time.perf_counter()
-        try:
-            with np.errstate(all="ignore"):
-                viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
-        except Exception as exc:  # a crash is a failure of that theorem, not of the run
-            if bar is not None:
-                bar.close()
-            sys.stderr.write(f"{tid}: {type(exc).__name__}: {exc}\n")
-            viol, tol = math.inf, math.nan
-        dt = time.perf_counter() - t0
-        if bar is not None:
-            bar.close()
-        viol, tol = float(viol), float(tol)
-        out.append(VerifyResult(tid, n, viol, tol, bool(viol <= tol), round(dt, 3)))
-    return out
+    return list(iter_verify(rows, backend=backend, seed=seed, ids=ids, progress=progress))
 
 
 def format_table(results: list[VerifyResult]) -> str:
@@ -274,13 +316,3 @@ def to_json(results: list[VerifyResult]) -> list[dict[str, Any]]:
             if not math.isfinite(d[key]):
                 d[key] = None
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``certattn verify ...`` with these arguments (one CLI: :mod:`certattn.cli`).
-
-    Exit status 0 when every check passes, 1 when one fails, 2 on bad usage.
-    """
-    from ..cli import main as cli_main
-
-    return cli_main(["verify", *(sys.argv[1:] if argv is None else argv)])
