@@ -30,6 +30,7 @@ from typing import IO, Any, NoReturn
 
 import numpy as np
 
+from ._backends import verify_backends
 from .errors import InputError
 
 __all__ = ["CLIError", "main"]
@@ -535,7 +536,7 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rows", type=_int_option("--rows", 1, MAX_ROWS), metavar="N",
                    help=f"rows per row-based check, 1 to {MAX_ROWS:,} (default: each check's "
                    "own size; other checks scale proportionally). " + _VERIFY_TIMING)
-    v.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
+    v.add_argument("--backend", default="numpy", choices=verify_backends(),
                    help="array library to run on (cupy: on the GPU)")
     v.add_argument("--seed", type=_int_option("--seed", 0, 2**63 - 1), default=0,
                    help="random seed (default 0)")

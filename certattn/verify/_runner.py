@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .._backends import verify_backends
 from .._progress import Progress, progress_enabled
 from ..errors import InputError
 from ._common import VerifyResult
@@ -140,6 +141,7 @@ def rows_for(theorem_id: str, rows: int | None) -> int:
 
 
 def _backend(name: str) -> tuple[Any, Any]:
+    """Namespace and device of a ``--backend`` choice (``_backends.verify_backends``)."""
     if name == "numpy":
         import array_api_compat.numpy as xnp
 
@@ -156,7 +158,7 @@ def _backend(name: str) -> tuple[Any, Any]:
         import array_api_strict as xs
 
         return xs, xs.Device("CPU_DEVICE")
-    raise InputError(f"backend must be 'numpy', 'cupy' or 'strict', got {name!r}")
+    raise InputError(f"backend must be one of {verify_backends()}, got {name!r}")
 
 
 def _check_rows(rows: int | None) -> None:
