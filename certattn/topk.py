@@ -59,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _topk_numba as _nb_path
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
 from ._validate import check_eps, check_logits, check_number, first_bad_position
@@ -283,6 +284,7 @@ def _certify_rows(
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * _U + _GAMMA_TERM
     fast = is_numpy(xp)
+    compiled = _nb_path.chunk_function() if fast else None  # certattn[fast], or None
     workers = _np_path.threads() if fast else 1
     if fast:
         step = _np_path.chunk_rows(rows, n, workers)
@@ -294,6 +296,8 @@ def _certify_rows(
         chunk = flat[start:stop, ...]
         if fast and chunk.dtype.itemsize < 4:  # float16, bfloat16: exact in float32, and
             chunk = _np_path.as_float32(chunk)  # NumPy compares and casts those natively
+        if compiled is not None:  # the numba kernel: same terms, test and analysis
+            return compiled(chunk, eps, gamma)
         lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
         if lowest > -math.inf:
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
