@@ -131,6 +131,7 @@ BLOCK_KEYS = 1 << 17  # keys per block of NumPy terms (1 MiB of float64)
 STREAM_KEYS = 1 << 20  # longer rows compute their terms in the kernel (no row buffer)
 STEER_SAMPLE = 128  # keys sampled per row to steer the vectorised pass
 STEER_MIN_KEYS = 1024  # shorter rows go straight to the histogram kernel
+STEER = True  # try the steered pass (tests turn it off to reach the full kernel)
 CACHE = os.environ.get("CERTATTN_NUMBA_CACHE", "1") != "0"
 
 _KERNELS: Any = None
@@ -208,7 +209,7 @@ def certify_chunk(
     args = (eps, gamma, z_min, z_max, shift, n * math.exp(FLOOR + 1.0), n * _TINY,
             first_bins(n, eps))
     if n > STREAM_KEYS or eps == 0.0:
-        mod.certify_block(x, np.empty((1, 0)), top, top, False, *args, k, tail, n_valid, top)
+        mod.certify_block(x, np.empty((1, 0)), top, top, False, False, *args, k, tail, n_valid, top)
         return k, tail, n_valid, top
     step = max(1, BLOCK_KEYS // n)
     zs = np.empty(step)
@@ -220,6 +221,6 @@ def certify_chunk(
         with np.errstate(over="ignore", invalid="ignore"):  # overflow: shifted terms
             e = npk.terms(xb, None if lowest >= FLOOR else FLOOR)
             z = np.sum(e, axis=1, out=zs[: j - i])
-        mod.certify_block(xb, e, top[i:j], z, True, *args, k[i:j], tail[i:j], n_valid[i:j],
-                          top[i:j])
+        mod.certify_block(xb, e, top[i:j], z, True, STEER, *args, k[i:j], tail[i:j],
+                          n_valid[i:j], top[i:j])
     return k, tail, n_valid, top

@@ -485,21 +485,21 @@ def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
 
 def _signature(xtype):
     return void(
-        xtype[:, ::1], float64[:, ::1], float64[::1], float64[::1], boolean, float64,
+        xtype[:, ::1], float64[:, ::1], float64[::1], float64[::1], boolean, boolean, float64,
         float64, float64, float64, float64, float64, float64, int64, int64[::1],
         float64[::1], int64[::1], float64[::1],
     )
 
 
 @njit([_signature(float32), _signature(float64)], **_JIT)
-def certify_block(x, e, mx, zr, use_e, eps, gamma, z_min, z_max, shift, alpha_raised, alpha_tiny,
-                  nb0, k_out, tail_out, nv_out, top_out):
+def certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
+                  alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
     """Per row of ``x``, write ``k``, the tail before the final division rounding,
     ``n_valid`` and ``top`` (NaN or ``+inf`` exactly for rows holding NaN or ``+inf``).
 
     With ``use_e``, ``e`` holds the NumPy terms ``exp(max(x, FLOOR))`` and ``mx`` the
     NumPy row maxima (NaN-propagating), ``zr`` the NumPy row sums of ``e``, and the
-    steered pass is tried first.
+    steered pass is tried first if ``steer``.
     """
     n = x.shape[1]
     width = max(nb0 + 1, SUB_BINS)
@@ -508,7 +508,8 @@ def certify_block(x, e, mx, zr, use_e, eps, gamma, z_min, z_max, shift, alpha_ra
     dmn = np.empty((MAX_LEVELS, width), dtype=np.float64)
     dmx = np.empty((MAX_LEVELS, width), dtype=np.float64)
     jc = np.empty(MAX_LEVELS, dtype=np.int64)
-    buf = np.empty(max(CAP, n // 32) + 1, dtype=np.float64)
+    # the steered pass gathers up to n / 32 terms (rows of NumPy terms only)
+    buf = np.empty((max(CAP, n // 32) if use_e and steer else CAP) + 1, dtype=np.float64)
     smass = np.empty(nb0 + 1, dtype=np.float64)
     th = np.empty(N_THRESHOLDS, dtype=np.float64)
     sums = np.empty(N_THRESHOLDS, dtype=np.float64)
@@ -524,7 +525,7 @@ def certify_block(x, e, mx, zr, use_e, eps, gamma, z_min, z_max, shift, alpha_ra
                 nv_out[i] = n
                 top_out[i] = m
                 continue
-            if m > -np.inf and n >= STEER_MIN_KEYS:
+            if steer and m > -np.inf and n >= STEER_MIN_KEYS:
                 ok, k, tail, nv = _row_steered(
                     x[i], er, m, zr[i], eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, nb0,
                     stride, smass, th, sums, counts, buf, cnt[1], mass[1],
