@@ -97,13 +97,18 @@ Error analysis (covered by the margin of :mod:`certattn.topk`)
 
 Memory and threads
 ------------------
-Per worker thread: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)`` counts, masses
-and distance ranges: 128 KiB for :math:`\varepsilon = 0.01`, under 1 MiB for any eps),
-``CAP`` floats, and for rows up to ``STREAM_KEYS`` keys a float64 term buffer of about
-``BLOCK_KEYS`` keys (1 MiB).  Longer rows are streamed (``math.exp`` in the kernel): no
-scratch grows with the row length.  Half precision is widened to float32 per chunk first
-(4 bytes a key, as on the NumPy path).  Chunks run on the NumPy path's worker pool
-(``CERTATTN_NUM_THREADS``); the kernels release the GIL (``nogil=True``).
+Per worker thread and chunk: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)``
+counts and masses, ``MAX_LEVELS`` x ``SUB_BINS`` distance ranges: 64 KiB for
+:math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(CAP, n/32)`` gathered
+terms, and for rows up to ``STREAM_KEYS`` keys a float64 term buffer of at most
+``BLOCK_KEYS`` keys (1 MiB, NumPy's, kept per thread).  Longer rows are streamed
+(``math.exp`` in the kernel, no term buffer): no scratch grows with the row length
+(tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on the NumPy path).
+Half precision is widened to float32 per chunk first (4 bytes a key, as on the NumPy
+path), and a non-contiguous chunk is copied once.  Chunks run on the NumPy path's worker
+pool (``CERTATTN_NUM_THREADS``); the kernels release the GIL (``nogil=True``), so chunks
+run in parallel with no second thread pool or numba threading layer to configure
+(numba's ``prange`` was not benchmarked against it).
 
 Compilation cache
 -----------------
@@ -128,7 +133,7 @@ SUB_BINS = 256  # sub-bins when a bin is split
 MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
 MAX_BINS = 8192  # bins of the first level (1/8 nat each)
 BLOCK_KEYS = 1 << 17  # keys per block of NumPy terms (1 MiB of float64)
-STREAM_KEYS = 1 << 20  # longer rows compute their terms in the kernel (no row buffer)
+STREAM_KEYS = BLOCK_KEYS  # longer rows compute their terms in the kernel (no row buffer)
 STEER_SAMPLE = 128  # keys sampled per row to steer the vectorised pass
 STEER_MIN_KEYS = 1024  # shorter rows go straight to the histogram kernel
 STEER = True  # try the steered pass (tests turn it off to reach the full kernel)

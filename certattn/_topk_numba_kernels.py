@@ -505,8 +505,8 @@ def certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, a
     width = max(nb0 + 1, SUB_BINS)
     cnt = np.empty((MAX_LEVELS, width), dtype=np.int64)
     mass = np.empty((MAX_LEVELS, width), dtype=np.float64)
-    dmn = np.empty((MAX_LEVELS, width), dtype=np.float64)
-    dmx = np.empty((MAX_LEVELS, width), dtype=np.float64)
+    dmn = np.empty((MAX_LEVELS, SUB_BINS), dtype=np.float64)  # levels >= 1 only
+    dmx = np.empty((MAX_LEVELS, SUB_BINS), dtype=np.float64)
     jc = np.empty(MAX_LEVELS, dtype=np.int64)
     # the steered pass gathers up to n / 32 terms (rows of NumPy terms only)
     buf = np.empty((max(CAP, n // 32) if use_e and steer else CAP) + 1, dtype=np.float64)

@@ -208,7 +208,10 @@ def certify_topk(
     Work is done in row chunks of bounded size, so peak extra memory does not grow with
     the batch: about 2^20 keys a chunk on NumPy (some 12 MiB of scratch per worker
     thread, ``CERTATTN_NUM_THREADS`` of them, kept between calls), 64 MiB of float64
-    temporaries on other array libraries.
+    temporaries on other array libraries.  A row is never split, so on the NumPy path a
+    row longer than a chunk needs about 10 bytes a key (159 MiB for a 2^24-key float32
+    row, tracemalloc); the compiled path (``certattn[fast]``, :mod:`certattn._topk_numba`,
+    chosen by ``CERTATTN_KERNEL``) streams long rows in under 1 MiB per worker thread.
 
     Raises
     ------
