@@ -112,7 +112,8 @@ run in parallel with no second thread pool or numba threading layer to configure
 
 Compilation cache
 -----------------
-Kernels compile once per dtype (explicit float32 and float64 signatures) and are cached
+Kernels compile once per dtype (an explicit float32 or float64 signature, made at the
+first use of that dtype) and are cached
 on disk by numba (``cache=True``): next to this file in ``__pycache__``, or, where that
 is read-only, in numba's user-wide cache directory; ``NUMBA_CACHE_DIR`` overrides both.
 Where no cache directory is writable the kernels are compiled in memory at the first
@@ -199,8 +200,8 @@ def certify_chunk(
     from . import _topk_numpy as npk
     from .topk import _TINY
 
-    mod = kernels()
     x = np.ascontiguousarray(chunk)
+    block = kernels().certify_block(x.dtype)
     r, n = x.shape
     k = np.empty(r, dtype=np.int64)
     tail = np.empty(r, dtype=np.float64)
@@ -214,7 +215,7 @@ def certify_chunk(
     args = (eps, gamma, z_min, z_max, shift, n * math.exp(FLOOR + 1.0), n * _TINY,
             first_bins(n, eps))
     if n > STREAM_KEYS or eps == 0.0:
-        mod.certify_block(x, np.empty((1, 0)), top, top, False, False, *args, k, tail, n_valid, top)
+        block(x, np.empty((1, 0)), top, top, False, False, *args, k, tail, n_valid, top)
         return k, tail, n_valid, top
     step = max(1, BLOCK_KEYS // n)
     zs = np.empty(step)
@@ -226,6 +227,6 @@ def certify_chunk(
         with np.errstate(over="ignore", invalid="ignore"):  # overflow: shifted terms
             e = npk.terms(xb, None if lowest >= FLOOR else FLOOR)
             z = np.sum(e, axis=1, out=zs[: j - i])
-        mod.certify_block(xb, e, top[i:j], z, True, STEER, *args, k[i:j], tail[i:j],
-                          n_valid[i:j], top[i:j])
+        block(xb, e, top[i:j], z, True, STEER, *args, k[i:j], tail[i:j], n_valid[i:j],
+              top[i:j])
     return k, tail, n_valid, top

@@ -491,8 +491,7 @@ def _signature(xtype):
     )
 
 
-@njit([_signature(float32), _signature(float64)], **_JIT)
-def certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
+def _certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
                   alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
     """Per row of ``x``, write ``k``, the tail before the final division rounding,
     ``n_valid`` and ``top`` (NaN or ``+inf`` exactly for rows holding NaN or ``+inf``).
@@ -542,3 +541,17 @@ def certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, a
         tail_out[i] = tail
         nv_out[i] = nv
         top_out[i] = top
+
+
+_BLOCKS: dict = {}
+
+
+def certify_block(dtype):
+    """The compiled block kernel for logits of ``dtype`` (float32 or float64): one
+    explicit signature per dtype, compiled (or loaded from numba's disk cache) at its
+    first use only, so a process that sees one dtype loads one."""
+    key = np.dtype(dtype).name
+    if key not in _BLOCKS:
+        xtype = {"float32": float32, "float64": float64}[key]
+        _BLOCKS[key] = njit([_signature(xtype)], **_JIT)(_certify_block)
+    return _BLOCKS[key]
