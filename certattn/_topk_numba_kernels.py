@@ -232,6 +232,8 @@ def _row(xr, er, use_e, eps, gamma, z_min, z_max, shift, alpha_raised, alpha_tin
             dmn[nl, i] = np.inf
             dmx[nl, i] = -np.inf
         scale = SUB_BINS / (hi - lo) if hi > lo else 0.0
+        if not scale <= 1e300:  # a window of a few subnormal widths: one sub-bin (an
+            scale = 0.0  # infinite scale would make 0 * inf = NaN, and int(NaN) garbage)
         for j in range(n):
             v = np.float64(xr[j])
             a = _exponent(v, mode, m, shift)
@@ -412,6 +414,8 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
         hi = max(hi, vals[i])
     nbin = SUB_BINS
     scale = nbin / (hi - lo) if hi > lo else 0.0
+    if not scale <= 1e300:  # values a few subnormal spacings apart: one bin (no NaN)
+        scale = 0.0
     for i in range(nbin):
         sub_cnt[i] = 0
         sub_mass[i] = 0.0

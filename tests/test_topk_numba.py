@@ -148,6 +148,9 @@ def test_crowded_bins_zoom_and_equal_keys(mode, eps):
     ties = np.r_[np.full(n - 5, -2.0), [0.0, -0.5, -1.0, -1.5, -3.0]]
     fine = -rng.uniform(0, 1e-9, n) + 7.0  # distances far below a sub-bin at level 1
     _agree_and_exact(np.stack([dense, ties, fine]), eps)
+    # distances a few subnormal spacings apart: windows whose width is subnormal
+    tiny = -np.arange(n) * 5e-324
+    _agree_and_exact(np.stack([tiny, tiny[::-1], -np.arange(n) % 3 * 5e-324]), eps)
 
 
 @pytest.mark.parametrize(
