@@ -62,6 +62,8 @@ def _gather(xr, er, mode, m, shift, lo, hi, closed, out):
         a = _exponent(v, mode, m, shift)
         if a < FLOOR:
             continue
+        if g == out.shape[0]:  # more keys than counted: cannot happen, never overrun
+            return -1
         out[g] = _term(a, er, j, mode)
         g += 1
     return g
@@ -101,6 +103,9 @@ def _resolve(xr, er, mode, m, shift, lo, hi, closed, equal, count, raised, s, t,
         return _add_in_row_order(xr, er, mode, m, shift, lo, hi, closed, raised, s, t, budget)
     work = buf if count <= CAP else np.empty(count, dtype=np.float64)
     g = _gather(xr, er, mode, m, shift, lo, hi, closed, work)
+    if g < 0:  # defensive: room for the whole row
+        work = np.empty(xr.shape[0], dtype=np.float64)
+        g = _gather(xr, er, mode, m, shift, lo, hi, closed, work)
     part = work[:g]
     part.sort()
     for i in range(g):
@@ -310,9 +315,10 @@ def _gather_between(xr, er, lo, hi, out):
     per key, kept only where the key is in the bracket): ``out`` must hold one more
     than the keys of the bracket.  Returns how many."""
     g = 0
+    last = out.shape[0] - 1  # never written past, whatever the comparisons say
     for j in range(xr.shape[0]):
         v = np.float64(xr[j])
-        out[g] = er[j]
+        out[min(g, last)] = er[j]
         g += (v >= lo) & (v < hi)
     return g
 

@@ -94,8 +94,8 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
     valid = np.isfinite(batch).sum(axis=1)
     saved = npk.cut_bracket
     saved_kernel = os.environ.get("CERTATTN_KERNEL")
-    os.environ["CERTATTN_KERNEL"] = "numpy"  # the NumPy kernels (numba: test_topk_numba)
     for kernel in ("bracket", "sorted"):
+        os.environ["CERTATTN_KERNEL"] = "numpy"  # the NumPy kernels (numba: test_topk_numba)
         try:
             if kernel == "sorted":
                 npk.cut_bracket = lambda x, e, c, b: _cut_sorted(e, b, xnp)
@@ -104,7 +104,7 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
         finally:
             npk.cut_bracket = saved
             if saved_kernel is None:
-                del os.environ["CERTATTN_KERNEL"]
+                os.environ.pop("CERTATTN_KERNEL", None)
             else:
                 os.environ["CERTATTN_KERNEL"] = saved_kernel
         for i, r in enumerate(rows):
