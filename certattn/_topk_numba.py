@@ -82,7 +82,10 @@ Error analysis (covered by the margin of :mod:`certattn.topk`)
   non-negative terms in *some* order; the bound :math:`1.01\,m u` of
   :mod:`certattn.topk` holds for every order and parenthesisation (Higham, Lemma 3.1:
   the error is at most :math:`\gamma_{h}\sum|x_i|` for a summation tree of height
-  :math:`h \le m - 1`).
+  :math:`h \le m - 1`).  The steered pass's :math:`\hat Z` is NumPy's row sum
+  (pairwise), and its sums below the thresholds are split over SIMD lanes: the loop
+  that forms them is compiled with ``fastmath={"reassoc"}`` and nothing else (no
+  ``nnan``/``ninf``/``contract``), which licenses exactly a change of summation order.
 * **Thresholds and bin edges** never enter a certified value: a key sent to the
   wrong bin by rounding of :math:`m - s_i` is still in a contiguous class
   (monotonicity; thresholds compare the logits themselves), and any set of
@@ -92,8 +95,9 @@ Error analysis (covered by the margin of :mod:`certattn.topk`)
 * **Acceptance.**  Same test, same :math:`\gamma = 2(n + 4096)u + 2100u` and
   :math:`\alpha` (per row: :math:`n e^{-699}` if the row has raised terms or is shifted,
   else :math:`n 2^{-1073}`; the NumPy path decides per chunk, which only ever enlarges
-  :math:`\alpha`), so the soundness and margin statements of :mod:`certattn.topk`
-  (TV-TAIL, TV-KL) hold for this kernel unchanged.
+  :math:`\alpha`; likewise the NumPy path shifts a whole chunk when one of its rows
+  needs it, this kernel only that row), so the soundness and margin statements of
+  :mod:`certattn.topk` (TV-TAIL, TV-KL) hold for this kernel unchanged.
 
 Memory and threads
 ------------------
@@ -113,11 +117,14 @@ run in parallel with no second thread pool or numba threading layer to configure
 Compilation cache
 -----------------
 Kernels compile once per dtype (an explicit float32 or float64 signature, made at the
-first use of that dtype) and are cached
-on disk by numba (``cache=True``): next to this file in ``__pycache__``, or, where that
-is read-only, in numba's user-wide cache directory; ``NUMBA_CACHE_DIR`` overrides both.
-Where no cache directory is writable the kernels are compiled in memory at the first
-use in each process (a few seconds) instead of failing.
+first use of that dtype; the first-ever compile takes 10-30 s) and are cached on disk by
+numba (``cache=True``): next to this file in ``__pycache__``, or, where that is
+read-only, in numba's user-wide cache directory; ``NUMBA_CACHE_DIR`` overrides both.  A
+fresh process then loads the kernel it needs from disk (numba's import and the load:
+about a second on a busy 2-core machine).  Where numba finds no writable cache directory
+at all, the kernels are compiled in memory in each process instead of failing (that
+fallback is not exercised by the tests); ``CERTATTN_NUMBA_CACHE=0`` turns the disk cache
+off.
 """
 
 from __future__ import annotations

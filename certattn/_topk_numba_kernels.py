@@ -562,6 +562,11 @@ def certify_block(dtype):
     first use only, so a process that sees one dtype loads one."""
     key = np.dtype(dtype).name
     if key not in _BLOCKS:
-        xtype = {"float32": float32, "float64": float64}[key]
-        _BLOCKS[key] = njit([_signature(xtype)], **_JIT)(_certify_block)
+        sig = [_signature({"float32": float32, "float64": float64}[key])]
+        try:
+            _BLOCKS[key] = njit(sig, **_JIT)(_certify_block)
+        except RuntimeError as err:  # numba: "cannot cache ... no locator available"
+            if "cache" not in str(err):
+                raise
+            _BLOCKS[key] = njit(sig, nogil=True)(_certify_block)
     return _BLOCKS[key]
