@@ -1,6 +1,12 @@
 """certify_topk against the sort + cumsum baseline, measured side by side in one run.
 
-Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 11] [--more]``
+Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 11] [--more]
+[--threads 1 2]``
+
+Each case is timed for every thread count (``CERTATTN_NUM_THREADS``): the compiled path
+(``CERTATTN_KERNEL=numba``, when numba is installed), the NumPy path
+(``CERTATTN_KERNEL=numpy``), the baseline, one logsumexp and the read floor
+(``x.max(-1)``, one pass over the logits).
 
 The baseline is the issue's reference (float32 sort, float32 exp, float64 cumsum); the
 ratio is baseline time / certify_topk time, each the median of interleaved repeats on
@@ -14,6 +20,7 @@ masks (-inf after a prefix), float16 and float64 logits, and shorter (n / 4) row
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -45,15 +52,26 @@ def main() -> None:
         "--more", action="store_true",
         help="also time causal masks, float16 and float64 logits and shorter rows",
     )
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
     rng = np.random.default_rng(0)
+    try:
+        import numba  # noqa: F401
+
+        kernels = ["numba", "numpy"]
+    except ImportError:
+        kernels = ["numpy"]
     print(
         f"rows={args.rows} n={args.n} eps={args.eps} float32 unless said, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}; ratios are same-run"
     )
-    print("| sigma, case | baseline ms | certify ms | logsumexp ms | speed-up | certify / lse |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| sigma, case | threads | baseline ms | compiled ms | NumPy path ms | logsumexp ms "
+        "| read floor ms | NumPy / compiled | compiled / floor | compiled / lse "
+        "| baseline / compiled |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     cases = [
         (f"{sigma:g}", (rng.standard_normal((args.rows, args.n)) * sigma).astype(np.float32))
         for sigma in args.sigmas
@@ -67,33 +85,48 @@ def main() -> None:
             ("3, float64", x.astype(np.float64)),
             ("3, n / 4", x.reshape(4 * args.rows, args.n // 4)),
         ]
+
+    def certify(x: np.ndarray, kernel: str) -> np.ndarray:
+        os.environ["CERTATTN_KERNEL"] = kernel
+        return np.asarray(certattn.certify_topk(x, args.eps).k)
+
     for label, x in cases:
-        funcs = {
-            "base": lambda x=x: baseline(x, args.eps),
-            "cert": lambda x=x: certattn.certify_topk(x, args.eps),
-            "lse": lambda x=x: logsumexp(x, axis=-1),
-        }
-        times: dict[str, list[float]] = {name: [] for name in funcs}
-        names = list(funcs)
-        for f in funcs.values():  # warm-up: threads, scratch buffers, first touch of x
-            f()
-        for i in range(args.repeats):
-            # Rotate the order: on a virtual machine the call right after the baseline
-            # (which allocates and frees about 200 MB) runs up to 25% slower, so each
-            # function follows each other one equally often.
-            for name in names[i % 3 :] + names[: i % 3]:
-                t0 = clock()
-                funcs[name]()
-                times[name].append(clock() - t0)
-        med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
-        k_base = baseline(x, args.eps)
-        k_cert = np.asarray(certattn.certify_topk(x, args.eps).k)
-        agree = float(np.mean(k_base == k_cert))
-        print(
-            f"| {label} | {med['base']:.1f} | {med['cert']:.1f} | {med['lse']:.1f} "
-            f"| {med['base'] / med['cert']:.2f}x | {med['cert'] / med['lse']:.2f} |"
-            f"  (k agrees with baseline on {agree:.1%} of rows)"
-        )
+        for threads in args.threads:
+            os.environ["CERTATTN_NUM_THREADS"] = str(threads)
+            funcs = {
+                "base": lambda x=x: baseline(x, args.eps),
+                **{k: (lambda x=x, k=k: certify(x, k)) for k in kernels},
+                "lse": lambda x=x: logsumexp(x, axis=-1),
+                "floor": lambda x=x: x.max(-1),
+            }
+            times: dict[str, list[float]] = {name: [] for name in funcs}
+            names = list(funcs)
+            for f in funcs.values():  # warm-up: threads, scratch buffers, first touch of x
+                f()
+            for i in range(args.repeats):
+                # Rotate the order: on a virtual machine the call right after the baseline
+                # (which allocates and frees about 200 MB) runs up to 25% slower, so each
+                # function follows each other one equally often.
+                j = i % len(names)
+                for name in names[j:] + names[:j]:
+                    t0 = clock()
+                    funcs[name]()
+                    times[name].append(clock() - t0)
+            med = {name: statistics.median(v) * 1e3 for name, v in times.items()}
+            fast = "numba" if "numba" in med else "numpy"
+            k_fast = certify(x, fast)
+            agree_np = float(np.mean(k_fast == certify(x, "numpy")))
+            agree_base = float(np.mean(k_fast == baseline(x, args.eps)))
+            comp = f"{med['numba']:.1f}" if "numba" in med else "-"
+            print(
+                f"| {label} | {threads} | {med['base']:.1f} | {comp} | {med['numpy']:.1f} "
+                f"| {med['lse']:.1f} | {med['floor']:.2f} "
+                f"| {med['numpy'] / med[fast]:.2f}x | {med[fast] / med['floor']:.1f} "
+                f"| {med[fast] / med['lse']:.2f} | {med['base'] / med[fast]:.2f}x |"
+                f"  (k: compiled = NumPy path on {agree_np:.1%} of rows, "
+                f"= baseline on {agree_base:.1%})"
+            )
+    os.environ.pop("CERTATTN_KERNEL", None)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from . import _topk_numba as _nb_path
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
 from ._backends import adapter
@@ -223,6 +224,10 @@ def certify_topk(
     thread, ``CERTATTN_NUM_THREADS`` of them, kept between calls), 64 MiB of float64
     temporaries on other array libraries.  A dask array is certified lazily, one task per
     block of rows (:func:`certattn._dask.certify_topk_dask`; errors surface at compute).
+    A row is never split, so on the NumPy path a
+    row longer than a chunk needs about 10 bytes a key (159 MiB for a 2^24-key float32
+    row, tracemalloc); the compiled path (``certattn[fast]``, :mod:`certattn._topk_numba`,
+    chosen by ``CERTATTN_KERNEL``) streams long rows in under 1 MiB per worker thread.
 
     Raises
     ------
@@ -299,6 +304,7 @@ def _certify_rows(
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * U + GAMMA_EXP
     fast = is_numpy(xp)
+    compiled = _nb_path.chunk_function(rows, n) if fast else None  # certattn[fast]
     workers = _np_path.threads() if fast else 1
     if fast:
         step = _np_path.chunk_rows(rows, n, workers)
@@ -310,6 +316,8 @@ def _certify_rows(
         chunk = flat[start:stop, ...]
         if fast and chunk.dtype.itemsize < 4:  # float16, bfloat16: exact in float32, and
             chunk = _np_path.as_float32(chunk)  # NumPy compares and casts those natively
+        if compiled is not None:  # the numba kernel: same terms, test and analysis
+            return compiled(chunk, eps, gamma)
         lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
         if lowest > -math.inf:
             n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))

@@ -8,6 +8,8 @@ exact tail of the kept set and never exceeds eps.
 
 from __future__ import annotations
 
+import os
+
 import mpmath
 import numpy as np
 import pytest
@@ -92,7 +94,9 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
 
     valid = np.isfinite(batch).sum(axis=1)
     saved = npk.cut_bracket
+    saved_kernel = os.environ.get("CERTATTN_KERNEL")
     for kernel in ("bracket", "sorted"):
+        os.environ["CERTATTN_KERNEL"] = "numpy"  # the NumPy kernels (numba: test_topk_numba)
         try:
             if kernel == "sorted":
                 npk.cut_bracket = lambda x, e, c, b: _cut_sorted(e, b, xnp)
@@ -100,6 +104,10 @@ def test_fast_and_generic_kernels_agree_and_are_sound(rows, eps):
             np.testing.assert_array_equal(n_valid, valid)
         finally:
             npk.cut_bracket = saved
+            if saved_kernel is None:
+                os.environ.pop("CERTATTN_KERNEL", None)
+            else:
+                os.environ["CERTATTN_KERNEL"] = saved_kernel
         for i, r in enumerate(rows):
             _check_contract(r, eps, int(k[i]), float(tail[i]))
 
@@ -289,6 +297,13 @@ def test_exact_min_k_reference_itself():
     assert exact_min_k([0.0, 0.0], 0.4999) == 2
 
 
+@pytest.fixture
+def numpy_kernel(monkeypatch):
+    """Pin the NumPy path (the compiled one, when numba is installed, is the default and
+    has its own tests in test_topk_numba.py)."""
+    monkeypatch.setenv("CERTATTN_KERNEL", "numpy")
+
+
 def _long_rows(seed: int) -> np.ndarray:
     """Rows long enough for the NumPy bracket kernel, of every shape that can fool it."""
     import certattn._topk_numpy as npk
@@ -310,7 +325,7 @@ def _long_rows(seed: int) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("eps", [1e-12, 1e-4, 0.01, 0.2, 0.999999])
-def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
+def test_bracket_kernel_on_long_rows_against_exact_arithmetic(numpy_kernel, seed, eps):
     x = _long_rows(seed)
     cert = certattn.certify_topk(x, eps)
     for i in range(x.shape[0]):
@@ -320,7 +335,7 @@ def test_bracket_kernel_on_long_rows_against_exact_arithmetic(seed, eps):
 @pytest.mark.parametrize(
     "dtype", ["float16", "bfloat16", "float64-huge", "float64-tiny-eps", "float32-ragged-n"]
 )
-def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(dtype):
+def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(numpy_kernel, dtype):
     """Long rows in the other dtypes; huge offsets take the shifted (c = max) path; a key
     axis that is not a multiple of 8 leaves padding in the packed bits."""
     x = _long_rows(2).astype(np.float64)
@@ -343,7 +358,7 @@ def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(dtype):
 
 @pytest.mark.parametrize("fill", [-np.inf, -1e4, -720.0])
 @pytest.mark.parametrize("eps", [1e-3, 0.05])
-def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(fill, eps):
+def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(numpy_kernel, fill, eps):
     """Prefix-valid rows (causal masks): -inf, a large negative number or an exponent in
     the subnormal range after the prefix; terms below e^-700 are raised before exp."""
     rng = np.random.default_rng(5)
@@ -358,7 +373,7 @@ def test_bracket_kernel_on_causal_rows_against_exact_arithmetic(fill, eps):
 
 
 @pytest.mark.parametrize("half_widths", [(0,), (1,), (0, 1), (1, 2, 3)])
-def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
+def test_bracket_misses_fall_back_soundly(numpy_kernel, monkeypatch, half_widths):
     """A bracket too narrow to hold the crossing must be detected and redone."""
     import certattn._topk_numpy as npk
 
@@ -370,7 +385,7 @@ def test_bracket_misses_fall_back_soundly(monkeypatch, half_widths):
             _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
-def test_long_rows_take_the_bracket_path(monkeypatch):
+def test_long_rows_take_the_bracket_path(numpy_kernel, monkeypatch):
     """Guard: the long-row tests above must exercise the bracket, not the sort fallback."""
     import certattn._topk_numpy as npk
 
