@@ -495,3 +495,23 @@ def test_small_batches_stay_on_the_calling_thread(monkeypatch):
     assert not used
     certattn.certify_topk(np.zeros((1024, 1024), dtype=np.float32), 0.01)
     assert used == [2]
+
+
+@pytest.mark.parametrize("kernel", ["numpy", "auto"])
+def test_a_rows_certificate_depends_on_that_row_alone(kernel, monkeypatch):
+    """Every decision of the kernel (raised exponents, shifted terms) is per row: a row
+    certified among others (a fully masked row, a row of huge logits, a causal row)
+    gets bit for bit the certificate it gets alone (found by the dask work)."""
+    monkeypatch.setenv("CERTATTN_KERNEL", kernel)
+    rng = np.random.default_rng(12)
+    x = rng.normal(0, 3, (6, 700))
+    x[1, :] = -np.inf  # fully masked
+    x[2, 300:] = -np.inf  # causal-like
+    x[3] = rng.normal(0, 3, 700) * 1e3 + 5e3  # row sum beyond e^700: the shifted terms
+    x[4, :5] = -800.0  # exponents below the floor
+    for eps in (0.01, 1e-300):
+        cert = certattn.certify_topk(x, eps, masked_rows="skip")
+        for i in range(6):
+            one = certattn.certify_topk(x[i : i + 1], eps, masked_rows="skip")
+            assert int(one.k[0]) == int(cert.k[i])
+            assert float(one.tail_upper[0]) == float(cert.tail_upper[i]), (i, eps)
