@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ._array import namespace, to_numpy
-from ._fp import NORMAL_MIN, score_margin
+from ._fp import NORMAL_MIN, scaled_norm, score_margin
 from ._fp import U as _U
 from ._validate import InputError
 from ._validate import check_scale as _check_scale
@@ -92,8 +92,8 @@ def _ball_parts(q: Array, centre: Array, radius: Array) -> tuple[Any, Array, Arr
     c = _f64(centre, xp, dev)
     r = _f64(radius, xp, dev)
     dot = xp.matmul(q, xp.matrix_transpose(c))
-    qn = xp.linalg.vector_norm(q, axis=-1)[..., None]
-    cn = xp.linalg.vector_norm(c, axis=-1)
+    qn = scaled_norm(q, xp)[..., None]  # |q| < 1e-154 must not underflow to 0
+    cn = scaled_norm(c, xp)
     spread = qn * r
     margin = score_bound_margin(q.shape[-1]) * (qn * cn + spread)
     return xp, dot, spread, margin

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import certattn
 from certattn._array import to_numpy
 from certattn.cells import (
     ball_box_score_upper,
@@ -226,3 +227,11 @@ def test_adaptive_cells_split_only_structured_keys() -> None:
     b = cell_tree(diffuse, seed=1, top_cells=2, max_scatter=0.6)
     assert a.depth.max() >= 2
     assert b.depth.max() == 1
+
+
+def test_ball_bound_keeps_tiny_queries():
+    """|q| below 1e-154 used to square to 0: the bound lost its |q| r term (unsound)."""
+    q = np.array([[1e-200, 0.0]])
+    k = np.array([[1.0, 0.0]])  # inside the unit ball around 0
+    up = float(certattn.ball_score_upper(q, np.zeros((1, 2)), np.array([1.0]), scale=1.0)[0, 0])
+    assert up >= 1e-200
