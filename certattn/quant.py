@@ -9,11 +9,12 @@ exact score, so that certified search (``method="quant"`` of
 instead of one per cell.
 
 Quantization (KIVI-style: per channel, keys grouped in runs of ``group`` consecutive
-tokens).  For group ``g`` and channel ``j`` the stored metadata are two float32 numbers,
-``lo_gj`` (the channel minimum rounded down to float32) and ``step_gj`` (rounded up so
-that ``lo_gj + L step_gj >= max``, ``L = 2^b - 1``); each key stores ``b``-bit codes
-``c_ij = clip(rint((k_ij - lo_gj)/step_gj), 0, L)`` and, optionally, a float32 upper bound
-``r_i`` on its residual norm.  The certifier reads only these.
+tokens).  For group ``g`` and channel ``j`` the stored metadata are two float16 numbers
+(float32 when the keys exceed the float16 range), ``lo_gj`` (the channel minimum rounded
+down) and ``step_gj`` (rounded up so that ``lo_gj + L step_gj >= max``, ``L = 2^b - 1``);
+each key stores ``b``-bit codes ``c_ij = clip(rint((k_ij - lo_gj)/step_gj), 0, L)`` and,
+optionally, a float16 upper bound ``r_i`` on its residual norm.  The certifier reads only
+these (the error bound below is derived from them, not from the keys).
 
 Theorem QUANT-SCORE.  Let ``khat_ij`` be the float64 reconstruction
 ``fl(lo_gj + step_gj c_ij)`` (``step_gj c_ij`` is exact: 24-bit times 8-bit significands)
@@ -32,18 +33,22 @@ For every query ``q`` and scale ``> 0``, the exact score ``s_i = scale q.k_i`` s
           \rho_i = \min\Big(\sum_j |q_j| \delta_{ij},\ |q|\, r_i\Big),
 
 because ``|q.(k_i - khat_i)| <= sum_j |q_j| |k_ij - khat_ij|`` (triangle inequality) and
-``<= |q| |k_i - khat_i|`` (Cauchy-Schwarz).  Zero-range channels whose value is a float32
+``<= |q| |k_i - khat_i|`` (Cauchy-Schwarz).  Zero-range channels whose value is a float16
 number get ``step = 0`` and ``delta = 0`` (the reconstruction is exact).
 
 Floating point.  The bounds are computed in float64 and moved outward by
 ``(2 d + 8) u scale (|q|.|khat_i| + rho_i)`` plus the smallest normal (the dot products'
 rounding, :func:`certattn._fp.score_margin`).  A group whose metadata overflow float32
 (keys beyond 3.4e38) gets the trivial bounds ``-inf`` and ``+inf`` (its keys are simply
-scored).
+scored: the search fails closed).
 
-Cost.  Reading the estimate of a key costs ``b/16`` of reading the key in float16; the
-metadata cost ``8 d`` bytes per group (two float32 per channel) and the residual norms 4
-bytes per key (:meth:`QuantKeys.estimate_bytes`).
+Pages.  Every key of group ``g`` lies in the box ``[lo_g, lo_g + L step_g]``, so the
+metadata alone bound every score of the group (BLOCK-SCORE, box, as in Quest):
+:meth:`QuantKeys.page_upper`.
+
+Cost.  Reading the estimate of a key costs ``b/16`` of reading the key in float16 plus 2
+bytes for its residual norm; the metadata cost ``4 d`` bytes per group (two float16 per
+channel) (:meth:`QuantKeys.estimate_bytes`).
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class QuantKeys:
 
     def error_bound(self) -> np.ndarray:
         """``(n, d)`` float64 ``delta`` with ``|k_ij - khat_ij| <= delta_ij`` (QUANT-SCORE);
-        ``inf`` for keys of groups whose metadata overflow float32."""
+        ``inf`` for keys of groups whose metadata are not finite."""
         _, delta, bad = self._meta()
         return np.where(bad[:, None], np.inf, delta)
 
@@ -168,7 +173,7 @@ class QuantKeys:
         -------
         (numpy.ndarray, numpy.ndarray)
             ``(m, n)`` float64 lower and upper bounds (``-inf``/``+inf`` for keys of
-            groups whose metadata overflow float32, and wherever the bound overflows).
+            groups whose metadata are not finite, and wherever the bound overflows).
         """
         scale = check_scale(scale)
         q = np.asarray(to_numpy(q), dtype=np.float64)

@@ -394,7 +394,7 @@ def search_cells(
         Tail budget in [0, 1).
     scale : float
         Positive logit scale.
-    method : {"ours", "mc", "tree", "gap", "quant"}
+    method : {"ours", "mc", "tree", "gap", "quant", "paged"}
         Schedule and stopping rule (see the module docstring).
 
     Returns
@@ -719,18 +719,19 @@ def certified_search(
     cells : CellTree or QuantKeys, or a list of them, optional
         Precomputed partition (one per key head) to reuse; built from ``keys`` otherwise
         (``kmeans_cells`` for "mc", "gap" and "ours", ``cell_tree`` with MC-Search's cells
-        on top for "tree", :func:`certattn.quant.quantize_keys` for "quant").
+        on top for "tree", :func:`certattn.quant.quantize_keys` for "quant" and "paged").
     seed : int
         Seed of the k-means partition (the result is deterministic given the seed).
-    method : {"ours", "mc", "tree", "gap", "quant"}
+    method : {"ours", "mc", "tree", "gap", "quant", "paged"}
         Ours (MC-Search's schedule with tighter bounds: never costlier than MC-Search),
-        the paper's MC-Search, ours hierarchical, the gap-stopped search, or per-key
-        bounds from low-bit key estimates (Theorem QUANT-SCORE; :func:`search_quant`).
+        the paper's MC-Search, ours hierarchical, the gap-stopped search, per-key
+        bounds from low-bit key estimates (Theorem QUANT-SCORE; :func:`search_quant`),
+        or those with Quest-style page bounds first.
     bits : {2, 4, 8}, optional
-        Code width of the estimates for "quant" (default 4).
+        Code width of the estimates for "quant" and "paged" (default 4).
     group : int, optional
-        Keys per quantization group for "quant" (default 32; the metadata are per channel
-        and group).
+        Keys per quantization group (page) for "quant" and "paged" (default 32; the
+        metadata are per channel and group).
 
     Returns
     -------
