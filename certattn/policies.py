@@ -340,6 +340,10 @@ class Search:
         object.__setattr__(self, "eps", check_eps(self.eps))
         if self.method not in METHODS:
             raise InputError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if (self.bits is not None or self.group is not None) and (
+            METHODS[self.method]["cells"] != "quant"
+        ):
+            raise InputError("bits and group apply to methods 'quant' and 'paged' only")
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         import numpy as np

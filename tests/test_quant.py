@@ -289,3 +289,29 @@ def test_search_quant_reuses_given_keys_and_policy() -> None:
     assert np.array_equal(r["kept"], a.kept)
     cert = certattn.certify_attention(q, keys, vals, policy=Search(0.02, method="quant", bits=8))
     assert np.all(np.asarray(cert.tail_upper) <= 0.02)
+    with pytest.raises(ValueError, match="bits and group"):
+        Search(0.02, method="mc", bits=4)
+
+
+@pytest.mark.parametrize("method", ["quant", "paged"])
+def test_search_quant_additive_mask_and_gqa_heads(method: str) -> None:
+    """-inf-masked keys (additive mask) are never kept or counted; grouped-query heads
+    search their own key head and agree with searching it alone."""
+    rng = np.random.default_rng(6)
+    q = rng.normal(size=(4, 12, 8))
+    keys = rng.normal(size=(2, 70, 8))
+    vals = rng.normal(size=(2, 70, 3))
+    vis = rng.random((4, 12, 70)) < 0.6
+    vis[..., 0] = True
+    add = np.where(vis, 0.0, -np.inf)
+    res = certified_search(q, keys, vals, 0.02, mask=add, method=method, bits=2)
+    kept = np.asarray(res.kept)
+    assert not np.any(kept & ~vis)
+    assert np.array_equal(np.asarray(res.n_valid), vis.sum(axis=-1))
+    for h in range(4):
+        one = certified_search(q[h], keys[h // 2], vals[h // 2], 0.02, mask=vis[h],
+                               method=method, bits=2)
+        assert np.array_equal(np.asarray(one.kept), kept[h])
+        for i in (0, 5, 11):
+            tail = _exact_tail(q[h, i], keys[h // 2], kept[h, i], 1 / math.sqrt(8), vis[h, i])
+            assert tail <= mpmath.mpf(float(res.tail_upper[h, i])) <= 0.02
