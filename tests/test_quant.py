@@ -14,7 +14,7 @@ from fractions import Fraction
 import mpmath
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from certattn import certify_topk
@@ -61,7 +61,6 @@ def _frac(x: float) -> Fraction:
     return Fraction(float(x))
 
 
-@settings(max_examples=40, deadline=None)
 @given(
     st.integers(1, 12),
     st.integers(1, 5),
@@ -147,7 +146,6 @@ def test_quant_rejects_bad_input() -> None:
                          method="quant", cells=quantize_keys(np.ones((4, 2))))
 
 
-@settings(max_examples=40, deadline=None)
 @given(
     st.integers(2, 14),
     st.integers(1, 4),
