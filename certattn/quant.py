@@ -186,7 +186,10 @@ class QuantKeys:
             mag = aq @ np.abs(khat).T
             rho = aq @ delta.T
             if self.resid is not None:
-                qn = np.linalg.norm(q, axis=1)[:, None]
+                # |q| scaled by its largest entry: squares of tiny queries do not underflow
+                qmax = np.max(aq, axis=1, initial=0.0)[:, None]
+                qs = np.where(qmax > 0, qmax, 1.0)
+                qn = qmax * np.linalg.norm(q / qs, axis=1)[:, None]
                 rho = np.fmin(rho, qn * self.resid.astype(np.float64)[None, :])  # nan: 0 inf
             eta = score_margin(self.dim) * scale * (mag + rho) + NORMAL_MIN
             upper = (dot + rho) * scale + eta

@@ -87,7 +87,7 @@ def test_quant_error_and_score_bounds_hold_exactly(
         if residual and np.isfinite(qk.resid[i]) and np.all(np.isfinite(delta[i])):
             r2 = sum((_frac(keys[i, j]) - _frac(khat[i, j])) ** 2 for j in range(d))
             assert r2 <= _frac(qk.resid[i]) ** 2
-    q = rng.normal(size=(3, d)) * rng.choice([1e-3, 1.0, 30.0])
+    q = rng.normal(size=(3, d)) * rng.choice([1e-200, 1e-3, 1.0, 30.0])
     scale = 1.0 / math.sqrt(d)
     lower, upper = qk.score_bounds(q, scale=scale)
     pu = qk.page_upper(q, scale=scale)
