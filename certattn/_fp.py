@@ -29,6 +29,9 @@ Formulas
     any order (Higham, Thm 4.3: ``gamma_{n-1} <= 1.01 (n - 1) U``).
 :func:`score_margin`
     ``(2 d + 8) U``: relative error of a float64 dot product of length ``d`` and a scale.
+:func:`quant_step_factor`
+    ``1/2 + 2^(b+2) U``: a ``b``-bit code computed in float64 as
+    ``rint((k - lo)/step)`` is within that many steps of the key (Theorem QUANT-SCORE).
 :func:`margin`
     Log-space margin ``U (f (|a| + |b|) + 4 n + 2^14)`` of ``L = a - b`` where ``a`` and
     ``b`` are log-sums of ``n`` terms: ``f = 4`` when ``a`` and ``b`` were each formed
@@ -69,6 +72,7 @@ __all__ = [
     "margin",
     "masked_weights",
     "neg_inf",
+    "quant_step_factor",
     "ratio_log",
     "ratio_up",
     "round_down",
@@ -109,6 +113,18 @@ def score_margin(d: int) -> float:
     """Relative rounding margin ``(2 d + 8) U`` of a float64 score ``scale * q.k`` (or a
     score bound built from one dot product, a norm product and a scale) in dimension ``d``."""
     return (2.0 * d + 8.0) * U
+
+
+def quant_step_factor(bits: int) -> float:
+    r"""Steps a float64-rounded ``b``-bit code may miss its key by: ``1/2 + 2^(b+2) U``.
+
+    With ``lo <= k <= lo + L step`` (``L = 2^b - 1``) the real quotient ``t = (k - lo)/step``
+    lies in ``[0, L]``; float64 computes ``t' = t (1 + e_1)(1 + e_2)``, ``|e_i| <= U``, so
+    ``|t' - t| <= 2.01 U L``, and the code ``c = clip(rint(t'), 0, L)`` has
+    ``|t' - c| <= 1/2``.  Hence ``|k - (lo + step c)| = step |t - c| <=
+    step (1/2 + 2.01 U L) <= step (1/2 + 2^(b+2) U)``.
+    """
+    return 0.5 + 2.0 ** (int(bits) + 2) * U
 
 
 def neg_inf(xp: Any, like: Array) -> Array:

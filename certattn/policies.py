@@ -332,14 +332,17 @@ class CertifiedBlocks:
 class Search:
     """Certified search (Theorem SEARCH-SOUND): score few keys, keep a certified head.
 
-    ``method`` as in :func:`certattn.certified_search` ("ours", "mc", "tree", "gap").
-    Cells are built once per key head and call (NumPy, on the host).
+    ``method`` as in :func:`certattn.certified_search` ("ours", "mc", "tree", "gap",
+    "quant", "paged"); ``bits`` and ``group`` set the key estimates of "quant" and "paged"
+    (Theorem QUANT-SCORE).  Cells are built once per key head and call (NumPy, on the host).
     """
 
     eps: float
     method: str = "ours"
     seed: int = 0
     name: str = "search"
+    bits: int | None = None
+    group: int | None = None
 
     def __post_init__(self) -> None:
         from .search import METHODS
@@ -347,6 +350,10 @@ class Search:
         object.__setattr__(self, "eps", check_eps(self.eps))
         if self.method not in METHODS:
             raise InputError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if (self.bits is not None or self.group is not None) and (
+            METHODS[self.method]["cells"] != "quant"
+        ):
+            raise InputError("bits and group apply to methods 'quant' and 'paged' only")
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         import numpy as np
@@ -360,10 +367,11 @@ class Search:
         keys = xp.broadcast_to(ctx.keys, (*lead, *ctx.keys.shape[-2:]))
         kept, tail, scored = [], [], []
         for idx in _lead_indices(lead):
-            tkey = f"cells:{self.method}:{idx}"
+            tkey = f"cells:{self.method}:{self.bits}:{self.group}:{idx}"
             k_np = np.asarray(to_numpy(keys[idx]), dtype=np.float64)
             if tkey not in ctx.cache:
-                ctx.cache[tkey] = build_cells(self.method, k_np, self.seed)
+                ctx.cache[tkey] = build_cells(self.method, k_np, self.seed, bits=self.bits,
+                                              group=self.group)
             r = search_cells(
                 ctx.cache[tkey],
                 np.asarray(to_numpy(ctx.queries[idx]), dtype=np.float64),

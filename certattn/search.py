@@ -42,8 +42,22 @@ Four searches share one engine:
   cut with the exact head sum (Theorem GAP-EXACT-HEAD, the sharper form of GAP-SINGLE):
   every unscored key has score at most ``u = max_{j in R} U_j``, so ``X`` is replaced by
   ``|R| e^u``; it never stops before MC-Search.
+* ``method="quant"`` -- no cells: every key gets its own sound upper bound ``U_i`` from a
+  ``b``-bit estimate of it (Theorem QUANT-SCORE, :mod:`certattn.quant`: KIVI-style
+  per-channel quantization in groups of 32 keys, ``bits`` 2, 4 or 8), keys are scored
+  exactly in decreasing ``U_i`` and the certificate above holds with one-key cells
+  (``X = sum_{i unscored} e^{U_i}``).  The estimates are far tighter than cell bounds on
+  real heads: measured (``benchmarks/search_cost.py``) within 1.1-1.3x of the floor
+  ``k_eps`` at 4 bits and 1.0-1.02x at 8 bits on MiniLM and SmolLM2, where every cell
+  search scores nearly every key.
+* ``method="paged"`` -- the same, with Quest-style page bounds first: each quantization
+  group is a page with a box bound from its metadata alone; pages are opened best-first
+  (their estimates read) in one schedule with the keys.  It saves bytes only where page
+  bounds settle pages (measured: not on MiniLM or SmolLM2, where it equals "quant").
 
-Cost of a search = keys scored + cells bounded (per query).  The stopping rule is checked
+Cost of a search = keys scored + cells bounded (per query); ``bytes_read`` counts what
+a search reads to decide (keys scored at 2 d bytes as float16, cell metadata, estimates),
+``read_fraction`` relates it to dense attention over float16 keys.  The stopping rule is checked
 after every expansion and the search stops at the first certified step; since ``X`` only
 decreases and ``sum_S e^{s_i}`` only increases along a best-first schedule, the first
 certified step is found by bisection over the schedule.  Then ``A`` is the smallest set of
@@ -80,6 +94,7 @@ from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
 from .masks import kv_head_map, normalize_mask
 from .output import sound_output_bounds
+from .quant import QuantKeys, quantize_keys
 
 __all__ = ["METHODS", "SearchResult", "build_cells", "certified_search", "search_cells"]
 
@@ -105,6 +120,11 @@ METHODS: dict[str, dict[str, Any]] = {
         "direct_loose": 4.0,
         "max_scatter": 0.6,
     },
+    # per-key bounds from b-bit estimates (Theorem QUANT-SCORE), KIVI-style groups of keys
+    "quant": {"cells": "quant", "bits": 4, "group": 32, "residual": True, "stage": "keys"},
+    # the same, Quest-style: page (group) box bounds from the metadata first, estimates
+    # read only for the pages the search opens
+    "paged": {"cells": "quant", "bits": 4, "group": 32, "residual": True, "stage": "pages"},
 }
 
 
@@ -134,7 +154,14 @@ class SearchResult:
     eps : float
         The budget.
     method : str
-        ``"ours"``, ``"mc"``, ``"tree"`` or ``"gap"``.
+        ``"ours"``, ``"mc"``, ``"tree"``, ``"gap"`` or ``"quant"``.
+    bytes_read : array or None
+        ``B`` float64: bytes the search reads to decide (keys scored exactly at ``2 d``
+        bytes each, as float16; cell metadata; for "quant" every visible key's ``b``-bit
+        estimate, the group metadata and residual norms).
+    bytes_dense : array or None
+        ``B`` float64: bytes dense attention reads, ``2 d`` per visible key (float16 keys);
+        :attr:`read_fraction` is the ratio.
     """
 
     kept: Array
@@ -146,6 +173,16 @@ class SearchResult:
     n_valid: Array
     eps: float
     method: str
+    bytes_read: Array | None = None
+    bytes_dense: Array | None = None
+
+    @property
+    def read_fraction(self) -> Array:
+        """Bytes read relative to dense attention over float16 keys (``bytes_read /
+        bytes_dense``)."""
+        if self.bytes_read is None or self.bytes_dense is None:
+            raise AttributeError("this result carries no byte counts")
+        return self.bytes_read / self.bytes_dense
 
     @property
     def tail_bound(self) -> Array:
@@ -166,9 +203,24 @@ class SearchResult:
         return self.scored + self.bounded
 
 
-def build_cells(method: str, keys: np.ndarray, seed: int) -> CellTree:
-    """The partition ``method`` searches over, for one key head ``(n, d)`` (NumPy)."""
+def build_cells(
+    method: str, keys: np.ndarray, seed: int, *, bits: int | None = None,
+    group: int | None = None,
+) -> CellTree | QuantKeys:
+    """The partition ``method`` searches over, for one key head ``(n, d)`` (NumPy).
+
+    For ``method="quant"`` the structure is the quantized keys
+    (:func:`certattn.quant.quantize_keys` with ``bits`` and ``group``, defaults from
+    :data:`METHODS`); ``seed`` is then unused.
+    """
     cfg = METHODS[method]
+    if cfg["cells"] == "quant":
+        return quantize_keys(
+            keys,
+            cfg["bits"] if bits is None else bits,
+            group=cfg["group"] if group is None else group,
+            residual=cfg["residual"],
+        )
     if cfg["cells"] == "flat":
         return kmeans_cells(keys, seed=seed)
     return cell_tree(
@@ -331,8 +383,8 @@ def search_cells(
 
     Parameters
     ----------
-    tree : CellTree
-        Partition of ``keys``.
+    tree : CellTree or QuantKeys
+        Partition of ``keys``; quantized keys run :func:`search_quant`.
     queries : numpy.ndarray
         ``(m, d)`` float64.
     keys : numpy.ndarray
@@ -343,15 +395,20 @@ def search_cells(
         Tail budget in [0, 1).
     scale : float
         Positive logit scale.
-    method : {"ours", "mc", "tree", "gap"}
+    method : {"ours", "mc", "tree", "gap", "quant", "paged"}
         Schedule and stopping rule (see the module docstring).
 
     Returns
     -------
     dict
-        ``kept`` (m, n) bool, ``scored``, ``bounded`` (m,) int64, ``tail_upper`` (m,) float64.
-        ``shift`` (m,) and ``weights`` (m, n) (exp(s - shift) of kept keys, 0 elsewhere).
+        ``kept`` (m, n) bool, ``scored``, ``bounded`` (m,) int64, ``tail_upper`` (m,) float64,
+        ``bytes_read`` (m,) float64: keys scored at ``2 d`` bytes (float16) plus cells bounded
+        at their metadata (centre and radius, plus box, moment and mean error for "ours"
+        and "tree", all float16).
     """
+    if isinstance(tree, QuantKeys):
+        stage = METHODS[method]["stage"]
+        return search_quant(tree, queries, keys, visible, eps, scale=scale, stage=stage)
     cfg = METHODS[method]
     m, n = visible.shape
     logits = (queries @ keys.T) * scale
@@ -359,12 +416,7 @@ def search_cells(
         raise InputError("scores scale * q.k overflow float64")
     logits = np.where(visible, logits, -np.inf)
     sch = _Schedule(tree, queries, logits, visible, scale=scale, eps=eps, cfg=cfg)
-    kmax = float(np.max(np.linalg.norm(keys, axis=1)))
-    delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
-    delta = delta + 1e-300
-    with np.errstate(over="ignore", under="ignore"):  # overflow: trivial bound (fail closed)
-        down = np.exp(-delta) * (1.0 - sch.gamma)
-        up = np.exp(delta) * (1.0 + sch.gamma)
+    up, down = _score_factors(queries, keys, scale, sch.gamma)
 
     def certified(t: np.ndarray) -> np.ndarray:
         _, x, z, _ = sch.state(t)
@@ -388,12 +440,209 @@ def search_cells(
     t_stop = hi
     expanded, x, _, _ = sch.state(t_stop)
     scored_mask = visible & np.take_along_axis(expanded, sch.key_node, axis=1)
-    scored = scored_mask.sum(axis=1)
     bounded = np.sum(np.where(expanded, sch.dbound, 0), axis=1)
-    # smallest head A of the scored keys with a certified bound <= eps
+    kept, tail, scored = _certified_head(logits, sch.e, scored_mask, x, up, down, visible, eps)
+    d = keys.shape[1]
+    cell_bytes = 2.0 * ((d + 1) if cfg["kind"] == "ball" else (3 * d + 3))
+    return {
+        "kept": kept,
+        "scored": scored.astype(np.int64),
+        "bounded": bounded.astype(np.int64),
+        "tail_upper": tail,
+        "bytes_read": scored * (2.0 * d) + bounded * cell_bytes,
+    }
+
+
+def _score_factors(
+    queries: np.ndarray, keys: np.ndarray, scale: float, gamma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row factors ``up = e^delta (1 + gamma)``, ``down = e^-delta (1 - gamma)``:
+    every computed ``exp(s_i - shift)`` times ``down`` (``up``) is below (above) the exact
+    one, ``delta = (2 d + 8) u |q| max_i |k_i| scale`` the score rounding, ``gamma`` the
+    relative error of the float64 sums; overflow gives the trivial bound (fails closed)."""
+    kmax = float(np.max(np.linalg.norm(keys, axis=1)))
+    delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
+    delta = delta + 1e-300
+    with np.errstate(over="ignore", under="ignore"):
+        down = np.exp(-delta) * (1.0 - gamma)
+        up = np.exp(delta) * (1.0 + gamma)
+    return up, down
+
+
+def search_quant(
+    qk: QuantKeys,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    visible: np.ndarray,
+    eps: float,
+    *,
+    scale: float,
+    stage: str = "keys",
+) -> dict[str, np.ndarray]:
+    r"""Certified search with per-key bounds from low-bit estimates ("quant", "paged").
+
+    Every visible key ``i`` gets the sound upper bound ``U_i`` of Theorem QUANT-SCORE from
+    its quantized estimate (:meth:`certattn.quant.QuantKeys.score_bounds`), clamped by the
+    box bound ``U_p`` of its page (quantization group;
+    :meth:`certattn.quant.QuantKeys.page_upper`, from the metadata alone, BLOCK-SCORE).
+    Keys are scored exactly in decreasing bound.
+    With ``stage="pages"`` (method "paged", Quest-style pages first) a page's estimates are
+    read only when the page is opened: pages and keys form one best-first schedule by
+    bound (a page before its keys), and an unopened page counts ``n_p e^{U_p}``.  With
+    scored keys ``S``, unopened pages ``P`` and unscored keys ``R`` of opened pages,
+    Theorem SEARCH-SOUND (pages and single keys as cells) gives for any ``A`` in ``S``
+
+    .. math:: \tau(A) \le \frac{\sum_{S \setminus A} e^{s_i} + X}{\sum_S e^{s_i} + X},
+              \qquad X = \sum_{p \in P} n_p e^{U_p} + \sum_{i \in R} e^{U_i}.
+
+    The search stops at the first step where this certifies ``eps`` for ``A = S``; every
+    step is evaluated at once from prefix and suffix sums along the schedule (the keys of
+    opened pages are "suffix of unscored keys minus suffix of keys in unopened pages",
+    each sum widened the sound way); the kept set is then the smallest certified head of
+    the scored keys.  Floating point as for the cell searches: sums are widened by
+    ``(4 (n + G) + 2000) u`` relative plus ``1e-300`` per term, the scored mass shrunk by
+    the score rounding; an overflowing bound is ``+inf`` (never certifies: fails closed).
+
+    Parameters
+    ----------
+    qk : QuantKeys
+        The quantized ``keys`` (:func:`certattn.quant.quantize_keys`).
+    queries, keys, visible, eps, scale
+        As in :func:`search_cells`.
+    stage : {"keys", "pages"}
+        "keys": read every estimate first; "pages": open pages best-first (read the
+        estimates of opened pages only).
+
+    Returns
+    -------
+    dict
+        ``kept``, ``scored``, ``bounded`` (pages opened), ``tail_upper`` as in
+        :func:`search_cells`, and ``bytes_read`` (m,): the metadata of every page with a
+        visible key, the estimates of the visible keys of opened pages (every page with
+        ``stage="keys"``) and ``2 d`` bytes (float16) per key scored exactly.
+    """
+    m, n = visible.shape
+    d = keys.shape[1]
+    if qk.n_keys != n or qk.dim != d:
+        raise InputError(f"quantized keys hold {qk.n_keys} x {qk.dim}, keys are {n} x {d}")
+    logits = (queries @ keys.T) * scale
+    if not np.all(np.isfinite(logits)):
+        raise InputError("scores scale * q.k overflow float64")
+    logits = np.where(visible, logits, -np.inf)
+    rows = np.arange(m)[:, None]
+    _, ku = qk.score_bounds(queries, scale=scale)
+    pg = qk.page_upper(queries, scale=scale)  # (m, G) page box bounds, metadata only
+    ku = np.minimum(ku, pg[:, qk.group_of])
+    page, pu = qk.group_of, pg  # parents = the pages (quantization groups)
+    npg = pu.shape[1]
+    ku = np.where(visible, ku, -np.inf)
+    cnt = np.zeros((m, npg), dtype=np.int64)
+    np.add.at(cnt, (np.broadcast_to(rows, (m, n)), np.broadcast_to(page, (m, n))), visible)
+    gamma = (4 * (n + npg) + 2000) * _U
+    up, down = _score_factors(queries, keys, scale, gamma)
+    shift = np.max(logits, axis=1)[:, None]
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # 0 inf: unused
+        wk = np.where(visible, np.exp(ku - shift), 0.0)  # key bounds e^{U_i}
+        wp = np.where(cnt > 0, cnt * np.exp(pu - shift), 0.0)  # page bounds n_p e^{U_p}
+    wpk = np.zeros((m, npg))  # sum of the key bounds of each page
+    np.add.at(wpk, (np.broadcast_to(rows, (m, n)), np.broadcast_to(page, (m, n))), wk)
+    e = np.where(visible, np.exp(logits - shift), 0.0)
+    # one schedule of G pages then n keys per row; a page precedes its keys (ties: pages
+    # first, stable sort); without pages every page is opened before any key is scored
+    live_p = cnt > 0
+    prio_p = np.where(live_p, np.inf if stage == "keys" else pu, -np.inf)
+    prio = np.concatenate([prio_p, ku], axis=1)
+    is_key = np.concatenate([np.zeros(npg, bool), np.ones(n, bool)])
+    order = np.argsort(-prio, axis=1, kind="stable")
+    key_of = np.broadcast_to(is_key, (m, npg + n))
+    k_sorted = np.take_along_axis(key_of, order, axis=1)
+    nt = npg + n + 1
+
+    def suffix(v: np.ndarray) -> np.ndarray:  # suffix sums from the small end, length nt
+        out = np.zeros((m, nt))
+        with np.errstate(invalid="ignore", over="ignore"):
+            out[:, :-1] = np.cumsum(v[:, ::-1], axis=1)[:, ::-1]
+        return out
+
+    def prefix(v: np.ndarray) -> np.ndarray:
+        out = np.zeros((m, nt))
+        np.cumsum(v, axis=1, out=out[:, 1:])
+        return out
+
+    pad = np.zeros((m, npg))
+    wk_s = np.take_along_axis(np.concatenate([pad, wk], axis=1), order, axis=1)
+    wp_s = np.take_along_axis(np.concatenate([wp, np.zeros((m, n))], axis=1), order, axis=1)
+    wpk_s = np.take_along_axis(np.concatenate([wpk, np.zeros((m, n))], axis=1), order, axis=1)
+    e_s = np.take_along_axis(np.concatenate([pad, e], axis=1), order, axis=1)
+    vk = np.concatenate([np.zeros((m, npg), bool), visible], axis=1)
+    vk_s = np.take_along_axis(vk, order, axis=1)
+    lp_s = np.take_along_axis(np.concatenate([live_p, np.zeros((m, n), bool)], axis=1),
+                              order, axis=1)
+    # X(t) = [unopened pages] + [unscored keys] - [keys of unopened pages], widened soundly
+    x_pages = suffix(wp_s)
+    x_keys = suffix(wk_s)
+    x_sub = suffix(wpk_s)
+    terms = suffix(vk_s.astype(np.float64)) + suffix(lp_s.astype(np.float64))
+    with np.errstate(invalid="ignore", over="ignore"):
+        xs = (x_pages + x_keys) * (1.0 + gamma) - x_sub * (1.0 - gamma)
+        xs = np.maximum(xs, 0.0) * (1.0 + 4 * _U) + _PER_TERM * terms
+    xs = np.where(np.isnan(xs), np.inf, xs)
+    zs = prefix(e_s)
+    nsc = prefix((vk_s & k_sorted).astype(np.float64))  # keys scored after t steps
+    nvis = visible.sum(axis=1)
+    done = nsc >= nvis[:, None]
+    xs = np.where(done, 0.0, xs)  # every visible key scored: X = 0
+    # zs is summed in another order than the head's prefix sums: shrink it by 4 (n + G) u
+    ok = ratio_up(xs, zs * down[:, None] * (1.0 - 4 * (n + npg) * _U), np) <= eps
+    ok |= done
+    t_stop = np.argmax(ok, axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(npg + n)[None, :], axis=1)
+    scored_mask = visible & (rank[:, npg:] < t_stop[:, None])
+    opened = live_p & (rank[:, :npg] < t_stop[:, None])
+    x = xs[np.arange(m), t_stop]
+    kept, tail, scored = _certified_head(logits, e, scored_mask, x, up, down, visible, eps)
+    # bytes: metadata of every page with a visible key, estimates of the visible keys of
+    # opened pages, 2 d bytes per key scored exactly
+    est_keys = np.sum(np.where(opened, cnt, 0), axis=1)
+    nbytes = live_p.sum(axis=1) * qk.meta_bytes + est_keys * qk.key_bytes + scored * (2.0 * d)
+    return {
+        "kept": kept,
+        "scored": scored.astype(np.int64),
+        "bounded": (np.zeros(m) if stage == "keys" else opened.sum(axis=1)).astype(np.int64),
+        "tail_upper": tail,
+        "bytes_read": nbytes.astype(np.float64),
+    }
+
+
+def _certified_head(
+    logits: np.ndarray,
+    e: np.ndarray,
+    scored_mask: np.ndarray,
+    x: np.ndarray,
+    up: np.ndarray,
+    down: np.ndarray,
+    visible: np.ndarray,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smallest head ``A`` of the scored keys whose SEARCH-SOUND bound is ``<= eps``.
+
+    ``tau(A) <= (sum_{S\\A} e^{s_i} + X) / (sum_S e^{s_i} + X)`` over the prefixes ``A`` of
+    the scored keys sorted by score; ``e = exp(logits - shift)`` of the visible keys, ``x``
+    the sound (widened) unscored mass ``X``, ``up``/``down`` the per-row factors that cover
+    the score rounding.  Fails closed: where no prefix certifies (rounding margins swamp the
+    bound) every visible key is kept and counted as scored (exact tail 0).
+
+    Returns
+    -------
+    (kept, tail_upper, scored)
+        ``(m, n)`` bool, ``(m,)`` float64, ``(m,)`` int64.
+    """
+    m, n = scored_mask.shape
+    scored = scored_mask.sum(axis=1)
     key = np.where(scored_mask, logits, -np.inf)
     idx = np.argsort(-key, axis=1, kind="stable")
-    es = np.take_along_axis(np.where(scored_mask, sch.e, 0.0), idx, axis=1)
+    es = np.take_along_axis(np.where(scored_mask, e, 0.0), idx, axis=1)
     prefix = np.zeros((m, n + 1))
     np.cumsum(es, axis=1, out=prefix[:, 1:])
     suffix = np.zeros((m, n + 1))
@@ -417,12 +666,7 @@ def search_cells(
         kept[closed] = visible[closed]
         tail = np.where(closed, 0.0, tail)
         scored = np.where(closed, visible.sum(axis=1), scored)
-    return {
-        "kept": kept,
-        "scored": scored.astype(np.int64),
-        "bounded": bounded.astype(np.int64),
-        "tail_upper": tail,
-    }
+    return kept, tail, scored
 
 
 def certified_search(
@@ -438,6 +682,8 @@ def certified_search(
     cells: CellTree | list[CellTree] | None = None,
     seed: int = 0,
     method: str = "ours",
+    bits: int | None = None,
+    group: int | None = None,
 ) -> SearchResult:
     """Certified sparse attention that scores few keys (Theorem SEARCH-SOUND).
 
@@ -471,15 +717,22 @@ def certified_search(
     kv_heads : int or list of int, optional
         Grouped-query attention: key heads count or query-to-key head map (as in
         :func:`certattn.certify_attention`); inferred when the head counts differ.
-    cells : CellTree or list of CellTree, optional
+    cells : CellTree or QuantKeys, or a list of them, optional
         Precomputed partition (one per key head) to reuse; built from ``keys`` otherwise
         (``kmeans_cells`` for "mc", "gap" and "ours", ``cell_tree`` with MC-Search's cells
-        on top for "tree").
+        on top for "tree", :func:`certattn.quant.quantize_keys` for "quant" and "paged").
     seed : int
         Seed of the k-means partition (the result is deterministic given the seed).
-    method : {"ours", "mc", "tree", "gap"}
+    method : {"ours", "mc", "tree", "gap", "quant", "paged"}
         Ours (MC-Search's schedule with tighter bounds: never costlier than MC-Search),
-        the paper's MC-Search, ours hierarchical, or the gap-stopped search.
+        the paper's MC-Search, ours hierarchical, the gap-stopped search, per-key
+        bounds from low-bit key estimates (Theorem QUANT-SCORE; :func:`search_quant`),
+        or those with Quest-style page bounds first.
+    bits : {2, 4, 8}, optional
+        Code width of the estimates for "quant" and "paged" (default 4).
+    group : int, optional
+        Keys per quantization group (page) for "quant" and "paged" (default 32; the
+        metadata are per channel and group).
 
     Returns
     -------
@@ -488,6 +741,9 @@ def certified_search(
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    quant = METHODS[method]["cells"] == "quant"
+    if (bits is not None or group is not None) and not quant:
+        raise InputError("bits and group apply to methods 'quant' and 'paged' only")
     eps = check_eps(eps)
     xp, dev = namespace(queries, keys, values, mask)
     q_all = np.asarray(to_numpy(queries), dtype=np.float64)
@@ -542,13 +798,17 @@ def certified_search(
         pos = tuple(int(i) for i in np.argwhere(empty)[0])
         raise InputError(f"query {pos if not single else pos[1]} has every key masked")
     if cells is None:
-        trees = [build_cells(method, k_all[j], seed) for j in range(nkv)]
+        trees = [build_cells(method, k_all[j], seed, bits=bits, group=group)
+                 for j in range(nkv)]
     else:
-        trees = [cells] if isinstance(cells, CellTree) else list(cells)
-        if len(trees) != nkv or any(t.n_keys != n for t in trees):
-            raise InputError(f"cells must hold {nkv} partition(s) of {n} keys")
+        trees = [cells] if isinstance(cells, (CellTree, QuantKeys)) else list(cells)
+        want = QuantKeys if quant else CellTree
+        if len(trees) != nkv or any(t.n_keys != n or not isinstance(t, want) for t in trees):
+            raise InputError(f"cells must hold {nkv} partition(s) of {n} keys "
+                             f"({want.__name__} for method {method!r})")
     res: dict[str, list[np.ndarray]] = {
-        key: [] for key in ("kept", "scored", "bounded", "tail_upper", "output", "error")
+        key: [] for key in ("kept", "scored", "bounded", "tail_upper", "output", "error",
+                            "bytes_read")
     }
     for h in range(nh):
         j = mapping[h]
@@ -556,12 +816,13 @@ def certified_search(
         logits = np.where(vis_all[h], (q_all[h] @ k_all[j].T) * scale, -np.inf)
         out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
                                      out_dtype)
-        for key in ("kept", "scored", "bounded", "tail_upper"):
+        for key in ("kept", "scored", "bounded", "tail_upper", "bytes_read"):
             res[key].append(r[key])
         res["output"].append(out)
         res["error"].append(err)
     arrays = {key: np.stack(val) for key, val in res.items()}
     arrays["n_valid"] = vis_all.sum(axis=-1).astype(np.int64)
+    arrays["bytes_dense"] = arrays["n_valid"] * (2.0 * d)
     if single:
         arrays = {key: val[0] for key, val in arrays.items()}
     conv = {
@@ -577,6 +838,8 @@ def certified_search(
         n_valid=conv["n_valid"],
         eps=eps,
         method=method,
+        bytes_read=conv["bytes_read"],
+        bytes_dense=conv["bytes_dense"],
     )
 
 

@@ -278,6 +278,21 @@ THEOREMS: tuple[Theorem, ...] = (
        "search.py::bennett_mass",
        "test_cells.py::test_block_mass_bennett_bound "
        "test_cells.py::test_block_mass_bennett_attained_by_two_points"),
+    _t("QUANT-SCORE", 6, "bound",
+       "keys quantized per channel in groups (b-bit codes c, lo <= k <= lo + (2^b - 1) step, "
+       "khat = fl(lo + step c)): |k_ij - khat_ij| <= delta_ij = step_j (1/2 + 2^(b+2) u) + "
+       "2 u |khat_ij|, and for every query scale (q.khat_i - rho_i) <= s_i <= "
+       "scale (q.khat_i + rho_i), rho_i = min(sum_j |q_j| delta_ij, |q| r_i) with "
+       "r_i >= |k_i - khat_i|; certified search with these per-key bounds (method quant) "
+       "is SEARCH-SOUND with one-key cells.",
+       "[derived] (quantization as in KIVI/Twilight; pages as in Quest)",
+       "quant.quantize_keys quant.QuantKeys.score_bounds quant.QuantKeys.error_bound "
+       "quant.QuantKeys.page_upper search.search_quant",
+       "quant.py::grid_rounding quant.py::code_margin quant.py::coordinate_bound "
+       "quant.py::score_sum quant.py::paged_frontier",
+       "test_quant.py::test_quant_error_and_score_bounds_hold_exactly "
+       "test_quant.py::test_quant_adversarial_keys "
+       "test_quant.py::test_search_quant_sound_exact"),
     # ---------------------------------------------------------------- 8. geometry
     _t("GEO-METRIC", 8, "identity",
        "p(y|theta) = N(mu(theta), Sigma): Fisher metric g = J^T Sigma^{-1} J, "

@@ -232,6 +232,6 @@ def test_adaptive_cells_split_only_structured_keys() -> None:
 def test_ball_bound_keeps_tiny_queries():
     """|q| below 1e-154 used to square to 0: the bound lost its |q| r term (unsound)."""
     q = np.array([[1e-200, 0.0]])
-    k = np.array([[1.0, 0.0]])  # inside the unit ball around 0
+    k = np.array([1.0, 0.0])  # inside the unit ball around 0: its score is 1e-200
     up = float(certattn.ball_score_upper(q, np.zeros((1, 2)), np.array([1.0]), scale=1.0)[0, 0])
-    assert up >= 1e-200
+    assert up >= float(q[0] @ k) == 1e-200

@@ -110,6 +110,9 @@ def test_search_never_beats_exact_floor(quick_run) -> None:
     for n, v in sec["results"]["minilm"]["by_n"].items():
         assert 1 <= v["exact_k_eps"] <= v["mc_scored"] <= int(n)
         assert v["exact_k_eps"] <= v["tree_scored"] <= int(n)
+        assert v["exact_k_eps"] <= v["quant4_scored"] <= int(n)
+        assert v["exact_k_eps"] <= v["quant8_scored"] <= v["quant4_scored"] + 1
+        assert 0 < v["quant8_read"] and 0 < v["mc_read"]
 
 
 def test_missing_module_is_pending_not_a_crash(tmp_path: Path, monkeypatch) -> None:

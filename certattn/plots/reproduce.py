@@ -354,7 +354,8 @@ def plot_search(
 ) -> Figure:
     """Keys scored by certified search at ``n`` = 128 and 256, next to the paper.
 
-    ``results[model][n]`` holds mean ``scored`` keys per method (``"mc"``, ``"tree"``) and
+    ``results[model][n]`` holds mean ``scored`` keys per method (``"mc"``, ``"tree"``,
+    ``"quant"``) and
     ``"exact"`` (mean exact ``k_eps``: what a search must keep at the least).
     """
     ns = sorted({n for r in results.values() for n in r} | set(paper))
@@ -362,6 +363,7 @@ def plot_search(
     groups: list[tuple[str, str, str]] = [
         ("mc", "MC-Search (Algorithm 2)", "tab:blue"),
         ("tree", "tree search (certattn)", "tab:green"),
+        ("quant", "4-bit key estimates (certattn)", "tab:purple"),
         ("exact", "exact k_eps (keys kept; floor)", "tab:red"),
     ]
     fig = Figure(figsize=(4.6 * len(ns) + 1.0, 4.8), layout="constrained")

@@ -104,8 +104,10 @@ def _load_runs(
                 f"on {a.n_tokens} tokens of built-in English text; query rows {half}-"
                 f"{a.n_tokens - 1}", [a], slice(half, None), True,
             )
-            # Query position n - 1 sees exactly its n-key causal prefix.
-            run.windows = {n: [(a, slice(n - 1, n))] for n in _SEARCH_NS if n <= a.n_tokens}
+            # Query position n - 1 sees exactly its n-key causal prefix (and n = 1024 for
+            # the search section, where the context allows it).
+            run.windows = {n: [(a, slice(n - 1, n))] for n in (*_SEARCH_NS, 1024)
+                           if n <= a.n_tokens}
         a0 = run.attentions[0]
         info[key] = {
             "status": "ok",

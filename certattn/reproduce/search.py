@@ -1,7 +1,9 @@
 """Section ``search`` of ``certattn reproduce``: certified search on real attention.
 
-Keys scored by MC-Search and the tree search of :func:`certattn.search.certified_search`
-at ``n`` = 128 and 256, next to the exact ``k_eps`` and the paper's 58.8 / 128 and
+Keys scored and bytes read (over dense attention's float16 keys) by every search of
+:func:`certattn.search.certified_search` -- MC-Search, ours, tree, gap, and per-key bounds
+from 4- and 8-bit key estimates ("quant", Theorem QUANT-SCORE) -- at ``n`` = 128 and 256
+(and 1024 for SmolLM2), next to the exact ``k_eps`` and the paper's 58.8 / 128 and
 107.8 / 256.
 """
 
@@ -15,13 +17,23 @@ import numpy as np
 from ._runs import _Run
 from ._summary import _MAIN_EPS, PAPER, Progress, Section, _save
 
+# (label, method, keyword arguments) of every search the section runs
+_SEARCHES = (
+    ("mc", "mc", {}),
+    ("ours", "ours", {}),
+    ("tree", "tree", {}),
+    ("gap", "gap", {}),
+    ("quant4", "quant", {"bits": 4}),
+    ("quant8", "quant", {"bits": 8}),
+)
+
 
 def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     from ..plots.reproduce import plot_search
     from ..search import certified_search
     from ..topk import certify_topk
 
-    sec = Section("search", "Certified search: keys scored at n = 128 and 256")
+    sec = Section("search", "Certified search: keys scored at n = 128, 256 (and 1024)")
     plot_res: dict[str, dict[int, dict[str, float]]] = {}
     for run in runs:
         if not run.windows:
@@ -30,8 +42,7 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             continue
         res: dict[str, Any] = {}
         for n, wins in sorted(run.windows.items()):
-            acc: dict[str, list[np.ndarray]] = {"mc": [], "tree": [], "exact": [], "mc_cost": [],
-                                                "tree_cost": []}
+            acc: dict[str, list[np.ndarray]] = {"exact": []}
             steps = len(wins) * len(wins[0][0].layers)
             done = 0
             for a, rows in wins:
@@ -41,24 +52,30 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                     mask = a.mask[rows, :n]
                     logits = a.logits[li][:, rows, :n]
                     acc["exact"].append(np.asarray(certify_topk(logits, _MAIN_EPS).k).ravel())
-                    for method in ("mc", "tree"):
+                    for label, method, kw in _SEARCHES:
                         r = certified_search(q, kk, vv, _MAIN_EPS, scale=a.scale, mask=mask,
-                                             method=method)
-                        acc[method].append(np.asarray(r.scored).ravel())
-                        acc[f"{method}_cost"].append(np.asarray(r.cost).ravel())
+                                             method=method, **kw)
+                        for what, val in (("", r.scored), ("_cost", r.cost),
+                                          ("_read", r.read_fraction)):
+                            acc.setdefault(label + what, []).append(np.asarray(val).ravel())
                     done += 1
                     note(f"{run.key}: certified search, n = {n}", done, steps)
             m = {key: float(np.mean(np.concatenate(v))) for key, v in acc.items()}
-            res[str(n)] = {
+            row: dict[str, Any] = {
                 "queries": int(np.concatenate(acc["mc"]).size),
                 "windows": len(wins),
-                "mc_scored": m["mc"], "tree_scored": m["tree"], "exact_k_eps": m["exact"],
-                "mc_cost": m["mc_cost"], "tree_cost": m["tree_cost"],
-                "mc_reduction": n / m["mc"], "tree_reduction": n / m["tree"],
+                "exact_k_eps": m["exact"],
                 "paper_scored": PAPER["search_scored"].get(n),
                 "paper_reduction": PAPER["search_reduction"].get(n),
             }
+            for label, _, _ in _SEARCHES:
+                row[f"{label}_scored"] = m[label]
+                row[f"{label}_cost"] = m[f"{label}_cost"]
+                row[f"{label}_read"] = m[f"{label}_read"]
+                row[f"{label}_reduction"] = n / m[label]
+            res[str(n)] = row
             plot_res.setdefault(run.label, {})[n] = {"mc": m["mc"], "tree": m["tree"],
+                                                     "quant": m["quant4"],
                                                      "exact": m["exact"]}
         sec.results[run.key] = {"eps": _MAIN_EPS, "by_n": res}
     if plot_res:

@@ -71,6 +71,7 @@ from .output import (
     check_out_head_tail,
     check_out_var_decomp,
 )
+from .quant import check_quant_score
 from .search import check_search_sound
 
 BASE_ROWS = 100_000
@@ -114,6 +115,7 @@ CHECKS: dict[str, _Spec] = {
     "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 4_900, False, 32),
     "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 73_000, False, 700),
     "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 24_000, False, 32),
+    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 5_300, False, 72),
     "GEO-METRIC": _Spec(check_geo_metric, 20_000, 26_000, False, 4),
     "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 7_100, False, 4),
     "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 9_000, False, 4),

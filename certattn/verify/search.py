@@ -1,6 +1,7 @@
 """Batch check of certified search: SEARCH-SOUND.
 
-For every method of :func:`certattn.search.certified_search` (ours, mc, tree, gap) on
+For every method of :func:`certattn.search.certified_search` (ours, mc, tree, gap, and
+quant and paged with per-key bounds from 4-bit estimates, Theorem QUANT-SCORE) on
 clustered keys and random queries, the exact tail of the kept set (logits and softmax in
 extended precision) must be at most the returned ``tail_upper``, and that bound at most
 the budget ``eps``.
@@ -17,8 +18,8 @@ from ._common import _EPS, _ctx, _longdouble_ok, _split, _steps, _Worst
 
 
 def check_search_sound(rows, *, xp, device, rng, progress):
-    """SEARCH-SOUND: for every method (ours, mc, tree, gap), clustered keys (n = 64 or 256,
-    d = 16; repeated keys, magnitudes x100, float32, random causal-style masks) and
+    """SEARCH-SOUND: for every method (ours, mc, tree, gap, quant, paged), clustered keys
+    (n = 64 or 256, d = 16; repeated keys, magnitudes x100, float32, random causal-style masks) and
     ``rows`` queries, the exact tail of ``kept`` (logits ``scale q.k`` and softmax in
     longdouble) is ``<= tail_bound`` and ``tail_bound <= eps``.  Violation: relative
     excess; tolerance 1e-12 (the longdouble reference errs by about ``d 2^-64`` in the
@@ -26,7 +27,7 @@ def check_search_sound(rows, *, xp, device, rng, progress):
     ctx, w = _ctx(xp, device, rng, progress), _Worst()
     from ..search import certified_search
 
-    methods = ("ours", "mc", "tree", "gap")
+    methods = ("ours", "mc", "tree", "gap", "quant", "paged")
     combos = [(m, n, mag, dt) for m in methods for n in (64, 256) for mag in (1.0, 100.0)
               for dt in ctx.dtypes[:2]]
     for i, ((method, n, mag, dt), share) in enumerate(

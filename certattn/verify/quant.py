@@ -1,0 +1,74 @@
+"""Batch check of per-key score bounds from quantized keys: QUANT-SCORE.
+
+Adversarial keys (Gaussian, an outlier channel, keys half-way between grid points,
+zero-range channels, magnitudes beyond float16, tiny magnitudes) are quantized at 2, 4
+and 8 bits in groups of 1, 7 and 64 keys (and one group); the exact quantization error
+and the exact scores ``scale q.k`` are formed in longdouble and must lie within the
+library's ``delta`` and ``[lower, upper]`` (QuantKeys.error_bound, score_bounds,
+page_upper).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._common import _ctx, _longdouble_ok, _split, _Worst
+
+_KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
+
+
+def _keys(kind: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    from ..quant import quantize_keys
+
+    k = rng.standard_normal((n, d))
+    if kind == "outlier":
+        k[:, rng.integers(d)] *= 1e3
+    elif kind == "halfway":
+        qk = quantize_keys(k, 4, group=None, residual=False)
+        lo, st = qk.lo.astype(np.float64)[0], qk.step.astype(np.float64)[0]
+        k = lo + st * (rng.integers(0, 15, (n, d)) + 0.5)
+    elif kind == "zero_range":
+        k[:, : max(1, d // 4)] = 0.1
+        k[:, -1] = 0.5
+    elif kind == "huge":
+        k *= 1e6
+    elif kind == "tiny":
+        k *= 1e-30
+    return k
+
+
+def check_quant_score(rows, *, xp, device, rng, progress):
+    """QUANT-SCORE: for ``rows`` queries spread over every (kind, bits, group) combination
+    (n = 256 keys, d = 32), every key's exact error ``|k - khat|`` (longdouble) is at most
+    ``delta`` and every exact score ``scale q.k`` lies in ``[lower, upper]`` and below its
+    page bound.  Violation: excess relative to ``scale |q||k|``; tolerance 1e-15 (the
+    longdouble reference errs by about ``d 2^-64``); 1e-12 where longdouble is float64."""
+    from ..quant import quantize_keys
+
+    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    combos = [(k, b, g) for k in _KINDS for b in (2, 4, 8) for g in (1, 7, 64, None)]
+    ld = np.longdouble
+    for (kind, bits, group), share in zip(combos, _split(rows, len(combos)), strict=True):
+        if share == 0:
+            continue
+        n, d = 256, 32
+        keys = _keys(kind, n, d, ctx.rng)
+        qk = quantize_keys(keys, bits, group=group, residual=bool(ctx.rng.integers(2)))
+        khat, delta = qk.reconstruct(), qk.error_bound()
+        err = np.abs(keys.astype(ld) - khat.astype(ld))
+        mag = np.abs(keys).astype(ld) + 1e-300
+        w.add(np.where(np.isfinite(delta), (err - delta.astype(ld)) / mag, 0.0).astype(float))
+        q = ctx.rng.standard_normal((share, d)) * ctx.rng.choice([1e-3, 1.0, 30.0])
+        scale = 1.0 / math.sqrt(d)
+        lower, upper = qk.score_bounds(q, scale=scale)
+        pu = qk.page_upper(q, scale=scale)[:, qk.group_of]
+        s = (q.astype(ld) @ keys.astype(ld).T) * ld(scale)
+        norm = (np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(keys, axis=1)[None, :]
+                * scale + 1e-300).astype(ld)
+        for bound, sign in ((lower, -1.0), (upper, 1.0), (pu, 1.0)):
+            ex = sign * (s - bound.astype(ld)) / norm
+            w.add(np.where(np.isfinite(bound), ex, 0.0).astype(np.float64))
+        ctx.tick(share)
+    return w.value, (1e-15 if _longdouble_ok() else 1e-12)
