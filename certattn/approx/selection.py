@@ -68,7 +68,6 @@ import numpy as np
 from .._validate import InputError, check_eps
 from ..attention import CHUNK_ELEMS, _chunks, _prepare, certify_attention
 from ..blocks import block_tail_bounds
-from ..distribution import topk_mask
 from ..kept import shift_rows
 from ..masks import normalize_mask
 from ..policies import Pages, Selection, TopK, WindowSinks, page_upper_bounds
