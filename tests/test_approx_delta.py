@@ -196,3 +196,15 @@ def test_cost_accounting():
                     base_cost + np.where(np.arange(48) % 8 == 0, nv, 0))
     np.testing.assert_array_equal(r.cost[0], want)
     assert r.weights is None and r.kept is None and r.tail_upper is None
+
+
+def test_verify_check_passes_and_catches_a_broken_bound(monkeypatch):
+    import certattn.approx.delta as delta_mod
+    from certattn.verify import run_verify
+
+    ok = run_verify(rows=600, ids=["DELTA-ERROR"], progress=False)[0]
+    assert ok.passed and ok.max_violation <= ok.tolerance
+    # drop the anchor's term (keep only the row's own): the bound must fail somewhere
+    monkeypatch.setattr(delta_mod, "_round_up_sum", lambda e_i, e_a, e_d, r: e_i)
+    bad = run_verify(rows=600, ids=["DELTA-ERROR"], progress=False)[0]
+    assert not bad.passed

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ._common import VerifyResult
+from .approx import check_delta_error
 from .bounds import (
     check_block_bounds,
     check_block_mass,
@@ -95,6 +96,7 @@ CHECKS: dict[str, _Spec] = {
     "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, False, 18),
     "OUT-BEST": _Spec(check_out_best, 10_000, False, 18),
     "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000),
+    "DELTA-ERROR": _Spec(check_delta_error, 20_000, False, 200),
     "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000),
     "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000),
     "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000),
