@@ -10,12 +10,8 @@ import pytest
 
 from certattn._validate import InputError
 from certattn.approx import ApproxResult
-from certattn.approx.selection import (
-    METADATA_PER_PAGE,
-    box_tail_upper,
-    quest,
-    window_sinks,
-)
+from certattn.approx.fallback import METADATA_PER_PAGE, box_tail_upper
+from certattn.approx.selection import quest, window_sinks
 from certattn.policies import Context
 
 from ._exact import exact_tail_of_set, exact_weights

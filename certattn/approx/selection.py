@@ -36,7 +36,8 @@ visible key on top of the kept keys (``n / 8`` for pages of 16).
 
 Certified selection without scoring the rest (``fallback="certified"``)
 -----------------------------------------------------------------------
-The house's certificate of a kept set needs every score.  :func:`box_tail_upper` bounds
+The house's certificate of a kept set needs every score.
+:func:`certattn.approx.fallback.box_tail_upper` bounds
 the dropped mass from the kept keys' exact scores and the page boxes of the keys it does
 *not* score (Theorems BLOCK-SCORE and BLOCK-BOUNDS with an exact head, as in SEARCH-SOUND):
 with :math:`c_b` the visible unkept keys of page :math:`b` and :math:`U_b` its box score
@@ -46,8 +47,9 @@ bound,
     \tau(H) \le \frac{\sum_b c_b e^{U_b}}{\sum_{j\in H} e^{s_j} + \sum_b c_b e^{U_b}},
 
 rounded up with the log-space margin of :mod:`certattn._fp` (factor 8, the BLOCK-BOUNDS
-evaluation of :func:`certattn.blocks.block_tail_bounds`).  :class:`CertifiedFallback`
-serves the base kept set where this bound is at most ``eps`` and, on the other queries,
+evaluation of :func:`certattn.blocks.block_tail_bounds`).
+:class:`certattn.approx.fallback.CertifiedFallback` serves the base kept set where this
+bound is at most ``eps`` and, on the other queries,
 scores every visible key and serves the certified Top-k (``to="topk"``, Theorem TV-TAIL,
 ``tail_upper <= eps``) or dense attention (``to="dense"``).  Cost of a certified query:
 keys kept + 2 per page whose box it reads; of a query that falls back: every visible key
@@ -60,18 +62,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .._validate import InputError, check_eps
+from .._validate import InputError
 from ..attention import CHUNK_ELEMS, _chunks, _prepare, certify_attention
-from ..blocks import block_tail_bounds
 from ..kept import shift_rows
 from ..masks import normalize_mask
-from ..policies import Pages, Selection, TopK, WindowSinks, page_upper_bounds
+from ..policies import Pages, Selection, WindowSinks
 from ._result import ApproxResult
+from .fallback import METADATA_PER_PAGE, CertifiedFallback, box_tail_upper, pages_visible
 
 __all__ = [
     "METADATA_PER_PAGE",
@@ -87,10 +88,6 @@ __all__ = [
 ]
 
 Array = Any
-
-METADATA_PER_PAGE = 2.0
-"""Key-equivalents read per page box: its ``kmin`` and ``kmax`` corners (two dot products)."""
-
 
 def default_sinks(n: int) -> int:
     """``clip(n // 64, 4, 64)`` sink keys for a context of ``n`` keys."""
@@ -113,22 +110,6 @@ def default_budget(n: int, page_size: int = 16) -> int:
 # --------------------------------------------------------------------------
 
 
-def _n_pages_visible(valid: Array, page_size: int) -> Array:
-    """Pages holding at least one visible key, per query: ``(..., m)`` float64."""
-    per_page = _page_sums(valid.astype(np.float64), page_size)
-    return np.sum(per_page > 0, axis=-1).astype(np.float64)
-
-
-def _page_sums(x: Array, page_size: int) -> Array:
-    """Sums of ``x`` (``(..., m, n)``) over contiguous pages: ``(..., m, ceil(n / size))``."""
-    n = x.shape[-1]
-    n_pages = -(-n // page_size)
-    pad = n_pages * page_size - n
-    if pad:
-        x = np.concatenate([x, np.zeros((*x.shape[:-1], pad), dtype=x.dtype)], axis=-1)
-    return np.sum(x.reshape(*x.shape[:-1], n_pages, page_size), axis=-1)
-
-
 def policy_cost(policy: Any, sel: Selection, valid: Array) -> Array:
     """Key-equivalents read per query by a selection policy (module docstring).
 
@@ -141,7 +122,7 @@ def policy_cost(policy: Any, sel: Selection, valid: Array) -> Array:
     if isinstance(policy, WindowSinks):
         return n_kept
     if isinstance(policy, Pages):
-        return n_kept + METADATA_PER_PAGE * _n_pages_visible(valid, policy.page_size)
+        return n_kept + METADATA_PER_PAGE * pages_visible(valid, policy.page_size)
     if sel.scored is not None:
         return np.asarray(sel.scored, dtype=np.float64)
     return np.sum(valid, axis=-1).astype(np.float64)
@@ -176,121 +157,6 @@ class _Recorder:
         if not parts:
             return None
         return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
-
-
-# --------------------------------------------------------------------------
-# The box bound and the certified fallback policy
-# --------------------------------------------------------------------------
-
-
-def box_tail_upper(
-    scores: Array, valid: Array, kept: Array, ctx: Any, page_size: int
-) -> tuple[Array, Array]:
-    r"""Sound bound on the dropped mass of ``kept`` without scoring the dropped keys.
-
-    Theorem BLOCK-BOUNDS with an exact head (as in SEARCH-SOUND): the kept keys enter with
-    their exact float64 scores (blocks of one key, :math:`l = u = s_j`), the visible unkept
-    keys page by page with the page's box bound :math:`U_b` (Theorem BLOCK-SCORE), counted
-    :math:`c_b` times:
-
-    .. math::
-        \bar\tau = \frac{\sum_b c_b e^{U_b}}{\sum_{j\in H} e^{s_j} + \sum_b c_b e^{U_b}}
-        \ge \tau(H),
-
-    evaluated by :func:`certattn.blocks.block_tail_bounds` (log space, margin
-    :math:`u(8(|a|+|b|) + 4 n_{blocks} + 2^{14})`, rounded up).  Only the kept scores are
-    read; ``scores`` of unkept keys are ignored.
-
-    Parameters
-    ----------
-    scores : float64 array (..., m, n)
-        The chunk's scores (``-inf`` = masked); boolean masks only (no additive bias).
-    valid, kept : bool arrays (..., m, n)
-        Visible keys and the kept set.
-    ctx : certattn.policies.Context
-        The chunk's queries and keys (for the page boxes).
-    page_size : int
-        Keys per page.
-
-    Returns
-    -------
-    (tail_upper, pages_read) : float64 arrays (..., m)
-        The bound (1 where the kept set is empty) and the pages whose box it read.
-    """
-    kept = kept & valid
-    unscored = valid & ~kept
-    upper, _ = page_upper_bounds(ctx, page_size)  # (..., m, P)
-    counts = _page_sums(unscored.astype(np.float64), page_size)  # (..., m, P)
-    upper = np.broadcast_to(np.asarray(upper, dtype=np.float64), counts.shape)
-    head = np.where(kept, scores, -np.inf)
-    lower_all = np.concatenate([head, np.full_like(upper, -np.inf)], axis=-1)
-    upper_all = np.concatenate([head, upper], axis=-1)
-    sizes = np.concatenate([kept.astype(np.float64), counts], axis=-1)
-    kept_blocks = np.concatenate([kept, np.zeros(counts.shape, dtype=bool)], axis=-1)
-    has_tail = np.any(unscored, axis=-1)
-    if not np.any(has_tail):
-        return np.zeros(kept.shape[:-1]), np.zeros(kept.shape[:-1])
-    _, hi = block_tail_bounds(lower_all, upper_all, sizes, kept_blocks)
-    hi = np.where(has_tail, hi, 0.0)
-    hi = np.where(np.any(kept, axis=-1), hi, 1.0)
-    pages_read = np.sum(counts > 0, axis=-1).astype(np.float64)
-    return hi, pages_read
-
-
-@dataclass(frozen=True)
-class CertifiedFallback:
-    r"""Serve a base kept set where its box bound certifies ``eps``; else Top-k or dense.
-
-    Per query: the base policy's kept set :math:`H`, its bound :func:`box_tail_upper`
-    (no unkept key scored).  If the bound is at most ``eps`` the base set is served
-    (``tail_upper`` = that bound); otherwise every visible key is scored and the query gets
-    the certified Top-k for ``eps`` (``to="topk"``; Theorem TV-TAIL, :math:`\bar\tau \le`
-    ``eps``) or dense attention (``to="dense"``, :math:`\tau = 0`).  Every query's
-    ``tail_upper`` is therefore at most ``eps``.
-
-    The box bound is valid for boolean masks only (the wrappers refuse additive biases).
-    """
-
-    base: Any
-    eps: float
-    page_size: int = 16
-    to: str = "topk"
-    name: str = "certified_fallback"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_eps(self.eps))
-        if self.to not in ("topk", "dense"):
-            raise InputError(f"fallback target must be 'topk' or 'dense', got {self.to!r}")
-        if isinstance(self.page_size, bool) or int(self.page_size) != self.page_size or \
-                self.page_size < 1:
-            raise InputError(f"page_size must be an integer >= 1, got {self.page_size!r}")
-
-    def select(self, scores: Array, valid: Array, ctx: Any) -> Selection:
-        return self.select_with_info(scores, valid, ctx)[0]
-
-    def select_with_info(self, scores: Array, valid: Array, ctx: Any) -> tuple[Selection, dict]:
-        scores, valid = np.asarray(scores), np.asarray(valid)
-        sel = self.base.select(scores, valid, ctx)
-        kept = np.asarray(sel.kept) & valid
-        box, pages_read = box_tail_upper(scores, valid, kept, ctx, self.page_size)
-        ok = box <= self.eps
-        n_kept = np.sum(kept, axis=-1).astype(np.float64)
-        n_valid = np.sum(valid, axis=-1).astype(np.float64)
-        if isinstance(self.base, Pages) and self.base.page_size == self.page_size:
-            meta = METADATA_PER_PAGE * _n_pages_visible(valid, self.page_size)
-        else:
-            meta = METADATA_PER_PAGE * pages_read
-        if self.to == "topk":
-            fb = TopK(self.eps).select(scores, valid, ctx)
-            fb_kept, fb_tail = np.asarray(fb.kept) & valid, np.asarray(fb.tail_upper)
-        else:
-            fb_kept, fb_tail = valid, np.zeros_like(box)
-        out_kept = np.where(ok[..., None], kept, fb_kept)
-        tail = np.where(ok, box, fb_tail)
-        scored = np.where(ok, n_kept, n_valid).astype(np.int64)
-        cost = np.where(ok, n_kept, n_valid) + meta
-        info = {"cost": cost, "fell_back": ~ok}
-        return Selection(kept=out_kept, tail_upper=tail, scored=scored), info
 
 
 # --------------------------------------------------------------------------
