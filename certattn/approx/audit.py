@@ -372,6 +372,9 @@ def _figures(report: AuditReport, folder: Path) -> list[Path]:
                     continue
                 x = np.log10(np.maximum(x, 1e-17))
                 ax.hist(x, bins=60, histtype="step", color=col, label=f"layer {layer}")
+        if all(not np.isfinite(report.samples[(m, lay)]["tv"]).any() for lay in layers):
+            axes[0].text(0.5, 0.5, "TV undefined: no kept set or distribution",
+                         ha="center", va="center", transform=axes[0].transAxes)
         axes[0].set_xlabel("log10 TV to exact attention")
         axes[1].set_xlabel("log10 relative output error")
         for ax in axes:
@@ -421,6 +424,7 @@ def audit(
     *,
     eps: float = 0.01,
     params: dict[str, dict[str, Any]] | None = None,
+    layers: Sequence[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> AuditReport:
     r"""Run ``methods`` on every layer of ``records`` and compare with exact attention.
@@ -436,6 +440,8 @@ def audit(
         Budget of the "certified within eps" columns (TV, and relative output error).
     params : dict, optional
         Extra keyword arguments per method name (override :data:`PRESETS`).
+    layers : sequence of int, optional
+        Model layers to audit (default: every recorded layer).
     progress : callable, optional
         Called with a short message after each method and layer.
 
@@ -448,6 +454,11 @@ def audit(
     eps = check_eps(eps)
     if not records:
         raise InputError("no attention records to audit")
+    recorded = {int(x) for rec in records for x in np.asarray(rec.layers).tolist()}
+    wanted = recorded if layers is None else {int(x) for x in layers}
+    if not wanted <= recorded:
+        raise InputError(f"layer(s) {sorted(wanted - recorded)} not recorded; recorded: "
+                         f"{sorted(recorded)}")
     run, skipped = _resolve_methods(methods, explicit=methods is not None)
     params = params or {}
     accs: dict[tuple[str, int], _Acc] = {}
@@ -455,6 +466,8 @@ def audit(
         n = int(rec.keys.shape[-2])
         mask = np.asarray(rec.mask, bool)
         for li, layer in enumerate(np.asarray(rec.layers).tolist()):
+            if int(layer) not in wanted:
+                continue
             q, k, v = rec.queries[li], rec.keys[li], rec.values[li]
             p, attn, valid, c = _reference(q, k, v, mask, float(rec.scale))
             for m in run:
@@ -499,8 +512,9 @@ def audit_model(
     prose or of ``text``; ``layers`` restricts the recorded layers)."""
     from ..budget import load_attention
 
-    records = load_attention(model, text, tokens=tokens, layers=layers)
-    return audit(records, methods, eps=eps, progress=progress)
+    records = load_attention(model, text, tokens=tokens,
+                             layers=None if model == "minilm-sample" else layers)
+    return audit(records, methods, eps=eps, layers=layers, progress=progress)
 
 
 def run_cli(args: Any) -> int:
