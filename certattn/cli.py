@@ -315,6 +315,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", help="comma list of methods (default: every available one)")
     a.add_argument("--eps", default="0.01", help="budget in [0, 1) of the certified columns")
     a.add_argument("--layers", help="comma list of model layers (default: all recorded)")
+    a.add_argument("--summary", action="store_true", help="table of all layers pooled only")
     a.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a.add_argument("--out", help="write audit.json and figures to this folder")
     a.set_defaults(func=_cmd_audit)

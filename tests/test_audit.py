@@ -89,6 +89,15 @@ def test_measures_match_an_independent_computation(sample):
         assert row.tv_mean == pytest.approx(np.mean(tvs), rel=1e-9)
         assert row.tv_p99 == pytest.approx(np.quantile(tvs, 0.99), rel=1e-9)
         assert row.cost_mean == pytest.approx(np.mean(costs))
+    # pooled rows: every layer's queries, means weighted by queries
+    for m in ("window_sinks", "delta"):
+        per = [r for r in rep.rows if r.method == m]
+        pool = next(r for r in rep.pooled if r.method == m)
+        assert pool.layer == -1 and pool.queries == sum(r.queries for r in per)
+        assert pool.cost_mean == pytest.approx(np.mean([r.cost_mean for r in per]))
+        assert pool.rel_mean == pytest.approx(np.mean([r.rel_mean for r in per]), abs=1e-15)
+    assert "| window_sinks | all |" in rep.to_markdown(summary=True)
+    assert "| window_sinks | 0 |" not in rep.to_markdown(summary=True)
     # the certified fallback: every query within eps, by certificate
     for r in rep.rows:
         if r.method == "window_sinks_certified":
@@ -127,7 +136,7 @@ def test_unsound_certificates_are_counted(monkeypatch):
 
 def test_cli_json_out_and_errors(tmp_path, capsys):
     assert main(["audit", "--methods", "window_sinks,delta", "--eps", "0.05", "--json",
-                 "--out", str(tmp_path)]) == 0
+                 "--layers", "0", "--out", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["unsound"] == 0 and out["eps"] == 0.05
     assert {r["method"] for r in out["rows"]} == {"window_sinks", "delta"}

@@ -218,7 +218,8 @@ def _measure(res: ApproxResult, p: Array, attn: Array, valid: Array, c: Array, e
 
 @dataclass(frozen=True)
 class AuditRow:
-    """One line of the audit: a method on one layer (all heads and queries)."""
+    """One line of the audit: a method on one layer (all heads and queries); ``layer = -1``
+    pools every audited layer."""
 
     method: str
     layer: int
@@ -234,6 +235,16 @@ class AuditRow:
     cost_frac: float
     unsound: int
     params: dict[str, Any]
+
+
+def _merge(parts: list[_Acc]) -> _Acc:
+    """Pool the per-query measures of several layers."""
+    out = _Acc(params=parts[0].params)
+    for a in parts:
+        for name in ("tv", "rel", "cert_tv", "cert_err", "cost", "n_valid", "fell_back"):
+            getattr(out, name).extend(getattr(a, name))
+        out.unsound += a.unsound
+    return out
 
 
 def _mean(parts: list[Array]) -> float:
@@ -277,6 +288,9 @@ class AuditReport:
     eps : float
         The budget of the "certified within eps" columns.
     rows : list of AuditRow
+        Per method and layer.
+    pooled : list of AuditRow
+        Per method, every layer pooled (``layer = -1``).
     skipped : dict
         Method name -> why it did not run (unavailable module, error).
     samples : dict
@@ -287,6 +301,7 @@ class AuditReport:
     tokens: int
     eps: float
     rows: list[AuditRow]
+    pooled: list[AuditRow]
     skipped: dict[str, str]
     samples: dict[tuple[str, int], dict[str, Array]] = field(repr=False)
 
@@ -309,14 +324,16 @@ class AuditReport:
             "model": self.model, "tokens": self.tokens, "eps": self.eps,
             "unsound": self.unsound, "skipped": self.skipped,
             "rows": [clean(dict(r.__dict__)) for r in self.rows],
+            "pooled": [clean(dict(r.__dict__)) for r in self.pooled],
         }
 
     def to_json(self, indent: int | None = 2) -> str:
         """:meth:`to_dict` as JSON text."""
         return json.dumps(self.to_dict(), indent=indent)
 
-    def to_markdown(self) -> str:
-        """One Markdown table, a line per method and layer, and notes."""
+    def to_markdown(self, *, summary: bool = False) -> str:
+        """One Markdown table, a line per method and layer then per method over all layers
+        (``summary``: only the latter), and notes."""
         head = ("| method | layer | queries | TV mean | TV p99 | rel err mean | rel err p99 | "
                 f"cert TV<={self.eps:g} | cert err<={self.eps:g} | fallback | cost (keys/q) | "
                 "cost / n | unsound |")
@@ -326,9 +343,10 @@ class AuditReport:
             return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else \
                 format(x, spec)
 
-        for r in self.rows:
+        for r in (self.pooled if summary else [*self.rows, *self.pooled]):
             lines.append(
-                f"| {r.method} | {r.layer} | {r.queries} | {f(r.tv_mean)} | {f(r.tv_p99)} | "
+                f"| {r.method} | {'all' if r.layer < 0 else r.layer} | {r.queries} | "
+                f"{f(r.tv_mean)} | {f(r.tv_p99)} | "
                 f"{f(r.rel_mean)} | {f(r.rel_p99)} | {f(r.cert_tv, '.1%')} | "
                 f"{f(r.cert_err, '.1%')} | {f(r.fallback, '.1%')} | {f(r.cost_mean, '.1f')} | "
                 f"{f(r.cost_frac, '.3f')} | {r.unsound} |"
@@ -485,6 +503,11 @@ def audit(
                 _measure(res, p, attn, valid, c, eps, acc)
                 if progress is not None:
                     progress(f"{m} layer {layer}")
+    pooled = []
+    for m in run:
+        parts = [a for (mm, _), a in sorted(accs.items()) if mm == m]
+        if parts:
+            pooled.append(_row(m, -1, _merge(parts)))
     rows = [_row(m, layer, accs[(m, layer)]) for m in run
             for layer in sorted({lay for (mm, lay) in accs if mm == m})]
     samples = {key: {"tv": np.concatenate(a.tv), "rel": np.concatenate(a.rel)}
@@ -493,7 +516,7 @@ def audit(
     skipped = {m: why for m, why in skipped.items() if m not in run_set}
     return AuditReport(
         model=str(records[0].model), tokens=max(int(r.keys.shape[-2]) for r in records),
-        eps=eps, rows=rows, skipped=skipped, samples=samples,
+        eps=eps, rows=rows, pooled=pooled, skipped=skipped, samples=samples,
     )
 
 
@@ -564,6 +587,6 @@ def run_cli(args: Any) -> int:
             report.write(args.out)
         except OSError as exc:
             raise CLIError(f"cannot write {args.out}: {exc.strerror or exc}") from None
-    print(report.to_json() if args.json else report.to_markdown(), end="" if not args.json
-          else "\n")
+    text = report.to_json() if args.json else report.to_markdown(summary=args.summary)
+    print(text, end="" if not args.json else "\n")
     return 1 if report.unsound else 0
