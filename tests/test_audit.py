@@ -67,7 +67,7 @@ def test_measures_match_an_independent_computation(sample):
         for lay in (0, 2, 5)}
     # window + sinks TV and cost, recomputed from the definition (float64 logits)
     for layer_pos, layer in enumerate((0, 2, 5)):
-        tvs, costs = [], []
+        tvs, costs, nvs = [], [], []
         for rec in sample:
             n = rec.keys.shape[-2]
             w, s = default_window(n), default_sinks(n)
@@ -84,11 +84,13 @@ def test_measures_match_an_independent_computation(sample):
                     kept[vis[-w:]] = True
                     tvs.append(p[hi, i, ~kept].sum())
                     costs.append(kept.sum())
+                    nvs.append(vis.size)
         row = next(r for r in rep.rows if r.method == "window_sinks" and r.layer == layer)
         assert row.queries == len(tvs)
         assert row.tv_mean == pytest.approx(np.mean(tvs), rel=1e-9)
         assert row.tv_p99 == pytest.approx(np.quantile(tvs, 0.99), rel=1e-9)
         assert row.cost_mean == pytest.approx(np.mean(costs))
+        assert row.cost_frac == pytest.approx(np.sum(costs) / np.sum(nvs))
     # pooled rows: every layer's queries, means weighted by queries
     for m in ("window_sinks", "delta"):
         per = [r for r in rep.rows if r.method == m]
