@@ -7,6 +7,8 @@ from __future__ import annotations
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from certattn._validate import InputError
 from certattn.approx import ApproxResult
@@ -230,3 +232,33 @@ def test_fallback_rejects_additive_masks_and_missing_eps():
         quest(q, k, v, fallback="certified")
     with pytest.raises(InputError, match="fallback"):
         quest(q, k, v, fallback="always", eps=0.1)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 24),
+    d=st.integers(1, 5),
+    page=st.integers(1, 6),
+    log_scale=st.floats(-2.0, 3.0),
+    masked=st.floats(0.0, 0.5),
+)
+def test_box_bound_is_sound_on_random_and_extreme_inputs(seed, n, d, page, log_scale, masked):
+    import array_api_compat.numpy as xnp
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, 3, d)) * 10**log_scale
+    k = rng.standard_normal((1, n, d)) * rng.choice([1e-3, 1.0, 30.0])
+    if rng.random() < 0.3:
+        k[0, rng.integers(n)] = k[0, 0]  # ties
+    s = q @ np.swapaxes(k, -1, -2)
+    valid = rng.random(s.shape) >= masked
+    valid[..., 0] = True
+    kept = valid & (rng.random(s.shape) < 0.5)
+    s = np.where(valid, s, -np.inf)
+    hi, _ = box_tail_upper(s, valid, kept, Context(q, k, 1.0, 0, xnp), page)
+    for i in range(3):
+        if kept[0, i].any():
+            assert hi[0, i] >= exact_tail_of_set(s[0, i], kept[0, i]), (i, hi[0, i])
+        else:
+            assert hi[0, i] == 1.0
+        assert 0.0 <= hi[0, i] <= 1.0
