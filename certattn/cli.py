@@ -457,6 +457,12 @@ _VERIFY_TIMING = (
 )
 
 
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from .approx.audit import run_cli
+
+    return run_cli(args)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .verify import MAX_ROWS
@@ -544,6 +550,27 @@ def _build_parser() -> argparse.ArgumentParser:
     v.add_argument("--only", nargs="+", metavar="ID", help="check only these theorem ids")
     _add_progress_options(v, "default: on a terminal; shows the estimated time left")
     v.set_defaults(func=_cmd_verify)
+
+    a = sub.add_parser(
+        "audit",
+        help="audit attention approximations on real attention (TV, error, certificates, cost)",
+        description="Run attention approximations (window_sinks, quest, their certified "
+        "fallbacks, delta, and any other registered method) on every layer of a model's "
+        "attention and print, per method and layer: mean and p99 TV and relative output "
+        "error to exact attention, the fraction of queries certified within eps, the cost "
+        "in keys per query, and the count of unsound certificates (must be 0).",
+    )
+    a.add_argument("--model", default="minilm-sample",
+                   choices=["minilm-sample", "minilm", "smollm2"],
+                   help="minilm-sample (shipped, default), minilm or smollm2")
+    a.add_argument("--tokens", type=int, help="context length (smollm2 default 1024)")
+    a.add_argument("--methods", help="comma list of methods (default: every available one)")
+    a.add_argument("--eps", default="0.01", help="budget in [0, 1) of the certified columns")
+    a.add_argument("--layers", help="comma list of model layers (default: all recorded)")
+    a.add_argument("--summary", action="store_true", help="table of all layers pooled only")
+    a.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    a.add_argument("--out", help="write audit.json and figures to this folder")
+    a.set_defaults(func=_cmd_audit)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")

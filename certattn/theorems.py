@@ -202,6 +202,19 @@ THEOREMS: tuple[Theorem, ...] = (
        "output.variance_decomposition",
        "output.py::variance_decomposition",
        "test_output.py::test_variance_decomposition_and_best"),
+    _t("DELTA-ERROR", 4, "bound",
+       "Delta Attention: kept sets H_i, H_a, S_j = Attn_{H_j}(q_j), D_a = Attn(q_a), "
+       "O_i = S_i + (D_a - S_a): O_i - Attn(q_i) = tau_a (mu_T,a - mu_H,a) - "
+       "tau_i (mu_T,i - mu_H,i), exactly, hence |O_i - Attn(q_i)| <= "
+       "tau_a max_{j in T_a} |v_j - mu_H,a| + tau_i max_{j in T_i} |v_j - mu_H,i| "
+       "<= tau_a diam_a + tau_i diam_i (any norm).",
+       "[derived] from OUT-HEAD-TAIL (Thm 5.2 of Tzachristas et al.); the method: "
+       "Willette, Lee & Hwang (Delta Attention, NeurIPS 2025)",
+       "approx.delta.delta_correct approx.delta.delta_rows",
+       "delta.py::delta_error_identity delta.py::delta_error_bound_steps",
+       "test_approx_delta.py::test_delta_error_is_sound_against_exact_arithmetic "
+       "test_approx_delta.py::test_certificate_triggered_dense_rows "
+       "test_approx_delta.py::test_anchor_rows_and_the_tail_equal_dense_exactly"),
     # ---------------------------------------------------------------- 5. Gaussian
     _t("GAUSS-TILT", 5, "closed-form",
        "if s ~ N(mu, sigma^2), the e^s-weighted law of s is N(mu + sigma^2, sigma^2).",

@@ -32,6 +32,7 @@ CORE = {
 }
 """The certificate core: imports nothing from the applications or the theory artefacts."""
 APPLICATIONS = {"cli", "budget", "io", "models", "reproduce", "plots", "verify", "theorems",
+                "approx", "corpus", "_dask",
                 "_corpus", "geometry", "gaussian_mc"}
 
 

@@ -27,6 +27,7 @@ from .._backends import verify_backends
 from .._progress import Progress, progress_enabled
 from ..errors import InputError
 from ._common import VerifyResult
+from .approx import check_delta_error
 from .bounds import (
     check_block_bounds,
     check_block_mass,
@@ -107,6 +108,7 @@ CHECKS: dict[str, _Spec] = {
     "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 37_000, False, 18),
     "OUT-BEST": _Spec(check_out_best, 10_000, 5_400, False, 18),
     "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 27_000),
+    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 26_000, False, 200),
     "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 25_000),
     "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 20_000),
     "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 21_000),

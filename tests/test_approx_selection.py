@@ -1,0 +1,264 @@
+"""window_sinks and quest (certattn.approx.selection) against their published definitions,
+and every certificate (TV-TAIL, OUT-*, the certified fallback's box bound) against exact
+arithmetic (mpmath)."""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from certattn._validate import InputError
+from certattn.approx import ApproxResult
+from certattn.approx.fallback import METADATA_PER_PAGE, box_tail_upper
+from certattn.approx.selection import quest, window_sinks
+from certattn.policies import Context
+
+from ._exact import exact_tail_of_set, exact_weights
+
+
+def _dense(q, k, v, mask=None):
+    s = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1])
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return s, p, p @ v
+
+
+def _qkv(rng, h=2, n=40, d=6, dv=3, spread=1.0):
+    q = rng.standard_normal((h, n, d)) * spread
+    k = rng.standard_normal((h, n, d))
+    v = rng.standard_normal((h, n, dv))
+    return q, k, v
+
+
+def _causal(n):
+    return np.tril(np.ones((n, n), bool))
+
+
+def _ws_reference(visible, window, sinks):
+    """First `sinks` and last `window` visible keys, by a loop over positions."""
+    out = np.zeros_like(visible)
+    for idx in np.ndindex(visible.shape[:-1]):
+        pos = np.flatnonzero(visible[idx])
+        out[idx][pos[:sinks]] = True
+        if window:
+            out[idx][pos[-window:]] = True
+    return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_window_sinks_keeps_the_published_set(causal):
+    rng = np.random.default_rng(1)
+    q, k, v = _qkv(rng, n=37)
+    r = window_sinks(q, k, v, window=7, sinks=3, causal=causal)
+    assert isinstance(r, ApproxResult) and r.method == "window_sinks"
+    vis = np.broadcast_to(_causal(37) if causal else np.ones((37, 37), bool), r.kept.shape)
+    np.testing.assert_array_equal(r.kept, _ws_reference(vis, 7, 3))
+    np.testing.assert_array_equal(r.cost, r.kept.sum(-1))  # cost = keys kept
+    assert r.params == {"window": 7, "sinks": 3}
+    # output = softmax renormalised on the kept set
+    s, _, _ = _dense(q, k, v, vis)
+    t = np.where(r.kept, s, -np.inf)
+    w = np.exp(t - t.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(r.weights, w, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(r.output, w @ v, rtol=1e-11, atol=1e-13)
+
+
+def test_window_sinks_with_padding_mask_and_grouped_heads():
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((4, 30, 5))
+    k = rng.standard_normal((2, 30, 5))
+    v = rng.standard_normal((2, 30, 2))
+    mask = np.ones((30, 30), bool)
+    mask[:, 25:] = False  # padding keys
+    mask[:, 2] = False
+    r = window_sinks(q, k, v, window=4, sinks=2, mask=mask)
+    np.testing.assert_array_equal(r.kept, _ws_reference(np.broadcast_to(mask, (4, 30, 30)), 4, 2))
+    rep = window_sinks(q, np.repeat(k, 2, axis=0), np.repeat(v, 2, axis=0), window=4, sinks=2,
+                       mask=mask)
+    np.testing.assert_allclose(r.output, rep.output, rtol=0, atol=0)
+
+
+def test_window_covering_the_context_is_exact_attention():
+    rng = np.random.default_rng(3)
+    q, k, v = _qkv(rng, n=33, spread=2.0)
+    for causal in (False, True):
+        r = window_sinks(q, k, v, window=33, sinks=0, causal=causal)
+        _, p, attn = _dense(q, k, v, _causal(33) if causal else None)
+        assert np.all(r.kept == (p > 0))
+        np.testing.assert_array_equal(r.tail_upper, 0.0)
+        np.testing.assert_allclose(r.output, attn, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(r.weights, p, rtol=1e-12, atol=1e-16)
+        assert np.all(r.error_bound >= np.linalg.norm(r.output - attn, axis=-1))
+
+
+def test_quest_hand_checked_pages():
+    # pages of 2 keys; q = (1, 1): box bounds 2 (page 0), -1 (page 1), 6 (page 2)
+    k = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0], [-2.0, 0.0], [3.0, 3.0], [2.0, 2.0]])
+    q = np.array([[1.0, 1.0]])
+    v = np.arange(12.0).reshape(6, 2)
+    r = quest(q, k, v, budget=4, page_size=2, scale=1.0)
+    np.testing.assert_array_equal(r.kept[0], [True, True, False, False, True, True])
+    assert r.cost[0] == 4 + METADATA_PER_PAGE * 3  # kept keys + two corners per page
+    r1 = quest(q, k, v, budget=1, page_size=2, scale=1.0)  # one page: the best bound
+    np.testing.assert_array_equal(r1.kept[0], [False, False, False, False, True, True])
+    s = q @ k.T
+    w = np.where(r1.kept, np.exp(s - s.max()), 0.0)
+    np.testing.assert_allclose(r1.output, (w / w.sum()) @ v, rtol=1e-14)
+
+
+def test_quest_keeps_the_top_pages_by_box_bound():
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, h=1, n=53, d=4)
+    for causal in (False, True):
+        r = quest(q, k, v, budget=20, page_size=8, causal=causal)
+        vis = _causal(53) if causal else np.ones((53, 53), bool)
+        n_pages = 7
+        for i in range(53):
+            bounds = []
+            for b in range(n_pages):
+                kb = k[0, b * 8 : (b + 1) * 8]
+                qi = q[0, i]
+                ub = np.sum(np.maximum(qi * kb.min(0), qi * kb.max(0)))
+                bounds.append(ub if vis[i, b * 8 : (b + 1) * 8].any() else -np.inf)
+            top = np.argsort(-np.array(bounds), kind="stable")[:3]
+            want = np.zeros(53, bool)
+            for b in top:
+                if bounds[b] > -np.inf:
+                    want[b * 8 : (b + 1) * 8] = True
+            np.testing.assert_array_equal(r.kept[0, i], want & vis[i])
+            n_vis_pages = sum(bd > -np.inf for bd in bounds)
+            assert r.cost[0, i] == r.kept[0, i].sum() + 2 * n_vis_pages
+
+
+@mpmath.workdps(60)
+def _exact_out(row, kept, v):
+    w = exact_weights(row)
+    z = mpmath.fsum(w)
+    zh = mpmath.fsum(wi for wi, kk in zip(w, kept, strict=True) if kk)
+    attn = [mpmath.fsum(w[j] * mpmath.mpf(float(v[j, c])) for j in range(len(w))) / z
+            for c in range(v.shape[1])]
+    head = [mpmath.fsum(w[j] * mpmath.mpf(float(v[j, c])) for j in range(len(w)) if kept[j]) / zh
+            for c in range(v.shape[1])]
+    return attn, head
+
+
+def _check_exact(r, q, k, v, causal, eps=None):
+    """tail_upper >= exact tail, error_bound >= exact |Attn - output|, on every row."""
+    s, _, _ = _dense(q, k, v, _causal(q.shape[-2]) if causal else None)
+    for idx in np.ndindex(s.shape[:-1]):
+        h = idx[0]
+        tau = exact_tail_of_set(s[idx], r.kept[idx])
+        assert r.tail_upper[idx] >= tau, (idx, float(tau), r.tail_upper[idx])
+        if eps is not None:
+            assert tau <= eps
+        attn, _ = _exact_out(s[idx], r.kept[idx], v[h])
+        err = mpmath.sqrt(mpmath.fsum((a - mpmath.mpf(float(o))) ** 2
+                                      for a, o in zip(attn, r.output[idx], strict=True)))
+        assert r.error_bound[idx] >= err, (idx, float(err), r.error_bound[idx])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_certificates_are_sound_against_exact_arithmetic(seed):
+    rng = np.random.default_rng(10 + seed)
+    q, k, v = _qkv(rng, h=2, n=24, d=4, dv=2, spread=3.0)
+    for causal in (False, True):
+        _check_exact(window_sinks(q, k, v, window=4, sinks=2, causal=causal), q, k, v, causal)
+        _check_exact(quest(q, k, v, budget=8, page_size=4, causal=causal), q, k, v, causal)
+
+
+@pytest.mark.parametrize("method", [window_sinks, quest])
+def test_certified_fallback_is_within_eps_on_every_query(method):
+    rng = np.random.default_rng(5)
+    # attention sinks: four keys aligned with every query dominate (certified without
+    # scoring the rest), noisier rows fall back
+    u = np.array([1.0, 0.0, 0.0, 0.0])
+    q = 3 * u + 0.5 * rng.standard_normal((2, 32, 4))
+    k = 0.5 * rng.standard_normal((2, 32, 4))
+    v = rng.standard_normal((2, 32, 2))
+    k[:, :4] = 6 * u
+    k[1, :4] = 1.5 * u  # the second head's sinks are weak: its queries fall back
+    eps = 0.05
+    kw = {"window": 6, "sinks": 4} if method is window_sinks else {"budget": 8}
+    for causal in (False, True):
+        base = method(q, k, v, causal=causal, page_size=4, **kw) if method is quest else \
+            method(q, k, v, causal=causal, **kw)
+        r = method(q, k, v, causal=causal, fallback="certified", eps=eps, page_size=4, **kw)
+        fell = r.params["fell_back"]
+        assert fell[0].mean() < 0.5 and fell[1].mean() > 0.5  # both branches exercised
+        assert r.params["fallback_rate"] == pytest.approx(fell.mean())
+        assert np.all(r.tail_upper <= eps)
+        # queries that did not fall back serve the base kept set, scoring only it
+        np.testing.assert_array_equal(r.kept[~fell], base.kept[~fell])
+        assert np.all(r.cost[~fell] <= base.kept[~fell].sum(-1) + 2 * 8 + 1e-12)
+        # queries that fell back scored every visible key
+        nv = (_causal(32) if causal else np.ones((32, 32), bool)).sum(-1)
+        assert np.all(r.cost[fell] >= np.broadcast_to(nv, fell.shape)[fell])
+        _check_exact(r, q, k, v, causal, eps=eps)
+
+
+def test_box_bound_never_reads_an_unkept_score():
+    rng = np.random.default_rng(6)
+    q, k, _ = _qkv(rng, h=1, n=20, d=3)
+    s = q @ k[0].T[None] / np.sqrt(3)
+    valid = np.ones(s.shape, bool)
+    kept = np.zeros(s.shape, bool)
+    kept[..., :5] = True
+    import array_api_compat.numpy as xnp
+
+    ctx = Context(queries=q, keys=k, scale=1 / np.sqrt(3), start=0, xp=xnp)
+    hi, pages = box_tail_upper(s, valid, kept, ctx, 4)
+    garbage = np.where(kept, s, 1e300)
+    hi2, _ = box_tail_upper(garbage, valid, kept, Context(q, k, 1 / np.sqrt(3), 0, xnp), 4)
+    np.testing.assert_array_equal(hi, hi2)
+    np.testing.assert_array_equal(pages, 4)  # keys 5..19 lie in pages 1..4
+    for i in range(20):
+        assert hi[0, i] >= exact_tail_of_set(s[0, i], kept[0, i])
+
+
+def test_fallback_rejects_additive_masks_and_missing_eps():
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, h=1, n=8)
+    bias = np.zeros((8, 8))
+    bias[:, 0] = 0.5
+    with pytest.raises(InputError, match="boolean mask"):
+        window_sinks(q, k, v, mask=bias, fallback="certified", eps=0.1)
+    with pytest.raises(InputError, match="needs eps"):
+        quest(q, k, v, fallback="certified")
+    with pytest.raises(InputError, match="fallback"):
+        quest(q, k, v, fallback="always", eps=0.1)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 24),
+    d=st.integers(1, 5),
+    page=st.integers(1, 6),
+    log_scale=st.floats(-2.0, 3.0),
+    masked=st.floats(0.0, 0.5),
+)
+def test_box_bound_is_sound_on_random_and_extreme_inputs(seed, n, d, page, log_scale, masked):
+    import array_api_compat.numpy as xnp
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((1, 3, d)) * 10**log_scale
+    k = rng.standard_normal((1, n, d)) * rng.choice([1e-3, 1.0, 30.0])
+    if rng.random() < 0.3:
+        k[0, rng.integers(n)] = k[0, 0]  # ties
+    s = q @ np.swapaxes(k, -1, -2)
+    valid = rng.random(s.shape) >= masked
+    valid[..., 0] = True
+    kept = valid & (rng.random(s.shape) < 0.5)
+    s = np.where(valid, s, -np.inf)
+    hi, _ = box_tail_upper(s, valid, kept, Context(q, k, 1.0, 0, xnp), page)
+    for i in range(3):
+        if kept[0, i].any():
+            assert hi[0, i] >= exact_tail_of_set(s[0, i], kept[0, i]), (i, hi[0, i])
+        else:
+            assert hi[0, i] == 1.0
+        assert 0.0 <= hi[0, i] <= 1.0
