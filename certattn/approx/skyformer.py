@@ -230,6 +230,7 @@ def skyformer(
     ridge: float = RIDGE,
     n_iter: int = SCHULZ_ITERATIONS,
     normalize: str = "none",
+    dense_weights: bool = True,
 ) -> ApproxResult:
     r"""Skyformer attention (module docstring: kernel, Nyström, Schulz inverse, normalisation).
 
@@ -261,6 +262,9 @@ def skyformer(
         Schulz iterations (default 6).
     normalize : {"none", "rows", "softmax"}
         What the output is normalised by (module docstring).
+    dense_weights : bool
+        Form the ``(Lq, Lk)`` ``weights`` for ``"rows"`` / ``"softmax"`` (an
+        :math:`O(L_q L_k m)` product the method itself never needs); False leaves it None.
 
     Returns
     -------
@@ -312,7 +316,8 @@ def skyformer(
         ctx = np.swapaxes(kk, -1, -2) @ (w[..., :, None] * vals)
         den = kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None])
         out = (kq @ ctx) / den
-        weights = (kq @ np.swapaxes(kk, -1, -2)) * w[..., None, :] / den
+        if dense_weights:
+            weights = (kq @ np.swapaxes(kk, -1, -2)) * w[..., None, :] / den
     cost = np.full((*lead, lq), m + (m * lk + m * m) / lq, dtype=np.float64)
     return ApproxResult(
         output=out,
