@@ -207,6 +207,7 @@ def test_fit_lowers_the_loss_and_records_provenance() -> None:
     maps = fit_hedgehog(q, k, steps=60, lr=0.05, seed=3, provenance={"text": "random"})
     assert maps.w_q.shape == (2, 4, 4) and maps.n_features == 8
     assert maps.fit["loss_end"] < 0.9 * maps.fit["loss_start"]
+    assert 0 < maps.fit["loss_floor"] < maps.fit["loss_end"]  # cross-entropy >= entropy
     assert maps.fit["seed"] == 3 and maps.fit["steps"] == 60 and maps.fit["text"] == "random"
     again = fit_hedgehog(q, k, steps=60, lr=0.05, seed=3)
     np.testing.assert_array_equal(again.w_q, maps.w_q)

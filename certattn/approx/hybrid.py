@@ -480,7 +480,8 @@ def fit_hedgehog(
     -------
     FeatureMaps
         Maps ``(H, d, f)`` (or ``(d, f)``); ``fit`` records seed, steps, lr, data shape,
-        the loss at the start and the end, and ``provenance``.
+        the loss at the start and the end, its floor (the mean entropy of the target rows,
+        reached when the linear weights equal them) and ``provenance``.
     """
     pr = prepare(q, k, np.zeros((*np.shape(k)[:-1], 1)), mask=mask, causal=causal,
                  scale=scale, kv_heads=None)
@@ -504,9 +505,12 @@ def fit_hedgehog(
             params[i] = params[i] - lr * (mom[i] / (1 - b1**t)) / (
                 np.sqrt(vel[i] / (1 - b2**t)) + ae)
     final, _, _ = transfer_loss(pr.q, pr.k, p, pr.visible, params[0], params[1], grad=False)
+    logp = np.log(np.where(p > 0, p, 1.0))
+    entropy = -float(np.sum(p * logp)) / int(np.prod(p.shape[:-1]))
     fit = {"method": "attention-weight transfer (Hedgehog), Adam", "seed": int(seed),
            "steps": int(steps), "lr": float(lr), "init": f"I + {init_noise} N(0, 1)",
            "features": 2 * f, "data_shape": list(pr.q.shape), "causal": bool(causal),
            "loss_start": losses[0] if losses else final, "loss_end": final,
+           "loss_floor": entropy,
            **(provenance or {})}
     return FeatureMaps(params[0], params[1], FEATURE_EPS, fit)

@@ -140,7 +140,8 @@ def _md_hybrid(sec: Section, s: Any) -> list[str]:
     f = r["fit"]
     L += [f"Hedgehog fit: {f['method']}, seed {f['seed']}, layers {f['layers']}, heads "
           f"{f['heads']}, {f['tokens']}, {f['steps']} steps (lr {f['lr']}), cross-entropy "
-          f"{f['loss_start']:.3f} -> {f['loss_end']:.3f} ({f['seconds']} s).", "",
+          f"{f['loss_start']:.3f} -> {f['loss_end']:.3f} (floor = target entropy "
+          f"{f.get('loss_floor', float('nan')):.3f}; {f['seconds']} s).", "",
           "| maps | exact mass outside W | hybrid window share | TV hybrid | TV window-only "
           "| TV linear-only | err hybrid | err window | err linear |",
           "|---|---|---|---|---|---|---|---|---|"]
