@@ -214,3 +214,16 @@ def test_fit_lowers_the_loss_and_records_provenance() -> None:
     before = hybrid_usage(q, k, k, causal=True, window=0).tv_linear.mean()
     after = hybrid_usage(q, k, k, causal=True, window=0, feature_maps=maps).tv_linear.mean()
     assert after < before
+
+
+def test_query_rows_aligned_at_the_end() -> None:
+    """Lq < Lk with causal=True: query i sits at position i + Lk - Lq (a key/value cache)."""
+    q, k, v = _data(16, n=10)
+    maps = _maps(17)
+    full = hybrid_linear(q, k, v, causal=True, feature_maps=maps, window=3)
+    tail = hybrid_linear(q[6:], k, v, causal=True, feature_maps=maps, window=3)
+    np.testing.assert_allclose(tail.output, full.output[6:], rtol=1e-13)
+    np.testing.assert_array_equal(tail.kept, full.kept[6:])
+    u = hybrid_usage(q[6:], k, v, causal=True, feature_maps=maps, window=3)
+    uf = hybrid_usage(q, k, v, causal=True, feature_maps=maps, window=3)
+    np.testing.assert_allclose(u.exact_outside, uf.exact_outside[6:], rtol=1e-13)
