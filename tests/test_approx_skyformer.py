@@ -167,3 +167,21 @@ def test_rejects_causal_and_per_query_masks() -> None:
         skyformer(q, k, v, landmark_idx=np.array([0, 12]))
     with pytest.raises(InputError):
         skyformer(q, k, v, landmarks=1)
+
+
+def test_reproduce_section_quick(tmp_path) -> None:
+    """The quick Skyformer section on the shipped sample: consistent norms and files."""
+    from certattn.reproduce.skyformer import _md_skyformer, _skyformer
+
+    sec = _skyformer([], tmp_path, True, lambda *a: None)
+    r = sec.results["minilm"]
+    (_n, v), = r["by_n"].items()
+    assert len(v["nystrom"]) == len(r["landmarks"]) == 3
+    attn, cv = v["norm_softmax_output"][0], v["norm_kernel_output"][0]
+    for e_cv, e_sm in zip(v["nystrom"], v["code_vs_softmax"], strict=True):
+        # triangle inequality: |O - Attn| <= |O - CV| + |CV| + |Attn| (per head, so in mean)
+        assert 0 <= e_sm <= e_cv + cv + attn + 1e-9
+    assert 1 <= r["spectrum_heads"]["mean_rank_90"] <= r["spectrum_heads"]["mean_rank_99"] <= 32
+    assert sec.results["smollm2"]["status"] == "pending"
+    assert (tmp_path / "skyformer.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("2.15" in line for line in _md_skyformer(sec, None))

@@ -132,7 +132,9 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
                 for h in (0, 3, 6, 9)]
         sec.results["minilm"] = {"source": f"shipped sample, layer {int(a.layers[li])}, "
                                  "heads 0, 3, 6, 9", "landmarks": list(lms),
-                                 "by_n": {str(a.n_tokens): _mean(rows)}}
+                                 "by_n": {str(a.n_tokens): _mean(rows)},
+                                 "spectrum_heads": _head_spectra(a.queries[li], a.keys[li],
+                                                                 a.values[li], False)}
         curves["minilm"] = sec.results["minilm"]["by_n"]
         sec.results["smollm2"] = {"status": "pending", "reason": "skipped in quick mode"}
     else:
@@ -248,12 +250,13 @@ def _md_skyformer(sec: Section, s: Any) -> list[str]:
           "energy |", "|---|---|---|---|"]
     for key in ("minilm", "smollm2"):
         r = sec.results.get(key, {})
-        if "spectrum_layer_output" not in r:
+        if "spectrum_heads" not in r:
             continue
-        sp = r["spectrum_layer_output"]
-        vals = ", ".join(f"{x:.3g}" for x in sp["sigma_over_sigma1"].values())
-        L.append(f"| {key} | layer 1 output {tuple(sp['shape'])} | {vals} | "
-                 f"{sp['rank_90']} / {sp['rank_99']} |")
+        sp = r.get("spectrum_layer_output")
+        if sp is not None:
+            vals = ", ".join(f"{x:.3g}" for x in sp["sigma_over_sigma1"].values())
+            L.append(f"| {key} | layer 1 output {tuple(sp['shape'])} | {vals} | "
+                     f"{sp['rank_90']} / {sp['rank_99']} |")
         hs = r["spectrum_heads"]
         vals = ", ".join(f"{x:.3g}" for x in hs["sigma_over_sigma1"].values())
         L.append(f"| {key} | mean of {hs['heads']} head outputs (d = {hs['head_dim']}) | "
