@@ -29,10 +29,12 @@ def _minilm() -> Any:
 
 def long_text() -> tuple[str, str]:
     """The corpus followed by Python's documentation topics, and a description of it."""
-    import pydoc_data.topics as topics
-
     from .._corpus import corpus_text
 
+    try:
+        import pydoc_data.topics as topics
+    except ImportError:  # some distributions strip it: the corpus alone (~1,400 tokens)
+        return corpus_text(), "certattn's built-in corpus (pydoc_data unavailable)"
     body = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
     ver = ".".join(str(v) for v in sys.version_info[:3])
     return (corpus_text() + "\n\n" + body,
