@@ -167,7 +167,7 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
             kvh = np.arange(sm.n_heads) // (sm.n_heads // sm.n_kv_heads)
             picks = ((1, 0), (3, 4))
             by_n: dict[str, Any] = {}
-            skipped = []
+            skipped = [n for n in SMOLLM2_NS if n > len(ids)]  # text too short
             for i, n in enumerate(n for n in SMOLLM2_NS if n <= len(ids)):
                 if time.perf_counter() - t0 > BUDGET_S:
                     skipped.append(n)
@@ -243,8 +243,8 @@ def _md_skyformer(sec: Section, s: Any) -> list[str]:
                 L.append(f"| {key} | {n} | {q} | {vals} | {v['norm_softmax_output'][0]:.3g} | "
                          f"{v['norm_kernel_output'][0]:.3g} |")
         if r.get("skipped_n"):
-            L.append(f"| {key} | {r['skipped_n']} | skipped (time budget {r['budget_s']} s) "
-                     "| | | |")
+            L.append(f"| {key} | {r['skipped_n']} | skipped (text too short or time budget "
+                     f"{r['budget_s']} s spent) | | | |")
     L += ["", "Attention-output spectrum (seed Figure 2: fast decay):", "",
           "| model | matrix | sigma_k / sigma_1 (k = 1, 2, 4, ...) | rank for 90% / 99% "
           "energy |", "|---|---|---|---|"]
