@@ -70,7 +70,6 @@ def _errors(q: np.ndarray, k: np.ndarray, v: np.ndarray, landmarks: tuple[int, .
         "rows_vs_softmax")}
     for m in landmarks:
         codes = [skyformer(q, k, v, landmarks=m, seed=sd).output for sd in SEEDS]
-        code = codes[0]
         ident = skyformer(q, k, v, landmarks=m, seed=0, normalize="softmax",
                           dense_weights=False).output
         rows = skyformer(q, k, v, landmarks=m, seed=0, normalize="rows",
