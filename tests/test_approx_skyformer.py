@@ -155,12 +155,36 @@ def test_gqa_equals_repeated_heads() -> None:
     np.testing.assert_allclose(r.output[3], skyformer(q[3], k[1], v[1], landmark_idx=idx).output)
 
 
-def test_rejects_causal_and_per_query_masks() -> None:
+def test_causal_and_per_query_masks_mask_the_dense_nystrom_matrix() -> None:
+    """No factorised form: O = (C_hat * M) V, C_hat read off with V = I."""
     q, k, v = _data(10, n=6)
-    with pytest.raises(InputError, match="causal"):
-        skyformer(q, k, v, causal=True)
-    with pytest.raises(InputError, match="key padding"):
-        skyformer(q, k, v, mask=np.tril(np.ones((6, 6), dtype=bool)))
+    idx = np.array([0, 4, 7, 9])
+    chat = skyformer(q, k, np.eye(6), landmark_idx=idx).output  # C_hat itself
+    tril = np.tril(np.ones((6, 6), dtype=bool))
+    r = skyformer(q, k, v, causal=True, landmark_idx=idx)
+    np.testing.assert_allclose(r.output, np.tril(chat) @ v, rtol=1e-10, atol=1e-13)
+    assert r.params["dense_masked"] and not skyformer(q, k, v).params["dense_masked"]
+    np.testing.assert_allclose(skyformer(q, k, v, mask=tril, landmark_idx=idx).output,
+                               r.output, rtol=1e-13)
+    rows = skyformer(q, k, v, causal=True, landmark_idx=idx, normalize="rows")
+    want = np.tril(chat) / np.tril(chat).sum(1, keepdims=True)
+    np.testing.assert_allclose(rows.weights, want, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(rows.output, want @ v, rtol=1e-9, atol=1e-12)
+    assert np.all(r.cost == 4 + (4 * 6 + 16) / 6 + np.arange(1, 7) * 4 / 4)
+    # all points as landmarks, converged: the masked dense kernel (causal softmax identity)
+    q3, k3 = 3 * q, 3 * k
+    full = skyformer(q3, k3, v, causal=True, landmark_idx=np.arange(12), ridge=0.0,
+                     n_iter=60, normalize="softmax")
+    pr = prepare(q3, k3, v, mask=None, causal=True, scale=None, kv_heads=None)
+    np.testing.assert_allclose(full.output, softmax_attention(pr)[0], rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(kernel_attention(q3, k3, v, causal=True, normalize="softmax"),
+                               softmax_attention(pr)[0], rtol=1e-12, atol=1e-14)
+
+
+def test_rejects_bad_arguments() -> None:
+    q, k, v = _data(10, n=6)
+    with pytest.raises(InputError):
+        skyformer(q, k, v, mask=np.where(np.eye(6) > 0, 0.5, 0.0))  # a finite bias
     with pytest.raises(InputError):
         skyformer(q, k, v, normalize="softmax2")
     with pytest.raises(InputError):

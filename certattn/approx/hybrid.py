@@ -59,6 +59,7 @@ __all__ = [
     "HybridUsage",
     "fit_hedgehog",
     "hedgehog_features",
+    "hybrid",
     "hybrid_linear",
     "hybrid_usage",
     "identity_maps",
@@ -259,6 +260,10 @@ def hybrid_linear(
                 "gamma": np.asarray(1 / (1 + np.exp(-np.asarray(window_factor, float)))).tolist(),
                 "features": maps.n_features, "fit": maps.fit, "causal": bool(causal)},
     )
+
+
+hybrid = hybrid_linear
+"""Alias of :func:`hybrid_linear` (the name the audit's method table uses)."""
 
 
 @dataclass(frozen=True)

@@ -48,9 +48,14 @@ entries). Deviation from the code: the start :math:`V_0` divides by the maximum 
 of each head's own matrix (the code's default takes one maximum over the whole batch and
 all heads, which couples unrelated heads).
 
-Masks: Skyformer handles key padding only. A mask must hide the same keys from every
-query (``causal=True`` or per-query masks raise :class:`~certattn._validate.InputError`);
-hidden keys are dropped from the key sum and never drawn as landmarks.
+Masks: Skyformer handles key padding only (the code multiplies padded rows by 0). With a
+mask that hides the same keys from every query, hidden keys are dropped from the key sum
+and never drawn as landmarks (the factorised form above). Any other mask (``causal=True``,
+a causal boolean mask, per-query masks) has no factorised form; as our extension the
+Nyström matrix :math:`\hat C = \kappa(X, Z_S) A^{-1} \kappa(Z_S, Y)` is then evaluated
+densely and masked, :math:`\hat O = (\hat C \odot M) V` (``params["dense_masked"]``),
+landmarks drawn among keys some query sees; this measures the approximation, it is not
+an efficient algorithm.
 """
 
 from __future__ import annotations
@@ -137,19 +142,13 @@ def schulz_inverse(mat: np.ndarray, n_iter: int = SCHULZ_ITERATIONS) -> np.ndarr
     return v
 
 
-def _key_pool(pr: Prepared, causal: bool) -> np.ndarray:
-    """``(*lead, Lk)`` bool keys visible to the queries; rejects non-padding masks."""
-    if causal:
-        raise InputError("skyformer is bidirectional: causal=True is not supported "
-                         "(its Nyström factorisation has no causal form)")
+def _key_pool(pr: Prepared) -> tuple[np.ndarray, bool]:
+    """Keys some query sees ``(*lead, Lk)``, and whether the mask is key padding only."""
     if pr.bias is not None and np.any(pr.bias[pr.visible] != 0):
-        raise InputError("skyformer supports boolean / 0-or--inf key padding masks only")
+        raise InputError("skyformer supports boolean / 0-or--inf masks only")
     vis = pr.visible
     pool = vis.any(axis=-2)
-    if not np.array_equal(vis, np.broadcast_to(pool[..., None, :], vis.shape)):
-        raise InputError("skyformer supports key padding masks only: every query must see "
-                         "the same keys")
-    return pool
+    return pool, bool(np.array_equal(vis, np.broadcast_to(pool[..., None, :], vis.shape)))
 
 
 def landmark_indices(
@@ -240,10 +239,11 @@ def skyformer(
         Queries ``(..., [H,] Lq, d)``, keys ``(..., [H_kv,] Lk, d)``, values
         ``(..., [H_kv,] Lk, dv)``.
     mask : array_like, optional
-        Key padding mask (boolean, True = visible, or additive 0 / ``-inf``), the same for
-        every query.
+        Boolean (True = visible) or additive 0 / ``-inf`` mask. A key padding mask (the same
+        keys hidden from every query) keeps the factorised form; others are evaluated
+        densely (module docstring).
     causal : bool
-        Must be False (Skyformer is bidirectional).
+        Causal mask aligned at the end (dense masked evaluation; module docstring).
     scale : float, optional
         Logit scale :math:`\sigma`; default :math:`1/\sqrt d`. Points are scaled by
         :math:`\sqrt\sigma` (the code's :math:`p^{-1/4}`).
@@ -273,18 +273,19 @@ def skyformer(
         ``tail_upper``, ``error_bound`` None (the paper's bound is probabilistic);
         ``cost`` = kernel evaluations per query in key-equivalents,
         :math:`m + (m L_k + m^2)/L_q` (the query's ``m`` landmark kernels plus the keys' and
-        landmarks' kernels amortised over the queries).
+        landmarks' kernels amortised over the queries), plus :math:`n_i m / d` for the
+        dense masked evaluation over the query's :math:`n_i` visible keys.
 
     Raises
     ------
     InputError
-        Bad shapes, causal or per-query masks, fewer than 2 landmarks, unknown
-        ``normalize``, landmark indices out of range.
+        Bad shapes, additive masks with finite non-zero entries, fewer than 2 landmarks,
+        unknown ``normalize``, landmark indices out of range.
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
     pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
-    pool = _key_pool(pr, causal)
+    pool, padding_only = _key_pool(pr)
     lq, lk = pr.q.shape[-2], pr.k.shape[-2]
     lead = pr.visible.shape[:-2]
     if landmark_idx is None:
@@ -304,21 +305,31 @@ def skyformer(
     kk = kk * pool[..., :, None]  # hidden keys leave the key sum (the code's mask product)
     vals = pr.v
     weights = None
-    if normalize == "none":
+    w = None
+    if normalize == "rows":
+        w = pool.astype(np.float64)
+    elif normalize == "softmax":
+        ly = np.where(pool, 0.5 * np.sum(y * y, axis=-1), -np.inf)
+        w = np.exp(ly - ly.max(axis=-1, keepdims=True))
+    cost = np.full((*lead, lq), m + (m * lk + m * m) / lq, dtype=np.float64)
+    if not padding_only:  # dense masked evaluation of the Nystrom matrix (our extension)
+        chat = np.where(pr.visible, kq @ np.swapaxes(kk, -1, -2), 0.0)
+        cost = cost + pr.visible.sum(axis=-1) * m / pr.q.shape[-1]
+        if w is None:
+            out = chat @ vals
+        else:
+            cw = chat * w[..., None, :]
+            den = cw.sum(axis=-1, keepdims=True)
+            out = (cw @ vals) / den
+            weights = cw / den if dense_weights else None
+    elif w is None:
         out = kq @ (np.swapaxes(kk, -1, -2) @ vals)
     else:
-        if normalize == "rows":
-            w = pool.astype(np.float64)
-        else:
-            ly = 0.5 * np.sum(y * y, axis=-1)
-            ly = np.where(pool, ly, -np.inf)
-            w = np.exp(ly - ly.max(axis=-1, keepdims=True))
         ctx = np.swapaxes(kk, -1, -2) @ (w[..., :, None] * vals)
         den = kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None])
         out = (kq @ ctx) / den
         if dense_weights:
             weights = (kq @ np.swapaxes(kk, -1, -2)) * w[..., None, :] / den
-    cost = np.full((*lead, lq), m + (m * lk + m * m) / lq, dtype=np.float64)
     return ApproxResult(
         output=out,
         weights=weights,
@@ -329,7 +340,8 @@ def skyformer(
         method="skyformer",
         params={"landmarks": m, "seed": seed if landmark_idx is None else None,
                 "explicit_landmarks": landmark_idx is not None, "ridge": float(ridge),
-                "n_iter": int(n_iter), "normalize": normalize, "scale": pr.scale},
+                "n_iter": int(n_iter), "normalize": normalize, "scale": pr.scale,
+                "dense_masked": not padding_only},
     )
 
 
@@ -339,6 +351,7 @@ def kernel_attention(
     v: Any,
     *,
     mask: Any = None,
+    causal: bool = False,
     scale: float | None = None,
     kv_heads: int | Sequence[int] | None = None,
     normalize: str = "none",
@@ -347,11 +360,11 @@ def kernel_attention(
 
     ``"none"``: :math:`C V` (Skyformer's "Kernelized Attention"); ``"rows"``:
     :math:`D_C^{-1} C V`; ``"softmax"``: :math:`(C\,\mathrm{diag}(w) V)/(C w)`, which equals
-    exact softmax attention.
+    exact softmax attention. Hidden scores are 0 in :math:`C`.
 
     Parameters
     ----------
-    q, k, v, mask, scale, kv_heads, normalize
+    q, k, v, mask, causal, scale, kv_heads, normalize
         As :func:`skyformer`.
 
     Returns
@@ -361,11 +374,11 @@ def kernel_attention(
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
-    pr = prepare(q, k, v, mask=mask, causal=False, scale=scale, kv_heads=kv_heads)
-    pool = _key_pool(pr, False)
+    pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
+    pool, _ = _key_pool(pr)
     root = np.sqrt(pr.scale)
     y = pr.k * root
-    c = gaussian_kernel(pr.q * root, y) * pool[..., None, :]
+    c = np.where(pr.visible, gaussian_kernel(pr.q * root, y), 0.0)
     if normalize == "none":
         return c @ pr.v
     if normalize == "rows":
