@@ -14,7 +14,8 @@ from certattn import certify_topk
 from certattn.models import load_sample
 from certattn.reproduce import EPS_GRID, PAPER, Section, reproduce
 
-SECTIONS = ("identities", "bounds", "gaussian", "output", "budgets", "search")
+SECTIONS = ("identities", "bounds", "gaussian", "output", "budgets", "search", "skyformer",
+            "hybrid", "fal")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,11 @@ key-equivalents, sound tail and output-error bounds where the theory gives them)
   (:mod:`certattn.approx.fallback`, BLOCK-BOUNDS + BLOCK-SCORE).
 * :func:`delta_correct` (Delta Attention): sparse base + anchor-row corrections, with the
   sound per-row bound of Theorem DELTA-ERROR.
+* :func:`skyformer` (Nystrom kernel attention, as published) and :func:`kernel_attention`;
+  :func:`hybrid_linear` (LoLCATs sliding window + linear attention, Hedgehog feature maps
+  fitted by :func:`fit_hedgehog`) and :func:`hybrid_usage` (component usage); the FAL
+  premise measures (:func:`linear_cka`, :func:`mean_cosine`, :func:`fal_profile`).  These
+  are measured against exact attention, not certified.
 * :mod:`certattn.approx.audit`: every registered method (:data:`~certattn.approx.audit.METHODS`,
   other engineers' methods imported lazily by name) on real attention, ``certattn audit``.
 """
@@ -19,14 +24,43 @@ from __future__ import annotations
 
 from ._result import ApproxResult
 from .delta import delta_correct
+from .fal import LayerSignals, fal_profile, layer_signals, linear_cka, mean_cosine
 from .fallback import CertifiedFallback, box_tail_upper
+from .hybrid import (
+    FeatureMaps,
+    HybridUsage,
+    fit_hedgehog,
+    hedgehog_features,
+    hybrid,
+    hybrid_linear,
+    hybrid_usage,
+    identity_maps,
+    transfer_loss,
+)
 from .selection import quest, window_sinks
+from .skyformer import kernel_attention, skyformer
 
 __all__ = [
     "ApproxResult",
     "CertifiedFallback",
+    "FeatureMaps",
+    "HybridUsage",
+    "LayerSignals",
     "box_tail_upper",
     "delta_correct",
+    "fal_profile",
+    "fit_hedgehog",
+    "hedgehog_features",
+    "hybrid",
+    "hybrid_linear",
+    "hybrid_usage",
+    "identity_maps",
+    "kernel_attention",
+    "layer_signals",
+    "linear_cka",
+    "mean_cosine",
     "quest",
+    "skyformer",
+    "transfer_loss",
     "window_sinks",
 ]

@@ -71,7 +71,6 @@ METHOD_TABLE: dict[str, str] = {
     "delta": "certattn.approx.delta:delta_correct",
     "skyformer": "certattn.approx.skyformer:skyformer",
     "hybrid": "certattn.approx.hybrid:hybrid",
-    "fal": "certattn.approx.fal:fal",
 }
 """Method name -> ``"module:function"`` (imported on first use)."""
 

@@ -21,7 +21,10 @@ the run):
 * ``budgets`` -- per layer, mean ``k_eps / n`` and reduction ``n / k`` at
   eps in {0.001, 0.01, 0.05, 0.1}, per-head heat maps and a serving budget table;
 * ``search`` -- keys scored by certified search (MC-Search, Algorithm 2, and the tree
-  search) at ``n`` = 128 and 256, next to the paper's 58.8 / 128 and 107.8 / 256.
+  search) at ``n`` = 128 and 256, next to the paper's 58.8 / 128 and 107.8 / 256;
+* ``skyformer``, ``hybrid``, ``fal`` -- the seed papers' experiments in kind (Skyformer's
+  error against landmarks and attention-output spectrum, the hybrid's component usage,
+  FAL's similarity profile); modules :mod:`.skyformer`, :mod:`.hybrid`, :mod:`.fal`.
 
 The package: :mod:`._runs` loads the models' attention, one module per section
 (:mod:`.identities`, :mod:`.bounds`, :mod:`.gaussian`, :mod:`.output`, :mod:`.budgets`,
@@ -40,13 +43,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ._runs import _load_runs, _row_stats
-from ._summary import EPS_GRID, PAPER, Progress, Section, Summary
+from ._summary import _SECTION_MD, EPS_GRID, PAPER, Progress, Section, Summary
 from .bounds import _bounds
 from .budgets import _budgets
+from .fal import TITLE as _FAL_TITLE
+from .fal import _fal, _md_fal
 from .gaussian import _gaussian
+from .hybrid import TITLE as _HYBRID_TITLE
+from .hybrid import _hybrid, _md_hybrid
 from .identities import _identities
 from .output import _output
 from .search import _search
+from .skyformer import TITLE as _SKY_TITLE
+from .skyformer import _md_skyformer, _skyformer
 
 __all__ = ["EPS_GRID", "PAPER", "Summary", "reproduce"]
 
@@ -57,7 +66,11 @@ _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("output", "Output error |Attn - Attn_k| at k_eps against its bounds", _output),
     ("budgets", "Per-layer budgets: mean k_eps / n and reduction n / k", _budgets),
     ("search", "Certified search: keys scored at n = 128 and 256", _search),
+    ("skyformer", _SKY_TITLE, _skyformer),
+    ("hybrid", _HYBRID_TITLE, _hybrid),
+    ("fal", _FAL_TITLE, _fal),
 )
+_SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal)
 
 
 def _progress_printer(progress: Progress | bool | None) -> Progress:
