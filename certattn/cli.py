@@ -193,10 +193,16 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         coverage = float(args.coverage)
     except ValueError:
         raise CLIError(f"--coverage must be a number in (0, 1], got {args.coverage!r}") from None
-    table = budget_for_model(
-        args.model, text, tokens=args.tokens, eps=eps, coverage=coverage,
-        progress=_progress(10**9, 1) if not args.json else None,
-    )
+    from .budget import progress_bar
+
+    bar = progress_bar("certifying layers", enabled=not args.quiet)
+    try:
+        table = budget_for_model(
+            args.model, text, tokens=args.tokens, eps=eps, coverage=coverage, progress=bar,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     if args.out is not None:
         try:
             table.write_json(args.out)
@@ -254,13 +260,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "head: quantiles of k and k/n, and the fixed k covering a fraction of the queries "
         "(a statistical budget for serving, not a per-query certificate).",
     )
-    b.add_argument("--model", default="minilm-sample",
-                   choices=["minilm-sample", "minilm", "smollm2"],
+    b.add_argument("--model", default="minilm-sample", metavar="NAME_OR_PATH",
                    help="minilm-sample (shipped, default), minilm or smollm2 (need the model "
-                   "packages, see README)")
+                   "packages, see README), a Llama-family .gguf file (llama, mistral, qwen2) "
+                   "or a Hugging Face folder (BERT or Llama: config.json, model.safetensors, "
+                   "tokenizer.json)")
     b.add_argument("--text", help="text to run the model on (default: built-in prose)")
     b.add_argument("--text-file", help="read the text from this file")
-    b.add_argument("--tokens", type=int, help="truncate/extend the context to N tokens")
+    b.add_argument("--tokens", type=int, metavar="N",
+                   help="context length: a given text is cut to N tokens (error if shorter); "
+                   "the built-in prose is cut, or repeated to reach N; at most the model's "
+                   "context (MiniLM: 512 positions)")
+    b.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     b.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
     b.add_argument("--coverage", default="0.9", help="fraction of queries the fixed k covers")
     b.add_argument("--json", action="store_true", help="print JSON for an inference engine")
