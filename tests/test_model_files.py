@@ -25,6 +25,9 @@ from certattn.models import Bert, Llama, ModelFileError, load
 VOCAB = ["<s>", "</s>", "a", "b", "c", "d", "e", "Ġ", "ab", "Ġa", "cd", "[PAD]", "[CLS]",
          "[SEP]", "[UNK]", "f"]
 MERGES = ["a b", "Ġ a", "c d"]
+SPM_VOCAB = ["<unk>", "<s>", "</s>", "\u2581", "a", "b", "\u2581a", "ab", "\u2581ab", "<0x21>"]
+SPM_SCORES = [0.0, 0.0, 0.0, -5.0, -6.0, -7.0, -1.0, -2.0, -0.5, 0.0]
+SPM_TYPES = [2, 3, 3, 1, 1, 1, 1, 1, 1, 6]
 
 
 # ---------------------------------------------------------------- writers
@@ -97,7 +100,8 @@ GGUF_NAMES = {
 
 
 def write_gguf(path: Path, weights: dict, cfg: dict, *, arch: str = "llama",
-               skip: tuple[str, ...] = (), rope_type: str | None = None) -> Path:
+               skip: tuple[str, ...] = (), rope_type: str | None = None,
+               spm: bool = False) -> Path:
     import gguf
 
     heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
@@ -119,10 +123,19 @@ def write_gguf(path: Path, weights: dict, cfg: dict, *, arch: str = "llama",
     elif rs:
         wr.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         wr.add_rope_scaling_factor(rs["factor"])
-    wr.add_tokenizer_model("gpt2")
-    wr.add_token_list(VOCAB)
-    wr.add_token_merges(MERGES)
-    wr.add_token_types([3 if t.startswith(("<", "[")) else 1 for t in VOCAB])
+    if spm:  # SentencePiece vocabulary with scores and byte fallback, BOS added
+        wr.add_tokenizer_model("llama")
+        wr.add_token_list(SPM_VOCAB)
+        wr.add_token_scores(SPM_SCORES)
+        wr.add_token_types(SPM_TYPES)
+        wr.add_bos_token_id(1)
+        wr.add_add_bos_token(True)
+        wr.add_unk_token_id(0)
+    else:
+        wr.add_tokenizer_model("gpt2")
+        wr.add_token_list(VOCAB)
+        wr.add_token_merges(MERGES)
+        wr.add_token_types([3 if t.startswith(("<", "[")) else 1 for t in VOCAB])
     wr.add_eos_token_id(1)
     for name, w in weights.items():
         if name == "model.embed_tokens.weight":
@@ -458,3 +471,13 @@ def test_cli_budget_on_a_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["budget", "--model", str(path), "--tokens", "301"]) == 2
     assert "at most 300 tokens" in capsys.readouterr().err
     del ids
+
+
+def test_gguf_sentencepiece_tokenizer(tmp_path: Path) -> None:
+    """A llama-tokenizer GGUF: pieces merge by score, unknown characters fall back to
+    bytes, BOS comes from the metadata (as llama.cpp's SPM tokenizer)."""
+    weights, cfg = _tiny(tmp_path)
+    m = load(write_gguf(tmp_path / "spm.gguf", weights, cfg, spm=True))
+    assert m.encode("ab ab") == [1, 8, 8]  # <s> ▁ab ▁ab
+    assert m.encode("a!") == [1, 6, 9]  # <s> ▁a <0x21>
+    assert m.decode([8, 8, 9]) == "ab ab!"
