@@ -406,11 +406,11 @@ def _kept_of_counts(s: np.ndarray, k: np.ndarray) -> np.ndarray:
         return kept
     neg = -s
     if kmax >= n:
-        order = np.argsort(neg, axis=-1, kind="stable")
+        order = np.argsort(neg, axis=-1)
     else:
         idx = np.argpartition(neg, kmax - 1, axis=-1)[..., :kmax]
         sub = np.take_along_axis(neg, idx, axis=-1)
-        order = np.take_along_axis(idx, np.argsort(sub, axis=-1, kind="stable"), axis=-1)
+        order = np.take_along_axis(idx, np.argsort(sub, axis=-1), axis=-1)
     rank_kept = np.arange(order.shape[-1]) < k[..., None]
     np.put_along_axis(kept, order, rank_kept, axis=-1)
     return kept

@@ -280,3 +280,18 @@ def test_lazy_logits_and_mask() -> None:
     h = att.head(2, 3)
     assert "logits" not in att.__dict__  # one head computed alone
     np.testing.assert_array_equal(h.logits, att.logits[1, 3])
+
+
+def test_kept_of_counts_is_a_top_set_of_exactly_k() -> None:
+    from certattn.budget import _kept_of_counts
+
+    rng = np.random.default_rng(7)
+    s = rng.integers(-3, 4, (5, 6, 30)).astype(np.float64)  # many ties
+    s[..., 25:] = -np.inf
+    k = rng.integers(0, 26, (5, 6))
+    kept = _kept_of_counts(s, k)
+    np.testing.assert_array_equal(kept.sum(-1), k)
+    assert not kept[..., 25:].any()
+    lo = np.where(kept, s, np.inf).min(-1)
+    hi = np.where(kept | np.isneginf(s), -np.inf, s).max(-1)
+    assert (lo >= hi).all()  # every kept score >= every dropped visible score
