@@ -295,3 +295,40 @@ def test_kept_of_counts_is_a_top_set_of_exactly_k() -> None:
     lo = np.where(kept, s, np.inf).min(-1)
     hi = np.where(kept | np.isneginf(s), -np.inf, s).max(-1)
     assert (lo >= hi).all()  # every kept score >= every dropped visible score
+
+
+def test_progress_bar_off_when_quiet_or_not_a_terminal(monkeypatch) -> None:
+    import io
+    import sys
+
+    from certattn import budget
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
+    assert budget.progress_bar("x") is None
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    assert budget.progress_bar("x", enabled=False) is None
+    bar = budget.progress_bar("x")
+    if importlib.util.find_spec("tqdm") is None:
+        assert bar is None
+        return
+    seen = []
+    bar_cls = type("Fake", (), {
+        "__init__": lambda self, **kw: seen.append(kw) or setattr(self, "n", 0),
+        "update": lambda self, d: setattr(self, "n", self.n + d),
+        "close": lambda self: seen.append("closed"),
+    })
+    bar = budget._Bar(bar_cls, "x")
+    bar(1, 4)
+    bar(3, 4)
+    bar.close()
+    assert seen[0]["total"] == 4 and seen[0]["delay"] == 2.0 and bar._bar.n == 3
+    assert seen[-1] == "closed"
+    # the budget of the sample reports every layer of every sequence
+    calls = []
+    budget_for_model("minilm-sample", eps=0.1, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (9, 9)

@@ -481,3 +481,19 @@ def test_gguf_sentencepiece_tokenizer(tmp_path: Path) -> None:
     assert m.encode("ab ab") == [1, 8, 8]  # <s> ▁ab ▁ab
     assert m.encode("a!") == [1, 6, 9]  # <s> ▁a <0x21>
     assert m.decode([8, 8, 9]) == "ab ab!"
+
+
+def test_mistral_gguf_and_sliding_window_folder(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    cfg = llama_config(heads=4, kv=2, d=8, model_type="mistral")
+    weights = _llama_weights(rng, layers=2, heads=4, kv=2, d=8, width=32, ffn=24,
+                             vocab=len(VOCAB), bias=False, tied=False)
+    ids = [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    m = load(write_gguf(tmp_path / "m.gguf", weights, cfg, arch="mistral"))
+    assert m.config.arch == "mistral"
+    _check_llama(m, weights, cfg, ids)
+    # A sliding window shorter than the input would change the attention: refused.
+    windowed = load(write_hf_llama(tmp_path / "hf", weights, dict(cfg, sliding_window=8)))
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        windowed.attention(ids)
+    _check_llama(windowed, weights, cfg, ids[:8])
