@@ -99,7 +99,10 @@ def _load_runs(
             except ImportError as exc:
                 info[key] = {"status": "pending", "reason": f"SmolLM2 unavailable: {exc}"}
                 continue
-            ids = m.encode(corpus_text())[:smollm2_tokens]
+            from ..budget import _sequences
+
+            # The built-in prose, repeated when --tokens asks for more than it holds.
+            ids = _sequences(m, key, None, smollm2_tokens)[0][0]
             a = m.attention(ids)
             a.metadata.setdefault("n_model_layers", m.n_layers)
             half = a.n_tokens // 2
