@@ -164,7 +164,11 @@ class Llama:
         Model name.
     add_special_tokens : bool
         Whether :meth:`encode` lets the tokenizer add BOS/EOS (Hugging Face folders: as
-        the tokenizer says; GGUF: the file's ``add_bos_token``).
+        the tokenizer says).
+    eos_id : int, optional
+        End-of-sequence token (stops :meth:`generate_greedy`).
+    bos_id : int, optional
+        Token :meth:`encode` prepends (GGUF files with ``add_bos_token``).
     metadata : dict, optional
         Provenance copied into every :class:`ModelAttention`.
     """
@@ -180,9 +184,11 @@ class Llama:
         name: str,
         add_special_tokens: bool = False,
         eos_id: int | None = None,
+        bos_id: int | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.config = config
+        self._bos = bos_id
         required = ["token_embd.weight", "output_norm.weight"]
         for i in range(config.n_layers):
             required += _layer_names(i, config.qkv_bias)
@@ -329,13 +335,12 @@ class Llama:
         eos = get("tokenizer.ggml.eos_token_id", None)
         add_bos = bool(get("tokenizer.ggml.add_bos_token", False))
         bos = get("tokenizer.ggml.bos_token_id", None)
-        model = cls(
+        return cls(
             config, weights, tokenizer, name=name or str(get("general.name", path.name)),
             eos_id=None if eos is None else int(eos),
+            bos_id=int(bos) if add_bos and bos is not None else None,
             metadata=dict(metadata or {}, file=str(path), format="gguf", arch=arch),
         )
-        model._bos = int(bos) if add_bos and bos is not None else None
-        return model
 
     @classmethod
     def from_hf(cls, folder: str | Path, *, name: str | None = None) -> Llama:
@@ -432,8 +437,6 @@ class Llama:
         return model
 
     # ------------------------------------------------------------------ tokens
-
-    _bos: int | None = None
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (BOS as the file says).
