@@ -294,6 +294,20 @@ def test_qwen2_biases_gguf_and_folder(tmp_path: Path) -> None:
         _check_llama(m, weights, cfg, ids)
 
 
+def test_bfloat16_folder_equals_its_float32_widening(tmp_path: Path) -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(9)
+    cfg = llama_config(heads=4, kv=2, d=8)
+    weights = _llama_weights(rng, layers=2, heads=4, kv=2, d=8, width=32, ffn=24,
+                             vocab=len(VOCAB), bias=False, tied=False)
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in weights.items()}
+    widened = {k: v.astype(np.float32) for k, v in bf16.items()}
+    m = load(write_hf_llama(tmp_path / "bf16", bf16, cfg))
+    for k, v in widened.items():
+        assert any(np.array_equal(v, w) for w in m.weights.values()), k
+    _check_llama(m, widened, cfg, [2, 3, 4, 5, 6])
+
+
 def test_chunked_forward_equals_one_chunk(tmp_path: Path) -> None:
     """Attention by query chunks is the model's own attention, to float32 rounding
     (summation order of the softmax and the value product differs by chunk)."""

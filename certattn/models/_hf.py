@@ -73,7 +73,10 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             continue
         dt = dtypes.get(info.get("dtype"))
         if dt is None:
-            continue  # integer buffers (position ids), unsupported float formats
+            if info.get("dtype") == "BF16":
+                raise ModelFileError(f"{path.name}: bfloat16 weights need ml_dtypes "
+                                     "(pip install ml_dtypes)")
+            continue  # integer buffers (position ids)
         a, b = info["data_offsets"]
         arr = np.frombuffer(raw, dtype=dt, count=(b - a) // np.dtype(dt).itemsize,
                             offset=base + a)
