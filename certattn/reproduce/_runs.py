@@ -32,7 +32,11 @@ class _Run:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def layer_logits(self, a: Any, li: int) -> np.ndarray:
-        """``(H, Q, K)`` logits of recorded layer position ``li`` of sequence ``a``."""
+        """``(H, Q, K)`` logits of recorded layer position ``li`` of sequence ``a``.
+
+        ``a.logits`` is computed from the queries and keys on first access (and cached):
+        the reproduction runs at moderate lengths (1024 tokens by default).
+        """
         x = a.logits[li]
         return x if self.query_rows is None else x[:, self.query_rows, :]
 
@@ -57,9 +61,9 @@ def _load_runs(
             reason = ""
             if not quick:
                 try:
-                    from ..models import load_minilm
+                    from ..models import load
 
-                    m = load_minilm()
+                    m = load("minilm")
                 except ImportError as exc:
                     reason = f"live MiniLM unavailable ({exc}); used the shipped sample"
                 else:
@@ -89,13 +93,16 @@ def _load_runs(
                 continue
             note(f"loading {key} and running {smollm2_tokens} tokens", 0, 1)
             try:
-                from ..models import load_smollm2
+                from ..models import load
 
-                m = load_smollm2()
+                m = load("smollm2")
             except ImportError as exc:
                 info[key] = {"status": "pending", "reason": f"SmolLM2 unavailable: {exc}"}
                 continue
-            ids = m.encode(corpus_text())[:smollm2_tokens]
+            from ..budget import _sequences
+
+            # The built-in prose, repeated when --tokens asks for more than it holds.
+            ids = _sequences(m, key, None, smollm2_tokens)[0][0]
             a = m.attention(ids)
             a.metadata.setdefault("n_model_layers", m.n_layers)
             half = a.n_tokens // 2
