@@ -412,10 +412,6 @@ def test_budget_corpus_rejects():
         budget_corpus([])
     with pytest.raises(ValueError, match="eps"):
         budget_corpus(DOCS, eps=2.0)
-    with pytest.raises(InputError, match="not both"):
-        budget_corpus(DOCS, layers=[0], layer_groups=[[1]])
-    with pytest.raises(InputError, match="non-empty groups"):
-        budget_corpus(DOCS, layer_groups=[[0], []])
 
 
 @needs_minilm
@@ -440,9 +436,6 @@ def test_corpus_distributed_equals_serial(client):
     dist = budget_corpus(DOCS, eps=0.02, layers=[1, 3, 5], client=client)
     assert dist.to_dict() == serial.to_dict()
     assert dist.to_markdown() == serial.to_markdown()
-    # one task per document and layer group: the same table
-    grouped = budget_corpus(DOCS, eps=0.02, layer_groups=[[1], [3, 5]], client=client)
-    assert grouped.to_dict() == serial.to_dict()
     with pytest.raises(ValueError, match=r"document \d: tokens must be an integer >= 2"):
         budget_corpus(DOCS, tokens=1, client=client)
 
