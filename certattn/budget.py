@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ._validate import check_eps, check_number
+from ._validate import InputError, check_eps, check_number
 from .models._types import certify_qk
 from .topk import certify_topk
 
@@ -45,6 +45,7 @@ __all__ = [
     "TopKCounts",
     "attention_budget",
     "budget_for_model",
+    "check_levels",
     "load_attention",
 ]
 
@@ -414,9 +415,10 @@ def _kept_of_counts(s: np.ndarray, k: np.ndarray) -> np.ndarray:
     return kept
 
 
-def _check_levels(
+def check_levels(
     eps: float, coverage: float, quantiles: Sequence[float]
 ) -> tuple[float, float, tuple[float, ...]]:
+    """Validated ``(eps, coverage, quantile levels)`` of a budget table."""
     eps = check_eps(eps)
     coverage = check_number(
         coverage, name="coverage", low=0.0, high=1.0, closed_low=False, closed_high=True
@@ -426,7 +428,7 @@ def _check_levels(
         for q in quantiles
     )
     if not qs:
-        raise ValueError("give at least one quantile level")
+        raise InputError("give at least one quantile level")
     return eps, coverage, qs
 
 
@@ -480,7 +482,7 @@ def attention_budget(
     """
     from .models import ModelAttention
 
-    eps, coverage, qs = _check_levels(eps, coverage, quantiles)
+    eps, coverage, qs = check_levels(eps, coverage, quantiles)
     if isinstance(attn, ModelAttention):
         attn = [attn]
     if isinstance(attn, (list, tuple)) and attn and all(
@@ -770,7 +772,7 @@ def budget_for_model(
     -------
     BudgetTable
     """
-    eps, coverage, qs = _check_levels(eps, coverage, quantiles)
+    eps, coverage, qs = check_levels(eps, coverage, quantiles)
     if isinstance(model, str) and model == "minilm-sample":
         if layers is not None:
             raise ValueError("the minilm-sample model has fixed layers (0, 2, 5)")

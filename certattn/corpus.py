@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ._validate import InputError, check_eps, check_number
+from ._validate import InputError
 
 __all__ = ["budget_corpus", "document_budget", "read_texts"]
 
@@ -166,18 +166,9 @@ def budget_corpus(
         Bad ``eps``/``coverage``/``quantiles``, a model that does not run on text, an empty
         corpus, a document the model rejects (named by its label).
     """
-    from .budget import BudgetTable
+    from .budget import BudgetTable, check_levels
 
-    eps = check_eps(eps)
-    coverage = check_number(
-        coverage, name="coverage", low=0.0, high=1.0, closed_low=False, closed_high=True
-    )
-    qs = tuple(
-        check_number(q, name="quantile", low=0.0, high=1.0, closed_low=True, closed_high=True)
-        for q in quantiles
-    )
-    if not qs:
-        raise InputError("give at least one quantile level")
+    eps, coverage, qs = check_levels(eps, coverage, quantiles)
     if model == "minilm-sample":
         raise InputError("a corpus needs a model that runs on text (a name or path), "
                          "not the shipped minilm-sample")

@@ -23,6 +23,9 @@ def test_quickstart_has_exactly_two_commands():
     assert "pytest" in commands[1]
     ci = (README.parent / ".ci" / "run").read_text()
     assert "python -m pytest -q" in ci and "python -m pytest -q" in commands[1]
+    # the README installs what CI installs
+    extras = re.search(r'pip install -e "\.\[([a-z,]+)\]"', commands[1]).group(1)
+    assert f'-e ".[{extras}]"' in ci
 
 
 def test_python_example_runs(monkeypatch):
