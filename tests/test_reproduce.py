@@ -15,7 +15,7 @@ from certattn.models import load_sample
 from certattn.reproduce import EPS_GRID, PAPER, Section, reproduce
 
 SECTIONS = ("identities", "bounds", "gaussian", "output", "budgets", "search", "skyformer",
-            "hybrid", "fal")
+            "hybrid", "fal", "delta")
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +140,14 @@ def test_bad_arguments(tmp_path: Path) -> None:
         reproduce(tmp_path, models=("gpt2",), quick=True, progress=False)
     with pytest.raises(ValueError, match="smollm2_tokens"):
         reproduce(tmp_path, smollm2_tokens=4, quick=True, progress=False)
+
+
+def test_delta_section_measures_recovery(quick_run) -> None:
+    """Issue 11: Delta's recovery in output-error terms, beside the paper's RULER numbers."""
+    out, _, doc = quick_run
+    sec = doc["sections"]["delta"]
+    assert sec["status"] == "ok", sec["reason"]
+    r = sec["results"]["minilm"]
+    assert r["unsound"] == 0 and r["delta_bound_holds"] is True
+    assert 0.0 <= r["window_rel_mean"] and r["delta_cost_frac"] >= r["window_cost_frac"]
+    assert "96.54" in (out / "summary.md").read_text()

@@ -46,6 +46,8 @@ from ._runs import _load_runs, _row_stats
 from ._summary import _SECTION_MD, EPS_GRID, PAPER, Progress, Section, Summary
 from .bounds import _bounds
 from .budgets import _budgets
+from .delta import TITLE as _DELTA_TITLE
+from .delta import _delta, _md_delta
 from .fal import TITLE as _FAL_TITLE
 from .fal import _fal, _md_fal
 from .gaussian import _gaussian
@@ -69,8 +71,9 @@ _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("skyformer", _SKY_TITLE, _skyformer),
     ("hybrid", _HYBRID_TITLE, _hybrid),
     ("fal", _FAL_TITLE, _fal),
+    ("delta", _DELTA_TITLE, _delta),
 )
-_SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal)
+_SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal, delta=_md_delta)
 
 
 def _progress_printer(progress: Progress | bool | None) -> Progress:
