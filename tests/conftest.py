@@ -82,7 +82,11 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 SLOW_FILES = {
     "test_models.py", "test_budget.py", "test_notebooks.py", "test_proofs.py",
     "test_verify.py", "test_reproduce.py", "test_geometry_empirical.py", "test_model_files.py",
-    "test_audit.py", "test_dask.py", "test_cli_fuzz.py",
+    "test_audit.py", "test_dask.py", "test_cli_fuzz.py", "test_approx_fal.py",
+    "test_approx_hybrid.py", "test_approx_skyformer.py", "test_approx_delta.py",
+    "test_approx_selection.py", "test_readme_names.py", "test_geometry_attention.py",
+    "test_geometry_curvature.py", "test_geometry_domain.py", "test_readme.py",
+    "test_topk_numba.py",
 }
 """Artefacts and applications; ``pytest -m "not slow"`` runs the certificate core alone."""
 
