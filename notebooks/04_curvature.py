@@ -44,7 +44,7 @@ from certattn.geometry import (
 )
 from certattn.geometry.gating import sigmoid_gate_map
 from certattn.geometry.oracles import half_plane_metric, sphere_map
-from certattn.geometry.plots import (
+from certattn.plots.geometry import (
     depth_curves,
     plot_depth,
     plot_experiment,

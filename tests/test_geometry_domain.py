@@ -19,8 +19,8 @@ from certattn.geometry import experiment as ex
 from certattn.geometry import gating as ga
 from certattn.geometry import metric as me
 from certattn.geometry import oracles as orc
-from certattn.geometry import plots as gp
 from certattn.geometry import proxy as px
+from certattn.plots import geometry as gp
 
 cv = importlib.import_module("certattn.geometry.curvature")  # the name is also a function
 

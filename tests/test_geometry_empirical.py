@@ -88,7 +88,7 @@ def test_experiment_light() -> None:
     assert summ[("linear", "ungated")]["test_accuracy"] > 0.9
     assert -1.0 <= res.correlation("circle") <= 1.0
     assert "circle" in res.table()
-    from certattn.geometry.plots import plot_experiment
+    from certattn.plots.geometry import plot_experiment
 
     fig = plot_experiment(res)
     assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
@@ -96,7 +96,7 @@ def test_experiment_light() -> None:
 
 def test_plots_are_labelled() -> None:
     """Figures render, with labelled axes, a legend (depth) and colourbars (simplex)."""
-    from certattn.geometry.plots import depth_curves, plot_depth, plot_simplex_curvature
+    from certattn.plots.geometry import depth_curves, plot_depth, plot_simplex_curvature
 
     fig = plot_simplex_curvature(resolution=12)
     main = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]

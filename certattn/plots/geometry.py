@@ -11,10 +11,10 @@ from matplotlib.tri import Triangulation
 from numpy.typing import ArrayLike
 
 from ..errors import InputError
-from ._check import integer, number, real_array
-from .curvature import gaussian_curvature
-from .experiment import MODELS, ExperimentResults
-from .maps import (
+from ..geometry._check import integer, number, real_array
+from ..geometry.curvature import gaussian_curvature
+from ..geometry.experiment import MODELS, ExperimentResults
+from ..geometry.maps import (
     Gated,
     MeanMap,
     SigmoidGate,
