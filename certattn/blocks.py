@@ -38,14 +38,14 @@ Floating point: as in :mod:`certattn.bounds`, values are shifted by the row maxi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ._array import as_float_array, asarray_on, device_of, namespace
 from ._fp import NORMAL_MIN, lse, margin, neg_inf, ratio_log, round_down, round_up, score_margin
+from ._results import Unpackable
 from ._validate import InputError, check_eps, first_bad_position
 
 __all__ = [
@@ -81,24 +81,8 @@ class BlockSelection:
     n_keys: Array
 
 
-class _Unpackable:
-    """Tuple unpacking and indexing of a result dataclass (0.1 returned bare tuples)."""
-
-    def _fields(self) -> tuple[Array, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
-
-    def __iter__(self) -> Iterator[Array]:
-        return iter(self._fields())
-
-    def __getitem__(self, i: int) -> Array:
-        return self._fields()[i]
-
-    def __len__(self) -> int:
-        return len(self._fields())
-
-
 @dataclass(frozen=True)
-class BlockTailBounds(_Unpackable):
+class BlockTailBounds(Unpackable):
     """Theorem BLOCK-BOUNDS for one kept block set: ``lower <= tau <= upper`` (sound).
 
     Unpacks as ``lower, upper = block_tail_bounds(...)``.
@@ -109,7 +93,7 @@ class BlockTailBounds(_Unpackable):
 
 
 @dataclass(frozen=True)
-class BlockScoreBounds(_Unpackable):
+class BlockScoreBounds(Unpackable):
     """Per-block score bounds ``lower <= s_i <= upper`` and block sizes (BLOCK-SCORE).
 
     Unpacks as ``lower, upper, sizes = key_block_bounds(...)``.

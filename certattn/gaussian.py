@@ -31,15 +31,19 @@ Finite ``n`` and Monte Carlo live in :mod:`certattn.gaussian_mc`; real rows are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
 import array_api_compat as compat
 
-from certattn._array import as_float_array, log_ndtr, namespace, ndtr, ndtri, ndtri_exp
-from certattn.errors import InputError
+from ._array import log_ndtr, namespace, ndtr, ndtri, ndtri_exp
+from ._results import Unpackable
+from ._validate import valid_rows
+from .errors import InputError
 
 __all__ = [
+    "RowMoments",
     "discarded_mass",
     "entropy_limit",
     "estimate_sigma",
@@ -383,7 +387,19 @@ def partition_rel_sd(n: Any, sigma: Any) -> Array:
 # --------------------------------------------------------------------------
 
 
-def estimate_sigma(logits: Any, *, axis: int = -1) -> tuple[Array, Array, Array]:
+@dataclass(frozen=True)
+class RowMoments(Unpackable):
+    """Per-row ``mu``, ``sigma`` and ``n_valid`` of :func:`estimate_sigma`.
+
+    Unpacks as ``mu, sigma, n_valid = estimate_sigma(...)`` (it returned a tuple in 0.1).
+    """
+
+    mu: Array
+    sigma: Array
+    n_valid: Array
+
+
+def estimate_sigma(logits: Any, *, axis: int = -1) -> RowMoments:
     r"""Per-row mean, standard deviation and count of the valid (finite) logits.
 
     ``-inf`` entries are masked keys and are ignored.  The standard deviation is the
@@ -391,35 +407,25 @@ def estimate_sigma(logits: Any, *, axis: int = -1) -> tuple[Array, Array, Array]
 
     Returns
     -------
-    (mu, sigma, n_valid)
-        Float64 arrays (``n_valid`` int64) of the batch shape, in the input's namespace and
-        on its device.
+    RowMoments
+        ``mu``, ``sigma`` (float64) and ``n_valid`` (int64) of the batch shape, in the
+        input's namespace and on its device.
 
     Raises
     ------
     ValueError
-        On NaN or ``+inf`` logits, or a row with no valid key.
+        On NaN or ``+inf`` logits, or a row with no valid key (the library's common
+        messages, with the position).
     """
-    x, xp, _ = as_float_array(logits, name="logits")
-    x = xp.astype(x, xp.float64)
-    if x.ndim == 0:
-        raise InputError("logits must have at least one axis")
-    x = xp.moveaxis(x, axis, -1)
-    if bool(xp.any(xp.isnan(x))):
-        raise InputError("logits contain NaN")
-    if bool(xp.any(x == xp.inf)):
-        raise InputError("logits contain +inf (only -inf, a masked key, is allowed)")
+    x, count, xp, _ = valid_rows(logits, axis)
     valid = x > -xp.inf
-    count = xp.sum(xp.astype(valid, xp.int64), axis=-1)
-    if bool(xp.any(count == 0)):
-        raise InputError("a row of logits is fully masked (all -inf)")
     zero = xp.zeros_like(x)
     nf = xp.astype(count, xp.float64)
     mu = xp.sum(xp.where(valid, x, zero), axis=-1) / nf
     dev2 = xp.where(valid, (x - mu[..., None]) ** 2, zero)
     denom = xp.where(count > 1, nf - 1.0, xp.ones_like(nf))
     sigma = xp.sqrt(xp.sum(dev2, axis=-1) / denom)
-    return mu, sigma, count
+    return RowMoments(mu, sigma, count)
 
 
 def predict_k(logits: Any, eps: float, *, axis: int = -1) -> Array:

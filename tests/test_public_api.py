@@ -26,9 +26,10 @@ ROOT = Path(certattn.__file__).parent
 README = ROOT.parent / "README.md"
 
 CORE = {
-    "_array", "_backends", "_fp", "_topk_generic", "_topk_numpy", "_validate", "attention",
-    "blocks", "bounds", "cells", "distribution", "kept", "masks", "output", "policies",
-    "search", "topk",
+    "_array", "_backends", "_fp", "_results", "_topk_generic", "_topk_numba",
+    "_topk_numba_kernels", "_topk_numpy", "_validate", "attention", "blocks", "bounds",
+    "cells", "distribution", "errors", "gaussian", "kept", "masks", "output", "policies",
+    "quant", "search", "topk",
 }
 """The certificate core: imports nothing from the applications or the theory artefacts."""
 APPLICATIONS = {"cli", "budget", "io", "models", "reproduce", "plots", "verify", "theorems",
