@@ -42,8 +42,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._runs import _load_runs, _row_stats
-from ._summary import _SECTION_MD, EPS_GRID, PAPER, Progress, Section, Summary
+from ._runs import load_runs, row_stats
+from ._summary import EPS_GRID, PAPER, SECTION_MD, Progress, Section, Summary
 from .bounds import _bounds
 from .budgets import _budgets
 from .delta import TITLE as _DELTA_TITLE
@@ -73,7 +73,7 @@ _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("fal", _FAL_TITLE, _fal),
     ("delta", _DELTA_TITLE, _delta),
 )
-_SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal, delta=_md_delta)
+SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal, delta=_md_delta)
 
 
 def _progress_printer(progress: Progress | bool | None) -> Progress:
@@ -143,9 +143,9 @@ def reproduce(
     except OSError as exc:
         raise ValueError(f"cannot create {out}: {exc.strerror or exc}") from None
     note = _progress_printer(progress)
-    runs, info = _load_runs(tuple(models), int(smollm2_tokens), quick, note)
+    runs, info = load_runs(tuple(models), int(smollm2_tokens), quick, note)
     for run in runs:
-        _row_stats(run, note)
+        row_stats(run, note)
     sections: dict[str, Section] = {}
     for name, title, fn in _SECTIONS:
         t = time.perf_counter()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ._summary import _SEARCH_NS, EPS_GRID, Progress
+from ._summary import EPS_GRID, SEARCH_NS, Progress
 
 
 @dataclass
@@ -46,7 +46,7 @@ class _Run:
         return layer / top
 
 
-def _load_runs(
+def load_runs(
     models: Sequence[str], smollm2_tokens: int, quick: bool, note: Progress
 ) -> tuple[list[_Run], dict[str, dict[str, Any]]]:
     from .._corpus import PARAGRAPHS, corpus_text
@@ -113,7 +113,7 @@ def _load_runs(
             )
             # Query position n - 1 sees exactly its n-key causal prefix (and n = 1024 for
             # the search section, where the context allows it).
-            run.windows = {n: [(a, slice(n - 1, n))] for n in (*_SEARCH_NS, 1024)
+            run.windows = {n: [(a, slice(n - 1, n))] for n in (*SEARCH_NS, 1024)
                            if n <= a.n_tokens}
         a0 = run.attentions[0]
         info[key] = {
@@ -138,7 +138,7 @@ def _minilm_windows(m: Any, text: str) -> dict[int, list[tuple[Any, slice]]]:
     ids = m.encode(text)
     cls_, body, sep = ids[0], ids[1:-1], ids[-1]
     out: dict[int, list[tuple[Any, slice]]] = {}
-    for n in _SEARCH_NS:
+    for n in SEARCH_NS:
         wins = []
         for start in (0, 400, 800):
             chunk = body[start : start + n - 2]
@@ -149,7 +149,7 @@ def _minilm_windows(m: Any, text: str) -> dict[int, list[tuple[Any, slice]]]:
     return out
 
 
-def _row_stats(run: _Run, note: Progress) -> None:
+def row_stats(run: _Run, note: Progress) -> None:
     """Exact k_eps per row at every eps of the grid (certify_topk), plus row labels."""
     from ..topk import certify_topk
 
@@ -182,7 +182,7 @@ def _row_stats(run: _Run, note: Progress) -> None:
     }
 
 
-def _sample_rows(
+def sample_rows(
     run: _Run, count: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``count`` random rows: (logits (R, K) padded with -inf, layer, head, row index)."""

@@ -31,8 +31,8 @@ PAPER = {
 }
 """The paper's numbers the summary states next to ours."""
 
-_MAIN_EPS = 0.01
-_SEARCH_NS = (128, 256)
+MAIN_EPS = 0.01
+SEARCH_NS = (128, 256)
 
 Progress = Callable[[str, int, int], None]
 
@@ -119,7 +119,7 @@ class Summary:
         for s in self.sections.values():
             lines.append(f"  {s.name:<11} {s.status}" + (f": {s.reason}" if s.reason else ""))
         h = _headline(self)
-        for n in _SEARCH_NS:
+        for n in SEARCH_NS:
             row = h[f"search_n{n}"]
             ours = "; ".join(f"{k} {v['mc_scored']:.1f} (MC) / {v['tree_scored']:.1f} (tree)"
                              for k, v in row.items() if isinstance(v, dict))
@@ -165,7 +165,7 @@ def _headline(s: Summary) -> dict[str, Any]:
     """Our numbers next to the paper's (search at n = 128/256, the rule at eps = 0.01)."""
     out: dict[str, Any] = {}
     search = s.sections.get("search")
-    for n in _SEARCH_NS:
+    for n in SEARCH_NS:
         row: dict[str, Any] = {"paper_scored": PAPER["search_scored"][n],
                                "paper_reduction": PAPER["search_reduction"][n]}
         for key in s.models:
@@ -225,7 +225,7 @@ def _markdown(s: Summary) -> str:
         if sec.status != "ok":
             L.append(f"Section {sec.status}: {sec.reason}")
             continue
-        L += _SECTION_MD[sec.name](sec, s)
+        L += SECTION_MD[sec.name](sec, s)
         if sec.figures:
             L += ["", "Files: " + ", ".join(
                 f"![{f}]({f})" if f.endswith(".png") else f"[{f}]({f})" for f in sec.figures)]
@@ -244,7 +244,7 @@ def _headline_md(s: Summary) -> list[str]:
         + " | ".join(f"{k}: MC-Search | {k}: tree | {k}: exact k_eps" for k in keys) + " |",
         "|---|---|" + "---|" * (3 * len(keys)),
     ]
-    for n in _SEARCH_NS:
+    for n in SEARCH_NS:
         row = h[f"search_n{n}"]
         cells = [f"{row['paper_scored']} / {n} ({row['paper_reduction']}x)"]
         for k in keys:
@@ -257,7 +257,7 @@ def _headline_md(s: Summary) -> list[str]:
                 cells += ["-", "-", "-"]
         L.append(f"| {n} | " + " | ".join(cells) + " |")
     notes = []
-    for n in _SEARCH_NS:
+    for n in SEARCH_NS:
         row = h[f"search_n{n}"]
         for k in keys:
             r = row.get(k)
@@ -383,7 +383,7 @@ def _md_search(sec: Section, s: Summary) -> list[str]:
     return L
 
 
-_SECTION_MD = {
+SECTION_MD = {
     "identities": _md_identities,
     "bounds": _md_bounds,
     "gaussian": _md_gaussian,

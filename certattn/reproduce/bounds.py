@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._runs import _Run, _sample_rows
-from ._summary import _MAIN_EPS, EPS_GRID, Progress, Section, _save
+from ._runs import _Run, sample_rows
+from ._summary import EPS_GRID, MAIN_EPS, Progress, Section, _save
 
 _BOUND_NAMES = ("gap", "exact_head", "optimal_cuts", "all_gap", "uniform_gap")
 
@@ -22,12 +22,12 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
     from ..plots.reproduce import plot_bound_curves, plot_bound_ratios
 
     sec = Section("bounds", "Logit-only bounds against the true tail")
-    ei = EPS_GRID.index(_MAIN_EPS)
+    ei = EPS_GRID.index(MAIN_EPS)
     cuts = 4
     for run in runs:
         big = max(a.n_tokens for a in run.attentions) > 512
         count = 30 if quick else (120 if big else 300)
-        x, _, _, idx = _sample_rows(run, count, seed=3)
+        x, _, _, idx = sample_rows(run, count, seed=3)
         n_valid = run.stats["n_valid"][idx]
         k = run.stats["k"][ei][idx]
         live = k < n_valid  # rows with a non-empty tail at k_eps
@@ -37,7 +37,7 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         for j, name in enumerate(_BOUND_NAMES):
             nc = cuts if name == "optimal_cuts" else None
             b = np.asarray(tail_bound(x, k, bound=name, n_cuts=nc), dtype=np.float64)
-            kb = np.asarray(bound_k(x, _MAIN_EPS, bound=name, n_cuts=nc))
+            kb = np.asarray(bound_k(x, MAIN_EPS, bound=name, n_cuts=nc))
             r = b / np.maximum(tau, 1e-300)
             ratios[name] = r
             k_frac[name] = float(np.mean(kb / n_valid))
@@ -45,15 +45,15 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                 "sound": bool(np.all(b >= tau)),
                 "median_ratio": float(np.median(r)),
                 "p90_ratio": float(np.quantile(r, 0.9)),
-                "certifies_at_k_eps": float(np.mean(b <= _MAIN_EPS)),
+                "certifies_at_k_eps": float(np.mean(b <= MAIN_EPS)),
                 "mean_k_over_n": k_frac[name],
             }
             note(f"{run.key}: bounds", j + 1, len(_BOUND_NAMES))
         sec.results[run.key] = {
-            "eps": _MAIN_EPS, "rows": int(x.shape[0]), "n_cuts_checkpoint": cuts,
+            "eps": MAIN_EPS, "rows": int(x.shape[0]), "n_cuts_checkpoint": cuts,
             "exact_mean_k_over_n": k_frac["exact"], "bounds": res,
         }
-        fig = plot_bound_ratios(ratios, k_frac, eps=_MAIN_EPS,
+        fig = plot_bound_ratios(ratios, k_frac, eps=MAIN_EPS,
                                 title=f"{run.label}: logit-only tail bounds on "
                                       f"{x.shape[0]} real rows")
         sec.figures.append(_save(fig, out, f"bounds_ratio_{run.key}.png"))
@@ -70,7 +70,7 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                                         n_cuts=cuts if name == "optimal_cuts" else None))
             for name in _BOUND_NAMES
         }
-        fig = plot_bound_curves(ks, t_curve, curves, n=n0, eps=_MAIN_EPS,
+        fig = plot_bound_curves(ks, t_curve, curves, n=n0, eps=MAIN_EPS,
                                 title=f"{run.label}: one real row (layer "
                                       f"{int(run.stats['layer'][idx[live][r0]])}), tail and "
                                       "bounds vs k")

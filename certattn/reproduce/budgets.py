@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ._runs import _Run
-from ._summary import _MAIN_EPS, EPS_GRID, Progress, Section, _save
+from ._summary import EPS_GRID, MAIN_EPS, Progress, Section, _save
 
 
 def _budgets(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
@@ -44,7 +44,7 @@ def _budgets(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sectio
             for j, e in enumerate(EPS_GRID)
         }
         plot_data[run.label] = {"layers": layers, "frac": frac, "reduction": red}
-        bt = attention_budget(run.attentions, _MAIN_EPS, query_rows=run.query_rows)
+        bt = attention_budget(run.attentions, MAIN_EPS, query_rows=run.query_rows)
         name = f"budget_{run.key}.json"
         bt.write_json(out / name)
         sec.figures.append(name)
@@ -52,7 +52,7 @@ def _budgets(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sectio
             "rows": int(nv_all.size), "mean_n": float(nv_all.mean()), "per_layer": table,
             "overall": overall, "budget_table": name,
         }
-        fig = plot_head_budgets(bt.frac_mean, bt.layers, eps=_MAIN_EPS,
+        fig = plot_head_budgets(bt.frac_mean, bt.layers, eps=MAIN_EPS,
                                 title=f"{run.label}: mean certified k_eps / n per head")
         sec.figures.append(_save(fig, out, f"head_budgets_{run.key}.png"))
         note("budgets", runs.index(run) + 1, len(runs))

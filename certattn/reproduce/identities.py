@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._runs import _Run, _sample_rows
-from ._summary import _MAIN_EPS, EPS_GRID, Progress, Section, _save
+from ._runs import _Run, sample_rows
+from ._summary import EPS_GRID, MAIN_EPS, Progress, Section, _save
 
 
 def _identities(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
@@ -23,9 +23,9 @@ def _identities(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sec
     rng = np.random.default_rng(1)
     all_ok = True
     for run in runs:
-        x, _, _, idx = _sample_rows(run, 60 if quick else 400, seed=2)
+        x, _, _, idx = sample_rows(run, 60 if quick else 400, seed=2)
         n_valid = run.stats["n_valid"][idx]
-        k_eps = run.stats["k"][EPS_GRID.index(_MAIN_EPS)][idx]
+        k_eps = run.stats["k"][EPS_GRID.index(MAIN_EPS)][idx]
         kinds = {
             "top-k at k_eps(0.01)": topk_mask(x, np.minimum(k_eps, n_valid)),
             "top-k at random k": topk_mask(x, rng.integers(1, n_valid + 1)),

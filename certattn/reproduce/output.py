@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._runs import _Run
-from ._summary import _MAIN_EPS, Progress, Section, _save
+from ._summary import MAIN_EPS, Progress, Section, _save
 
 
 def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
@@ -32,7 +32,7 @@ def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             x = run.layer_logits(a, li)[h]
             q = np.sort(rng.choice(x.shape[0], size=min(n_q, x.shape[0]), replace=False))
             x = x[q]
-            cert = certify_topk(x, _MAIN_EPS)
+            cert = certify_topk(x, MAIN_EPS)
             v = a.values[li, int(a.kv_head[h])]
             ob = output_bounds(x, v, k=cert.k, tail_upper=cert.tail_upper)
             errs.append(np.asarray(ob.error))
@@ -51,9 +51,9 @@ def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             }
         tight = np.array([min(names[:-1], key=lambda m, i=i: bd[m][i]) for i in range(err.size)])
         res["tightest_share"] = {n: float(np.mean(tight == n)) for n in names[:-1]}
-        sec.results[run.key] = {"eps": _MAIN_EPS, "rows": int(err.size), "bounds": res,
+        sec.results[run.key] = {"eps": MAIN_EPS, "rows": int(err.size), "bounds": res,
                                 "median_error": float(np.median(err))}
-        fig = plot_output_bounds(err[live], {n: v[live] for n, v in bd.items()}, eps=_MAIN_EPS,
+        fig = plot_output_bounds(err[live], {n: v[live] for n, v in bd.items()}, eps=MAIN_EPS,
                                  title=f"{run.label}: output error bounds on {int(live.sum())} "
                                        "real query rows")
         sec.figures.append(_save(fig, out, f"output_bounds_{run.key}.png"))

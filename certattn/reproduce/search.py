@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._runs import _Run
-from ._summary import _MAIN_EPS, PAPER, Progress, Section, _save
+from ._summary import MAIN_EPS, PAPER, Progress, Section, _save
 
 # (label, method, keyword arguments) of every search the section runs
 _SEARCHES = (
@@ -51,9 +51,9 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                     kk, vv = a.keys[li][:, :n, :], a.values[li][:, :n, :]
                     mask = a.mask[rows, :n]
                     logits = a.logits[li][:, rows, :n]
-                    acc["exact"].append(np.asarray(certify_topk(logits, _MAIN_EPS).k).ravel())
+                    acc["exact"].append(np.asarray(certify_topk(logits, MAIN_EPS).k).ravel())
                     for label, method, kw in _SEARCHES:
-                        r = certified_search(q, kk, vv, _MAIN_EPS, scale=a.scale, mask=mask,
+                        r = certified_search(q, kk, vv, MAIN_EPS, scale=a.scale, mask=mask,
                                              method=method, **kw)
                         for what, val in (("", r.scored), ("_cost", r.cost),
                                           ("_read", r.read_fraction)):
@@ -77,9 +77,9 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             plot_res.setdefault(run.label, {})[n] = {"mc": m["mc"], "tree": m["tree"],
                                                      "quant": m["quant4"],
                                                      "exact": m["exact"]}
-        sec.results[run.key] = {"eps": _MAIN_EPS, "by_n": res}
+        sec.results[run.key] = {"eps": MAIN_EPS, "by_n": res}
     if plot_res:
         fig = plot_search(plot_res, {n: v for n, v in PAPER["search_scored"].items()},
-                          eps=_MAIN_EPS)
+                          eps=MAIN_EPS)
         sec.figures.append(_save(fig, out, "search.png"))
     return sec

@@ -1,6 +1,6 @@
 """Shared machinery of the batch checks of :mod:`certattn.verify`.
 
-The result type :class:`VerifyResult`, the running worst violation :class:`_Worst`, the
+The result type :class:`VerifyResult`, the running worst violation :class:`Worst`, the
 relative-error and slack measures, the chunking helpers (at most about
 :data:`CHUNK_ELEMS` float64 numbers per step), the per-check context (array namespace,
 device, seeded generator, progress, dtypes), the seeded adversarial logit rows
@@ -23,7 +23,7 @@ from .._array import from_numpy, to_numpy
 
 Array = Any
 CHUNK_ELEMS = 1 << 20
-_REL_FLOOR = 1e-250  # floor of relative errors: values below it are "zero" for every purpose
+REL_FLOOR = 1e-250  # floor of relative errors: values below it are "zero" for every purpose
 
 Progress = Callable[[int], None]
 
@@ -40,7 +40,7 @@ class VerifyResult:
     seconds: float
 
 
-class _Worst:
+class Worst:
     """Running maximum of violations (NaN counts as infinitely bad)."""
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ class _Worst:
             self.value = max(self.value, 1.0)
 
 
-def _rel(xp: Any, lib: Array, ref: Array, floor: float = _REL_FLOOR) -> Array:
+def _rel(xp: Any, lib: Array, ref: Array, floor: float = REL_FLOOR) -> Array:
     return xp.abs(xp.astype(lib, xp.float64) - ref) / (xp.abs(ref) + floor)
 
 
@@ -83,7 +83,7 @@ def _steps(rows: int, per_row: int) -> Iterator[int]:
 
 
 @dataclass
-class _Ctx:
+class Ctx:
     xp: Any
     device: Any
     rng: np.random.Generator
@@ -98,14 +98,14 @@ class _Ctx:
             self.progress(r)
 
 
-def _ctx(xp: Any, device: Any, rng: np.random.Generator, progress: Progress | None) -> _Ctx:
+def _ctx(xp: Any, device: Any, rng: np.random.Generator, progress: Progress | None) -> Ctx:
     import array_api_compat as compat
 
     if compat.is_array_api_strict_namespace(xp):
         dtypes: tuple[Any, ...] = (np.float64, np.float32)
     else:
         dtypes = (np.float64, np.float32, np.float16)
-    return _Ctx(xp, device, rng, progress, dtypes)
+    return Ctx(xp, device, rng, progress, dtypes)
 
 
 KINDS = ("normal", "ties", "masked", "wide", "near_max", "dominant", "uniform")
@@ -144,7 +144,7 @@ def _draw(rng: np.random.Generator, kind: str, r: int, n: int, dtype: Any) -> np
 
 
 def _cases(
-    ctx: _Ctx,
+    ctx: Ctx,
     rows: int,
     ns: tuple[int, ...],
     kinds: tuple[str, ...] = KINDS,
@@ -179,7 +179,7 @@ def _terms(xp: Any, x64: Array) -> tuple[Array, Array]:
     return e, xp.sum(e, axis=-1)
 
 
-def _sorted_tails(xp: Any, e: Array) -> tuple[Array, Array]:
+def sorted_tails(xp: Any, e: Array) -> tuple[Array, Array]:
     """Cumulative sums of the ascending terms (small end first) and descending (head)."""
     es = xp.sort(e, axis=-1)
     return xp.cumulative_sum(es, axis=-1), xp.cumulative_sum(xp.flip(es, axis=-1), axis=-1)
@@ -192,25 +192,25 @@ def _at(xp: Any, a: Array, idx: Array) -> Array:
     return xp.take_along_axis(a, xp.reshape(xp.astype(i, xp.int64), (-1, 1)), axis=-1)[:, 0]
 
 
-def _topk_tail(xp: Any, cs_up: Array, k: Array) -> Array:
+def topk_tail(xp: Any, cs_up: Array, k: Array) -> Array:
     """Exact-to-rounding ``T_k`` (sum of the ``n - k`` smallest terms) from the small end."""
     n = cs_up.shape[-1]
     t = _at(xp, cs_up, n - k - 1)
     return xp.where(k < n, t, xp.zeros_like(t))
 
 
-def _rank_mask(xp: Any, x64: Array, k: Array) -> Array:
+def rank_mask(xp: Any, x64: Array, k: Array) -> Array:
     """A Top-k mask (ties by position) from the reference's own sort."""
     order = xp.argsort(-x64, axis=-1, stable=True)
     rank = xp.argsort(order, axis=-1, stable=True)
     return (rank < xp.reshape(k, (-1, 1))) & (x64 > -xp.inf)
 
 
-def _rand_k(ctx: _Ctx, r: int, lo: int, hi: int) -> Array:
+def rand_k(ctx: Ctx, r: int, lo: int, hi: int) -> Array:
     return ctx.put(ctx.rng.integers(lo, hi + 1, r).astype(np.int64))
 
 
-def _rand_kept(ctx: _Ctx, x64: Array, r: int, n: int) -> Array:
+def rand_kept(ctx: Ctx, x64: Array, r: int, n: int) -> Array:
     """An arbitrary kept set (random keys) that contains one valid key (the row maximum)."""
     xp = ctx.xp
     kept = ctx.put(ctx.rng.random((r, n)) < ctx.rng.uniform(0.05, 0.95, (r, 1)))
@@ -218,9 +218,9 @@ def _rand_kept(ctx: _Ctx, x64: Array, r: int, n: int) -> Array:
     return kept | top
 
 
-_EPS = (0.3, 0.1, 1e-2, 1e-4, 1e-8, 1e-20)
+EPS = (0.3, 0.1, 1e-2, 1e-4, 1e-8, 1e-20)
 """Budgets the distribution, bound and search checks certify at."""
 
 
-def _longdouble_ok() -> bool:
+def longdouble_ok() -> bool:
     return np.finfo(np.longdouble).nmant >= 63

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._fp import U as _U
-from ._common import _Worst
+from ._common import Worst
 
 
 def _instance(rng: np.random.Generator) -> dict:
@@ -46,7 +46,7 @@ def check_delta_error(rows, *, xp, device, rng, progress):
     from ..policies import Pages, WindowSinks
 
     tol = 64 * 160 * _U
-    w = _Worst()
+    w = Worst()
     done = 0
     while done < rows:
         inst = _instance(rng)

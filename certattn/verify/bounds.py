@@ -18,31 +18,31 @@ import numpy as np
 from .._array import to_numpy
 from .._fp import U as _U
 from ._common import (
-    _EPS,
-    _REL_FLOOR,
+    EPS,
+    REL_FLOOR,
+    Ctx,
+    Worst,
     _cases,
-    _Ctx,
     _ctx,
     _draw,
-    _longdouble_ok,
-    _rand_k,
     _rel,
     _slack,
-    _sorted_tails,
     _split,
     _steps,
     _terms,
-    _topk_tail,
-    _Worst,
+    longdouble_ok,
+    rand_k,
+    sorted_tails,
+    topk_tail,
 )
 
 
 def _true_tail(xp, x64, k):
     e, z = _terms(xp, x64)
-    return _topk_tail(xp, _sorted_tails(xp, e)[0], k) / z
+    return topk_tail(xp, sorted_tails(xp, e)[0], k) / z
 
 
-def _two_level(ctx: _Ctx, r: int, n: int, gap: Any = None, j: Any = None):
+def _two_level(ctx: Ctx, r: int, n: int, gap: Any = None, j: Any = None):
     """Rows taking two levels 0 > -gap with ``j`` keys on top (shuffled), and ``j``."""
     rng = ctx.rng
     j = rng.integers(1, n, r) if j is None else j
@@ -59,17 +59,17 @@ def check_gap_single(rows, *, xp, device, rng, progress):
     (else 1).  Tolerance 1e-9: the bound is rounded up by at most
     ``u (8 |d|max + 4 n + 2^14)`` (below 2e-11 for ``|d| <= 2e4``), the reference errs
     by below 1e-12."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..bounds import gap_bound, gap_threshold
 
     for x, x64, n, _ in _cases(ctx, rows, (7, 64, 1000), width=4):
-        k = _rand_k(ctx, x.shape[0], 1, n - 1)
+        k = rand_k(ctx, x.shape[0], 1, n - 1)
         w.add(_slack(xp, _true_tail(xp, x64, k), gap_bound(x, k)))
     for n in (8, 64):
         r = max(1, rows // 20)
         x, k, j, _ = _two_level(ctx, r, n)
         w.add(_rel(xp, gap_bound(x, k), _true_tail(xp, x, k)))
-        eps = float(ctx.rng.choice(_EPS))
+        eps = float(ctx.rng.choice(EPS))
         thr = np.asarray(gap_threshold(j, n, eps))
         for sign in (1.0, -1.0):
             ok = thr + sign * 1e-6 > 0
@@ -82,11 +82,11 @@ def check_gap_single(rows, *, xp, device, rng, progress):
 def check_gap_exact_head(rows, *, xp, device, rng, progress):
     """GAP-EXACT-HEAD: ``gap_exact_head_bound >= tau_k`` (relative slack) and never looser than
     ``gap_bound`` (relative excess).  Tolerance 1e-9 (margins as for GAP-SINGLE)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..bounds import gap_bound, gap_exact_head_bound
 
     for x, x64, n, _ in _cases(ctx, rows, (7, 64, 1000), width=4):
-        k = _rand_k(ctx, x.shape[0], 1, n - 1)
+        k = rand_k(ctx, x.shape[0], 1, n - 1)
         b = gap_exact_head_bound(x, k)
         w.add(_slack(xp, _true_tail(xp, x64, k), b))
         w.add(_slack(xp, xp.astype(b, xp.float64), gap_bound(x, k)))
@@ -97,11 +97,11 @@ def check_gap_multi(rows, *, xp, device, rng, progress):
     """GAP-MULTI: the all-gap form and the DP-optimal 0 and 2 cuts are ``>= tau_k`` (relative
     slack); more cuts are never looser (all-gap <= 2 cuts <= 0 cuts <= ... within the
     margin).  Rows of n <= 64 (the DP is O(m n^2) per row).  Tolerance 1e-9."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..bounds import multigap_bound
 
     for x, x64, n, _ in _cases(ctx, rows, (5, 24, 64), width=3 * 64):
-        k = _rand_k(ctx, x.shape[0], 1, n - 1)
+        k = rand_k(ctx, x.shape[0], 1, n - 1)
         tau = _true_tail(xp, x64, k)
         b_all = xp.astype(multigap_bound(x, k), xp.float64)
         b2 = xp.astype(multigap_bound(x, k, n_cuts=2), xp.float64)
@@ -117,11 +117,11 @@ def check_gap_uniform(rows, *, xp, device, rng, progress):
     """GAP-UNIFORM: ``uniform_gap_bound >= tau_k`` on adversarial rows (relative slack), and
     on rows whose gaps are all at least delta it equals ``1/(1 + k expm1(delta_min))``
     (relative error; delta_min from the reference's own sort).  Tolerance 1e-9."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..bounds import uniform_gap_bound
 
     for x, x64, n, _ in _cases(ctx, rows, (7, 64, 1000), width=4):
-        k = _rand_k(ctx, x.shape[0], 1, n - 1)
+        k = rand_k(ctx, x.shape[0], 1, n - 1)
         w.add(_slack(xp, _true_tail(xp, x64, k), uniform_gap_bound(x, k)))
     for n in (16, 256):
         r = max(1, rows // 20)
@@ -133,7 +133,7 @@ def check_gap_uniform(rows, *, xp, device, rng, progress):
         dmin = np.array([d[i, k[i] - 1:].min() for i in range(r)])
         closed = 1.0 / (1.0 + k * np.expm1(dmin))
         lib = to_numpy(uniform_gap_bound(ctx.put(xs), ctx.put(k.astype(np.int64))))
-        w.add(np.abs(lib - closed) / (closed + _REL_FLOOR))
+        w.add(np.abs(lib - closed) / (closed + REL_FLOOR))
     return w.value, 1e-9
 
 
@@ -159,7 +159,7 @@ def check_block_bounds(rows, *, xp, device, rng, progress):
     block-constant logits ``lo = tau = hi`` (relative error); ``greedy_block_set``'s kept
     set has ``tail_upper <= eps`` and exact tail ``<= eps``.  Tolerance 1e-9 (rounding
     margin of the bounds, below 1e-11 for |LSE| <= 2e4)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..blocks import block_tail_bounds, greedy_block_set
 
     kinds = ("normal", "ties", "masked", "wide", "dominant", "uniform")
@@ -181,7 +181,7 @@ def check_block_bounds(rows, *, xp, device, rng, progress):
         tc = _kept_tail(xp, xc, kept)
         w.add(_rel(xp, clo, tc))
         w.add(_rel(xp, chi, tc))
-        eps = _EPS[i % len(_EPS)]
+        eps = EPS[i % len(EPS)]
         sel = greedy_block_set(lo, up, cnt, eps)
         kept_g = xp.reshape(xp.broadcast_to(sel.kept[:, :, None], (r, nb, n // nb)), (r, n))
         zero = xp.zeros_like(tau)
@@ -195,7 +195,7 @@ def check_block_score(rows, *, xp, device, rng, progress):
     ``scale q.k`` of their block, the scores computed in extended precision (longdouble).
     Violation: ``max(0, s - U, L - s) / (scale |q| max|k|)``; tolerance 1e-17 covers the
     longdouble reference (``d 2^-64``, d <= 64); 4e-15 where longdouble is float64."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..blocks import key_block_bounds
 
     n, bs = 64, 8
@@ -219,7 +219,7 @@ def check_block_score(rows, *, xp, device, rng, progress):
                 bad = np.maximum(np.maximum(s - up, lo - s), 0).max(axis=-1)
                 w.add(np.asarray(bad, np.float64) / size)
             ctx.tick(r)
-    return w.value, (1e-17 if _longdouble_ok() else 4e-15)
+    return w.value, (1e-17 if longdouble_ok() else 4e-15)
 
 
 def check_block_mass(rows, *, xp, device, rng, progress):
@@ -228,7 +228,7 @@ def check_block_mass(rows, *, xp, device, rng, progress):
     log excess, i.e. relative excess of the mass), and is attained (within 1e-9) by the
     two-level cells of the equality case.  Tolerance 1e-12 (the reference LSE errs by
     ``n u`` with n <= 256)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..cells import bennett_log_mass
 
     for n in (4, 32, 256):

@@ -12,19 +12,19 @@ from __future__ import annotations
 import numpy as np
 
 from ._common import (
-    _EPS,
+    EPS,
+    Worst,
     _at,
     _cases,
     _ctx,
-    _rand_k,
-    _rand_kept,
-    _rank_mask,
     _rel,
     _slack,
-    _sorted_tails,
     _terms,
-    _topk_tail,
-    _Worst,
+    rand_k,
+    rand_kept,
+    rank_mask,
+    sorted_tails,
+    topk_tail,
 )
 
 _NS = (7, 64, 1000)
@@ -36,11 +36,11 @@ def check_tv_tail(rows, *, xp, device, rng, progress):
     ``1/2 sum |p - p_hat|`` (absolute budget 1e-12 through a floor of 1e-2).  Tolerance
     1e-10: both sides err by at most ``u (|d|max + n + 8)`` with ``|d| <= 745`` for terms
     that do not underflow and ``n <= 1000``, i.e. below 3e-13."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..distribution import tail_mass
 
     for x, x64, n, _ in _cases(ctx, rows, _NS, width=6):
-        kept = _rand_kept(ctx, x64, x.shape[0], n)
+        kept = rand_kept(ctx, x64, x.shape[0], n)
         lib = tail_mass(x, kept)
         e, z = _terms(xp, x64)
         t = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1)
@@ -55,15 +55,15 @@ def check_tv_tail(rows, *, xp, device, rng, progress):
 def _divergence_refs(xp, x64, k):
     """Reference tau, KL, chi2, Hellinger^2 of the Top-k truncation, from the definitions."""
     e, z = _terms(xp, x64)
-    cs_up, cs_down = _sorted_tails(xp, e)
-    t = _topk_tail(xp, cs_up, k)
+    cs_up, cs_down = sorted_tails(xp, e)
+    t = topk_tail(xp, cs_up, k)
     h = _at(xp, cs_down, k - 1)
     tau = t / z
     with np.errstate(divide="ignore"):
         kl = xp.where(tau < 0.5, -xp.log1p(-tau), xp.log(z) - xp.log(h))
     # chi2 and Hellinger from their definitions, with p_hat_i - p_i = e_i (1/H - 1/Z) formed
     # as e_i T / (H Z) (exact algebra, Z = H + T): no cancellation, no normalisation mismatch
-    head = _rank_mask(xp, x64, k)
+    head = rank_mask(xp, x64, k)
     zero = xp.zeros_like(e)
     hh = xp.sum(xp.where(head, e, zero), axis=-1)
     tt = xp.sum(xp.where(head, zero, e), axis=-1)
@@ -85,11 +85,11 @@ def check_tv_kl(rows, *, xp, device, rng, progress):
     the small end; ``log Z - log H`` where ``tau >= 1/2``), ``tv_from_kl(kl)`` against tau,
     and ``kl_reverse = inf`` exactly where the tail is non-empty (1 if not).  Relative,
     tolerance 1e-10 (rounding of both sides below 3e-13, see TV-TAIL)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..distribution import truncation_divergences, tv_from_kl
 
     for x, x64, n, _ in _cases(ctx, rows, _NS, width=8):
-        k = _rand_k(ctx, x.shape[0], 1, n)
+        k = rand_k(ctx, x.shape[0], 1, n)
         d = truncation_divergences(x, k=k)
         tau, kl, _, _, t = _divergence_refs(xp, x64, k)
         w.add(_rel(xp, d.kl, kl))
@@ -107,11 +107,11 @@ def check_div_corollaries(rows, *, xp, device, rng, progress):
     ``-2 log sum sqrt(p p_hat) = -2 log1p(-H^2)`` (all sums of non-negative terms: no
     cancellation: ``p_hat_i - p_i = e_i T/(H Z)`` on the head, ``p_i`` on the tail).
     Relative, tolerance 1e-10."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..distribution import truncation_divergences
 
     for x, x64, n, _ in _cases(ctx, rows, _NS, width=10):
-        k = _rand_k(ctx, x.shape[0], 1, n)
+        k = rand_k(ctx, x.shape[0], 1, n)
         d = truncation_divergences(x, k=k)
         _, _, chi2, hell, _ = _divergence_refs(xp, x64, k)
         for lib, ref in ((d.chi2, chi2), (d.hellinger2, hell), (d.renyi(2.0), xp.log1p(chi2)),
@@ -126,15 +126,15 @@ def check_budget_equiv(rows, *, xp, device, rng, progress):
     (b) ``certify_topp(x, p).k == certify_topk(x, 1 - p).k``; (c) the budgets round-trip,
     ``kl_budget_to_tv(tv_budget_to_kl(eps)) = eps``.  Logical failures count 1; the
     round-trip's relative error must be at most 1e-14 (a few ulps)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..distribution import kl_budget_to_tv, kl_from_tail, tv_budget_to_kl
     from ..topk import certify_topk, certify_topp
 
     for i, (x, x64, n, _) in enumerate(_cases(ctx, rows, _NS, width=6)):
-        eps = _EPS[i % len(_EPS)]
-        k = _rand_k(ctx, x.shape[0], 1, n)
+        eps = EPS[i % len(EPS)]
+        k = rand_k(ctx, x.shape[0], 1, n)
         e, z = _terms(xp, x64)
-        tau = _topk_tail(xp, _sorted_tails(xp, e)[0], k) / z
+        tau = topk_tail(xp, sorted_tails(xp, e)[0], k) / z
         far = xp.abs(tau - eps) > 1e-12 * eps
         w.flag(far & ((tau <= eps) != (kl_from_tail(tau) <= tv_budget_to_kl(eps))))
         p = 1.0 - eps
@@ -149,10 +149,10 @@ def check_topk_minimal(rows, *, xp, device, rng, progress):
     (minimality), ``tail_ref(k) <= cert.tail_upper (1 + tol)`` and ``cert.tail_upper <= eps``;
     ``eps = 0`` keeps every valid key.  Violation: the relative excess; tolerance
     ``tol = 1e-11`` covers the reference's rounding (``u (n + 760)`` per term, n <= 2048)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..topk import certify_topk
 
-    eps_list = (*_EPS, 1e-300, 0.0)
+    eps_list = (*EPS, 1e-300, 0.0)
     for i, (x, x64, _, _) in enumerate(_cases(ctx, rows, (5, 64, 2048), width=6)):
         eps = eps_list[i % len(eps_list)]
         cert = certify_topk(x, eps)
@@ -162,9 +162,9 @@ def check_topk_minimal(rows, *, xp, device, rng, progress):
             w.flag((k != nv) | (cert.tail_upper != 0))
             continue
         e, z = _terms(xp, x64)
-        cs_up = _sorted_tails(xp, e)[0]
-        tk = _topk_tail(xp, cs_up, k) / z
-        tk1 = _topk_tail(xp, cs_up, k - 1) / z
+        cs_up = sorted_tails(xp, e)[0]
+        tk = topk_tail(xp, cs_up, k) / z
+        tk1 = topk_tail(xp, cs_up, k - 1) / z
         zero = xp.zeros_like(tk)
         w.add(xp.maximum(tk / eps - 1.0, zero))
         w.add(xp.where(k >= 2, xp.maximum((1.0 - 1e-6) - tk1 / eps, zero), zero))

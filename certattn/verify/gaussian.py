@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from .._array import to_numpy
-from ._common import Array, _Ctx, _ctx, _rel, _steps, _terms, _Worst
+from ._common import Array, Ctx, Worst, _ctx, _rel, _steps, _terms
 
 _GRID = 4001  # Simpson nodes per integral
 
@@ -46,7 +46,7 @@ def _threshold_integrals(xp, zt, sig, dev):
     return kept, below / (below + above)
 
 
-def _params(ctx: _Ctx, r: int) -> tuple[Array, Array, Array, np.ndarray, np.ndarray]:
+def _params(ctx: Ctx, r: int) -> tuple[Array, Array, Array, np.ndarray, np.ndarray]:
     """Random (mu, sigma, zt) with both |zt| and |zt - sigma| <= 5 (tails >= 3e-7)."""
     rng = ctx.rng
     sig = rng.uniform(0.05, 4.0, r)
@@ -61,7 +61,7 @@ def check_gauss_tilt(rows, *, xp, device, rng, progress):
     the density proportional to ``e^s phi((s - mu)/sigma)`` by Simpson quadrature (4001
     nodes over +-14 sd around both centres).  Relative error (mean: relative to
     ``|mean| + sigma``); tolerance 1e-9 (quadrature error below 1e-11)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import tilted_normal
 
     for r in _steps(rows, 8 * _GRID):
@@ -86,7 +86,7 @@ def check_gauss_threshold(rows, *, xp, device, rng, progress):
     """GAUSS-THRESHOLD: ``discarded_mass(t, sigma, mu=mu)`` and ``kept_fraction`` against the
     quadrature of ``int_{s<t} e^s phi`` / ``int e^s phi`` and ``int_{s>=t} phi`` (threshold
     within 5 sd, values >= 3e-7).  Relative; tolerance 1e-8 (quadrature below 1e-10)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import discarded_mass, kept_fraction
 
     for r in _steps(rows, 8 * _GRID):
@@ -104,7 +104,7 @@ def check_gauss_topfrac(rows, *, xp, device, rng, progress):
     the quadrature kept fraction of a threshold, against that threshold's quadrature
     discarded mass.  Relative; tolerance 1e-6 (the map rho -> tau amplifies the
     quadrature's 1e-10 by the elasticity, at most about 1e3 within 5 sd)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import keps_eps, top_fraction_tail_mass
 
     for r in _steps(rows, 8 * _GRID):
@@ -120,7 +120,7 @@ def check_gauss_keps(rows, *, xp, device, rng, progress):
     """GAUSS-KEPS: with (rho, tau) the quadrature kept fraction and discarded mass of one
     threshold, ``keps_fraction(tau, sigma) = rho`` and ``keps_sigma(rho, tau) = sigma``
     (relative; tolerance 1e-6, as for GAUSS-TOPFRAC)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import keps_fraction, keps_sigma
 
     for r in _steps(rows, 8 * _GRID):
@@ -146,7 +146,7 @@ def check_gauss_finite_n(rows, *, xp, device, rng, progress):
     ``#{s >= t}`` against ``expected_tail_sum`` and ``expected_kept_count``, the sample
     relative sd of ``Z`` against ``partition_rel_sd`` (standard error from the sample
     kurtosis).  Violation: z-scores; tolerance 6 (no bias: the expectations are exact)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import expected_kept_count, expected_tail_sum, partition_rel_sd
 
     n = 256
@@ -183,7 +183,7 @@ def check_gauss_limits(rows, *, xp, device, rng, progress):
     (``4 (1 + sigma^2)^2 e^{sigma^2} / n`` for the entropy, ``4 (e^{4 sigma^2} - 1)/n +
     4 (e^{sigma^2} - 1)/n`` relative for the ratio: second-order delta-method terms with
     a factor >= 2 to spare).  Tolerance 6."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian import entropy_limit, participation_ratio_limit
 
     n = 1 << 14
@@ -215,7 +215,7 @@ def check_gauss_validity(rows, *, xp, device, rng, progress):
     0.022 of the rule once 6 standard errors are allowed for:
     violation ``max(0, |mean - rule| - 6 sem)``, tolerance 0.022 (the calibrated claim);
     and at n = 128, sigma = 3, eps = 0.01 (untrusted) the rule under-predicts (else 1)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..gaussian_mc import gaussian_validity, monte_carlo_keps
 
     per = max(100, rows // 7)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ._common import _ctx, _steps, _Worst
+from ._common import Worst, _ctx, _steps
 
 
 def _k_scale(cv: Any, hess: Any) -> np.ndarray:
@@ -76,7 +76,7 @@ def check_geo_metric(rows, *, xp, device, rng, progress):
     central differences of the closed-form Gaussian KL with steps 1e-3 and 5e-4,
     Richardson-extrapolated, for random linear families (n = 3, p = 2).  Error relative to
     ``max |g|``; tolerance 1e-6 (truncation ``O(h^4)``, rounding ``u/h^2`` about 1e-9)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.metric import gaussian_fisher_metric, pullback_metric
 
     n, p, h = 3, 2, 1e-3
@@ -104,7 +104,7 @@ def check_geo_gauss_eq(rows, *, xp, device, rng, progress):
     scalar curvature equals the metric-only route's (Christoffel/Riemann of the pull-back
     metric, fourth-order differences).  Error divided by ``sum |II|^2 / det g``;
     tolerance 1e-6 (the differences' truncation error)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature
     from ..geometry.maps import gated_attention
 
@@ -129,7 +129,7 @@ def check_geo_oracles(rows, *, xp, device, rng, progress):
     sphere take second differences of a differenced metric (absolute step ``eps^(1/4)``,
     "loses about 8 digits" per ``GaussianFamilyMetric``), measured up to 7e-6 at s = 0.2;
     the analytic routes agree to 1e-14."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature, gaussian_curvature
     from ..geometry.oracles import (
         cylinder_map,
@@ -162,7 +162,7 @@ def check_geo_ungated_flat(rows, *, xp, device, rng, progress):
     constant metric (relative change between two points) and K = 0 exactly; the
     ``softmax(q1, q2, 0)`` head has K = 0 at random q (divided by ``sum |II|^2/det g``).
     Tolerance 1e-9 (analytic derivatives: rounding only)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature
     from ..geometry.maps import softmax_chart_attention, ungated_simplex
 
@@ -187,7 +187,7 @@ def check_geo_scope(rows, *, xp, device, rng, progress):
     error), and generic 4-key heads with 2-D queries are curved (the fraction of random
     heads with ``|K| <= 1e-6 sum|II|^2/det g`` must stay below 1/2, else 1).  Tolerance
     1e-6 (the metric route's differences)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature, gaussian_curvature
     from ..geometry.maps import SoftmaxAttention
 
@@ -214,7 +214,7 @@ def check_geo_headwise(rows, *, xp, device, rng, progress):
     second fundamental form equals ``headwise_second_fundamental_form(m, nu, s, Q)``
     (error / max |II|), sign K = sign det Q where ``|det Q|`` is not tiny (else 1), and a
     sigmoid-of-affine gate gives K = 0 (divided by ``sum|II|^2/det g``).  Tolerance 1e-9."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature
     from ..geometry.gating import headwise_second_fundamental_form
     from ..geometry.maps import Gated, ReciprocalQuadraticGate, SigmoidGate, ungated_simplex
@@ -250,7 +250,7 @@ def check_geo_sphere_gate(rows, *, xp, device, rng, progress):
     """GEO-SPHERE-GATE: ``Gated(ungated_simplex(I_3), SphereCapGate(c))`` with ``Sigma =
     sigma^2 I`` at random simplex points: K equals ``sphere_cap_curvature(c, sigma) =
     sigma^2/c^2`` and S = 2K (relative error; tolerance 1e-8)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature
     from ..geometry.gating import sphere_cap_curvature
     from ..geometry.maps import Gated, SphereCapGate, ungated_simplex
@@ -270,7 +270,7 @@ def check_geo_sigmoid_gate(rows, *, xp, device, rng, progress):
     """GEO-SIGMOID-GATE: the Gauss-route K(0) of ``sigmoid_gate_map(t, b)`` equals
     ``sigmoid_gate_curvature_at_zero(t, b)`` for random t in (-1, 1), b in (-3, 3)
     (relative, floor 1e-9), and its sign is that of ``t - 1/6`` (else 1).  Tolerance 1e-8."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import gaussian_curvature
     from ..geometry.gating import sigmoid_gate_curvature_at_zero, sigmoid_gate_map
 
@@ -291,7 +291,7 @@ def check_geo_depth(rows, *, xp, device, rng, progress):
     ``K_L = L^2 K_1 = depth_curvature(U, [A] * L, beta)``, and with offsets c on every
     layer ``K_L / K_1 = L^2 e^{2 beta (L-1) c}`` (relative errors; random U, SPD A,
     L = 2..4, beta in (0.2, 2)).  Tolerance 1e-8."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import gaussian_curvature
     from ..geometry.gating import depth_curvature
     from ..geometry.maps import structured_depth_map
@@ -319,7 +319,7 @@ def check_geo_proxy(rows, *, xp, device, rng, progress):
     """GEO-PROXY: on the flat ungated ``softmax(q1, q2, 0)`` head (K = 0 there, checked)
     ``nonlinearity_proxy`` with h = 1e-3 is positive (else 1) and matches its small-h limit
     ``h |D^2 f[u,u]| / (2 |Df u|)`` (relative error, tolerance 1e-4: ``O(h^2)`` terms)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..geometry.curvature import curvature
     from ..geometry.maps import softmax_chart_attention
     from ..geometry.proxy import nonlinearity_proxy

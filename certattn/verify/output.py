@@ -14,12 +14,12 @@ import itertools
 import numpy as np
 
 from .._fp import U as _U
-from ._common import Array, _cases, _Ctx, _ctx, _rand_kept, _rank_mask, _rel, _terms, _Worst
+from ._common import Array, Ctx, Worst, _cases, _ctx, _rel, _terms, rand_kept, rank_mask
 
 _OUT_KINDS = ("normal", "ties", "masked", "wide", "dominant", "uniform")
 
 
-def _values(ctx: _Ctx, n: int, dv: int = 8) -> tuple[Array, Array, float]:
+def _values(ctx: Ctx, n: int, dv: int = 8) -> tuple[Array, Array, float]:
     """Values (n, dv) with a random scale (1e-2 .. 1e3), on the backend, and C = max |v_j|."""
     v = ctx.rng.standard_normal((n, dv)) * 10 ** ctx.rng.uniform(-2, 3)
     v[ctx.rng.random(n) < 0.1] = v[0]  # repeated values
@@ -44,7 +44,7 @@ def _output_refs(xp, x64, v, kept):
 def _out_cases(ctx, rows, ns, width):
     for x, x64, n, _ in _cases(ctx, rows, ns, _OUT_KINDS, width=width):
         v, v64, c = _values(ctx, n)
-        yield x, x64, v, v64, c, _rand_kept(ctx, x64, x.shape[0], n)
+        yield x, x64, v, v64, c, rand_kept(ctx, x64, x.shape[0], n)
 
 
 def check_out_head_tail(rows, *, xp, device, rng, progress):
@@ -53,7 +53,7 @@ def check_out_head_tail(rows, *, xp, device, rng, progress):
     ``C (tau + 1e-3)``, i.e. relative with an absolute budget of ``1e-3 C tol``) and its
     ``tau`` against the reference (relative).  Tolerance 1e-9: the direct difference errs
     by about ``n u C`` (n <= 512)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import head_tail_terms
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
@@ -70,7 +70,7 @@ def check_out_bounded(rows, *, xp, device, rng, progress):
     """OUT-BOUNDED: ``output_bounds(...).bounded >= |Attn - Attn_k|`` (reference from the
     definitions).  Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` with
     n = 512 (4e-12), the reference's absolute rounding."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
@@ -84,7 +84,7 @@ def check_out_diameter(rows, *, xp, device, rng, progress):
     """OUT-DIAMETER: the chain ``|Attn - Attn_k| <= tail_head <= diameter <= diameter_all <=
     bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``).  Tolerance
     ``64 n u`` with n = 128."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
@@ -101,7 +101,7 @@ def check_out_best(rows, *, xp, device, rng, progress):
     |Attn - Attn_k|``, ``best`` is the minimum of the five bounds (relative error), and
     ``smallest_k_for_output(x, v, delta)`` keeps a Top-k whose exact error is ``<= delta``.
     Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` (n = 128)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds, smallest_k_for_output
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
@@ -116,7 +116,7 @@ def check_out_best(rows, *, xp, device, rng, progress):
         w.add(_rel(xp, ob.best, xp.astype(mins, xp.float64)))
         delta = float(ctx.rng.uniform(0.001, 0.5)) * c
         k = smallest_k_for_output(x, v, delta)
-        err_k = _output_refs(xp, x64, v64, _rank_mask(xp, x64, xp.astype(k, xp.int64)))[3]
+        err_k = _output_refs(xp, x64, v64, rank_mask(xp, x64, xp.astype(k, xp.int64)))[3]
         w.add(xp.maximum(err_k - delta, zero) / (2 * c))
     return w.value, 64 * 128 * _U
 
@@ -126,7 +126,7 @@ def check_out_var_decomp(rows, *, xp, device, rng, progress):
     ``variance_decomposition`` against ``Var_P(V) = sum p_i |v_i - Attn|^2`` (relative, floor
     ``1e-6 C^2``) and its ``error`` against ``|Attn - Attn_k|`` (relative, floor
     ``1e-3 C``).  Tolerance 1e-9 (reference rounding about ``n u`` relative, n <= 512)."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import variance_decomposition
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ._common import _ctx, _longdouble_ok, _split, _Worst
+from ._common import Worst, _ctx, _split, longdouble_ok
 
 _KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
 
@@ -47,7 +47,7 @@ def check_quant_score(rows, *, xp, device, rng, progress):
     longdouble reference errs by about ``d 2^-64``); 1e-12 where longdouble is float64."""
     from ..quant import quantize_keys
 
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     combos = [(k, b, g) for k in _KINDS for b in (2, 4, 8) for g in (1, 7, 64, None)]
     ld = np.longdouble
     for (kind, bits, group), share in zip(combos, _split(rows, len(combos)), strict=True):
@@ -71,4 +71,4 @@ def check_quant_score(rows, *, xp, device, rng, progress):
             ex = sign * (s - bound.astype(ld)) / norm
             w.add(np.where(np.isfinite(bound), ex, 0.0).astype(np.float64))
         ctx.tick(share)
-    return w.value, (1e-15 if _longdouble_ok() else 1e-12)
+    return w.value, (1e-15 if longdouble_ok() else 1e-12)

@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from .._array import to_numpy
-from ._common import _EPS, _ctx, _longdouble_ok, _split, _steps, _Worst
+from ._common import EPS, Worst, _ctx, _split, _steps, longdouble_ok
 
 
 def check_search_sound(rows, *, xp, device, rng, progress):
@@ -24,7 +24,7 @@ def check_search_sound(rows, *, xp, device, rng, progress):
     longdouble) is ``<= tail_bound`` and ``tail_bound <= eps``.  Violation: relative
     excess; tolerance 1e-12 (the longdouble reference errs by about ``d 2^-64`` in the
     logits, below 1e-15 relative in the tail); 1e-9 where longdouble is float64."""
-    ctx, w = _ctx(xp, device, rng, progress), _Worst()
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..search import certified_search
 
     methods = ("ours", "mc", "tree", "gap", "quant", "paged")
@@ -40,7 +40,7 @@ def check_search_sound(rows, *, xp, device, rng, progress):
         keys[rng_.random(n) < 0.1] = keys[0]
         keys = (keys * mag / 10).astype(dt)
         vals = rng_.standard_normal((n, 4)).astype(dt)
-        eps = _EPS[i % 4]
+        eps = EPS[i % 4]
         for r in _steps(share, n * 8):
             q = (cents[rng_.integers(0, 8, r)] * rng_.uniform(0, 2, (r, 1))
                  + rng_.standard_normal((r, d))).astype(dt)
@@ -62,4 +62,4 @@ def check_search_sound(rows, *, xp, device, rng, progress):
             w.add(np.maximum(tb / eps - 1.0, 0.0))
             w.flag(kept & ~vis)
             ctx.tick(r)
-    return w.value, (1e-12 if _longdouble_ok() else 1e-9)
+    return w.value, (1e-12 if longdouble_ok() else 1e-9)
