@@ -312,7 +312,8 @@ class CertifiedBlocks:
         keys = xp.broadcast_to(ctx.keys, (*ctx.queries.shape[:-2], *ctx.keys.shape[-2:]))
         lo_parts, up_parts = [], []
         for idx in _lead_indices(keys.shape[:-2]):
-            b = key_block_bounds(ctx.queries[idx], keys[idx], bs, scale=ctx.scale, kind=self.kind)
+            at = (*idx, ...)  # array-api-strict wants the ellipsis spelled out
+            b = key_block_bounds(ctx.queries[at], keys[at], bs, scale=ctx.scale, kind=self.kind)
             lo_parts.append(b[0])
             up_parts.append(b[1])
         lower = _stack_lead(lo_parts, keys.shape[:-2], xp)
@@ -368,15 +369,15 @@ class Search:
         kept, tail, scored = [], [], []
         for idx in _lead_indices(lead):
             tkey = f"cells:{self.method}:{self.bits}:{self.group}:{idx}"
-            k_np = np.asarray(to_numpy(keys[idx]), dtype=np.float64)
+            k_np = np.asarray(to_numpy(keys[(*idx, ...)]), dtype=np.float64)
             if tkey not in ctx.cache:
                 ctx.cache[tkey] = build_cells(self.method, k_np, self.seed, bits=self.bits,
                                               group=self.group)
             r = search_cells(
                 ctx.cache[tkey],
-                np.asarray(to_numpy(ctx.queries[idx]), dtype=np.float64),
+                np.asarray(to_numpy(ctx.queries[(*idx, ...)]), dtype=np.float64),
                 k_np,
-                np.asarray(to_numpy(valid[idx])),
+                np.asarray(to_numpy(valid[(*idx, ...)])),
                 self.eps,
                 scale=ctx.scale,
                 method=self.method,

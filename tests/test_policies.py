@@ -356,3 +356,22 @@ def test_deprecated_names_warn_and_agree():
     res = certattn.certified_search(q[0], k[0], v[0], 0.1)
     with pytest.warns(DeprecationWarning, match="tail_upper"):
         np.testing.assert_array_equal(res.tail_bound, res.tail_upper)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [TopK(0.05), TopP(0.9), FixedK(3), WindowSinks(3, 1), Pages(4, page_size=3),
+     CertifiedBlocks(0.1, block_size=4), Search(0.05)],
+    ids=lambda p: p.name,
+)
+def test_every_policy_on_every_backend(policy, backend):
+    """Results in the input's namespace and on its device (array-api-strict's second device
+    catches arrays made elsewhere), equal to the NumPy run."""
+    q, k, v = _qkv(11)
+    ref = certattn.certify_attention(q, k, v, policy=policy, causal=True)
+    qb, kb, vb = (backend.asarray(a) for a in (q, k, v))
+    got = certattn.certify_attention(qb, kb, vb, policy=policy, causal=True)
+    for name in ("output", "tail_upper", "error_bound", "kept"):
+        arr = getattr(got, name)
+        assert device_of(arr) == device_of(qb), name
+        np.testing.assert_allclose(to_numpy(arr), getattr(ref, name), rtol=1e-12, atol=1e-15)
