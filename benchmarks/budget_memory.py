@@ -77,8 +77,8 @@ def child_synthetic(tokens: int, d: int = 64) -> dict:
 
     import numpy as np
 
-    from certattn.budget import TopKCounts
     from certattn.models._types import certify_qk
+    from certattn.policies import TopK
 
     rng = np.random.default_rng(0)
     q = rng.standard_normal((1, tokens, d)).astype(np.float32)
@@ -87,7 +87,7 @@ def child_synthetic(tokens: int, d: int = 64) -> dict:
     tracemalloc.start()
     t0, c0 = time.perf_counter(), _cpu_s()
     cert = certify_qk(q, k, 0.01, kv_head=np.zeros(1, np.int64), scale=d**-0.5, causal=True,
-                      policy=TopKCounts(0.01))
+                      policy=TopK(0.01))
     wall = time.perf_counter() - t0
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()

@@ -36,13 +36,13 @@ import numpy as np
 
 from ._validate import InputError, check_eps, check_number
 from .models._types import certify_qk
+from .policies import TopK
 from .topk import certify_topk
 
 __all__ = [
     "MODELS",
     "BudgetTable",
     "HeadBudget",
-    "TopKCounts",
     "attention_budget",
     "budget_for_model",
     "check_levels",
@@ -369,52 +369,6 @@ def _summarise(
     )
 
 
-@dataclass(frozen=True)
-class TopKCounts:
-    """Top-k at TV budget ``eps`` for budgets: :class:`certattn.policies.TopK`'s
-    certificate, with a cheaper kept set.
-
-    ``k`` and ``tail_upper`` come from :func:`certattn.certify_topk` (Theorems TV-TAIL,
-    TV-KL) exactly as :class:`~certattn.policies.TopK`; the kept set is *a* set of the
-    ``k`` largest scores of each row (ties at the cut broken arbitrarily; the discarded
-    mass, hence the certificate, is the same for every such set), found with one
-    partial partition instead of two full argsorts.  A budget only needs the counts.
-    """
-
-    eps: float
-    name: str = "topk"
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "eps", check_eps(self.eps))
-
-    def select(self, scores: np.ndarray, valid: np.ndarray, ctx: Any) -> Any:
-        from .policies import Selection
-
-        cert = certify_topk(scores, self.eps)
-        k = np.asarray(cert.k, dtype=np.int64)
-        return Selection(kept=_kept_of_counts(np.asarray(scores), k),
-                         tail_upper=cert.tail_upper)
-
-
-def _kept_of_counts(s: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """Boolean mask of ``k[..., i]`` largest entries of each row of ``s`` (masked = -inf)."""
-    n = s.shape[-1]
-    kept = np.zeros(s.shape, dtype=bool)
-    kmax = int(k.max()) if k.size else 0
-    if kmax == 0:
-        return kept
-    neg = -s
-    if kmax >= n:
-        order = np.argsort(neg, axis=-1)
-    else:
-        idx = np.argpartition(neg, kmax - 1, axis=-1)[..., :kmax]
-        sub = np.take_along_axis(neg, idx, axis=-1)
-        order = np.take_along_axis(idx, np.argsort(sub, axis=-1), axis=-1)
-    rank_kept = np.arange(order.shape[-1]) < k[..., None]
-    np.put_along_axis(kept, order, rank_kept, axis=-1)
-    return kept
-
-
 def check_levels(
     eps: float, coverage: float, quantiles: Sequence[float]
 ) -> tuple[float, float, tuple[float, ...]]:
@@ -498,7 +452,7 @@ def attention_budget(
         for a in attn:
             rows = _clip_rows(query_rows, a.n_tokens)
             for li, layer in enumerate(layers):
-                cert = a.certify_layer(li, eps, query_rows=rows, policy=TopKCounts(eps))
+                cert = a.certify_layer(li, eps, query_rows=rows, policy=TopK(eps))
                 acc.add(layer, cert.k, cert.n_valid)
                 done += 1
                 if progress is not None:
@@ -790,7 +744,7 @@ def budget_for_model(
         raise ValueError(f"layers must be in 0..{m.n_layers - 1}, got {list(layers or [])}")
     acc = _Accumulator(record, m.n_heads)
     total, done = len(seqs) * m.n_layers, 0
-    policy = TopKCounts(eps)
+    policy = TopK(eps)
     rows: slice | None = None
     for ids in seqs:
         n = len(ids)
