@@ -21,6 +21,11 @@ Constants
     Relative error of ``exp(x)`` for ``|x| <~ 900`` computed from a float64 ``x`` that is
     itself the rounded difference of two logits (``|x| U`` for the subtraction, 4 ulps for
     ``exp``).
+``EXP_POLY_ERR = 192 U``
+    Relative error of the compiled kernel's polynomial ``exp`` (degree-11 Taylor after a
+    Cody-Waite reduction; derived in :mod:`certattn._topk_numba`).  It replaces the 4 ulps
+    of a library ``exp`` on terms ``exp(s_i)`` of exact logits, where no subtraction is
+    rounded, so it lies inside ``GAMMA_EXP`` (a test checks that).
 
 Formulas
 --------
@@ -61,6 +66,7 @@ __all__ = [
     "CLIP",
     "EXP_ABS_ERR",
     "EXP_FLOOR",
+    "EXP_POLY_ERR",
     "GAMMA_EXP",
     "NORMAL_MIN",
     "SMALLEST",
@@ -99,6 +105,8 @@ CLIP = EXP_FLOOR
 """Alias of :data:`EXP_FLOOR` used by the log-space tail sums."""
 GAMMA_EXP = 2100 * U
 """Relative error of one term ``exp(s_i - c)`` (subtraction plus 4 ulps of ``exp``)."""
+EXP_POLY_ERR = 192 * U
+"""Relative error of the compiled kernel's polynomial ``exp`` on ``[EXP_FLOOR, 709.7]``."""
 _DCAP = 1e300  # |d| is capped in the margin so that it stays finite
 
 

@@ -18,23 +18,32 @@ answer is sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
-Rows of at least ``STEER_MIN_KEYS`` keys and at most ``STREAM_KEYS`` (the ordinary case)
-take the *steered* pass first; whatever it cannot settle goes to the *full* kernel.
+NumPy computes the row maxima of a chunk first (one pass, NaN-propagating: rows holding
+NaN or ``+inf`` are skipped, the caller raises).  Rows of at most ``STREAM_KEYS`` keys
+(the ordinary case) then take the *fused* pass, and rows of at least ``STEER_MIN_KEYS``
+keys are *settled* from its terms; whatever that cannot settle goes to the *full* kernel
+on the same terms.
 
-Steered pass.  Per block of rows (``BLOCK_KEYS`` keys, cache-resident) NumPy computes
-the row maxima (NaN-propagating: such rows are skipped, the caller raises), the terms
-:math:`\hat e_i` (exactly those of the NumPy path) and their row sums :math:`\hat Z`.
-If :math:`\hat Z \notin [e^{-650}/\varepsilon, e^{700}]` the row goes to the full kernel.
-Otherwise a strided sample of ``STEER_SAMPLE`` keys, histogrammed in 1/8-nat bins of
-:math:`m - s_i`, places 8 thresholds where its scaled cumulative tail crosses
-``FRACTIONS`` of the estimated budget; one vectorised pass sums the terms below each
-threshold (float64) and counts them; the budget (below) picks the two neighbouring
-thresholds around the cut, and one branch-free pass gathers the terms between them.
-These are split into ``SUB_BINS`` bins linear in the term (monotone); whole bins join
-the tail while the running sum stays within budget, and the bin holding the cut is
-sorted and added one term at a time.  A cut outside the thresholds, or between two
-that hold too many keys, gets 8 new thresholds where it must lie (up to
-``STEER_ROUNDS`` passes).
+Fused pass.  One vectorised loop over the row: each key's term
+:math:`\hat e_i = \widehat{\exp}(\min(\max(s_i, -700), 710))` by the polynomial exp
+below, stored in a row buffer (``n`` float64, cache-resident), their float64 sum
+:math:`\hat Z`, the valid keys and the raised ones.  No NumPy terms, no second read of
+the logits.  If :math:`\hat Z \notin [e^{-650}/\varepsilon, e^{700}]` (the row needs the
+shifted terms of :mod:`certattn.topk`) the row goes to the full kernel.
+
+Settling.  The budget :math:`B` (step 4 below) is known exactly now, and the cut term
+(the largest term of the tail) is searched in log space relative to it.  Each round puts
+4 *term* thresholds, and one vectorised pass over the stored terms sums and counts those
+below each; the exact budget narrows a bracket :math:`[\ell, h)` with
+:math:`\hat T(\ell) \le B < \hat T(h)`.  The first round centres on the previous row's
+cut (``log(cut / B)``; rows of one head are alike, and for Gaussian rows it varies by
+about 0.2 nat); a cut outside the thresholds widens the search geometrically, a bracket
+holding more than ``max(CAP, n/32)`` keys is split evenly in log space (at most
+``SETTLE_ROUNDS`` rounds).  The terms inside the bracket are then gathered by one pass
+(``vcompresspd`` through ``llvm.masked.compressstore``), which also counts those below
+it; they are split into bins linear in the term (monotone), whole bins join the tail
+while the running sum stays within budget, and the bin holding the cut is sorted and
+added one term at a time.
 
 Full kernel (short, long or shifted rows, and the steered pass's leftovers):
 
@@ -70,12 +79,37 @@ float64 sum of exactly the terms of the tail keys, accumulated in some order.
 
 Error analysis (covered by the margin of :mod:`certattn.topk`)
 --------------------------------------------------------------
-* **Terms.**  Mode "NumPy terms" (rows up to ``STREAM_KEYS`` keys, the ordinary case):
-  :math:`\hat e_i` is NumPy's float64 ``exp`` of :math:`\max(s_i, -700)`, the very
-  values of the NumPy path (computed per block of rows in a small per-thread buffer).
-  Longer rows, and the shifted terms of step 3, use numba's ``math.exp`` (the C
-  library's float64 ``exp``; glibc's is within 1 ulp, and we assume only what the error
-  model of :mod:`certattn.topk` already assumes of NumPy's: within 4 ulps, i.e. a
+* **Terms, fused pass.**  Logits are exact float64 values (float32 widens exactly) and
+  :math:`c = 0`: no subtraction is rounded, so a term errs only by its ``exp``.
+  *The polynomial exp* (:func:`_topk_numba_kernels._exp_poly`), for
+  :math:`a \in [-700, 710]`: :math:`n = \mathrm{rint}(a \log_2 e)` (by adding and
+  subtracting :math:`1.5 \cdot 2^{52}`; any integer works, this one keeps
+  :math:`|n| \le 1025` and :math:`|r| \le R = 0.347`);
+  :math:`\hat r = \mathrm{fl}(\mathrm{fl}(a - n C_1) - \mathrm{fl}(n C_2))` with
+  Cody-Waite constants :math:`C_1` (32 significant bits: :math:`n C_1` is exact) and
+  :math:`C_2 = \mathrm{fl}(\log 2 - C_1)` (:math:`|\log 2 - C_1 - C_2| \le 2^{-86}`), so
+  :math:`|\hat r - r| \le u|a - nC_1| + u|nC_2| + u|\hat r| + 1025 \cdot 2^{-86}
+  \le 0.7u` for :math:`r = a - n\log 2`; then :math:`p(\hat r)`, the degree-11 Taylor
+  polynomial of :math:`e^{\hat r}` (coefficients :math:`1/i!` rounded) by Horner, times
+  :math:`2^{n-1}` (built from its bits) times 2, both exact as the result is normal
+  (:math:`e^{-700} \gg 2^{-1022}`), or ``inf`` past :math:`\log f_{max}` (the row is
+  then shifted).  Truncation: :math:`R^{12}/12!\, e^{R} \le 9.0\cdot 10^{-15}`
+  absolute, :math:`\le 114.8u` relative to :math:`e^{r} \ge e^{-R}`.  Horner with
+  rounded coefficients: :math:`\gamma_{23} \sum_i R^i/i! \le 23.001u\, e^{R}`
+  absolute, :math:`\le 46.1u` relative (a fused multiply-add, which ``contract``
+  allows, rounds once instead of twice: inside the bound).  With the reduction's
+  :math:`0.7u`: :math:`|\hat e - e^a| \le 162u\, e^a`, stated as
+  ``EXP_POLY_ERR`` :math:`= 192u` in :mod:`certattn._fp`, inside the
+  :math:`\gamma_e = 2100u` that the acceptance test already grants every term (there
+  it covers a rounded subtraction plus 4 ulps; here there is no subtraction).  A test
+  checks the bound against mpmath on the reduction's worst arguments; the observed
+  worst is about 79u.  The exp is compiled with ``contract`` only: no reassociation,
+  which would undo the reduction and the rounding trick (numba sets fast-math flags
+  per function, and the sums around it get ``reassoc`` only).
+* **Terms, full kernel.**  The fused pass's terms when it ran (the same bound); for rows
+  longer than ``STREAM_KEYS`` and the shifted terms of step 3, numba's ``math.exp``
+  (the C library's float64 ``exp``; glibc's is within 1 ulp, and we assume only what the
+  error model of :mod:`certattn.topk` already assumes of NumPy's: within 4 ulps, i.e. a
   relative :math:`8u`, inside :math:`\gamma_e = 2100u`) on the same exponents
   :math:`s_i` or :math:`(s_i - m) + \text{shift}` (the rounding of the two operations
   is the part of :math:`\gamma_e` derived in :mod:`certattn.topk`).  Raised terms
@@ -85,16 +119,19 @@ Error analysis (covered by the margin of :mod:`certattn.topk`)
   non-negative terms in *some* order; the bound :math:`1.01\,m u` of
   :mod:`certattn.topk` holds for every order and parenthesisation (Higham, Lemma 3.1:
   the error is at most :math:`\gamma_{h}\sum|x_i|` for a summation tree of height
-  :math:`h \le m - 1`).  The steered pass's :math:`\hat Z` is NumPy's row sum
-  (pairwise), and its sums below the thresholds are split over SIMD lanes: the loop
-  that forms them is compiled with ``fastmath={"reassoc"}`` and nothing else (no
-  ``nnan``/``ninf``/``contract``), which licenses exactly a change of summation order.
-* **Thresholds and bin edges** never enter a certified value: a key sent to the
-  wrong bin by rounding of :math:`m - s_i` is still in a contiguous class
-  (monotonicity; thresholds compare the logits themselves), and any set of
-  :math:`t` keys gives a sound bound anyway (its exact mass is at least that of the
-  :math:`t` smallest).  Minimality needs the set to be the :math:`t` smallest up to
-  ties, which monotonicity gives.
+  :math:`h \le m - 1`).  The fused pass's :math:`\hat Z` and the settling's sums below
+  the thresholds are split over SIMD lanes: the loops that form them are compiled with
+  ``fastmath={"reassoc"}`` and nothing else (no ``nnan``/``ninf``/``contract``), which
+  licenses exactly a change of summation order.
+* **Thresholds and bin edges** never enter a certified value: any set of :math:`t`
+  keys gives a sound bound (its exact mass is at least that of the :math:`t` smallest).
+  The full kernel's bins are monotone in the logit (``fl`` is monotone, and
+  :math:`\lfloor 8 d\rfloor` is exact), so its tail is the :math:`t` smallest logits up
+  to ties.  The settling compares the terms themselves, so its tail is the :math:`t`
+  smallest *terms*; the polynomial exp may order two keys whose exact terms differ by
+  less than :math:`2 \cdot 192u` relative against their logits, and swapping such a
+  pair moves the tail by less than that relative amount of one term, far inside the
+  margin: minimality holds up to the margin, as stated in :mod:`certattn.topk`.
 * **Acceptance.**  Same test, same :math:`\gamma = 2(n + 4096)u + 2100u` and
   :math:`\alpha` (per row: :math:`n e^{-699}` if the row has raised terms or is shifted,
   else :math:`n 2^{-1073}`; the NumPy path decides per chunk, which only ever enlarges
@@ -107,8 +144,7 @@ Memory and threads
 Per worker thread and chunk: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)``
 counts and masses, ``MAX_LEVELS`` x ``SUB_BINS`` distance ranges: 64 KiB for
 :math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(CAP, n/32)`` gathered
-terms, and for rows up to ``STREAM_KEYS`` keys a float64 term buffer of at most
-``BLOCK_KEYS`` keys (1 MiB, NumPy's, kept per thread).  Longer rows are streamed
+terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most 1 MiB).  Longer rows are streamed
 (``math.exp`` in the kernel, no term buffer): no scratch grows with the row length
 (tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on the NumPy path).
 Half precision is widened to float32 per chunk first (4 bytes a key, as on the NumPy
@@ -145,11 +181,10 @@ CAP = 512  # most keys of one bin gathered and sorted
 SUB_BINS = 256  # sub-bins when a bin is split
 MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
 MAX_BINS = 8192  # bins of the first level (1/8 nat each)
-BLOCK_KEYS = 1 << 17  # keys per block of NumPy terms (1 MiB of float64)
-STREAM_KEYS = BLOCK_KEYS  # longer rows compute their terms in the kernel (no row buffer)
-STEER_SAMPLE = 128  # keys sampled per row to steer the vectorised pass
-STEER_MIN_KEYS = 1024  # shorter rows go straight to the histogram kernel
-STEER = True  # try the steered pass (tests turn it off to reach the full kernel)
+STREAM_KEYS = 1 << 17  # longer rows are streamed (no row of terms, 1 MiB at most)
+
+STEER_MIN_KEYS = 1024  # shorter rows go from the fused pass to the full kernel
+STEER = True  # try the settling (tests turn it off to reach the full kernel)
 CACHE = os.environ.get("CERTATTN_NUMBA_CACHE", "1") != "0"
 
 _KERNELS: Any = None
@@ -220,8 +255,6 @@ def certify_chunk(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(k, tail_pre, n_valid, top)`` of a float32 or float64 ``(rows, n)`` chunk, as
     the per-chunk function of :func:`certattn.topk._certify_rows` returns them."""
-    from . import _topk_numpy as npk
-
     x = np.ascontiguousarray(chunk)
     block = kernels().certify_block(x.dtype)
     r, n = x.shape
@@ -237,18 +270,9 @@ def certify_chunk(
     args = (eps, gamma, z_min, z_max, shift, n * math.exp(FLOOR + 1.0), n * EXP_ABS_ERR,
             first_bins(n, eps))
     if n > STREAM_KEYS or eps == 0.0:
-        block(x, np.empty((1, 0)), top, top, False, False, *args, k, tail, n_valid, top)
+        block(x, top, False, False, *args, k, tail, n_valid, top)
         return k, tail, n_valid, top
-    step = max(1, BLOCK_KEYS // n)
-    zs = np.empty(step)
-    for i in range(0, r, step):
-        j = min(r, i + step)
-        xb = x[i:j]
-        np.max(xb, axis=1, out=top[i:j])  # NaN propagates: the kernel skips such rows
-        lowest = float(xb.min())
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow: shifted terms
-            e = npk.terms(xb, None if lowest >= FLOOR else FLOOR)
-            z = np.sum(e, axis=1, out=zs[: j - i])
-        block(xb, e, top[i:j], z, True, STEER, *args, k[i:j], tail[i:j], n_valid[i:j],
-              top[i:j])
+    top[:] = np.max(x, axis=1)  # in x's dtype (a float64 `out` makes NumPy buffer-cast:
+    # 3-4x slower); NaN propagates and the kernel skips such rows
+    block(x, top, True, STEER, *args, k, tail, n_valid, top)
     return k, tail, n_valid, top

@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import boolean, float32, float64, int64, njit, void
+from llvmlite import ir
+from numba import boolean, float32, float64, int64, njit, types, void
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from ._topk_numba import (
     CACHE,
@@ -18,7 +21,6 @@ from ._topk_numba import (
     FLOOR,
     MAX_LEVELS,
     STEER_MIN_KEYS,
-    STEER_SAMPLE,
     SUB_BINS,
 )
 
@@ -262,143 +264,254 @@ def _row(xr, er, use_e, eps, gamma, z_min, z_max, shift, alpha_raised, alpha_tin
     return n - t, tail_pre, n_valid, m
 
 
-N_THRESHOLDS = 8  # thresholds of the vectorised pass (unrolled below)
-STEER_ROUNDS = 4  # vectorised passes tried before the full kernel
-FRACTIONS = (0.1, 0.25, 0.45, 0.7, 1.0, 1.4, 2.2, 4.0)  # of the estimated budget
+SETTLE_ROUNDS = 8  # passes of 4 thresholds tried before the full kernel
+SETTLE_OFFSETS = (-0.45, -0.15, 0.15, 0.45)  # first thresholds: log(cut / B) + these
+FIRST_GUESS = -6.0  # log(cut / B) before any row is settled (about that of sigma-3 rows)
+
+
+# ---------------------------------------------------------------------------------------
+# The fused path: terms by a polynomial exp inside the kernel (error bound derived in
+# certattn._topk_numba, "Terms, fused pass"), then the settling in log space of the terms.
+# ---------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634  # float64 nearest 1/log(2); only steers n (any integer works)
+ROUNDER = 6755399441055744.0  # 1.5 * 2**52: (t + ROUNDER) - ROUNDER rounds t to an integer
+LN2_HI = 6.93147180369123816490e-01  # 32 significant bits: n * LN2_HI exact for |n| < 2^21
+LN2_LO = 1.90821492927058770002e-10  # log(2) - LN2_HI, rounded
+EXP_TOP = 710.0  # exponents are clamped to [FLOOR, EXP_TOP]; exp(EXP_TOP) overflows to inf
+_P11 = 1.0 / 39916800.0  # Taylor coefficients 1/i!, i = 11 .. 3, rounded to float64
+_P10 = 1.0 / 3628800.0
+_P9 = 1.0 / 362880.0
+_P8 = 1.0 / 40320.0
+_P7 = 1.0 / 5040.0
+_P6 = 1.0 / 720.0
+_P5 = 1.0 / 120.0
+_P4 = 1.0 / 24.0
+_P3 = 1.0 / 6.0
+
+
+@intrinsic
+def _f64_from_bits(typingctx, bits):
+    """The float64 whose IEEE bit pattern is the int64 ``bits`` (an LLVM bitcast)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@njit(fastmath={"contract"}, **_JIT)
+def _exp_poly(a):
+    """``exp(a)`` for a float64 ``a`` in ``[FLOOR, EXP_TOP]``, within ``EXP_POLY_ERR`` (192u).
+
+    Cody-Waite reduction ``a = n log 2 + r`` (``|r| <= 0.35``), the degree-11 Taylor
+    polynomial of ``e^r`` by Horner, times ``2^(n-1)`` (bits) times 2: both exact for
+    ``a >= FLOOR`` (normal results), ``inf`` past ``log(fmax)``.  Compiled with
+    ``contract`` only (an FMA may fuse a multiply-add: one rounding instead of two, inside
+    the bound); no reassociation, which would undo the reduction.  Vectorises.
+    """
+    kf = (a * LOG2E + ROUNDER) - ROUNDER
+    r = (a - kf * LN2_HI) - kf * LN2_LO
+    p = _P11
+    p = p * r + _P10
+    p = p * r + _P9
+    p = p * r + _P8
+    p = p * r + _P7
+    p = p * r + _P6
+    p = p * r + _P5
+    p = p * r + _P4
+    p = p * r + _P3
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    return (p * _f64_from_bits((np.int64(kf) + 1022) << 52)) * 2.0
+
+
+@intrinsic
+def _compress8(typingctx, er, j, lo, hi, out, g):
+    """Store the terms ``er[j + q]`` (``q < 8``) with ``lo <= er[j + q] < hi`` at
+    ``out[g:]``, contiguously and in order (``llvm.masked.compressstore``: one AVX-512
+    ``vcompresspd``, a scalar loop elsewhere).  Returns ``stored + 16 * below``, where
+    ``below`` counts the terms ``< lo``.  The caller keeps ``j + 8 <= len(er)`` and
+    ``g + 8 <= len(out)``."""
+    sig = types.int64(er, j, lo, hi, out, g)
+
+    def codegen(context, builder, signature, args):
+        ea, jj, lo_, hi_, oa, gg = args
+        ety, _, _, _, oty, _ = signature.args
+        earr = context.make_array(ety)(context, builder, ea)
+        oarr = context.make_array(oty)(context, builder, oa)
+        f64, i8, i32 = ir.DoubleType(), ir.IntType(8), ir.IntType(32)
+        vd = ir.VectorType(f64, 8)
+        undef = ir.Constant(vd, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
+
+        def splat(s):
+            v = builder.insert_element(undef, s, ir.Constant(i32, 0))
+            return builder.shuffle_vector(v, undef, zeros)
+
+        ve = builder.load(builder.bitcast(builder.gep(earr.data, [jj]), vd.as_pointer()),
+                          align=8)
+        below = builder.fcmp_ordered("<", ve, splat(lo_))
+        inside = builder.and_(builder.not_(below), builder.fcmp_ordered("<", ve, splat(hi_)))
+        store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [vd, f64.as_pointer(), ir.VectorType(ir.IntType(1), 8)]),
+            "llvm.masked.compressstore.v8f64",
+        )
+        builder.call(store, [ve, builder.gep(oarr.data, [gg]), inside])
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i8, [i8]), "llvm.ctpop.i8"
+        )
+        n_in = builder.zext(builder.call(popcount, [builder.bitcast(inside, i8)]), ir.IntType(64))
+        n_below = builder.zext(builder.call(popcount, [builder.bitcast(below, i8)]), ir.IntType(64))
+        return builder.add(n_in, builder.shl(n_below, ir.Constant(ir.IntType(64), 4)))
+
+    return sig, codegen
 
 
 @njit(fastmath={"reassoc"}, **_JIT)
-def _threshold_sums(xr, er, th, sums, counts):
-    """One vectorised pass: for each of the 8 thresholds the float64 sum and the number
-    of the terms of keys below it; the valid keys and the raised ones.
-
-    ``reassoc`` lets the compiler split each sum over SIMD lanes: a float64 sum of the
-    same non-negative terms in another order, covered by the order-free bound.  Nothing
-    else is computed in this function (no other arithmetic may be reassociated).
-    """
-    t0, t1, t2, t3, t4, t5, t6, t7 = th[0], th[1], th[2], th[3], th[4], th[5], th[6], th[7]
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
-    c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0
+def _terms_pass(xr, er):
+    r"""The fused pass: ``er[j] = exp(clamp(x_j))`` (:func:`_exp_poly`), their float64 sum
+    :math:`\hat Z`, and the numbers of valid and of raised keys: ``(z, n_valid,
+    n_raised)``.  ``reassoc`` lets the sum split over SIMD lanes (order-free bound); the
+    exp's own instructions keep their ``contract``-only flags (numba sets flags per
+    function)."""
+    z = 0.0
     nv = 0
     nr = 0
     for j in range(xr.shape[0]):
         v = np.float64(xr[j])
-        ev = er[j]
+        ev = _exp_poly(min(max(v, FLOOR), EXP_TOP))
+        er[j] = ev
+        z += ev
         nv += v > -np.inf
         nr += v < FLOOR
-        s0 += ev if v < t0 else 0.0
-        c0 += v < t0
-        s1 += ev if v < t1 else 0.0
-        c1 += v < t1
-        s2 += ev if v < t2 else 0.0
-        c2 += v < t2
-        s3 += ev if v < t3 else 0.0
-        c3 += v < t3
-        s4 += ev if v < t4 else 0.0
-        c4 += v < t4
-        s5 += ev if v < t5 else 0.0
-        c5 += v < t5
-        s6 += ev if v < t6 else 0.0
-        c6 += v < t6
-        s7 += ev if v < t7 else 0.0
-        c7 += v < t7
+    return z, nv, nr
+
+
+@njit(fastmath={"reassoc"}, **_JIT)
+def _tail_sums(er, tau, sums, counts):
+    """For each of the 4 term thresholds ``tau``, the float64 sum and the number (a
+    float64 count, exact below 2^53) of the terms below it.  ``reassoc`` splits the sums
+    over SIMD lanes: a float64 sum of the same terms in another order (order-free
+    bound); nothing else is computed here."""
+    t0, t1, t2, t3 = tau[0], tau[1], tau[2], tau[3]
+    s0 = s1 = s2 = s3 = 0.0
+    c0 = c1 = c2 = c3 = 0.0
+    for j in range(er.shape[0]):
+        ev = er[j]
+        s0 += ev if ev < t0 else 0.0
+        c0 += 1.0 if ev < t0 else 0.0
+        s1 += ev if ev < t1 else 0.0
+        c1 += 1.0 if ev < t1 else 0.0
+        s2 += ev if ev < t2 else 0.0
+        c2 += 1.0 if ev < t2 else 0.0
+        s3 += ev if ev < t3 else 0.0
+        c3 += 1.0 if ev < t3 else 0.0
     sums[0], sums[1], sums[2], sums[3] = s0, s1, s2, s3
-    sums[4], sums[5], sums[6], sums[7] = s4, s5, s6, s7
     counts[0], counts[1], counts[2], counts[3] = c0, c1, c2, c3
-    counts[4], counts[5], counts[6], counts[7] = c4, c5, c6, c7
-    return nv, nr
 
 
 @njit(**_JIT)
-def _gather_between(xr, er, lo, hi, out):
-    """Terms of the keys with ``lo <= x < hi`` into ``out``, without branches (a store
-    per key, kept only where the key is in the bracket): ``out`` must hold one more
-    than the keys of the bracket.  Returns how many."""
+def _gather_fast(er, lo, hi, out):
+    """The terms with ``lo <= e < hi`` into ``out`` (8 per ``vcompresspd``):
+    ``(stored, below)``, ``below`` counting the terms ``< lo``; ``stored = -1`` if they
+    would not fit (``out`` keeps 8 spare slots)."""
+    n = er.shape[0]
+    lim = out.shape[0] - 8
     g = 0
-    last = out.shape[0] - 1  # never written past, whatever the comparisons say
-    for j in range(xr.shape[0]):
-        v = np.float64(xr[j])
-        out[min(g, last)] = er[j]
-        g += (v >= lo) & (v < hi)
-    return g
+    below = 0
+    j = 0
+    while j + 8 <= n:
+        if g > lim:
+            return -1, below
+        packed = _compress8(er, j, lo, hi, out, g)
+        g += packed & 15
+        below += packed >> 4
+        j += 8
+    for jj in range(j, n):
+        ev = er[jj]
+        if ev < lo:
+            below += 1
+        elif ev < hi:
+            if g >= out.shape[0]:
+                return -1, below
+            out[g] = ev
+            g += 1
+    return g, below
 
 
 @njit(**_JIT)
-def _row_steered(xr, er, m, z, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, nb0,
-                 stride, smass, th, sums, counts, buf, sub_cnt, sub_mass):
-    """The common case in one vectorised pass: ``(ok, k, tail_pre, n_valid)``.
+def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state, tau, sums,
+            counts, buf, sub_cnt, sub_mass):
+    """Certify one row from its terms ``er`` and their sum ``z``: ``(ok, k, tail_pre)``.
 
-    ``z`` is the float64 row sum of the terms (NumPy's, in its own order).
-    A strided sample of the row (``stride``) is histogrammed in 1/8-nat bins of
-    ``m - x``; where its scaled cumulative tail crosses ``FRACTIONS`` of the estimated
-    budget gives 8 thresholds.  One pass sums the terms below each (and the row), the
-    exact budget then picks the two neighbouring thresholds around the cut, and only
-    the keys between them are gathered, sorted and added smallest first.  ``ok`` is
-    False (and the caller runs the full kernel) when the cut lies outside the
-    thresholds, the row needs the shifted terms, or the bracket holds over ``CAP`` keys.
+    The cut term (the smallest kept one) is searched in log space relative to the budget
+    :math:`B`.  Each round puts 4 term thresholds, one vectorised pass sums and counts
+    the terms below each (:func:`_tail_sums`), and the exact budget narrows the bracket
+    ``[lo, hi)`` holding the cut: ``T(lo) <= B < T(hi)``.  The first round centres on the
+    previous row's cut (``state[0]``, ``log(cut / B)``; rows of one head are alike); then
+    the bracket known so far, within ``[B / n, z]`` where the cut term must lie, is split
+    evenly in log space until it fits ``buf`` (5 times narrower a round).  Once the bracket fits, its terms are gathered
+    (:func:`_gather_fast`) and added smallest first (:func:`_add_smallest_first`).
+    ``ok`` is False (the caller runs the full kernel on ``er``) after ``SETTLE_ROUNDS``
+    rounds, or when the row needs the shifted terms.  Thresholds only steer.
     """
-    n = xr.shape[0]
+    n = er.shape[0]
     if not (z >= z_min and z <= z_max):
-        return False, 0, 0.0, 0
-    top_d = nb0 * 0.125
-    for b in range(nb0 + 1):
-        smass[b] = 0.0
-    taken = 0
-    for j in range(0, n, stride):
-        v = np.float64(xr[j])
-        d = m - v
-        b = nb0 if not d < top_d else int(d * 8.0)
-        smass[b] += er[j]
-        taken += 1
-    target = eps * z * taken / n  # about the budget, in units of the sample
-    acc = 0.0
-    i = 0
-    for b in range(nb0, -1, -1):  # from the bottom: thresholds at bin edges, ascending
-        acc += smass[b]
-        while i < N_THRESHOLDS and acc > FRACTIONS[i] * target:
-            th[i] = m - b * 0.125 if b < nb0 else m - top_d  # keys below: about bins >= b
-            i += 1
-    while i < N_THRESHOLDS:
-        th[i] = m  # above every key but the maximum
-        i += 1
-    nv = 0
-    for _ in range(STEER_ROUNDS):
-        nv, nr = _threshold_sums(xr, er, th, sums, counts)
-        alpha = alpha_raised if nr > 0 else alpha_tiny
-        z_lo = z * (1.0 - gamma) - alpha
-        # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
-        budget = (eps * z_lo - alpha) / (1.0 + gamma)
-        a = -1
-        for i in range(N_THRESHOLDS):
+        return False, 0, 0.0
+    alpha = alpha_raised if nr > 0 else alpha_tiny
+    z_lo = z * (1.0 - gamma) - alpha
+    # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
+    budget = (eps * z_lo - alpha) / (1.0 + gamma)
+    if not budget > 0.0:
+        return False, 0, 0.0
+    cap = buf.shape[0] - 9
+    lo, lo_sum, lo_cnt = 0.0, 0.0, 0.0  # T(lo) <= B: nothing is below 0
+    hi, hi_cnt = np.inf, float(n)  # B < T(inf) = z-hat, up to rounding: checked below
+    # the cut term lies in [B / n, z]: B < T(t + 1) <= (t + 1) cut, and no term exceeds z
+    low, high = budget / n, z
+    first = True
+    for _ in range(SETTLE_ROUNDS):
+        if hi_cnt - lo_cnt <= cap:
+            break
+        if first:  # around the prediction, kept inside [B / n, z]
+            centre = min(max(state[0], math.log(low / budget)), math.log(high / budget))
+            for i in range(4):
+                tau[i] = budget * math.exp(centre + SETTLE_OFFSETS[i])
+            first = False
+        else:  # split the bracket known so far evenly in log space
+            left = lo if lo > 0.0 else low
+            right = hi if hi < np.inf else high
+            if not right > left:
+                break
+            w = math.log(right / left)
+            for i in range(4):
+                tau[i] = left * math.exp(w * (i + 1) / 5.0)
+        _tail_sums(er, tau, sums, counts)
+        for i in range(4):
             if sums[i] <= budget:
-                a = i
-        b = a + 1
-        while b < N_THRESHOLDS and not sums[b] > budget:
-            b += 1
-        if a >= 0 and b < N_THRESHOLDS and counts[b] - counts[a] < buf.shape[0]:
-            g = _gather_between(xr, er, th[a], th[b], buf)
-            if g != counts[b] - counts[a]:  # cannot happen (the same comparisons)
-                return False, 0, 0.0, nv
-            stop, s, t = _add_smallest_first(buf, g, sums[a], counts[a], budget, sub_cnt,
-                                             sub_mass)
-            if not stop:  # every bracket key fits (only by rounding): full kernel
-                return False, 0, 0.0, nv
-            return True, n - t, (s * (1.0 + gamma) + alpha) / z_lo, nv
-        # The cut is outside the thresholds, or between two that hold too many keys:
-        # place 8 new thresholds where it must lie (steering only) and pass again.
-        if a < 0:  # below the lowest: step down, doubling
-            hi = th[0]
-            for i in range(N_THRESHOLDS):
-                th[i] = hi - 0.25 * 2.0 ** (N_THRESHOLDS - 1 - i)
-            th[N_THRESHOLDS - 1] = hi
-        else:
-            lo = th[a]
-            hi = th[b] if b < N_THRESHOLDS else m
-            if not hi > lo:  # the cut is among the keys equal to the maximum
-                return False, 0, 0.0, nv
-            for i in range(N_THRESHOLDS):
-                th[i] = lo + (hi - lo) * (i / N_THRESHOLDS)
-    return False, 0, 0.0, nv
+                if tau[i] > lo:
+                    lo, lo_sum, lo_cnt = tau[i], sums[i], counts[i]
+            elif tau[i] < hi:
+                hi, hi_cnt = tau[i], counts[i]
+    if hi_cnt - lo_cnt > cap:
+        return False, 0, 0.0
+    g, below = _gather_fast(er, lo, hi, buf)
+    if g < 0 or below != lo_cnt:  # cannot happen (the same comparisons)
+        return False, 0, 0.0
+    stop, s, t = _add_smallest_first(buf, g, lo_sum, below, budget, sub_cnt, sub_mass)
+    if not stop:  # every bracket term fits (only by rounding, or hi = inf): full kernel
+        return False, 0, 0.0
+    if lo > 0.0 and hi < np.inf:
+        state[0] = 0.5 * math.log(lo * hi) - math.log(budget)
+    elif lo > 0.0:
+        state[0] = math.log(lo) - math.log(budget) + 0.25
+    elif hi < np.inf:
+        state[0] = math.log(hi) - math.log(budget) - 0.25
+    return True, n - t, (s * (1.0 + gamma) + alpha) / z_lo
 
 
 @njit(**_JIT)
@@ -418,7 +531,7 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
     for i in range(g):
         lo = min(lo, vals[i])
         hi = max(hi, vals[i])
-    nbin = SUB_BINS
+    nbin = min(SUB_BINS, max(16, g >> 1))  # about 2 values a bin
     scale = nbin / (hi - lo) if hi > lo else 0.0
     if not scale <= 1e300:  # values a few subnormal spacings apart: one bin (no NaN)
         scale = 0.0
@@ -495,20 +608,20 @@ def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
 
 def _signature(xtype):
     return void(
-        xtype[:, ::1], float64[:, ::1], float64[::1], float64[::1], boolean, boolean, float64,
-        float64, float64, float64, float64, float64, float64, int64, int64[::1],
-        float64[::1], int64[::1], float64[::1],
+        xtype[:, ::1], float64[::1], boolean, boolean, float64, float64, float64, float64,
+        float64, float64, float64, int64, int64[::1], float64[::1], int64[::1], float64[::1],
     )
 
 
-def _certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
-                  alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
+def _certify_block(x, mx, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
+                   alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
     """Per row of ``x``, write ``k``, the tail before the final division rounding,
     ``n_valid`` and ``top`` (NaN or ``+inf`` exactly for rows holding NaN or ``+inf``).
 
-    With ``use_e``, ``e`` holds the NumPy terms ``exp(max(x, FLOOR))`` and ``mx`` the
-    NumPy row maxima (NaN-propagating), ``zr`` the NumPy row sums of ``e``, and the
-    steered pass is tried first if ``steer``.
+    With ``fused``, ``mx`` holds the NumPy row maxima (NaN-propagating) and each row's
+    terms are computed by the fused pass into one row buffer; the settling is
+    tried first if ``steer``.  Otherwise (long rows, ``eps = 0``) the full kernel
+    streams each row with ``math.exp``.
     """
     n = x.shape[1]
     width = max(nb0 + 1, SUB_BINS)
@@ -517,16 +630,15 @@ def _certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, 
     dmn = np.empty((MAX_LEVELS, SUB_BINS), dtype=np.float64)  # levels >= 1 only
     dmx = np.empty((MAX_LEVELS, SUB_BINS), dtype=np.float64)
     jc = np.empty(MAX_LEVELS, dtype=np.int64)
-    # the steered pass gathers up to n / 32 terms (rows of NumPy terms only)
-    buf = np.empty((max(CAP, n // 32) if use_e and steer else CAP) + 1, dtype=np.float64)
-    smass = np.empty(nb0 + 1, dtype=np.float64)
-    th = np.empty(N_THRESHOLDS, dtype=np.float64)
-    sums = np.empty(N_THRESHOLDS, dtype=np.float64)
-    counts = np.empty(N_THRESHOLDS, dtype=np.int64)
-    stride = max(1, n // STEER_SAMPLE)
+    # the settling gathers up to n / 32 terms, 8 spare slots (vcompresspd)
+    buf = np.empty((max(CAP, n // 32) if fused and steer else CAP) + 9, dtype=np.float64)
+    erow = np.empty(n if fused else 0, dtype=np.float64)
+    tau = np.empty(4, dtype=np.float64)
+    sums = np.empty(4, dtype=np.float64)
+    counts = np.empty(4, dtype=np.float64)
+    state = np.full(1, FIRST_GUESS)
     for i in range(x.shape[0]):
-        er = e[i] if use_e else e[0]
-        if use_e:
+        if fused:
             m = mx[i]
             if m == np.inf or m != m:  # the caller raises
                 k_out[i] = n
@@ -534,18 +646,18 @@ def _certify_block(x, e, mx, zr, use_e, steer, eps, gamma, z_min, z_max, shift, 
                 nv_out[i] = n
                 top_out[i] = m
                 continue
+            z, nv, nr = _terms_pass(x[i], erow)
             if steer and m > -np.inf and n >= STEER_MIN_KEYS:
-                ok, k, tail, nv = _row_steered(
-                    x[i], er, m, zr[i], eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, nb0,
-                    stride, smass, th, sums, counts, buf, cnt[1], mass[1],
-                )
+                ok, k, tail = _settle(erow, z, nr, eps, gamma, z_min, z_max, alpha_raised,
+                                      alpha_tiny, state, tau, sums, counts, buf, cnt[1],
+                                      mass[1])
                 if ok:
                     k_out[i] = k
                     tail_out[i] = tail
                     nv_out[i] = nv
                     top_out[i] = m
                     continue
-        k, tail, nv, top = _row(x[i], er, use_e, eps, gamma, z_min, z_max, shift,
+        k, tail, nv, top = _row(x[i], erow, fused, eps, gamma, z_min, z_max, shift,
                                 alpha_raised, alpha_tiny, nb0, cnt, mass, dmn, dmx, jc, buf)
         k_out[i] = k
         tail_out[i] = tail

@@ -1,8 +1,9 @@
 """The compiled (numba) path of certify_topk: sound and minimal against exact arithmetic,
 the same k as the NumPy path, bounded memory on long rows, and the path switch.
 
-Every kernel branch is reached on purpose: the steered pass (ordinary rows), the full
-histogram kernel on NumPy terms (``STEER`` off), the streamed kernel with numba's own
+Every kernel branch is reached on purpose: the fused pass and its settling (ordinary
+rows, from any prediction), the polynomial exp against mpmath, the full histogram kernel
+on the fused terms (``STEER`` off), the streamed kernel with numba's own
 ``exp`` (``STREAM_KEYS`` lowered), its shifted terms (huge logits, tiny eps), zooming into
 a crowded bin, bins of equal keys, and a cut in the overflow bin.
 """
@@ -206,27 +207,130 @@ def test_large_batches_agree_with_numpy_path_on_every_row():
             np.testing.assert_allclose(a.tail_upper, b.tail_upper, rtol=1e-12)
 
 
-def test_the_steered_pass_settles_ordinary_rows(monkeypatch):
-    """Guard: ordinary rows take the steered pass (the full kernel would agree as well,
-    so only this shows that the fast branch is the one exercised)."""
+def _terms(x):
+    """The fused pass's terms and sums of each row of ``x`` (float32 or float64)."""
     kern = nbk.kernels()
-    rng = np.random.default_rng(4)
-    x = (rng.standard_normal((64, 4096)) * 3).astype(np.float32)
-    n, eps = x.shape[1], 0.01
-    gamma = 2.0 * (n + 4096) * 2.0**-53 + 2100 * 2.0**-53
-    nb0 = nbk.first_bins(n, eps)
-    e = np.exp(x, dtype=np.float64)
-    bufs = (np.empty(nb0 + 1), np.empty(8), np.empty(8), np.empty(8, np.int64),
-            np.empty(max(nbk.CAP, n // 32) + 1), np.empty(256, np.int64), np.empty(256))
-    settled = 0
+    e = np.empty(x.shape, dtype=np.float64)
+    z = np.empty(x.shape[0])
+    nr = np.empty(x.shape[0], dtype=np.int64)
     for i in range(x.shape[0]):
-        ok, *_ = kern._row_steered(
-            x[i], e[i], float(x[i].max()), float(e[i].sum()), eps, gamma,
-            np.exp(-650.0) / eps, np.exp(700.0), n * np.exp(-699.0), n * 2.0**-1073, nb0,
-            n // nbk.STEER_SAMPLE, *bufs,
+        z[i], _, nr[i] = kern._terms_pass(x[i], e[i])
+    return e, z, nr
+
+
+def _settle_rows(x, eps, guess):
+    """``(ok, k)`` per row from the settling alone, starting from the prediction
+    ``guess`` (``log(cut / B)``) on every row."""
+    kern = nbk.kernels()
+    n = x.shape[1]
+    gamma = 2.0 * (n + 4096) * 2.0**-53 + 2100 * 2.0**-53
+    e, z, nr = _terms(x)
+    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(max(nbk.CAP, n // 32) + 9),
+            np.empty(256, np.int64), np.empty(256))
+    out = []
+    for i in range(x.shape[0]):
+        state = np.array([guess])
+        ok, k, _ = kern._settle(
+            e[i], z[i], nr[i], eps, gamma, np.exp(-650.0) / eps, np.exp(700.0),
+            n * np.exp(-699.0), n * 2.0**-1073, state, *bufs,
         )
-        settled += bool(ok)
-    assert settled >= 60
+        out.append((bool(ok), int(k)))
+    return out
+
+
+def test_the_settling_certifies_ordinary_rows():
+    """Guard: ordinary rows are settled by the fast branch (the full kernel would agree
+    as well, so only this shows that the fast branch is the one exercised)."""
+    x = (np.random.default_rng(4).standard_normal((64, 4096)) * 3).astype(np.float32)
+    settled = [ok for ok, _ in _settle_rows(x, 0.01, -6.0)]
+    assert sum(settled) >= 60
+
+
+@pytest.mark.parametrize("guess", [-40.0, -6.0, 0.0, 12.0])
+def test_the_settling_search_recovers_from_any_prediction(guess):
+    """A prediction far off the cut (below, at, above it) costs rounds, not soundness:
+    every row is settled, with the same k whatever the prediction, equal to the NumPy
+    path's (itself checked against exact arithmetic in tests/test_topk.py)."""
+    rng = np.random.default_rng(9)
+    n = 2048
+    x = np.stack([
+        rng.normal(0, 1, n), rng.normal(0, 3, n), rng.normal(0, 8, n),
+        rng.standard_t(2, n) * 3, np.r_[rng.normal(0, 1, n - 3), [14.0, 13.0, 12.5]],
+        np.where(rng.random(n) < 0.5, -np.inf, rng.normal(0, 2, n)),
+    ])
+    for eps in (1e-6, 0.01, 0.3):
+        ref = _certify(x, eps, "numpy").k
+        for i, (ok, k) in enumerate(_settle_rows(x, eps, guess)):
+            assert ok, (guess, eps, i)  # the search converges within its rounds
+            assert k == ref[i], (guess, eps, i)
+
+
+def test_rows_unlike_their_predecessors():
+    """Consecutive rows of different families (each prediction from the previous row is
+    wrong) against exact arithmetic and the NumPy path."""
+    rng = np.random.default_rng(11)
+    n = 2048
+    families = [
+        lambda: rng.normal(0, 1, n), lambda: rng.normal(0, 8, n),
+        lambda: rng.standard_t(2, n) * 4, lambda: np.r_[rng.normal(0, 1, n - 1), [30.0]],
+        lambda: np.round(rng.normal(0, 2, n) * 2) / 2,
+    ]
+    x = np.stack([families[i % len(families)]() for i in range(15)]).astype(np.float32)
+    for eps in (1e-4, 0.01, 0.2):
+        _agree_and_exact(x, eps)
+
+
+POLY_ARGS = [
+    -700.0, -699.99, 0.0, 5e-324, -5e-324, 1e-300, 0.3465735902799726, -0.3465735902799726,
+    0.34657359027997264, 1.0397207708399179, 709.0, 709.43, 709.7, 709.78,
+]
+
+
+def _poly_exp(a):
+    kern = nbk.kernels()
+    return np.array([kern._exp_poly(float(v)) for v in np.atleast_1d(a)])
+
+
+def test_the_polynomial_exp_bound_is_derived_and_covered():
+    """The bound of the docstring, recomputed: truncation + Horner + reduction is within
+    ``EXP_POLY_ERR``, which lies inside the term error the acceptance test grants."""
+    mpmath = pytest.importorskip("mpmath")
+    from certattn._fp import EXP_POLY_ERR, GAMMA_EXP, U
+
+    mpmath.mp.prec = 120
+    r_max = mpmath.mpf("0.347")
+    assert 0.5 * np.log(2) + 1e-12 < r_max
+    trunc = r_max**12 / mpmath.factorial(12) * mpmath.exp(r_max) / mpmath.exp(-r_max)
+    horner = 23 * (1 + 2.0**-49) * mpmath.exp(2 * r_max) * U
+    total = (1 + trunc + horner) * (1 + 0.7 * U) * mpmath.exp(0.7 * U) - 1
+    assert float(total) <= EXP_POLY_ERR <= GAMMA_EXP
+
+
+def test_the_polynomial_exp_against_mpmath():
+    """On the reduction's worst arguments (``|r|`` at ln 2 / 2 for every exponent), the
+    floor, the top of the range and random ones: within ``EXP_POLY_ERR`` of the exact
+    ``exp``; ``inf`` where ``exp`` overflows."""
+    mpmath = pytest.importorskip("mpmath")
+    from certattn._fp import EXP_POLY_ERR
+
+    mpmath.mp.prec = 120
+    rng = np.random.default_rng(0)
+    k = np.arange(-1009, 1024)
+    half = 0.5 * np.log(2)
+    a = np.concatenate([
+        k * np.log(2) + half * (1 - 1e-15), k * np.log(2) - half * (1 - 1e-15),
+        rng.uniform(-700, 709.7, 3000), POLY_ARGS,
+    ])
+    a = a[(a >= -700.0) & (a <= 709.78)]
+    got = _poly_exp(a)
+    for ai, gi in zip(a, got):
+        exact = mpmath.exp(mpmath.mpf(float(ai)))
+        if exact > mpmath.mpf(np.finfo(np.float64).max):
+            assert gi == np.inf
+            continue
+        assert np.isfinite(gi), ai
+        assert abs(mpmath.mpf(float(gi)) / exact - 1) <= EXP_POLY_ERR, ai
+    assert _poly_exp(710.0)[0] == np.inf
 
 
 def test_kernel_setting(monkeypatch):
