@@ -144,9 +144,10 @@ Memory and threads
 Per worker thread and chunk: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)``
 counts and masses, ``MAX_LEVELS`` x ``SUB_BINS`` distance ranges: 64 KiB for
 :math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(CAP, n/32)`` gathered
-terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most 1 MiB).  Longer rows are streamed
-(``math.exp`` in the kernel, no term buffer): no scratch grows with the row length
-(tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on the NumPy path).
+terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most 1 MiB).
+Longer rows are streamed (``math.exp`` in the kernel, no term buffer): no scratch grows
+with the row length (tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on
+the NumPy path).
 Half precision is widened to float32 per chunk first (4 bytes a key, as on the NumPy
 path), and a non-contiguous chunk is copied once.  Chunks run on the NumPy path's worker
 pool (``CERTATTN_NUM_THREADS``); the kernels release the GIL (``nogil=True``), so chunks

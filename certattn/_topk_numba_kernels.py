@@ -454,8 +454,9 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
     ``[lo, hi)`` holding the cut: ``T(lo) <= B < T(hi)``.  The first round centres on the
     previous row's cut (``state[0]``, ``log(cut / B)``; rows of one head are alike); then
     the bracket known so far, within ``[B / n, z]`` where the cut term must lie, is split
-    evenly in log space until it fits ``buf`` (5 times narrower a round).  Once the bracket fits, its terms are gathered
-    (:func:`_gather_fast`) and added smallest first (:func:`_add_smallest_first`).
+    evenly in log space until it fits ``buf`` (5 times narrower a round).  Once the
+    bracket fits, its terms are gathered (:func:`_gather_fast`) and added smallest first
+    (:func:`_add_smallest_first`).
     ``ok`` is False (the caller runs the full kernel on ``er``) after ``SETTLE_ROUNDS``
     rounds, or when the row needs the shifted terms.  Thresholds only steer.
     """

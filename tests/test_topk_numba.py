@@ -323,7 +323,7 @@ def test_the_polynomial_exp_against_mpmath():
     ])
     a = a[(a >= -700.0) & (a <= 709.78)]
     got = _poly_exp(a)
-    for ai, gi in zip(a, got):
+    for ai, gi in zip(a, got, strict=True):
         exact = mpmath.exp(mpmath.mpf(float(ai)))
         if exact > mpmath.mpf(np.finfo(np.float64).max):
             assert gi == np.inf
