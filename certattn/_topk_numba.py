@@ -18,18 +18,19 @@ answer is sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
-NumPy computes the row maxima of a chunk first (one pass, NaN-propagating: rows holding
-NaN or ``+inf`` are skipped, the caller raises).  Rows of at most ``STREAM_KEYS`` keys
-(the ordinary case) then take the *fused* pass, and rows of at least ``STEER_MIN_KEYS``
+Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass, and rows of at least ``STEER_MIN_KEYS``
 keys are *settled* from its terms; whatever that cannot settle goes to the *full* kernel
 on the same terms.
 
-Fused pass.  One vectorised loop over the row: each key's term
+Fused pass.  One vectorised loop over the row, the only read of the logits: each key's
+term
 :math:`\hat e_i = \widehat{\exp}(\min(\max(s_i, -700), 710))` by the polynomial exp
 below, stored in a row buffer (``n`` float64, cache-resident), their float64 sum
-:math:`\hat Z`, the valid keys and the raised ones.  No NumPy terms, no second read of
-the logits.  If :math:`\hat Z \notin [e^{-650}/\varepsilon, e^{700}]` (the row needs the
-shifted terms of :mod:`certattn.topk`) the row goes to the full kernel.
+:math:`\hat Z` and the number of raised keys (masked ones are counted apart, only in rows
+that have raised keys).  NaN propagates into :math:`\hat Z` and ``+inf`` makes it
+infinite: such rows, and rows with :math:`\hat Z \notin [e^{-650}/\varepsilon, e^{700}]`
+(they need the shifted terms of :mod:`certattn.topk`), go to the full kernel, which
+finds the row maximum, reports NaN / ``+inf`` (the caller raises) or shifts.
 
 Settling.  The budget :math:`B` (step 4 below) is known exactly now, and the cut term
 (the largest term of the tail) is searched in log space relative to it.  Each round puts
@@ -271,9 +272,7 @@ def certify_chunk(
     args = (eps, gamma, z_min, z_max, shift, n * math.exp(FLOOR + 1.0), n * EXP_ABS_ERR,
             first_bins(n, eps))
     if n > STREAM_KEYS or eps == 0.0:
-        block(x, top, False, False, *args, k, tail, n_valid, top)
+        block(x, False, False, *args, k, tail, n_valid, top)
         return k, tail, n_valid, top
-    top[:] = np.max(x, axis=1)  # in x's dtype (a float64 `out` makes NumPy buffer-cast:
-    # 3-4x slower); NaN propagates and the kernel skips such rows
-    block(x, top, True, STEER, *args, k, tail, n_valid, top)
+    block(x, True, STEER, *args, k, tail, n_valid, top)
     return k, tail, n_valid, top

@@ -371,47 +371,88 @@ def _compress8(typingctx, er, j, lo, hi, out, g):
     return sig, codegen
 
 
+@intrinsic
+def _prefetch(typingctx, arr, j):
+    """Ask the cache for the line holding ``arr[j]`` (``llvm.prefetch``; a hint only)."""
+    sig = types.void(arr, j)
+
+    def codegen(context, builder, signature, args):
+        a = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(a.data, [args[1]]), ir.IntType(8).as_pointer())
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [ir.IntType(32)] * 3),
+            "llvm.prefetch.p0i8",
+        )
+        i32 = ir.IntType(32)
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _prefetch_row(xr):
+    """Prefetch a row (one hint per 64-byte line) while the previous one is worked on."""
+    step = max(1, 64 // xr.itemsize)
+    for j in range(0, xr.shape[0], step):
+        _prefetch(xr, j)
+
+
 @njit(fastmath={"reassoc"}, **_JIT)
 def _terms_pass(xr, er):
     r"""The fused pass: ``er[j] = exp(clamp(x_j))`` (:func:`_exp_poly`), their float64 sum
-    :math:`\hat Z`, and the numbers of valid and of raised keys: ``(z, n_valid,
-    n_raised)``.  ``reassoc`` lets the sum split over SIMD lanes (order-free bound); the
-    exp's own instructions keep their ``contract``-only flags (numba sets flags per
-    function)."""
+    :math:`\hat Z` and the number of raised keys (below ``FLOOR``, masked ones included):
+    ``(z, n_raised)``.  ``reassoc`` lets the sum split over SIMD lanes (order-free
+    bound); the exp's own instructions keep their ``contract``-only flags (numba sets
+    flags per function)."""
     z = 0.0
-    nv = 0
     nr = 0
     for j in range(xr.shape[0]):
         v = np.float64(xr[j])
+        # numba's max / min return their first argument when it is NaN: the term and z
+        # are NaN (tested); +inf gives exp(EXP_TOP) = inf.  (Explicit selects or
+        # np.maximum would not vectorise here: 6x slower.)
         ev = _exp_poly(min(max(v, FLOOR), EXP_TOP))
         er[j] = ev
         z += ev
-        nv += v > -np.inf
         nr += v < FLOOR
-    return z, nv, nr
+    return z, nr
+
+
+@njit(**_JIT)
+def _count_valid(xr):
+    """Keys above ``-inf`` (only rows with raised keys can hold masked ones)."""
+    nv = 0
+    for j in range(xr.shape[0]):
+        nv += xr[j] > -np.inf
+    return nv
 
 
 @njit(fastmath={"reassoc"}, **_JIT)
 def _tail_sums(er, tau, sums, counts):
-    """For each of the 4 term thresholds ``tau``, the float64 sum and the number (a
-    float64 count, exact below 2^53) of the terms below it.  ``reassoc`` splits the sums
-    over SIMD lanes: a float64 sum of the same terms in another order (order-free
-    bound); nothing else is computed here."""
+    """For each of the 4 term thresholds ``tau``, the float64 sum of the terms below it,
+    and their number (a float64 count, exact below 2^53) unless ``counts`` is None (numba
+    compiles that case apart, without the counting).  ``reassoc`` splits the sums over
+    SIMD lanes: a float64 sum of the same terms in another order (order-free bound);
+    nothing else is computed here."""
     t0, t1, t2, t3 = tau[0], tau[1], tau[2], tau[3]
     s0 = s1 = s2 = s3 = 0.0
     c0 = c1 = c2 = c3 = 0.0
     for j in range(er.shape[0]):
         ev = er[j]
         s0 += ev if ev < t0 else 0.0
-        c0 += 1.0 if ev < t0 else 0.0
         s1 += ev if ev < t1 else 0.0
-        c1 += 1.0 if ev < t1 else 0.0
         s2 += ev if ev < t2 else 0.0
-        c2 += 1.0 if ev < t2 else 0.0
         s3 += ev if ev < t3 else 0.0
-        c3 += 1.0 if ev < t3 else 0.0
+        if counts is not None:
+            c0 += 1.0 if ev < t0 else 0.0
+            c1 += 1.0 if ev < t1 else 0.0
+            c2 += 1.0 if ev < t2 else 0.0
+            c3 += 1.0 if ev < t3 else 0.0
     sums[0], sums[1], sums[2], sums[3] = s0, s1, s2, s3
-    counts[0], counts[1], counts[2], counts[3] = c0, c1, c2, c3
+    if counts is not None:
+        counts[0], counts[1], counts[2], counts[3] = c0, c1, c2, c3
 
 
 @njit(**_JIT)
@@ -449,15 +490,15 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
     """Certify one row from its terms ``er`` and their sum ``z``: ``(ok, k, tail_pre)``.
 
     The cut term (the smallest kept one) is searched in log space relative to the budget
-    :math:`B`.  Each round puts 4 term thresholds, one vectorised pass sums and counts
-    the terms below each (:func:`_tail_sums`), and the exact budget narrows the bracket
-    ``[lo, hi)`` holding the cut: ``T(lo) <= B < T(hi)``.  The first round centres on the
-    previous row's cut (``state[0]``, ``log(cut / B)``; rows of one head are alike); then
-    the bracket known so far, within ``[B / n, z]`` where the cut term must lie, is split
-    evenly in log space until it fits ``buf`` (5 times narrower a round).  Once the
-    bracket fits, its terms are gathered (:func:`_gather_fast`) and added smallest first
-    (:func:`_add_smallest_first`).
-    ``ok`` is False (the caller runs the full kernel on ``er``) after ``SETTLE_ROUNDS``
+    :math:`B`.  Each round puts 4 term thresholds, one vectorised pass sums the terms
+    below each (:func:`_tail_sums`), and the exact budget narrows the bracket ``[lo, hi)``
+    holding the cut: ``T(lo) <= B < T(hi)``.  The first round centres on the previous
+    row's cut (``state[0]``, ``log(cut / B)``; rows of one head are alike) and only sums;
+    its bracket is gathered at once (:func:`_gather_fast`, which gives up when the
+    bracket overflows ``buf``).  Later rounds also count, split the bracket known so far
+    (within ``[B / n, z]``, where the cut term must lie) evenly in log space, 5 times
+    narrower a round, and gather once it fits.  The gathered terms are added smallest
+    first (:func:`_add_smallest_first`).  ``ok`` is False (the caller runs the full kernel on ``er``) after ``SETTLE_ROUNDS``
     rounds, or when the row needs the shifted terms.  Thresholds only steer.
     """
     n = er.shape[0]
@@ -469,21 +510,20 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
     budget = (eps * z_lo - alpha) / (1.0 + gamma)
     if not budget > 0.0:
         return False, 0, 0.0
-    cap = buf.shape[0] - 9
-    lo, lo_sum, lo_cnt = 0.0, 0.0, 0.0  # T(lo) <= B: nothing is below 0
-    hi, hi_cnt = np.inf, float(n)  # B < T(inf) = z-hat, up to rounding: checked below
+    lo, lo_sum = 0.0, 0.0  # T(lo) <= B: nothing is below 0
+    hi = np.inf  # B < T(inf) = z-hat (up to rounding: then no cut is found, below)
+    lo_cnt, hi_cnt = 0.0, float(n)  # terms below lo, below hi: known unless round 0 set it
+    lo_known = hi_known = True
     # the cut term lies in [B / n, z]: B < T(t + 1) <= (t + 1) cut, and no term exceeds z
     low, high = budget / n, z
-    first = True
-    for _ in range(SETTLE_ROUNDS):
-        if hi_cnt - lo_cnt <= cap:
-            break
-        if first:  # around the prediction, kept inside [B / n, z]
+    g = below = -1
+    for rnd in range(SETTLE_ROUNDS):
+        if rnd == 0:  # around the prediction, kept inside [B / n, z]; sums only
             centre = min(max(state[0], math.log(low / budget)), math.log(high / budget))
             for i in range(4):
                 tau[i] = budget * math.exp(centre + SETTLE_OFFSETS[i])
-            first = False
-        else:  # split the bracket known so far evenly in log space
+            _tail_sums(er, tau, sums, None)
+        else:  # split the bracket known so far evenly in log space; sums and counts
             left = lo if lo > 0.0 else low
             right = hi if hi < np.inf else high
             if not right > left:
@@ -491,17 +531,19 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
             w = math.log(right / left)
             for i in range(4):
                 tau[i] = left * math.exp(w * (i + 1) / 5.0)
-        _tail_sums(er, tau, sums, counts)
+            _tail_sums(er, tau, sums, counts)
         for i in range(4):
             if sums[i] <= budget:
                 if tau[i] > lo:
-                    lo, lo_sum, lo_cnt = tau[i], sums[i], counts[i]
+                    lo, lo_sum, lo_cnt, lo_known = tau[i], sums[i], counts[i], rnd > 0
             elif tau[i] < hi:
-                hi, hi_cnt = tau[i], counts[i]
-    if hi_cnt - lo_cnt > cap:
-        return False, 0, 0.0
-    g, below = _gather_fast(er, lo, hi, buf)
-    if g < 0 or below != lo_cnt:  # cannot happen (the same comparisons)
+                hi, hi_cnt, hi_known = tau[i], counts[i], rnd > 0
+        if lo_known and hi_known and hi_cnt - lo_cnt > buf.shape[0] - 9:
+            continue  # too full for buf: split again
+        g, below = _gather_fast(er, lo, hi, buf)  # -1 if it does not fit after all
+        if g >= 0:
+            break
+    if g < 0:
         return False, 0, 0.0
     stop, s, t = _add_smallest_first(buf, g, lo_sum, below, budget, sub_cnt, sub_mass)
     if not stop:  # every bracket term fits (only by rounding, or hi = inf): full kernel
@@ -609,19 +651,20 @@ def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
 
 def _signature(xtype):
     return void(
-        xtype[:, ::1], float64[::1], boolean, boolean, float64, float64, float64, float64,
-        float64, float64, float64, int64, int64[::1], float64[::1], int64[::1], float64[::1],
+        xtype[:, ::1], boolean, boolean, float64, float64, float64, float64, float64, float64,
+        float64, int64, int64[::1], float64[::1], int64[::1], float64[::1],
     )
 
 
-def _certify_block(x, mx, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
+def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
                    alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
     """Per row of ``x``, write ``k``, the tail before the final division rounding,
     ``n_valid`` and ``top`` (NaN or ``+inf`` exactly for rows holding NaN or ``+inf``).
 
-    With ``fused``, ``mx`` holds the NumPy row maxima (NaN-propagating) and each row's
-    terms are computed by the fused pass into one row buffer; the settling is
-    tried first if ``steer``.  Otherwise (long rows, ``eps = 0``) the full kernel
+    With ``fused``, each row's terms are computed by the fused pass into one row buffer
+    and the settling is tried first if ``steer``; a settled row's ``top`` is its
+    (finite) sum of terms, which is all the caller needs of it: NaN or ``+inf`` rows
+    make that sum NaN or ``inf`` and go to the full kernel, which reports their maximum.  Otherwise (long rows, ``eps = 0``) the full kernel
     streams each row with ``math.exp``.
     """
     n = x.shape[1]
@@ -640,23 +683,21 @@ def _certify_block(x, mx, fused, steer, eps, gamma, z_min, z_max, shift, alpha_r
     state = np.full(1, FIRST_GUESS)
     for i in range(x.shape[0]):
         if fused:
-            m = mx[i]
-            if m == np.inf or m != m:  # the caller raises
-                k_out[i] = n
-                tail_out[i] = 0.0
-                nv_out[i] = n
-                top_out[i] = m
-                continue
-            z, nv, nr = _terms_pass(x[i], erow)
-            if steer and m > -np.inf and n >= STEER_MIN_KEYS:
-                ok, k, tail = _settle(erow, z, nr, eps, gamma, z_min, z_max, alpha_raised,
-                                      alpha_tiny, state, tau, sums, counts, buf, cnt[1],
-                                      mass[1])
+            if i + 8 < x.shape[0]:
+                _prefetch_row(x[i + 8])
+            z, nr = _terms_pass(x[i], erow)
+            if steer and n >= STEER_MIN_KEYS and z <= z_max:  # z NaN or inf: full kernel
+                nv = n if nr == 0 else _count_valid(x[i])
+                ok = False
+                if nv > 0:
+                    ok, k, tail = _settle(erow, z, nr, eps, gamma, z_min, z_max, alpha_raised,
+                                          alpha_tiny, state, tau, sums, counts, buf, cnt[1],
+                                          mass[1])
                 if ok:
                     k_out[i] = k
                     tail_out[i] = tail
                     nv_out[i] = nv
-                    top_out[i] = m
+                    top_out[i] = z
                     continue
         k, tail, nv, top = _row(x[i], erow, fused, eps, gamma, z_min, z_max, shift,
                                 alpha_raised, alpha_tiny, nb0, cnt, mass, dmn, dmx, jc, buf)
