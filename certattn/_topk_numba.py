@@ -18,9 +18,9 @@ answer is sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
-Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass, and rows of at least ``STEER_MIN_KEYS``
-keys are *settled* from its terms; whatever that cannot settle goes to the *full* kernel
-on the same terms.
+Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass, and rows
+of at least ``STEER_MIN_KEYS`` keys are *settled* from its terms; whatever that cannot
+settle goes to the *full* kernel on the same terms.
 
 Fused pass.  One vectorised loop over the row, the only read of the logits: each key's
 term
@@ -34,17 +34,20 @@ finds the row maximum, reports NaN / ``+inf`` (the caller raises) or shifts.
 
 Settling.  The budget :math:`B` (step 4 below) is known exactly now, and the cut term
 (the largest term of the tail) is searched in log space relative to it.  Each round puts
-4 *term* thresholds, and one vectorised pass over the stored terms sums and counts those
-below each; the exact budget narrows a bracket :math:`[\ell, h)` with
-:math:`\hat T(\ell) \le B < \hat T(h)`.  The first round centres on the previous row's
-cut (``log(cut / B)``; rows of one head are alike, and for Gaussian rows it varies by
-about 0.2 nat); a cut outside the thresholds widens the search geometrically, a bracket
-holding more than ``max(CAP, n/32)`` keys is split evenly in log space (at most
-``SETTLE_ROUNDS`` rounds).  The terms inside the bracket are then gathered by one pass
-(``vcompresspd`` through ``llvm.masked.compressstore``), which also counts those below
-it; they are split into bins linear in the term (monotone), whole bins join the tail
-while the running sum stays within budget, and the bin holding the cut is sorted and
-added one term at a time.
+4 *term* thresholds, and one vectorised pass over the stored terms sums those below each;
+the exact budget narrows a bracket :math:`[\ell, h)` with :math:`\hat T(\ell) \le B <
+\hat T(h)`.  The first round puts them at ``centre + spread * SETTLE_OFFSETS``, where
+``centre`` and ``spread`` are running means of :math:`\log(\text{cut}/B)` and of its
+deviation over the rows settled so far (rows of one head are alike: for Gaussian rows
+the cut varies by about 0.2 nat, on SmolLM2 heads by more), and gathers its bracket at
+once.  Later rounds also count, and split the bracket known so far evenly in log space
+(5 times narrower a round) within :math:`[B/n, \hat Z]`, where the cut term must lie
+(:math:`B < \hat T_{t+1} \le (t+1)\,\text{cut}`), until it holds at most
+``max(CAP, n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds).  The gather is one pass
+(``vcompresspd`` through ``llvm.masked.compressstore``) that also counts the terms below
+the bracket; the gathered terms are split into bins linear in the term (monotone), whole
+bins join the tail while the running sum stays within budget, and the bin holding the
+cut is sorted and added one term at a time.
 
 Full kernel (short, long or shifted rows, and the steered pass's leftovers):
 

@@ -265,8 +265,9 @@ def _row(xr, er, use_e, eps, gamma, z_min, z_max, shift, alpha_raised, alpha_tin
 
 
 SETTLE_ROUNDS = 8  # passes of 4 thresholds tried before the full kernel
-SETTLE_OFFSETS = (-0.45, -0.15, 0.15, 0.45)  # first thresholds: log(cut / B) + these
-FIRST_GUESS = -6.0  # log(cut / B) before any row is settled (about that of sigma-3 rows)
+SETTLE_OFFSETS = (-1.5, -0.5, 0.5, 1.5)  # first thresholds: centre + spread * these
+FIRST_GUESS = (-6.0, 0.5)  # (centre, spread) of log(cut / B) before any row is settled
+SPREAD_MIN, SPREAD_MAX = 0.05, 4.0  # the spread is kept within these (nats)
 
 
 # ---------------------------------------------------------------------------------------
@@ -492,14 +493,16 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
     The cut term (the smallest kept one) is searched in log space relative to the budget
     :math:`B`.  Each round puts 4 term thresholds, one vectorised pass sums the terms
     below each (:func:`_tail_sums`), and the exact budget narrows the bracket ``[lo, hi)``
-    holding the cut: ``T(lo) <= B < T(hi)``.  The first round centres on the previous
-    row's cut (``state[0]``, ``log(cut / B)``; rows of one head are alike) and only sums;
+    holding the cut: ``T(lo) <= B < T(hi)``.  The first round puts them around the
+    prediction ``state`` (running means of ``log(cut / B)`` and of its deviation over the
+    rows settled so far; rows of one head are alike) and only sums;
     its bracket is gathered at once (:func:`_gather_fast`, which gives up when the
     bracket overflows ``buf``).  Later rounds also count, split the bracket known so far
     (within ``[B / n, z]``, where the cut term must lie) evenly in log space, 5 times
     narrower a round, and gather once it fits.  The gathered terms are added smallest
-    first (:func:`_add_smallest_first`).  ``ok`` is False (the caller runs the full kernel on ``er``) after ``SETTLE_ROUNDS``
-    rounds, or when the row needs the shifted terms.  Thresholds only steer.
+    first (:func:`_add_smallest_first`).  ``ok`` is False (the caller runs the full
+    kernel on ``er``) after ``SETTLE_ROUNDS`` rounds, or when the row needs the shifted
+    terms.  Thresholds only steer.
     """
     n = er.shape[0]
     if not (z >= z_min and z <= z_max):
@@ -521,7 +524,7 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
         if rnd == 0:  # around the prediction, kept inside [B / n, z]; sums only
             centre = min(max(state[0], math.log(low / budget)), math.log(high / budget))
             for i in range(4):
-                tau[i] = budget * math.exp(centre + SETTLE_OFFSETS[i])
+                tau[i] = budget * math.exp(centre + state[1] * SETTLE_OFFSETS[i])
             _tail_sums(er, tau, sums, None)
         else:  # split the bracket known so far evenly in log space; sums and counts
             left = lo if lo > 0.0 else low
@@ -545,22 +548,21 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
             break
     if g < 0:
         return False, 0, 0.0
-    stop, s, t = _add_smallest_first(buf, g, lo_sum, below, budget, sub_cnt, sub_mass)
+    stop, s, t, cut = _add_smallest_first(buf, g, lo_sum, below, budget, sub_cnt, sub_mass)
     if not stop:  # every bracket term fits (only by rounding, or hi = inf): full kernel
         return False, 0, 0.0
-    if lo > 0.0 and hi < np.inf:
-        state[0] = 0.5 * math.log(lo * hi) - math.log(budget)
-    elif lo > 0.0:
-        state[0] = math.log(lo) - math.log(budget) + 0.25
-    elif hi < np.inf:
-        state[0] = math.log(hi) - math.log(budget) - 0.25
+    # the next row's prediction: a running mean of log(cut / B) and of its deviation
+    seen = math.log(cut / budget)
+    state[1] = min(SPREAD_MAX, max(SPREAD_MIN, 0.7 * state[1] + 0.3 * abs(seen - state[0])))
+    state[0] = 0.5 * state[0] + 0.5 * seen
     return True, n - t, (s * (1.0 + gamma) + alpha) / z_lo
 
 
 @njit(**_JIT)
 def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
     """Add ``vals[:g]`` to the running sum ``s`` smallest first while it stays within
-    ``budget``: ``(stop, s, t)``, as in :func:`_resolve`.
+    ``budget``: ``(stop, s, t, cut)``, as in :func:`_resolve`, with ``cut`` the first value
+    that did not fit (0 when all did).
 
     Instead of sorting all ``g`` values, they are split into ``SUB_BINS`` bins linear in
     the value (monotone, so each bin is a contiguous range of the sorted values): whole
@@ -568,7 +570,7 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
     is sorted (the values are moved to its front, in place).
     """
     if g == 0:
-        return False, s, t
+        return False, s, t, 0.0
     lo = vals[0]
     hi = vals[0]
     for i in range(g):
@@ -607,7 +609,7 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
         for i in range(h):
             s_new = s + part[i]
             if s_new > budget:
-                return True, s, t
+                return True, s, t, part[i]
             s = s_new
             t += 1
         # every value of bin j fits by itself (rounding): the rest of the values are
@@ -624,8 +626,8 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
                 continue
             return _add_bin_sorted(vals, vals_rest_start, g, lo, scale, nbin, jj, s, t,
                                    budget)
-        return False, s, t
-    return False, s, t
+        return False, s, t, 0.0
+    return False, s, t, 0.0
 
 
 @njit(**_JIT)
@@ -643,10 +645,10 @@ def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
     for i in range(part.shape[0]):
         s_new = s + part[i]
         if s_new > budget:
-            return True, s, t
+            return True, s, t, part[i]
         s = s_new
         t += 1
-    return False, s, t
+    return False, s, t, 0.0
 
 
 def _signature(xtype):
@@ -664,8 +666,9 @@ def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raise
     With ``fused``, each row's terms are computed by the fused pass into one row buffer
     and the settling is tried first if ``steer``; a settled row's ``top`` is its
     (finite) sum of terms, which is all the caller needs of it: NaN or ``+inf`` rows
-    make that sum NaN or ``inf`` and go to the full kernel, which reports their maximum.  Otherwise (long rows, ``eps = 0``) the full kernel
-    streams each row with ``math.exp``.
+    make that sum NaN or ``inf`` and go to the full kernel, which reports their maximum.
+    Otherwise (long rows, ``eps = 0``) the full kernel streams each row with
+    ``math.exp``.
     """
     n = x.shape[1]
     width = max(nb0 + 1, SUB_BINS)
@@ -680,7 +683,7 @@ def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raise
     tau = np.empty(4, dtype=np.float64)
     sums = np.empty(4, dtype=np.float64)
     counts = np.empty(4, dtype=np.float64)
-    state = np.full(1, FIRST_GUESS)
+    state = np.array(FIRST_GUESS)
     for i in range(x.shape[0]):
         if fused:
             if i + 8 < x.shape[0]:

@@ -247,7 +247,7 @@ def _settle_rows(x, eps, guess):
             np.empty(256, np.int64), np.empty(256))
     out = []
     for i in range(x.shape[0]):
-        state = np.array([guess])
+        state = np.array([guess, 0.5])
         ok, k, _ = kern._settle(
             e[i], z[i], nr[i], eps, gamma, np.exp(-650.0) / eps, np.exp(700.0),
             n * np.exp(-699.0), n * 2.0**-1073, state, *bufs,
