@@ -18,9 +18,9 @@ answer is sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
-Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass, and rows
-of at least ``STEER_MIN_KEYS`` keys are *settled* from its terms; whatever that cannot
-settle goes to the *full* kernel on the same terms.
+Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass and are
+*settled* from its terms; whatever that cannot settle goes to the *full* kernel on the
+same terms.
 
 Fused pass.  One vectorised loop over the row, the only read of the logits: each key's
 term
@@ -182,13 +182,12 @@ import numpy as np
 from ._fp import EXP_ABS_ERR
 from ._fp import EXP_FLOOR as FLOOR  # exponents below are raised to it (masked keys too)
 
-CAP = 512  # most keys of one bin gathered and sorted
-SUB_BINS = 256  # sub-bins when a bin is split
-MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
+# The kernels' own constants (CAP, SUB_BINS, MAX_LEVELS, ...) live in
+# _topk_numba_kernels.py: numba's disk cache is keyed on the file that defines a kernel,
+# so a constant imported from here could change without recompiling (a stale kernel).
+# These are read at call time, in Python, and reach the kernels as arguments.
 MAX_BINS = 8192  # bins of the first level (1/8 nat each)
 STREAM_KEYS = 1 << 17  # longer rows are streamed (no row of terms, 1 MiB at most)
-
-STEER_MIN_KEYS = 1024  # shorter rows go from the fused pass to the full kernel
 STEER = True  # try the settling (tests turn it off to reach the full kernel)
 CACHE = os.environ.get("CERTATTN_NUMBA_CACHE", "1") != "0"
 

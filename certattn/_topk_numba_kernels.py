@@ -15,14 +15,14 @@ from numba import boolean, float32, float64, int64, njit, types, void
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from ._topk_numba import (
-    CACHE,
-    CAP,
-    FLOOR,
-    MAX_LEVELS,
-    STEER_MIN_KEYS,
-    SUB_BINS,
-)
+from ._topk_numba import CACHE, FLOOR  # FLOOR: the error model's EXP_FLOOR, fixed
+
+# Compile-time constants of the kernels.  They are defined here, in the file that
+# defines the kernels, because numba's disk cache is keyed on this file: a change here
+# recompiles, a change elsewhere would not.
+CAP = 512  # most keys of one bin gathered and sorted
+SUB_BINS = 256  # sub-bins when a bin is split
+MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
 
 _JIT = {"cache": CACHE, "nogil": True}
 
@@ -689,7 +689,7 @@ def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raise
             if i + 8 < x.shape[0]:
                 _prefetch_row(x[i + 8])
             z, nr = _terms_pass(x[i], erow)
-            if steer and n >= STEER_MIN_KEYS and z <= z_max:  # z NaN or inf: full kernel
+            if steer and z <= z_max:  # z NaN or inf: full kernel
                 nv = n if nr == 0 else _count_valid(x[i])
                 ok = False
                 if nv > 0:

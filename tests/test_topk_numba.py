@@ -144,7 +144,7 @@ def test_crowded_bins_zoom_and_equal_keys(mode, eps):
     """More than CAP keys in one 1/8-nat bin: the kernel splits it (zoom levels), and a
     bin of equal keys is added in row order."""
     rng = np.random.default_rng(9)
-    n = 4 * nbk.CAP + 100
+    n = 4 * nbk.kernels().CAP + 100
     dense = rng.uniform(-0.1, 0.0, n)  # every key within 1/8 nat of the maximum
     ties = np.r_[np.full(n - 5, -2.0), [0.0, -0.5, -1.0, -1.5, -3.0]]
     fine = -rng.uniform(0, 1e-9, n) + 7.0  # distances far below a sub-bin at level 1
@@ -243,7 +243,7 @@ def _settle_rows(x, eps, guess):
     n = x.shape[1]
     gamma = 2.0 * (n + 4096) * 2.0**-53 + 2100 * 2.0**-53
     e, z, nr = _terms(x)
-    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(max(nbk.CAP, n // 32) + 9),
+    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(max(kern.CAP, n // 32) + 9),
             np.empty(256, np.int64), np.empty(256))
     out = []
     for i in range(x.shape[0]):
