@@ -43,7 +43,8 @@ the cut varies by about 0.2 nat, on SmolLM2 heads by more), and gathers its brac
 once.  Later rounds also count, and split the bracket known so far evenly in log space
 (5 times narrower a round) within :math:`[B/n, \hat Z]`, where the cut term must lie
 (:math:`B < \hat T_{t+1} \le (t+1)\,\text{cut}`), until it holds at most
-``max(CAP, n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds).  The gather is one pass
+``max(128, min(n/8, 512), n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds; resolving a
+term costs about 20 times a key of a counting pass).  The gather is one pass
 (``vcompresspd`` through ``llvm.masked.compressstore``) that also counts the terms below
 the bracket; the gathered terms are split into bins linear in the term (monotone), whole
 bins join the tail while the running sum stays within budget, and the bin holding the
@@ -147,7 +148,7 @@ Memory and threads
 ------------------
 Per worker thread and chunk: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)``
 counts and masses, ``MAX_LEVELS`` x ``SUB_BINS`` distance ranges: 64 KiB for
-:math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(CAP, n/32)`` gathered
+:math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(512, n/32)`` gathered
 terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most 1 MiB).
 Longer rows are streamed (``math.exp`` in the kernel, no term buffer): no scratch grows
 with the row length (tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on

@@ -243,7 +243,7 @@ def _settle_rows(x, eps, guess):
     n = x.shape[1]
     gamma = 2.0 * (n + 4096) * 2.0**-53 + 2100 * 2.0**-53
     e, z, nr = _terms(x)
-    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(max(kern.CAP, n // 32) + 9),
+    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(kern._gather_cap(n) + 9),
             np.empty(256, np.int64), np.empty(256))
     out = []
     for i in range(x.shape[0]):
