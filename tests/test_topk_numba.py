@@ -434,3 +434,23 @@ def test_a_fresh_process_loads_the_kernels_from_disk():
     ).stdout.split()
     hits, misses = map(int, out)
     assert hits == 1 and misses == 0
+
+
+def test_fast_math_flags_stay_apart():
+    """Each compiled function allows one licence at most: ``reassoc`` (sums, order-free
+    bound) or ``contract`` (the polynomial exp, whose bound counts two roundings per
+    multiply-add); ``reassoc`` on the exp would undo its Cody-Waite reduction."""
+    import ast
+    import inspect
+
+    src = inspect.getsource(nbk.kernels())
+    flags = []
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.FunctionDef):
+            for dec in node.decorator_list:
+                for kw in getattr(dec, "keywords", []):
+                    if kw.arg == "fastmath":
+                        flags.append((node.name, ast.literal_eval(kw.value)))
+    assert ("_exp_poly", {"contract"}) in flags
+    assert all(f in ({"reassoc"}, {"contract"}) for _, f in flags), flags
+    assert {name for name, f in flags if f == {"contract"}} == {"_exp_poly"}
