@@ -165,14 +165,15 @@ run in parallel with no second thread pool or numba threading layer to configure
 Compilation cache
 -----------------
 Kernels compile once per dtype (an explicit float32 or float64 signature, made at the
-first use of that dtype; the first-ever compile takes 10-30 s) and are cached on disk by
+first use of that dtype; the first-ever compile takes about 6 s) and are cached on disk by
 numba (``cache=True``): next to this file in ``__pycache__``, or, where that is
 read-only, in numba's user-wide cache directory; ``NUMBA_CACHE_DIR`` overrides both.  A
 fresh process then loads the kernel it needs from disk (numba's import and the load:
-about a second on a busy 2-core machine).  Where numba finds no writable cache directory
-at all, the kernels are compiled in memory in each process instead of failing (that
-fallback is not exercised by the tests); ``CERTATTN_NUMBA_CACHE=0`` turns the disk cache
-off.
+0.25 s on the idle 2-core machine, 0.4 s with certattn's import; a ``NUMBA_CACHE_DIR``
+that cannot be created falls back to numba's other cache locations).  Where numba finds
+no writable cache directory at all, the kernels are compiled in memory in each process
+instead of failing (about 6 s a process; not exercised by the tests, which run where
+``__pycache__`` is writable); ``CERTATTN_NUMBA_CACHE=0`` turns the disk cache off.
 """
 
 from __future__ import annotations
