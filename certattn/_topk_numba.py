@@ -20,7 +20,10 @@ The kernel (per row)
 --------------------
 Rows of at most ``STREAM_KEYS`` keys (the ordinary case) take the *fused* pass and are
 *settled* from its terms; whatever that cannot settle goes to the *full* kernel on the
-same terms.
+same terms.  Longer rows are *tiled*: the same passes run tile by tile
+(``TILE_KEYS`` keys), each recomputing the tile's terms (the same function of the same
+logits: the same terms), so no buffer grows with the row; what they cannot settle is
+streamed by the full kernel with ``math.exp``.
 
 Fused pass.  One vectorised loop over the row, the only read of the logits: each key's
 term
@@ -111,8 +114,11 @@ Error analysis (covered by the margin of :mod:`certattn.topk`)
   worst is about 79u.  The exp is compiled with ``contract`` only: no reassociation,
   which would undo the reduction and the rounding trick (numba sets fast-math flags
   per function, and the sums around it get ``reassoc`` only).
-* **Terms, full kernel.**  The fused pass's terms when it ran (the same bound); for rows
-  longer than ``STREAM_KEYS`` and the shifted terms of step 3, numba's ``math.exp``
+* **Terms, tiled rows.**  The fused pass's function, tile by tile: the same bound, and
+  every pass sees the same terms (the function is deterministic), so the sums, counts
+  and gathered terms of different passes are of one set of terms.
+* **Terms, full kernel.**  The fused pass's terms when a row of them is kept (the same
+  bound); for longer rows and the shifted terms of step 3, numba's ``math.exp``
   (the C library's float64 ``exp``; glibc's is within 1 ulp, and we assume only what the
   error model of :mod:`certattn.topk` already assumes of NumPy's: within 4 ulps, i.e. a
   relative :math:`8u`, inside :math:`\gamma_e = 2100u`) on the same exponents
@@ -150,12 +156,13 @@ Per worker thread and chunk: the bins (``MAX_LEVELS`` x ``max(N_0 + 1, SUB_BINS)
 counts and masses, ``MAX_LEVELS`` x ``SUB_BINS`` distance ranges: 64 KiB for
 :math:`\varepsilon = 0.01`, under 1 MiB for any eps), at most ``max(512, n/32)`` gathered
 terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most 8 MiB;
-rows of 2^18 and 2^20 keys take 20-22 ms per 2^24 keys, against 45-57 ms on the NumPy
-path and 220 ms streamed; at 2^22 keys a row of terms no longer fits the caches and the
-fused path would be slower than NumPy's).
-Longer rows are streamed (``math.exp`` in the kernel, no term buffer): no scratch grows
-with the row length (tracemalloc: 71 KiB for a 2^24-key float32 row, against 159 MiB on
-the NumPy path).
+rows of 2^18 and 2^20 keys take 20-22 ms per 2^24 keys, against 42-57 ms on the NumPy
+path and 220 ms streamed; at 2^22 keys a row of terms no longer fits the caches).
+Longer rows keep one tile of terms (64 KiB) and at most ``TILED_GATHER`` gathered terms
+(256 KiB): no scratch grows with the row length (tracemalloc: under 1 MiB for a 2^22-key
+float32 row, a test; 159 MiB on the NumPy path for 2^24 keys).  Four rows of 2^22 keys:
+59 / 34 ms on 1 / 2 threads against 62 / 35 ms on the NumPy path (the streamed full
+kernel alone took 112 ms on 2 threads).
 Half precision is widened to float32 per chunk first (4 bytes a key, as on the NumPy
 path), and a non-contiguous chunk is copied once.  Chunks run on the NumPy path's worker
 pool (``CERTATTN_NUM_THREADS``); the kernels release the GIL (``nogil=True``), so chunks
@@ -192,7 +199,8 @@ from ._fp import EXP_FLOOR as FLOOR  # exponents below are raised to it (masked 
 # so a constant imported from here could change without recompiling (a stale kernel).
 # These are read at call time, in Python, and reach the kernels as arguments.
 MAX_BINS = 8192  # bins of the first level (1/8 nat each)
-STREAM_KEYS = 1 << 20  # longer rows are streamed (no row of terms: 8 MiB at most)
+STREAM_KEYS = 1 << 20  # longer rows are tiled (no row of terms: 8 MiB at most)
+TILE_KEYS = 1 << 13  # keys per tile of a long row (64 KiB of terms)
 STEER = True  # try the settling (tests turn it off to reach the full kernel)
 CACHE = os.environ.get("CERTATTN_NUMBA_CACHE", "1") != "0"
 
@@ -280,8 +288,6 @@ def certify_chunk(
         z_min = z_max = shift = 0.0
     args = (eps, gamma, z_min, z_max, shift, n * math.exp(FLOOR + 1.0), n * EXP_ABS_ERR,
             first_bins(n, eps))
-    if n > STREAM_KEYS or eps == 0.0:
-        block(x, False, False, *args, k, tail, n_valid, top)
-        return k, tail, n_valid, top
-    block(x, True, STEER, *args, k, tail, n_valid, top)
+    tile = 0 if eps == 0.0 else n if n <= STREAM_KEYS else TILE_KEYS
+    block(x, tile, STEER, *args, k, tail, n_valid, top)
     return k, tail, n_valid, top

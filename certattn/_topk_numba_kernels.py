@@ -22,6 +22,7 @@ from ._topk_numba import CACHE, FLOOR  # FLOOR: the error model's EXP_FLOOR, fix
 # recompiles, a change elsewhere would not.
 CAP = 512  # most keys of one bin gathered and sorted
 SUB_BINS = 256  # sub-bins when a bin is split
+TILED_GATHER = 1 << 15  # most terms gathered from a tiled (long) row: 256 KiB
 MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
 
 _JIT = {"cache": CACHE, "nogil": True}
@@ -486,9 +487,75 @@ def _gather_fast(er, lo, hi, out):
 
 
 @njit(**_JIT)
-def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state, tau, sums,
-            counts, buf, sub_cnt, sub_mass):
-    """Certify one row from its terms ``er`` and their sum ``z``: ``(ok, k, tail_pre)``.
+def _row_terms(xr, er, tiled):
+    """:func:`_terms_pass` over the row: into ``er`` (the row's terms), or, ``tiled``,
+    tile by tile through the tile buffer ``er`` (nothing kept): ``(z, n_raised)``, ``z``
+    a float64 sum of the tiles' sums (order-free bound)."""
+    if not tiled:
+        return _terms_pass(xr, er)
+    n, w = xr.shape[0], er.shape[0]
+    z = 0.0
+    nr = 0
+    for j in range(0, n, w):
+        m = min(w, n - j)
+        zt, nrt = _terms_pass(xr[j : j + m], er[:m])
+        z += zt
+        nr += nrt
+    return z, nr
+
+
+@njit(**_JIT)
+def _row_sums(xr, er, tiled, tau, sums, counts, tsums, tcounts):
+    """:func:`_tail_sums` over the row (``tiled``: the terms recomputed tile by tile,
+    identical to those of :func:`_row_terms`, then the tiles' sums and counts added)."""
+    if not tiled:
+        _tail_sums(er, tau, sums, counts)
+        return
+    n, w = xr.shape[0], er.shape[0]
+    for i in range(4):
+        sums[i] = 0.0
+        if counts is not None:
+            counts[i] = 0.0
+    for j in range(0, n, w):
+        m = min(w, n - j)
+        _terms_pass(xr[j : j + m], er[:m])
+        if counts is None:
+            _tail_sums(er[:m], tau, tsums, None)
+        else:
+            _tail_sums(er[:m], tau, tsums, tcounts)
+        for i in range(4):
+            sums[i] += tsums[i]
+            if counts is not None:
+                counts[i] += tcounts[i]
+
+
+@njit(**_JIT)
+def _row_gather(xr, er, tiled, lo, hi, out):
+    """:func:`_gather_fast` over the row (``tiled``: tile by tile): ``(stored, below)``,
+    ``stored = -1`` if the terms would not fit ``out``."""
+    if not tiled:
+        return _gather_fast(er, lo, hi, out)
+    n, w = xr.shape[0], er.shape[0]
+    g = 0
+    below = 0
+    for j in range(0, n, w):
+        m = min(w, n - j)
+        _terms_pass(xr[j : j + m], er[:m])
+        gt, bt = _gather_fast(er[:m], lo, hi, out[g:])
+        below += bt
+        if gt < 0:
+            return -1, below
+        g += gt
+    return g, below
+
+
+@njit(**_JIT)
+def _settle(xr, er, tiled, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state,
+            tau, sums, counts, tsums, tcounts, buf, sub_cnt, sub_mass):
+    """Certify row ``xr`` from its terms and their sum ``z``: ``(ok, k, tail_pre)``.
+    ``er`` holds the row's terms, or, ``tiled`` (long rows, bounded memory), is a tile
+    buffer and every pass recomputes the terms tile by tile (:func:`_row_sums`,
+    :func:`_row_gather`: the same function of the same logits, so the same terms).
 
     The cut term (the smallest kept one) is searched in log space relative to the budget
     :math:`B`.  Each round puts 4 term thresholds, one vectorised pass sums the terms
@@ -504,7 +571,7 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
     kernel on ``er``) after ``SETTLE_ROUNDS`` rounds, or when the row needs the shifted
     terms.  Thresholds only steer.
     """
-    n = er.shape[0]
+    n = xr.shape[0]
     if not (z >= z_min and z <= z_max):
         return False, 0, 0.0
     alpha = alpha_raised if nr > 0 else alpha_tiny
@@ -525,7 +592,7 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
             centre = min(max(state[0], math.log(low / budget)), math.log(high / budget))
             for i in range(4):
                 tau[i] = budget * math.exp(centre + state[1] * SETTLE_OFFSETS[i])
-            _tail_sums(er, tau, sums, None)
+            _row_sums(xr, er, tiled, tau, sums, None, tsums, None)
         else:  # split the bracket known so far evenly in log space; sums and counts
             left = lo if lo > 0.0 else low
             right = hi if hi < np.inf else high
@@ -534,7 +601,7 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
             w = math.log(right / left)
             for i in range(4):
                 tau[i] = left * math.exp(w * (i + 1) / 5.0)
-            _tail_sums(er, tau, sums, counts)
+            _row_sums(xr, er, tiled, tau, sums, counts, tsums, tcounts)
         for i in range(4):
             if sums[i] <= budget:
                 if tau[i] > lo:
@@ -543,7 +610,7 @@ def _settle(er, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_tiny, state
                 hi, hi_cnt, hi_known = tau[i], counts[i], rnd > 0
         if lo_known and hi_known and hi_cnt - lo_cnt > buf.shape[0] - 9:
             continue  # too full for buf: split again
-        g, below = _gather_fast(er, lo, hi, buf)  # -1 if it does not fit after all
+        g, below = _row_gather(xr, er, tiled, lo, hi, buf)  # -1: it does not fit after all
         if g >= 0:
             break
     if g < 0:
@@ -660,22 +727,23 @@ def _gather_cap(n):
 
 def _signature(xtype):
     return void(
-        xtype[:, ::1], boolean, boolean, float64, float64, float64, float64, float64, float64,
+        xtype[:, ::1], int64, boolean, float64, float64, float64, float64, float64, float64,
         float64, int64, int64[::1], float64[::1], int64[::1], float64[::1],
     )
 
 
-def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
+def _certify_block(x, tile, steer, eps, gamma, z_min, z_max, shift, alpha_raised,
                    alpha_tiny, nb0, k_out, tail_out, nv_out, top_out):
     """Per row of ``x``, write ``k``, the tail before the final division rounding,
     ``n_valid`` and ``top`` (NaN or ``+inf`` exactly for rows holding NaN or ``+inf``).
 
-    With ``fused``, each row's terms are computed by the fused pass into one row buffer
-    and the settling is tried first if ``steer``; a settled row's ``top`` is its
-    (finite) sum of terms, which is all the caller needs of it: NaN or ``+inf`` rows
-    make that sum NaN or ``inf`` and go to the full kernel, which reports their maximum.
-    Otherwise (long rows, ``eps = 0``) the full kernel streams each row with
-    ``math.exp``.
+    ``tile = n``: each row's terms are computed by the fused pass into one row buffer;
+    ``0 < tile < n`` (long rows): into a tile buffer, recomputed by every pass; then the
+    settling is tried first if ``steer``.  A settled row's ``top`` is its (finite) sum of
+    terms, which is all the caller needs of it: NaN or ``+inf`` rows make that sum NaN
+    or ``inf`` and go to the full kernel, which reports their maximum.  ``tile = 0``
+    (``eps = 0``), and whatever is not settled, takes the full kernel (on the row's terms
+    when they are kept, else streamed with ``math.exp``).
     """
     n = x.shape[1]
     width = max(nb0 + 1, SUB_BINS)
@@ -685,33 +753,39 @@ def _certify_block(x, fused, steer, eps, gamma, z_min, z_max, shift, alpha_raise
     dmx = np.empty((MAX_LEVELS, SUB_BINS), dtype=np.float64)
     jc = np.empty(MAX_LEVELS, dtype=np.int64)
     buf = np.empty(CAP + 1, dtype=np.float64)  # the full kernel's resolve
+    tiled = 0 < tile < n
+    kept = tile >= n  # the row's terms stay in erow: the full kernel reads them
     # the settling gathers at most _gather_cap(n) terms (a fuller bracket is split first:
-    # a pass over the row costs less than resolving many terms), 8 spare slots
-    gbuf = np.empty((_gather_cap(n) if fused and steer else 0) + 9, dtype=np.float64)
-    erow = np.empty(n if fused else 0, dtype=np.float64)
+    # a pass over the row costs less than resolving many terms; tiled rows at most
+    # TILED_GATHER, bounded memory), 8 spare slots
+    cap = min(_gather_cap(n), TILED_GATHER) if tiled else _gather_cap(n)
+    gbuf = np.empty((cap if tile > 0 and steer else 0) + 9, dtype=np.float64)
+    erow = np.empty(min(tile, n), dtype=np.float64)
     tau = np.empty(4, dtype=np.float64)
     sums = np.empty(4, dtype=np.float64)
     counts = np.empty(4, dtype=np.float64)
+    tsums = np.empty(4, dtype=np.float64)
+    tcounts = np.empty(4, dtype=np.float64)
     state = np.array(FIRST_GUESS)
     for i in range(x.shape[0]):
-        if fused:
-            if i + 8 < x.shape[0]:
-                _prefetch_row(x[i + 8])
-            z, nr = _terms_pass(x[i], erow)
+        if tile > 0 and (kept or steer):
+            if kept and i + 4 < x.shape[0]:
+                _prefetch_row(x[i + 4])
+            z, nr = _row_terms(x[i], erow, tiled)
             if steer and z <= z_max:  # z NaN or inf: full kernel
                 nv = n if nr == 0 else _count_valid(x[i])
                 ok = False
                 if nv > 0:
-                    ok, k, tail = _settle(erow, z, nr, eps, gamma, z_min, z_max, alpha_raised,
-                                          alpha_tiny, state, tau, sums, counts, gbuf, cnt[1],
-                                          mass[1])
+                    ok, k, tail = _settle(x[i], erow, tiled, z, nr, eps, gamma, z_min, z_max,
+                                          alpha_raised, alpha_tiny, state, tau, sums, counts,
+                                          tsums, tcounts, gbuf, cnt[1], mass[1])
                 if ok:
                     k_out[i] = k
                     tail_out[i] = tail
                     nv_out[i] = nv
                     top_out[i] = z
                     continue
-        k, tail, nv, top = _row(x[i], erow, fused, eps, gamma, z_min, z_max, shift,
+        k, tail, nv, top = _row(x[i], erow, kept, eps, gamma, z_min, z_max, shift,
                                 alpha_raised, alpha_tiny, nb0, cnt, mass, dmn, dmx, jc, buf)
         k_out[i] = k
         tail_out[i] = tail

@@ -3,8 +3,9 @@ the same k as the NumPy path, bounded memory on long rows, and the path switch.
 
 Every kernel branch is reached on purpose: the fused pass and its settling (ordinary
 rows, from any prediction), the polynomial exp against mpmath, the full histogram kernel
-on the fused terms (``STEER`` off), the streamed kernel with numba's own
-``exp`` (``STREAM_KEYS`` lowered), its shifted terms (huge logits, tiny eps), zooming into
+on the fused terms (``STEER`` off), tiled rows settled tile by tile (``STREAM_KEYS`` and
+``TILE_KEYS`` lowered), the streamed kernel with numba's own ``exp`` (the same, ``STEER``
+off), its shifted terms (huge logits, tiny eps), zooming into
 a crowded bin, bins of equal keys, and a cut in the overflow bin.
 """
 
@@ -40,19 +41,21 @@ def _certify(x, eps, kernel, **kw):
             os.environ["CERTATTN_KERNEL"] = old
 
 
-# Which kernel branch runs: (STEER, STREAM_KEYS)
+# Which kernel branch runs: (STEER, STREAM_KEYS, TILE_KEYS)
 MODES = {
-    "steered": (True, nbk.STREAM_KEYS),
-    "full": (False, nbk.STREAM_KEYS),
-    "streamed": (True, 0),
+    "fused": (True, nbk.STREAM_KEYS, nbk.TILE_KEYS),  # a row of terms, settled
+    "full": (False, nbk.STREAM_KEYS, nbk.TILE_KEYS),  # the full kernel on that row
+    "tiled": (True, 0, 64),  # every row longer than 64 keys tiled, settled tile by tile
+    "streamed": (False, 0, 64),  # the full kernel streaming (math.exp), no row buffer
 }
 
 
 @pytest.fixture(params=list(MODES))
 def mode(request, monkeypatch):
-    steer, stream = MODES[request.param]
+    steer, stream, tile = MODES[request.param]
     monkeypatch.setattr(nbk, "STEER", steer)
     monkeypatch.setattr(nbk, "STREAM_KEYS", stream)
+    monkeypatch.setattr(nbk, "TILE_KEYS", tile)
     return request.param
 
 
@@ -243,13 +246,13 @@ def _settle_rows(x, eps, guess):
     n = x.shape[1]
     gamma = 2.0 * (n + 4096) * 2.0**-53 + 2100 * 2.0**-53
     e, z, nr = _terms(x)
-    bufs = (np.empty(4), np.empty(4), np.empty(4), np.empty(kern._gather_cap(n) + 9),
+    bufs = (*(np.empty(4) for _ in range(5)), np.empty(kern._gather_cap(n) + 9),
             np.empty(256, np.int64), np.empty(256))
     out = []
     for i in range(x.shape[0]):
         state = np.array([guess, 0.5])
         ok, k, _ = kern._settle(
-            e[i], z[i], nr[i], eps, gamma, np.exp(-650.0) / eps, np.exp(700.0),
+            x[i], e[i], False, z[i], nr[i], eps, gamma, np.exp(-650.0) / eps, np.exp(700.0),
             n * np.exp(-699.0), n * 2.0**-1073, state, *bufs,
         )
         out.append((bool(ok), int(k)))
