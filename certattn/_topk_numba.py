@@ -185,8 +185,11 @@ instead of failing (about 6 s a process; not exercised by the tests, which run w
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -237,20 +240,36 @@ def kernels() -> Any:
 AUTO_KEYS = 1 << 24  # `auto` takes the compiled path from this many keys per call
 
 
+_CALL_KEYS: contextvars.ContextVar[int] = contextvars.ContextVar("certattn_keys", default=0)
+
+
+@contextlib.contextmanager
+def call_size(keys: int) -> Iterator[None]:
+    """Within the block, ``auto`` decides by ``keys`` (the whole call's scores) when that
+    is larger than a chunk: an attention-level call that certifies its scores chunk by
+    chunk takes one path for all of them, decided by the call alone."""
+    token = _CALL_KEYS.set(int(keys))
+    try:
+        yield
+    finally:
+        _CALL_KEYS.reset(token)
+
+
 def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
     """The per-chunk function of the compiled path, or None for the NumPy path.
 
     With ``CERTATTN_KERNEL=auto`` and the call's size given, small calls stay on NumPy:
     importing numba and loading a cached kernel costs about 0.4 s per process (the first
     compile on a machine about 6 s), against 2-4x faster certification once loaded.  The
-    choice depends on the call's size only, never on what the process did before, so a
-    row's certificate is reproducible bit for bit (dask workers, re-chunked batches).
+    choice depends on the call's size only (an attention-level call's, within
+    :func:`call_size`), never on what the process did before, so a row's certificate is
+    reproducible bit for bit (dask workers, re-chunked batches).
     """
     want = choice()
     if want == "numpy":
         return None
     if want == "auto" and rows is not None and n is not None:
-        if rows * n < AUTO_KEYS and n <= STREAM_KEYS:
+        if max(rows * n, _CALL_KEYS.get()) < AUTO_KEYS and n <= STREAM_KEYS:
             return None
     if kernels() is None:
         if want == "numba":

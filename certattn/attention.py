@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
@@ -303,40 +304,14 @@ def _run(
     cache: dict[str, Any] = {}
     names = ["k", "tail", "nv", "kept", "scored", "out", "err", "idx"]
     fields: dict[str, list[Array]] = {f: [] for f in names}
-    for sl, s, valid, qs in _chunks(pr, chunk_elems):
-        ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
-                      need_kept=return_kept or with_output)
-        sel = policy.select(s, valid, ctx)
-        if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
-            if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:
-                raise TypeError(f"policy {policy.name!r} returned no kept set")
-            n_kept, tail, kept, xs = sel.n_kept, sel.tail_upper, None, None
-        else:
-            kept = sel.kept & valid
-            xs = shift_rows(s, xp)
-            n_kept = xp.sum(xp.astype(kept, xp.int64), axis=-1)
-            tail = sel.tail_upper
-            if tail is None:
-                tail = tail_upper_of(xs, valid, kept, xp)
-        fields["k"].append(xp.astype(n_kept, xp.int64))
-        fields["tail"].append(xp.astype(tail, xp.float64))
-        fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
-        if sel.scored is not None:
-            fields["scored"].append(sel.scored)
-        if return_kept:
-            fields["kept"].append(kept)
-        if with_output:
-            require_nonempty(kept, valid, xp, f"policy {policy.name!r} kept set")
-            v = pr.v
-            res = sound_output_bounds(xs, v, valid, kept, tail, xp, diameters=diameters,
-                                      chunk=chunk_elems)
-            fields["out"].append(res["attn_k"])
-            stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
-            stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
-            fields["err"].append(xp.min(stack, axis=-1) + res["mu_err"])
-            fields["idx"].append(xp.argmin(stack, axis=-1))
-        if progress is not None:
-            progress(sl.stop, lq)
+    # the compiled path's `auto` choice: by the whole call's scores, not per chunk
+    scores = math.prod(int(d) for d in pr.q.shape[:-1]) * int(pr.k.shape[-2])
+    with _topk_numba.call_size(scores):
+        for sl, s, valid, qs in _chunks(pr, chunk_elems):
+            _one_chunk(pr, policy, sl, s, valid, qs, cache, fields, return_kept=return_kept,
+                       with_output=with_output, diameters=diameters, chunk_elems=chunk_elems)
+            if progress is not None:
+                progress(sl.stop, lq)
 
     def cat(parts: list[Array], axis: int) -> Array | None:
         if not parts:
@@ -346,6 +321,46 @@ def _run(
     out = {f: cat(fields[f], -2 if f in ("kept", "out") else -1) for f in names}
     out["kl"] = kl_upper_from_tail(out["tail"], xp)
     return out
+
+
+def _one_chunk(
+    pr: _Prepared, policy: Any, sl: slice, s: Array, valid: Array, qs: Array,
+    cache: dict[str, Any], fields: dict[str, list[Array]], *, return_kept: bool,
+    with_output: bool, diameters: bool, chunk_elems: int,
+) -> None:
+    """Select and certify one query chunk ``s`` (its scores), appending to ``fields``."""
+    xp = pr.xp
+    ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
+                  need_kept=return_kept or with_output)
+    sel = policy.select(s, valid, ctx)
+    if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
+        if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:
+            raise TypeError(f"policy {policy.name!r} returned no kept set")
+        n_kept, tail, kept, xs = sel.n_kept, sel.tail_upper, None, None
+    else:
+        kept = sel.kept & valid
+        xs = shift_rows(s, xp)
+        n_kept = xp.sum(xp.astype(kept, xp.int64), axis=-1)
+        tail = sel.tail_upper
+        if tail is None:
+            tail = tail_upper_of(xs, valid, kept, xp)
+    fields["k"].append(xp.astype(n_kept, xp.int64))
+    fields["tail"].append(xp.astype(tail, xp.float64))
+    fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
+    if sel.scored is not None:
+        fields["scored"].append(sel.scored)
+    if return_kept:
+        fields["kept"].append(kept)
+    if with_output:
+        require_nonempty(kept, valid, xp, f"policy {policy.name!r} kept set")
+        v = pr.v
+        res = sound_output_bounds(xs, v, valid, kept, tail, xp, diameters=diameters,
+                                  chunk=chunk_elems)
+        fields["out"].append(res["attn_k"])
+        stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
+        stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
+        fields["err"].append(xp.min(stack, axis=-1) + res["mu_err"])
+        fields["idx"].append(xp.argmin(stack, axis=-1))
 
 
 def certify_scores(

@@ -457,3 +457,25 @@ def test_fast_math_flags_stay_apart():
     assert ("_exp_poly", {"contract"}) in flags
     assert all(f in ({"reassoc"}, {"contract"}) for _, f in flags), flags
     assert {name for name, f in flags if f == {"contract"}} == {"_exp_poly"}
+
+
+def test_attention_calls_choose_the_path_once_by_their_size(monkeypatch):
+    """certify_scores certifies chunk by chunk; under ``auto`` the whole call's size
+    decides (one path for every chunk), and k equals certify_topk on the materialised
+    scores on the NumPy path."""
+    rng = np.random.default_rng(6)
+    q = rng.normal(size=(2, 300, 16))
+    k = rng.normal(size=(2, 300, 16)) * 2
+    monkeypatch.setenv("CERTATTN_KERNEL", "auto")
+    monkeypatch.setattr(nbk, "AUTO_KEYS", 2 * 300 * 300)  # this call, not one chunk
+    calls = []
+    real = nbk.certify_chunk
+    monkeypatch.setattr(nbk, "certify_chunk", lambda *a: calls.append(a[0].shape) or real(*a))
+    cert = certattn.certify_scores(q, k, 0.01, causal=True, chunk_elems=300 * 50)
+    assert len(calls) > 1 and all(r * n < nbk.AUTO_KEYS for r, n in calls)
+    scores = np.where(np.tril(np.ones((300, 300), bool)), q @ k.swapaxes(-1, -2) / 4.0, -np.inf)
+    ref = _certify(scores, 0.01, "numpy")
+    np.testing.assert_array_equal(np.asarray(cert.k), ref.k)
+    calls.clear()
+    certattn.certify_topk(scores[0, :50], 0.01)  # one chunk's size alone: NumPy
+    assert not calls
