@@ -1,7 +1,7 @@
 """certify_topk against the sort + cumsum baseline, measured side by side in one run.
 
 Usage: ``python benchmarks/certify_speed.py [--rows 2048] [--n 4096] [--repeats 11] [--more]
-[--threads 1 2]``
+[--long] [--threads 1 2]``
 
 Each case is timed for every thread count (``CERTATTN_NUM_THREADS``): the compiled path
 (``CERTATTN_KERNEL=numba``, when numba is installed), the NumPy path
@@ -14,7 +14,8 @@ the same input (the machine is noisy, so only same-run ratios mean anything), in
 that rotates from one repeat to the next.  The
 second ratio compares with one ``scipy.special.logsumexp`` pass over the batch.
 ``--more`` adds the shapes users meet beyond the issue's Gaussian batch (sigma = 3): causal
-masks (-inf after a prefix), float16 and float64 logits, and shorter (n / 4) rows.
+masks (-inf after a prefix), float16 and float64 logits, and shorter (n / 4) rows;
+``--long`` adds long rows (2^20 keys, and 2^22 keys, which the compiled path tiles).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def main() -> None:
         "--more", action="store_true",
         help="also time causal masks, float16 and float64 logits and shorter rows",
     )
+    ap.add_argument(
+        "--long", action="store_true",
+        help="also time long rows: 16 rows of 2^20 keys (a row of terms is kept) and 4 rows "
+        "of 2^22 keys (tiled, bounded memory)",
+    )
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     args = ap.parse_args()
     clock = time.process_time if args.cpu_time else time.perf_counter
@@ -85,6 +91,11 @@ def main() -> None:
             ("3, float64", x.astype(np.float64)),
             ("3, n / 4", x.reshape(4 * args.rows, args.n // 4)),
         ]
+
+    if args.long:
+        for rows, logn in ((16, 20), (4, 22)):
+            x = (rng.standard_normal((rows, 1 << logn)) * 3).astype(np.float32)
+            cases.append((f"3, {rows} x 2^{logn}", x))
 
     def certify(x: np.ndarray, kernel: str) -> np.ndarray:
         os.environ["CERTATTN_KERNEL"] = kernel
