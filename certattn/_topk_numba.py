@@ -210,9 +210,26 @@ CACHE = os.environ.get("CERTATTN_NUMBA_CACHE", "1") != "0"
 _KERNELS: Any = None
 
 
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "certattn_kernel", default=None
+)
+
+
+@contextlib.contextmanager
+def forced(kernel: str) -> Iterator[None]:
+    """Within the block, take path ``kernel`` (``"numba"`` or ``"numpy"``) whatever
+    ``CERTATTN_KERNEL`` says (``certattn verify`` checks both paths this way)."""
+    token = _FORCED.set(kernel)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
 def choice() -> str:
-    """The path ``CERTATTN_KERNEL`` asks for: ``"auto"``, ``"numba"`` or ``"numpy"``."""
-    want = os.environ.get("CERTATTN_KERNEL", "auto").strip().lower() or "auto"
+    """The path ``CERTATTN_KERNEL`` asks for (or :func:`forced`): ``"auto"``, ``"numba"``
+    or ``"numpy"``."""
+    want = _FORCED.get() or os.environ.get("CERTATTN_KERNEL", "auto").strip().lower() or "auto"
     if want not in ("auto", "numba", "numpy"):
         raise ValueError(f"CERTATTN_KERNEL must be auto, numba or numpy, got {want!r}")
     return want
@@ -278,6 +295,26 @@ def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
             )
         return None
     return certify_chunk
+
+
+def _kernel_constants() -> dict[str, float]:
+    """The numeric module-level constants of ``_topk_numba_kernels.py`` (``LN2_HI``,
+    ``CAP``, ...), read from its source without importing numba: for the proofs and the
+    tests of the error analysis."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(__file__).with_name("_topk_numba_kernels.py").read_text())
+    out: dict[str, float] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            if isinstance(target, ast.Name):
+                try:
+                    out[target.id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    return out
 
 
 def first_bins(n: int, eps: float) -> int:

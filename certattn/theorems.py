@@ -100,12 +100,14 @@ THEOREMS: tuple[Theorem, ...] = (
        "certify_topk's k is never below the exact k_eps = min{k : tau_k <= eps} and exceeds it "
        "only if the exact tau_{k-1} is within relative 1e-6 of eps; its tail_mass is a sound "
        "upper bound on the exact tau_k and <= eps (tau_k - tau_{k+1} = p_{k+1} >= 0: tau_k "
-       "is non-increasing in k).",
-       "[derived] (rounding analysis in certattn/topk.py)",
+       "is non-increasing in k). On every path: NumPy, compiled (numba) and generic.",
+       "[derived] (rounding analysis in certattn/topk.py and certattn/_topk_numba.py)",
        "topk.certify_topk topk.certify_topp",
-       "topk.py::tail_monotone",
+       "topk.py::tail_monotone topk.py::polynomial_exp_bound",
        "test_topk.py::test_sound_and_minimal_against_exact_arithmetic "
-       "test_topk.py::test_bracket_kernel_on_long_rows_against_exact_arithmetic"),
+       "test_topk.py::test_bracket_kernel_on_long_rows_against_exact_arithmetic "
+       "test_topk_numba.py::test_long_rows_against_exact_arithmetic "
+       "test_topk_numba.py::test_the_polynomial_exp_against_mpmath"),
     # ---------------------------------------------------------------- 3. bounds
     _t("GAP-SINGLE", 3, "bound",
        "1 <= k < n, Delta_k = s_k - s_{k+1}: tau_k <= 1/(1 + (k/(n-k)) e^{Delta_k}); equality "

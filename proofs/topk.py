@@ -28,3 +28,34 @@ def tail_monotone() -> None:
         assert step == 0, (k, step)
         assert (e[k] / z).is_positive
     assert sp.simplify(tau(0) - 1) == 0 and tau(n) == 0
+
+
+@proof("TOPK-MINIMAL", "the compiled kernel's polynomial exp errs by at most EXP_POLY_ERR")
+def polynomial_exp_bound() -> None:
+    """The error budget of ``certattn._topk_numba_kernels._exp_poly`` (derived in
+    ``certattn/_topk_numba.py``), in exact rational arithmetic: the Cody-Waite constants,
+    the reduced argument's range, truncation + Horner + reduction <= EXP_POLY_ERR, and
+    that this lies inside the per-term margin GAMMA_EXP the acceptance test grants."""
+    from fractions import Fraction
+
+    from certattn._fp import EXP_POLY_ERR, GAMMA_EXP
+    from certattn._topk_numba import _kernel_constants
+
+    c = _kernel_constants()
+    hi, lo = sp.Rational(Fraction(c["LN2_HI"])), sp.Rational(Fraction(c["LN2_LO"]))
+    u = sp.Rational(1, 2**53)
+    # LN2_HI has at most 32 significant bits: n * LN2_HI is exact for |n| <= 1025
+    mant = Fraction(c["LN2_HI"]).numerator
+    assert mant.bit_length() - (mant & -mant).bit_length() + 1 <= 32
+    assert abs(sp.log(2) - hi - lo).evalf(60) <= sp.Rational(1, 2**86)
+    # |r| <= ln2 / 2 + (rounding of a * log2(e), |a| <= 710): within R
+    r_max = sp.Rational(347, 1000)
+    assert (sp.log(2) / 2 + 710 * 4 * u).evalf(40) < r_max
+    # degree 11: truncation R^12/12! e^R, Horner gamma_23 e^R, relative to e^-R
+    trunc = r_max**12 / sp.factorial(12) * sp.exp(2 * r_max)
+    horner = 23 * u / (1 - 23 * u) * sp.exp(2 * r_max)
+    reduction = sp.Rational(7, 10) * u  # |r-hat - r| <= 0.7u, exp'(r) / exp(r) = 1
+    total = (1 + trunc) * (1 + horner) * sp.exp(reduction) - 1
+    bound = sp.Rational(Fraction(EXP_POLY_ERR))
+    assert total.evalf(50) <= bound, total.evalf(10) / u
+    assert bound <= sp.Rational(Fraction(GAMMA_EXP))

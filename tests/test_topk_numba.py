@@ -312,23 +312,9 @@ def _poly_exp(a):
     return np.array([kern._exp_poly(float(v)) for v in np.atleast_1d(a)])
 
 
-def test_the_polynomial_exp_bound_is_derived_and_covered():
-    """The bound of the docstring, recomputed: truncation + Horner + reduction is within
-    ``EXP_POLY_ERR``, which lies inside the term error the acceptance test grants."""
-    mpmath = pytest.importorskip("mpmath")
-    from certattn._fp import EXP_POLY_ERR, GAMMA_EXP, U
-
-    mpmath.mp.prec = 120
-    r_max = mpmath.mpf("0.347")
-    assert 0.5 * np.log(2) + 1e-12 < r_max
-    trunc = r_max**12 / mpmath.factorial(12) * mpmath.exp(r_max) / mpmath.exp(-r_max)
-    horner = 23 * (1 + 2.0**-49) * mpmath.exp(2 * r_max) * U
-    total = (1 + trunc + horner) * (1 + 0.7 * U) * mpmath.exp(0.7 * U) - 1
-    assert float(total) <= EXP_POLY_ERR <= GAMMA_EXP
-
-
 def test_the_polynomial_exp_against_mpmath():
-    """On the reduction's worst arguments (``|r|`` at ln 2 / 2 for every exponent), the
+    """(The bound itself is derived in proofs/topk.py::polynomial_exp_bound.)  On the
+    reduction's worst arguments (``|r|`` at ln 2 / 2 for every exponent), the
     floor, the top of the range and random ones: within ``EXP_POLY_ERR`` of the exact
     ``exp``; ``inf`` where ``exp`` overflows."""
     mpmath = pytest.importorskip("mpmath")
@@ -479,3 +465,15 @@ def test_attention_calls_choose_the_path_once_by_their_size(monkeypatch):
     calls.clear()
     certattn.certify_topk(scores[0, :50], 0.01)  # one chunk's size alone: NumPy
     assert not calls
+
+
+def test_verify_checks_the_compiled_path_too(monkeypatch):
+    """``certattn verify --only TOPK-MINIMAL`` on NumPy runs cases on both paths."""
+    from certattn.verify import run_verify
+
+    calls = []
+    real = nbk.certify_chunk
+    monkeypatch.setattr(nbk, "certify_chunk", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setenv("CERTATTN_KERNEL", "numpy")  # forced() overrides it per case
+    (res,) = run_verify(2000, ids=["TOPK-MINIMAL"], progress=False)
+    assert res.passed and calls

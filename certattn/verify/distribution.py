@@ -148,14 +148,23 @@ def check_topk_minimal(rows, *, xp, device, rng, progress):
     small end, ``tail_ref(k) <= eps (1 + tol)``, ``tail_ref(k - 1) >= eps (1 - 1e-6 - tol)``
     (minimality), ``tail_ref(k) <= cert.tail_upper (1 + tol)`` and ``cert.tail_upper <= eps``;
     ``eps = 0`` keeps every valid key.  Violation: the relative excess; tolerance
-    ``tol = 1e-11`` covers the reference's rounding (``u (n + 760)`` per term, n <= 2048)."""
-    ctx, w = _ctx(xp, device, rng, progress), Worst()
+    ``tol = 1e-11`` covers the reference's rounding (``u (n + 760)`` per term, n <= 2048).
+    On NumPy with numba installed, the cases alternate between the NumPy path and the
+    compiled one (``certattn[fast]``), so both are checked."""
+    import contextlib
+
+    from .._array import is_numpy
+    from .._topk_numba import forced, kernels
     from ..topk import certify_topk
 
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
+    paths = ("numpy", "numba") if is_numpy(xp) and kernels() is not None else (None,)
     eps_list = (*EPS, 1e-300, 0.0)
     for i, (x, x64, _, _) in enumerate(_cases(ctx, rows, (5, 64, 2048), width=6)):
         eps = eps_list[i % len(eps_list)]
-        cert = certify_topk(x, eps)
+        path = paths[(i // len(eps_list)) % len(paths)]
+        with forced(path) if path else contextlib.nullcontext():
+            cert = certify_topk(x, eps)
         k = xp.astype(cert.k, xp.int64)
         nv = xp.sum(xp.astype(x64 > -xp.inf, xp.int64), axis=-1)
         if eps == 0.0:
