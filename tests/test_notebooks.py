@@ -3,7 +3,8 @@
 The notebooks are jupytext percent-format ``.py`` files.  With the ``notebooks`` extra
 (jupytext, nbclient, ipykernel) each one is converted to a notebook and run cell by cell
 in a fresh kernel, exactly as a researcher would run it; without it, the file is run as a
-plain script in a subprocess.  Either way ``MPLBACKEND=Agg`` and any error fails the test.
+plain script in a subprocess.  Either way ``MPLBACKEND=Agg``, and any error, or a
+deprecation warning of certattn's in the output, fails the test.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+DEPRECATED = "is deprecated; use"  # the message of every deprecated alias (CONTRIBUTING)
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
 _HAVE_KERNEL = all(
     importlib.util.find_spec(m) is not None for m in ("jupytext", "nbclient", "ipykernel")
@@ -56,7 +58,11 @@ def test_notebook_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
                   if o.get("output_type") == "error"]
         assert n_code >= 3 and not errors
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
+                       for o in c.get("outputs", []) if o.get("output_type") == "stream")
+        assert DEPRECATED not in text, "a notebook uses a deprecated name"
     else:
         proc = subprocess.run([sys.executable, str(path)], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert DEPRECATED not in proc.stderr, "a notebook uses a deprecated name"
