@@ -43,9 +43,12 @@ the exact budget narrows a bracket :math:`[\ell, h)` with :math:`\hat T(\ell) \l
 ``centre`` and ``spread`` are running means of :math:`\log(\text{cut}/B)` and of its
 deviation over the rows settled so far (rows of one head are alike: for Gaussian rows
 the cut varies by about 0.2 nat, on SmolLM2 heads by more), and gathers its bracket at
-once.  Later rounds also count, and split the bracket known so far evenly in log space
-(5 times narrower a round) within :math:`[B/n, \hat Z]`, where the cut term must lie
-(:math:`B < \hat T_{t+1} \le (t+1)\,\text{cut}`), until it holds at most
+once.  Later rounds also count, and narrow the bracket known so far within
+:math:`[B/n, \hat Z]`, where the cut term must lie (:math:`B < \hat T_{t+1} \le
+(t+1)\,\text{cut}`): once both ends have positive sums, 4 thresholds close around the
+point where :math:`\log \hat T` interpolated linearly in :math:`\log \tau` reaches
+:math:`\log B` (``SPLIT_AROUND``), else evenly in log space (5 times narrower), until it
+holds at most
 ``max(128, min(n/8, 512), n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds; resolving a
 term costs about 20 times a key of a counting pass).  The gather is one pass
 (``vcompresspd`` through ``llvm.masked.compressstore``) that also counts the terms below
@@ -159,7 +162,7 @@ terms, and for rows up to ``STREAM_KEYS`` keys one float64 row of terms (at most
 rows of 2^18 and 2^20 keys take 20-22 ms per 2^24 keys, against 42-57 ms on the NumPy
 path and 220 ms streamed; at 2^22 keys a row of terms no longer fits the caches).
 Longer rows keep one tile of terms (64 KiB) and at most ``TILED_GATHER`` gathered terms
-(256 KiB): no scratch grows with the row length (tracemalloc: under 1 MiB for a 2^22-key
+(512 KiB): no scratch grows with the row length (tracemalloc: under 1 MiB for a 2^22-key
 float32 row, a test; 159 MiB on the NumPy path for 2^24 keys).  Four rows of 2^22 keys:
 59 / 34 ms on 1 / 2 threads against 62 / 35 ms on the NumPy path (the streamed full
 kernel alone took 112 ms on 2 threads).

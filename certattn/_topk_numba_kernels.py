@@ -22,7 +22,7 @@ from ._topk_numba import CACHE, FLOOR  # FLOOR: the error model's EXP_FLOOR, fix
 # recompiles, a change elsewhere would not.
 CAP = 512  # most keys of one bin gathered and sorted
 SUB_BINS = 256  # sub-bins when a bin is split
-TILED_GATHER = 1 << 15  # most terms gathered from a tiled (long) row: 256 KiB
+TILED_GATHER = 1 << 16  # most terms gathered from a tiled (long) row: 512 KiB
 MAX_LEVELS = 8  # levels of splitting (the last resolves by sorting, whatever the size)
 
 _JIT = {"cache": CACHE, "nogil": True}
@@ -269,6 +269,7 @@ SETTLE_ROUNDS = 8  # passes of 4 thresholds tried before the full kernel
 SETTLE_OFFSETS = (-1.5, -0.5, 0.5, 1.5)  # first thresholds: centre + spread * these
 FIRST_GUESS = (-6.0, 0.5)  # (centre, spread) of log(cut / B) before any row is settled
 SPREAD_MIN, SPREAD_MAX = 0.05, 4.0  # the spread is kept within these (nats)
+SPLIT_AROUND = (-0.08, -0.02, 0.02, 0.08)  # later rounds: interpolated cut + these (of w)
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,12 +565,13 @@ def _settle(xr, er, tiled, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_
     prediction ``state`` (running means of ``log(cut / B)`` and of its deviation over the
     rows settled so far; rows of one head are alike) and only sums;
     its bracket is gathered at once (:func:`_gather_fast`, which gives up when the
-    bracket overflows ``buf``).  Later rounds also count, split the bracket known so far
-    (within ``[B / n, z]``, where the cut term must lie) evenly in log space, 5 times
-    narrower a round, and gather once it fits.  The gathered terms are added smallest
-    first (:func:`_add_smallest_first`).  ``ok`` is False (the caller runs the full
-    kernel on ``er``) after ``SETTLE_ROUNDS`` rounds, or when the row needs the shifted
-    terms.  Thresholds only steer.
+    bracket overflows ``buf``).  Later rounds also count and narrow the bracket known so
+    far (within ``[B / n, z]``, where the cut term must lie): around the interpolated
+    crossing of ``log T`` and ``log B`` when both ends have positive sums, else evenly in
+    log space (5 times narrower a round); they gather once it fits.  The gathered terms
+    are added smallest first (:func:`_add_smallest_first`).  ``ok`` is False (the caller
+    runs the full kernel) after ``SETTLE_ROUNDS`` rounds, or when the row needs the
+    shifted terms.  Thresholds only steer.
     """
     n = xr.shape[0]
     if not (z >= z_min and z <= z_max):
@@ -581,7 +583,7 @@ def _settle(xr, er, tiled, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_
     if not budget > 0.0:
         return False, 0, 0.0
     lo, lo_sum = 0.0, 0.0  # T(lo) <= B: nothing is below 0
-    hi = np.inf  # B < T(inf) = z-hat (up to rounding: then no cut is found, below)
+    hi, hi_sum = np.inf, z  # B < T(inf) = z-hat (up to rounding: then no cut is found)
     lo_cnt, hi_cnt = 0.0, float(n)  # terms below lo, below hi: known unless round 0 set it
     lo_known = hi_known = True
     # the cut term lies in [B / n, z]: B < T(t + 1) <= (t + 1) cut, and no term exceeds z
@@ -593,21 +595,29 @@ def _settle(xr, er, tiled, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_
             for i in range(4):
                 tau[i] = budget * math.exp(centre + state[1] * SETTLE_OFFSETS[i])
             _row_sums(xr, er, tiled, tau, sums, None, tsums, None)
-        else:  # split the bracket known so far evenly in log space; sums and counts
+        else:  # narrow the bracket known so far (log space); sums and counts
             left = lo if lo > 0.0 else low
             right = hi if hi < np.inf else high
             if not right > left:
                 break
             w = math.log(right / left)
-            for i in range(4):
-                tau[i] = left * math.exp(w * (i + 1) / 5.0)
+            if lo_sum > 0.0 and hi < np.inf and hi_sum > lo_sum:
+                # where the budget falls, interpolating log T linearly in log tau, and
+                # thresholds close around it (kept inside the bracket, ascending)
+                at = math.log(budget / lo_sum) / math.log(hi_sum / lo_sum)
+                for i in range(4):
+                    f = min(max(at + SPLIT_AROUND[i], 0.01 * (i + 1)), 0.96 + 0.01 * i)
+                    tau[i] = left * math.exp(w * f)
+            else:  # evenly
+                for i in range(4):
+                    tau[i] = left * math.exp(w * (i + 1) / 5.0)
             _row_sums(xr, er, tiled, tau, sums, counts, tsums, tcounts)
         for i in range(4):
             if sums[i] <= budget:
                 if tau[i] > lo:
                     lo, lo_sum, lo_cnt, lo_known = tau[i], sums[i], counts[i], rnd > 0
             elif tau[i] < hi:
-                hi, hi_cnt, hi_known = tau[i], counts[i], rnd > 0
+                hi, hi_sum, hi_cnt, hi_known = tau[i], sums[i], counts[i], rnd > 0
         if lo_known and hi_known and hi_cnt - lo_cnt > buf.shape[0] - 9:
             continue  # too full for buf: split again
         g, below = _row_gather(xr, er, tiled, lo, hi, buf)  # -1: it does not fit after all
