@@ -164,7 +164,7 @@ path and 220 ms streamed; at 2^22 keys a row of terms no longer fits the caches)
 Longer rows keep one tile of terms (64 KiB) and at most ``TILED_GATHER`` gathered terms
 (512 KiB): no scratch grows with the row length (tracemalloc: under 1 MiB for a 2^22-key
 float32 row, a test; 159 MiB on the NumPy path for 2^24 keys).  Four rows of 2^22 keys:
-59 / 34 ms on 1 / 2 threads against 62 / 35 ms on the NumPy path (the streamed full
+50 / 33 ms on 1 / 2 threads against 65 / 37 ms on the NumPy path (the streamed full
 kernel alone took 112 ms on 2 threads).
 Half precision is widened to float32 per chunk first (4 bytes a key, as on the NumPy
 path), and a non-contiguous chunk is copied once.  Chunks run on the NumPy path's worker
