@@ -304,6 +304,21 @@ def _f64_from_bits(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _bits_from_f64(typingctx, x):
+    """The IEEE bit pattern of the float64 ``x`` as an int64 (an LLVM bitcast: defined for
+    every input, NaN included, unlike a float-to-int conversion)."""
+    sig = types.int64(types.float64)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+_ROUNDER_BITS = 0x4338000000000000  # the bits of ROUNDER; t + ROUNDER holds n in its low bits
+
+
 @njit(fastmath={"contract"}, **_JIT)
 def _exp_poly(a):
     """``exp(a)`` for a float64 ``a`` in ``[FLOOR, EXP_TOP]``, within ``EXP_POLY_ERR`` (192u).
@@ -314,7 +329,8 @@ def _exp_poly(a):
     ``contract`` only (an FMA may fuse a multiply-add: one rounding instead of two, inside
     the bound); no reassociation, which would undo the reduction.  Vectorises.
     """
-    kf = (a * LOG2E + ROUNDER) - ROUNDER
+    t = a * LOG2E + ROUNDER  # an integer n + ROUNDER (|n| < 2^51): n sits in the low bits
+    kf = t - ROUNDER
     r = (a - kf * LN2_HI) - kf * LN2_LO
     p = _P11
     p = p * r + _P10
@@ -328,7 +344,10 @@ def _exp_poly(a):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
-    return (p * _f64_from_bits((np.int64(kf) + 1022) << 52)) * 2.0
+    # 2^(n-1) from n's bits: integer arithmetic on the bit pattern, defined for a NaN ``a``
+    # too (then p is NaN and so is the result), where a float-to-int conversion is not
+    n = _bits_from_f64(t) - _ROUNDER_BITS
+    return (p * _f64_from_bits((n + 1022) << 52)) * 2.0
 
 
 @intrinsic
