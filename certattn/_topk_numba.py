@@ -3,18 +3,18 @@ r"""Compiled fast path of :func:`certattn.certify_topk` (``pip install "certattn
 Which path runs
 ---------------
 ``CERTATTN_KERNEL`` chooses, per call: ``auto`` (default: the compiled path when numba
-imports and the call is large enough to repay numba's start-up -- at least
-``AUTO_KEYS`` keys in all, or rows longer than ``STREAM_KEYS``, which the compiled path
-streams in bounded memory -- else NumPy), ``numba`` (compiled; an error if numba is
-missing) or ``numpy``
-(the NumPy path of :mod:`certattn._topk_numpy`, which stays the reference and the
-fallback).  Only NumPy inputs take either; other array libraries (CuPy included: no GPU
-kernel here, the CuPy path stays the generic sort kernel of :mod:`certattn.topk`) are
-unchanged.  Both paths certify the same quantity with the same acceptance test, so ``k``
-agrees exactly except where the computed tail of ``k - 1`` keys lies within rounding
-(about :math:`n u` relative) of the acceptance threshold itself, a band inside the
-certificate's margin; ``tail_upper`` agrees within a relative :math:`2 n u`.  Either
-answer is sound and minimal up to the margin.
+imports and the call is large enough to repay numba's start-up -- at least ``AUTO_KEYS``
+keys in all, or rows longer than ``STREAM_KEYS``, which the compiled path tiles in
+bounded memory -- else NumPy), ``numba`` (compiled; an error if numba is missing) or
+``numpy`` (the NumPy path of :mod:`certattn._topk_numpy`, which stays the reference and
+the fallback). Only NumPy inputs take either; other array libraries (CuPy included: no
+GPU kernel here, the CuPy path stays the generic sort kernel of :mod:`certattn.topk`)
+are unchanged. Both paths certify the same quantity with the same acceptance test, so
+``k`` agrees exactly except where the computed tail of ``k - 1`` keys lies within
+rounding (about :math:`(n + 200) u` relative: the sums, and the two paths' ``exp``) of
+the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
+agrees within a relative :math:`2 n u + 400 u`. Either answer is sound and minimal up to
+the margin.
 
 The kernel (per row)
 --------------------
@@ -48,15 +48,15 @@ once.  Later rounds also count, and narrow the bracket known so far within
 (t+1)\,\text{cut}`): once both ends have positive sums, 4 thresholds close around the
 point where :math:`\log \hat T` interpolated linearly in :math:`\log \tau` reaches
 :math:`\log B` (``SPLIT_AROUND``), else evenly in log space (5 times narrower), until it
-holds at most
-``max(128, min(n/8, 512), n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds; resolving a
-term costs about 20 times a key of a counting pass).  The gather is one pass
+holds at most ``max(128, min(n/8, 512), n/32)`` keys (at most ``SETTLE_ROUNDS`` rounds;
+resolving a term costs about 20 times a key of a counting pass).  The gather is one pass
 (``vcompresspd`` through ``llvm.masked.compressstore``) that also counts the terms below
 the bracket; the gathered terms are split into bins linear in the term (monotone), whole
 bins join the tail while the running sum stays within budget, and the bin holding the
 cut is sorted and added one term at a time.
 
-Full kernel (short, long or shifted rows, and the steered pass's leftovers):
+Full kernel (rows that need shifted terms, rows holding NaN or ``+inf``, ``eps = 0``,
+and whatever the settling leaves):
 
 1. One pass: row maximum :math:`m`, valid keys, NaN / ``+inf`` (such rows are skipped;
    the caller raises).
