@@ -93,6 +93,21 @@ def _add_in_row_order(xr, er, mode, m, shift, lo, hi, closed, raised, s, t, budg
 
 
 @njit(**_JIT)
+def _add_sorted(part, s, t, budget):
+    """Sort ``part`` in place and add it to the running sum ``s`` smallest first while the
+    sum stays within ``budget``: ``(stop, s, t, cut)``, ``cut`` the first value that did
+    not fit (``stop``), else 0."""
+    part.sort()
+    for i in range(part.shape[0]):
+        s_new = s + part[i]
+        if s_new > budget:
+            return True, s, t, part[i]
+        s = s_new
+        t += 1
+    return False, s, t, 0.0
+
+
+@njit(**_JIT)
 def _resolve(xr, er, mode, m, shift, lo, hi, closed, equal, count, raised, s, t, budget, buf):
     """Add the keys of one window (or of the raised class) to the tail, smallest term
     first, while the running float64 sum stays within ``budget``.
@@ -109,15 +124,8 @@ def _resolve(xr, er, mode, m, shift, lo, hi, closed, equal, count, raised, s, t,
     if g < 0:  # defensive: room for the whole row
         work = np.empty(xr.shape[0], dtype=np.float64)
         g = _gather(xr, er, mode, m, shift, lo, hi, closed, work)
-    part = work[:g]
-    part.sort()
-    for i in range(g):
-        s_new = s + part[i]
-        if s_new > budget:
-            return True, s, t
-        s = s_new
-        t += 1
-    return False, s, t
+    stop, s, t, _ = _add_sorted(work[:g], s, t, budget)
+    return stop, s, t
 
 
 @njit(**_JIT)
@@ -700,14 +708,9 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
                 vals[i] = vals[h]
                 vals[h] = v
                 h += 1
-        part = vals[:h]
-        part.sort()
-        for i in range(h):
-            s_new = s + part[i]
-            if s_new > budget:
-                return True, s, t, part[i]
-            s = s_new
-            t += 1
+        stop, s, t, cut = _add_sorted(vals[:h], s, t, budget)
+        if stop:
+            return True, s, t, cut
         # every value of bin j fits by itself (rounding): the rest of the values are
         # behind the front h; re-bin them would cost; add the remaining bins whole
         vals_rest_start = h
@@ -736,15 +739,7 @@ def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
             vals[i] = vals[h]
             vals[h] = v
             h += 1
-    part = vals[start:h]
-    part.sort()
-    for i in range(part.shape[0]):
-        s_new = s + part[i]
-        if s_new > budget:
-            return True, s, t, part[i]
-        s = s_new
-        t += 1
-    return False, s, t, 0.0
+    return _add_sorted(vals[start:h], s, t, budget)
 
 
 @njit(**_JIT)
