@@ -663,6 +663,12 @@ def _settle(xr, er, tiled, z, nr, eps, gamma, z_min, z_max, alpha_raised, alpha_
 
 
 @njit(**_JIT)
+def _bin_of(v, lo, scale, nbin):
+    """The sub-bin of value ``v`` (linear in the value, so monotone)."""
+    return min(nbin - 1, int((v - lo) * scale))
+
+
+@njit(**_JIT)
 def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
     """Add ``vals[:g]`` to the running sum ``s`` smallest first while it stays within
     ``budget``: ``(stop, s, t, cut)``, as in :func:`_resolve`, with ``cut`` the first value
@@ -688,9 +694,10 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
         sub_cnt[i] = 0
         sub_mass[i] = 0.0
     for i in range(g):
-        j = min(nbin - 1, int((vals[i] - lo) * scale))
+        j = _bin_of(vals[i], lo, scale, nbin)
         sub_cnt[j] += 1
         sub_mass[j] += vals[i]
+    start = 0  # values of bins resolved one by one (all fitted) lie before start
     for j in range(nbin):
         c = sub_cnt[j]
         if c == 0:
@@ -700,46 +707,19 @@ def _add_smallest_first(vals, g, s, t, budget, sub_cnt, sub_mass):
             s = s_new
             t += c
             continue
-        # the cut is in bin j: gather its values to the front, sort, add one by one
-        h = 0
-        for i in range(g):
-            if min(nbin - 1, int((vals[i] - lo) * scale)) == j:
+        # the cut is in bin j: move its values to vals[start:h], sort, add one by one
+        h = start
+        for i in range(start, g):
+            if _bin_of(vals[i], lo, scale, nbin) == j:
                 v = vals[i]
                 vals[i] = vals[h]
                 vals[h] = v
                 h += 1
-        stop, s, t, cut = _add_sorted(vals[:h], s, t, budget)
+        stop, s, t, cut = _add_sorted(vals[start:h], s, t, budget)
         if stop:
             return True, s, t, cut
-        # every value of bin j fits by itself (rounding): the rest of the values are
-        # behind the front h; re-bin them would cost; add the remaining bins whole
-        vals_rest_start = h
-        for jj in range(j + 1, nbin):
-            c2 = sub_cnt[jj]
-            if c2 == 0:
-                continue
-            s_new = s + sub_mass[jj]
-            if s_new <= budget:
-                s = s_new
-                t += c2
-                continue
-            return _add_bin_sorted(vals, vals_rest_start, g, lo, scale, nbin, jj, s, t,
-                                   budget)
-        return False, s, t, 0.0
+        start = h  # every value of bin j fitted by itself (rounding): on to the next bin
     return False, s, t, 0.0
-
-
-@njit(**_JIT)
-def _add_bin_sorted(vals, start, g, lo, scale, nbin, j, s, t, budget):
-    """Sort the values of bin ``j`` among ``vals[start:g]`` and add them smallest first."""
-    h = start
-    for i in range(start, g):
-        if min(nbin - 1, int((vals[i] - lo) * scale)) == j:
-            v = vals[i]
-            vals[i] = vals[h]
-            vals[h] = v
-            h += 1
-    return _add_sorted(vals[start:h], s, t, budget)
 
 
 @njit(**_JIT)
