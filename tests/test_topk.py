@@ -332,12 +332,13 @@ def test_bracket_kernel_on_long_rows_against_exact_arithmetic(numpy_kernel, seed
         _check_contract(x[i], eps, int(cert.k[i]), float(cert.tail_upper[i]))
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float16", "bfloat16", "float64-huge", "float64-tiny-eps", "float32-ragged-n"]
-)
-def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(numpy_kernel, dtype):
-    """Long rows in the other dtypes; huge offsets take the shifted (c = max) path; a key
-    axis that is not a multiple of 8 leaves padding in the packed bits."""
+DTYPE_CASES = ["float16", "bfloat16", "float64-huge", "float64-tiny-eps", "float32-ragged-n"]
+
+
+def dtype_case(dtype: str) -> tuple[np.ndarray, float]:
+    """Long rows in another dtype, and their eps: huge offsets take the shifted (c = max)
+    path, a tiny eps lifts the terms clear of underflow, and a key axis that is not a
+    multiple of 8 leaves padding in packed bits."""
     x = _long_rows(2).astype(np.float64)
     eps = 0.01
     if dtype == "float32-ragged-n":
@@ -351,6 +352,13 @@ def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(numpy_kernel, dt
         x = x + 1e4  # every row sum overflows exp: c = row max
     else:
         eps = 1e-290  # below e^-600: terms are lifted clear of underflow
+    return x, eps
+
+
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
+def test_bracket_kernel_in_every_dtype_against_exact_arithmetic(numpy_kernel, dtype):
+    """Long rows in the other dtypes (:func:`dtype_case`)."""
+    x, eps = dtype_case(dtype)
     cert = certattn.certify_topk(x, eps)
     for i in range(x.shape[0]):
         _check_contract(x[i].astype(np.float64), eps, int(cert.k[i]), float(cert.tail_upper[i]))

@@ -22,7 +22,7 @@ from hypothesis import given
 
 import certattn
 
-from .test_topk import EPS, _check_contract, _long_rows, logit_rows
+from .test_topk import DTYPE_CASES, EPS, _check_contract, _long_rows, dtype_case, logit_rows
 
 numba = pytest.importorskip("numba")
 
@@ -87,23 +87,9 @@ def test_long_rows_against_exact_arithmetic(mode, seed, eps):
     _agree_and_exact(_long_rows(seed), eps)
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float16", "bfloat16", "float64-huge", "float64-tiny-eps", "float32-ragged-n"]
-)
+@pytest.mark.parametrize("dtype", DTYPE_CASES)
 def test_every_dtype_against_exact_arithmetic(mode, dtype):
-    x = _long_rows(2).astype(np.float64)
-    eps = 0.01
-    if dtype == "float32-ragged-n":
-        x = np.concatenate([x, x[:, :13] - 0.5], axis=1).astype(np.float32)
-    elif dtype == "float16":
-        x = np.clip(x, -6e4, 6e4).astype(np.float16)
-    elif dtype == "bfloat16":
-        ml_dtypes = pytest.importorskip("ml_dtypes")
-        x = x.astype(ml_dtypes.bfloat16)
-    elif dtype == "float64-huge":
-        x = x + 1e4  # every row sum overflows exp: shifted terms
-    else:
-        eps = 1e-290  # below e^-600: terms lifted clear of underflow
+    x, eps = dtype_case(dtype)
     _agree_and_exact(x, eps)
 
 
