@@ -219,14 +219,19 @@ _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def forced(kernel: str) -> Iterator[None]:
-    """Within the block, take path ``kernel`` (``"numba"`` or ``"numpy"``) whatever
-    ``CERTATTN_KERNEL`` says (``certattn verify`` checks both paths this way)."""
-    token = _FORCED.set(kernel)
+def _scoped(var: contextvars.ContextVar[Any], value: Any) -> Iterator[None]:
+    """``var`` set to ``value`` within the block (per thread, undone on exit)."""
+    token = var.set(value)
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        var.reset(token)
+
+
+def forced(kernel: str) -> contextlib.AbstractContextManager[None]:
+    """Within the block, take path ``kernel`` (``"numba"`` or ``"numpy"``) whatever
+    ``CERTATTN_KERNEL`` says (``certattn verify`` checks both paths this way)."""
+    return _scoped(_FORCED, kernel)
 
 
 def choice() -> str:
@@ -263,16 +268,11 @@ AUTO_KEYS = 1 << 24  # `auto` takes the compiled path from this many keys per ca
 _CALL_KEYS: contextvars.ContextVar[int] = contextvars.ContextVar("certattn_keys", default=0)
 
 
-@contextlib.contextmanager
-def call_size(keys: int) -> Iterator[None]:
+def call_size(keys: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, ``auto`` decides by ``keys`` (the whole call's scores) when that
     is larger than a chunk: an attention-level call that certifies its scores chunk by
     chunk takes one path for all of them, decided by the call alone."""
-    token = _CALL_KEYS.set(int(keys))
-    try:
-        yield
-    finally:
-        _CALL_KEYS.reset(token)
+    return _scoped(_CALL_KEYS, int(keys))
 
 
 def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
