@@ -400,7 +400,7 @@ def test_certified_blocks_counts_only_visible_keys_of_a_kept_block(mask_kind):
     a = certattn.certify_attention(q, k, v, policy=CertifiedBlocks(0.3, block_size=4),
                                    scale=1.0, **kw)
     check_rows(q, k, v, 1.0, to_numpy(a.kept), a.tail_upper, a.error_bound, visible=tril)
-    assert float(a.tail_upper[4]) >= 0.595
+    assert np.all(to_numpy(a.tail_upper) <= 0.3)
 
 
 def _issue20_search():
