@@ -476,3 +476,19 @@ def test_bias_policies_are_sound_against_exact_arithmetic(case):
     check_rows(q, k, v, 0.7, to_numpy(a.kept), a.tail_upper, a.error_bound, bias=bias,
                visible=vis)
     assert np.all(to_numpy(a.tail_upper) <= policy.eps)
+
+
+@pytest.mark.parametrize("policy", [CertifiedBlocks(0.1, block_size=4), Search(0.05)],
+                         ids=lambda p: p.name)
+def test_bias_policies_on_every_backend(policy, backend):
+    """The additive bias reaches the policies' bounds on every namespace and device."""
+    q, k, v = _qkv(12)
+    b = np.where(np.arange(11) >= 8, -10000.0, 0.0)
+    b[2] = 6.0
+    ref = certattn.certify_attention(q, k, v, policy=policy, mask=b)
+    got = certattn.certify_attention(*(backend.asarray(a) for a in (q, k, v)), policy=policy,
+                                     mask=backend.asarray(b))
+    for name in ("output", "tail_upper", "error_bound", "kept"):
+        np.testing.assert_allclose(to_numpy(getattr(got, name)), getattr(ref, name),
+                                   rtol=1e-12, atol=1e-15)
+    assert not np.any(to_numpy(ref.kept)[..., 8:])
