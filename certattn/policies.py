@@ -295,7 +295,9 @@ class CertifiedBlocks:
     (Theorem BLOCK-SCORE: ``kind`` "box", "ball" or "both"); :func:`certattn.greedy_block_set`
     keeps the fewest keys whose BLOCK-BOUNDS tail bound is at most ``eps``.  The bound
     needs no score of a dropped block, so it certifies what a block-sparse kernel that
-    never reads those blocks loses.
+    never reads those blocks loses.  Per query, a block's size is the number of its keys
+    the query sees (a mask or causality may hide some), and with an additive mask bias
+    its score bounds add the smallest / largest bias of those keys (rounded outward).
     """
 
     eps: float

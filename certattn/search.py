@@ -479,7 +479,12 @@ def _visible_bias(bias: np.ndarray | None, visible: np.ndarray) -> np.ndarray | 
     """The bias as float64 ``(m, n)``, 0 on hidden keys; None when it is absent or all 0."""
     if bias is None:
         return None
-    b = np.where(visible, np.broadcast_to(np.asarray(bias, dtype=np.float64), visible.shape), 0.0)
+    try:
+        b = np.broadcast_to(np.asarray(bias, dtype=np.float64), visible.shape)
+    except ValueError:
+        raise InputError(f"bias of shape {np.shape(bias)} does not broadcast to "
+                         f"{visible.shape}") from None
+    b = np.where(visible, b, 0.0)
     if not np.all(np.isfinite(b)):
         raise InputError("the additive bias of a visible key must be finite")
     return b if np.any(b != 0) else None
