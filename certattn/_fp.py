@@ -48,6 +48,8 @@ Formulas
 :func:`ratio_up`
     ``num / (num + head)`` rounded up, **failing closed**: NaN or an overflow anywhere
     gives 1 (the trivial bound), never a small number.
+:func:`add_up` / :func:`add_down`
+    ``a + b`` moved outward by ``2 U |a + b|`` (a score bound plus an additive mask bias).
 
 Log-sum-exp
 -----------
@@ -71,6 +73,8 @@ __all__ = [
     "NORMAL_MIN",
     "SMALLEST",
     "U",
+    "add_down",
+    "add_up",
     "log_cumsum",
     "lse",
     "lse_diff",
@@ -214,6 +218,25 @@ def ratio_up(num: Array, head: Array, xp: Any) -> Array:
     r = xp.where(num == 0, xp.zeros_like(r), r)
     r = xp.where(bad, xp.ones_like(r), r)
     return xp.minimum(r, 1.0)
+
+
+def add_up(a: Array, b: Array, xp: Any) -> Array:
+    r"""``a + b`` rounded up: an upper bound on the exact sum of two float64 arrays.
+
+    The float64 sum ``s`` errs by at most :math:`u|a + b| \le 2u|s|`, and adding
+    :math:`2u|s|` (at least one unit in the last place of ``s``) moves ``s`` past it.
+    Infinite sums are returned as they are; ``-inf + inf`` (NaN) becomes ``+inf``
+    (fails closed for an upper bound).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = a + b
+        out = xp.where(xp.isfinite(s), s + 2 * U * xp.abs(s), s)
+    return xp.where(xp.isnan(out), xp.full_like(out, xp.inf), out)
+
+
+def add_down(a: Array, b: Array, xp: Any) -> Array:
+    """``a + b`` rounded down (the mirror of :func:`add_up`; NaN becomes ``-inf``)."""
+    return -add_up(-a, -b, xp)
 
 
 # --------------------------------------------------------------------------

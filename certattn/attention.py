@@ -331,7 +331,7 @@ def _one_chunk(
     """Select and certify one query chunk ``s`` (its scores), appending to ``fields``."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
-                  need_kept=return_kept or with_output)
+                  need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl))
     sel = policy.select(s, valid, ctx)
     if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
         if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:

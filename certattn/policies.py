@@ -23,10 +23,14 @@ Writing a policy
 A policy is any object with a ``name`` and a ``select(scores, valid, ctx)`` method that
 returns a :class:`Selection`; ``scores`` are the float64 scores of the chunk
 (``-inf`` = masked, shape ``(..., m, n)``), ``valid`` their visible keys, ``ctx`` a
-:class:`Context` (queries, keys, scale, first query row, a per-call cache).  Return the
-kept mask, and a ``tail_upper`` only if the policy has its own *sound* bound.  Add tests
-that check the kept set against a direct definition and the certificate against exact
-arithmetic (``tests/test_policies.py``).
+:class:`Context` (queries, keys, scale, the additive mask bias, first query row, a
+per-call cache).  Return the kept mask, and a ``tail_upper`` only if the policy has its
+own *sound* bound.  The scores are ``scale q.k + b``: a policy that bounds scores from
+queries and keys (boxes, balls, quantized keys) must add ``ctx.bias`` (``b``, per query and
+key; None = no bias) to every bound, rounded outward (:func:`certattn._fp.add_up`), and
+count only the keys each query sees (``valid``).  Add tests that check the kept set
+against a direct definition and the certificate against exact arithmetic
+(``tests/test_policies.py``).
 """
 
 from __future__ import annotations
@@ -100,6 +104,9 @@ class Context:
         Lives for one call of the house (e.g. page boxes, cell trees per key head).
     need_kept : bool
         Whether the caller needs the kept mask (False: counts and bounds suffice).
+    bias : float64 array or None
+        The chunk's additive mask bias, broadcastable to the scores ``(..., m, n)`` (0 where
+        masked), or None: the scores are ``scale q.k + bias``.
     """
 
     queries: Array
@@ -109,6 +116,7 @@ class Context:
     xp: Any
     cache: dict[str, Any] = field(default_factory=dict)
     need_kept: bool = True
+    bias: Array | None = None
 
 
 class Policy(Protocol):
@@ -287,7 +295,9 @@ class CertifiedBlocks:
     (Theorem BLOCK-SCORE: ``kind`` "box", "ball" or "both"); :func:`certattn.greedy_block_set`
     keeps the fewest keys whose BLOCK-BOUNDS tail bound is at most ``eps``.  The bound
     needs no score of a dropped block, so it certifies what a block-sparse kernel that
-    never reads those blocks loses.
+    never reads those blocks loses.  Per query, a block's size is the number of its keys
+    the query sees (a mask or causality may hide some), and with an additive mask bias
+    its score bounds add the smallest / largest bias of those keys (rounded outward).
     """
 
     eps: float
@@ -302,31 +312,64 @@ class CertifiedBlocks:
             raise InputError(f"kind must be 'box', 'ball' or 'both', got {self.kind!r}")
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
+        from ._fp import add_down, add_up
         from .blocks import greedy_block_set, key_block_bounds
 
         xp = ctx.xp
         bs = self.block_size
         n = int(scores.shape[-1])
-        nb = -(-n // bs)
         page_of = xp.arange(n, device=getattr(scores, "device", None)) // bs
-        keys = xp.broadcast_to(ctx.keys, (*ctx.queries.shape[:-2], *ctx.keys.shape[-2:]))
+        lead = tuple(int(s) for s in scores.shape[:-2])
+        queries = xp.broadcast_to(ctx.queries, (*lead, *ctx.queries.shape[-2:]))
+        keys = xp.broadcast_to(ctx.keys, (*lead, *ctx.keys.shape[-2:]))
         lo_parts, up_parts = [], []
-        for idx in _lead_indices(keys.shape[:-2]):
+        for idx in _lead_indices(lead):
             at = (*idx, ...)  # array-api-strict wants the ellipsis spelled out
-            b = key_block_bounds(ctx.queries[at], keys[at], bs, scale=ctx.scale, kind=self.kind)
+            b = key_block_bounds(queries[at], keys[at], bs, scale=ctx.scale, kind=self.kind)
             lo_parts.append(b[0])
             up_parts.append(b[1])
-        lower = _stack_lead(lo_parts, keys.shape[:-2], xp)
-        upper = _stack_lead(up_parts, keys.shape[:-2], xp)
-        # blocks the query cannot see at all carry no mass: size 0; partly visible blocks
-        # keep their full size (sound: their visible keys are at most all of them)
-        vis_blocks = _pages_visible(valid, page_of, nb, xp)
-        sizes = xp.asarray([min(bs, n - i * bs) for i in range(nb)], dtype=xp.int64,
-                           device=getattr(scores, "device", None))
-        sizes = xp.where(vis_blocks, sizes, xp.zeros_like(sizes))
+        lower = _stack_lead(lo_parts, lead, xp)
+        upper = _stack_lead(up_parts, lead, xp)
+        # a block holds, for a query, only the keys that query sees: the head mass of a
+        # kept block and the tail mass of a dropped one count its visible keys alone, and
+        # their scores are bounded by the block's bound plus the bias of those keys
+        sizes, bmin, bmax = _block_visible(valid, ctx.bias, bs, xp)
+        if ctx.bias is not None:
+            lower, upper = add_down(lower, bmin, xp), add_up(upper, bmax, xp)
         sel = greedy_block_set(lower, upper, sizes, self.eps, cost="keys")
         kept = _expand_pages(sel.kept, page_of, xp) & valid
         return Selection(kept=kept, tail_upper=sel.tail_upper)
+
+
+def _block_visible(
+    valid: Array, bias: Array | None, block_size: int, xp: Any
+) -> tuple[Array, Array | None, Array | None]:
+    """Per query and block of ``block_size`` keys: visible keys, min and max bias over them.
+
+    Returns int64 ``sizes`` ``(..., m, n_blocks)`` and, with a bias, its float64 minimum
+    and maximum over each block's visible keys (0 for a block the query cannot see).
+    """
+    n = int(valid.shape[-1])
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    shape = (*valid.shape[:-1], nb, block_size)
+
+    def blocked(a: Array, fill: Any) -> Array:
+        if pad:
+            a = xp.concat([a, xp.full((*a.shape[:-1], pad), fill, dtype=a.dtype,
+                                      device=getattr(a, "device", None))], axis=-1)
+        return xp.reshape(a, shape)
+
+    vb = blocked(valid, False)
+    sizes = xp.sum(xp.astype(vb, xp.int64), axis=-1)
+    if bias is None:
+        return sizes, None, None
+    bb = blocked(xp.broadcast_to(bias, valid.shape), 0.0)
+    seen = sizes > 0
+    zero = xp.zeros(sizes.shape, dtype=bb.dtype, device=getattr(bb, "device", None))
+    bmin = xp.min(xp.where(vb, bb, xp.full_like(bb, xp.inf)), axis=-1)
+    bmax = xp.max(xp.where(vb, bb, xp.full_like(bb, -xp.inf)), axis=-1)
+    return sizes, xp.where(seen, bmin, zero), xp.where(seen, bmax, zero)
 
 
 @dataclass(frozen=True)
@@ -364,23 +407,30 @@ class Search:
 
         xp = ctx.xp
         dev = getattr(scores, "device", None)
-        lead = tuple(int(s) for s in ctx.queries.shape[:-2])
+        lead = tuple(int(s) for s in scores.shape[:-2])
+        queries = xp.broadcast_to(ctx.queries, (*lead, *ctx.queries.shape[-2:]))
         keys = xp.broadcast_to(ctx.keys, (*lead, *ctx.keys.shape[-2:]))
+        bias = None if ctx.bias is None else xp.broadcast_to(ctx.bias, scores.shape)
+
+        def host(a: Array, idx: tuple[int, ...]) -> np.ndarray:
+            return np.asarray(to_numpy(a[(*idx, ...)]))
+
         kept, tail, scored = [], [], []
         for idx in _lead_indices(lead):
             tkey = f"cells:{self.method}:{self.bits}:{self.group}:{idx}"
-            k_np = np.asarray(to_numpy(keys[(*idx, ...)]), dtype=np.float64)
+            k_np = host(keys, idx).astype(np.float64)
             if tkey not in ctx.cache:
                 ctx.cache[tkey] = build_cells(self.method, k_np, self.seed, bits=self.bits,
                                               group=self.group)
             r = search_cells(
                 ctx.cache[tkey],
-                np.asarray(to_numpy(ctx.queries[(*idx, ...)]), dtype=np.float64),
+                host(queries, idx).astype(np.float64),
                 k_np,
-                np.asarray(to_numpy(valid[(*idx, ...)])),
+                host(valid, idx),
                 self.eps,
                 scale=ctx.scale,
                 method=self.method,
+                bias=None if bias is None else host(bias, idx).astype(np.float64),
             )
             kept.append(r["kept"])
             tail.append(r["tail_upper"])

@@ -75,6 +75,13 @@ accumulated in float64 and widened by the relative factor ``gamma = (2 n + 2 N +
 magnitude) plus ``1e-300`` per term (underflow); the final ratio is multiplied by
 ``1 + 4u``.  So ``tail_upper`` bounds the exact tail of ``kept`` under the exact softmax of
 the exact logits ``scale * q.k``.
+
+Additive masks.  With a finite bias ``b`` (a Hugging Face additive mask: BERT's -10000 on
+padding, any per-query, per-key term) the logits are ``scale * q.k + b``: a cell's score
+bound adds the largest bias of the cell's visible keys (per query), its mass bound the
+same, a key's bound (methods "quant", "paged") its own bias, each sum rounded up
+(:func:`certattn._fp.add_up`); scored keys' scores include ``b`` and ``delta`` adds
+``2 u max_i |s_i|`` for the rounding of adding it.
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ import numpy as np
 
 from ._array import from_numpy, namespace, to_numpy
 from ._fp import U as _U
-from ._fp import ratio_up, score_margin
+from ._fp import add_up, ratio_up, score_margin
 from ._validate import InputError, check_eps, check_scale
 from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
@@ -246,6 +253,7 @@ class _Schedule:
         scale: float,
         eps: float,
         cfg: dict[str, Any],
+        bias: np.ndarray | None = None,
     ) -> None:
         kind, stop = cfg["kind"], cfg["stop"]
         m = q.shape[0]
@@ -264,16 +272,24 @@ class _Schedule:
         cnt = csum[:, tree.stop] - csum[:, tree.start]
         self.cnt = cnt
         live = cnt > 0
+        # an additive bias: every score of a node is at most its bound of scale q.k plus
+        # the largest bias of the node's visible keys (rounded up)
+        bmax = None if bias is None else _node_bias_max(tree, bias, visible)
+        upper_qk = upper
+        if bmax is not None:
+            upper = add_up(upper, bmax, np)
         # normalising shift (the largest visible score): every key exponential is <= 1 and
         # the largest is 1; a cell bound far above it overflows to inf, which only means
         # "not certified" (the ratios below map inf/inf to 1)
         self.shift = np.max(np.where(visible, logits, -np.inf), axis=1)[:, None]
-        with np.errstate(divide="ignore"):
-            logw = np.where(live, np.log(np.maximum(cnt, 1)) + upper, -np.inf)
+        log_cnt = np.log(np.maximum(cnt, 1))
+        logw = log_cnt + upper if bmax is None else add_up(log_cnt, upper, np)
+        logw = np.where(live, logw, -np.inf)
         mean_low = None
         if cfg["mass"] == "bennett":  # Theorem BLOCK-MASS, valid for the whole cell (masked or not)
-            logw = np.minimum(logw, tree.log_mass_upper(q, upper, scale=scale))
-            mean_low = (q @ tree.centre.T) * scale - 1e-9 * (1 + np.abs(upper))
+            mass = tree.log_mass_upper(q, upper_qk, scale=scale)
+            logw = np.minimum(logw, mass if bmax is None else add_up(mass, bmax, np))
+            mean_low = (q @ tree.centre.T) * scale - 1e-9 * (1 + np.abs(upper_qk))
         for dep in range(2, int(tree.depth.max()) + 1):  # a sub-cell's mass <= its parent's
             lev = np.flatnonzero(tree.depth == dep)
             logw[:, lev] = np.minimum(logw[:, lev], logw[:, tree.parent[lev]])
@@ -337,6 +353,8 @@ class _Schedule:
         # the top-level cells (ball bounds), sub-cells by clamped bound below their parent
         if cfg["order"] == "ball":
             prio = np.asarray(tree.score_upper(q, scale=scale, kind="ball"), dtype=np.float64)
+            if bmax is not None:
+                prio = prio + bmax
             prio[:, 1:] = np.where(tree.depth[None, 1:] == 1, prio[:, 1:], upper[:, 1:])
             for dep in range(2, int(tree.depth.max()) + 1):
                 lev = np.flatnonzero(tree.depth == dep)
@@ -378,6 +396,7 @@ def search_cells(
     *,
     scale: float,
     method: str,
+    bias: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Run one certified search on one key head (host float64; Theorem SEARCH-SOUND).
 
@@ -397,6 +416,10 @@ def search_cells(
         Positive logit scale.
     method : {"ours", "mc", "tree", "gap", "quant", "paged"}
         Schedule and stopping rule (see the module docstring).
+    bias : numpy.ndarray, optional
+        Additive mask bias broadcastable to ``(m, n)`` (finite): the scores are
+        ``scale q.k + bias``.  Every score bound adds it exactly (a cell's bound the
+        largest bias of its visible keys, a key's its own), rounded up.
 
     Returns
     -------
@@ -408,15 +431,14 @@ def search_cells(
     """
     if isinstance(tree, QuantKeys):
         stage = METHODS[method]["stage"]
-        return search_quant(tree, queries, keys, visible, eps, scale=scale, stage=stage)
+        return search_quant(tree, queries, keys, visible, eps, scale=scale, stage=stage,
+                            bias=bias)
     cfg = METHODS[method]
     m, n = visible.shape
-    logits = (queries @ keys.T) * scale
-    if not np.all(np.isfinite(logits)):
-        raise InputError("scores scale * q.k overflow float64")
-    logits = np.where(visible, logits, -np.inf)
-    sch = _Schedule(tree, queries, logits, visible, scale=scale, eps=eps, cfg=cfg)
-    up, down = _score_factors(queries, keys, scale, sch.gamma)
+    bias = _visible_bias(bias, visible)
+    logits = _logits(queries, keys, scale, bias, visible)
+    sch = _Schedule(tree, queries, logits, visible, scale=scale, eps=eps, cfg=cfg, bias=bias)
+    up, down = _score_factors(queries, keys, scale, sch.gamma, logits if bias is not None else None)
 
     def certified(t: np.ndarray) -> np.ndarray:
         _, x, z, _ = sch.state(t)
@@ -453,16 +475,71 @@ def search_cells(
     }
 
 
+def _visible_bias(bias: np.ndarray | None, visible: np.ndarray) -> np.ndarray | None:
+    """The bias as float64 ``(m, n)``, 0 on hidden keys; None when it is absent or all 0."""
+    if bias is None:
+        return None
+    try:
+        b = np.broadcast_to(np.asarray(bias, dtype=np.float64), visible.shape)
+    except ValueError:
+        raise InputError(f"bias of shape {np.shape(bias)} does not broadcast to "
+                         f"{visible.shape}") from None
+    b = np.where(visible, b, 0.0)
+    if not np.all(np.isfinite(b)):
+        raise InputError("the additive bias of a visible key must be finite")
+    return b if np.any(b != 0) else None
+
+
+def _logits(
+    queries: np.ndarray, keys: np.ndarray, scale: float, bias: np.ndarray | None,
+    visible: np.ndarray,
+) -> np.ndarray:
+    """Float64 scores ``scale q.k (+ bias)``, ``-inf`` on hidden keys; overflow is an error."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        logits = (queries @ keys.T) * scale
+        if bias is not None:
+            logits = logits + bias
+    if not np.all(np.isfinite(logits)):
+        raise InputError("scores scale * q.k (+ bias) overflow float64")
+    return np.where(visible, logits, -np.inf)
+
+
+def _node_bias_max(tree: CellTree, bias: np.ndarray, visible: np.ndarray) -> np.ndarray:
+    """``(m, N)``: the largest bias over each node's visible keys (0 where it has none)."""
+    out = _group_max(np.where(visible, bias, -np.inf), tree.key_parent, tree.n_nodes)
+    for dep in range(int(tree.depth.max()), 0, -1):  # sub-cells into their parents
+        lev = np.flatnonzero(tree.depth == dep)
+        np.maximum.at(out.T, tree.parent[lev], out[:, lev].T)
+    return np.where(out > -np.inf, out, 0.0)
+
+
+def _group_max(values: np.ndarray, group: np.ndarray, n_groups: int) -> np.ndarray:
+    """``(m, n_groups)``: the maximum of ``values`` (m, n) over each group of columns
+    (``-inf`` for a group with no column)."""
+    order = np.argsort(group, kind="stable")
+    g = group[order]
+    starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+    out = np.full((values.shape[0], n_groups), -np.inf)
+    out[:, g[starts]] = np.maximum.reduceat(values[:, order], starts, axis=1)
+    return out
+
+
 def _score_factors(
-    queries: np.ndarray, keys: np.ndarray, scale: float, gamma: float
+    queries: np.ndarray, keys: np.ndarray, scale: float, gamma: float,
+    logits: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row factors ``up = e^delta (1 + gamma)``, ``down = e^-delta (1 - gamma)``:
     every computed ``exp(s_i - shift)`` times ``down`` (``up``) is below (above) the exact
     one, ``delta = (2 d + 8) u |q| max_i |k_i| scale`` the score rounding, ``gamma`` the
-    relative error of the float64 sums; overflow gives the trivial bound (fails closed)."""
+    relative error of the float64 sums; overflow gives the trivial bound (fails closed).
+    With biased ``logits`` (``scale q.k + b``, ``-inf`` on hidden keys) ``delta`` also covers
+    the rounding of adding ``b``: ``2 u max_i |s_i|`` over the visible keys."""
     kmax = float(np.max(np.linalg.norm(keys, axis=1)))
     delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
     delta = delta + 1e-300
+    if logits is not None:
+        big = np.max(np.where(np.isfinite(logits), np.abs(logits), 0.0), axis=1)
+        delta = delta + 2 * _U * big
     with np.errstate(over="ignore", under="ignore"):
         down = np.exp(-delta) * (1.0 - gamma)
         up = np.exp(delta) * (1.0 + gamma)
@@ -478,6 +555,7 @@ def search_quant(
     *,
     scale: float,
     stage: str = "keys",
+    bias: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     r"""Certified search with per-key bounds from low-bit estimates ("quant", "paged").
 
@@ -507,8 +585,9 @@ def search_quant(
     ----------
     qk : QuantKeys
         The quantized ``keys`` (:func:`certattn.quant.quantize_keys`).
-    queries, keys, visible, eps, scale
-        As in :func:`search_cells`.
+    queries, keys, visible, eps, scale, bias
+        As in :func:`search_cells` (a key's bound adds its bias, a page's the largest bias
+        of its visible keys, both rounded up).
     stage : {"keys", "pages"}
         "keys": read every estimate first; "pages": open pages best-first (read the
         estimates of opened pages only).
@@ -525,13 +604,15 @@ def search_quant(
     d = keys.shape[1]
     if qk.n_keys != n or qk.dim != d:
         raise InputError(f"quantized keys hold {qk.n_keys} x {qk.dim}, keys are {n} x {d}")
-    logits = (queries @ keys.T) * scale
-    if not np.all(np.isfinite(logits)):
-        raise InputError("scores scale * q.k overflow float64")
-    logits = np.where(visible, logits, -np.inf)
+    bias = _visible_bias(bias, visible)
+    logits = _logits(queries, keys, scale, bias, visible)
     rows = np.arange(m)[:, None]
     _, ku = qk.score_bounds(queries, scale=scale)
     pg = qk.page_upper(queries, scale=scale)  # (m, G) page box bounds, metadata only
+    if bias is not None:  # + the key's bias, + the largest bias of the page's visible keys
+        ku = add_up(ku, bias, np)
+        pmax = _group_max(np.where(visible, bias, -np.inf), qk.group_of, pg.shape[1])
+        pg = add_up(pg, np.where(pmax > -np.inf, pmax, 0.0), np)
     ku = np.minimum(ku, pg[:, qk.group_of])
     page, pu = qk.group_of, pg  # parents = the pages (quantization groups)
     npg = pu.shape[1]
@@ -539,7 +620,7 @@ def search_quant(
     cnt = np.zeros((m, npg), dtype=np.int64)
     np.add.at(cnt, (np.broadcast_to(rows, (m, n)), np.broadcast_to(page, (m, n))), visible)
     gamma = (4 * (n + npg) + 2000) * _U
-    up, down = _score_factors(queries, keys, scale, gamma)
+    up, down = _score_factors(queries, keys, scale, gamma, logits if bias is not None else None)
     shift = np.max(logits, axis=1)[:, None]
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # 0 inf: unused
         wk = np.where(visible, np.exp(ku - shift), 0.0)  # key bounds e^{U_i}
@@ -710,8 +791,11 @@ def certified_search(
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default; must be positive.
     mask : array, optional
-        Boolean (True = visible) or additive with entries 0 / -inf, broadcastable to
-        ``(m, n)`` or ``(H, m, n)``.  A masked key is never scored and has probability 0.
+        Boolean (True = visible) or additive (Hugging Face style: 0, -10000, -inf, any
+        finite bias), broadcastable to ``(m, n)`` or ``(H, m, n)``
+        (:func:`certattn.masks.normalize_mask`).  A masked key is never scored and has
+        probability 0; a finite bias ``b`` is part of the scores ``scale q.k + b``, and
+        every cell and key bound adds it (the largest bias of a cell's visible keys).
     causal : bool
         Query ``i`` sees keys ``j <= i + n - m`` (as in :func:`certattn.certify_attention`).
     kv_heads : int or list of int, optional
@@ -777,19 +861,18 @@ def certified_search(
             raise InputError(f"{name} contain NaN or inf")
     scale = check_scale(scale, d)
     vis_all = np.ones((nh, m, n), dtype=bool)
+    bias_all = None
     if mask is not None:
         visible, bias = normalize_mask(mask, xp=xp, device=dev)
-        if bias is not None and bool(np.any(to_numpy(bias) != 0)):
-            raise InputError(
-                "certified_search takes visibility masks only (boolean, or additive with "
-                "0 / -inf entries): a finite bias would change the scores its cells bound"
-            )
         mk = to_numpy(visible)
         try:
             vis_all = np.broadcast_to(mk, (m, n) if single else (nh, m, n))
         except ValueError:
             raise InputError(f"mask of shape {mk.shape} does not broadcast to the logits") from None
         vis_all = np.broadcast_to(vis_all, (nh, m, n))
+        if bias is not None:
+            bias_all = np.broadcast_to(np.asarray(to_numpy(bias), dtype=np.float64), mk.shape)
+            bias_all = np.broadcast_to(bias_all, vis_all.shape)
     if causal:
         rows, cols = np.arange(m)[:, None], np.arange(n)[None, :]
         vis_all = vis_all & (cols <= rows + (n - m))[None]
@@ -812,8 +895,10 @@ def certified_search(
     }
     for h in range(nh):
         j = mapping[h]
-        r = search_cells(trees[j], q_all[h], k_all[j], vis_all[h], eps, scale=scale, method=method)
-        logits = np.where(vis_all[h], (q_all[h] @ k_all[j].T) * scale, -np.inf)
+        b = None if bias_all is None else bias_all[h]
+        r = search_cells(trees[j], q_all[h], k_all[j], vis_all[h], eps, scale=scale, method=method,
+                         bias=b)
+        logits = _logits(q_all[h], k_all[j], scale, _visible_bias(b, vis_all[h]), vis_all[h])
         out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
                                      out_dtype)
         for key in ("kept", "scored", "bounded", "tail_upper", "bytes_read"):

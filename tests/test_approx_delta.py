@@ -11,9 +11,10 @@ from certattn._validate import InputError
 from certattn.approx.delta import delta_correct, delta_rows, dense_rows
 from certattn.approx.selection import window_sinks
 from certattn.attention import _prepare
-from certattn.policies import Pages, WindowSinks
+from certattn.policies import CertifiedBlocks, Pages, Search, WindowSinks
 
 from ._exact import exact_weights
+from ._exact_scores import exact_logits, exact_output_distance
 
 
 def _qkv(rng, h=2, n=40, d=6, dv=3, spread=1.5):
@@ -208,3 +209,28 @@ def test_verify_check_passes_and_catches_a_broken_bound(monkeypatch):
     monkeypatch.setattr(delta_mod, "_round_up_sum", lambda e_i, e_a, e_d, r: e_i)
     bad = run_verify(rows=600, ids=["DELTA-ERROR"], progress=False)[0]
     assert not bad.passed
+
+
+@pytest.mark.parametrize(
+    ("base", "seed"),
+    [(Search(0.05), 8), (Search(0.05, method="quant"), 8),
+     (CertifiedBlocks(0.5, block_size=4), 5)],
+    ids=["search", "search-quant", "certified-blocks"],
+)
+def test_delta_error_holds_under_an_additive_bias(base, seed):
+    """Issue 20.2: a base certified with the bias left out broke DELTA-ERROR on padded
+    inputs (each case here did); with BERT's -10000 padding and positive biases every
+    bound holds (mpmath)."""
+    rng = np.random.default_rng(seed)
+    n = 40
+    q = rng.standard_normal((1, n, 4)) * 2.0
+    k = rng.standard_normal((1, n, 4))
+    v = rng.standard_normal((1, n, 2))
+    b = np.zeros((1, 1, n))
+    b[..., -8:] = -10000.0  # padding
+    b[..., rng.integers(0, n - 8, 4)] = 9.0  # low scores lifted by the bias
+    r = delta_correct(q, k, v, gamma=4, min_tail=4, base=base, mask=b, scale=0.5)
+    for i in range(n):
+        err = exact_output_distance(exact_logits(q[0, i], k[0], 0.5, b[0, 0]), v[0],
+                                    r.output[0, i])
+        assert err <= mpmath.mpf(float(r.error_bound[0, i])), i

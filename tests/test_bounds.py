@@ -323,6 +323,26 @@ def test_greedy_blocks_optimal_in_blocks_and_within_one_block_in_keys(case, eps)
     assert int(sel_k.n_keys) == int(sizes[to_numpy(sel_k.kept)].sum())
 
 
+def test_block_functions_take_per_row_sizes():
+    """Sizes per row (each query's visible keys of a block, 0 for an unseen block) give
+    each row the bounds and the greedy set it gets on its own (CertifiedBlocks uses it)."""
+    rng = np.random.default_rng(2)
+    lo = rng.normal(size=(4, 5))
+    up = lo + rng.uniform(0, 2, (4, 5))
+    sizes = rng.integers(0, 4, (4, 5))
+    sizes[:, 0] = 2
+    kept = rng.random((4, 5)) < 0.5
+    both = block_tail_bounds(lo, up, sizes, kept)
+    sel = greedy_block_set(lo, up, sizes, 0.2)
+    for i in range(4):
+        one = block_tail_bounds(lo[i], up[i], sizes[i], kept[i])
+        assert float(both.lower[i]) == float(one.lower)
+        assert float(both.upper[i]) == float(one.upper)
+        alone = greedy_block_set(lo[i], up[i], sizes[i], 0.2)
+        np.testing.assert_array_equal(to_numpy(sel.kept)[i], to_numpy(alone.kept))
+        assert int(sel.n_keys[i]) == int(alone.n_keys)
+
+
 def test_block_bounds_backends(backend):
     rng = np.random.default_rng(1)
     lo = rng.normal(size=(2, 6))

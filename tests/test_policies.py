@@ -26,6 +26,7 @@ from certattn.policies import (
 )
 
 from ._exact import exact_tail_of_set
+from ._exact_scores import check_rows
 from .test_output import _exact_error
 
 
@@ -375,3 +376,119 @@ def test_every_policy_on_every_backend(policy, backend):
         arr = getattr(got, name)
         assert device_of(arr) == device_of(qb), name
         np.testing.assert_allclose(to_numpy(arr), getattr(ref, name), rtol=1e-12, atol=1e-15)
+
+
+# ------------------------------------------------------ masks inside blocks, additive biases
+
+
+def _issue20_blocks():
+    k = np.array([0.0, 0, 0, 0, 1, 1, 1, 1])[:, None]
+    return np.ones((8, 1)), k, 1.0 - k
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "bool", "additive"])
+def test_certified_blocks_counts_only_visible_keys_of_a_kept_block(mask_kind):
+    """Issue 20.1: a block the query sees only partly is not head mass it cannot see.
+
+    Query 4 sees keys 0..4: block 0 (four keys at score 0) and one key of block 1 (score
+    1); the block of key 4 was counted with its full size (4 e^1) as head mass, giving
+    tail_upper = 0.269 where the exact tail is 0.595."""
+    q, k, v = _issue20_blocks()
+    tril = np.tril(np.ones((8, 8), bool))
+    kw = {"causal": {"causal": True}, "bool": {"mask": tril},
+          "additive": {"mask": np.where(tril, 0.0, -np.inf)}}[mask_kind]
+    a = certattn.certify_attention(q, k, v, policy=CertifiedBlocks(0.3, block_size=4),
+                                   scale=1.0, **kw)
+    check_rows(q, k, v, 1.0, to_numpy(a.kept), a.tail_upper, a.error_bound, visible=tril)
+    assert np.all(to_numpy(a.tail_upper) <= 0.3)
+
+
+def _issue20_search():
+    n = 256
+    q = np.array([[4.0, 0.0]])
+    k = np.stack([np.linspace(3, -3, n), np.zeros(n)], -1)
+    v = np.zeros((n, 1))
+    v[-1] = 1
+    b = np.zeros((1, n))
+    b[0, -1] = 30.0
+    return q, k, v, b
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [CertifiedBlocks(0.01), *(Search(0.01, method=m) for m in
+                              ("ours", "mc", "tree", "gap", "quant", "paged"))],
+    ids=lambda p: f"{p.name}-{getattr(p, 'method', '')}",
+)
+def test_policies_add_the_additive_bias_to_their_score_bounds(policy):
+    """Issue 20.2: a +30 bias on the lowest-scoring key makes it carry 97% of the mass;
+    bounds of scale q.k alone certified a tail of 0.0092."""
+    q, k, v, b = _issue20_search()
+    a = certattn.certify_attention(q, k, v, policy=policy, mask=b, scale=1.0)
+    check_rows(q, k, v, 1.0, to_numpy(a.kept), a.tail_upper, a.error_bound, bias=b)
+    assert bool(to_numpy(a.kept)[0, -1])
+    s = certattn.certify_scores(q, k, policy=policy, mask=b, scale=1.0, return_kept=True)
+    check_rows(q, k, v, 1.0, to_numpy(s.kept), s.tail_upper, bias=b)
+
+
+_BIAS_POLICIES = [
+    *(CertifiedBlocks(e, block_size=bs, kind=kind) for e, bs, kind in
+      ((0.05, 3, "box"), (0.2, 2, "both"), (0.01, 4, "ball"))),
+    *(Search(e, method=m, bits=bits) for e, (m, bits) in zip(
+        (0.05, 0.2, 0.01, 0.1, 0.05, 0.02),
+        (("ours", None), ("mc", None), ("tree", None), ("gap", None), ("quant", 2),
+         ("paged", 4)), strict=True)),
+]
+
+
+@st.composite
+def biased_cases(draw):
+    n = draw(st.integers(2, 12))
+    d = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    q = rng.normal(0, draw(st.sampled_from([0.5, 2.0, 6.0])), (3, d))
+    k = rng.normal(0, 1, (n, d))
+    v = rng.normal(0, 1, (n, 2))
+    kind = draw(st.sampled_from(["pad", "big", "normal", "mixed", "per_query"]))
+    shape = (3, n) if kind in ("mixed", "per_query") else (1, n)
+    choices = {"pad": [0.0, -10000.0], "big": [0.0, 30.0, 200.0],
+               "normal": None, "mixed": [0.0, -10000.0, 25.0, -3.0, -np.inf]}.get(kind)
+    if choices is None:
+        b = rng.normal(0, 5, shape)
+    else:
+        b = rng.choice(np.array(choices), size=shape)
+    causal = draw(st.booleans()) and kind != "mixed" and n >= 3
+    b[:, rng.integers(n - 2 if causal else n)] = 0.0  # every query sees a key
+    policy = draw(st.sampled_from(_BIAS_POLICIES))
+    return q, k, v, b, policy, causal
+
+
+@given(case=biased_cases())
+def test_bias_policies_are_sound_against_exact_arithmetic(case):
+    """Random additive biases (-10000 padding, large positive, mixed, -inf) x certified
+    blocks and every search method: exact tail <= tail_upper, exact error <= error_bound."""
+    q, k, v, b, policy, causal = case
+    a = certattn.certify_attention(q, k, v, policy=policy, mask=b, causal=causal, scale=0.7)
+    vis = np.isfinite(b) & (np.arange(k.shape[0])[None, :] <= np.arange(3)[:, None] + k.shape[0] - 3
+                            if causal else np.isfinite(b))
+    bias = np.where(np.isfinite(b), b, 0.0)
+    check_rows(q, k, v, 0.7, to_numpy(a.kept), a.tail_upper, a.error_bound, bias=bias,
+               visible=vis)
+    assert np.all(to_numpy(a.tail_upper) <= policy.eps)
+
+
+@pytest.mark.parametrize("policy", [CertifiedBlocks(0.1, block_size=4), Search(0.05)],
+                         ids=lambda p: p.name)
+def test_bias_policies_on_every_backend(policy, backend):
+    """The additive bias reaches the policies' bounds on every namespace and device."""
+    q, k, v = _qkv(12)
+    b = np.where(np.arange(11) >= 8, -10000.0, 0.0)
+    b[2] = 6.0
+    ref = certattn.certify_attention(q, k, v, policy=policy, mask=b)
+    got = certattn.certify_attention(*(backend.asarray(a) for a in (q, k, v)), policy=policy,
+                                     mask=backend.asarray(b))
+    for name in ("output", "tail_upper", "error_bound", "kept"):
+        np.testing.assert_allclose(to_numpy(getattr(got, name)), getattr(ref, name),
+                                   rtol=1e-12, atol=1e-15)
+    assert not np.any(to_numpy(ref.kept)[..., 8:])

@@ -24,8 +24,9 @@ dense attention.  Every served query is therefore certified within ``eps``.
 
 Cost (key-equivalents): a certified query reads its kept keys plus
 :data:`METADATA_PER_PAGE` per page box it bounds; a query that falls back reads every
-visible key plus the boxes already read.  Soundness needs boolean masks (a causal mask
-included): the box bounds ``scale q.k``, not an additive bias.
+visible key plus the boxes already read.  With an additive mask bias (``ctx.bias``) a
+page's bound adds the largest bias of its visible unkept keys (rounded up), so the bound
+holds for any mask; the wrappers still take boolean masks only.
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from .._fp import add_up
 from .._validate import InputError, check_eps
 from ..blocks import block_tail_bounds
-from ..policies import Pages, Selection, TopK, page_upper_bounds
+from ..policies import Pages, Selection, TopK, _block_visible, page_upper_bounds
 
 __all__ = ["METADATA_PER_PAGE", "CertifiedFallback", "box_tail_upper", "pages_visible"]
 
@@ -89,7 +91,7 @@ def box_tail_upper(
     Parameters
     ----------
     scores : float64 array (..., m, n)
-        The chunk's scores (``-inf`` = masked); boolean masks only (no additive bias).
+        The chunk's scores (``-inf`` = masked; with an additive bias, ``scale q.k + b``).
     valid, kept : bool arrays (..., m, n)
         Visible keys and the kept set.
     ctx : certattn.policies.Context
@@ -105,8 +107,13 @@ def box_tail_upper(
     kept = kept & valid
     unscored = valid & ~kept
     upper, _ = page_upper_bounds(ctx, page_size)  # (..., m, P)
-    counts = _page_sums(unscored.astype(np.float64), page_size)  # (..., m, P)
+    # the visible unkept keys of each page, and the largest bias among them (a score of
+    # such a key is at most the page's box bound plus that bias, rounded up)
+    counts, _, bmax = _block_visible(unscored, getattr(ctx, "bias", None), page_size, np)
+    counts = counts.astype(np.float64)
     upper = np.broadcast_to(np.asarray(upper, dtype=np.float64), counts.shape)
+    if bmax is not None:
+        upper = add_up(upper, np.asarray(bmax, dtype=np.float64), np)
     head = np.where(kept, scores, -np.inf)
     lower_all = np.concatenate([head, np.full_like(upper, -np.inf)], axis=-1)
     upper_all = np.concatenate([head, upper], axis=-1)
@@ -133,7 +140,7 @@ class CertifiedFallback:
     ``eps``) or dense attention (``to="dense"``, :math:`\tau = 0`).  Every query's
     ``tail_upper`` is therefore at most ``eps``.
 
-    The box bound is valid for boolean masks only (the wrappers refuse additive biases).
+    The box bound adds the additive mask bias (``ctx.bias``) when there is one.
     """
 
     base: Any
