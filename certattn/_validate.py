@@ -97,7 +97,7 @@ def check_number(
     below = v <= high if closed_high else v < high
     if math.isnan(v) or not (above and below):
         raise InputError(f"{name} must be in {interval}, got {v!r}")
-    return v
+    return v + 0.0  # -0.0 becomes 0.0 (no "eps = -0" in a report)
 
 
 def check_int_option(
