@@ -525,7 +525,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "directory of .npy files or a .zarr store, written block by block")
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
-    _add_progress_options(c, "default: on a terminal, for inputs of 20M logits or more")
+    _add_progress_options(c, "default: on a terminal, for a directory or zarr input (dask "
+                          "tasks) or a file of 20M logits or more")
     c.set_defaults(func=_cmd_certify)
 
     b = sub.add_parser(
@@ -554,7 +555,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "FILE or per file of DIR; one dask task per document, pooled into one table")
     b.add_argument("--dask", metavar="ADDRESS", help="with --texts: 'local' (default: a local "
                    "cluster of this machine's cores) or a scheduler address, tcp://host:8786")
-    _add_progress_options(b, "default: on a terminal")
+    _add_progress_options(b, "default: on a terminal; with --texts: documents done")
     b.set_defaults(func=_cmd_budget)
 
     r = sub.add_parser(
