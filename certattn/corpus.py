@@ -120,20 +120,26 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
     return c, [c]
 
 
+_QUIET = ("distributed.worker", "distributed.client")
+
+
 @contextmanager
 def _quiet_distributed() -> Iterator[None]:
-    """Silence ``distributed``'s own logging in this process while the corpus runs.
+    """Silence ``distributed``'s worker and client logging in this process while the
+    corpus runs (the workers of ``"local"`` are silenced by their cluster).
 
     A failing task is raised to the caller (one line from the CLI); distributed would
-    also log it ("Compute Failed" with a traceback) from its worker and client loggers.
+    also log it ("Compute Failed" with a traceback).
     """
-    log = logging.getLogger("distributed")
-    before = log.level
-    log.setLevel(logging.CRITICAL)
+    logs = [logging.getLogger(name) for name in _QUIET]
+    before = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        log.setLevel(before)
+        for log, level in zip(logs, before, strict=True):
+            log.setLevel(level)
 
 
 def _run_tasks(c: Any, docs: list[tuple[str, str]], model: str, kw: dict,
