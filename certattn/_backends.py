@@ -138,6 +138,27 @@ def adapter(function: str, *arrays: Any) -> Callable[..., Any] | None:
     return None
 
 
+def refuse_lazy(function: str, *arrays: Any) -> None:
+    """Refuse dask arrays, in one line, where ``function`` has no lazy path.
+
+    Raises
+    ------
+    InputError
+        Some of ``arrays`` is a dask array: it names the functions that run lazily and
+        the way out (compute the inputs first).
+    """
+    import array_api_compat as compat
+
+    from .errors import InputError
+
+    if any(a is not None and compat.is_dask_array(a) for a in arrays):
+        lazy = ", ".join(fn for fn, cap in CAPABILITIES.items() if cap.dask)
+        raise InputError(
+            f"{function} does not run on dask arrays (lazy, blockwise: {lazy}); compute "
+            "the inputs first (x.compute() or numpy.asarray(x))"
+        )
+
+
 def load(backend: Backend) -> Any | None:
     """The backend's module, or None when it is not installed (or fails to import)."""
     try:

@@ -572,6 +572,7 @@ def certify_store(
     as_json: bool = False,
     masked_rows: str = "error",
     scheduler: str = "threads",
+    progress: bool | None = False,
 ) -> int:
     """``certattn certify DIR``: certify a sharded or zarr input lazily; print as ``certify``.
 
@@ -583,6 +584,9 @@ def certify_store(
     per-block partial statistics (integer sums exact, the mean of k/n summed with
     :func:`math.fsum`).  ``as_json`` prints the JSON of ``certify --json`` instead (which
     holds every row's result, so the result, not the input, is gathered in memory).
+    ``progress`` (``True``, ``False`` or ``None`` = on a terminal, as
+    :func:`certattn._progress.progress_enabled`) draws a bar of finished dask tasks on
+    stderr, erased before the summary is printed.
 
     Returns
     -------
@@ -614,7 +618,7 @@ def certify_store(
         work.append(dask.array.store(results, targets, compute=False, lock=True))
     if as_json:
         work.extend(results)
-    done = dask.compute(*work, scheduler=scheduler)
+    done = _compute_with_progress(work, scheduler, progress)
     summary = Summary.merge(list(done[: len(stats)]))
     if as_json:
         k, tail, kl, nv, masked = (np.asarray(a) for a in done[-len(_RESULTS):])
@@ -638,3 +642,27 @@ def certify_store(
     print("|---|---|---|---|---|---|---|")
     print(summary.row("all"))
     return 0
+
+
+def _compute_with_progress(work: list[Any], scheduler: str, flag: bool | None) -> tuple:
+    """``dask.compute(*work)``, with a bar of finished tasks on stderr when ``flag`` says so
+    (:func:`certattn._progress.progress_enabled`); the bar is erased at the end."""
+    import dask
+    from dask.callbacks import Callback
+
+    from ._progress import Progress, progress_enabled
+
+    if not progress_enabled(flag):
+        return dask.compute(*work, scheduler=scheduler)
+    bar = Progress("certifying", 0, unit="tasks")
+
+    def show(state: dict) -> None:  # the local schedulers' state, as dask's own ProgressBar
+        done = len(state["finished"])
+        bar.update(done, done + sum(len(state[k]) for k in ("ready", "waiting", "running")))
+
+    try:
+        with Callback(start_state=lambda dsk, state: show(state),
+                      posttask=lambda key, res, dsk, state, worker: show(state)):
+            return dask.compute(*work, scheduler=scheduler)
+    finally:
+        bar.close()

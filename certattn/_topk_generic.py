@@ -60,12 +60,12 @@ def exp_terms(
         alpha = xp.where(rmin < EXP_FLOOR, xp.full_like(rmin, big), xp.full_like(rmin, small))
     else:
         alpha = small
-    with np.errstate(over="ignore"):  # an overflow only sends the row on
+    with np.errstate(over="ignore"):  # an overflow (of a term or the sum) sends the row on
         if terms is not None:  # a native fast path (NumPy: per-thread scratch buffers)
             e = terms(x, EXP_FLOOR if raised else None)
         else:
             e = xp.exp(xp.astype(xp.clip(x, min=EXP_FLOOR) if raised else x, xp.float64))
-    z = xp.sum(e, axis=-1)
+        z = xp.sum(e, axis=-1)
     z_min, z_max = math.exp(-650.0) / eps, math.exp(700.0)
     ok = xp.logical_and(z >= z_min, z <= z_max)  # False for NaN
     if bool(xp.all(ok)):

@@ -7,6 +7,7 @@ the key position), so that the CLI can print it as one line.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ __all__ = [
     "InputError",
     "check_eps",
     "check_finite",
+    "check_int_option",
     "check_kept",
     "check_logits",
     "check_number",
@@ -95,7 +97,26 @@ def check_number(
     below = v <= high if closed_high else v < high
     if math.isnan(v) or not (above and below):
         raise InputError(f"{name} must be in {interval}, got {v!r}")
-    return v
+    return v + 0.0  # -0.0 becomes 0.0 (no "eps = -0" in a report)
+
+
+def check_int_option(
+    value: Any, *, name: str, choices: tuple[int, ...] | None = None, optional: bool = True
+) -> int | None:
+    """An integer option (``bits``, ``group``): an exact integer, or ``None`` if ``optional``.
+
+    A bool, a float (even ``4.0``) or a string is refused, never coerced; with ``choices``
+    the value must be one of them, otherwise it must be positive.  NumPy integers count.
+    """
+    if value is None and optional:
+        return None
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if choices is not None:
+        if not ok or int(value) not in choices:
+            raise InputError(f"{name} must be one of {choices}, got {value!r}")
+    elif not ok or int(value) < 1:
+        raise InputError(f"{name} must be a positive integer or None, got {value!r}")
+    return int(value)
 
 
 def check_scale(scale: Any, d: int | None = None) -> float:

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
+from ._backends import refuse_lazy
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import kv_head_map as _kv_map
@@ -414,6 +415,7 @@ def certify_scores(
     -------
     ScoreCertificate
     """
+    refuse_lazy("certify_scores", queries, keys, mask)
     pol = as_policy(policy, eps)
     pr = _prepare(queries, keys, None, scale=scale, mask=mask, causal=causal, kv_heads=kv_heads)
     r = _run(pr, pol, chunk_elems=chunk_elems, return_kept=return_kept, progress=progress,
@@ -472,6 +474,7 @@ def certify_attention(
         Mismatched shapes, NaN/inf inputs, a query with no visible key, a kept set with
         no visible key, eps outside [0, 1).
     """
+    refuse_lazy("certify_attention", queries, keys, values, mask)
     pol = as_policy(policy, eps)
     if values is None:
         raise InputError("values are required (use certify_scores for certificates alone)")

@@ -538,8 +538,9 @@ def _build(keys: np.ndarray, groups: list[tuple[int, list[Any]]]) -> CellTree:
 
 
 def _scatter(x: np.ndarray) -> float:
-    """k-means scatter ``sum |x_i - mean|^2``."""
-    return float(np.sum((x - x.mean(axis=0)) ** 2))
+    """k-means scatter ``sum |x_i - mean|^2`` (``inf`` when it overflows float64)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # huge keys are refused later
+        return float(np.sum((x - x.mean(axis=0)) ** 2))
 
 
 def kmeans_cells(keys: Array, n_cells: int | None = None, *, seed: int = 0) -> CellTree:

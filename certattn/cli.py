@@ -142,12 +142,28 @@ def _check_out_file(text: str, option: str = "--out") -> Path:
     p = Path(text)
     if p.is_dir():
         raise CLIError(f"cannot write {p}: is a directory")
+    _check_out_parent(p)
+    return p
+
+
+def _check_out_folder(text: str, option: str = "--out") -> Path:
+    """The output folder named by ``option``: the command creates it, not its parents."""
+    if not text:
+        raise CLIError(f"{option} needs a folder name, got ''")
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"cannot write {p}: it exists and is not a folder")
+    _check_out_parent(p)
+    return p
+
+
+def _check_out_parent(p: Path) -> None:
+    """Every ``--out`` of every command: its parent folder must exist (one line, exit 2)."""
     parent = p.parent
     if not parent.exists():
         raise CLIError(f"cannot write {p}: no such directory {parent}")
     if not parent.is_dir():
         raise CLIError(f"cannot write {p}: {parent} is not a directory")
-    return p
 
 
 def _write_file(p: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -161,12 +177,12 @@ def _write_file(p: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 @contextmanager
 def _progress_bar(
-    label: str, total: int, flag: bool | None, *, auto: bool = True
+    label: str, total: int, flag: bool | None, *, auto: bool = True, unit: str = "rows"
 ) -> Iterator[Any]:
     """A :class:`~certattn._progress.Progress` (or None when off), erased at the end."""
     from ._progress import Progress, progress_enabled
 
-    bar = Progress(label, total) if auto and progress_enabled(flag) else None
+    bar = Progress(label, total, unit=unit) if auto and progress_enabled(flag) else None
     try:
         yield bar
     finally:
@@ -181,7 +197,7 @@ def _parse_eps(text: str) -> float:
         eps = math.nan
     if not 0.0 <= eps < 1.0:
         raise CLIError(f"--eps must be a number in [0, 1), got {text!r}")
-    return eps
+    return eps + 0.0  # -0 is 0
 
 
 def _int_option(name: str, lo: int, hi: int) -> Callable[[str], int]:
@@ -206,10 +222,7 @@ def _cmd_certify(args: argparse.Namespace) -> int:
 
     eps = _parse_eps(args.eps)
     if args.file is not None and Path(args.file).is_dir():  # .npy shards or zarr: lazily
-        from ._dask import certify_store
-
-        return certify_store(args.file, eps, key=args.key, out=args.out, as_json=args.json,
-                             masked_rows=args.masked_rows)
+        return _certify_store(args, eps)
     out = _check_out_file(args.out) if args.out is not None else None
     if args.file is None:
         if args.key is not None:
@@ -334,6 +347,15 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def _certify_store(args: argparse.Namespace, eps: float) -> int:
+    """``certify DIR``: a directory of .npy shards or a zarr store, lazily on dask."""
+    from ._dask import certify_store
+
+    out = _check_out_folder(args.out) if args.out is not None else None
+    return certify_store(args.file, eps, key=args.key, out=out, as_json=args.json,
+                         masked_rows=args.masked_rows, progress=args.progress)
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .theorems import THEOREMS
     from .verify import format_table, iter_verify, to_json
@@ -373,10 +395,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
+    out = _check_out_folder(args.out)
     if args.what == "gaussian":
         from .plots.gaussian import save_gaussian_figures
 
-        paths = save_gaussian_figures(args.out, quick=args.quick)
+        paths = save_gaussian_figures(out, quick=args.quick)
     else:  # pragma: no cover - argparse restricts choices
         raise CLIError(f"unknown plot {args.what!r}")
     _emit("".join(f"{p}\n" for p in paths))
@@ -405,14 +428,9 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     if args.dask is not None and args.texts is None:
         raise CLIError("--dask needs --texts (a corpus)")
     if args.texts is not None:  # a corpus: one task per document on dask.distributed
-        from .corpus import budget_corpus, read_texts
-
         if text is not None:
             raise CLIError("give --texts or --text/--text-file, not both")
-        table = budget_corpus(
-            read_texts(args.texts), model=args.model, eps=eps, tokens=args.tokens,
-            coverage=coverage, client=args.dask or "local", source=f"corpus {args.texts}",
-        )
+        table = _budget_texts(args, eps, coverage)
     else:
         with _progress_bar("budget", 1, args.progress) as bar:
             table = budget_for_model(
@@ -426,6 +444,19 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget_texts(args: argparse.Namespace, eps: float, coverage: float) -> Any:
+    """``budget --texts``: the corpus table, one dask task per document, with progress."""
+    from .corpus import budget_corpus, read_texts
+
+    docs = read_texts(args.texts)
+    with _progress_bar("budget", len(docs), args.progress, unit="documents") as bar:
+        return budget_corpus(
+            docs, model=args.model, eps=eps, tokens=args.tokens, coverage=coverage,
+            client=args.dask or "local", source=f"corpus {args.texts}",
+            progress=None if bar is None else bar.update,
+        )
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
@@ -435,9 +466,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise CLIError(f"--models takes minilm and/or smollm2, got {args.models!r}")
     if args.tokens < 16:
         raise CLIError(f"--tokens must be at least 16, got {args.tokens}")
-    if not args.out:
-        raise CLIError("--out needs a folder name, got ''")
-    summary = reproduce(args.out, models=models, smollm2_tokens=args.tokens, quick=args.quick)
+    out = _check_out_folder(args.out)
+    summary = reproduce(out, models=models, smollm2_tokens=args.tokens, quick=args.quick)
     _emit(summary.short_report() + "\n")
     return 0
 
@@ -460,6 +490,8 @@ _VERIFY_TIMING = (
 def _cmd_audit(args: argparse.Namespace) -> int:
     from .approx.audit import run_cli
 
+    if args.out is not None:
+        _check_out_folder(args.out)
     return run_cli(args)
 
 
@@ -493,7 +525,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "directory of .npy files or a .zarr store, written block by block")
     c.add_argument("--masked-rows", choices=["error", "skip"], default="error",
                    help="fully masked rows: fail (default) or give them k = 0")
-    _add_progress_options(c, "default: on a terminal, for inputs of 20M logits or more")
+    _add_progress_options(c, "default: on a terminal, for a directory or zarr input (dask "
+                          "tasks) or a file of 20M logits or more")
     c.set_defaults(func=_cmd_certify)
 
     b = sub.add_parser(
@@ -522,7 +555,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    "FILE or per file of DIR; one dask task per document, pooled into one table")
     b.add_argument("--dask", metavar="ADDRESS", help="with --texts: 'local' (default: a local "
                    "cluster of this machine's cores) or a scheduler address, tcp://host:8786")
-    _add_progress_options(b, "default: on a terminal")
+    _add_progress_options(b, "default: on a terminal; with --texts: documents done")
     b.set_defaults(func=_cmd_budget)
 
     r = sub.add_parser(

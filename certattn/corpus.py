@@ -18,8 +18,10 @@ activations and a bounded chunk of scores (the forward streams, layer by layer).
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -97,15 +99,13 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
             f"--dask needs the distributed extra: pip install 'certattn[distributed]' ({exc})"
         ) from None
     if client == "local":
-        import logging
-
         try:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
             cores = os.cpu_count() or 1
-        cluster = LocalCluster(
-            n_workers=cores, threads_per_worker=1, dashboard_address=None,
-            silence_logs=logging.ERROR,
+        cluster = LocalCluster(  # a task's error is raised here: no worker log of it
+            n_workers=cores, threads_per_worker=1, dashboard_address=":0",  # any free port
+            silence_logs=logging.CRITICAL,
         )
         c = Client(cluster)
         return c, [c, cluster]
@@ -113,7 +113,54 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
         c = Client(client, timeout="30s")
     except OSError as exc:
         raise InputError(f"cannot reach the dask scheduler at {client}: {exc}") from None
+    except (ValueError, TypeError) as exc:  # distributed's address parser
+        msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise InputError(f"not a dask scheduler address: {client!r} ({msg}); give 'local' "
+                         "or tcp://host:port") from None
     return c, [c]
+
+
+_QUIET = ("distributed.worker", "distributed.client")
+
+
+@contextmanager
+def _quiet_distributed() -> Iterator[None]:
+    """Silence ``distributed``'s worker and client logging in this process while the
+    corpus runs (the workers of ``"local"`` are silenced by their cluster).
+
+    A failing task is raised to the caller (one line from the CLI); distributed would
+    also log it ("Compute Failed" with a traceback).
+    """
+    logs = [logging.getLogger(name) for name in _QUIET]
+    before = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in zip(logs, before, strict=True):
+            log.setLevel(level)
+
+
+def _run_tasks(c: Any, docs: list[tuple[str, str]], model: str, kw: dict,
+               progress: Callable[[int, int], None] | None) -> list[Any]:
+    """Every document's table, in document order; ``progress(done, total)`` as they finish."""
+    total = len(docs)
+    if c is None:
+        tables = []
+        for lab, t in docs:
+            tables.append(document_budget(model, t, label=lab, **kw))
+            if progress is not None:
+                progress(len(tables), total)
+        return tables
+    from distributed import as_completed
+
+    futures = [c.submit(document_budget, model, t, label=lab, pure=False, **kw)
+               for lab, t in docs]
+    if progress is not None:
+        for done, _ in enumerate(as_completed(futures), start=1):
+            progress(done, total)
+    return c.gather(futures)
 
 
 def budget_corpus(
@@ -127,6 +174,7 @@ def budget_corpus(
     quantiles: Sequence[float] = (0.5, 0.9, 0.99, 1.0),
     client: Any = None,
     source: str = "",
+    progress: Callable[[int, int], None] | None = None,
 ) -> Any:
     """Per-layer, per-head serving budgets of a model over a corpus, one task per document.
 
@@ -152,6 +200,8 @@ def budget_corpus(
         Any other string: the address of a running scheduler (``"tcp://host:8786"``).
     source : str
         Description of the corpus for the table (default: the document count).
+    progress : callable, optional
+        ``progress(documents_done, documents_total)`` as each document's task finishes.
 
     Returns
     -------
@@ -178,17 +228,13 @@ def budget_corpus(
         raise InputError("the corpus holds no documents")
     kw = {"eps": eps, "tokens": tokens, "layers": None if layers is None else list(layers),
           "coverage": coverage, "quantiles": qs}
-    c, owned = _client(client)
-    try:
-        if c is None:
-            tables = [document_budget(model, t, label=lab, **kw) for lab, t in docs]
-        else:
-            futures = [c.submit(document_budget, model, t, label=lab, pure=False, **kw)
-                       for lab, t in docs]
-            tables = c.gather(futures)
-    finally:
-        for thing in owned:
-            thing.close()
+    with _quiet_distributed():
+        c, owned = _client(client)
+        try:
+            tables = _run_tasks(c, docs, model, kw, progress)
+        finally:
+            for thing in owned:
+                thing.close()
     lens = [n for t in tables for n in t.metadata.get("n_tokens", [])]
     span = f"{min(lens)}-{max(lens)} tokens ({sum(lens)} in all)" if lens else "?"
     desc = f"{tables[0].model}: {source or 'a corpus'}, {len(tables)} document(s) of {span}"

@@ -10,7 +10,10 @@ Causal masks are aligned at the end (query ``i`` of ``Lq`` sees keys
 
 from __future__ import annotations
 
+import operator
 from typing import Any
+
+import numpy as np
 
 from ._array import asarray_on, namespace
 from ._validate import InputError
@@ -61,13 +64,46 @@ def kv_head_map(kv_heads: Any, n_q: int, n_kv: int) -> list[int] | None:
                 f"{n_q} query heads cannot share {n_kv} key/value heads evenly (axis -3)"
             )
         return [h // (n_q // n_kv) for h in range(n_q)]
-    if isinstance(kv_heads, int) and not isinstance(kv_heads, bool):
-        if kv_heads != n_kv:
+    if _index(kv_heads) is not None:
+        if _index(kv_heads) != n_kv:
             raise InputError(f"kv_heads = {kv_heads} but keys have {n_kv} heads (axis -3)")
         return kv_head_map(None, n_q, n_kv)
-    mapping = [int(h) for h in kv_heads]
+    mapping = _index_list(kv_heads)
+    if mapping is None:
+        raise InputError(
+            "kv_heads must be the number of key/value heads (an int) or a sequence of "
+            f"key-head indices, one per query head, got {_short_repr(kv_heads)}"
+        )
     if len(mapping) != n_q or any(not 0 <= h < n_kv for h in mapping):
         raise InputError(
             f"kv_heads must map each of the {n_q} query heads to one of {n_kv} key heads"
         )
     return mapping
+
+
+def _index(x: Any) -> int | None:
+    """``x`` as an exact integer (Python, NumPy, a 0-d integer tensor), or None; bools
+    and floats are not integers here."""
+    if isinstance(x, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(x)
+    except TypeError:
+        return None
+
+
+def _index_list(x: Any) -> list[int] | None:
+    """A sequence of exact integers as a list, else None (strings are not sequences here)."""
+    if isinstance(x, (str, bytes)):
+        return None
+    try:
+        items = [_index(h) for h in x]
+    except TypeError:  # not iterable
+        return None
+    return None if any(h is None for h in items) else items  # type: ignore[return-value]
+
+
+def _short_repr(x: Any) -> str:
+    """``repr(x)`` if it is one short line, else its type (error messages stay one line)."""
+    r = repr(x)
+    return r if len(r) <= 80 and "\n" not in r else f"a value of type {type(x).__name__}"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._array import to_numpy
-from ._validate import InputError, check_eps, check_number
+from ._validate import InputError, check_eps, check_int_option, check_number
 from .distribution import topk_mask
 from .topk import certify_topk, certify_topp
 
@@ -389,9 +389,12 @@ class Search:
     group: int | None = None
 
     def __post_init__(self) -> None:
+        from .quant import BITS
         from .search import METHODS
 
         object.__setattr__(self, "eps", check_eps(self.eps))
+        object.__setattr__(self, "bits", check_int_option(self.bits, name="bits", choices=BITS))
+        object.__setattr__(self, "group", check_int_option(self.group, name="group"))
         if self.method not in METHODS:
             raise InputError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
         if (self.bits is not None or self.group is not None) and (

@@ -62,7 +62,7 @@ import numpy as np
 from ._array import to_numpy
 from ._fp import NORMAL_MIN, quant_step_factor, score_margin
 from ._fp import U as _U
-from ._validate import InputError, check_scale
+from ._validate import InputError, check_int_option, check_scale
 
 __all__ = ["BITS", "QuantKeys", "quantize_keys"]
 
@@ -276,18 +276,15 @@ def quantize_keys(
         ``|k_ij - khat_ij| <= delta_ij`` holds exactly for the stored data (module
         docstring).
     """
-    if isinstance(bits, bool) or int(bits) not in BITS:
-        raise InputError(f"bits must be one of {BITS}, got {bits!r}")
-    bits = int(bits)
+    bits = check_int_option(bits, name="bits", choices=BITS, optional=False)
     k = np.asarray(to_numpy(keys), dtype=np.float64)
     if k.ndim != 2 or k.shape[0] == 0 or k.shape[1] == 0:
         raise InputError(f"keys must be a non-empty (n, d) array, got shape {k.shape}")
     if not np.all(np.isfinite(k)):
         raise InputError("keys contain NaN or inf")
     n, d = k.shape
-    g = n if group is None else int(group)
-    if g < 1:
-        raise InputError(f"group must be a positive integer or None, got {group!r}")
+    group = check_int_option(group, name="group")
+    g = n if group is None else group
     n_groups = math.ceil(n / g)
     gid = np.arange(n) // g
     lo64 = np.stack([k[gid == i].min(axis=0) for i in range(n_groups)])

@@ -94,14 +94,15 @@ from typing import Any
 import numpy as np
 
 from ._array import from_numpy, namespace, to_numpy
+from ._backends import refuse_lazy
 from ._fp import U as _U
 from ._fp import add_up, ratio_up, score_margin
-from ._validate import InputError, check_eps, check_scale
+from ._validate import InputError, check_eps, check_int_option, check_scale
 from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
 from .masks import kv_head_map, normalize_mask
 from .output import sound_output_bounds
-from .quant import QuantKeys, quantize_keys
+from .quant import BITS, QuantKeys, quantize_keys
 
 __all__ = ["METHODS", "SearchResult", "build_cells", "certified_search", "search_cells"]
 
@@ -534,13 +535,13 @@ def _score_factors(
     relative error of the float64 sums; overflow gives the trivial bound (fails closed).
     With biased ``logits`` (``scale q.k + b``, ``-inf`` on hidden keys) ``delta`` also covers
     the rounding of adding ``b``: ``2 u max_i |s_i|`` over the visible keys."""
-    kmax = float(np.max(np.linalg.norm(keys, axis=1)))
-    delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
-    delta = delta + 1e-300
-    if logits is not None:
-        big = np.max(np.where(np.isfinite(logits), np.abs(logits), 0.0), axis=1)
-        delta = delta + 2 * _U * big
-    with np.errstate(over="ignore", under="ignore"):
+    with np.errstate(over="ignore", under="ignore"):  # inf norms: the trivial bound
+        kmax = float(np.max(np.linalg.norm(keys, axis=1)))
+        delta = score_margin(keys.shape[1]) * np.linalg.norm(queries, axis=1) * kmax * scale
+        delta = delta + 1e-300
+        if logits is not None:
+            big = np.max(np.where(np.isfinite(logits), np.abs(logits), 0.0), axis=1)
+            delta = delta + 2 * _U * big
         down = np.exp(-delta) * (1.0 - gamma)
         up = np.exp(delta) * (1.0 + gamma)
     return up, down
@@ -823,11 +824,14 @@ def certified_search(
     SearchResult
         In the namespace and on the device of ``queries``.
     """
+    refuse_lazy("certified_search", queries, keys, values, mask)
     if method not in METHODS:
         raise InputError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     quant = METHODS[method]["cells"] == "quant"
     if (bits is not None or group is not None) and not quant:
         raise InputError("bits and group apply to methods 'quant' and 'paged' only")
+    bits = check_int_option(bits, name="bits", choices=BITS)
+    group = check_int_option(group, name="group")
     eps = check_eps(eps)
     xp, dev = namespace(queries, keys, values, mask)
     q_all = np.asarray(to_numpy(queries), dtype=np.float64)

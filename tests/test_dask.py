@@ -465,3 +465,60 @@ def test_cli_budget_texts_errors(tmp_path, capsys):
     assert code == 2 and "not both" in err
     code, _, err = _run(capsys, "budget", "--texts", f, "--dask", "tcp://127.0.0.1:9")
     assert code == 2 and "runs on text" in err  # checked before reaching for a scheduler
+
+
+# --------------------------------------------------------------------------
+# Issue 20 (items 9, 10): progress, and one line for every corpus failure
+# --------------------------------------------------------------------------
+
+
+def test_cli_budget_bad_dask_address_is_one_line(tmp_path, capsys):
+    """``--dask bogus::addr`` gave distributed's ValueError traceback."""
+    f = tmp_path / "c.txt"
+    f.write_text("a doc\n", encoding="utf-8")
+    code, out, err = _run(capsys, "budget", "--model", "minilm", "--texts", f,
+                          "--dask", "bogus::addr")
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1, err
+    assert lines[0].startswith("certattn: error: not a dask scheduler address: 'bogus::addr'")
+
+
+@needs_minilm
+def test_document_error_under_dask_local_is_one_line(tmp_path):
+    """A document's error under ``--dask local`` came after distributed's multi-line
+    "Compute Failed ... Traceback" log from the worker."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.txt"
+    f.write_text("a short document\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, "-m", "certattn", "budget", "--model", "minilm", "--texts", str(f),
+         "--tokens", "1000", "--dask", "local"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "certattn: error: document c.txt:1: minilm runs at most 512 tokens (its position "
+        "table has 512 rows); got --tokens 1000"
+    ], proc.stderr
+
+
+@needs_minilm
+def test_corpus_progress_serial_and_cli_on_scheduler(tmp_path, capsys, cluster, monkeypatch):
+    """``budget --texts --progress`` drew nothing; now one bar of documents."""
+    from certattn.corpus import budget_corpus
+
+    calls = []
+    budget_corpus(DOCS, eps=0.05, layers=[0], progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    argv = ("budget", "--model", "minilm", "--texts", corpus, "--dask",
+            cluster.scheduler_address, "--eps", "0.05", "--json")
+    code, out_bar, err = _run(capsys, *argv, "--progress")
+    assert code == 0 and "budget [" in err and "3/3 documents" in err
+    assert err.endswith("\r\x1b[K")
+    monkeypatch.setenv("CERTATTN_PROGRESS", "1")
+    code, out_quiet, err = _run(capsys, *argv, "--quiet")
+    assert code == 0 and err == "" and out_quiet == out_bar

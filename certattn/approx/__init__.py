@@ -18,6 +18,9 @@ key-equivalents, sound tail and output-error bounds where the theory gives them)
   are measured against exact attention, not certified.
 * :mod:`certattn.approx.audit`: every registered method (:data:`~certattn.approx.audit.METHODS`,
   other engineers' methods imported lazily by name) on real attention, ``certattn audit``.
+
+Each method's definition as implemented here, its paper (authors, title, arXiv id) and the
+authors' public code are in ``docs/APPROXIMATIONS.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 r"""Delta Attention (Willette, Lee, Hwang, NeurIPS 2025) with a sound per-row error bound.
 
-Definition (``delta_attention/llama.py``; ``/work/shared/APPROXIMATIONS.md`` section 3).
+Definition (``delta_attention/llama.py`` of the authors' code; ``docs/APPROXIMATIONS.md``
+section 4, with the paper and code references).
 Per head, prompt length :math:`s` (the query rows), :math:`S` = the sparse base output of
 every row, :math:`D` = exact attention of selected rows:
 

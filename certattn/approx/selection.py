@@ -11,8 +11,8 @@ variation to exact attention is exactly the dropped mass :math:`\tau = 1 - P(H)`
 TV-TAIL) and :math:`\mathrm{Attn} - \mathrm{Attn}_H = \tau(\mu_T - \mu_H)` (Theorem
 OUT-HEAD-TAIL), whence the output bounds of OUT-BOUNDED / OUT-DIAMETER / OUT-BEST.
 
-Definitions (``/work/shared/APPROXIMATIONS.md`` sections 1 and 2)
------------------------------------------------------------------
+Definitions (``docs/APPROXIMATIONS.md`` sections 1 and 2)
+---------------------------------------------------------
 ``window_sinks``
     keep the first ``sinks`` and the last ``window`` *visible* keys of each query
     (Delta Attention's base: 1024 sinks + 2048 window at 131k tokens; StreamingLLM: 4
