@@ -16,7 +16,9 @@ import numpy as np
 
 from certattn.errors import InputError
 
-__all__ = ["ModelFileError", "as_float", "as_int", "check_finite", "load_json", "token_ids"]
+__all__ = [
+    "Fields", "ModelFileError", "as_float", "as_int", "check_finite", "load_json", "token_ids",
+]
 
 _F32_MAX = float(np.finfo(np.float32).max)
 
@@ -88,6 +90,46 @@ def as_float(value: Any, what: str, *, positive: bool = False) -> float:
             f"float32's range, got {_show(value)}"
         )
     return v
+
+
+class Fields:
+    """Typed access to a file's settings (GGUF metadata, ``config.json``).
+
+    Each value is checked for its type and range (:func:`as_int`, :func:`as_float`)
+    before the loaders size anything by it.
+
+    Parameters
+    ----------
+    values : dict
+        The settings, as parsed.
+    where : str
+        Names them in messages (``"model.gguf: GGUF metadata"``, ``"folder/config.json"``).
+    """
+
+    def __init__(self, values: dict[str, Any], where: str) -> None:
+        self.values = values
+        self.where = where
+
+    def value(self, key: str, default: Any = ...) -> Any:
+        """``key``'s value; without a default, a missing key is a ModelFileError."""
+        if key not in self.values:
+            if default is ...:
+                raise ModelFileError(f"{self.where} lacks {key!r}")
+            return default
+        return self.values[key]
+
+    def int(self, key: str, default: Any = ..., *, minimum: int = 1) -> int:
+        """Integer ``key`` of at least ``minimum``."""
+        return as_int(self.value(key, default), f"{self.where} {key}", minimum=minimum)
+
+    def float(self, key: str, default: Any = ..., *, positive: bool = False) -> float:
+        """Non-negative (or positive) number ``key`` within float32's range."""
+        return as_float(self.value(key, default), f"{self.where} {key}", positive=positive)
+
+    def optional_int(self, key: str, *, minimum: int = 1) -> int | None:
+        """Integer ``key``, or None when absent or null."""
+        v = self.values.get(key)
+        return None if v is None else as_int(v, f"{self.where} {key}", minimum=minimum)
 
 
 def load_json(path: Path) -> dict[str, Any]:

@@ -9,43 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from certattn.models._files import ModelFileError, as_float, as_int, load_json
-
-
-class HFConfig:
-    """Typed access to a ``config.json``: each value checked for type and range.
-
-    Parameters
-    ----------
-    cfg : dict
-        The parsed ``config.json``.
-    folder : pathlib.Path
-        Its folder (named in messages).
-    """
-
-    def __init__(self, cfg: dict[str, Any], folder: Path) -> None:
-        self.cfg = cfg
-        self.where = f"{folder.name}/config.json"
-
-    def _get(self, key: str, default: Any) -> Any:
-        if default is ...:
-            if key not in self.cfg:
-                raise ModelFileError(f"{self.where} lacks {key!r}")
-            return self.cfg[key]
-        return self.cfg.get(key, default)
-
-    def int(self, key: str, default: Any = ..., *, minimum: int = 1) -> int:
-        """Integer ``key`` (required unless a default is given) of at least ``minimum``."""
-        return as_int(self._get(key, default), f"{self.where} {key}", minimum=minimum)
-
-    def float(self, key: str, default: Any = ..., *, positive: bool = False) -> float:
-        """Finite non-negative (or positive) number ``key``."""
-        return as_float(self._get(key, default), f"{self.where} {key}", positive=positive)
-
-    def optional_int(self, key: str, *, minimum: int = 1) -> int | None:
-        """Integer ``key``, or None when absent or null."""
-        v = self.cfg.get(key)
-        return None if v is None else as_int(v, f"{self.where} {key}", minimum=minimum)
+from certattn.models._files import ModelFileError, load_json
 
 
 def hf_config(folder: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import numpy as np
 from certattn.errors import InputError
 from certattn.models._attend import FORWARD_CHUNK_ELEMS, attend
 from certattn.models._files import (
+    Fields,
     ModelFileError,
     as_float,
     as_int,
@@ -209,64 +210,43 @@ def _check_vocabulary(n_vocab: int, rows: int, name: str, what: str) -> None:
         )
 
 
-class _GGUFMeta:
-    """Typed access to GGUF metadata: each value checked for type and range."""
-
-    def __init__(self, meta: dict[str, Any], file: str) -> None:
-        self.meta = meta
-        self.file = file
-
-    def value(self, key: str, default: Any = ...) -> Any:
-        if key not in self.meta:
-            if default is ...:
-                raise ModelFileError(f"{self.file}: GGUF metadata lacks {key!r}")
-            return default
-        return self.meta[key]
-
-    def int(self, key: str, default: Any = ..., *, minimum: int = 1) -> int:
-        return as_int(self.value(key, default), f"{self.file}: {key}", minimum=minimum)
-
-    def float(self, key: str, default: Any = ..., *, positive: bool = False) -> float:
-        return as_float(self.value(key, default), f"{self.file}: {key}", positive=positive)
-
-    def kv_heads(self, key: str, default: int) -> int:
-        """Key/value heads: one count, or a per-layer list of one repeated count."""
-        v = self.value(key, default)
-        if isinstance(v, list):
-            if len(set(v)) != 1:
-                raise ModelFileError(f"{self.file}: per-layer key/value head counts "
-                                     f"{v[:8]} are not supported")
-            v = v[0]
-        return as_int(v, f"{self.file}: {key}", minimum=0)
-
-    def token(self, key: str, rows: int) -> int | None:
-        """A token id, or None when absent; outside the embedding's rows is refused."""
-        v = self.meta.get(key)
-        if v is None:
-            return None
-        v = as_int(v, f"{self.file}: {key}")
-        if v >= rows:
-            raise ModelFileError(f"{self.file}: {key} {v} is outside the vocabulary of {rows}")
-        return v
+def _kv_heads(get: Fields, key: str, default: int) -> int:
+    """Key/value heads: one count, or a per-layer list of one repeated count."""
+    v = get.value(key, default)
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise ModelFileError(f"{get.where} {key}: per-layer key/value head counts "
+                                 f"{v[:8]} are not supported")
+        v = v[0]
+    return as_int(v, f"{get.where} {key}", minimum=0)
 
 
-def _gguf_config(get: _GGUFMeta, arch: str, tensors: dict[str, Any]) -> LlamaConfig:
+def _token(get: Fields, key: str, rows: int) -> int | None:
+    """A token id, or None when absent; outside the embedding's rows is refused."""
+    v = get.optional_int(key, minimum=0)
+    if v is not None and v >= rows:
+        raise ModelFileError(f"{get.where} {key} {v} is outside the vocabulary of {rows}")
+    return v
+
+
+def _gguf_config(
+    get: Fields, arch: str, tensors: dict[str, Any], file: str
+) -> LlamaConfig:
     """The :class:`LlamaConfig` of a GGUF file's metadata (typed, ranged, consistent)."""
     heads = get.int(f"{arch}.attention.head_count")
-    kv = get.kv_heads(f"{arch}.attention.head_count_kv", heads)
+    kv = _kv_heads(get, f"{arch}.attention.head_count_kv", heads)
     width = get.int(f"{arch}.embedding_length")
     head_dim = get.int(f"{arch}.attention.key_length", width // heads, minimum=0)
     rope_dim = get.int(f"{arch}.rope.dimension_count", head_dim, minimum=0)
     if rope_dim != head_dim:
         raise ModelFileError(
-            f"{get.file}: partial RoPE ({rope_dim} of {head_dim} dimensions) is not supported"
+            f"{file}: partial RoPE ({rope_dim} of {head_dim} dimensions) is not supported"
         )
     scaling = get.value(f"{arch}.rope.scaling.type", "none")
     factor = get.float(f"{arch}.rope.scaling.factor", 1.0) or 1.0
-    linear = _rope_linear(scaling, factor, get.file)
-    if scaling == "none" and f"{arch}.rope.scale_linear" in get.meta:
+    linear = _rope_linear(scaling, factor, file)
+    if scaling == "none" and f"{arch}.rope.scale_linear" in get.values:
         linear = get.float(f"{arch}.rope.scale_linear", positive=True)
-    window = get.value(f"{arch}.attention.sliding_window", None)
     up = tensors.get("blk.0.ffn_up.weight")
     return LlamaConfig(
         arch=arch,
@@ -281,8 +261,7 @@ def _gguf_config(get: _GGUFMeta, arch: str, tensors: dict[str, Any]) -> LlamaCon
         rms_eps=get.float(f"{arch}.attention.layer_norm_rms_epsilon"),
         context=get.int(f"{arch}.context_length"),
         qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
-        sliding_window=None if window is None else as_int(
-            window, f"{get.file}: {arch}.attention.sliding_window", minimum=1),
+        sliding_window=get.optional_int(f"{arch}.attention.sliding_window"),
     )
 
 
@@ -384,7 +363,7 @@ class Llama:
 
         path = Path(path)
         gf = read_gguf(path)
-        get = _GGUFMeta(gf.metadata, path.name)
+        get = Fields(gf.metadata, f"{path.name}: GGUF metadata")
         arch = get.value("general.architecture")
         if not isinstance(arch, str):
             raise ModelFileError(f"{path.name}: general.architecture must be a string, got "
@@ -394,7 +373,7 @@ class Llama:
                 f"{path.name}: unsupported GGUF architecture {arch!r} (supported: "
                 f"{', '.join(GGUF_ARCHS)})"
             )
-        config = _gguf_config(get, arch, gf.tensors)
+        config = _gguf_config(get, arch, gf.tensors, path.name)
         name = name or str(gf.metadata.get("general.name", path.name))
         _check_tensors(config, {k: t.shape for k, t in gf.tensors.items()}, name)
         weights: dict[str, np.ndarray] = {}
@@ -414,8 +393,8 @@ class Llama:
         except (KeyError, ValueError) as exc:
             tokenizer = _TokenizerError(f"{path.name}: no usable tokenizer ({exc})")
         rows = weights["token_embd.weight"].shape[0]
-        eos = get.token("tokenizer.ggml.eos_token_id", rows)
-        bos = get.token("tokenizer.ggml.bos_token_id", rows)
+        eos = _token(get, "tokenizer.ggml.eos_token_id", rows)
+        bos = _token(get, "tokenizer.ggml.bos_token_id", rows)
         add_bos = bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False))
         return cls(
             config, weights, tokenizer, name=name, eos_id=eos,
@@ -442,7 +421,7 @@ class Llama:
         ModelFileError
             Unsupported ``model_type`` or RoPE scaling, missing file, key or tensor.
         """
-        from certattn.models._hf import HFConfig, hf_config, hf_tensors, hf_tokenizer
+        from certattn.models._hf import hf_config, hf_tensors, hf_tokenizer
 
         folder = Path(folder)
         cfg = hf_config(folder)
@@ -453,7 +432,7 @@ class Llama:
                 f"({', '.join(HF_LLAMA_TYPES)})"
             )
 
-        c = HFConfig(cfg, folder)
+        c = Fields(cfg, f"{folder.name}/config.json")
         heads = c.int("num_attention_heads")
         width = c.int("hidden_size")
         rs = cfg.get("rope_scaling")

@@ -9,7 +9,7 @@ import numpy as np
 
 from certattn._validate import InputError
 from certattn.models._attend import FORWARD_CHUNK_ELEMS, attend
-from certattn.models._files import ModelFileError, check_finite, token_ids
+from certattn.models._files import Fields, ModelFileError, check_finite, token_ids
 from certattn.models._locate import MINILM_PACKAGE, model_file
 from certattn.models._numerics import gelu_erf, layer_norm
 from certattn.models._types import ModelAttention
@@ -60,7 +60,7 @@ class Bert:
     name = "bert"
 
     def __init__(self, folder: Path, *, name: str | None = None) -> None:
-        from certattn.models._hf import HFConfig, hf_config, hf_tensors, hf_tokenizer
+        from certattn.models._hf import hf_config, hf_tensors, hf_tokenizer
 
         self.folder = Path(folder)
         config = hf_config(self.folder)
@@ -78,7 +78,7 @@ class Bert:
                 f"{self.folder.name}: position_embedding_type "
                 f"{config.get('position_embedding_type')!r} is not supported (absolute)"
             )
-        c = HFConfig(config, self.folder)
+        c = Fields(config, f"{self.folder.name}/config.json")
         self.n_layers = c.int("num_hidden_layers")
         self.n_heads = c.int("num_attention_heads")
         self.width = c.int("hidden_size")
