@@ -559,6 +559,47 @@ def test_fuzz_safetensors(tmp_path: Path) -> None:
     _both_outcomes(results)
 
 
+TYPED_WRONG = [(STR, "x"), (STR, ""), (STR, "llama"), (U32, 0), (U64, 2**60), (I32, -1),
+               (F32, math.nan), (F64, 1e300), (BOOL, True), (ARR, (U32, [])), (ARR, (U32, [4, 2])),
+               (ARR, (STR, ["a", "b"])), (ARR, (F32, [math.inf]))]
+
+
+def test_fuzz_gguf_metadata_types(tmp_path: Path) -> None:
+    """Metadata values replaced by values of other types and ranges."""
+    meta, tensors = tiny_gguf()
+    keys = sorted(meta)
+    rng = np.random.default_rng(23)
+    path = tmp_path / "t.gguf"
+    results = []
+    for r in range(_fuzz_rounds()):
+        changed = dict(meta, **{"general.unknown": TYPED_WRONG[r % len(TYPED_WRONG)]})
+        for key in rng.choice(keys, size=0 if r == 0 else int(rng.integers(1, 3)),
+                              replace=False):
+            changed[str(key)] = TYPED_WRONG[int(rng.integers(len(TYPED_WRONG)))]
+        path.write_bytes(gguf_bytes(changed, tensors))
+        results.append(_check_case(path))
+    _both_outcomes(results)
+
+
+def test_fuzz_safetensors_header_types(tmp_path: Path) -> None:
+    """Header entries (dtype, shape, data_offsets) replaced by values of other types."""
+    folder = _llama_folder(tmp_path)
+    header, body = _st_header(folder)
+    names = sorted(header)
+    rng = np.random.default_rng(24)
+    results = []
+    for r in range(_fuzz_rounds()):
+        changed = json.loads(json.dumps(header))
+        changed["__metadata__"] = {"format": WRONG[r % len(WRONG)]}  # free-form: ignored
+        if r:
+            entry = changed[str(rng.choice(names))]
+            field = str(rng.choice(["dtype", "shape", "data_offsets"]))
+            entry[field] = WRONG[int(rng.integers(len(WRONG)))]
+        _st_write(folder, changed, body)
+        results.append(_check_case(folder))
+    _both_outcomes(results)
+
+
 WRONG = [None, "x", [], {}, [4], -1, 0, 2**31 - 1, 10**12, 2**64, 1e308, -0.5, True, "nan"]
 
 
