@@ -221,8 +221,10 @@ def _nan_weight(meta: dict, tensors: list) -> None:
     t["data"] = a.tobytes()
 
 
-def _valid_size(tmp_path: Path) -> int:
-    return _gguf(tmp_path).stat().st_size
+def _q8k_tensor(meta: dict, tensors: list) -> None:
+    """A well-formed Q8_K tensor (one 292-byte block of 256 values): no dequantizer."""
+    tensors.append({"name": "extra.weight", "dims": [256, 1], "type": 15,
+                    "data": bytes(292)})
 
 
 GGUF_CASES = {
@@ -262,7 +264,9 @@ GGUF_CASES = {
                                   "blk.0.ffn_up.weight"),
     "output_norm of the wrong length": (dict(mutate=_tset("output_norm.weight", dims=[16])),
                                         "output_norm.weight"),
-    "quant type Q8_K": (dict(mutate=_tset("blk.0.attn_q.weight", type=15)), "Q8_K"),
+    "quant type Q8_K": (dict(mutate=_q8k_tensor), "type Q8_K, which cannot be dequantized"),
+    "Q8_K rows not of whole blocks": (dict(mutate=_tset("blk.0.attn_q.weight", type=15)),
+                                      "Q8_K block"),
     "tensor type 999": (dict(mutate=_tset("blk.0.attn_q.weight", type=999)), "type 999"),
     "tensor of 9 dimensions": (dict(mutate=_tset("blk.0.attn_q.weight", dims=[1] * 9)),
                                "dimensions"),
@@ -414,6 +418,27 @@ def _header_json(value: Any) -> Callable[[Path], None]:
     return f
 
 
+def _st_values(name: str, fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], None]:
+    """Rewrite one float32 tensor's values in place."""
+    def f(folder: Path) -> None:
+        header, body = _st_header(folder)
+        a, b = header[name]["data_offsets"]
+        values = fn(np.frombuffer(body[a:b], np.float32).copy()).astype(np.float32)
+        _st_write(folder, header, body[:a] + values.tobytes() + body[b:])
+    return f
+
+
+def _near_max(a: np.ndarray) -> np.ndarray:
+    """Finite weights whose products overflow float32."""
+    return a / np.abs(a).max() * 3e38
+
+
+def _with_nan(a: np.ndarray) -> np.ndarray:
+    a[1] = np.nan
+    return a
+
+
+BQ = "bert.encoder.layer.0.attention.self.query.weight"
 EMB = "model.embed_tokens.weight"
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -464,6 +489,10 @@ FOLDER_CASES = {
     "embeddings of the wrong width": ("llama", _patch_tensor(EMB, shape=[32, 16]),
                                       "(vocab, 32)"),
     "wrong tensor shape": ("llama", _patch_tensor(Q0, shape=[16, 64]), "attn_q"),
+    "a NaN weight": ("llama", _st_values(Q0, _with_nan), "blk.0.attn_q.weight"),
+    "bert NaN weight": ("bert", _st_values(BQ, _with_nan), "query.weight"),
+    "bert weights that overflow": ("bert", _st_values(BQ, _near_max), "non-finite"),
+    "weights that overflow": ("llama", _st_values(Q0, _near_max), "non-finite"),
 }
 
 

@@ -109,53 +109,54 @@ class Bert:
         self.tokenizer = hf_tokenizer(self.folder)
 
     def _shapes(self, ffn: int) -> dict[str, tuple[int, ...]]:
-        """Shape of every tensor the forward reads (embedding rows: see _check_tensors)."""
+        """Shape of every layer and LayerNorm tensor the forward reads."""
         w = self.width
-        p = "embeddings."
-        out = {p + "word_embeddings.weight": (-1, w), p + "position_embeddings.weight": (-1, w),
-               p + "token_type_embeddings.weight": (-1, w), p + "LayerNorm.weight": (w,),
-               p + "LayerNorm.bias": (w,)}
-        dense = {"attention.self.query": (w, w), "attention.self.key": (w, w),
-                 "attention.self.value": (w, w), "attention.output.dense": (w, w),
-                 "intermediate.dense": (ffn, w), "output.dense": (w, ffn),
-                 "attention.output.LayerNorm": (w, 0), "output.LayerNorm": (w, 0)}
+        out = {"embeddings.LayerNorm.weight": (w,), "embeddings.LayerNorm.bias": (w,)}
+        linear = {"attention.self.query": (w, w), "attention.self.key": (w, w),
+                  "attention.self.value": (w, w), "attention.output.dense": (w, w),
+                  "intermediate.dense": (ffn, w), "output.dense": (w, ffn)}
         for i in range(self.n_layers):
-            for s, (rows, cols) in dense.items():
-                out[f"encoder.layer.{i}.{s}.weight"] = (rows, cols) if cols else (rows,)
-                out[f"encoder.layer.{i}.{s}.bias"] = (rows,)
+            p = f"encoder.layer.{i}."
+            for s, shape in linear.items():
+                out[p + s + ".weight"], out[p + s + ".bias"] = shape, shape[:1]
+            for s in ("attention.output.LayerNorm", "output.LayerNorm"):
+                out[p + s + ".weight"] = out[p + s + ".bias"] = (w,)
         return out
 
     def _check_tensors(self, ffn: int | None) -> None:
-        """Layers declared against layers present, then every tensor present and shaped.
+        """Declared layers against the layers present, then every tensor present, shaped
+        and finite; the embedding tables need ``(>= rows, width)``.
 
         Raises
         ------
         ModelFileError
         """
-
         present = {k.split(".")[2] for k in self.weights if k.startswith("encoder.layer.")}
         if self.n_layers > len(present):
             raise ModelFileError(f"{self.name}: declares {self.n_layers} layers but holds "
                                  f"tensors of {len(present)} layers")
         up = self.weights.get("encoder.layer.0.intermediate.dense.weight")
         shapes = self._shapes(ffn or (up.shape[0] if up is not None and up.ndim else 0))
-        missing = [t for t in shapes if t not in self.weights]
+        tables = {"embeddings.word_embeddings.weight": 1,
+                  "embeddings.position_embeddings.weight": self.max_positions,
+                  "embeddings.token_type_embeddings.weight": 1}
+        missing = [t for t in [*tables, *shapes] if t not in self.weights]
         if missing:
             raise ModelFileError(
                 f"{self.name}: missing tensor {missing[0]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
-        least = {"embeddings.position_embeddings.weight": self.max_positions}
+        for key, rows in tables.items():
+            got = self.weights[key].shape
+            if len(got) != 2 or got[0] < rows or got[1] != self.width:
+                raise ModelFileError(f"{self.name}: tensor {key} has shape {tuple(got)}, "
+                                     f"expected (>= {rows}, {self.width}) from config.json")
         for key, shape in shapes.items():
-            got = tuple(self.weights[key].shape)
-            if shape[0] == -1:
-                ok = len(got) == 2 and got[1] == shape[1] and got[0] >= max(1, least.get(key, 1))
-            else:
-                ok = got == shape
-            if not ok:
-                want = shape if shape[0] != -1 else f"(>= {least.get(key, 1)}, {shape[1]})"
-                raise ModelFileError(f"{self.name}: tensor {key} has shape {got}, expected "
-                                     f"{want} from config.json")
+            if self.weights[key].shape != shape:
+                raise ModelFileError(f"{self.name}: tensor {key} has shape "
+                                     f"{self.weights[key].shape}, expected {shape} from "
+                                     "config.json")
+        for key in [*tables, *shapes]:
             if not np.isfinite(self.weights[key]).all():
                 raise ModelFileError(f"{self.name}: tensor {key} holds NaN or infinite values")
 
