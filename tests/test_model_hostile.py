@@ -680,9 +680,14 @@ def test_huge_declared_counts_under_a_memory_cap(tmp_path: Path) -> None:
         folder = _llama_folder(d)
         _patch_config(num_hidden_layers=n)(folder)
         paths.append(str(folder))
-    limit = 3 << 30
+    import os
+
+    limit = 4 << 30  # far below what the declared counts would take
+    one_thread = {k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                   "MKL_NUM_THREADS")}  # BLAS buffers per thread count too
     proc = subprocess.run([sys.executable, "-c", HUGE_SCRIPT, str(limit), *paths],
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env=dict(os.environ, **one_thread))
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
     assert all(isinstance(v, str) and "\n" not in v for v in out.values()), out
