@@ -584,12 +584,7 @@ def _sequences(
         return [_cut(m, ids, n)], "the given text"
     if m.causal:
         n = tokens if tokens is not None else min(1024, cap)
-        body = corpus_text()
-        ids = m.encode(body)
-        reps = 1
-        while len(ids) < n:
-            reps += 1
-            ids = m.encode("\n\n".join([body] * reps))
+        ids, reps = _repeat_prose(m, label, n)
         return [ids[:n]], f"built-in English prose{f' (repeated {reps}x)' if reps > 1 else ''}"
     if tokens is None:
         seqs = []
@@ -603,12 +598,49 @@ def _sequences(
         raise ValueError(f"tokens must leave room for text between special tokens, got {tokens}")
     body = list(m.encode(corpus_text()))
     body = body[len(pre) : len(body) - len(post)]
+    if not body:
+        raise InputError(_NO_PROSE.format(label=label))
     need = 3 * width
     reps = -(-need // max(1, len(body)))
     body = body * reps
     seqs = [[*pre, *body[j * width : (j + 1) * width], *post] for j in range(3)]
     how = f"built-in English prose{f' (repeated {reps}x)' if reps > 1 else ''}"
     return seqs, f"{how}, three consecutive windows"
+
+
+_NO_PROSE = ("{label}: its tokenizer encodes the built-in prose to no tokens of text; "
+             "pass a text the vocabulary covers (--text)")
+
+
+def _repeat_prose(m: Any, label: str, n: int) -> tuple[list[int], int]:
+    """The built-in prose, repeated until it encodes to at least ``n`` tokens.
+
+    The number of copies comes from the tokens one copy adds beyond the special tokens,
+    so the work is bounded; a tokenizer that encodes the prose to nothing is refused.
+
+    Returns
+    -------
+    ids : list of int
+    reps : int
+        Copies of the prose joined.
+    """
+    from ._corpus import corpus_text
+
+    body = corpus_text()
+    ids = list(m.encode(body))
+    per_copy = len(ids) - len(list(m.encode("")))
+    if per_copy < 1:
+        raise InputError(_NO_PROSE.format(label=label))
+    reps = 1
+    for _ in range(4):  # each pass aims at n; joins only ever add tokens
+        if len(ids) >= n:
+            return ids, reps
+        reps += -(-(n - len(ids)) // per_copy)
+        ids = list(m.encode("\n\n".join([body] * reps)))
+    raise InputError(
+        f"{label}: its tokenizer encodes {reps} copies of the built-in prose to only "
+        f"{len(ids)} tokens, fewer than {n}; pass a longer --text"
+    )
 
 
 def _specials(m: Any) -> tuple[list[int], list[int]]:

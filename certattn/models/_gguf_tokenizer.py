@@ -8,14 +8,39 @@ from typing import Any
 _CONTROL = 3  # llama.cpp token type of control (special) tokens
 
 
-def _field(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _field(meta: dict[str, Any], key: str) -> Any:
+    if key not in meta:
         raise KeyError(f"GGUF metadata lacks {key!r}")
-    return field.contents()
+    return meta[key]
 
 
-def gguf_bpe_tokenizer(reader: Any) -> Any:
+def _list(meta: dict[str, Any], key: str, kind: type | tuple[type, ...], n: int | None = None,
+          default: Any = ...) -> list[Any]:
+    """Metadata list ``key`` of ``kind`` items (and ``n`` of them), else a ValueError."""
+    value = _field(meta, key) if default is ... or key in meta else default
+    if not isinstance(value, list) or not all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value
+    ):
+        raise ValueError(f"{key} is not a list of {getattr(kind, '__name__', 'numbers')}")
+    if n is not None and len(value) != n:
+        raise ValueError(f"{key} has {len(value)} entries for {n} tokens")
+    return value
+
+
+def _tokens(meta: dict[str, Any]) -> tuple[list[str], list[int]]:
+    tokens = _list(meta, "tokenizer.ggml.tokens", str)
+    return tokens, _list(meta, "tokenizer.ggml.token_type", int, len(tokens))
+
+
+def _build(make: Any) -> Any:
+    """Run a ``tokenizers`` constructor, its errors (plain Exceptions) as ValueError."""
+    try:
+        return make()
+    except Exception as exc:  # tokenizers raises its own Exception types
+        raise ValueError(f"tokenizers refused it ({exc})") from None
+
+
+def gguf_bpe_tokenizer(meta: dict[str, Any]) -> Any:
     """Byte-level BPE tokenizer described by a GGUF file (``tokenizer.ggml.model == 'gpt2'``).
 
     SmolLM2's GGUF states pre-tokenizer ``smollm``; llama.cpp then splits every digit
@@ -26,47 +51,53 @@ def gguf_bpe_tokenizer(reader: Any) -> Any:
 
     Parameters
     ----------
-    reader : gguf.GGUFReader
-        Open reader of the GGUF file.
+    meta : dict
+        The GGUF file's metadata (:func:`certattn.models._gguf.read_gguf`).
 
     Returns
     -------
     tokenizers.Tokenizer
+
+    Raises
+    ------
+    KeyError, ValueError
+        Missing metadata, or metadata of the wrong type or length.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = _field(meta, "tokenizer.ggml.model")
     if kind == "llama":
-        return gguf_spm_tokenizer(reader)
+        return gguf_spm_tokenizer(meta)
     if kind != "gpt2":
         raise ValueError(
             f"GGUF tokenizer model {kind!r} is not supported (byte-level BPE 'gpt2' or "
             "SentencePiece 'llama')"
         )
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    tokens, types = _tokens(meta)
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    pre = reader.fields.get("tokenizer.ggml.pre")
+    merges = [tuple(m.split(" ", 1)) for m in _list(meta, "tokenizer.ggml.merges", str)]
+    for m in merges:
+        if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab:
+            raise ValueError(f"tokenizer.ggml.merges has {' '.join(m)!r}, not of the vocabulary")
+    tokenizer = _build(lambda: Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False)))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre is not None and pre.contents() in ("smollm", "starcoder", "refact"):
+    if meta.get("tokenizer.ggml.pre") in ("smollm", "starcoder", "refact"):
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
         )
     else:
         tokenizer.pre_tokenizer = byte_level
     tokenizer.decoder = decoders.ByteLevel()
-    types = _field(reader, "tokenizer.ggml.token_type")
     special = [
         AddedToken(tok, special=True, normalized=False)
         for tok, t in zip(tokens, types, strict=True)
         if t == _CONTROL
     ]
-    tokenizer.add_special_tokens(special)
+    _build(lambda: tokenizer.add_special_tokens(special))
     return tokenizer
 
 
-def gguf_spm_tokenizer(reader: Any) -> Any:
+def gguf_spm_tokenizer(meta: dict[str, Any]) -> Any:
     """SentencePiece BPE tokenizer described by a GGUF file (``tokenizer.ggml.model == 'llama'``).
 
     As llama.cpp's SPM tokenizer (and Hugging Face's converted ``LlamaTokenizerFast``):
@@ -77,18 +108,23 @@ def gguf_spm_tokenizer(reader: Any) -> Any:
 
     Parameters
     ----------
-    reader : gguf.GGUFReader
+    meta : dict
+        The GGUF file's metadata.
 
     Returns
     -------
     tokenizers.Tokenizer
+
+    Raises
+    ------
+    KeyError, ValueError
+        Missing metadata, or metadata of the wrong type or length.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
 
-    tokens = [str(t) for t in _field(reader, "tokenizer.ggml.tokens")]
-    scores_field = reader.fields.get("tokenizer.ggml.scores")
-    scores = list(scores_field.contents()) if scores_field is not None else [0.0] * len(tokens)
-    types = list(_field(reader, "tokenizer.ggml.token_type"))
+    tokens, types = _tokens(meta)
+    scores = _list(meta, "tokenizer.ggml.scores", (int, float), len(tokens),
+                   default=[0.0] * len(tokens))
     vocab = {tok: i for i, tok in enumerate(tokens)}
     normal = {tok for tok, t in zip(tokens, types, strict=True) if t == 1}
     merges = []
@@ -99,15 +135,17 @@ def gguf_spm_tokenizer(reader: Any) -> Any:
                 merges.append((-float(scores[vocab[piece]]), vocab[left], vocab[right], left,
                                right))
     merges.sort()
-    unk = reader.fields.get("tokenizer.ggml.unknown_token_id")
-    unk_tok = tokens[int(unk.contents())] if unk is not None else None
-    tokenizer = Tokenizer(models.BPE(
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk is not None and (isinstance(unk, bool) or not isinstance(unk, int)
+                            or not 0 <= unk < len(tokens)):
+        raise ValueError(f"tokenizer.ggml.unknown_token_id {unk!r} is not a token")
+    unk_tok = tokens[unk] if unk is not None else None
+    tokenizer = _build(lambda: Tokenizer(models.BPE(
         vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk_tok,
         fuse_unk=True, byte_fallback=True,
-    ))
-    prefix = reader.fields.get("tokenizer.ggml.add_space_prefix")
+    )))
     steps = [normalizers.Replace(" ", "\u2581")]
-    if prefix is None or bool(prefix.contents()):
+    if bool(meta.get("tokenizer.ggml.add_space_prefix", True)):
         steps.insert(0, normalizers.Prepend("\u2581"))
     tokenizer.normalizer = normalizers.Sequence(steps)
     tokenizer.decoder = decoders.Sequence([
@@ -119,5 +157,5 @@ def gguf_spm_tokenizer(reader: Any) -> Any:
         for tok, t in zip(tokens, types, strict=True)
         if t == _CONTROL
     ]
-    tokenizer.add_special_tokens(special)
+    _build(lambda: tokenizer.add_special_tokens(special))
     return tokenizer

@@ -11,6 +11,7 @@ permuted for its adjacent-pair rotation, which is undone at load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,14 @@ import numpy as np
 
 from certattn.errors import InputError
 from certattn.models._attend import FORWARD_CHUNK_ELEMS, attend
-from certattn.models._files import ModelFileError
+from certattn.models._files import (
+    Fields,
+    ModelFileError,
+    as_float,
+    as_int,
+    check_finite,
+    token_ids,
+)
 from certattn.models._numerics import apply_rope, rms_norm, silu
 from certattn.models._types import ModelAttention
 
@@ -72,6 +80,9 @@ class LlamaConfig:
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
+        for field in ("n_layers", "n_heads", "width", "head_dim", "ffn", "context"):
+            if getattr(self, field) < 1:
+                raise ModelFileError(f"{field} must be at least 1, got {getattr(self, field)}")
         if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
             raise ModelFileError(
                 f"{self.n_heads} query heads cannot share {self.n_kv_heads} key/value heads"
@@ -132,14 +143,126 @@ def permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     )
 
 
-def _layer_names(i: int, bias: bool) -> list[str]:
-    p = f"blk.{i}."
-    names = [p + s + ".weight" for s in (
-        "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate",
-        "ffn_up", "ffn_down")]
-    if bias:
-        names += [p + s + ".bias" for s in ("attn_q", "attn_k", "attn_v")]
-    return names
+_LAYER = re.compile(r"blk\.([0-9]+)\.")
+
+
+def _layer_shapes(c: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every per-layer tensor (suffix after ``blk.{i}.``), biases included."""
+    q, kv, w = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.width
+    return {
+        "attn_norm.weight": (w,), "ffn_norm.weight": (w,),
+        "attn_q.weight": (q, w), "attn_k.weight": (kv, w), "attn_v.weight": (kv, w),
+        "attn_output.weight": (w, q), "ffn_gate.weight": (c.ffn, w),
+        "ffn_up.weight": (c.ffn, w), "ffn_down.weight": (w, c.ffn),
+        "attn_q.bias": (q,), "attn_k.bias": (kv,), "attn_v.bias": (kv,),
+    }
+
+
+def _check_tensors(c: LlamaConfig, shapes: dict[str, tuple[int, ...]], name: str) -> None:
+    """Every tensor the forward reads is present with the shape the metadata implies.
+
+    The declared layer count is first checked against the layers the tensors hold, so
+    the work is bounded by the number of tensors, not by what the metadata declares.
+
+    Raises
+    ------
+    ModelFileError
+        Too many declared layers, a missing tensor, a tensor of another shape.
+    """
+    present = {int(m.group(1)) for k in shapes if (m := _LAYER.match(k))}
+    if c.n_layers > len(present):
+        raise ModelFileError(
+            f"{name}: declares {c.n_layers} layers but holds tensors of {len(present)} layers"
+        )
+    per_layer = _layer_shapes(c)
+    required = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{t}" for i in range(c.n_layers) for t in per_layer
+        if c.qkv_bias or not t.endswith(".bias")
+    ]
+    missing = [t for t in required if t not in shapes]
+    if missing:
+        raise ModelFileError(
+            f"{name}: missing tensor {missing[0]}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+    expect = {"output_norm.weight": (c.width,)}
+    for i in range(c.n_layers):
+        expect.update({f"blk.{i}.{t}": shape for t, shape in per_layer.items()})
+    for key, shape in expect.items():
+        if key in shapes and tuple(shapes[key]) != shape:
+            raise ModelFileError(
+                f"{name}: tensor {key} has shape {tuple(shapes[key])}, expected {shape} from "
+                "the metadata"
+            )
+    for key in ("token_embd.weight", "output.weight"):
+        got = tuple(shapes.get(key, (1, c.width)))
+        if len(got) != 2 or got[0] < 1 or got[1] != c.width:
+            raise ModelFileError(f"{name}: tensor {key} has shape {got}, expected (vocab, "
+                                 f"{c.width})")
+
+
+def _check_vocabulary(n_vocab: int, rows: int, name: str, what: str) -> None:
+    """Refuse a vocabulary larger than the token embedding (its ids would index past it)."""
+    if n_vocab > rows:
+        raise ModelFileError(
+            f"{name}: {what} has {n_vocab} tokens but the token embedding only {rows} rows "
+            "(the vocabulary must fit)"
+        )
+
+
+def _kv_heads(get: Fields, key: str, default: int) -> int:
+    """Key/value heads: one count, or a per-layer list of one repeated count."""
+    v = get.value(key, default)
+    if isinstance(v, list):
+        if len(set(v)) != 1:
+            raise ModelFileError(f"{get.where} {key}: per-layer key/value head counts "
+                                 f"{v[:8]} are not supported")
+        v = v[0]
+    return as_int(v, f"{get.where} {key}", minimum=0)
+
+
+def _token(get: Fields, key: str, rows: int) -> int | None:
+    """A token id, or None when absent; outside the embedding's rows is refused."""
+    v = get.optional_int(key, minimum=0)
+    if v is not None and v >= rows:
+        raise ModelFileError(f"{get.where} {key} {v} is outside the vocabulary of {rows}")
+    return v
+
+
+def _gguf_config(
+    get: Fields, arch: str, tensors: dict[str, Any], file: str
+) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a GGUF file's metadata (typed, ranged, consistent)."""
+    heads = get.int(f"{arch}.attention.head_count")
+    kv = _kv_heads(get, f"{arch}.attention.head_count_kv", heads)
+    width = get.int(f"{arch}.embedding_length")
+    head_dim = get.int(f"{arch}.attention.key_length", width // heads, minimum=0)
+    rope_dim = get.int(f"{arch}.rope.dimension_count", head_dim, minimum=0)
+    if rope_dim != head_dim:
+        raise ModelFileError(
+            f"{file}: partial RoPE ({rope_dim} of {head_dim} dimensions) is not supported"
+        )
+    scaling = get.value(f"{arch}.rope.scaling.type", "none")
+    factor = get.float(f"{arch}.rope.scaling.factor", 1.0) or 1.0
+    linear = _rope_linear(scaling, factor, file)
+    if scaling == "none" and f"{arch}.rope.scale_linear" in get.values:
+        linear = get.float(f"{arch}.rope.scale_linear", positive=True)
+    up = tensors.get("blk.0.ffn_up.weight")
+    return LlamaConfig(
+        arch=arch,
+        n_layers=get.int(f"{arch}.block_count"),
+        n_heads=heads,
+        n_kv_heads=kv,
+        width=width,
+        head_dim=head_dim,
+        ffn=get.int(f"{arch}.feed_forward_length", up.shape[0] if up and up.shape else 0),
+        rope_base=get.float(f"{arch}.rope.freq_base", 10000.0, positive=True),
+        rope_linear=linear,
+        rms_eps=get.float(f"{arch}.attention.layer_norm_rms_epsilon"),
+        context=get.int(f"{arch}.context_length"),
+        qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in tensors,
+        sliding_window=get.optional_int(f"{arch}.attention.sliding_window"),
+    )
 
 
 class Llama:
@@ -185,16 +308,10 @@ class Llama:
     ) -> None:
         self.config = config
         self._bos = bos_id
-        required = ["token_embd.weight", "output_norm.weight"]
-        for i in range(config.n_layers):
-            required += _layer_names(i, config.qkv_bias)
-        missing = [t for t in required if t not in weights]
-        if missing:
-            raise ModelFileError(
-                f"{name}: missing tensor {missing[0]}"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            )
-        self._check_shapes(weights, name)
+        _check_tensors(config, {k: tuple(w.shape) for k, w in weights.items()}, name)
+        for key, w in weights.items():
+            if not np.isfinite(w).all():
+                raise ModelFileError(f"{name}: tensor {key} holds NaN or infinite values")
         self.weights = weights
         self.tokenizer = tokenizer
         self.name = name
@@ -211,31 +328,17 @@ class Llama:
         self.context = config.context
         self.kv_head = config.kv_head
 
-    def _check_shapes(self, w: dict[str, np.ndarray], name: str) -> None:
-        c = self.config
-        expect = {
-            "attn_q.weight": (c.n_heads * c.head_dim, c.width),
-            "attn_k.weight": (c.n_kv_heads * c.head_dim, c.width),
-            "attn_v.weight": (c.n_kv_heads * c.head_dim, c.width),
-            "attn_output.weight": (c.width, c.n_heads * c.head_dim),
-        }
-        for i in range(c.n_layers):
-            for t, shape in expect.items():
-                got = tuple(w[f"blk.{i}.{t}"].shape)
-                if got != shape:
-                    raise ModelFileError(
-                        f"{name}: tensor blk.{i}.{t} has shape {got}, expected {shape} from "
-                        "the metadata"
-                    )
-        if w["token_embd.weight"].ndim != 2 or w["token_embd.weight"].shape[1] != c.width:
-            raise ModelFileError(f"{name}: token_embd.weight is not (vocab, {c.width})")
-
     # ------------------------------------------------------------------ loaders
 
     @classmethod
     def from_gguf(cls, path: str | Path, *, name: str | None = None,
                   metadata: dict[str, Any] | None = None) -> Llama:
         """Load a GGUF file of the Llama family (arch ``llama``, ``mistral`` or ``qwen2``).
+
+        The file is read by :func:`certattn.models._gguf.read_gguf`, which checks every
+        declared size against the file before using it; the metadata's types and ranges
+        are checked here, the tensors' shapes against the metadata before any is
+        dequantised.
 
         Parameters
         ----------
@@ -252,89 +355,50 @@ class Llama:
         Raises
         ------
         ModelFileError
-            Unsupported architecture, RoPE scaling or tokenizer; missing metadata or tensor.
+            Unsupported architecture, RoPE scaling or tokenizer; missing, mistyped or
+            inconsistent metadata or tensor; a truncated or malformed file.
         """
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-
+        from certattn.models._gguf import read_gguf
         from certattn.models._gguf_tokenizer import gguf_bpe_tokenizer
 
         path = Path(path)
-        try:
-            reader = GGUFReader(str(path))
-        except (OSError, ValueError, KeyError) as exc:
-            raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from None
-
-        def get(key: str, default: Any = ...) -> Any:
-            field = reader.fields.get(key)
-            if field is None:
-                if default is ...:
-                    raise ModelFileError(f"{path.name}: GGUF metadata lacks {key!r}")
-                return default
-            return field.contents()
-
-        arch = str(get("general.architecture"))
+        gf = read_gguf(path)
+        get = Fields(gf.metadata, f"{path.name}: GGUF metadata")
+        arch = get.value("general.architecture")
+        if not isinstance(arch, str):
+            raise ModelFileError(f"{path.name}: general.architecture must be a string, got "
+                                 f"{arch!r}")
         if arch not in GGUF_ARCHS:
             raise ModelFileError(
                 f"{path.name}: unsupported GGUF architecture {arch!r} (supported: "
                 f"{', '.join(GGUF_ARCHS)})"
             )
-        heads = int(get(f"{arch}.attention.head_count"))
-        kv = get(f"{arch}.attention.head_count_kv", heads)
-        if isinstance(kv, list):
-            if len(set(kv)) != 1:
-                raise ModelFileError(f"{path.name}: per-layer key/value head counts {kv}")
-            kv = kv[0]
-        width = int(get(f"{arch}.embedding_length"))
-        head_dim = int(get(f"{arch}.attention.key_length", width // heads))
-        rope_dim = int(get(f"{arch}.rope.dimension_count", head_dim))
-        if rope_dim != head_dim:
-            raise ModelFileError(
-                f"{path.name}: partial RoPE ({rope_dim} of {head_dim} dimensions) is not supported"
-            )
-        scaling = str(get(f"{arch}.rope.scaling.type", "none"))
-        factor = float(get(f"{arch}.rope.scaling.factor", 1.0) or 1.0)
-        linear = _rope_linear(scaling, factor, path.name)
-        if scaling == "none" and get(f"{arch}.rope.scale_linear", None) is not None:
-            linear = float(get(f"{arch}.rope.scale_linear"))
-        window = get(f"{arch}.attention.sliding_window", None)
+        config = _gguf_config(get, arch, gf.tensors, path.name)
+        name = name or str(gf.metadata.get("general.name", path.name))
+        _check_tensors(config, {k: t.shape for k, t in gf.tensors.items()}, name)
         weights: dict[str, np.ndarray] = {}
-        for t in reader.tensors:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        for t in gf.tensors:
+            w = gf.tensor(t)
             if arch in ("llama", "mistral"):  # llama.cpp permutes q/k rows for these
-                if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-                    w = unpermute_rope_rows(w, heads)
-                elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-                    w = unpermute_rope_rows(w, int(kv))
-            weights[t.name] = np.ascontiguousarray(w)
-        n_layers = int(get(f"{arch}.block_count"))
-        ffn = weights.get("blk.0.ffn_up.weight", np.zeros((0, 0))).shape[0]
-        config = LlamaConfig(
-            arch=arch,
-            n_layers=n_layers,
-            n_heads=heads,
-            n_kv_heads=int(kv),
-            width=width,
-            head_dim=head_dim,
-            ffn=int(get(f"{arch}.feed_forward_length", ffn)),
-            rope_base=float(get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_linear=linear,
-            rms_eps=float(get(f"{arch}.attention.layer_norm_rms_epsilon")),
-            context=int(get(f"{arch}.context_length")),
-            qkv_bias=arch == "qwen2" or "blk.0.attn_q.bias" in weights,
-            sliding_window=None if window is None else int(window),
-        )
+                if t.endswith(("attn_q.weight", "attn_q.bias")):
+                    w = unpermute_rope_rows(w, config.n_heads)
+                elif t.endswith(("attn_k.weight", "attn_k.bias")):
+                    w = unpermute_rope_rows(w, config.n_kv_heads)
+            weights[t] = np.ascontiguousarray(w)
+        tokens = gf.metadata.get("tokenizer.ggml.tokens")
+        _check_vocabulary(len(tokens) if isinstance(tokens, list) else 0,
+                          weights["token_embd.weight"].shape[0], name, "the vocabulary")
         try:
-            tokenizer = gguf_bpe_tokenizer(reader)
+            tokenizer = gguf_bpe_tokenizer(gf.metadata)
         except (KeyError, ValueError) as exc:
-            tokenizer = _TokenizerError(f"{path.name}: {exc}")
-        eos = get("tokenizer.ggml.eos_token_id", None)
-        add_bos = bool(get("tokenizer.ggml.add_bos_token", False))
-        bos = get("tokenizer.ggml.bos_token_id", None)
+            tokenizer = _TokenizerError(f"{path.name}: no usable tokenizer ({exc})")
+        rows = weights["token_embd.weight"].shape[0]
+        eos = _token(get, "tokenizer.ggml.eos_token_id", rows)
+        bos = _token(get, "tokenizer.ggml.bos_token_id", rows)
+        add_bos = bool(gf.metadata.get("tokenizer.ggml.add_bos_token", False))
         return cls(
-            config, weights, tokenizer, name=name or str(get("general.name", path.name)),
-            eos_id=None if eos is None else int(eos),
-            bos_id=int(bos) if add_bos and bos is not None else None,
+            config, weights, tokenizer, name=name, eos_id=eos,
+            bos_id=bos if add_bos else None,
             metadata=dict(metadata or {}, file=str(path), format="gguf", arch=arch),
         )
 
@@ -368,31 +432,34 @@ class Llama:
                 f"({', '.join(HF_LLAMA_TYPES)})"
             )
 
-        def need(key: str) -> Any:
-            if key not in cfg:
-                raise ModelFileError(f"{folder.name}/config.json lacks {key!r}")
-            return cfg[key]
-
-        heads = int(need("num_attention_heads"))
-        width = int(need("hidden_size"))
-        rs = cfg.get("rope_scaling") or {}
-        scaling = str(rs.get("rope_type", rs.get("type", "none"))) if rs else "none"
-        linear = _rope_linear(scaling, float(rs.get("factor", 1.0) or 1.0), folder.name)
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+        c = Fields(cfg, f"{folder.name}/config.json")
+        heads = c.int("num_attention_heads")
+        width = c.int("hidden_size")
+        rs = cfg.get("rope_scaling")
+        if rs is not None and not isinstance(rs, dict):
+            raise ModelFileError(f"{c.where} rope_scaling must be an object or null, got "
+                                 f"{rs!r:.40}")
+        scaling = rs.get("rope_type", rs.get("type", "none")) if rs else "none"
+        factor = as_float(rs.get("factor", 1.0) or 1.0, f"{c.where} rope_scaling.factor") \
+            if rs else 1.0
+        linear = _rope_linear(scaling, factor, folder.name)
+        window = c.optional_int("sliding_window") if cfg.get("use_sliding_window", True) \
+            else None
         config = LlamaConfig(
             arch=str(kind),
-            n_layers=int(need("num_hidden_layers")),
+            n_layers=c.int("num_hidden_layers"),
             n_heads=heads,
-            n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            n_kv_heads=c.int("num_key_value_heads", cfg.get("num_key_value_heads") or heads,
+                             minimum=0),
             width=width,
-            head_dim=int(cfg.get("head_dim") or width // heads),
-            ffn=int(need("intermediate_size")),
-            rope_base=float(cfg.get("rope_theta", 10000.0)),
+            head_dim=c.int("head_dim", cfg.get("head_dim") or width // heads, minimum=0),
+            ffn=c.int("intermediate_size"),
+            rope_base=c.float("rope_theta", 10000.0, positive=True),
             rope_linear=linear,
-            rms_eps=float(need("rms_norm_eps")),
-            context=int(need("max_position_embeddings")),
+            rms_eps=c.float("rms_norm_eps"),
+            context=c.int("max_position_embeddings"),
             qkv_bias=kind == "qwen2" or bool(cfg.get("attention_bias", False)),
-            sliding_window=None if window is None else int(window),
+            sliding_window=window,
         )
         if cfg.get("hidden_act", "silu") != "silu":
             raise ModelFileError(
@@ -430,6 +497,9 @@ class Llama:
             add_special_tokens=True, eos_id=_int_or_none(cfg.get("eos_token_id")),
             metadata={"file": str(folder), "format": "safetensors", "arch": str(kind)},
         )
+        vocab = c.optional_int("vocab_size")
+        _check_vocabulary(vocab or 0, weights["token_embd.weight"].shape[0], model.name,
+                          f"{c.where} vocab_size (the vocabulary)")
         return model
 
     # ------------------------------------------------------------------ tokens
@@ -558,7 +628,9 @@ class Llama:
             if keep_hidden:
                 hidden.append(x)
             p_out = np.empty((self.n_heads, n, n), np.float32) if i in keep_probs else None
-            x, (q, k, v) = self._layer(x, i, cos, sin, chunk_elems, p_out)
+            with np.errstate(all="ignore"):  # checked just below, in one line
+                x, (q, k, v) = self._layer(x, i, cos, sin, chunk_elems, p_out)
+            check_finite(self.name, f"layer {i}", x, q, k, v)
             if i in record:
                 qs.append(q)
                 ks.append(k)
@@ -567,10 +639,12 @@ class Llama:
                 probs[i] = p_out
             if on_layer is not None:
                 on_layer(i, q, k, v)
-        x = rms_norm(x, self.weights["output_norm.weight"], self.eps)
+        with np.errstate(all="ignore"):
+            x = rms_norm(x, self.weights["output_norm.weight"], self.eps)
+            vocab_logits = (x if all_vocab_logits else x[-1]) @ self._output.T
+        check_finite(self.name, "the output head", vocab_logits)
         if keep_hidden:
             hidden.append(x)
-        vocab_logits = (x if all_vocab_logits else x[-1]) @ self._output.T
         d = self.head_dim
         dv = d if keep_values else 0
         attention = ModelAttention.from_qkv(
@@ -654,10 +728,13 @@ class Llama:
                 f"{self.name}: sliding-window attention ({w} keys) is not supported; "
                 f"give at most {w} tokens"
             )
-        return np.asarray(ids, dtype=np.int64)
+        return token_ids(ids, self.weights["token_embd.weight"].shape[0], self.name,
+                         from_text=isinstance(text_or_ids, str))
 
 
-def _rope_linear(kind: str, factor: float, where: str) -> float:
+def _rope_linear(kind: Any, factor: float, where: str) -> float:
+    if not isinstance(kind, str):
+        raise ModelFileError(f"{where}: RoPE scaling type must be a string, got {kind!r:.40}")
     if kind in ("none", "default", ""):
         return 1.0
     if kind == "linear":
@@ -670,9 +747,10 @@ def _rope_linear(kind: str, factor: float, where: str) -> float:
 
 
 def _int_or_none(v: Any) -> int | None:
+    """A token id from a config (an int, or the first of a list); anything else is None."""
     if isinstance(v, list):
         v = v[0] if v else None
-    return None if v is None else int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
 
 
 class _TokenizerError:

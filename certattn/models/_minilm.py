@@ -9,6 +9,7 @@ import numpy as np
 
 from certattn._validate import InputError
 from certattn.models._attend import FORWARD_CHUNK_ELEMS, attend
+from certattn.models._files import Fields, ModelFileError, check_finite, token_ids
 from certattn.models._locate import MINILM_PACKAGE, model_file
 from certattn.models._numerics import gelu_erf, layer_norm
 from certattn.models._types import ModelAttention
@@ -59,7 +60,6 @@ class Bert:
     name = "bert"
 
     def __init__(self, folder: Path, *, name: str | None = None) -> None:
-        from certattn.models._files import ModelFileError
         from certattn.models._hf import hf_config, hf_tensors, hf_tokenizer
 
         self.folder = Path(folder)
@@ -78,17 +78,17 @@ class Bert:
                 f"{self.folder.name}: position_embedding_type "
                 f"{config.get('position_embedding_type')!r} is not supported (absolute)"
             )
-        for key in ("num_hidden_layers", "num_attention_heads", "hidden_size",
-                    "max_position_embeddings"):
-            if key not in config:
-                raise ModelFileError(f"{self.folder.name}/config.json lacks {key!r}")
-        self.n_layers = int(config["num_hidden_layers"])
-        self.n_heads = int(config["num_attention_heads"])
-        self.width = int(config["hidden_size"])
+        c = Fields(config, f"{self.folder.name}/config.json")
+        self.n_layers = c.int("num_hidden_layers")
+        self.n_heads = c.int("num_attention_heads")
+        self.width = c.int("hidden_size")
+        if self.width % self.n_heads:
+            raise ModelFileError(f"{c.where}: hidden_size {self.width} is not a multiple of "
+                                 f"num_attention_heads {self.n_heads}")
         self.head_dim = self.width // self.n_heads
-        self.eps = float(config.get("layer_norm_eps", 1e-12))
-        self.pad_id = int(config.get("pad_token_id", 0) or 0)
-        self.max_positions = int(config["max_position_embeddings"])
+        self.eps = c.float("layer_norm_eps", 1e-12)
+        self.pad_id = c.optional_int("pad_token_id", minimum=0) or 0
+        self.max_positions = c.int("max_position_embeddings")
         if name is not None:
             self.name = name
         elif type(self) is Bert:
@@ -99,26 +99,66 @@ class Bert:
             (k[len("bert."):] if k.startswith("bert.") else k): v
             for k, v in hf_tensors(self.folder).items()
         }
-        missing = [t for t in self._required() if t not in self.weights]
+        self._check_tensors(c.optional_int("intermediate_size"))
+        rows = self.weights["embeddings.word_embeddings.weight"].shape[0]
+        for what, n in (("vocab_size", c.optional_int("vocab_size") or 0),
+                        ("pad_token_id", self.pad_id + 1)):
+            if n > rows:
+                raise ModelFileError(f"{c.where} {what} needs {n} rows of the token embedding "
+                                     f"(the vocabulary), it has {rows}")
+        self.tokenizer = hf_tokenizer(self.folder)
+
+    def _shapes(self, ffn: int) -> dict[str, tuple[int, ...]]:
+        """Shape of every layer and LayerNorm tensor the forward reads."""
+        w = self.width
+        out = {"embeddings.LayerNorm.weight": (w,), "embeddings.LayerNorm.bias": (w,)}
+        linear = {"attention.self.query": (w, w), "attention.self.key": (w, w),
+                  "attention.self.value": (w, w), "attention.output.dense": (w, w),
+                  "intermediate.dense": (ffn, w), "output.dense": (w, ffn)}
+        for i in range(self.n_layers):
+            p = f"encoder.layer.{i}."
+            for s, shape in linear.items():
+                out[p + s + ".weight"], out[p + s + ".bias"] = shape, shape[:1]
+            for s in ("attention.output.LayerNorm", "output.LayerNorm"):
+                out[p + s + ".weight"] = out[p + s + ".bias"] = (w,)
+        return out
+
+    def _check_tensors(self, ffn: int | None) -> None:
+        """Declared layers against the layers present, then every tensor present, shaped
+        and finite; the embedding tables need ``(>= rows, width)``.
+
+        Raises
+        ------
+        ModelFileError
+        """
+        present = {k.split(".")[2] for k in self.weights if k.startswith("encoder.layer.")}
+        if self.n_layers > len(present):
+            raise ModelFileError(f"{self.name}: declares {self.n_layers} layers but holds "
+                                 f"tensors of {len(present)} layers")
+        up = self.weights.get("encoder.layer.0.intermediate.dense.weight")
+        shapes = self._shapes(ffn or (up.shape[0] if up is not None and up.ndim else 0))
+        tables = {"embeddings.word_embeddings.weight": 1,
+                  "embeddings.position_embeddings.weight": self.max_positions,
+                  "embeddings.token_type_embeddings.weight": 1}
+        missing = [t for t in [*tables, *shapes] if t not in self.weights]
         if missing:
             raise ModelFileError(
                 f"{self.name}: missing tensor {missing[0]}"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             )
-        self.tokenizer = hf_tokenizer(self.folder)
-
-    def _required(self) -> list[str]:
-        p = "embeddings."
-        out = [p + s for s in ("word_embeddings.weight", "position_embeddings.weight",
-                               "token_type_embeddings.weight", "LayerNorm.weight",
-                               "LayerNorm.bias")]
-        for i in range(self.n_layers):
-            q = f"encoder.layer.{i}."
-            for s in ("attention.self.query", "attention.self.key", "attention.self.value",
-                      "attention.output.dense", "attention.output.LayerNorm",
-                      "intermediate.dense", "output.dense", "output.LayerNorm"):
-                out += [q + s + ".weight", q + s + ".bias"]
-        return out
+        for key, rows in tables.items():
+            got = self.weights[key].shape
+            if len(got) != 2 or got[0] < rows or got[1] != self.width:
+                raise ModelFileError(f"{self.name}: tensor {key} has shape {tuple(got)}, "
+                                     f"expected (>= {rows}, {self.width}) from config.json")
+        for key, shape in shapes.items():
+            if self.weights[key].shape != shape:
+                raise ModelFileError(f"{self.name}: tensor {key} has shape "
+                                     f"{self.weights[key].shape}, expected {shape} from "
+                                     "config.json")
+        for key in [*tables, *shapes]:
+            if not np.isfinite(self.weights[key]).all():
+                raise ModelFileError(f"{self.name}: tensor {key} holds NaN or infinite values")
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` with ``[CLS]`` and ``[SEP]``.
@@ -229,12 +269,16 @@ class Bert:
             key_valid = np.zeros(ids.size, dtype=bool)
             key_valid[:n_real] = True
         record = list(range(self.n_layers)) if layers is None else [int(i) for i in layers]
-        x = self._embed(ids)
+        with np.errstate(all="ignore"):  # checked below, in one line
+            x = self._embed(ids)
+        check_finite(self.name, "the embedding", x)
         n = ids.size
         hidden, probs, kept = [x], [], {}
         for i in range(self.n_layers):
             p_out = np.empty((self.n_heads, n, n), np.float32) if keep_probs else None
-            x, (q, k, v) = self._layer(x, i, key_valid, chunk_elems, p_out)
+            with np.errstate(all="ignore"):
+                x, (q, k, v) = self._layer(x, i, key_valid, chunk_elems, p_out)
+            check_finite(self.name, f"layer {i}", x, q, k, v)
             hidden.append(x)
             if p_out is not None:
                 probs.append(p_out)
@@ -304,7 +348,8 @@ class Bert:
                 f"{self.name}: need 1 to {self.max_positions} tokens (its position table has "
                 f"{self.max_positions} rows), got {len(ids)}"
             )
-        return np.asarray(ids, dtype=np.int64)
+        rows = self._w("embeddings.word_embeddings.weight").shape[0]
+        return token_ids(ids, rows, self.name, from_text=isinstance(text_or_ids, str))
 
 
 def _stack(arrays: list[np.ndarray], heads: int, n: int, d: int) -> np.ndarray:
