@@ -7,6 +7,7 @@ the key position), so that the CLI can print it as one line.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from .errors import InputError
 
 __all__ = [
     "InputError",
+    "check_count",
     "check_eps",
     "check_finite",
     "check_kept",
@@ -95,6 +97,19 @@ def check_number(
     below = v <= high if closed_high else v < high
     if math.isnan(v) or not (above and below):
         raise InputError(f"{name} must be in {interval}, got {v!r}")
+    return v
+
+
+def check_count(value: Any, *, name: str, low: int = 0) -> int:
+    """An integer (not a bool, not a float) ``>= low``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}") from None
+    if v < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {v}")
     return v
 
 

@@ -266,3 +266,16 @@ def test_scores_beyond_the_float_range_are_refused() -> None:
     for fn in (kernel_attention, skyformer):
         with pytest.raises(InputError, match="overflow"):
             fn(q * 1e160, k * 1e160, v, normalize="softmax")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.1, "x"])
+def test_ridge_must_be_a_finite_number_at_least_zero(bad) -> None:
+    q, k, v = _data(11, n=6)
+    with pytest.raises(InputError, match="ridge"):
+        skyformer(q, k, v, landmarks=4, ridge=bad)
+
+
+def test_n_iter_must_be_a_count() -> None:
+    q, k, v = _data(11, n=6)
+    with pytest.raises(InputError, match="n_iter"):
+        skyformer(q, k, v, landmarks=4, n_iter=-1)

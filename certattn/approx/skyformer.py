@@ -63,12 +63,13 @@ an efficient algorithm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._validate import InputError
+from .._validate import InputError, check_count, check_number
 from ._prep import Prepared, prepare
 from ._result import ApproxResult
 
@@ -315,11 +316,15 @@ def skyformer(
     ------
     InputError
         Bad shapes, additive masks with finite non-zero entries, fewer than 2 landmarks,
-        unknown ``normalize``, landmark indices out of range; ``"rows"`` / ``"softmax"``
+        unknown ``normalize``, landmark indices out of range, a ``ridge`` that is not a
+        finite number >= 0, a negative ``n_iter``; ``"rows"`` / ``"softmax"``
         with scores or squared key norms beyond the float64 range.
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    ridge = check_number(ridge, name="ridge", low=0.0, high=math.inf, closed_low=True,
+                         closed_high=False)
+    n_iter = check_count(n_iter, name="n_iter")
     pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
     pool, padding_only = _key_pool(pr)
     lq, lk = pr.q.shape[-2], pr.k.shape[-2]
