@@ -36,7 +36,11 @@ of the given float arrays.  They use a sound upper bound :math:`\bar\tau` of the
 (:math:`\delta = C(u(2n + 2d_v + 2048) + n 2^{-1074})`, from float64 weights of relative
 error :math:`u(|s_i - \max s| + n + 8)` and float64 sums), and distances and variances
 rounded up as described in :class:`_Centred` (tail-to-head, variance: one matmul per query
-chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).
+chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).  Values whose
+largest magnitude is beyond :math:`2^{\pm 100}` are first scaled by a power of two (every
+bound is homogeneous in the values), and every bound carries :math:`\bar\tau 2^{-500}`
+for what underflow can cost (:data:`_FLOOR`), so no finite value, subnormal or near the
+float maximum, raises or gives an unsound bound (a bound beyond the range is ``inf``).
 """
 
 from __future__ import annotations
@@ -638,6 +642,8 @@ def smallest_k_for_output(
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     if v.ndim < 2 or v.shape[-2] != n:
         raise InputError(f"values must be (..., n, dv) with n = {n} keys, got {tuple(v.shape)}")
+    check_finite(v, xp, "values")
+    v, delta = _scaled_problem(v, delta, xp)
     valid = x > -xp.inf
     p, _ = _weights(x, valid, xp)
     attn = xp.matmul(p, v)
@@ -656,19 +662,35 @@ def smallest_k_for_output(
     tau = round_up(t - z, U * (4.0 * n + 16384.0) + (8.0 * U) * xp.abs(z), has_tail, xp)
     curves = []
     if bound in ("bounded", "best"):
-        curves.append(_up(2.0 * c * tau, 4 * U))
+        curves.append(_floored(_up(2.0 * c * tau, 4 * U), tau, xp))
     if bound in ("variance", "best"):
         var = _Centred(v, xp).variance_upper(p, attn, mu_err[..., 0], c[..., 0])
-        curves.append(_up(_chi_sqrt(tau, xp) * xp.sqrt(var)[..., None], 4 * U))
+        root = xp.sqrt(var)[..., None] + _FLOOR
+        curves.append(_up(_chi_sqrt(tau, xp) * root, 4 * U))
     if bound in ("tail_head", "best"):
         dist = _tail_head_curve(s, v, order, xp, chunk_elems)
-        curves.append(_up(tau * (_up(dist, (dv + 8) * U) + mu_err), 4 * U))
+        far = _up(dist, (dv + 8) * U) + mu_err
+        curves.append(_floored(_up(tau * far, 4 * U), tau, xp))
     best = curves[0]
     for cv in curves[1:]:
         best = xp.minimum(best, cv)
     best = xp.where(has_tail, best, xp.zeros_like(best))
     first = xp.minimum(xp.min(xp.where(best <= delta, ks, xp.full_like(ks, n)), axis=-1), n_valid)
     return first[0] if single else first
+
+
+def _scaled_problem(v: Array, delta: float, xp: Any) -> tuple[Array, float]:
+    """Values and budget times one power of two (the smallest k is invariant to it): the
+    values' largest magnitude in ``[2^-100, 2^100]`` (as in :func:`sound_output_bounds`);
+    a budget that rounds among the subnormals is lowered by one (stricter, still sound)."""
+    top = float(xp.max(xp.abs(v))) if v.size else 0.0
+    if top == 0.0 or 2.0**-100 <= top <= 2.0**100:
+        return v, delta
+    shift = -math.frexp(top)[1]
+    scaled = _times_pow2(delta, shift)  # a Python float: overflow gives inf
+    if scaled < 2.0**-1022:
+        scaled = max(scaled - SMALLEST, 0.0)
+    return _times_pow2(v, shift), scaled
 
 
 def _tail_head_curve(s: Array, v: Array, order: Array, xp: Any, chunk: int) -> Array:

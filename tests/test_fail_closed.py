@@ -143,7 +143,8 @@ def test_search_at_the_edges(method, mag):
 
 @given(x=edge_rows(n_max=5), data=st.data())
 def test_output_bounds_at_the_edges(x, data):
-    """Every output bound covers the exact error, for logits and values at the edges."""
+    """Every output bound covers the exact error, and the smallest k for a budget meets it
+    exactly, for logits and values at the edges."""
     v = data.draw(edge_values(x.shape[1]))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     kept = (rng.random(x.shape) < 0.5) & np.isfinite(x)
@@ -153,6 +154,12 @@ def test_output_bounds_at_the_edges(x, data):
         exact = _exact_error(x[i], v, kept[i])
         for name in (*NAMES, "best"):
             assert _accepts(float(getattr(ob, name)[i]), exact), name
+    delta = 0.3 * float(np.abs(v).max())
+    ks = certattn.smallest_k_for_output(x, v, delta)
+    for i in range(x.shape[0]):
+        top = np.zeros(x.shape[1], bool)
+        top[np.argsort(-x[i], kind="stable")[: int(ks[i])]] = True
+        assert _exact_error(x[i], v, top & np.isfinite(x[i])) <= mpmath.mpf(delta)
 
 
 @given(data=st.data(), eps=st.sampled_from([0.0, 0.01, 0.5]))

@@ -321,3 +321,17 @@ def test_values_at_the_float_edges_through_every_entry_point(name):
             _assert_covers(float(got.error_bound[i]), x[i], v, np.asarray(got.kept)[i])
     if np.abs(v).max() < 1e-300:  # tiny values: a tiny bound, not the trivial one
         assert float(np.max(cert.error_bound)) < 1e-290
+
+
+@pytest.mark.parametrize("name", list(EDGE_VALUES))
+@pytest.mark.parametrize("frac", [0.0, 0.1, 0.3, 1.0])
+def test_smallest_k_for_output_at_the_float_edges(name, frac):
+    """The k returned meets delta in exact arithmetic, quietly, at every value scale."""
+    v = EDGE_VALUES[name]
+    x = _Q @ _K.T
+    delta = frac * float(np.abs(v).max())
+    ks = smallest_k_for_output(x, v, delta)
+    for i in range(2):
+        kept = np.zeros(3, bool)
+        kept[np.argsort(-x[i], kind="stable")[: int(ks[i])]] = True
+        assert _exact_error(x[i], v, kept) <= mpmath.mpf(delta)
