@@ -279,3 +279,15 @@ def test_n_iter_must_be_a_count() -> None:
     q, k, v = _data(11, n=6)
     with pytest.raises(InputError, match="n_iter"):
         skyformer(q, k, v, landmarks=4, n_iter=-1)
+
+
+@pytest.mark.parametrize("normalize", ["rows", "softmax"])
+def test_zero_nystrom_row_sum_is_refused_not_nan(normalize: str) -> None:
+    """A query far from the keys and landmarked itself: its Nystrom row sum underflows to
+    0 in float64 (0 / 0 = NaN before); one clear InputError instead."""
+    q, k, v = _data(0, n=12, d=4)
+    with pytest.raises(InputError, match="row sum"):
+        skyformer(30 * q, k, v, landmarks=8, normalize=normalize)
+    for mask in (None, np.tril(np.ones((12, 12), dtype=bool))):  # factorised and dense
+        r = skyformer(q, k, v, landmarks=8, normalize=normalize, mask=mask)
+        assert np.isfinite(r.output).all()

@@ -144,8 +144,8 @@ def _row_kernel(x: np.ndarray, y: np.ndarray, log_w: np.ndarray | float = 0.0) -
         top = e.max(axis=-1, keepdims=True)
     if np.isnan(e).any() or np.isinf(top).any():
         raise InputError(
-            "skyformer scores overflow float64 (|q . k| scale or |k|^2 scale beyond "
-            "1.8e308); rescale the inputs"
+            "skyformer kernel exponents overflow float64 (x . z or |z|^2 beyond 1.8e308 "
+            "for queries, keys or landmarks z scaled by sqrt(scale)); rescale the inputs"
         )
     return np.exp(e - top)
 
@@ -318,7 +318,8 @@ def skyformer(
         Bad shapes, additive masks with finite non-zero entries, fewer than 2 landmarks,
         unknown ``normalize``, landmark indices out of range, a ``ridge`` that is not a
         finite number >= 0, a negative ``n_iter``; ``"rows"`` / ``"softmax"``
-        with scores or squared key norms beyond the float64 range.
+        with kernel exponents beyond the float64 range, or a query whose Nyström row sum
+        is 0 in float64 (far from every landmark: the estimate is 0 / 0).
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
@@ -363,14 +364,14 @@ def skyformer(
             out = chat @ vals
         else:
             cw = chat * w[..., None, :]
-            den = cw.sum(axis=-1, keepdims=True)
+            den = _row_sums(cw.sum(axis=-1, keepdims=True))
             out = (cw @ vals) / den
             weights = cw / den if dense_weights else None
     elif w is None:
         out = kq @ (np.swapaxes(kk, -1, -2) @ vals)
     else:
         ctx = np.swapaxes(kk, -1, -2) @ (w[..., :, None] * vals)
-        den = kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None])
+        den = _row_sums(kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None]))
         out = (kq @ ctx) / den
         if dense_weights:
             weights = (kq @ np.swapaxes(kk, -1, -2)) * w[..., None, :] / den
@@ -387,6 +388,20 @@ def skyformer(
                 "n_iter": int(n_iter), "normalize": normalize, "scale": pr.scale,
                 "dense_masked": not padding_only},
     )
+
+
+def _row_sums(den: np.ndarray) -> np.ndarray:
+    """The Nystrom row sums ``(..., Lq, 1)`` a normalised output divides by; InputError
+    where one is 0 (or not finite) in float64."""
+    bad = ~np.isfinite(den) | (den == 0)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0][:-1])
+        raise InputError(
+            f"skyformer: the Nystrom row sum of query {pos} is {float(den[pos][0])!r} in "
+            "float64 (the query is far from the landmarks for the kernel width); use key "
+            "landmarks (landmark_idx), more landmarks, a smaller scale or normalize='none'"
+        )
+    return den
 
 
 def kernel_attention(
