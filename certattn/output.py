@@ -267,12 +267,20 @@ class OutputBounds:
 def _norm(a: Array, xp: Any) -> Array:
     """Euclidean norm over the last axis without overflow or underflow of the squares
     (a power-of-two rescaling where the entries are far from 1)."""
-    top = float(xp.max(xp.abs(a))) if a.size else 0.0
-    if top == 0.0 or 2.0**-500 <= top <= 2.0**500 or math.isinf(top):
+    shift = _pow2_shift(a, xp, 500)
+    if shift == 0:
         return xp.linalg.vector_norm(a, axis=-1)
-    e = math.frexp(top)[1]
     with np.errstate(over="ignore"):  # a norm beyond the float range: inf
-        return _times_pow2(xp.linalg.vector_norm(_times_pow2(a, -e), axis=-1), e)
+        return _times_pow2(xp.linalg.vector_norm(_times_pow2(a, shift), axis=-1), -shift)
+
+
+def _pow2_shift(a: Array, xp: Any, within: int) -> int:
+    r"""``k`` such that :math:`2^k \max|a|` lies in ``[1/2, 1)``, or 0 where
+    :math:`\max|a|` is 0, not finite or already in :math:`[2^{-within}, 2^{within}]`."""
+    top = float(xp.max(xp.abs(a))) if a.size else 0.0
+    if top == 0.0 or not math.isfinite(top) or 2.0**-within <= top <= 2.0**within:
+        return 0
+    return -math.frexp(top)[1]
 
 
 def _up(x: Array, rel: float) -> Array:
@@ -418,11 +426,11 @@ def sound_output_bounds(
     changes nothing else.  What underflow can still cost (rows whose values are far below
     the largest, scaled entries among the subnormals) is covered by :data:`_FLOOR`.
     """
-    top = float(xp.max(xp.abs(v))) if v.size else 0.0
-    if top == 0.0 or 2.0**-100 <= top <= 2.0**100:
+    shift = _pow2_shift(v, xp, 100)
+    if shift == 0:
         return _engine(x, v, valid, kept, tau_up, xp, diameters=diameters,
                        full_softmax=full_softmax, chunk=chunk)
-    return _rescaled(x, v, valid, kept, tau_up, xp, -math.frexp(top)[1],
+    return _rescaled(x, v, valid, kept, tau_up, xp, shift,
                      diameters=diameters, full_softmax=full_softmax, chunk=chunk)
 
 
@@ -520,8 +528,9 @@ def _engine(
         attn = xp.matmul(p, v)
         out["attn"] = attn
         var = centred.variance_upper(p, attn, delta, c)
-        # sqrt(var) + 2^-500 > 0: chi = inf (tau_up = 1) gives inf, not NaN
-        out["variance"] = _up(_chi_sqrt(tau_up, xp) * (xp.sqrt(var) + _FLOOR), 4 * U)
+        # sqrt(var) + 2^-500 > 0: chi = inf (tau_up = 1) gives inf, not NaN; 6u: one
+        # rounding more (the sum) than the product alone
+        out["variance"] = _up(_chi_sqrt(tau_up, xp) * (xp.sqrt(var) + _FLOOR), 6 * U)
     else:
         out["variance"] = xp.full_like(tau_up, xp.nan)
     if diameters:
@@ -666,7 +675,7 @@ def smallest_k_for_output(
     if bound in ("variance", "best"):
         var = _Centred(v, xp).variance_upper(p, attn, mu_err[..., 0], c[..., 0])
         root = xp.sqrt(var)[..., None] + _FLOOR
-        curves.append(_up(_chi_sqrt(tau, xp) * root, 4 * U))
+        curves.append(_up(_chi_sqrt(tau, xp) * root, 6 * U))
     if bound in ("tail_head", "best"):
         dist = _tail_head_curve(s, v, order, xp, chunk_elems)
         far = _up(dist, (dv + 8) * U) + mu_err
@@ -683,10 +692,9 @@ def _scaled_problem(v: Array, delta: float, xp: Any) -> tuple[Array, float]:
     """Values and budget times one power of two (the smallest k is invariant to it): the
     values' largest magnitude in ``[2^-100, 2^100]`` (as in :func:`sound_output_bounds`);
     a budget that rounds among the subnormals is lowered by one (stricter, still sound)."""
-    top = float(xp.max(xp.abs(v))) if v.size else 0.0
-    if top == 0.0 or 2.0**-100 <= top <= 2.0**100:
+    shift = _pow2_shift(v, xp, 100)
+    if shift == 0:
         return v, delta
-    shift = -math.frexp(top)[1]
     scaled = _times_pow2(delta, shift)  # a Python float: overflow gives inf
     if scaled < 2.0**-1022:
         scaled = max(scaled - SMALLEST, 0.0)
