@@ -7,7 +7,7 @@ the key position), so that the CLI can print it as one line.
 from __future__ import annotations
 
 import math
-import numbers
+import operator
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ from .errors import InputError
 
 __all__ = [
     "InputError",
+    "check_count",
     "check_eps",
     "check_finite",
     "check_int_option",
@@ -110,13 +111,36 @@ def check_int_option(
     """
     if value is None and optional:
         return None
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    v = _exact_int(value)
     if choices is not None:
-        if not ok or int(value) not in choices:
+        if v is None or v not in choices:
             raise InputError(f"{name} must be one of {choices}, got {value!r}")
-    elif not ok or int(value) < 1:
+    elif v is None or v < 1:
         raise InputError(f"{name} must be a positive integer or None, got {value!r}")
-    return int(value)
+    return v
+
+
+def _exact_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer type (NumPy's included), else None.
+
+    Bools, floats (even ``4.0``) and strings are not integers here: never coerced.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_count(value: Any, *, name: str, low: int = 0) -> int:
+    """An integer (not a bool, not a float) ``>= low``."""
+    v = _exact_int(value)
+    if v is None:
+        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+    if v < low:
+        raise InputError(f"{name} must be an integer >= {low}, got {v}")
+    return v
 
 
 def check_scale(scale: Any, d: int | None = None) -> float:

@@ -36,7 +36,11 @@ of the given float arrays.  They use a sound upper bound :math:`\bar\tau` of the
 (:math:`\delta = C(u(2n + 2d_v + 2048) + n 2^{-1074})`, from float64 weights of relative
 error :math:`u(|s_i - \max s| + n + 8)` and float64 sums), and distances and variances
 rounded up as described in :class:`_Centred` (tail-to-head, variance: one matmul per query
-chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).
+chunk) or by :math:`(d_v + 8)u` relative (diameters, computed as differences).  Values whose
+largest magnitude is beyond :math:`2^{\pm 100}` are first scaled by a power of two (every
+bound is homogeneous in the values), and every bound carries :math:`\bar\tau 2^{-500}`
+for what underflow can cost (:data:`_FLOOR`), so no finite value, subnormal or near the
+float maximum, raises or gives an unsound bound (a bound beyond the range is ``inf``).
 """
 
 from __future__ import annotations
@@ -262,12 +266,21 @@ class OutputBounds:
 
 def _norm(a: Array, xp: Any) -> Array:
     """Euclidean norm over the last axis without overflow or underflow of the squares
-    (a power-of-two rescaling, exact, where the entries are far from 1)."""
-    top = float(xp.max(xp.abs(a))) if a.size else 0.0
-    if top == 0.0 or 2.0**-500 <= top <= 2.0**500:
+    (a power-of-two rescaling where the entries are far from 1)."""
+    shift = _pow2_shift(a, xp, 500)
+    if shift == 0:
         return xp.linalg.vector_norm(a, axis=-1)
-    e = math.frexp(top)[1]
-    return xp.linalg.vector_norm(a * 2.0**-e, axis=-1) * 2.0**e
+    with np.errstate(over="ignore"):  # a norm beyond the float range: inf
+        return _times_pow2(xp.linalg.vector_norm(_times_pow2(a, shift), axis=-1), -shift)
+
+
+def _pow2_shift(a: Array, xp: Any, within: int) -> int:
+    r"""``k`` such that :math:`2^k \max|a|` lies in ``[1/2, 1)``, or 0 where
+    :math:`\max|a|` is 0, not finite or already in :math:`[2^{-within}, 2^{within}]`."""
+    top = float(xp.max(xp.abs(a))) if a.size else 0.0
+    if top == 0.0 or not math.isfinite(top) or 2.0**-within <= top <= 2.0**within:
+        return 0
+    return -math.frexp(top)[1]
 
 
 def _up(x: Array, rel: float) -> Array:
@@ -291,8 +304,9 @@ def _chi_sqrt(tau: Array, xp: Any) -> Array:
     one = xp.ones_like(tau)
     denom = one - tau
     safe = xp.where(denom > 0, denom, one)
-    r = xp.where(denom > 0, xp.sqrt(tau / safe) * (1.0 + 8 * U), xp.full_like(tau, xp.inf))
-    return r
+    # tau / (1 - tau) raised by 4u and the smallest subnormal (it may underflow)
+    ratio = xp.where(tau > 0, tau / safe * (1.0 + 4 * U) + SMALLEST, xp.zeros_like(tau))
+    return xp.where(denom > 0, xp.sqrt(ratio) * (1.0 + 8 * U), xp.full_like(tau, xp.inf))
 
 
 class _Centred:
@@ -406,26 +420,82 @@ def sound_output_bounds(
 
     Notes
     -----
-    Values far from 1 in magnitude (beyond :math:`2^{\pm 500}`) are first scaled by a
-    power of two (exact), so that squared distances and variances cannot overflow or
-    underflow; every result is scaled back exactly and the bounds are raised by the
-    smallest subnormal (a scaled-back bound may land among the subnormals).  Every bound
-    is homogeneous of degree 1 in the values, so this changes nothing else.
+    Values far from 1 in magnitude (beyond :math:`2^{\pm 100}`) are first scaled by a
+    power of two into :math:`[1/2, 1)` and every result is scaled back
+    (:func:`_rescaled`).  Every bound is homogeneous of degree 1 in the values, so this
+    changes nothing else.  What underflow can still cost (rows whose values are far below
+    the largest, scaled entries among the subnormals) is covered by :data:`_FLOOR`.
     """
-    top = float(xp.max(xp.abs(v))) if v.size else 0.0
-    if top == 0.0 or 2.0**-500 <= top <= 2.0**500:
+    shift = _pow2_shift(v, xp, 100)
+    if shift == 0:
         return _engine(x, v, valid, kept, tau_up, xp, diameters=diameters,
                        full_softmax=full_softmax, chunk=chunk)
-    e = math.frexp(top)[1]  # top = m 2^e, 0.5 <= m < 1: v 2^-e has max magnitude < 1
-    out = _engine(x, v * 2.0**-e, valid, kept, tau_up, xp, diameters=diameters,
-                  full_softmax=full_softmax, chunk=chunk)
-    back = 2.0**e
-    for name in ("attn_k", "attn"):
-        if name in out:
-            out[name] = out[name] * back
-    for name in ("mu_err", "best", *OUTPUT_BOUNDS):
-        out[name] = out[name] * back + SMALLEST
+    return _rescaled(x, v, valid, kept, tau_up, xp, shift,
+                     diameters=diameters, full_softmax=full_softmax, chunk=chunk)
+
+
+def _times_pow2(a: Array, k: int) -> Array:
+    """``a * 2^k`` for any ``k >= -1074`` (the factor :math:`2^k` need not be a float:
+    beyond :math:`2^{1000}` in two steps, both exact unless the result overflows)."""
+    if k > 1000:
+        a = a * 2.0**1000
+        k -= 1000
+    return a * 2.0**k
+
+
+def _rescaled(
+    x: Array, v: Array, valid: Array, kept: Array, tau_up: Array, xp: Any, shift: int,
+    **engine: Any,
+) -> dict[str, Array]:
+    r""":func:`_engine` on the values times :math:`2^{shift}`, results scaled back.
+
+    ``shift`` takes the largest magnitude into :math:`[1/2, 1)`.  Scaling up (tiny values)
+    is exact.  Scaling down (huge values) rounds only the entries that land among the
+    subnormals, each by at most :math:`2^{-1075}`: within :math:`\eta = \sqrt{d_v}
+    2^{-1075}` per key, which moves :math:`\mathrm{Attn}_k` by at most :math:`\eta` and
+    :math:`|\mathrm{Attn} - \mathrm{Attn}_k|` by at most :math:`2\tau\eta`, far below the
+    engine's :data:`_FLOOR`.  Scaling back up is exact or overflows to ``inf`` (fail
+    closed); scaling back down may land among the subnormals, hence the bounds are raised
+    by the smallest subnormal.
+    """
+    out = _engine(x, _times_pow2(v, shift), valid, kept, tau_up, xp, **engine)
+    with np.errstate(over="ignore"):  # a result beyond the float range: inf
+        for name in ("attn_k", "attn"):
+            if name in out:
+                out[name] = _times_pow2(out[name], -shift)
+        for name in ("mu_err", "best", *OUTPUT_BOUNDS):
+            out[name] = _times_pow2(out[name], -shift) + SMALLEST
     return out
+
+
+_FLOOR = 2.0**-500
+r"""Absolute slack of the engine per unit of tail mass, for what underflow costs.
+
+Where a row's values are tiny next to the largest value (at most :math:`2^{100}`
+after the rescaling of :func:`sound_output_bounds`) their squares, products and weights
+land among the subnormals, whose absolute errors (:math:`2^{-1075}` each) the relative
+margins miss: at most :math:`(n + d_v) 2^{-1074}` in a squared distance or variance,
+:math:`\sqrt{(n + d_v) 2^{-1074}} < 2^{-500}` in a distance, a norm or a mean (for
+:math:`n + d_v < 2^{70}`).  The engine adds :math:`\bar\tau 2^{-500}` to every bound
+(:math:`2^{-500}` to ``mu_err``), at most :math:`2^{-400}` relative to the largest value.
+"""
+
+
+def _floored(b: Array, tau_up: Array, xp: Any) -> Array:
+    """``b + tau_up 2^-500`` rounded up (``b`` where ``tau_up = 0``: no tail, no error)."""
+    pad = xp.where(tau_up > 0, tau_up * _FLOOR + SMALLEST, xp.zeros_like(tau_up))
+    return _up(b + pad, 4 * U)
+
+
+def _flattened(x: Array, kept: Array, xp: Any) -> Array:
+    """Rows whose kept logits were all clamped to ``-float max`` by the shift (their
+    differences overflowed, :func:`certattn.kept.shift_rows`) and hold several keys: the
+    computed head weights are then uniform, not the exact ones, and the computed head
+    mean is only known to lie within ``2 C`` of the exact one."""
+    lowest = float(xp.finfo(x.dtype).min)
+    top = xp.max(xp.where(kept, x, xp.full_like(x, -xp.inf)), axis=-1)
+    several = xp.sum(xp.astype(kept, xp.int64), axis=-1) > 1
+    return (top == lowest) & several
 
 
 def _engine(
@@ -447,28 +517,27 @@ def _engine(
     ph, _ = _weights(x, kept, xp)
     mu_h = xp.matmul(ph, v)
     c = _value_scale(v, valid, xp)
-    delta = _mu_error(c, n, dv)
-    out: dict[str, Array] = {"attn_k": mu_h, "mu_err": delta}
-    out["bounded"] = _up(2.0 * c * tau_up, 4 * U)
+    delta = _mu_error(c, n, dv) + xp.where(_flattened(x, kept, xp), 2.0 * c, 0.0)
+    out: dict[str, Array] = {"attn_k": mu_h, "mu_err": _up(delta + _FLOOR, 4 * U)}
+    out["bounded"] = _floored(_up(2.0 * c * tau_up, 4 * U), tau_up, xp)
     centred = _Centred(v, xp)
     th = centred.max_dist(mu_h, tail)
-    out["tail_head"] = _up(tau_up * (th + delta), 4 * U)
+    out["tail_head"] = _floored(_up(tau_up * (th + delta), 4 * U), tau_up, xp)
     if full_softmax:
         p, _ = _weights(x, valid, xp)
         attn = xp.matmul(p, v)
         out["attn"] = attn
         var = centred.variance_upper(p, attn, delta, c)
-        out["variance"] = _up(_chi_sqrt(tau_up, xp) * xp.sqrt(var), 4 * U)
+        # sqrt(var) + 2^-500 > 0: chi = inf (tau_up = 1) gives inf, not NaN; 6u: one
+        # rounding more (the sum) than the product alone
+        out["variance"] = _up(_chi_sqrt(tau_up, xp) * (xp.sqrt(var) + _FLOOR), 6 * U)
     else:
         out["variance"] = xp.full_like(tau_up, xp.nan)
     if diameters:
         dist = _pair_dist(v, xp, chunk)
-        out["diameter"] = _up(
-            tau_up * _up(_masked_pair_max(dist, kept, tail, xp, chunk), rel), 4 * U
-        )
-        out["diameter_all"] = _up(
-            tau_up * _up(_masked_pair_max(dist, valid, valid, xp, chunk), rel), 4 * U
-        )
+        for name, rows, cols in (("diameter", kept, tail), ("diameter_all", valid, valid)):
+            far = _up(_masked_pair_max(dist, rows, cols, xp, chunk), rel)
+            out[name] = _floored(_up(tau_up * far, 4 * U), tau_up, xp)
     else:
         out["diameter"] = xp.full_like(tau_up, xp.nan)
         out["diameter_all"] = xp.full_like(tau_up, xp.nan)
@@ -531,7 +600,8 @@ def output_bounds(
             raise InputError("tail_upper must be >= 0 (a bound on a probability), got NaN or < 0")
         tau = xp.broadcast_to(given, tau.shape)
     b = sound_output_bounds(x, v, valid, kept, tau, xp, diameters=diameters, chunk=chunk_elems)
-    err = _norm(b["attn"] - b["attn_k"], xp)
+    with np.errstate(over="ignore"):  # an error beyond the float range: inf
+        err = _norm(b["attn"] - b["attn_k"], xp)
     if single:
         b = {name: b[name][0, ...] for name in (*OUTPUT_BOUNDS, "best", "tightest")}
         err, tau = err[0, ...], tau[0, ...]
@@ -581,6 +651,8 @@ def smallest_k_for_output(
     n, dv = int(x.shape[-1]), int(v.shape[-1])
     if v.ndim < 2 or v.shape[-2] != n:
         raise InputError(f"values must be (..., n, dv) with n = {n} keys, got {tuple(v.shape)}")
+    check_finite(v, xp, "values")
+    v, delta = _scaled_problem(v, delta, xp)
     valid = x > -xp.inf
     p, _ = _weights(x, valid, xp)
     attn = xp.matmul(p, v)
@@ -599,19 +671,34 @@ def smallest_k_for_output(
     tau = round_up(t - z, U * (4.0 * n + 16384.0) + (8.0 * U) * xp.abs(z), has_tail, xp)
     curves = []
     if bound in ("bounded", "best"):
-        curves.append(_up(2.0 * c * tau, 4 * U))
+        curves.append(_floored(_up(2.0 * c * tau, 4 * U), tau, xp))
     if bound in ("variance", "best"):
         var = _Centred(v, xp).variance_upper(p, attn, mu_err[..., 0], c[..., 0])
-        curves.append(_up(_chi_sqrt(tau, xp) * xp.sqrt(var)[..., None], 4 * U))
+        root = xp.sqrt(var)[..., None] + _FLOOR
+        curves.append(_up(_chi_sqrt(tau, xp) * root, 6 * U))
     if bound in ("tail_head", "best"):
         dist = _tail_head_curve(s, v, order, xp, chunk_elems)
-        curves.append(_up(tau * (_up(dist, (dv + 8) * U) + mu_err), 4 * U))
+        far = _up(dist, (dv + 8) * U) + mu_err
+        curves.append(_floored(_up(tau * far, 4 * U), tau, xp))
     best = curves[0]
     for cv in curves[1:]:
         best = xp.minimum(best, cv)
     best = xp.where(has_tail, best, xp.zeros_like(best))
     first = xp.minimum(xp.min(xp.where(best <= delta, ks, xp.full_like(ks, n)), axis=-1), n_valid)
     return first[0] if single else first
+
+
+def _scaled_problem(v: Array, delta: float, xp: Any) -> tuple[Array, float]:
+    """Values and budget times one power of two (the smallest k is invariant to it): the
+    values' largest magnitude in ``[2^-100, 2^100]`` (as in :func:`sound_output_bounds`);
+    a budget that rounds among the subnormals is lowered by one (stricter, still sound)."""
+    shift = _pow2_shift(v, xp, 100)
+    if shift == 0:
+        return v, delta
+    scaled = _times_pow2(delta, shift)  # a Python float: overflow gives inf
+    if scaled < 2.0**-1022:
+        scaled = max(scaled - SMALLEST, 0.0)
+    return _times_pow2(v, shift), scaled
 
 
 def _tail_head_curve(s: Array, v: Array, order: Array, xp: Any, chunk: int) -> Array:

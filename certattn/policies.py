@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ._array import to_numpy
-from ._validate import InputError, check_eps, check_int_option, check_number
+from ._validate import InputError, check_count, check_eps, check_int_option, check_number
 from .distribution import topk_mask
 from .topk import certify_topk, certify_topp
 
@@ -129,12 +129,6 @@ class Policy(Protocol):
         ...
 
 
-def _count(value: Any, name: str, *, low: int = 0) -> int:
-    if isinstance(value, bool) or int(value) != value or value < low:
-        raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True)
 class TopK:
     """Smallest certified Top-k with :math:`\\tau \\le` ``eps`` (Theorems TV-TAIL, TV-KL).
@@ -179,7 +173,7 @@ class FixedK:
     name: str = "fixed_k"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "k", _count(self.k, "k", low=1))
+        object.__setattr__(self, "k", check_count(self.k, name="k", low=1))
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         return Selection(kept=topk_mask(scores, self.k))
@@ -200,8 +194,8 @@ class WindowSinks:
     name: str = "window_sinks"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "window", _count(self.window, "window"))
-        object.__setattr__(self, "sinks", _count(self.sinks, "sinks"))
+        object.__setattr__(self, "window", check_count(self.window, name="window"))
+        object.__setattr__(self, "sinks", check_count(self.sinks, name="sinks"))
         if self.window + self.sinks == 0:
             raise InputError("window + sinks must keep at least one key")
 
@@ -233,8 +227,9 @@ class Pages:
     name: str = "pages"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", _count(self.budget, "budget", low=1))
-        object.__setattr__(self, "page_size", _count(self.page_size, "page_size", low=1))
+        object.__setattr__(self, "budget", check_count(self.budget, name="budget", low=1))
+        page_size = check_count(self.page_size, name="page_size", low=1)
+        object.__setattr__(self, "page_size", page_size)
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         xp = ctx.xp
@@ -307,7 +302,8 @@ class CertifiedBlocks:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
-        object.__setattr__(self, "block_size", _count(self.block_size, "block_size", low=1))
+        block_size = check_count(self.block_size, name="block_size", low=1)
+        object.__setattr__(self, "block_size", block_size)
         if self.kind not in ("box", "ball", "both"):
             raise InputError(f"kind must be 'box', 'ball' or 'both', got {self.kind!r}")
 

@@ -75,6 +75,62 @@ def test_mean_cosine_by_hand() -> None:
     assert mean_cosine(x, -x) == pytest.approx(-1.0)
 
 
+@pytest.mark.parametrize("mag", [1e-300, 1e-200, 1e-170, 1.0, 1e160, 1e200, 1e300])
+def test_similarities_are_scale_invariant(mag: float) -> None:
+    """Issue 20: mean_cosine(x, x) was NaN at 1e200 and 0 at 1e-200, linear_cka(x, x) NaN
+    at 1e160 and 1e-170; both are 1 at every scale, and any scale of x and y agrees."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20, 6))
+    y = x @ rng.normal(size=(6, 6)) + rng.normal(size=(20, 6))
+    assert mean_cosine(x * mag, x * mag) == pytest.approx(1.0, rel=1e-12)
+    assert linear_cka(x * mag, x * mag) == pytest.approx(1.0, rel=1e-12)
+    assert mean_cosine(x * mag, y) == pytest.approx(mean_cosine(x, y), rel=1e-12)
+    assert linear_cka(x * mag, y / mag) == pytest.approx(linear_cka(x, y), rel=1e-12)
+    # Gram path (n < p), and a large offset that centring removes
+    xw = rng.normal(size=(4, 9))
+    assert linear_cka(xw * mag, xw * mag + 3.0 * mag) == pytest.approx(1.0, rel=1e-9)
+
+
+def test_similarities_reject_non_finite_input() -> None:
+    x = np.ones((3, 2))
+    bad = x.copy()
+    bad[1, 0] = np.nan
+    for fn in (mean_cosine, linear_cka):
+        with pytest.raises(InputError, match="NaN or inf"):
+            fn(bad, x)
+        with pytest.raises(InputError, match="NaN or inf"):
+            fn(x, bad * np.inf)
+
+
+class _FakeModel:
+    """Just enough of a model for the token-id checks of layer_signals (vocabulary 10)."""
+
+    n_layers = 1
+
+    def __init__(self, bert: bool = False) -> None:
+        self.weights = (
+            {"encoder.layer.0.attention.self.query.weight": np.zeros((4, 4)),
+             "embeddings.word_embeddings.weight": np.zeros((10, 4)),
+             "embeddings.position_embeddings.weight": np.zeros((3, 4))}
+            if bert else
+            {"blk.0.attn_q.weight": np.zeros((4, 4)), "token_embd.weight": np.zeros((10, 4))}
+        )
+
+
+@pytest.mark.parametrize("ids", [[-1], [3, 10], [2**40], [1.5], [True, 2], [[1, 2]]])
+def test_layer_signals_rejects_bad_token_ids(ids) -> None:
+    """Issue 20: negative ids (numpy wraps them to the last rows), ids past the
+    vocabulary, non-integers and nested lists get one clear InputError."""
+    for bert in (False, True):
+        with pytest.raises(InputError, match="token id"):
+            layer_signals(_FakeModel(bert), ids)
+
+
+def test_layer_signals_rejects_more_tokens_than_bert_positions() -> None:
+    with pytest.raises(InputError, match="exceed the model's 3 positions"):
+        layer_signals(_FakeModel(bert=True), [1, 2, 3, 4])
+
+
 def test_profile_on_constructed_signals() -> None:
     rng = np.random.default_rng(2)
     a0 = rng.normal(size=(30, 8))

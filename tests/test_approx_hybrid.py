@@ -229,3 +229,40 @@ def test_query_rows_aligned_at_the_end() -> None:
     u = hybrid_usage(q[6:], k, v, causal=True, feature_maps=maps, window=3)
     uf = hybrid_usage(q, k, v, causal=True, feature_maps=maps, window=3)
     np.testing.assert_allclose(u.exact_outside, uf.exact_outside[6:], rtol=1e-13)
+
+
+def test_exact_softmax_exactly_when_every_visible_key_is_in_the_window() -> None:
+    """Issue 20: the docstring said "w >= Lk gives exact softmax attention"; that holds
+    with causal=True or a mask hiding every key after the query, not for causal=False
+    without one (later keys always go to the linear branch)."""
+    q, k, v = _data(11, n=8)
+    future_hidden = np.tril(np.ones((8, 8), dtype=bool))
+    for causal, mask in ((True, None), (False, future_hidden)):
+        pr = prepare(q, k, v, mask=mask, causal=causal, scale=None, kv_heads=None)
+        want, _ = softmax_attention(pr)
+        got = hybrid_linear(q, k, v, causal=causal, mask=mask, window=8)
+        np.testing.assert_allclose(got.output, want, rtol=1e-12, atol=1e-14)
+    pr = prepare(q, k, v, mask=None, causal=False, scale=None, kv_heads=None)
+    want, _ = softmax_attention(pr)
+    got = hybrid_linear(q, k, v, causal=False, window=8)
+    gap = np.abs(got.output - want).max(axis=-1)
+    assert gap[-1] < 1e-12  # the last query sees no later key
+    assert np.all(gap[:-1] > 1e-3)  # every other row is not softmax attention
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "x", np.array([0.0, math.nan])])
+def test_window_factor_must_be_finite(bad) -> None:
+    q, k, v = _data(12, lead=(2,))
+    with pytest.raises(InputError, match="window_factor"):
+        hybrid_linear(q, k, v, window=2, window_factor=bad)
+    with pytest.raises(InputError, match="window_factor"):
+        hybrid_usage(q, k, v, window=2, window_factor=bad)
+
+
+@pytest.mark.parametrize("name, bad", [("lr", math.nan), ("lr", 0.0), ("lr", -1.0),
+                                       ("lr", math.inf), ("init_noise", math.nan),
+                                       ("init_noise", -0.1), ("steps", -1)])
+def test_fit_hedgehog_rejects_bad_parameters(name, bad) -> None:
+    q, k, _ = _data(13)
+    with pytest.raises(InputError, match=name):
+        fit_hedgehog(q, k, **{"steps": 2, name: bad})

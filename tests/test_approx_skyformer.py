@@ -209,3 +209,85 @@ def test_reproduce_section_quick(tmp_path) -> None:
     assert sec.results["smollm2"]["status"] == "pending"
     assert (tmp_path / "skyformer.png").read_bytes()[:4] == b"\x89PNG"
     assert any("2.15" in line for line in _md_skyformer(sec, None))
+
+
+# Issue 20: far queries underflow every kernel entry of a row (0 / 0 = NaN before).
+
+
+def test_kernel_attention_softmax_is_exact_softmax_for_far_queries() -> None:
+    """The reported case (exact answer 2 - e^-30 ... = 2.0) and random queries x30."""
+    out = kernel_attention(np.array([[30.0, 0.0]]), np.array([[0.0, 44.7], [1.0, 0.0]]),
+                           np.array([[1.0], [2.0]]), scale=1.0, normalize="softmax")
+    assert out[0, 0] == pytest.approx(2.0, rel=1e-12)
+    q, k, v = _data(3)
+    for mag in (30.0, 1e3, 1e100):
+        pr = prepare(q * mag, k, v, mask=None, causal=False, scale=None, kv_heads=None)
+        want, _ = softmax_attention(pr)
+        got = kernel_attention(q * mag, k, v, normalize="softmax")
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("mag", [30.0, 1e3, 1e100, 1e200])
+def test_row_normalised_kernel_attention_for_far_queries(mag: float) -> None:
+    """D_C^-1 C V = softmax_j(-|x - y_j|^2 / 2) V: finite, rows of weights sum to 1."""
+    q, k, v = _data(6, n=8)
+    x, y = q * mag * math.sqrt(0.5), k * math.sqrt(0.5)  # scale 1/sqrt(d), d = 4
+    logw = x @ y.T - 0.5 * np.sum(y * y, axis=-1)  # -|x - y|^2 / 2 up to a row constant
+    w = np.exp(logw - logw.max(axis=-1, keepdims=True))
+    want = (w @ v) / w.sum(axis=-1, keepdims=True)
+    got = kernel_attention(q * mag, k, v, normalize="rows")
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", ["rows", "softmax"])
+@pytest.mark.parametrize("mag", [30.0, 1e3, 1e100])
+def test_skyformer_with_far_queries_matches_the_dense_kernel(normalize: str, mag: float) -> None:
+    """Key landmarks, no ridge, converged inverse: Nystrom = C exactly (in exact
+    arithmetic), so the normalised outputs equal the dense ones, even where every kernel
+    entry of a query row underflows."""
+    q, k, v = _data(4, n=8, d=16)
+    q, k = mag * q, 3 * k  # keys spread: kappa(K, K) well conditioned
+    r = skyformer(q, k, v, landmark_idx=8 + np.arange(8), ridge=0.0, n_iter=60,
+                  normalize=normalize)
+    dense = kernel_attention(q, k, v, normalize=normalize)
+    assert np.isfinite(r.output).all()
+    np.testing.assert_allclose(r.output, dense, rtol=1e-6, atol=1e-8)
+
+
+def test_gaussian_kernel_of_huge_points_is_zero_or_one() -> None:
+    """|x|^2 overflows: the kernel is e^-|x - y|^2/2 all the same (0 far away, 1 at x)."""
+    x = np.array([[1e200, 0.0], [0.0, 1.0]])
+    got = gaussian_kernel(x, x)
+    np.testing.assert_array_equal(got, [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_scores_beyond_the_float_range_are_refused() -> None:
+    q, k, v = _data(2, n=4)
+    for fn in (kernel_attention, skyformer):
+        with pytest.raises(InputError, match="overflow"):
+            fn(q * 1e160, k * 1e160, v, normalize="softmax")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.1, "x"])
+def test_ridge_must_be_a_finite_number_at_least_zero(bad) -> None:
+    q, k, v = _data(11, n=6)
+    with pytest.raises(InputError, match="ridge"):
+        skyformer(q, k, v, landmarks=4, ridge=bad)
+
+
+def test_n_iter_must_be_a_count() -> None:
+    q, k, v = _data(11, n=6)
+    with pytest.raises(InputError, match="n_iter"):
+        skyformer(q, k, v, landmarks=4, n_iter=-1)
+
+
+@pytest.mark.parametrize("normalize", ["rows", "softmax"])
+def test_zero_nystrom_row_sum_is_refused_not_nan(normalize: str) -> None:
+    """A query far from the keys and landmarked itself: its Nystrom row sum underflows to
+    0 in float64 (0 / 0 = NaN before); one clear InputError instead."""
+    q, k, v = _data(0, n=12, d=4)
+    with pytest.raises(InputError, match="row sum"):
+        skyformer(30 * q, k, v, landmarks=8, normalize=normalize)
+    for mask in (None, np.tril(np.ones((12, 12), dtype=bool))):  # factorised and dense
+        r = skyformer(q, k, v, landmarks=8, normalize=normalize, mask=mask)
+        assert np.isfinite(r.output).all()

@@ -15,8 +15,10 @@ import certattn
 from certattn.bounds import TAIL_BOUNDS
 
 from ._exact import exact_tail_of_set, exact_tails
+from .test_output import NAMES, _exact_error
 
 EDGES = [1e-300, 1.0, 1e150, 1e300, 1.7e308]
+VALUE_EDGES = [5e-324, 1e-310, 1e-300, 1.0, 1e300, 2.0**1023, 1.7e308]
 
 
 @st.composite
@@ -27,6 +29,16 @@ def edge_rows(draw, n_max: int = 8):
     x = rng.choice([-mag, -mag / 2, 0.0, mag / 3, mag, -np.inf], size=(2, n))
     x[:, 0] = draw(st.sampled_from([0.0, mag, -mag]))
     return x
+
+
+@st.composite
+def edge_values(draw, n: int):
+    """Values ``(n, dv)`` of one or two magnitudes of VALUE_EDGES (subnormal to 2^1023,
+    mixed), random signs and zeros."""
+    dv = draw(st.integers(1, 3))
+    mags = draw(st.lists(st.sampled_from(VALUE_EDGES), min_size=1, max_size=2))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.choice(mags, size=(n, dv)) * rng.choice([-1.0, 0.0, 1.0], size=(n, dv))
 
 
 def _accepts(bound: float, exact: mpmath.mpf) -> bool:
@@ -127,3 +139,38 @@ def test_search_at_the_edges(method, mag):
         exact = exact_tail_of_set(np.asarray(s), res.kept[i])
         assert _accepts(float(res.tail_upper[i]), exact)
         assert not np.isnan(res.error_bound[i])
+
+
+@given(x=edge_rows(n_max=5), data=st.data())
+def test_output_bounds_at_the_edges(x, data):
+    """Every output bound covers the exact error, and the smallest k for a budget meets it
+    exactly, for logits and values at the edges."""
+    v = data.draw(edge_values(x.shape[1]))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    kept = (rng.random(x.shape) < 0.5) & np.isfinite(x)
+    kept[:, 0] = True
+    ob = certattn.output_bounds(x, v, kept)
+    for i in range(x.shape[0]):
+        exact = _exact_error(x[i], v, kept[i])
+        for name in (*NAMES, "best"):
+            assert _accepts(float(getattr(ob, name)[i]), exact), name
+    delta = 0.3 * float(np.abs(v).max())
+    ks = certattn.smallest_k_for_output(x, v, delta)
+    for i in range(x.shape[0]):
+        top = np.zeros(x.shape[1], bool)
+        top[np.argsort(-x[i], kind="stable")[: int(ks[i])]] = True
+        assert _exact_error(x[i], v, top & np.isfinite(x[i])) <= mpmath.mpf(delta)
+
+
+@given(data=st.data(), eps=st.sampled_from([0.0, 0.01, 0.5]))
+def test_attention_and_search_at_value_edges(data, eps):
+    """certify_attention and certified_search with values at the edges (issue 20)."""
+    q = np.array([[1.0, 0.0], [0.0, 1.0]])
+    k = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-3.0, 2.0]])
+    v = data.draw(edge_values(k.shape[0]))
+    x = q @ k.T
+    for res in (certattn.certify_attention(q, k, v, eps, scale=1.0),
+                certattn.certified_search(q, k, v, eps, scale=1.0)):
+        for i in range(2):
+            kept = np.asarray(res.kept)[i]
+            assert _accepts(float(res.error_bound[i]), _exact_error(x[i], v, kept))

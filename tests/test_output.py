@@ -276,3 +276,62 @@ def test_bad_input():
         smallest_k_for_output(x, v, -1.0)
     with pytest.raises(ValueError, match="kept"):
         head_tail_terms(x, v)
+
+
+# Values at the edges of the float range (issue 20): the power-of-two rescaling of the
+# engine must neither raise (2^1024 and 2^1073 are not floats) nor lose soundness.
+_Q = np.array([[1.0, 0.0], [0.0, 1.0]])
+_K = np.array([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+_SIGNS = np.array([[1.0, -1.0], [-1.0, 0.0], [0.0, 1.0]])
+EDGE_VALUES = {
+    "2^1023": 2.0**1023 * _SIGNS,
+    "1.7e308": 1.7e308 * _SIGNS,
+    "-1.7e308": -1.7e308 * _SIGNS,
+    "5e-324": 5e-324 * _SIGNS,
+    "1e-310": 1e-310 * _SIGNS,
+    "mixed": np.array([[1.7e308, 5e-324], [-1e-310, -(2.0**1023)], [3e-320, 1.0]]),
+    "mixed_tiny": np.array([[1e-300, 5e-324], [-1e-310, 0.0], [3e-320, 1e-320]]),
+}
+
+
+def _assert_covers(bound: float, x_row: np.ndarray, v: np.ndarray, kept_row: np.ndarray):
+    assert not np.isnan(bound)
+    assert mpmath.mpf(bound) >= _exact_error(x_row, v, kept_row)
+
+
+@pytest.mark.parametrize("name", list(EDGE_VALUES))
+def test_values_at_the_float_edges_through_every_entry_point(name):
+    """|v| in {2^1023, 1.7e308, 5e-324, 1e-310, mixed}: output_bounds, certify_attention
+    and certified_search raise nothing and their bounds cover the exact error."""
+    import certattn
+
+    v = EDGE_VALUES[name]
+    x = _Q @ _K.T
+    for k in (1, 2):
+        ob = output_bounds(x, v, k=k)
+        kept = np.zeros(x.shape, bool)
+        kept[np.arange(2)[:, None], np.argsort(-x, axis=1, kind="stable")[:, :k]] = True
+        for i in range(2):
+            for b in (*NAMES, "best"):
+                _assert_covers(float(getattr(ob, b)[i]), x[i], v, kept[i])
+    cert = certattn.certify_attention(_Q, _K, v, eps=0.5, scale=1.0)
+    res = certattn.certified_search(_Q, _K, v, 0.5, scale=1.0)
+    for got in (cert, res):
+        for i in range(2):
+            _assert_covers(float(got.error_bound[i]), x[i], v, np.asarray(got.kept)[i])
+    if np.abs(v).max() < 1e-300:  # tiny values: a tiny bound, not the trivial one
+        assert float(np.max(cert.error_bound)) < 1e-290
+
+
+@pytest.mark.parametrize("name", list(EDGE_VALUES))
+@pytest.mark.parametrize("frac", [0.0, 0.1, 0.3, 1.0])
+def test_smallest_k_for_output_at_the_float_edges(name, frac):
+    """The k returned meets delta in exact arithmetic, quietly, at every value scale."""
+    v = EDGE_VALUES[name]
+    x = _Q @ _K.T
+    delta = frac * float(np.abs(v).max())
+    ks = smallest_k_for_output(x, v, delta)
+    for i in range(2):
+        kept = np.zeros(3, bool)
+        kept[np.argsort(-x[i], kind="stable")[: int(ks[i])]] = True
+        assert _exact_error(x[i], v, kept) <= mpmath.mpf(delta)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import InputError
+from .._validate import InputError, check_finite
 
 __all__ = ["LayerSignals", "fal_profile", "layer_signals", "linear_cka", "mean_cosine"]
 
@@ -48,14 +48,15 @@ def linear_cka(x: Any, y: Any) -> float:
 
     Invariant to orthogonal transforms and isotropic scaling of either argument; 1 when
     :math:`Y = X`; in ``[0, 1]``. Computed in float64 with the ``n x n`` Gram matrices
-    when ``n`` is smaller than the feature dimensions.
+    when ``n`` is smaller than the feature dimensions, on inputs scaled to largest magnitude
+    1 before and after centring (so no scale of the inputs overflows or underflows).
 
     Parameters
     ----------
     x : array_like
-        ``(n, p)``.
+        ``(n, p)``, finite.
     y : array_like
-        ``(n, p')``.
+        ``(n, p')``, finite.
 
     Returns
     -------
@@ -66,8 +67,7 @@ def linear_cka(x: Any, y: Any) -> float:
     y = np.asarray(y, dtype=np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise InputError(f"CKA needs (n, p) and (n, p') arrays, got {x.shape} and {y.shape}")
-    x = x - x.mean(axis=0)
-    y = y - y.mean(axis=0)
+    x, y = _centred(x, "x"), _centred(y, "y")
     if x.shape[0] < min(x.shape[1], y.shape[1]):
         gx, gy = x @ x.T, y @ y.T
         num = float(np.sum(gx * gy))
@@ -78,22 +78,47 @@ def linear_cka(x: Any, y: Any) -> float:
     return num / den if den > 0 else float("nan")
 
 
+def _centred(a: np.ndarray, name: str) -> np.ndarray:
+    """Token-centred ``a`` (checked finite), scaled to largest magnitude 1 before and after
+    centring (CKA is invariant to both scalings)."""
+    a = _unit_max(a, name)
+    return _unit_max(a - a.mean(axis=0))
+
+
+def _unit_max(a: np.ndarray, name: str | None = None, axis: int | None = None) -> np.ndarray:
+    """``a`` divided by its largest magnitude (over ``axis``; rows or the whole array) where
+    that is positive: CKA and cosine are invariant to it, and entries in ``[-1, 1]`` keep
+    every product and sum of squares clear of overflow and underflow.  ``name``: check
+    that ``a`` is finite first."""
+    if name is not None:
+        check_finite(a, np, name)
+    m = np.max(np.abs(a), axis=axis, keepdims=True) if a.size else np.zeros((1,) * a.ndim)
+    return a / np.where(m > 0, m, 1.0)
+
+
 def mean_cosine(x: Any, y: Any) -> float:
     r"""Mean over tokens of :math:`\cos(x_t, y_t) = x_t\cdot y_t / (|x_t||y_t|)`.
+
+    Each token's vectors are scaled by their largest magnitude first (the cosine is
+    invariant to it), so no scale of the inputs overflows or underflows.
 
     Parameters
     ----------
     x, y : array_like
-        ``(n, p)`` each.
+        ``(n, p)`` each, finite.
 
     Returns
     -------
     float
+        A token where either vector is zero counts as cosine 0.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 2:
         raise InputError(f"cosine needs two (n, p) arrays of one shape, got {x.shape}, {y.shape}")
+    check_finite(x, np, "x")
+    check_finite(y, np, "y")
+    x, y = _unit_max(x, axis=1), _unit_max(y, axis=1)
     den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
     return float(np.mean(np.sum(x * y, axis=1) / np.where(den > 0, den, np.inf)))
 
@@ -250,20 +275,38 @@ def layer_signals(
     Raises
     ------
     InputError
-        A model whose weights follow neither naming.
+        A model whose weights follow neither naming; token ids that are not integers in
+        ``0 .. vocabulary - 1`` (a negative id would silently read a row from the end);
+        more tokens than a BERT model has positions.
     """
-    ids = np.asarray(model.encode(text_or_ids) if isinstance(text_or_ids, str)
-                     else list(text_or_ids), dtype=np.int64)
-    if ids.size == 0:
-        raise InputError("need at least one token")
-    total = int(model.n_layers)
-    n_layers = total if n_layers is None else min(int(n_layers), total)
     names = getattr(model, "weights", {})
     if "blk.0.attn_q.weight" in names:
-        return _llama(model, ids, n_layers)
-    if "encoder.layer.0.attention.self.query.weight" in names:
-        return _bert(model, ids, n_layers)
-    raise InputError("layer_signals needs a certattn SmolLM2 (llama) or MiniLM (bert) model")
+        run, embd = _llama, "token_embd.weight"
+    elif "encoder.layer.0.attention.self.query.weight" in names:
+        run, embd = _bert, "embeddings.word_embeddings.weight"
+    else:
+        raise InputError("layer_signals needs a certattn SmolLM2 (llama) or MiniLM (bert) model")
+    raw = model.encode(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+    ids = _token_ids(raw, int(names[embd].shape[0]))
+    if run is _bert and ids.size > names["embeddings.position_embeddings.weight"].shape[0]:
+        raise InputError(f"{ids.size} tokens exceed the model's "
+                         f"{names['embeddings.position_embeddings.weight'].shape[0]} positions")
+    total = int(model.n_layers)
+    n_layers = total if n_layers is None else min(int(n_layers), total)
+    return run(model, ids, n_layers)
+
+
+def _token_ids(raw: Any, vocab: int) -> np.ndarray:
+    """Token ids as an int64 ``(n,)`` array: integers (not bools) in ``0 .. vocab - 1``."""
+    items = list(raw)
+    if not items:
+        raise InputError("need at least one token")
+    for pos, t in enumerate(items):
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise InputError(f"token id at position {pos} is not an integer: {t!r}")
+        if not 0 <= int(t) < vocab:
+            raise InputError(f"token id {int(t)} at position {pos} is outside 0 .. {vocab - 1}")
+    return np.asarray([int(t) for t in items], dtype=np.int64)
 
 
 def fal_profile(signals: LayerSignals, *, first: int = 0) -> dict[str, list[float]]:

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from .._validate import InputError
+from .._validate import InputError, check_count, check_finite, check_number
 from ._prep import Prepared, prepare, softmax_attention
 from ._result import ApproxResult
 
@@ -149,8 +149,21 @@ def hedgehog_features(x: Any, w: Any, eps: float = FEATURE_EPS) -> np.ndarray:
     return np.maximum(np.concatenate([_softmax(u), _softmax(-u)], axis=-1), eps)
 
 
+def _window_factor(window_factor: Any) -> np.ndarray:
+    """``window_factor`` as finite float64 (a logit: NaN and +-inf refused)."""
+    wf = np.asarray(window_factor)
+    if wf.ndim == 0:
+        return np.float64(check_number(window_factor, name="window_factor", low=-math.inf,
+                                       high=math.inf, closed_low=False, closed_high=False))
+    if wf.dtype.kind not in "iuf":
+        raise InputError(f"window_factor must be real numbers, got dtype {wf.dtype}")
+    wf = wf.astype(np.float64)
+    check_finite(wf, np, "window_factor")
+    return wf
+
+
 def _gamma(window_factor: Any, lead: tuple[int, ...]) -> np.ndarray:
-    g = 1.0 / (1.0 + np.exp(-np.asarray(window_factor, dtype=np.float64)))
+    g = 1.0 / (1.0 + np.exp(-_window_factor(window_factor)))
     try:
         return np.broadcast_to(g, lead)[..., None, None]
     except ValueError:
@@ -227,10 +240,15 @@ def hybrid_linear(
     feature_maps : FeatureMaps, optional
         Hedgehog maps (default: :func:`identity_maps`).
     window : int
-        Window size ``w`` (default 64); ``w >= Lk`` gives exact softmax attention.
+        Window size ``w`` (default 64).  The hybrid is exact softmax attention for query
+        ``i`` when every key it sees lies in its window (:math:`\Lambda_i = \emptyset`;
+        :math:`\gamma` cancels): for every query when ``w >= Lk`` and ``causal=True`` (or
+        a mask hides every key after the query's position).  With ``causal=False`` and no
+        such mask the keys after the query go to the linear branch whatever ``w``: only
+        the rows that see no later key are then exact.
     window_factor : float or array_like
         :math:`\gamma = \mathrm{sigmoid}(\text{window\_factor})`, broadcast over the
-        leading (batch, head) axes; default ``logit(0.1)``.
+        leading (batch, head) axes; default ``logit(0.1)``.  Finite.
 
     Returns
     -------
@@ -240,6 +258,12 @@ def hybrid_linear(
         window :math:`W_i`; ``tail_upper`` None (the linear branch is not a truncation);
         ``cost`` = :math:`|W_i|` keys scored plus the linear state read,
         :math:`2f(d_v + 1)` numbers, in key-equivalents of :math:`d + d_v` numbers.
+
+    Raises
+    ------
+    InputError
+        Bad shapes or masks, a negative ``window``, a ``window_factor`` that is not finite
+        or does not broadcast to the (batch, head) axes.
     """
     pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
     maps = _maps_for(feature_maps, pr)
@@ -487,7 +511,18 @@ def fit_hedgehog(
         Maps ``(H, d, f)`` (or ``(d, f)``); ``fit`` records seed, steps, lr, data shape,
         the loss at the start and the end, its floor (the mean entropy of the target rows,
         reached when the linear weights equal them) and ``provenance``.
+
+    Raises
+    ------
+    InputError
+        Bad shapes or masks; ``lr`` not a finite number > 0, ``init_noise`` not a finite
+        number >= 0, ``steps`` not an integer >= 0.
     """
+    lr = check_number(lr, name="lr", low=0.0, high=math.inf, closed_low=False,
+                      closed_high=False)
+    init_noise = check_number(init_noise, name="init_noise", low=0.0, high=math.inf,
+                              closed_low=True, closed_high=False)
+    steps = check_count(steps, name="steps")
     pr = prepare(q, k, np.zeros((*np.shape(k)[:-1], 1)), mask=mask, causal=causal,
                  scale=scale, kv_heads=None)
     _, p = softmax_attention(pr)

@@ -42,7 +42,10 @@ and the output is
   by its Nyström approximation gives an approximation of exact softmax attention. This
   mode is ours (not in the code), for comparing with pretrained softmax heads.
 
-For ``"rows"`` and ``"softmax"`` ``weights`` is the dense ``(Lq, Lk)`` matrix of the
+For ``"rows"`` and ``"softmax"`` the query kernels :math:`\kappa(x_i, Z_S)` are formed up to
+a factor per query (the exponent :math:`x_i\cdot z - |z|^2/2` shifted by its row maximum):
+the normalisation cancels it, and a query far from every landmark keeps finite weights
+instead of 0 / 0. ``weights`` is the dense ``(Lq, Lk)`` matrix of the
 approximation, :math:`\hat C_{ij} w_j / \sum_l \hat C_{il} w_l` (it can have negative
 entries). Deviation from the code: the start :math:`V_0` divides by the maximum column sum
 of each head's own matrix (the code's default takes one maximum over the whole batch and
@@ -60,12 +63,13 @@ an efficient algorithm.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .._validate import InputError
+from .._validate import InputError, check_count, check_number
 from ._prep import Prepared, prepare
 from ._result import ApproxResult
 
@@ -102,16 +106,48 @@ def gaussian_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     -------
     numpy.ndarray
         ``(..., n, m)`` float64 in ``[0, 1]`` (the exponent :math:`-|x - y|^2/2` is clipped at
-        0 against rounding).
+        0 against rounding).  Where the expansion overflows (points beyond about
+        :math:`10^{154}`) the exponent is evaluated as :math:`-|x - y|^2/2` directly.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    e = (
-        np.matmul(x, np.swapaxes(y, -1, -2))
-        - 0.5 * np.sum(x * x, axis=-1)[..., :, None]
-        - 0.5 * np.sum(y * y, axis=-1)[..., None, :]
-    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = (
+            np.matmul(x, np.swapaxes(y, -1, -2))
+            - 0.5 * np.sum(x * x, axis=-1)[..., :, None]
+            - 0.5 * np.sum(y * y, axis=-1)[..., None, :]
+        )
+        if not np.isfinite(e).all():  # inf - inf: the direct form, -inf far away
+            diff = x[..., :, None, :] - y[..., None, :, :]
+            e = -0.5 * np.sum(diff * diff, axis=-1)
     return np.exp(np.minimum(e, 0.0))
+
+
+def _row_kernel(x: np.ndarray, y: np.ndarray, log_w: np.ndarray | float = 0.0) -> np.ndarray:
+    r""":math:`\kappa(x_i, y_j) w_j` up to a positive factor per row ``i``, stably.
+
+    :math:`\log\kappa(x_i, y_j) + \log w_j = x_i\cdot y_j - |y_j|^2/2 + \log w_j -
+    |x_i|^2/2`: the last term is dropped and each row shifted by its maximum before the
+    exponential, so a row never underflows to all zeros (a query far from every point
+    gave 0 / 0 in a row-normalised output).  Rows normalised afterwards are unchanged.
+    ``log_w`` is ``(..., m)`` (``-inf`` = weight 0).
+
+    Raises
+    ------
+    InputError
+        Where the exponents overflow float64 (scores :math:`x\cdot y` beyond the range).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = np.matmul(x, np.swapaxes(y, -1, -2)) + (log_w - 0.5 * np.sum(y * y, axis=-1))[
+            ..., None, :
+        ]
+        top = e.max(axis=-1, keepdims=True)
+    if np.isnan(e).any() or np.isinf(top).any():
+        raise InputError(
+            "skyformer kernel exponents overflow float64 (x . z or |z|^2 beyond 1.8e308 "
+            "for queries, keys or landmarks z scaled by sqrt(scale)); rescale the inputs"
+        )
+    return np.exp(e - top)
 
 
 def schulz_inverse(mat: np.ndarray, n_iter: int = SCHULZ_ITERATIONS) -> np.ndarray:
@@ -280,10 +316,16 @@ def skyformer(
     ------
     InputError
         Bad shapes, additive masks with finite non-zero entries, fewer than 2 landmarks,
-        unknown ``normalize``, landmark indices out of range.
+        unknown ``normalize``, landmark indices out of range, a ``ridge`` that is not a
+        finite number >= 0, a negative ``n_iter``; ``"rows"`` / ``"softmax"``
+        with kernel exponents beyond the float64 range, or a query whose Nyström row sum
+        is 0 in float64 (far from every landmark: the estimate is 0 / 0).
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    ridge = check_number(ridge, name="ridge", low=0.0, high=math.inf, closed_low=True,
+                         closed_high=False)
+    n_iter = check_count(n_iter, name="n_iter")
     pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
     pool, padding_only = _key_pool(pr)
     lq, lk = pr.q.shape[-2], pr.k.shape[-2]
@@ -306,10 +348,13 @@ def skyformer(
     vals = pr.v
     weights = None
     w = None
+    if normalize != "none":  # normalised rows: kq up to a factor per query, never all 0
+        zs = np.take_along_axis(np.concatenate([x, y], axis=-2), idx[..., None], axis=-2)
+        kq = _row_kernel(x, zs)
     if normalize == "rows":
         w = pool.astype(np.float64)
     elif normalize == "softmax":
-        ly = np.where(pool, 0.5 * np.sum(y * y, axis=-1), -np.inf)
+        ly = np.where(pool, 0.5 * _squared_norms(y), -np.inf)
         w = np.exp(ly - ly.max(axis=-1, keepdims=True))
     cost = np.full((*lead, lq), m + (m * lk + m * m) / lq, dtype=np.float64)
     if not padding_only:  # dense masked evaluation of the Nystrom matrix (our extension)
@@ -319,14 +364,14 @@ def skyformer(
             out = chat @ vals
         else:
             cw = chat * w[..., None, :]
-            den = cw.sum(axis=-1, keepdims=True)
+            den = _row_sums(cw.sum(axis=-1, keepdims=True))
             out = (cw @ vals) / den
             weights = cw / den if dense_weights else None
     elif w is None:
         out = kq @ (np.swapaxes(kk, -1, -2) @ vals)
     else:
         ctx = np.swapaxes(kk, -1, -2) @ (w[..., :, None] * vals)
-        den = kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None])
+        den = _row_sums(kq @ (np.swapaxes(kk, -1, -2) @ w[..., :, None]))
         out = (kq @ ctx) / den
         if dense_weights:
             weights = (kq @ np.swapaxes(kk, -1, -2)) * w[..., None, :] / den
@@ -345,6 +390,20 @@ def skyformer(
     )
 
 
+def _row_sums(den: np.ndarray) -> np.ndarray:
+    """The Nystrom row sums ``(..., Lq, 1)`` a normalised output divides by; InputError
+    where one is 0 (or not finite) in float64."""
+    bad = ~np.isfinite(den) | (den == 0)
+    if bad.any():
+        pos = tuple(int(i) for i in np.argwhere(bad)[0][:-1])
+        raise InputError(
+            f"skyformer: the Nystrom row sum of query {pos} is {float(den[pos][0])!r} in "
+            "float64 (the query is far from the landmarks for the kernel width); use key "
+            "landmarks (landmark_idx), more landmarks, a smaller scale or normalize='none'"
+        )
+    return den
+
+
 def kernel_attention(
     q: Any,
     k: Any,
@@ -360,7 +419,10 @@ def kernel_attention(
 
     ``"none"``: :math:`C V` (Skyformer's "Kernelized Attention"); ``"rows"``:
     :math:`D_C^{-1} C V`; ``"softmax"``: :math:`(C\,\mathrm{diag}(w) V)/(C w)`, which equals
-    exact softmax attention. Hidden scores are 0 in :math:`C`.
+    exact softmax attention. Hidden scores are 0 in :math:`C`.  The normalised forms are
+    evaluated in the log domain with each row shifted by its maximum (the query factor
+    :math:`e^{-|x|^2/2}` cancels), so a query far from every key still gets its exact
+    (softmax of :math:`-|x - y_j|^2/2`, resp. of the scores) weights, never 0 / 0.
 
     Parameters
     ----------
@@ -371,20 +433,31 @@ def kernel_attention(
     -------
     numpy.ndarray
         ``(..., Lq, dv)`` float64.
+
+    Raises
+    ------
+    InputError
+        As :func:`skyformer`.
     """
     if normalize not in _NORMALIZE:
         raise InputError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
     pr = prepare(q, k, v, mask=mask, causal=causal, scale=scale, kv_heads=kv_heads)
-    pool, _ = _key_pool(pr)
+    _key_pool(pr)
     root = np.sqrt(pr.scale)
-    y = pr.k * root
-    c = np.where(pr.visible, gaussian_kernel(pr.q * root, y), 0.0)
+    x, y = pr.q * root, pr.k * root
     if normalize == "none":
-        return c @ pr.v
-    if normalize == "rows":
-        w = pool.astype(np.float64)
-    else:
-        ly = np.where(pool, 0.5 * np.sum(y * y, axis=-1), -np.inf)
-        w = np.exp(ly - ly.max(axis=-1, keepdims=True))
-    cw = c * w[..., None, :]
+        return np.where(pr.visible, gaussian_kernel(x, y), 0.0) @ pr.v
+    # C_ij w_j up to a factor per row: e^{x.y_j - |y_j|^2/2} (rows), e^{x.y_j} (softmax)
+    log_w = 0.5 * _squared_norms(y) if normalize == "softmax" else 0.0
+    cw = np.where(pr.visible, _row_kernel(x, y, log_w), 0.0)
     return (cw @ pr.v) / cw.sum(axis=-1, keepdims=True)
+
+
+def _squared_norms(y: np.ndarray) -> np.ndarray:
+    """``|y_j|^2`` per row; InputError where it overflows float64."""
+    with np.errstate(over="ignore"):
+        sq = np.sum(y * y, axis=-1)
+    if np.isinf(sq).any():
+        raise InputError("skyformer scores overflow float64 (|k|^2 scale beyond 1.8e308); "
+                         "rescale the inputs")
+    return sq
