@@ -31,6 +31,7 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
+from ._fp import add_up
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import kv_head_map as _kv_map
@@ -360,7 +361,8 @@ def _one_chunk(
         fields["out"].append(res["attn_k"])
         stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
-        fields["err"].append(xp.min(stack, axis=-1) + res["mu_err"])
+        # the bound plus the rounding of the returned output, the sum rounded up
+        fields["err"].append(add_up(xp.min(stack, axis=-1), res["mu_err"], xp))
         fields["idx"].append(xp.argmin(stack, axis=-1))
 
 
