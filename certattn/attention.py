@@ -30,10 +30,11 @@ import numpy as np
 
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
+from ._fp import score_abs_margin
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
+from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
 from .masks import kv_head_map as _kv_map
-from .masks import normalize_mask
 from .output import OUTPUT_BOUNDS, sound_output_bounds
 from .policies import Context, as_policy
 
@@ -178,6 +179,7 @@ class _Prepared:
     causal: bool
     xp: Any
     dev: Any
+    fill: Array | None = None
 
 
 def _prepare(
@@ -228,7 +230,8 @@ def _prepare(
             f"leading (batch, head) axes do not broadcast: queries {tuple(qa.shape)}, "
             f"keys {tuple(ka.shape)}" + (f", values {tuple(va.shape)}" if va is not None else "")
         ) from None
-    visible, bias = normalize_mask(mask, xp=xp, device=dev) if mask is not None else (None, None)
+    visible, bias, fill = (normalize_mask(mask, xp=xp, device=dev, hidden=True)
+                           if mask is not None else (None, None, None))
     if visible is not None:
         lead = xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2])
         try:
@@ -248,13 +251,15 @@ def _prepare(
         causal=bool(causal),
         xp=xp,
         dev=dev,
+        fill=fill,
     )
 
 
 def _chunks(
     pr: _Prepared, chunk_elems: int
 ) -> Any:
-    """Yield ``(slice, scores, valid, queries)`` per query chunk (float64 scores)."""
+    """Yield ``(slice, scores, valid, queries, hidden)`` per query chunk (float64 scores;
+    ``hidden`` from :func:`_hidden_part`)."""
     xp = pr.xp
     lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
     lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
@@ -266,11 +271,11 @@ def _chunks(
         sl = slice(i0, min(lq, i0 + step))
         qs = pr.q[..., sl, :]
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-            s = xp.matmul(qs, kt) * pr.scale
+            raw = xp.matmul(qs, kt) * pr.scale
             b = _rows_of(pr.bias, sl)
-            if b is not None:
-                s = s + b
+            s = raw + b if b is not None else raw
         vis = _rows_of(pr.visible, sl)
+        cm = None
         if pr.causal:
             rows = xp.arange(i0, sl.stop, device=device_of(pr.q))
             cm = cols[None, :] <= rows[:, None] + offset
@@ -286,7 +291,24 @@ def _chunks(
             pos = (*pos[:-1], pos[-1] + i0)
             where = pos if len(pos) > 1 else pos[0]
             raise InputError(f"query {where} is fully masked: it sees no key")
-        yield sl, s, valid, qs
+        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, qs, pr.k, pr.scale, xp)
+        yield sl, s, valid, qs, hid
+
+
+def _hidden_part(
+    raw: Array, fill: Array | None, cm: Array | None, s: Array, queries: Array, keys: Array,
+    scale: float, xp: Any,
+) -> tuple[Array, Array] | None:
+    """``(h, hidden)`` of a chunk of query rows: the keys a finite fill hides (and the
+    causal mask ``cm`` does not) and :func:`certattn.masks.hidden_mass` of them, from the
+    computed ``raw = scale q.k`` and the visible scores ``s``; None without any fill."""
+    if fill is None:
+        return None
+    hidden = fill > -xp.inf
+    if cm is not None:
+        hidden = hidden & cm
+    h = hidden_mass(raw, fill, hidden, s, score_abs_margin(queries, keys, scale, xp), xp)
+    return h, hidden
 
 
 def _run(
@@ -307,9 +329,10 @@ def _run(
     # the compiled path's `auto` choice: by the whole call's scores, not per chunk
     scores = math.prod(int(d) for d in pr.q.shape[:-1]) * int(pr.k.shape[-2])
     with _topk_numba.call_size(scores):
-        for sl, s, valid, qs in _chunks(pr, chunk_elems):
+        for sl, s, valid, qs, hid in _chunks(pr, chunk_elems):
             _one_chunk(pr, policy, sl, s, valid, qs, cache, fields, return_kept=return_kept,
-                       with_output=with_output, diameters=diameters, chunk_elems=chunk_elems)
+                       with_output=with_output, diameters=diameters, chunk_elems=chunk_elems,
+                       hid=hid)
             if progress is not None:
                 progress(sl.stop, lq)
 
@@ -326,9 +349,12 @@ def _run(
 def _one_chunk(
     pr: _Prepared, policy: Any, sl: slice, s: Array, valid: Array, qs: Array,
     cache: dict[str, Any], fields: dict[str, list[Array]], *, return_kept: bool,
-    with_output: bool, diameters: bool, chunk_elems: int,
+    with_output: bool, diameters: bool, chunk_elems: int, hid: tuple[Array, Array] | None,
 ) -> None:
-    """Select and certify one query chunk ``s`` (its scores), appending to ``fields``."""
+    """Select and certify one query chunk ``s`` (its scores), appending to ``fields``.
+
+    ``hid`` (:func:`_hidden_part`): the keys hidden by a finite fill; their exact mass is
+    added to the tail and the output error (:mod:`certattn.masks`)."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
                   need_kept=return_kept or with_output)
@@ -344,8 +370,9 @@ def _one_chunk(
         tail = sel.tail_upper
         if tail is None:
             tail = tail_upper_of(xs, valid, kept, xp)
+    tail = xp.astype(tail, xp.float64)
     fields["k"].append(xp.astype(n_kept, xp.int64))
-    fields["tail"].append(xp.astype(tail, xp.float64))
+    fields["tail"].append(tail if hid is None else hidden_tail(tail, hid[0], xp))
     fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
     if sel.scored is not None:
         fields["scored"].append(sel.scored)
@@ -359,7 +386,10 @@ def _one_chunk(
         fields["out"].append(res["attn_k"])
         stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
-        fields["err"].append(xp.min(stack, axis=-1) + res["mu_err"])
+        err = xp.min(stack, axis=-1) + res["mu_err"]
+        if hid is not None:
+            err = hidden_error(err, hid[0], hid[1], valid, v, xp)
+        fields["err"].append(err)
         fields["idx"].append(xp.argmin(stack, axis=-1))
 
 

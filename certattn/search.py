@@ -88,11 +88,11 @@ import numpy as np
 
 from ._array import from_numpy, namespace, to_numpy
 from ._fp import U as _U
-from ._fp import ratio_up, score_margin
+from ._fp import ratio_up, scaled_norm, score_abs_margin, score_margin
 from ._validate import InputError, check_eps, check_scale
 from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
-from .masks import kv_head_map, normalize_mask
+from .masks import hidden_error, hidden_mass, hidden_tail, kv_head_map, normalize_mask
 from .output import sound_output_bounds
 from .quant import QuantKeys, quantize_keys
 
@@ -710,8 +710,12 @@ def certified_search(
     scale : float, optional
         Logit scale, ``1/sqrt(d)`` by default; must be positive.
     mask : array, optional
-        Boolean (True = visible) or additive with entries 0 / -inf, broadcastable to
-        ``(m, n)`` or ``(H, m, n)``.  A masked key is never scored and has probability 0.
+        Boolean (True = visible) or additive with entries 0 / masked, broadcastable to
+        ``(m, n)`` or ``(H, m, n)``; masked: ``-inf``, or a finite fill at or below half the
+        dtype's most negative number (such as ``finfo(float32).min``, :mod:`certattn.masks`).
+        A masked key is never scored or kept; a ``-inf`` one has probability 0, a filled
+        one keeps its exact (positive) mass, which ``tail_upper`` and ``error_bound``
+        cover from a Cauchy-Schwarz bound on its score (the key is not scored).
     causal : bool
         Query ``i`` sees keys ``j <= i + n - m`` (as in :func:`certattn.certify_attention`).
     kv_heads : int or list of int, optional
@@ -777,8 +781,9 @@ def certified_search(
             raise InputError(f"{name} contain NaN or inf")
     scale = check_scale(scale, d)
     vis_all = np.ones((nh, m, n), dtype=bool)
+    fill_all = None
     if mask is not None:
-        visible, bias = normalize_mask(mask, xp=xp, device=dev)
+        visible, bias, fill = normalize_mask(mask, xp=xp, device=dev, hidden=True)
         if bias is not None and bool(np.any(to_numpy(bias) != 0)):
             raise InputError(
                 "certified_search takes visibility masks only (boolean, or additive with "
@@ -790,9 +795,14 @@ def certified_search(
         except ValueError:
             raise InputError(f"mask of shape {mk.shape} does not broadcast to the logits") from None
         vis_all = np.broadcast_to(vis_all, (nh, m, n))
+        if fill is not None:
+            fill_all = np.broadcast_to(to_numpy(fill), (nh, m, n))
+    hid_all = fill_all > -np.inf if fill_all is not None else None
     if causal:
         rows, cols = np.arange(m)[:, None], np.arange(n)[None, :]
         vis_all = vis_all & (cols <= rows + (n - m))[None]
+        if hid_all is not None:
+            hid_all = hid_all & (cols <= rows + (n - m))[None]
     empty = ~vis_all.any(axis=-1)
     if np.any(empty):
         pos = tuple(int(i) for i in np.argwhere(empty)[0])
@@ -816,6 +826,10 @@ def certified_search(
         logits = np.where(vis_all[h], (q_all[h] @ k_all[j].T) * scale, -np.inf)
         out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
                                      out_dtype)
+        if hid_all is not None:  # keys hidden by a finite fill keep their exact mass
+            r["tail_upper"], err = _add_hidden(
+                fill_all[h], hid_all[h], vis_all[h], np.where(r["kept"], logits, -np.inf),
+                q_all[h], k_all[j], v_all[j], scale, r["tail_upper"], err)
         for key in ("kept", "scored", "bounded", "tail_upper", "bytes_read"):
             res[key].append(r[key])
         res["output"].append(out)
@@ -841,6 +855,26 @@ def certified_search(
         bytes_read=conv["bytes_read"],
         bytes_dense=conv["bytes_dense"],
     )
+
+
+def _add_hidden(
+    fill: np.ndarray, hidden: np.ndarray, visible: np.ndarray, kept_logits: np.ndarray,
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
+    tail: np.ndarray, err: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tail and error bounds widened by the exact mass of the keys a finite fill hides
+    (:func:`certattn.masks.hidden_mass`), reading no unscored key: the largest *kept*
+    logit stands for ``M`` (``Z >= e^M`` still holds) and a hidden key's score is bounded
+    by Cauchy-Schwarz, ``scale q.k_j <= scale |q| |k_j|`` (computed within
+    ``(2 d + 10) u scale |q| max_j |k_j|``: inside twice the margin
+    :func:`certattn._fp.score_abs_margin`, which :func:`certattn.masks.hidden_mass` allows)."""
+    import array_api_compat.numpy as xnp
+
+    with np.errstate(over="ignore"):
+        cs = scale * scaled_norm(queries, xnp)[:, None] * scaled_norm(keys, xnp)[None]
+    margin = score_abs_margin(queries, keys, scale, xnp)
+    h = hidden_mass(cs, fill, hidden, kept_logits, margin, xnp)
+    return hidden_tail(tail, h, xnp), hidden_error(err, h, hidden, visible, values, xnp)
 
 
 def _output_and_error(

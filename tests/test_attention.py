@@ -98,7 +98,7 @@ def test_additive_hf_mask_and_boolean_mask_agree():
                                       np.broadcast_to(~sees_fill, (2, 4, 5)))
         assert np.all(a >= b) and np.all(a <= b * (1 + 1e-15) + 1e-300)
     s, dense = _reference(q, k, v, mask=add, causal=True)
-    _check(c1, s, dense, v.astype(np.float64), 0.01)
+    _check(c2, s, dense, v.astype(np.float64), 0.01)  # c1: the same plus its hidden mass
     assert np.all(to_numpy(c1.n_valid)[0] <= 5)
 
 
@@ -160,6 +160,12 @@ def test_normalize_mask_threshold():
     vis, bias = normalize_mask(m)
     np.testing.assert_array_equal(vis, [True, False, True, False, False, True])
     assert bias[5] == -3.0 and bias[1] == 0.0
+    vis2, bias2, fill = normalize_mask(m, hidden=True)  # the finite fills, -inf elsewhere
+    np.testing.assert_array_equal(vis2, vis)
+    np.testing.assert_array_equal(bias2, bias)
+    np.testing.assert_array_equal(fill, [-np.inf, lo / 2, -np.inf, lo, -np.inf, -np.inf])
+    assert normalize_mask(np.array([0.0, -np.inf]), hidden=True)[2] is None
+    assert normalize_mask(np.array([True, False]), hidden=True)[1:] == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -293,3 +299,17 @@ def test_causally_hidden_fill_keys_carry_no_mass():
     t1, t2 = to_numpy(c1.tail_upper), to_numpy(c2.tail_upper)
     np.testing.assert_array_equal(t1[:3], t2[:3])  # rows 0-2 cannot see key 3
     assert t2[3] == 0.0 < t1[3]
+
+
+def test_fill_masks_on_backends(backend):
+    """The hidden mass is computed in the caller's namespace and device."""
+    rng = np.random.default_rng(13)
+    q, k, v = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 8, 4)), rng.normal(size=(2, 8, 3))
+    fill = np.zeros((5, 8), np.float32)
+    fill[:, 6:] = np.finfo(np.float32).min
+    ref = certify_attention(q, k, v, 0.0, mask=fill, causal=True)
+    assert np.all(to_numpy(ref.tail_upper)[..., 4:] > 0)
+    qb, kb, vb, mb = (backend.asarray(a) for a in (q, k, v, fill))
+    got = certify_attention(qb, kb, vb, 0.0, mask=mb, causal=True, chunk_elems=50)
+    for f in ("output", "k", "tail_upper", "error_bound"):
+        np.testing.assert_allclose(to_numpy(getattr(got, f)), getattr(ref, f), rtol=1e-12)
