@@ -15,7 +15,9 @@ once: peak extra memory is about ``chunk_elems`` float64 numbers.
 
 What is certified: the exact softmax of the float64 scores computed from the given
 ``q``, ``k`` and mask (float32 or bfloat16 attention kernels compute slightly different
-scores; the certificate is not about their rounding).
+scores; the certificate is not about their rounding), over every key the mask does not
+set to ``-inf``: keys masked by a finite fill (``finfo(dtype).min``) are never kept, but
+their exact mass is bounded and added (:mod:`certattn.masks`).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class AttentionCertificate:
         Keys kept per query (a count; for Top-k never below the exact minimal
         :math:`k_\varepsilon`).
     tail_upper : float64 array (..., Lq)
-        Sound upper bound on the discarded mass (for budget policies at most ``eps``).
+        Sound upper bound on the discarded mass (for budget policies at most ``eps``,
+        plus the bound on keys hidden by a finite fill, :mod:`certattn.masks`).
     kl_upper : float64 array (..., Lq)
         Sound upper bound on :math:`\mathrm{KL}(\hat P\Vert P)`.
     error_bound : float64 array (..., Lq)
@@ -426,7 +429,15 @@ def certify_scores(
     scale : float, optional
         Score scale, default :math:`1/\sqrt{d}`.
     mask : array, optional
-        Boolean (True = visible) or additive, broadcastable to (..., Lq, Lk).
+        Boolean (True = visible) or additive, broadcastable to (..., Lq, Lk).  Masked:
+        False, ``-inf``, or a finite entry at or below half the dtype's most negative
+        number (the ``finfo(dtype).min`` fill of BERT and Hugging Face eager attention);
+        other additive entries are added to the scores.  A masked key is never kept nor
+        counted in ``n_valid``, and a query with no other key is refused; but a key
+        masked by a finite fill keeps its exact (positive) mass in the softmax of the
+        given logits, and ``tail_upper`` (and ``error_bound``) include a sound bound on
+        it (:mod:`certattn.masks`): tiny for ``-3.4e38`` fills, everything when a
+        float16 fill (``-65504``) meets scores that far apart.
     causal : bool
         Query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned at the end, as with a cache).
     kv_heads : int or sequence of int, optional
