@@ -66,6 +66,7 @@ from .geometry import (
     check_geo_ungated_flat,
 )
 from .output import (
+    check_mask_hidden,
     check_out_best,
     check_out_bounded,
     check_out_diameter,
@@ -96,6 +97,7 @@ CHECKS: dict[str, _Spec] = {
     "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
     "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 35_000),
     "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 23_000),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 20_000, 6_000),
     "GAP-SINGLE": _Spec(check_gap_single, 60_000, 17_000),
     "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 11_000),
     "GAP-MULTI": _Spec(check_gap_multi, 20_000, 33_000, False, 20),
