@@ -166,11 +166,17 @@ def hidden_mass(
     return xp.where(xp.isnan(h), xp.full_like(h, xp.inf), h)
 
 
+def _add_up(a: Array, b: Array, xp: Any) -> Array:
+    """``a + b`` (non-negative) rounded up: the float after the rounded-to-nearest sum
+    (which is within half an ulp), so at most one ulp above the exact sum."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return xp.nextafter(a + b, xp.full_like(a, xp.inf))
+
+
 def hidden_tail(tail: Array, h: Array, xp: Any) -> Array:
     r"""``tail + h`` rounded up and clamped to 1 where ``h > 0`` (:math:`\tau_{\mathrm{full}}
-    \le \tau_V + h`); unchanged elsewhere."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        t = (tail + h) * (1.0 + 4 * U) + SMALLEST
+    \le \tau_V + h`); unchanged elsewhere (NaN gives 1)."""
+    t = _add_up(tail, h, xp)
     t = xp.where(xp.isnan(t), xp.ones_like(t), xp.minimum(t, 1.0))
     return xp.where(h > 0, t, tail)
 
@@ -197,10 +203,9 @@ def hidden_error(
     zero = xp.zeros_like(vn)
     vh = xp.max(xp.where(hidden, vn, zero), axis=-1)
     vv = xp.max(xp.where(valid, vn, zero), axis=-1)
-    with np.errstate(over="ignore", invalid="ignore"):
-        extra = xp.minimum(h, 1.0) * (vh + vv) * (1.0 + 4 * U)
-        e = (error + extra) * (1.0 + 4 * U)
-    return xp.where(h > 0, e, error)
+    with np.errstate(over="ignore", invalid="ignore"):  # + SMALLEST: a subnormal product
+        extra = xp.minimum(h, 1.0) * (vh + vv) * (1.0 + 4 * U) + SMALLEST
+    return xp.where(h > 0, _add_up(error, extra, xp), error)
 
 
 def kv_head_map(kv_heads: Any, n_q: int, n_kv: int) -> list[int] | None:

@@ -97,7 +97,6 @@ CHECKS: dict[str, _Spec] = {
     "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
     "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 35_000),
     "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 23_000),
-    "MASK-HIDDEN": _Spec(check_mask_hidden, 20_000, 6_000),
     "GAP-SINGLE": _Spec(check_gap_single, 60_000, 17_000),
     "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 11_000),
     "GAP-MULTI": _Spec(check_gap_multi, 20_000, 33_000, False, 20),
@@ -130,6 +129,7 @@ CHECKS: dict[str, _Spec] = {
     "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 6_400, False, 4),
     "GEO-DEPTH": _Spec(check_geo_depth, 200, 1_400, False, 2),
     "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 51_000, False, 4),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 20_000, 6_000),
 }
 """Theorem id -> batch check, its default row count, its measured speed (rows per second
 on 2 cores), whether ``--rows N`` gives it ``N`` rows (row-based) or
