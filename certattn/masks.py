@@ -43,7 +43,8 @@ float16 model, all of it.  Every certificate therefore covers it: for a kept set
     + \min(h, 1)\,\bigl(\max_{\mathrm{hidden}}|v_j| + \max_{\mathrm{visible}}|v_j|\bigr).
 
 :func:`hidden_mass` computes a sound float64 upper bound of :math:`h` (never 0 when a
-hidden key exists: the exact mass is positive; ``inf`` on overflow), :func:`hidden_tail`
+hidden key exists, as the exact mass is positive: each counts at least ``e^-700``;
+``inf`` on overflow), :func:`hidden_tail`
 and :func:`hidden_error` add it, rounded up.  Rows without hidden keys are left
 untouched, so boolean and ``-inf`` masks certify exactly as before.
 """
@@ -55,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from ._array import asarray_on, namespace
-from ._fp import EXP_ABS_ERR, GAMMA_EXP, SMALLEST, U, scaled_norm, sum_gamma
+from ._fp import EXP_FLOOR, GAMMA_EXP, SMALLEST, U, scaled_norm, sum_gamma
 from ._validate import InputError
 
 __all__ = ["hidden_error", "hidden_mass", "hidden_tail", "kv_head_map", "normalize_mask"]
@@ -131,9 +132,11 @@ def hidden_mass(
     ``e + 2u|M|``, adding the fill errs by ``2u|sigma|`` and ``fl(sigma - M)`` by
     ``u(|sigma| + |M|)``; so ``x = fl(sigma - M) + 4e + 8u(|sigma| + |M|)`` (more than
     ``3e + 3u(...)``: the slack covers forming it) is at least the exact exponent.
-    ``exp(x)`` is widened by ``GAMMA_EXP`` (the rounding of ``x`` and 4 ulps) plus
-    ``EXP_ABS_ERR`` (underflow; it also keeps every term positive, as the exact mass is),
-    the sum by :func:`certattn._fp.sum_gamma`.  An overflow gives ``inf``, NaN gives ``inf``.
+    Exponents below ``EXP_FLOOR`` (-700) are raised to it (an over-estimate: every hidden
+    key counts at least ``e^-700``, so ``h > 0`` as the exact mass is, and no ``exp``
+    underflows); ``exp(x)`` is widened by ``GAMMA_EXP`` (the rounding of ``x`` and 4
+    ulps), the sum by :func:`certattn._fp.sum_gamma` (extra 4 for the products around
+    it).  An overflow gives ``inf``, NaN gives ``inf``.
 
     Parameters
     ----------
@@ -153,17 +156,42 @@ def hidden_mass(
     Returns
     -------
     float64 array (..., m)
-        0 where a row has no hidden key, else in ``[2^-1073, inf]``.
+        0 where a row has no hidden key, else in ``[e^-700, inf]``.
     """
     mx = xp.max(scores, axis=-1, keepdims=True)
+    raw, fill, hidden = _hidden_columns(raw, fill, hidden, xp)
     with np.errstate(over="ignore", invalid="ignore"):
         sig = xp.where(hidden, raw + fill, xp.zeros_like(raw))
         pad = 4.0 * margin[..., None] + 8.0 * U * (xp.abs(sig) + xp.abs(mx))
-        x = (sig - mx) + pad
-        t = xp.exp(x) * (1.0 + GAMMA_EXP) + EXP_ABS_ERR
-        t = xp.where(hidden, t, xp.zeros_like(t))
-        h = xp.sum(t, axis=-1) * (1.0 + sum_gamma(int(raw.shape[-1]), 2))
+        # exponents below EXP_FLOOR are raised to it: no underflow, no subnormal or
+        # special-value exp (slow), every hidden term positive; elsewhere exp(0), then 0
+        x = xp.where(hidden, xp.maximum((sig - mx) + pad, EXP_FLOOR), xp.zeros_like(sig))
+        t = xp.where(hidden, xp.exp(x), xp.zeros_like(x))
+        h = xp.sum(t, axis=-1) * ((1.0 + GAMMA_EXP) * (1.0 + sum_gamma(x.shape[-1], 4)))
     return xp.where(xp.isnan(h), xp.full_like(h, xp.inf), h)
+
+
+def _hidden_columns(raw: Array, fill: Array, hidden: Array, xp: Any) -> tuple[Array, ...]:
+    """``raw``, ``fill``, ``hidden`` restricted to the keys hidden for some row (padding
+    hides the same few keys from every query: the work is then O(rows x padded keys));
+    a contiguous run of keys (left or right padding) is a slice, not a copy."""
+    n = int(raw.shape[-1])
+    hb = xp.broadcast_to(hidden, raw.shape)
+    cols = xp.any(hb, axis=tuple(range(hb.ndim - 1))) if hb.ndim > 1 else hb
+    idx = xp.nonzero(cols)[0]
+    k = int(idx.shape[0])
+    if k == n or k == 0:
+        return raw, fill, hidden
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+
+    def cut(a: Array) -> Array:
+        if int(a.shape[-1]) == 1:  # broadcast along the keys
+            return a
+        if hi - lo == k:
+            return a[..., lo:hi]
+        return xp.take(a, idx, axis=a.ndim - 1)
+
+    return cut(raw), cut(fill), cut(hidden)
 
 
 def _add_up(a: Array, b: Array, xp: Any) -> Array:
