@@ -143,7 +143,8 @@ class SearchResult:
     bounded : array
         ``B`` int64: cells bounded.
     tail_upper : array
-        ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps).
+        ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps, plus the
+        bound on keys hidden by a finite fill, :mod:`certattn.masks`).
     output : array
         ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
     error_bound : array
