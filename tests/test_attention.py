@@ -10,6 +10,8 @@ from __future__ import annotations
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import certattn
 from certattn._array import device_of, to_numpy
@@ -313,3 +315,35 @@ def test_fill_masks_on_backends(backend):
     got = certify_attention(qb, kb, vb, 0.0, mask=mb, causal=True, chunk_elems=50)
     for f in ("output", "k", "tail_upper", "error_bound"):
         np.testing.assert_allclose(to_numpy(getattr(got, f)), getattr(ref, f), rtol=1e-12)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 9),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    offset=st.sampled_from([-800.0, -745.0, -700.0, -40.0, -1.0, 0.0, 3.0, 700.0, 720.0]),
+    eps=st.sampled_from([0.0, 0.01, 0.5]),
+    causal=st.booleans(),
+)
+def test_hidden_mass_sound_on_random_and_extreme_fills(seed, n, dtype, offset, eps, causal):
+    """MASK-HIDDEN against mpmath over all keys: fills of every float dtype on random keys,
+    one hidden key placed ``offset`` above the best visible score (on both sides of the
+    underflow and overflow thresholds), any budget, causal or not."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, 3))
+    k = rng.normal(size=(n, 3)) * 2
+    v = rng.normal(size=(n, 2)) * 10.0 ** rng.uniform(-2, 2)
+    fill = float(np.finfo(dtype).min)
+    hidden = rng.random(n) < 0.4
+    hidden[0] = False
+    j = n - 1
+    if hidden[j] and dtype == np.float16:  # key j: fill + offset above query 1's best
+        best = np.max(np.where(hidden, -np.inf, q[1] @ k.T))
+        k[j] = q[1] / (q[1] @ q[1]) * (-fill + best + offset)
+    mask = np.where(hidden, fill, 0.0).astype(dtype)
+    cert = certify_attention(q, k, v, eps, mask=mask, causal=causal, scale=1.0)
+    assert not np.any(np.asarray(cert.kept) & hidden)
+    full = np.where(hidden, fill, 0.0)
+    if causal:
+        full = np.where(np.arange(n)[None, :] <= np.arange(2)[:, None] + n - 2, full, -np.inf)
+    _check_full(cert, q, k, v, full, 1.0)
