@@ -347,3 +347,18 @@ def test_hidden_mass_sound_on_random_and_extreme_fills(seed, n, dtype, offset, e
     if causal:
         full = np.where(np.arange(n)[None, :] <= np.arange(2)[:, None] + n - 2, full, -np.inf)
     _check_full(cert, q, k, v, full, 1.0)
+
+
+def test_mask_hidden_verify_check_passes_and_catches_a_dropped_term(monkeypatch):
+    """``certattn verify --only MASK-HIDDEN`` passes, and fails once the hidden mass is
+    left out of the tail, or out of the output error."""
+    import certattn.attention as att
+    from certattn.verify import run_verify
+
+    ok = run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0]
+    assert ok.passed and ok.max_violation <= ok.tolerance
+    with monkeypatch.context() as mp:
+        mp.setattr(att, "hidden_tail", lambda tail, h, xp: tail)
+        assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed
+    monkeypatch.setattr(att, "hidden_error", lambda err, h, hid, valid, v, xp: err)
+    assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed
