@@ -426,6 +426,7 @@ THEOREMS: tuple[Theorem, ...] = (
        "distribution.py::hidden_tail_bound distribution.py::hidden_output_identity",
        "test_attention.py::test_float16_fill_with_a_huge_hidden_score "
        "test_attention.py::test_float32_min_fills_keep_a_positive_tail "
+       "test_attention.py::test_hidden_mass_sound_on_random_and_extreme_fills "
        "test_search.py::test_search_float32_min_fills_keep_a_positive_tail "
        "test_approx_delta.py::test_dense_rows_and_delta_cover_keys_hidden_by_a_float16_fill"),
 )
