@@ -276,6 +276,12 @@ def test_float32_min_fills_keep_a_positive_tail(eps):
     assert np.all(to_numpy(cert.error_bound) >= to_numpy(ref.error_bound))
     sc = certattn.certify_scores(q, k, eps, mask=mask)
     np.testing.assert_array_equal(to_numpy(sc.tail_upper), tail)
+    # a -inf fill hides the keys exactly: the boolean mask's certificate, bit for bit
+    neg = certify_attention(q, k, v, eps, mask=np.where(mask == 0, 0.0, -np.inf))
+    for f in ("tail_upper", "error_bound", "output"):
+        np.testing.assert_array_equal(to_numpy(getattr(neg, f)), to_numpy(getattr(ref, f)))
+    if eps == 0.0:
+        assert np.all(to_numpy(neg.tail_upper) == 0.0)
 
 
 def test_hidden_mass_fails_closed_on_overflow():
