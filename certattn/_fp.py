@@ -34,6 +34,8 @@ Formulas
     any order (Higham, Thm 4.3: ``gamma_{n-1} <= 1.01 (n - 1) U``).
 :func:`score_margin`
     ``(2 d + 8) U``: relative error of a float64 dot product of length ``d`` and a scale.
+:func:`score_abs_margin`
+    The absolute form per query row, ``(2 d + 8) U scale |q| max_j |k_j|``, rounded up.
 :func:`quant_step_factor`
     ``1/2 + 2^(b+2) U``: a ``b``-bit code computed in float64 as
     ``rint((k - lo)/step)`` is within that many steps of the key (Theorem QUANT-SCORE).
@@ -89,6 +91,7 @@ __all__ = [
     "round_up",
     "row_max",
     "scaled_norm",
+    "score_abs_margin",
     "score_margin",
     "sum_gamma",
 ]
@@ -305,3 +308,32 @@ def scaled_norm(a: Array, xp: Any) -> Array:
     m1 = xp.where(safe, m, xp.ones_like(m))
     n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
     return xp.where(safe[..., 0], n, m[..., 0])
+
+
+def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Array:
+    r"""Absolute rounding bound of every float64 score ``scale * q_i.k_j`` of a query row.
+
+    :math:`|\mathrm{fl}(\mathrm{fl}(q_i\cdot k_j)\,\mathrm{scale}) - \mathrm{scale}\,
+    q_i\cdot k_j| \le (2d + 8) u\, \mathrm{scale}\, |q_i|\, \max_j |k_j|`
+    (:func:`score_margin`); the norms come from :func:`scaled_norm` (within
+    :math:`(d + 4) u`), so the product is widened by twice the margin and ``NORMAL_MIN``.
+
+    Parameters
+    ----------
+    queries : float64 array (..., m, d)
+    keys : float64 array (..., n, d)
+        Leading axes broadcast with the queries'.
+    scale : float
+    xp : namespace
+
+    Returns
+    -------
+    float64 array (..., m)
+        ``inf`` where a norm overflows (callers then fail closed).
+    """
+    d = int(queries.shape[-1])
+    kmax = xp.max(scaled_norm(keys, xp), axis=-1, keepdims=True)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = score_margin(d) * float(scale) * scaled_norm(queries, xp) * kmax
+        r = r * (1.0 + 2 * score_margin(d)) + NORMAL_MIN
+    return xp.where(xp.isnan(r), xp.full_like(r, xp.inf), r)

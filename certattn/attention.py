@@ -15,7 +15,9 @@ once: peak extra memory is about ``chunk_elems`` float64 numbers.
 
 What is certified: the exact softmax of the float64 scores computed from the given
 ``q``, ``k`` and mask (float32 or bfloat16 attention kernels compute slightly different
-scores; the certificate is not about their rounding).
+scores; the certificate is not about their rounding), over every key the mask does not
+set to ``-inf``: keys masked by a finite fill (``finfo(dtype).min``) are never kept, but
+their exact mass is bounded and added (:mod:`certattn.masks`).
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
-from ._fp import add_up
+from ._fp import add_up, score_abs_margin
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
+from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
 from .masks import kv_head_map as _kv_map
-from .masks import normalize_mask
 from .output import OUTPUT_BOUNDS, sound_output_bounds
 from .policies import Context, as_policy
 
@@ -106,7 +108,8 @@ class AttentionCertificate:
         Keys kept per query (a count; for Top-k never below the exact minimal
         :math:`k_\varepsilon`).
     tail_upper : float64 array (..., Lq)
-        Sound upper bound on the discarded mass (for budget policies at most ``eps``).
+        Sound upper bound on the discarded mass (for budget policies at most ``eps``,
+        plus the bound on keys hidden by a finite fill, :mod:`certattn.masks`).
     kl_upper : float64 array (..., Lq)
         Sound upper bound on :math:`\mathrm{KL}(\hat P\Vert P)`.
     error_bound : float64 array (..., Lq)
@@ -180,6 +183,7 @@ class _Prepared:
     causal: bool
     xp: Any
     dev: Any
+    fill: Array | None = None
 
 
 def _prepare(
@@ -230,7 +234,8 @@ def _prepare(
             f"leading (batch, head) axes do not broadcast: queries {tuple(qa.shape)}, "
             f"keys {tuple(ka.shape)}" + (f", values {tuple(va.shape)}" if va is not None else "")
         ) from None
-    visible, bias = normalize_mask(mask, xp=xp, device=dev) if mask is not None else (None, None)
+    visible, bias, fill = (normalize_mask(mask, xp=xp, device=dev, hidden=True)
+                           if mask is not None else (None, None, None))
     if visible is not None:
         lead = xp.broadcast_shapes(qa.shape[:-2], ka.shape[:-2])
         try:
@@ -250,13 +255,15 @@ def _prepare(
         causal=bool(causal),
         xp=xp,
         dev=dev,
+        fill=fill,
     )
 
 
 def _chunks(
     pr: _Prepared, chunk_elems: int
 ) -> Any:
-    """Yield ``(slice, scores, valid, queries)`` per query chunk (float64 scores)."""
+    """Yield ``(slice, scores, valid, queries, hidden)`` per query chunk (float64 scores;
+    ``hidden`` from :func:`_hidden_part`)."""
     xp = pr.xp
     lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
     lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
@@ -268,11 +275,11 @@ def _chunks(
         sl = slice(i0, min(lq, i0 + step))
         qs = pr.q[..., sl, :]
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below
-            s = xp.matmul(qs, kt) * pr.scale
+            raw = xp.matmul(qs, kt) * pr.scale
             b = _rows_of(pr.bias, sl)
-            if b is not None:
-                s = s + b
+            s = raw + b if b is not None else raw
         vis = _rows_of(pr.visible, sl)
+        cm = None
         if pr.causal:
             rows = xp.arange(i0, sl.stop, device=device_of(pr.q))
             cm = cols[None, :] <= rows[:, None] + offset
@@ -288,7 +295,24 @@ def _chunks(
             pos = (*pos[:-1], pos[-1] + i0)
             where = pos if len(pos) > 1 else pos[0]
             raise InputError(f"query {where} is fully masked: it sees no key")
-        yield sl, s, valid, qs
+        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, qs, pr.k, pr.scale, xp)
+        yield sl, s, valid, qs, hid
+
+
+def _hidden_part(
+    raw: Array, fill: Array | None, cm: Array | None, s: Array, queries: Array, keys: Array,
+    scale: float, xp: Any,
+) -> tuple[Array, Array] | None:
+    """``(h, hidden)`` of a chunk of query rows: the keys a finite fill hides (and the
+    causal mask ``cm`` does not) and :func:`certattn.masks.hidden_mass` of them, from the
+    computed ``raw = scale q.k`` and the visible scores ``s``; None without any fill."""
+    if fill is None:
+        return None
+    hidden = fill > -xp.inf
+    if cm is not None:
+        hidden = hidden & cm
+    h = hidden_mass(raw, fill, hidden, s, score_abs_margin(queries, keys, scale, xp), xp)
+    return h, hidden
 
 
 def _run(
@@ -309,9 +333,10 @@ def _run(
     # the compiled path's `auto` choice: by the whole call's scores, not per chunk
     scores = math.prod(int(d) for d in pr.q.shape[:-1]) * int(pr.k.shape[-2])
     with _topk_numba.call_size(scores):
-        for sl, s, valid, qs in _chunks(pr, chunk_elems):
+        for sl, s, valid, qs, hid in _chunks(pr, chunk_elems):
             _one_chunk(pr, policy, sl, s, valid, qs, cache, fields, return_kept=return_kept,
-                       with_output=with_output, diameters=diameters, chunk_elems=chunk_elems)
+                       with_output=with_output, diameters=diameters, chunk_elems=chunk_elems,
+                       hid=hid)
             if progress is not None:
                 progress(sl.stop, lq)
 
@@ -328,9 +353,12 @@ def _run(
 def _one_chunk(
     pr: _Prepared, policy: Any, sl: slice, s: Array, valid: Array, qs: Array,
     cache: dict[str, Any], fields: dict[str, list[Array]], *, return_kept: bool,
-    with_output: bool, diameters: bool, chunk_elems: int,
+    with_output: bool, diameters: bool, chunk_elems: int, hid: tuple[Array, Array] | None,
 ) -> None:
-    """Select and certify one query chunk ``s`` (its scores), appending to ``fields``."""
+    """Select and certify one query chunk ``s`` (its scores), appending to ``fields``.
+
+    ``hid`` (:func:`_hidden_part`): the keys hidden by a finite fill; their exact mass is
+    added to the tail and the output error (:mod:`certattn.masks`)."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
                   need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl))
@@ -346,8 +374,9 @@ def _one_chunk(
         tail = sel.tail_upper
         if tail is None:
             tail = tail_upper_of(xs, valid, kept, xp)
+    tail = xp.astype(tail, xp.float64)
     fields["k"].append(xp.astype(n_kept, xp.int64))
-    fields["tail"].append(xp.astype(tail, xp.float64))
+    fields["tail"].append(tail if hid is None else hidden_tail(tail, hid[0], xp))
     fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
     if sel.scored is not None:
         fields["scored"].append(sel.scored)
@@ -362,7 +391,10 @@ def _one_chunk(
         stack = xp.stack([res[b] for b in OUTPUT_BOUNDS], axis=-1)
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
         # the bound plus the rounding of the returned output, the sum rounded up
-        fields["err"].append(add_up(xp.min(stack, axis=-1), res["mu_err"], xp))
+        err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
+        if hid is not None:
+            err = hidden_error(err, hid[0], hid[1], valid, v, xp)
+        fields["err"].append(err)
         fields["idx"].append(xp.argmin(stack, axis=-1))
 
 
@@ -399,7 +431,15 @@ def certify_scores(
     scale : float, optional
         Score scale, default :math:`1/\sqrt{d}`.
     mask : array, optional
-        Boolean (True = visible) or additive, broadcastable to (..., Lq, Lk).
+        Boolean (True = visible) or additive, broadcastable to (..., Lq, Lk).  Masked:
+        False, ``-inf``, or a finite entry at or below half the dtype's most negative
+        number (the ``finfo(dtype).min`` fill of BERT and Hugging Face eager attention);
+        other additive entries are added to the scores.  A masked key is never kept nor
+        counted in ``n_valid``, and a query with no other key is refused; but a key
+        masked by a finite fill keeps its exact (positive) mass in the softmax of the
+        given logits, and ``tail_upper`` (and ``error_bound``) include a sound bound on
+        it (:mod:`certattn.masks`): tiny for ``-3.4e38`` fills, everything when a
+        float16 fill (``-65504``) meets scores that far apart.
     causal : bool
         Query ``i`` sees keys ``j <= i + Lk - Lq`` (aligned at the end, as with a cache).
     kv_heads : int or sequence of int, optional

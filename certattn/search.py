@@ -96,11 +96,11 @@ import numpy as np
 from ._array import from_numpy, namespace, to_numpy
 from ._backends import refuse_lazy
 from ._fp import U as _U
-from ._fp import add_up, ratio_up, score_margin
+from ._fp import add_up, ratio_up, scaled_norm, score_abs_margin, score_margin
 from ._validate import InputError, check_eps, check_int_option, check_scale
 from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
-from .masks import kv_head_map, normalize_mask
+from .masks import hidden_error, hidden_mass, hidden_tail, kv_head_map, normalize_mask
 from .output import sound_output_bounds
 from .quant import BITS, QuantKeys, quantize_keys
 
@@ -151,7 +151,8 @@ class SearchResult:
     bounded : array
         ``B`` int64: cells bounded.
     tail_upper : array
-        ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps).
+        ``B`` float64: sound upper bound on the exact tail ``1 - P(A)`` (<= eps, plus the
+        bound on keys hidden by a finite fill, :mod:`certattn.masks`).
     output : array
         ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
     error_bound : array
@@ -794,9 +795,13 @@ def certified_search(
     mask : array, optional
         Boolean (True = visible) or additive (Hugging Face style: 0, -10000, -inf, any
         finite bias), broadcastable to ``(m, n)`` or ``(H, m, n)``
-        (:func:`certattn.masks.normalize_mask`).  A masked key is never scored and has
-        probability 0; a finite bias ``b`` is part of the scores ``scale q.k + b``, and
-        every cell and key bound adds it (the largest bias of a cell's visible keys).
+        (:func:`certattn.masks.normalize_mask`).  A finite bias ``b`` is part of the scores
+        ``scale q.k + b``, and every cell and key bound adds it (the largest bias of a
+        cell's visible keys).  Masked keys (``False``, ``-inf``, or a finite fill at or
+        below half the dtype's most negative number, such as ``finfo(float32).min``) are
+        never scored or kept; a ``-inf`` one has probability 0, a filled one keeps its
+        exact (positive) mass, which ``tail_upper`` and ``error_bound`` cover from a
+        Cauchy-Schwarz bound on its score (the key is not scored).
     causal : bool
         Query ``i`` sees keys ``j <= i + n - m`` (as in :func:`certattn.certify_attention`).
     kv_heads : int or list of int, optional
@@ -865,9 +870,9 @@ def certified_search(
             raise InputError(f"{name} contain NaN or inf")
     scale = check_scale(scale, d)
     vis_all = np.ones((nh, m, n), dtype=bool)
-    bias_all = None
+    bias_all = fill_all = None
     if mask is not None:
-        visible, bias = normalize_mask(mask, xp=xp, device=dev)
+        visible, bias, fill = normalize_mask(mask, xp=xp, device=dev, hidden=True)
         mk = to_numpy(visible)
         try:
             vis_all = np.broadcast_to(mk, (m, n) if single else (nh, m, n))
@@ -877,9 +882,14 @@ def certified_search(
         if bias is not None:
             bias_all = np.broadcast_to(np.asarray(to_numpy(bias), dtype=np.float64), mk.shape)
             bias_all = np.broadcast_to(bias_all, vis_all.shape)
+        if fill is not None:
+            fill_all = np.broadcast_to(to_numpy(fill), (nh, m, n))
+    hid_all = fill_all > -np.inf if fill_all is not None else None
     if causal:
         rows, cols = np.arange(m)[:, None], np.arange(n)[None, :]
         vis_all = vis_all & (cols <= rows + (n - m))[None]
+        if hid_all is not None:
+            hid_all = hid_all & (cols <= rows + (n - m))[None]
     empty = ~vis_all.any(axis=-1)
     if np.any(empty):
         pos = tuple(int(i) for i in np.argwhere(empty)[0])
@@ -905,6 +915,10 @@ def certified_search(
         logits = _logits(q_all[h], k_all[j], scale, _visible_bias(b, vis_all[h]), vis_all[h])
         out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
                                      out_dtype)
+        if hid_all is not None:  # keys hidden by a finite fill keep their exact mass
+            r["tail_upper"], err = _add_hidden(
+                fill_all[h], hid_all[h], vis_all[h], np.where(r["kept"], logits, -np.inf),
+                q_all[h], k_all[j], v_all[j], scale, r["tail_upper"], err)
         for key in ("kept", "scored", "bounded", "tail_upper", "bytes_read"):
             res[key].append(r[key])
         res["output"].append(out)
@@ -930,6 +944,26 @@ def certified_search(
         bytes_read=conv["bytes_read"],
         bytes_dense=conv["bytes_dense"],
     )
+
+
+def _add_hidden(
+    fill: np.ndarray, hidden: np.ndarray, visible: np.ndarray, kept_logits: np.ndarray,
+    queries: np.ndarray, keys: np.ndarray, values: np.ndarray, scale: float,
+    tail: np.ndarray, err: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tail and error bounds widened by the exact mass of the keys a finite fill hides
+    (:func:`certattn.masks.hidden_mass`), reading no unscored key: the largest *kept*
+    logit stands for ``M`` (``Z >= e^M`` still holds) and a hidden key's score is bounded
+    by Cauchy-Schwarz, ``scale q.k_j <= scale |q| |k_j|`` (computed within
+    ``(2 d + 10) u scale |q| max_j |k_j|``: inside twice the margin
+    :func:`certattn._fp.score_abs_margin`, which :func:`certattn.masks.hidden_mass` allows)."""
+    import array_api_compat.numpy as xnp
+
+    with np.errstate(over="ignore"):
+        cs = scale * scaled_norm(queries, xnp)[:, None] * scaled_norm(keys, xnp)[None]
+    margin = score_abs_margin(queries, keys, scale, xnp)
+    h = hidden_mass(cs, fill, hidden, kept_logits, margin, xnp)
+    return hidden_tail(tail, h, xnp), hidden_error(err, h, hidden, visible, values, xnp)
 
 
 def _output_and_error(

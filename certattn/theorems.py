@@ -412,6 +412,23 @@ THEOREMS: tuple[Theorem, ...] = (
        "geometry.py::proxy_positive_on_flat",
        "test_geometry_empirical.py::test_proxy_positive_on_flat_ungated_head "
        "test_geometry_empirical.py::test_normal_curvature_of_sphere"),
+    # ---------------------------------------------------------------- 2. masks (last:
+    # certattn verify seeds each check by its position here, so the others' seeds stay)
+    _t("MASK-HIDDEN", 2, "bound",
+       "keys masked by a finite additive fill (<= half the mask dtype's minimum) are never "
+       "kept but keep their exact mass X (visible mass Z, kept set K visible, r = X/Z): "
+       "tau_full = tau_V/(1+r) + r/(1+r) <= tau_V + r, Attn - Attn_V = r/(1+r) (mu_H - mu_V), "
+       "so |Attn - out| <= |Attn_V - out| + min(h, 1)(max_H |v_j| + max_V |v_j|) with "
+       "r <= h = sum_{j hidden} e^{s_j - M}, M the largest visible logit.",
+       "[derived]",
+       "masks.hidden_mass masks.hidden_tail masks.hidden_error attention.certify_attention "
+       "search.certified_search",
+       "distribution.py::hidden_tail_bound distribution.py::hidden_output_identity",
+       "test_attention.py::test_float16_fill_with_a_huge_hidden_score "
+       "test_attention.py::test_float32_min_fills_keep_a_positive_tail "
+       "test_attention.py::test_hidden_mass_sound_on_random_and_extreme_fills "
+       "test_search.py::test_search_float32_min_fills_keep_a_positive_tail "
+       "test_approx_delta.py::test_dense_rows_and_delta_cover_keys_hidden_by_a_float16_fill"),
 )
 
 _BY_ID = {t.id: t for t in THEOREMS}

@@ -62,3 +62,29 @@ def budget_equivalence() -> None:
     assert sp.simplify(sp.diff(f, t) - 1 / (1 - t)) == 0  # derivative > 0 on [0, 1)
     eps = sp.symbols("epsilon", positive=True)
     _zero(sp.simplify(1 - sp.exp(-f.subs(t, eps)) - eps))
+
+
+@proof("MASK-HIDDEN", "tau_full = tau_V/(1+r) + r/(1+r) <= tau_V + r, r = X/Z")
+def hidden_tail_bound() -> None:
+    # Visible mass Z = Z_K + Z_D (kept, dropped), hidden mass X; the kept set is visible.
+    zk, zd, x = sp.symbols("Z_K Z_D X", positive=True)
+    z = zk + zd
+    tau_v, r = zd / z, x / z
+    tau_full = 1 - zk / (z + x)
+    _zero(tau_full - (tau_v / (1 + r) + r / (1 + r)))
+    slack = sp.simplify(tau_v + r - tau_full)  # = (tau_v + r) r/(1+r) >= 0
+    _zero(slack - (tau_v + r) * r / (1 + r))
+    assert slack.is_nonnegative
+
+
+@proof("MASK-HIDDEN", "Attn - Attn_V = X/(Z+X) (mu_H - mu_V); X/Z <= sum e^{s_j - M}")
+def hidden_output_identity() -> None:
+    z, x = sp.symbols("Z X", positive=True)
+    mh, mv = sp.symbols("mu_H mu_V", real=True)  # one coordinate of the two means
+    attn = (z * mv + x * mh) / (z + x)
+    _zero(attn - mv - x / (z + x) * (mh - mv))
+    assert sp.simplify(1 - x / (z + x)).is_positive  # weight <= min(X/Z, 1)
+    assert sp.simplify(x / z - x / (z + x)).is_positive
+    # Z >= e^M (M the largest visible logit), so X/Z <= X e^{-M} = sum_hidden e^{s_j - M}
+    m, extra = sp.symbols("M E", positive=True)
+    assert sp.simplify(x / sp.exp(m) - x / (sp.exp(m) + extra)).is_positive

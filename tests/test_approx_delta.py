@@ -234,3 +234,43 @@ def test_delta_error_holds_under_an_additive_bias(base, seed):
         err = exact_output_distance(exact_logits(q[0, i], k[0], 0.5, b[0, 0]), v[0],
                                     r.output[0, i])
         assert err <= mpmath.mpf(float(r.error_bound[0, i])), i
+
+
+@mpmath.workdps(80)
+def _exact_output_all_keys(s_row, bias_row, v):
+    """Exact attention output over every key: float64 scores + mask entries (mpmath),
+    keys hidden by a finite fill included."""
+    x = [mpmath.mpf(float(a)) + mpmath.mpf(float(b)) for a, b in zip(s_row, bias_row,
+                                                                      strict=True)]
+    mx = max(x)
+    w = [mpmath.exp(t - mx) for t in x]
+    z = mpmath.fsum(w)
+    return [mpmath.fsum(wi * mpmath.mpf(float(vi)) for wi, vi in zip(w, v[:, c], strict=True))
+            / z for c in range(v.shape[1])]
+
+
+def test_dense_rows_and_delta_cover_keys_hidden_by_a_float16_fill():
+    """A key hidden by float16's minimum (-65504) whose score is 65504 + 8 above the rest
+    carries almost all the exact mass: the dense rows' bound (and Delta's) must cover it."""
+    rng = np.random.default_rng(9)
+    n = 6
+    q = np.zeros((1, n, 2))
+    q[0, :, 0] = 1.0
+    k = np.concatenate([rng.standard_normal((1, n - 1, 2)) * 0.1,
+                        [[[65504.0 + 8.0, 0.0]]]], axis=1)
+    v = rng.standard_normal((1, n, 2))
+    v[0, -1] = [40.0, -40.0]
+    fill = np.zeros(n, np.float16)
+    fill[-1] = np.finfo(np.float16).min
+    pr = _prepare(q, k, v, scale=1.0, mask=fill, causal=False, kv_heads=None)
+    d_out, e_d, nv = dense_rows(pr, np.arange(n))
+    np.testing.assert_array_equal(nv, n - 1)
+    r = delta_correct(q, k, v, gamma=2, min_tail=2, base=WindowSinks(1, 1), mask=fill,
+                      scale=1.0)
+    s = q[0] @ k[0].T
+    for i in range(n):
+        ex = _exact_output_all_keys(s[i], fill.astype(np.float64), v[0])
+        for out, bound in ((d_out[0, i], e_d[0, i]), (r.output[0, i], r.error_bound[0, i])):
+            e2 = mpmath.fsum((a - mpmath.mpf(float(o))) ** 2 for a, o in zip(ex, out,
+                                                                               strict=True))
+            assert mpmath.sqrt(e2) <= mpmath.mpf(float(bound)), (i, bound)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import mpmath
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import certattn
 from certattn._array import device_of, to_numpy
@@ -87,10 +89,18 @@ def test_additive_hf_mask_and_boolean_mask_agree():
     add = np.where(pad, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
     c1 = certify_attention(q, k, v, 0.01, mask=add, causal=True)
     c2 = certify_attention(q, k, v, 0.01, mask=pad[:, None, None, :], causal=True)
-    for f in ("output", "k", "tail_upper", "error_bound"):
+    for f in ("output", "k"):
         np.testing.assert_array_equal(to_numpy(getattr(c1, f)), to_numpy(getattr(c2, f)))
+    # rows that see a filled key also bound its (tiny, positive) exact mass; no other row
+    sees_fill = np.broadcast_to((np.arange(5)[:, None] + 2 >= np.arange(7)) & ~pad[:, None],
+                                (2, 5, 7)).any(-1)[:, None, :]
+    for f in ("tail_upper", "error_bound"):
+        a, b = to_numpy(getattr(c1, f)), to_numpy(getattr(c2, f))
+        np.testing.assert_array_equal(np.broadcast_to(a == b, (2, 4, 5)),
+                                      np.broadcast_to(~sees_fill, (2, 4, 5)))
+        assert np.all(a >= b) and np.all(a <= b * (1 + 1e-15) + 1e-300)
     s, dense = _reference(q, k, v, mask=add, causal=True)
-    _check(c1, s, dense, v.astype(np.float64), 0.01)
+    _check(c2, s, dense, v.astype(np.float64), 0.01)  # c1: the same plus its hidden mass
     assert np.all(to_numpy(c1.n_valid)[0] <= 5)
 
 
@@ -152,6 +162,12 @@ def test_normalize_mask_threshold():
     vis, bias = normalize_mask(m)
     np.testing.assert_array_equal(vis, [True, False, True, False, False, True])
     assert bias[5] == -3.0 and bias[1] == 0.0
+    vis2, bias2, fill = normalize_mask(m, hidden=True)  # the finite fills, -inf elsewhere
+    np.testing.assert_array_equal(vis2, vis)
+    np.testing.assert_array_equal(bias2, bias)
+    np.testing.assert_array_equal(fill, [-np.inf, lo / 2, -np.inf, lo, -np.inf, -np.inf])
+    assert normalize_mask(np.array([0.0, -np.inf]), hidden=True)[2] is None
+    assert normalize_mask(np.array([True, False]), hidden=True)[1:] == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -178,3 +194,177 @@ def test_shape_errors():
         certify_attention(z((3, 2)), z((4, 2)), z((5, 2)), 0.1)
     with pytest.raises(ValueError, match="eps"):
         certify_attention(z((3, 2)), z((4, 2)), z((4, 2)), 1.5)
+
+
+# --------------------------------------------------------------------------
+# Keys hidden by a finite fill (the dtype's minimum): masked, but their exact mass counts
+# --------------------------------------------------------------------------
+
+
+@mpmath.workdps(80)
+def _exact_full(s_row, bias_row, kept_row, v):
+    """Exact tail of ``kept_row`` and exact output over ALL keys (mpmath).
+
+    The logits are the float64 scores ``s_row`` plus the additive mask entries
+    ``bias_row`` in exact arithmetic, fills included (only ``-inf`` entries are absent).
+    """
+    x = [mpmath.mpf(float(s)) + mpmath.mpf(float(b)) if b != -np.inf else None
+         for s, b in zip(s_row, bias_row, strict=True)]
+    mx = max(t for t in x if t is not None)
+    w = [mpmath.exp(t - mx) if t is not None else mpmath.mpf(0) for t in x]
+    z = mpmath.fsum(w)
+    tail = mpmath.fsum(wi for wi, kp in zip(w, kept_row, strict=True) if not kp) / z
+    out = [mpmath.fsum(wi * mpmath.mpf(float(vi)) for wi, vi in zip(w, v[:, c], strict=True)) / z
+           for c in range(v.shape[1])]
+    return tail, out
+
+
+def _check_full(cert, q, k, v, mask, scale):
+    """tail_upper and error_bound cover the exact softmax over every key, hidden ones too."""
+    s = q @ np.swapaxes(k, -1, -2) * scale
+    bias = np.broadcast_to(np.asarray(mask, np.float64), s.shape)
+    kept = np.broadcast_to(to_numpy(cert.kept), s.shape)
+    tail_up, err_up = to_numpy(cert.tail_upper), to_numpy(cert.error_bound)
+    out = to_numpy(cert.output)
+    vv = np.broadcast_to(v, (*s.shape[:-1][:-1], *v.shape[-2:]))
+    for idx in np.ndindex(s.shape[:-1]):
+        tail, exact_out = _exact_full(s[idx], bias[idx], kept[idx], vv[idx[:-1]])
+        assert tail <= mpmath.mpf(float(tail_up[idx])), (idx, tail, tail_up[idx])
+        e2 = mpmath.fsum((a - mpmath.mpf(float(o))) ** 2 for a, o in zip(exact_out, out[idx],
+                                                                           strict=True))
+        assert mpmath.sqrt(e2) <= mpmath.mpf(float(err_up[idx])), (idx, err_up[idx])
+
+
+@pytest.mark.parametrize("offset", [10.0, -3.0, -40.0])
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+def test_float16_fill_with_a_huge_hidden_score(offset, eps):
+    """A float16 mask filled with -65504 hides key 2, whose score is 65504 + offset above
+    the best visible one: its exact mass is e^offset / (e^offset + ...), dominant for
+    offset 10; the certificate must cover it (it used to certify a tail of 0)."""
+    q = np.array([[1.0, 0.0]])
+    k = np.array([[0.0, 0.0], [1.0, 0.0], [65504.0 + 1.0 + offset, 0.0]])
+    v = np.array([[0.0, 1.0], [1.0, 0.0], [50.0, -50.0]])
+    mask = np.array([0.0, 0.0, np.finfo(np.float16).min], np.float16)
+    cert = certify_attention(q, k, v, eps, mask=mask, scale=1.0)
+    assert np.asarray(cert.n_valid)[0] == 2 and not np.asarray(cert.kept)[0, 2]
+    _check_full(cert, q, k, v, mask, 1.0)
+    h = np.exp(offset)
+    if offset < 0:  # not trivial: about the hidden mass e^offset on top of the visible tail
+        assert float(cert.tail_upper[0]) <= h * (1 + 1e-9) + (0.3 if eps else 0.0)
+        assert float(cert.tail_upper[0]) >= h / (1 + h) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_float32_min_fills_keep_a_positive_tail(eps):
+    """BERT-style padding (float32 minimum on padded keys): the hidden keys' exact mass is
+    tiny but positive, so keeping every visible key certifies a tail > 0, >= the exact one."""
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=(2, 3, 4, 8))
+    k = rng.normal(size=(2, 3, 7, 8)) * 2
+    v = rng.normal(size=(2, 3, 7, 3))
+    pad = np.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 0]], bool)
+    mask = np.where(pad, 0.0, np.finfo(np.float32).min).astype(np.float32)[:, None, None, :]
+    cert = certify_attention(q, k, v, eps, mask=mask)
+    _check_full(cert, q, k, v, mask, 1 / np.sqrt(8))
+    tail = to_numpy(cert.tail_upper)
+    assert np.all(tail > 0)
+    ref = certify_attention(q, k, v, eps, mask=pad[:, None, None, :])
+    np.testing.assert_array_equal(to_numpy(cert.k), to_numpy(ref.k))
+    np.testing.assert_array_equal(to_numpy(cert.output), to_numpy(ref.output))
+    assert np.all(tail >= to_numpy(ref.tail_upper))
+    assert np.all(tail <= to_numpy(ref.tail_upper) * (1 + 1e-15) + 1e-300)  # e^-3e38 is tiny
+    assert np.all(to_numpy(cert.error_bound) >= to_numpy(ref.error_bound))
+    sc = certattn.certify_scores(q, k, eps, mask=mask)
+    np.testing.assert_array_equal(to_numpy(sc.tail_upper), tail)
+    # a -inf fill hides the keys exactly: the boolean mask's certificate, bit for bit
+    neg = certify_attention(q, k, v, eps, mask=np.where(mask == 0, 0.0, -np.inf))
+    for f in ("tail_upper", "error_bound", "output"):
+        np.testing.assert_array_equal(to_numpy(getattr(neg, f)), to_numpy(getattr(ref, f)))
+    if eps == 0.0:
+        assert np.all(to_numpy(neg.tail_upper) == 0.0)
+
+
+def test_hidden_mass_fails_closed_on_overflow():
+    """A hidden score e^800 above the visible ones overflows the bound: tail 1, not 0."""
+    q = np.array([[1.0, 0.0]])
+    k = np.array([[0.0, 0.0], [65504.0 + 800.0, 0.0]])
+    v = np.array([[0.0, 1.0], [1.0, 0.0]])
+    mask = np.array([0.0, np.finfo(np.float16).min], np.float16)
+    cert = certify_attention(q, k, v, 0.0, mask=mask, scale=1.0)
+    assert float(cert.tail_upper[0]) == 1.0
+    assert float(cert.error_bound[0]) >= np.sqrt(2.0)  # |v_1 - v_0| at full weight
+    _check_full(cert, q, k, v, mask, 1.0)
+
+
+def test_causally_hidden_fill_keys_carry_no_mass():
+    """A filled key that the causal mask hides anyway is not in the softmax at all."""
+    rng = np.random.default_rng(12)
+    q, k, v = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)), rng.normal(size=(4, 2))
+    fill = np.zeros(4, np.float32)
+    fill[3] = np.finfo(np.float32).min
+    c1 = certify_attention(q, k, v, 0.0, mask=fill, causal=True)
+    c2 = certify_attention(q, k, v, 0.0, mask=np.arange(4) < 3, causal=True)
+    t1, t2 = to_numpy(c1.tail_upper), to_numpy(c2.tail_upper)
+    np.testing.assert_array_equal(t1[:3], t2[:3])  # rows 0-2 cannot see key 3
+    assert t2[3] == 0.0 < t1[3]
+
+
+def test_fill_masks_on_backends(backend):
+    """The hidden mass is computed in the caller's namespace and device."""
+    rng = np.random.default_rng(13)
+    q, k, v = rng.normal(size=(2, 5, 4)), rng.normal(size=(2, 8, 4)), rng.normal(size=(2, 8, 3))
+    fill = np.zeros((5, 8), np.float32)
+    fill[:, 6:] = np.finfo(np.float32).min
+    ref = certify_attention(q, k, v, 0.0, mask=fill, causal=True)
+    assert np.all(to_numpy(ref.tail_upper)[..., 4:] > 0)
+    qb, kb, vb, mb = (backend.asarray(a) for a in (q, k, v, fill))
+    got = certify_attention(qb, kb, vb, 0.0, mask=mb, causal=True, chunk_elems=50)
+    for f in ("output", "k", "tail_upper", "error_bound"):
+        np.testing.assert_allclose(to_numpy(getattr(got, f)), getattr(ref, f), rtol=1e-12)
+
+
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(2, 9),
+    dtype=st.sampled_from([np.float16, np.float32, np.float64]),
+    offset=st.sampled_from([-800.0, -745.0, -700.0, -40.0, -1.0, 0.0, 3.0, 700.0, 720.0]),
+    eps=st.sampled_from([0.0, 0.01, 0.5]),
+    causal=st.booleans(),
+)
+def test_hidden_mass_sound_on_random_and_extreme_fills(seed, n, dtype, offset, eps, causal):
+    """MASK-HIDDEN against mpmath over all keys: fills of every float dtype on random keys,
+    one hidden key placed ``offset`` above the best visible score (on both sides of the
+    underflow and overflow thresholds), any budget, causal or not."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(2, 3))
+    k = rng.normal(size=(n, 3)) * 2
+    v = rng.normal(size=(n, 2)) * 10.0 ** rng.uniform(-2, 2)
+    fill = float(np.finfo(dtype).min)
+    hidden = rng.random(n) < 0.4
+    hidden[0] = False
+    j = n - 1
+    if hidden[j] and dtype == np.float16:  # key j: fill + offset above query 1's best
+        best = np.max(np.where(hidden, -np.inf, q[1] @ k.T))
+        k[j] = q[1] / (q[1] @ q[1]) * (-fill + best + offset)
+    mask = np.where(hidden, fill, 0.0).astype(dtype)
+    cert = certify_attention(q, k, v, eps, mask=mask, causal=causal, scale=1.0)
+    assert not np.any(np.asarray(cert.kept) & hidden)
+    full = np.where(hidden, fill, 0.0)
+    if causal:
+        full = np.where(np.arange(n)[None, :] <= np.arange(2)[:, None] + n - 2, full, -np.inf)
+    _check_full(cert, q, k, v, full, 1.0)
+
+
+def test_mask_hidden_verify_check_passes_and_catches_a_dropped_term(monkeypatch):
+    """``certattn verify --only MASK-HIDDEN`` passes, and fails once the hidden mass is
+    left out of the tail, or out of the output error."""
+    import certattn.attention as att
+    from certattn.verify import run_verify
+
+    ok = run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0]
+    assert ok.passed and ok.max_violation <= ok.tolerance
+    with monkeypatch.context() as mp:
+        mp.setattr(att, "hidden_tail", lambda tail, h, xp: tail)
+        assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed
+    monkeypatch.setattr(att, "hidden_error", lambda err, h, hid, valid, v, xp: err)
+    assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed

@@ -346,3 +346,65 @@ def test_search_with_padding_and_mixed_biases(method: str) -> None:
                    res.error_bound[j], bias=np.where(np.isfinite(b[j]), b[j], 0.0),
                    visible=np.isfinite(b[j]))
     assert np.all(np.asarray(res.tail_upper) <= 0.02)
+
+
+@mpmath.workdps(80)
+def _exact_full(q, keys, kept, scale, bias, values):
+    """Exact tail of ``kept`` and exact output over ALL keys: logits ``scale q.k + bias``
+    in exact arithmetic, keys hidden by a finite fill included (``-inf`` ones absent)."""
+    sc = mpmath.mpf(scale)
+    x = [sc * mpmath.fsum(mpmath.mpf(float(a)) * mpmath.mpf(float(b)) for a, b in zip(q, k,
+                                                                                     strict=True))
+         + mpmath.mpf(float(bi)) if bi != -np.inf else None for k, bi in zip(keys, bias,
+                                                                           strict=True)]
+    mx = max(t for t in x if t is not None)
+    w = [mpmath.exp(t - mx) if t is not None else mpmath.mpf(0) for t in x]
+    z = mpmath.fsum(w)
+    tail = mpmath.fsum(wi for wi, kp in zip(w, kept, strict=True) if not kp) / z
+    out = [mpmath.fsum(wi * mpmath.mpf(float(vi)) for wi, vi in zip(w, values[:, c],
+                                                                   strict=True)) / z
+           for c in range(values.shape[1])]
+    return tail, out
+
+
+def _check_full(res, q, keys, values, bias, scale):
+    kept = np.asarray(res.kept)
+    for i in range(q.shape[0]):
+        tail, out = _exact_full(q[i], keys, kept[i], scale, bias[i], values)
+        assert tail <= mpmath.mpf(float(res.tail_upper[i])), (i, tail, res.tail_upper[i])
+        e2 = mpmath.fsum((a - mpmath.mpf(float(o))) ** 2
+                         for a, o in zip(out, np.asarray(res.output)[i], strict=True))
+        assert mpmath.sqrt(e2) <= mpmath.mpf(float(res.error_bound[i]))
+
+
+@pytest.mark.parametrize("method", [*METHODS, "quant"])
+@pytest.mark.parametrize("eps", [0.0, 0.05])
+def test_search_float32_min_fills_keep_a_positive_tail(method: str, eps: float) -> None:
+    """Padding filled with the float32 minimum: masked (never scored or kept), but the
+    exact softmax still gives those keys a tiny positive mass, which the tail covers."""
+    rng = np.random.default_rng(21)
+    q, keys, vals = rng.normal(size=(3, 4)), rng.normal(size=(10, 4)) * 2, rng.normal(size=(10, 2))
+    fill = np.zeros((3, 10), np.float32)
+    fill[:, 7:] = np.finfo(np.float32).min
+    res = certified_search(q, keys, vals, eps, mask=fill, method=method)
+    kept = np.asarray(res.kept)
+    assert not kept[:, 7:].any() and np.all(np.asarray(res.n_valid) == 7)
+    assert np.all(np.asarray(res.tail_upper) > 0)
+    _check_full(res, q, keys, vals, fill.astype(np.float64), 0.5)
+    ref = certified_search(q, keys, vals, eps, mask=fill == 0, method=method)
+    assert np.all(np.asarray(res.tail_upper) <= np.asarray(ref.tail_upper) * (1 + 1e-15) + 1e-300)
+
+
+@pytest.mark.parametrize("offset", [10.0, -3.0])
+def test_search_float16_fill_with_a_huge_hidden_score(offset: float) -> None:
+    """A float16 fill (-65504) on a key scoring 65504 + offset above the visible ones:
+    for offset 10 its exact mass dominates, and the certificate must say so."""
+    q = np.array([[1.0, 0.0]])
+    keys = np.array([[0.0, 0.0], [1.0, 0.0], [65504.0 + 1.0 + offset, 0.0]])
+    vals = np.array([[0.0, 1.0], [1.0, 0.0], [50.0, -50.0]])
+    fill = np.array([[0.0, 0.0, np.finfo(np.float16).min]], np.float16)
+    res = certified_search(q, keys, vals, 0.0, mask=fill, scale=1.0)
+    assert not np.asarray(res.kept)[0, 2]
+    _check_full(res, q, keys, vals, fill.astype(np.float64), 1.0)
+    if offset > 0:
+        assert float(res.tail_upper[0]) == 1.0

@@ -56,8 +56,9 @@ import numpy as np
 
 from .._fp import SMALLEST, U
 from .._validate import InputError, first_bad_position
-from ..attention import CHUNK_ELEMS, _prepare
+from ..attention import CHUNK_ELEMS, _hidden_part, _prepare
 from ..kept import shift_rows
+from ..masks import hidden_error
 from ..output import sound_output_bounds
 from ..policies import WindowSinks
 from ._result import ApproxResult
@@ -94,23 +95,28 @@ def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
     ``pr`` is the house's prepared input (:func:`certattn.attention._prepare`): the causal
     alignment and the masks follow the *original* row indices.  Returns ``(D, delta, nv)``
     with shapes ``(..., r, dv)``, ``(..., r)``, ``(..., r)``: the kept set is every visible
-    key (:math:`\\tau = 0`), so the engine's bound is its rounding ``mu_err`` alone.
+    key (:math:`\\tau = 0`), so the engine's bound is its rounding ``mu_err`` alone, plus
+    the mass of keys hidden by a finite fill (:func:`certattn.masks.hidden_error`).
     """
     import array_api_compat.numpy as xp
 
     rows = np.asarray(rows, dtype=np.int64)
     q, k, v = np.asarray(pr.q), np.asarray(pr.k), np.asarray(pr.v)
     lq, lk = q.shape[-2], k.shape[-2]
-    s = np.matmul(q[..., rows, :], np.swapaxes(k, -1, -2)) * pr.scale
-    if pr.bias is not None:
-        b = np.asarray(pr.bias)
-        s = s + (b[..., rows, :] if b.ndim >= 2 and b.shape[-2] != 1 else b)
+
+    def at_rows(a: Any) -> Any:
+        a = np.asarray(a)
+        return a[..., rows, :] if a.ndim >= 2 and a.shape[-2] != 1 else a
+
+    raw = np.matmul(q[..., rows, :], np.swapaxes(k, -1, -2)) * pr.scale
+    s = raw + at_rows(pr.bias) if pr.bias is not None else raw
     vis = np.ones(s.shape, dtype=bool)
     if pr.visible is not None:
-        m = np.asarray(pr.visible)
-        vis = vis & (m[..., rows, :] if m.ndim >= 2 and m.shape[-2] != 1 else m)
+        vis = vis & at_rows(pr.visible)
+    cm = None
     if pr.causal:
-        vis = vis & (np.arange(lk)[None, :] <= rows[:, None] + (lk - lq))
+        cm = np.arange(lk)[None, :] <= rows[:, None] + (lk - lq)
+        vis = vis & cm
     s = np.where(vis, s, -np.inf)
     if not np.all(s < np.inf):
         raise InputError("scores scale * q.k (+ mask) overflow float64")
@@ -122,6 +128,10 @@ def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
     res = sound_output_bounds(xs, v, valid, valid, np.zeros(s.shape[:-1]), xp,
                               full_softmax=False)
     err = np.asarray(res["best"]) + np.asarray(res["mu_err"])
+    fill = at_rows(pr.fill) if pr.fill is not None else None
+    hid = _hidden_part(raw, fill, cm, s, q[..., rows, :], k, pr.scale, xp)
+    if hid is not None:  # keys hidden by a finite fill keep their exact mass
+        err = hidden_error(err, hid[0], hid[1], valid, v, xp)
     return np.asarray(res["attn_k"]), err, np.sum(valid, axis=-1).astype(np.float64)
 
 

@@ -20,7 +20,9 @@ log-sums of bounds) and rounded up (:func:`box_tail_upper`).
 :func:`certattn.approx.selection.window_sinks` and :func:`certattn.approx.selection.quest`:
 the base kept set is served where the bound is at most ``eps``; the other queries score
 every visible key and get the certified Top-k (Theorem TV-TAIL, ``tail_upper <= eps``) or
-dense attention.  Every served query is therefore certified within ``eps``.
+dense attention.  Every served query is therefore certified within ``eps`` (plus, with an
+additive mask filled with its dtype's minimum, the bound on the filled keys' exact mass
+that :func:`certattn.certify_attention` adds, :mod:`certattn.masks`).
 
 Cost (key-equivalents): a certified query reads its kept keys plus
 :data:`METADATA_PER_PAGE` per page box it bounds; a query that falls back reads every

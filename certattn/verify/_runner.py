@@ -66,6 +66,7 @@ from .geometry import (
     check_geo_ungated_flat,
 )
 from .output import (
+    check_mask_hidden,
     check_out_best,
     check_out_bounded,
     check_out_diameter,
@@ -128,6 +129,7 @@ CHECKS: dict[str, _Spec] = {
     "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 6_400, False, 4),
     "GEO-DEPTH": _Spec(check_geo_depth, 200, 1_400, False, 2),
     "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 51_000, False, 4),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 25_000, False, 12),
 }
 """Theorem id -> batch check, its default row count, its measured speed (rows per second
 on 2 cores), whether ``--rows N`` gives it ``N`` rows (row-based) or

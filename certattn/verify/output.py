@@ -10,6 +10,7 @@ float64 references.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -137,3 +138,63 @@ def check_out_var_decomp(rows, *, xp, device, rng, progress):
         w.add(_rel(xp, vd.total, var, 1e-6 * c * c))
         w.add(_rel(xp, vd.error, err, 1e-3 * c))
     return w.value, 1e-9
+
+
+def check_mask_hidden(rows, *, xp, device, rng, progress):
+    """MASK-HIDDEN: keys masked by a finite fill keep their exact mass.  Per row (one head
+    each): 24 keys, d = 8, a quarter of them masked by the float16 minimum (hidden scores
+    65504 + offset above the visible ones, offset in [-60, 12]: from negligible to
+    dominant) or the float32 minimum (ordinary scores), one key masked by ``-inf``;
+    ``certify_attention`` with eps in {0, 0.01, 0.3}.  The exact tail of the kept set and
+    the exact output error over ALL keys (logits ``scale q.k + fill`` and softmax in
+    extended precision) must be at most ``tail_upper`` (relative excess) and
+    ``error_bound`` (excess over ``max |v_j|``).  Tolerance 1e-12 (1e-9 where
+    longdouble is float64)."""
+    ctx, w = _ctx(xp, device, rng, progress), Worst()
+    from .._array import to_numpy
+    from .._validate import InputError
+    from ..attention import certify_attention
+    from ._common import longdouble_ok
+
+    n, d, ld = 24, 8, np.longdouble
+    sc = 1.0 / math.sqrt(d)  # the float64 scale is part of the given logits
+    step = max(1, min(4096, -(-rows // 6)))
+    for i, r0 in enumerate(range(0, rows, step)):
+        r, g = min(step, rows - r0), ctx.rng
+        q = g.standard_normal((r, 1, d))
+        k = g.standard_normal((r, n, d)) * 2
+        v = g.standard_normal((r, n, 3)) * 10 ** g.uniform(-1, 2)
+        hidden = g.random((r, 1, n)) < 0.25
+        hidden[..., 0] = False  # at least one visible key
+        # the fill is the minimum of the mask's dtype (float16 where the backend has it)
+        dt = np.float16 if i % 2 == 0 and np.float16 in ctx.dtypes else np.float32
+        fill = float(np.finfo(dt).min)
+        if dt == np.float16:  # hidden keys along q: scale q.k_j = 65504 + offset + max
+            s_vis = np.max(np.einsum("rqd,rnd->rqn", q, k), axis=-1) * sc
+            t = -fill + g.uniform(-60, 12, (r, 1, n)) + s_vis[..., None]
+            along = q / np.sum(q * q, axis=-1, keepdims=True) / sc
+            k = np.where(hidden[:, 0, :, None], t[:, 0, :, None] * along, k)
+        mask = np.where(hidden, fill, 0.0)
+        mask[..., -1] = np.where(hidden[..., -1], fill, -np.inf)  # a -inf key too
+        mask = mask.astype(dt)
+        eps = (0.0, 0.01, 0.3)[i % 3]
+        try:
+            c = certify_attention(ctx.put(q), ctx.put(k), ctx.put(v), eps, mask=ctx.put(mask),
+                                  scale=sc, return_kept=True)
+        except InputError:  # a row whose every key is masked: refused, nothing to check
+            continue
+        kept = to_numpy(c.kept).astype(bool)[:, 0]
+        lg = np.einsum("rqd,rnd->rqn", q.astype(ld), k.astype(ld))[:, 0] * ld(sc)
+        lg = lg + mask[:, 0].astype(ld)  # fills, 0 and -inf: exact in any dtype
+        e = np.exp(lg - lg.max(axis=1, keepdims=True))
+        z = e.sum(axis=1)
+        tau = (np.where(kept, 0, e).sum(axis=1) / z).astype(np.float64)
+        attn = np.einsum("rn,rnc->rc", e, v.astype(ld)) / z[:, None]
+        out = to_numpy(c.output)[:, 0].astype(ld)
+        err = np.sqrt(np.sum((attn - out) ** 2, axis=1)).astype(np.float64)
+        tb, eb = to_numpy(c.tail_upper)[:, 0], to_numpy(c.error_bound)[:, 0]
+        w.add(np.where(tau > tb, (tau - tb) / np.maximum(tau, 1e-300), 0.0))
+        vmax = np.max(np.linalg.norm(v, axis=-1), axis=-1)
+        w.add(np.maximum(err - eb, 0.0) / vmax)
+        ctx.tick(r)
+    return w.value, (1e-12 if longdouble_ok() else 1e-9)
