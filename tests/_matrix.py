@@ -84,8 +84,8 @@ def _mask(form: str, rng: np.random.Generator, h: int, lq: int, lk: int,
         vis = np.ones((1, lk), dtype=bool)
         vis[:, lk - max(1, lk // 4):] = False
         return vis
-    if form == "additive":  # finite biases (ALiBi-like), no key masked
-        return (-rng.uniform(0, 6, (h, lq, lk))).astype(dt)
+    if form == "additive":  # finite biases of both signs (relative-position style), none masked
+        return rng.uniform(-4, 2, (h, lq, lk)).astype(dt)
     if form in fill:
         hidden = ~somewhere_visible(rng.random((h, lq, lk)) < 0.6)
         return np.where(hidden, np.asarray(fill[form], dtype=dt), np.asarray(0, dtype=dt))
