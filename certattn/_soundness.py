@@ -22,7 +22,7 @@ Applications register their own entry points in their own package
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,11 +88,12 @@ class Case:
         return [i // (h // hkv) for i in range(h)]
 
     def logits(self) -> np.ndarray:
-        """Float64 scores ``scale q.k + bias`` per query head, ``-inf`` where not visible.
+        """Logits ``scale q.k + bias`` per query head in the case's dtype, ``-inf`` where
+        not visible: what a logit-level entry point (``certify_topk``, ``output_bounds``)
+        is given.
 
-        The logits a logit-level entry point (``certify_topk``, ``output_bounds``) is given,
-        cast to the case's dtype; a finite logit that the cast sends to ``-inf`` is clamped
-        to the dtype's minimum (a finite mask entry stays a finite logit).
+        Computed in float64 and cast; a finite logit that the cast sends to ``-inf`` is
+        clamped to the dtype's minimum (a finite mask entry stays a finite logit).
         """
         q = self.queries.astype(np.float64)
         k = self.keys.astype(np.float64)[self.head_map()]
@@ -172,7 +173,8 @@ class EntryPoint:
 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {}
-"""Every registered entry point by name (core ones here, applications' in their package)."""
+"""Every registered entry point by name: the core's (here) and, once
+``certattn.approx._soundness`` is imported, the approximations'."""
 
 
 def register(
@@ -325,7 +327,3 @@ def _search(case: Case, method: str) -> Claim:
     return Claim(tail_upper=r.tail_upper, error_bound=r.error_bound, kept=r.kept,
                  output=r.output)
 
-
-def entry_points() -> Iterable[EntryPoint]:
-    """Every registered entry point (import the applications' registries first)."""
-    return ENTRY_POINTS.values()
