@@ -46,7 +46,17 @@ MASK_FORMS = (
 )
 
 ORDINARY = ("none", "float64", "unit")
-"""The case every entry point must certify (no refusal allowed)."""
+"""The plainest case (every entry point must certify it)."""
+
+PLAIN_FORMS = ("none", "causal", "causal_more_keys", "bool", "padded", "gqa")
+"""Mask forms that every entry point must certify, in every dtype, at the unit scale (no
+refusal allowed); elsewhere an ``InputError`` is an acceptable answer."""
+
+
+def must_certify(label: str) -> bool:
+    """Whether the case ``form/dtype/scale`` may not be refused."""
+    form, _, kind = label.split("/")
+    return form in PLAIN_FORMS and kind == "unit"
 
 SIZES = {"heads": 2, "lq": 6, "lk": 12, "d": 4, "dv": 3}
 if THOROUGH:

@@ -30,7 +30,16 @@ from certattn._soundness import ENTRY_POINTS, Case, Claim, policy_classes, polic
 from certattn._validate import InputError
 from certattn.search import METHODS
 
-from ._matrix import DTYPES, MASK_FORMS, ORDINARY, SCALES, check, exact_rows, make_case
+from ._matrix import (
+    DTYPES,
+    MASK_FORMS,
+    ORDINARY,
+    SCALES,
+    check,
+    exact_rows,
+    make_case,
+    must_certify,
+)
 
 CELLS = [(ep.name, label) for ep in ENTRY_POINTS.values() for label, _ in ep.variants()]
 _ORACLE: dict[Any, Any] = {}
@@ -50,12 +59,12 @@ def _oracle(case: Case, claim: Claim) -> Any:
 
 def run_cell(adapter: Any, variant: Any, case: Case) -> list[str]:
     """Violations of one entry point variant on one case (refusing is allowed, except on
-    the ordinary case)."""
+    the plain cases of :func:`tests._matrix.must_certify`)."""
     try:
         claim = adapter(case, variant)
     except InputError as exc:
-        if case.label == "/".join(ORDINARY):
-            return [f"refused the ordinary case: {exc}"]
+        if must_certify(case.label):
+            return [f"refused a plain case: {exc}"]
         return []
     except Exception as exc:  # a crash is not a certificate either
         return [f"raised {type(exc).__name__}: {exc}"]
@@ -259,18 +268,26 @@ def test_counterfeit_certificates_are_rejected(adapter, variant, form):
     """Halved tails, a policy claiming tail 0, ignored finite biases (known bug 2) and
     dtype-minimum fills treated as masked (known bug 3) all fail the matrix's check."""
     case = make_case(form, "float64", "unit")
-    assert not run_cell(_attention, policies.TopK(0.05), case) or form != "none"
     assert run_cell(adapter, variant, case)
 
 
+@pytest.mark.parametrize("form", ["none", "additive"])
+def test_the_honest_certificate_passes_where_counterfeits_fail(form):
+    """The honest certify_attention passes the cases its counterfeits fail."""
+    for policy in (policies.TopK(0.0), policies.TopK(0.3)):
+        assert not run_cell(_attention, policy, make_case(form, "float64", "unit"))
+
+
 def test_the_ordinary_case_must_certify():
-    """Refusing the ordinary case is a matrix failure, refusing a fully masked row is not."""
+    """Refusing a plain case is a matrix failure, refusing a fully masked row is not."""
 
     def refuses(case: Case, _: Any) -> Claim:
         raise InputError("no")
 
     assert run_cell(refuses, None, make_case(*ORDINARY))
+    assert run_cell(refuses, None, make_case("gqa", "bfloat16", "unit"))
     assert not run_cell(refuses, None, make_case("fully_masked_rows", "float64", "unit"))
+    assert not run_cell(refuses, None, make_case("additive", "float64", "unit"))
 
 
 def main() -> None:  # pragma: no cover - a report for people, not a test
