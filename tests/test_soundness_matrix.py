@@ -35,6 +35,7 @@ from ._matrix import (
     MASK_FORMS,
     ORDINARY,
     SCALES,
+    THOROUGH,
     check,
     exact_rows,
     make_case,
@@ -81,13 +82,14 @@ def _case(form: str, dtype: str, kind: str) -> Case:
     return _CASES[key]
 
 
-def _grid() -> list[tuple[str, str, str]]:
+def _grid(offset: int = 0) -> list[tuple[str, str, str]]:
     """Every (mask form, dtype) pair once, the scale kinds rotating (each form meets four
-    of them, clustered keys included on most forms), and the ordinary case."""
+    of them; ``offset`` shifts the rotation, so that different entry point variants
+    together meet every cell), and the ordinary case."""
     out = [ORDINARY]
     for i, form in enumerate(MASK_FORMS):
         for j, dtype in enumerate(DTYPES):
-            out.append((form, dtype, SCALES[(i + j) % len(SCALES)]))
+            out.append((form, dtype, SCALES[(i + j + offset) % len(SCALES)]))
     return out
 
 
@@ -106,14 +108,15 @@ def _report(name: str, label: str, cells: list[tuple[str, str, str]]) -> list[st
 @pytest.mark.parametrize(("name", "label"), CELLS, ids=[f"{n}[{v}]" for n, v in CELLS])
 def test_matrix(name, label):
     """Every entry point variant is sound on every mask form x dtype (scales rotating)."""
-    failures = _report(name, label, _grid())
+    failures = _report(name, label, _grid(CELLS.index((name, label))))
     assert not failures, f"{name}[{label}]:\n" + "\n".join(failures)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not THOROUGH, reason="the full grid runs with CERTATTN_HYPOTHESIS=thorough")
 @pytest.mark.parametrize(("name", "label"), CELLS, ids=[f"{n}[{v}]" for n, v in CELLS])
 def test_matrix_every_scale(name, label):
-    """The full grid: every mask form x dtype x scale kind."""
+    """The full grid: every mask form x dtype x scale kind (about 5 minutes)."""
     cells = [(f, d, s) for f in MASK_FORMS for d in DTYPES for s in SCALES]
     failures = _report(name, label, cells)
     assert not failures, f"{name}[{label}]:\n" + "\n".join(failures)
