@@ -49,14 +49,17 @@ ORDINARY = ("none", "float64", "unit")
 """The plainest case (every entry point must certify it)."""
 
 PLAIN_FORMS = ("none", "causal", "causal_more_keys", "bool", "padded", "gqa")
-"""Mask forms that every entry point must certify, in every dtype, at the unit scale (no
-refusal allowed); elsewhere an ``InputError`` is an acceptable answer."""
+"""Mask forms that every entry point must certify, in every dtype, at the unit scale, when
+every query sees a key (no refusal allowed); elsewhere an ``InputError`` is acceptable."""
 
 
-def must_certify(label: str) -> bool:
-    """Whether the case ``form/dtype/scale`` may not be refused."""
-    form, _, kind = label.split("/")
-    return form in PLAIN_FORMS and kind == "unit"
+def must_certify(case: Case) -> bool:
+    """Whether ``case`` may not be refused: a plain form at the unit scale in which every
+    query sees a key."""
+    form, _, kind = case.label.split("/")
+    if form not in PLAIN_FORMS or kind != "unit":
+        return False
+    return not bool(np.any(np.all(np.isneginf(case.logits()), axis=-1)))
 
 SIZES = {"heads": 2, "lq": 6, "lk": 12, "d": 4, "dv": 3}
 if THOROUGH:
@@ -88,7 +91,7 @@ def _mask(form: str, rng: np.random.Generator, h: int, lq: int, lk: int,
     if form in ("bool", "fully_masked_rows"):
         vis = somewhere_visible(rng.random((h, lq, lk)) < 0.6)
         if form == "fully_masked_rows":
-            vis[:, 1, :] = False
+            vis[:, lq // 2, :] = False
         return vis
     if form == "padded":  # key padding, broadcast over heads and queries
         vis = np.ones((1, lk), dtype=bool)

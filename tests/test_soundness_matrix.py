@@ -64,7 +64,7 @@ def run_cell(adapter: Any, variant: Any, case: Case) -> list[str]:
     try:
         claim = adapter(case, variant)
     except InputError as exc:
-        if must_certify(case.label):
+        if must_certify(case):
             return [f"refused a plain case: {exc}"]
         return []
     except Exception as exc:  # a crash is not a certificate either
