@@ -6,8 +6,8 @@ An entry point joins by being registered (:mod:`certattn._soundness`); a policy 
 a search method or a public certificate-returning function that the matrix does not
 exercise fails :func:`test_every_policy_class_is_exercised` and its siblings.  An entry
 point may refuse a case with ``InputError`` (fully masked rows, finite biases it cannot
-bound); a wrong answer is never acceptable, and the ordinary case (no mask, float64,
-unit scale) must certify.
+bound); a wrong answer is never acceptable, and the plain cases (no finite bias, unit
+scale, every query sees a key) must certify.
 """
 
 from __future__ import annotations
@@ -51,11 +51,13 @@ def _variant(name: str, label: str) -> Any:
 
 
 def _oracle(case: Case, claim: Claim) -> Any:
-    key = (case.label, id(case)) if claim.logits is None else (
-        case.label, np.asarray(claim.logits).tobytes())
+    """The exact rows of ``case`` (or of the claim's logits), cached per case object (kept
+    alive with its entry, so that its ``id`` is never reused)."""
+    logits = None if claim.logits is None else np.asarray(claim.logits)
+    key = (id(case), None if logits is None else (logits.dtype.str, logits.tobytes()))
     if key not in _ORACLE:
-        _ORACLE[key] = exact_rows(case, None if claim.logits is None else claim.logits)
-    return _ORACLE[key]
+        _ORACLE[key] = (case, exact_rows(case, logits))
+    return _ORACLE[key][1]
 
 
 def run_cell(adapter: Any, variant: Any, case: Case) -> list[str]:
