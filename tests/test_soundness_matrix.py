@@ -17,6 +17,7 @@ import inspect
 import typing
 from typing import Any
 
+import mpmath
 import numpy as np
 import pytest
 from hypothesis import given
@@ -30,6 +31,7 @@ from certattn._soundness import ENTRY_POINTS, Case, Claim, policy_classes, polic
 from certattn._validate import InputError
 from certattn.search import METHODS
 
+from ._exact import exact_tail_of_set
 from ._matrix import (
     DTYPES,
     MASK_FORMS,
@@ -259,6 +261,22 @@ def _min_fill_is_masked(case: Case, _: Any) -> Claim:
     return _attention(dataclasses.replace(case, mask=mask), policies.TopK(0.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class _WholeBlocks:
+    """A counterfeit: certified blocks told that every key of a partly visible block is
+    visible (known bug 1, such a kept block counted at its full size)."""
+
+    name: str = "whole_blocks"
+
+    def select(self, scores, valid, ctx):
+        v = np.asarray(valid)
+        n, bs = v.shape[-1], 4
+        pad = np.zeros((*v.shape[:-1], -n % bs), dtype=bool)
+        blocks = np.concatenate([v, pad], axis=-1).reshape(*v.shape[:-1], -1, bs).any(-1)
+        whole = np.repeat(blocks, bs, axis=-1)[..., :n]
+        return policies.CertifiedBlocks(0.1, block_size=bs).select(scores, whole, ctx)
+
+
 def _attention(case: Case, policy: Any) -> Claim:
     return ENTRY_POINTS["certattn.certify_attention"].adapter(case, policy)
 
@@ -268,11 +286,14 @@ def _attention(case: Case, policy: Any) -> Claim:
     (_attention, _ClaimsNoTail(), "none"),
     (_ignores_bias, None, "additive"),
     (_min_fill_is_masked, None, "additive_min"),
+    (_attention, _WholeBlocks(), "causal/clustered"),
 ])
 def test_counterfeit_certificates_are_rejected(adapter, variant, form):
-    """Halved tails, a policy claiming tail 0, ignored finite biases (known bug 2) and
-    dtype-minimum fills treated as masked (known bug 3) all fail the matrix's check."""
-    case = make_case(form, "float64", "unit")
+    """Halved tails, a policy claiming tail 0, ignored finite biases (known bug 2),
+    dtype-minimum fills treated as masked (known bug 3) and blocks sized without the mask
+    (known bug 1) all fail the matrix's check."""
+    form, _, kind = form.partition("/")
+    case = make_case(form, "float64", kind or "unit")
     assert run_cell(adapter, variant, case)
 
 
@@ -281,6 +302,21 @@ def test_the_honest_certificate_passes_where_counterfeits_fail(form):
     """The honest certify_attention passes the cases its counterfeits fail."""
     for policy in (policies.TopK(0.0), policies.TopK(0.3)):
         assert not run_cell(_attention, policy, make_case(form, "float64", "unit"))
+
+
+def test_the_oracle_agrees_with_the_reference_tails():
+    """tests/_matrix.py's exact rows give the tails of tests/_exact.py on given logits."""
+    case = make_case("bool", "float32", "unit")
+    x = case.logits()
+    kept = np.asarray(certattn.topk_mask(x.astype(np.float64), 3))
+    rows = exact_rows(case, x)
+    for a in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            ref = exact_tail_of_set(x[a, i].astype(np.float64), kept[a, i])
+            with mpmath.workdps(100):
+                tail = mpmath.fsum(p for p, k in zip(rows[a][i].p, kept[a, i], strict=True)
+                                   if p is not None and not k)
+                assert abs(tail - ref) <= mpmath.mpf(10) ** -60 * ref
 
 
 def test_the_ordinary_case_must_certify():
