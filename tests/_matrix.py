@@ -61,6 +61,7 @@ def must_certify(case: Case) -> bool:
         return False
     return not bool(np.any(np.all(np.isneginf(case.logits()), axis=-1)))
 
+
 SIZES = {"heads": 2, "lq": 6, "lk": 12, "d": 4, "dv": 3}
 if THOROUGH:
     SIZES = {"heads": 2, "lq": 12, "lk": 40, "d": 8, "dv": 4}
