@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import asarray_on, namespace
+from ._array import asarray_on, is_numpy, namespace
 from ._fp import EXP_FLOOR, GAMMA_EXP, SMALLEST, U, scaled_norm, sum_gamma
 from ._validate import InputError
 
@@ -99,13 +99,10 @@ def normalize_mask(
     m = asarray_on(mask, xp=xp, device=device)
     if m.dtype == xp.bool:
         return (m, None, None) if hidden else (m, None)
-    if not xp.isdtype(m.dtype, "real floating"):
-        raise InputError(
-            f"mask must be boolean (True = visible) or additive floating, got dtype {m.dtype}"
-        )
+    m, lowest = _additive(m, xp)
     if bool(xp.any(xp.isnan(m))) or bool(xp.any(m == xp.inf)):
         raise InputError("additive mask contains NaN or +inf")
-    visible = m > float(xp.finfo(m.dtype).min) / 2
+    visible = m > lowest / 2
     m64 = xp.astype(m, xp.float64)
     bias = xp.where(visible, m64, xp.zeros(m.shape, dtype=xp.float64, device=device))
     if not hidden:
@@ -115,6 +112,23 @@ def normalize_mask(
     if bool(xp.any(filled)):
         fill = xp.where(filled, m64, xp.full(m.shape, -xp.inf, dtype=xp.float64, device=device))
     return visible, bias, fill
+
+
+def _additive(m: Array, xp: Any) -> tuple[Array, float]:
+    """An additive mask in a standard floating dtype, and its dtype's most negative number.
+
+    NumPy arrays of ml_dtypes' formats (bfloat16, float8: kind 'V' to NumPy) become
+    float32, which holds each of their values exactly; the threshold is their own.
+    """
+    if is_numpy(xp) and np.dtype(m.dtype).kind == "V" and "float" in np.dtype(m.dtype).name:
+        import ml_dtypes
+
+        return m.astype(np.float32), float(ml_dtypes.finfo(m.dtype).min)
+    if not xp.isdtype(m.dtype, "real floating"):
+        raise InputError(
+            f"mask must be boolean (True = visible) or additive floating, got dtype {m.dtype}"
+        )
+    return m, float(xp.finfo(m.dtype).min)
 
 
 def hidden_mass(

@@ -368,3 +368,22 @@ def test_mask_hidden_verify_check_passes_and_catches_a_dropped_term(monkeypatch)
         assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed
     monkeypatch.setattr(att, "hidden_error", lambda err, h, hid, valid, v, xp: err)
     assert not run_verify(rows=100_000, ids=["MASK-HIDDEN"], progress=False)[0].passed
+
+
+def test_bfloat16_additive_mask_is_read_in_its_own_dtype():
+    """A bfloat16 additive mask (ml_dtypes) was a TypeError; its fill (bfloat16's most
+    negative number) masks a key as in float32, and -10000 stays a bias."""
+    import ml_dtypes
+
+    from certattn.masks import normalize_mask
+
+    bf = ml_dtypes.bfloat16
+    m = np.array([[0.0, -10000.0, float(ml_dtypes.finfo(bf).min), -np.inf]], dtype=bf)
+    visible, bias, fill = normalize_mask(m, hidden=True)
+    np.testing.assert_array_equal(visible, [[True, True, False, False]])
+    np.testing.assert_array_equal(bias, [[0.0, float(bf(-10000.0)), 0.0, 0.0]])
+    assert float(fill[0, 2]) == float(ml_dtypes.finfo(bf).min) and fill[0, 3] == -np.inf
+    q = np.eye(3, 4)
+    a = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m)
+    b = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m.astype(np.float32))
+    np.testing.assert_array_equal(a.k, b.k)
