@@ -306,7 +306,8 @@ def scaled_norm(a: Array, xp: Any) -> Array:
     m = xp.max(xp.abs(a), axis=-1, keepdims=True)
     safe = (m > 0) & (m < xp.inf)
     m1 = xp.where(safe, m, xp.ones_like(m))
-    n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
+    with np.errstate(over="ignore"):  # a norm beyond the float range is inf
+        n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
     return xp.where(safe[..., 0], n, m[..., 0])
 
 

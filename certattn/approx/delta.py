@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .._fp import SMALLEST, U
+from .._fp import SMALLEST, U, scaled_norm
 from .._validate import InputError, first_bad_position
 from ..attention import CHUNK_ELEMS, _hidden_part, _prepare
 from ..kept import shift_rows
@@ -138,9 +138,10 @@ def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
 def _round_up_sum(*terms: Array) -> Array:
     """A float64 sum of non-negative terms, rounded up (relative ``(n + 2) u``)."""
     total = terms[0]
-    for t in terms[1:]:
-        total = total + t
-    return total * (1.0 + (len(terms) + 2) * U)
+    with np.errstate(over="ignore"):  # a sum beyond the float range is inf (fails closed)
+        for t in terms[1:]:
+            total = total + t
+        return total * (1.0 + (len(terms) + 2) * U)
 
 
 def delta_correct(
@@ -218,13 +219,14 @@ def delta_correct(
     if sparse_rows.size:
         a = anchor[sparse_rows]
         d_a = d_out[..., pos[a], :]
-        corr = d_a - s_out[..., a, :]
-        o = s_out[..., sparse_rows, :] + corr
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow: error inf below
+            corr = d_a - s_out[..., a, :]
+            o = s_out[..., sparse_rows, :] + corr
+            dv = o.shape[-1]
+            norm_up = 1.0 + (dv + 8) * U
+            r = 2 * U * (scaled_norm(corr, np) + scaled_norm(o, np)) * norm_up + dv * SMALLEST
+        r = np.where(np.isnan(r), np.inf, r)
         out[..., sparse_rows, :] = o
-        dv = o.shape[-1]
-        norm_up = 1.0 + (dv + 8) * U
-        r = 2 * U * (np.linalg.norm(corr, axis=-1) + np.linalg.norm(o, axis=-1)) * norm_up \
-            + dv * SMALLEST
         err[..., sparse_rows] = _round_up_sum(
             e_s[..., sparse_rows], e_s[..., a], e_d[..., pos[a]], r
         )
