@@ -36,6 +36,10 @@ Formulas
     ``(2 d + 8) U``: relative error of a float64 dot product of length ``d`` and a scale.
 :func:`score_abs_margin`
     The absolute form per query row, ``(2 d + 8) U scale |q| max_j |k_j|``, rounded up.
+:func:`widen_tail` / :func:`budget_under_slack`
+    A tail bound ``t`` for scores within ``delta`` of the exact ones becomes one for the
+    exact scores, ``t / (t + (1 - t) e^{-2 delta}) <= t e^{2 delta}``, rounded up; and the
+    budget ``eps e^{-2 delta}`` (rounded down) whose widened bound stays within ``eps``.
 :func:`quant_step_factor`
     ``1/2 + 2^(b+2) U``: a ``b``-bit code computed in float64 as
     ``rint((k - lo)/step)`` is within that many steps of the key (Theorem QUANT-SCORE).
@@ -62,6 +66,7 @@ sets, accurate differences of two LSEs).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -77,6 +82,7 @@ __all__ = [
     "U",
     "add_down",
     "add_up",
+    "budget_under_slack",
     "log_cumsum",
     "lse",
     "lse_diff",
@@ -94,6 +100,7 @@ __all__ = [
     "score_abs_margin",
     "score_margin",
     "sum_gamma",
+    "widen_tail",
 ]
 
 Array = Any
@@ -337,3 +344,50 @@ def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Arra
         r = score_margin(d) * float(scale) * scaled_norm(queries, xp) * kmax
         r = r * (1.0 + 2 * score_margin(d)) + NORMAL_MIN
     return xp.where(xp.isnan(r), xp.full_like(r, xp.inf), r)
+
+
+def widen_tail(tail: Array, delta: Array, xp: Any) -> Array:
+    r"""A tail bound for computed scores made a bound for the exact ones, rounded up.
+
+    If every visible score of a row is within ``delta`` of its exact value and ``tail``
+    bounds the discarded mass under the computed scores, the exact discarded mass is at
+    most :math:`t / (t + (1 - t) e^{-2\delta}) \le t e^{2\delta}` (the tail's weights
+    grow by at most :math:`e^{\delta}`, the head's shrink by at most as much, and
+    :math:`T/(T + H)` increases in :math:`T` and decreases in :math:`H`).  The head term is
+    shrunk by ``8 u`` (``1 - t``, ``exp`` and the product) and the ratio rounded up
+    (:func:`ratio_up`).
+
+    Parameters
+    ----------
+    tail : float64 array (..., m)
+        Sound bound for the computed scores (values above 1 act as 1).
+    delta : float64 array broadcastable to ``tail``
+        Per-row bound on ``|computed score - exact score|``.
+    xp : namespace
+
+    Returns
+    -------
+    float64 array (..., m)
+        In [0, 1]; 0 where ``tail`` is 0 (an empty tail stays empty); 1 (fails closed)
+        where ``tail`` or ``delta`` is NaN or the head term is not a number.
+    """
+    t = xp.minimum(tail, 1.0)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        head = (1.0 - t) * xp.exp(-2.0 * delta) * (1.0 - 8 * U)
+    r = ratio_up(t, head, xp)
+    bad = xp.isnan(tail) | xp.isnan(delta + xp.zeros_like(t))
+    return xp.where(bad, xp.ones_like(r), r)
+
+
+def budget_under_slack(eps: float, delta: float) -> float:
+    r"""The largest safe budget ``eps'`` with :func:`widen_tail` of any ``t <= eps'`` at
+    most ``eps``, for scores within ``delta`` of the exact ones.
+
+    :math:`\varepsilon e^{-2\delta}`, shrunk by ``64 u`` (the rounding of ``exp`` and the
+    product here and of :func:`widen_tail`); 0 when ``delta`` is NaN or infinite (the
+    caller then keeps every key).
+    """
+    d = float(delta)
+    if not math.isfinite(d):
+        return 0.0
+    return float(eps) * math.exp(-2.0 * max(d, 0.0)) * (1.0 - 64 * U)

@@ -13,11 +13,19 @@ without values: per-query certificates from queries and keys alone.  Queries are
 processed in chunks, so the full :math:`L_q \times L_k` score matrix is never held at
 once: peak extra memory is about ``chunk_elems`` float64 numbers.
 
-What is certified: the exact softmax of the float64 scores computed from the given
-``q``, ``k`` and mask (float32 or bfloat16 attention kernels compute slightly different
-scores; the certificate is not about their rounding), over every key the mask does not
-set to ``-inf``: keys masked by a finite fill (``finfo(dtype).min``) are never kept, but
-their exact mass is bounded and added (:mod:`certattn.masks`).
+What is certified: the exact softmax of :math:`\mathrm{scale}\; q k^\top` + mask computed
+in exact arithmetic from the given ``q``, ``k`` and mask (not of the float64 scores, nor
+of the scores a float32 or bfloat16 kernel would compute), over every key the mask does
+not set to ``-inf``.  The float64 scores differ from the exact ones by at most a per-row
+slack :math:`\delta_i` (:func:`certattn._fp.score_abs_margin` plus the rounding of adding
+the bias, :func:`_score_slack`); a tail bound about the float64 scores is widened to
+:math:`t / (t + (1 - t) e^{-2\delta_i})` (:func:`certattn._fp.widen_tail`; a policy
+whose bound is already about the exact scores says so with ``Selection.exact``),
+budget policies certify a budget shrunk by :math:`e^{-2\delta}` so that the widened
+bound stays within ``eps``, and the output error adds
+:math:`(e^{2\delta_i} - 1) \max_j |v_j|` (:func:`_slack_error`).  Keys masked by a finite
+fill (``finfo(dtype).min``) are never kept, but their exact mass is bounded and added
+(:mod:`certattn.masks`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
-from ._fp import add_up, score_abs_margin
+from ._fp import U, add_up, scaled_norm, score_abs_margin, widen_tail
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
@@ -262,8 +270,8 @@ def _prepare(
 def _chunks(
     pr: _Prepared, chunk_elems: int
 ) -> Any:
-    """Yield ``(slice, scores, valid, queries, hidden)`` per query chunk (float64 scores;
-    ``hidden`` from :func:`_hidden_part`)."""
+    """Yield ``(slice, scores, valid, queries, hidden, slack)`` per query chunk (float64
+    scores; ``hidden`` from :func:`_hidden_part`; ``slack`` from :func:`_score_slack`)."""
     xp = pr.xp
     lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
     lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
@@ -295,23 +303,60 @@ def _chunks(
             pos = (*pos[:-1], pos[-1] + i0)
             where = pos if len(pos) > 1 else pos[0]
             raise InputError(f"query {where} is fully masked: it sees no key")
-        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, qs, pr.k, pr.scale, xp)
-        yield sl, s, valid, qs, hid
+        margin = score_abs_margin(qs, pr.k, pr.scale, xp)
+        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, margin, xp)
+        yield sl, s, valid, qs, hid, _score_slack(margin, s, valid, b, xp)
+
+
+def _score_slack(margin: Array, s: Array, valid: Array, bias: Array | None, xp: Any) -> Array:
+    r"""Per query row, a bound :math:`\delta_i` on ``|computed - exact score|`` over its
+    visible keys, ``(..., m)``.
+
+    ``margin`` (:func:`certattn._fp.score_abs_margin`) bounds the rounding of
+    ``scale q.k``; with a ``bias`` the float64 sum ``s = raw + b`` adds at most
+    :math:`u |raw + b| \le 2u \max_j |s_j|` over the visible keys with :math:`b_j \ne 0`
+    (adding 0 is exact; as in :func:`certattn.search.certified_search`).  Rounded up;
+    ``inf`` on overflow.
+    """
+    slack = xp.broadcast_to(margin, s.shape[:-1])
+    if bias is not None:
+        added = valid & (bias != 0)
+        big = xp.max(xp.where(added, xp.abs(s), xp.zeros_like(s)), axis=-1)
+        slack = xp.where(big > 0, add_up(slack, 2 * U * big, xp), slack)
+    return xp.where(xp.isnan(slack), xp.full_like(slack, xp.inf), slack)
+
+
+def _slack_error(err: Array, slack: Array, v: Array, valid: Array, xp: Any) -> Array:
+    r"""``err`` plus the distance between attention under the exact and the computed scores.
+
+    With every visible score within :math:`\delta` of its exact value, each weight
+    changes by a factor in :math:`[e^{-2\delta}, e^{2\delta}]`, so
+    :math:`\sum_j |p_j - p'_j| \le e^{2\delta} - 1` and the outputs differ by at most
+    :math:`(e^{2\delta} - 1) \max_j |v_j|` over the visible keys.  Rounded up (the norms
+    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``); ``inf`` on overflow.
+    """
+    dv = int(v.shape[-1])
+    vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
+    vmax = xp.max(xp.where(valid, vn[..., None, :], xp.zeros_like(vn[..., None, :])), axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)
+    term = xp.where(xp.isnan(term), xp.full_like(term, xp.inf), term)
+    return add_up(err, term, xp)
 
 
 def _hidden_part(
-    raw: Array, fill: Array | None, cm: Array | None, s: Array, queries: Array, keys: Array,
-    scale: float, xp: Any,
+    raw: Array, fill: Array | None, cm: Array | None, s: Array, margin: Array, xp: Any,
 ) -> tuple[Array, Array] | None:
     """``(h, hidden)`` of a chunk of query rows: the keys a finite fill hides (and the
     causal mask ``cm`` does not) and :func:`certattn.masks.hidden_mass` of them, from the
-    computed ``raw = scale q.k`` and the visible scores ``s``; None without any fill."""
+    computed ``raw = scale q.k``, the visible scores ``s`` and the rounding bound
+    ``margin`` of ``raw`` (:func:`certattn._fp.score_abs_margin`); None without any fill."""
     if fill is None:
         return None
     hidden = fill > -xp.inf
     if cm is not None:
         hidden = hidden & cm
-    h = hidden_mass(raw, fill, hidden, s, score_abs_margin(queries, keys, scale, xp), xp)
+    h = hidden_mass(raw, fill, hidden, s, margin, xp)
     return h, hidden
 
 
@@ -333,10 +378,10 @@ def _run(
     # the compiled path's `auto` choice: by the whole call's scores, not per chunk
     scores = math.prod(int(d) for d in pr.q.shape[:-1]) * int(pr.k.shape[-2])
     with _topk_numba.call_size(scores):
-        for sl, s, valid, qs, hid in _chunks(pr, chunk_elems):
+        for sl, s, valid, qs, hid, slack in _chunks(pr, chunk_elems):
             _one_chunk(pr, policy, sl, s, valid, qs, cache, fields, return_kept=return_kept,
                        with_output=with_output, diameters=diameters, chunk_elems=chunk_elems,
-                       hid=hid)
+                       hid=hid, slack=slack)
             if progress is not None:
                 progress(sl.stop, lq)
 
@@ -354,14 +399,18 @@ def _one_chunk(
     pr: _Prepared, policy: Any, sl: slice, s: Array, valid: Array, qs: Array,
     cache: dict[str, Any], fields: dict[str, list[Array]], *, return_kept: bool,
     with_output: bool, diameters: bool, chunk_elems: int, hid: tuple[Array, Array] | None,
+    slack: Array,
 ) -> None:
     """Select and certify one query chunk ``s`` (its scores), appending to ``fields``.
 
     ``hid`` (:func:`_hidden_part`): the keys hidden by a finite fill; their exact mass is
-    added to the tail and the output error (:mod:`certattn.masks`)."""
+    added to the tail and the output error (:mod:`certattn.masks`).  ``slack``
+    (:func:`_score_slack`): a tail bound about the computed scores is widened to one about
+    the exact scores, and the output error gains :func:`_slack_error`."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
-                  need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl))
+                  need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl),
+                  score_slack=slack)
     sel = policy.select(s, valid, ctx)
     if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
         if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:
@@ -375,6 +424,8 @@ def _one_chunk(
         if tail is None:
             tail = tail_upper_of(xs, valid, kept, xp)
     tail = xp.astype(tail, xp.float64)
+    if sel.tail_upper is None or not sel.exact:
+        tail = widen_tail(tail, slack, xp)
     fields["k"].append(xp.astype(n_kept, xp.int64))
     fields["tail"].append(tail if hid is None else hidden_tail(tail, hid[0], xp))
     fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
@@ -392,6 +443,7 @@ def _one_chunk(
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
         # the bound plus the rounding of the returned output, the sum rounded up
         err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
+        err = _slack_error(err, slack, v, valid, xp)
         if hid is not None:
             err = hidden_error(err, hid[0], hid[1], valid, v, xp)
         fields["err"].append(err)

@@ -387,3 +387,27 @@ def test_bfloat16_additive_mask_is_read_in_its_own_dtype():
     a = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m)
     b = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m.astype(np.float32))
     np.testing.assert_array_equal(a.k, b.k)
+
+
+def test_certificate_is_about_the_exact_scores_not_the_float64_ones():
+    """Regression (soundness matrix): on GQA float64 inputs with scores up to ~3e4 the
+    float64 rounding of ``scale q.k`` moved the tail past ``tail_upper`` (relative 1.8e-13);
+    the certificate must hold for the exact ``scale q.k`` from the given inputs."""
+    from certattn._soundness import Claim
+    from certattn.policies import TopP
+
+    from ._matrix import check, exact_rows, make_case
+
+    case = make_case("gqa", "float64", "large_scores")
+    rows = exact_rows(case)
+    kw = dict(scale=case.scale, mask=case.mask, causal=True, kv_heads=2)
+    cert = certify_attention(case.queries, case.keys, case.values, 0.05, **kw)
+    bad = check(Claim(tail_upper=cert.tail_upper, kl_upper=cert.kl_upper,
+                      error_bound=cert.error_bound, kept=cert.kept, output=cert.output), rows)
+    assert bad == []
+    sc = certattn.certify_scores(case.queries, case.keys, policy=TopP(0.95), return_kept=True,
+                                 **kw)
+    bad = check(Claim(tail_upper=sc.tail_upper, kl_upper=sc.kl_upper, error_bound=None,
+                      kept=sc.kept, output=None), rows)
+    assert bad == []
+    assert np.all(cert.tail_upper <= 0.05) and np.all(sc.tail_upper <= 0.05 + 1e-15)
