@@ -308,12 +308,14 @@ def scaled_norm(a: Array, xp: Any) -> Array:
     Each row is divided by its largest magnitude first (``|a| = m |a / m|``), so tiny
     vectors (|a| below 1e-154, whose squares underflow) and huge ones keep their norm.
     The division adds at most one rounding per entry: the result is within a relative
-    ``(d + 4) U`` of the exact norm, as for the plain formula (callers' margins).
+    ``(d + 4) U`` of the exact norm, as for the plain formula (callers' margins); a norm
+    beyond the float64 range is ``inf``, silently.
     """
     m = xp.max(xp.abs(a), axis=-1, keepdims=True)
     safe = (m > 0) & (m < xp.inf)
     m1 = xp.where(safe, m, xp.ones_like(m))
-    n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
+    with np.errstate(over="ignore"):  # a norm past the float64 range is inf (callers fail closed)
+        n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
     return xp.where(safe[..., 0], n, m[..., 0])
 
 

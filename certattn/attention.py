@@ -336,9 +336,10 @@ def _slack_error(err: Array, slack: Array, v: Array, valid: Array, xp: Any) -> A
     of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``); ``inf`` on overflow.
     """
     dv = int(v.shape[-1])
-    vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
-    vmax = xp.max(xp.where(valid, vn[..., None, :], xp.zeros_like(vn[..., None, :])), axis=-1)
     with np.errstate(over="ignore", invalid="ignore"):
+        vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
+        zero = xp.zeros_like(vn[..., None, :])
+        vmax = xp.max(xp.where(valid, vn[..., None, :], zero), axis=-1)
         term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)
     term = xp.where(xp.isnan(term), xp.full_like(term, xp.inf), term)
     return add_up(err, term, xp)

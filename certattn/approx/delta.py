@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .._fp import SMALLEST, U, add_up, score_abs_margin
+from .._fp import SMALLEST, U, add_up, scaled_norm, score_abs_margin
 from .._validate import InputError, first_bad_position
 from ..attention import CHUNK_ELEMS, _hidden_part, _prepare, _score_slack, _slack_error
 from ..kept import shift_rows
@@ -222,13 +222,14 @@ def delta_correct(
     if sparse_rows.size:
         a = anchor[sparse_rows]
         d_a = d_out[..., pos[a], :]
-        corr = d_a - s_out[..., a, :]
-        o = s_out[..., sparse_rows, :] + corr
+        with np.errstate(over="ignore", invalid="ignore"):  # huge values: inf, fails closed
+            corr = d_a - s_out[..., a, :]
+            o = s_out[..., sparse_rows, :] + corr
+            dv = o.shape[-1]
+            norm_up = 1.0 + (dv + 8) * U
+            r = 2 * U * (scaled_norm(corr, np) + scaled_norm(o, np)) * norm_up + dv * SMALLEST
+        r = np.where(np.isnan(r), np.inf, r)
         out[..., sparse_rows, :] = o
-        dv = o.shape[-1]
-        norm_up = 1.0 + (dv + 8) * U
-        r = 2 * U * (np.linalg.norm(corr, axis=-1) + np.linalg.norm(o, axis=-1)) * norm_up \
-            + dv * SMALLEST
         err[..., sparse_rows] = _round_up_sum(
             e_s[..., sparse_rows], e_s[..., a], e_d[..., pos[a]], r
         )
