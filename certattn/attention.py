@@ -469,9 +469,11 @@ def certify_scores(
 
     The scores :math:`\mathrm{scale}\, q k^\top` (+ mask) exist one query chunk at a time
     (about ``chunk_elems`` float64 numbers), so memory stays bounded at any context
-    length.  With the default Top-k policy the result equals
+    length.  With the default Top-k policy the result is
     :func:`certattn.certify_topk` on the materialised float64 scores, row by row
-    (Theorems TV-TAIL, TV-KL).
+    (Theorems TV-TAIL, TV-KL), at the budget ``eps`` shrunk by the chunk's score slack
+    and with ``tail_upper`` widened to the exact scores (module docstring: still at most
+    ``eps``).
 
     Parameters
     ----------

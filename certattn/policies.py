@@ -24,8 +24,13 @@ A policy is any object with a ``name`` and a ``select(scores, valid, ctx)`` meth
 returns a :class:`Selection`; ``scores`` are the float64 scores of the chunk
 (``-inf`` = masked, shape ``(..., m, n)``), ``valid`` their visible keys, ``ctx`` a
 :class:`Context` (queries, keys, scale, the additive mask bias, first query row, a
-per-call cache).  Return the kept mask, and a ``tail_upper`` only if the policy has its
-own *sound* bound.  The scores are ``scale q.k + b``: a policy that bounds scores from
+per-call cache, the rows' score slack).  Return the kept mask, and a ``tail_upper`` only
+if the policy has its own *sound* bound.  The certificate is about the exact
+``scale q.k + b`` (:mod:`certattn.attention`): a bound about the computed ``scores`` is
+widened by ``ctx.score_slack`` (so a policy that promises ``tail_upper <= eps`` certifies
+:func:`slack_budget` instead); ``Selection(exact=True)`` marks a bound that already holds
+for the exact scores (built from queries and keys with rounding margins).  The scores
+are ``scale q.k + b``: a policy that bounds scores from
 queries and keys (boxes, balls, quantized keys) must add ``ctx.bias`` (``b``, per query and
 key; None = no bias) to every bound, rounded outward (:func:`certattn._fp.add_up`), and
 count only the keys each query sees (``valid``).  Add tests that check the kept set
