@@ -40,6 +40,9 @@ Formulas
     A tail bound ``t`` for scores within ``delta`` of the exact ones becomes one for the
     exact scores, ``t / (t + (1 - t) e^{-2 delta}) <= t e^{2 delta}``, rounded up; and the
     budget ``eps e^{-2 delta}`` (rounded down) whose widened bound stays within ``eps``.
+:func:`score_slack` / :func:`slack_error`
+    The per-row slack ``delta_i`` between computed and exact scores ``scale q.k + b`` and
+    the output error it adds, ``(e^{2 delta} - 1) max_j |v_j|``.
 :func:`quant_step_factor`
     ``1/2 + 2^(b+2) U``: a ``b``-bit code computed in float64 as
     ``rint((k - lo)/step)`` is within that many steps of the key (Theorem QUANT-SCORE).
@@ -99,6 +102,8 @@ __all__ = [
     "scaled_norm",
     "score_abs_margin",
     "score_margin",
+    "score_slack",
+    "slack_error",
     "sum_gamma",
     "widen_tail",
 ]
@@ -393,3 +398,40 @@ def budget_under_slack(eps: float, delta: float) -> float:
     if not math.isfinite(d):
         return 0.0
     return float(eps) * math.exp(-2.0 * max(d, 0.0)) * (1.0 - 64 * U)
+
+
+def score_slack(margin: Array, s: Array, valid: Array, bias: Array | None, xp: Any) -> Array:
+    r"""Per query row, a bound :math:`\delta_i` on ``|computed - exact score|`` over its
+    visible keys, ``(..., m)``.
+
+    ``margin`` (:func:`certattn._fp.score_abs_margin`) bounds the rounding of
+    ``scale q.k``; with a ``bias`` the float64 sum ``s = raw + b`` adds at most
+    :math:`u |raw + b| \le 2u \max_j |s_j|` over the visible keys with :math:`b_j \ne 0`
+    (adding 0 is exact; as in :func:`certattn.search.certified_search`).  Rounded up;
+    ``inf`` on overflow.
+    """
+    slack = xp.broadcast_to(margin, s.shape[:-1])
+    if bias is not None:
+        added = valid & (bias != 0)
+        big = xp.max(xp.where(added, xp.abs(s), xp.zeros_like(s)), axis=-1)
+        slack = xp.where(big > 0, add_up(slack, 2 * U * big, xp), slack)
+    return xp.where(xp.isnan(slack), xp.full_like(slack, xp.inf), slack)
+
+
+def slack_error(err: Array, slack: Array, v: Array, valid: Array, xp: Any) -> Array:
+    r"""``err`` plus the distance between attention under the exact and the computed scores.
+
+    With every visible score within :math:`\delta` of its exact value, each weight
+    changes by a factor in :math:`[e^{-2\delta}, e^{2\delta}]`, so
+    :math:`\sum_j |p_j - p'_j| \le e^{2\delta} - 1` and the outputs differ by at most
+    :math:`(e^{2\delta} - 1) \max_j |v_j|` over the visible keys.  Rounded up (the norms
+    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``); ``inf`` on overflow.
+    """
+    dv = int(v.shape[-1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
+        zero = xp.zeros_like(vn[..., None, :])
+        vmax = xp.max(xp.where(valid, vn[..., None, :], zero), axis=-1)
+        term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)
+    term = xp.where(xp.isnan(term), xp.full_like(term, xp.inf), term)
+    return add_up(err, term, xp)

@@ -18,14 +18,14 @@ in exact arithmetic from the given ``q``, ``k`` and mask (not of the float64 sco
 of the scores a float32 or bfloat16 kernel would compute), over every key the mask does
 not set to ``-inf``.  The float64 scores differ from the exact ones by at most a per-row
 slack :math:`\delta_i` (:func:`certattn._fp.score_abs_margin` plus the rounding of adding
-the bias, :func:`_score_slack`); a tail bound about the float64 scores is widened to
+the bias, :func:`certattn._fp.score_slack`); a tail bound about the float64 scores is widened to
 :math:`t / (t + (1 - t) e^{-2\delta_i})` (:func:`certattn._fp.widen_tail`; a policy
 whose bound is already about the exact scores says so with ``Selection.exact``),
 budget policies certify a budget shrunk by :math:`e^{-2\delta}` so that the widened
 bound stays within ``eps``, and the output error adds
-:math:`(e^{2\delta_i} - 1) \max_j |v_j|` (:func:`_slack_error`).  Keys masked by a finite
-fill (``finfo(dtype).min``) are never kept, but their exact mass is bounded and added
-(:mod:`certattn.masks`).
+:math:`(e^{2\delta_i} - 1) \max_j |v_j|` (:func:`certattn._fp.slack_error`).  Keys
+masked by a finite fill (``finfo(dtype).min``) are never kept, but their exact mass is
+bounded and added (:mod:`certattn.masks`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
-from ._fp import U, add_up, scaled_norm, score_abs_margin, widen_tail
+from ._fp import add_up, score_abs_margin, score_slack, slack_error, widen_tail
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
@@ -271,7 +271,8 @@ def _chunks(
     pr: _Prepared, chunk_elems: int
 ) -> Any:
     """Yield ``(slice, scores, valid, queries, hidden, slack)`` per query chunk (float64
-    scores; ``hidden`` from :func:`_hidden_part`; ``slack`` from :func:`_score_slack`)."""
+    scores; ``hidden`` from :func:`_hidden_part`; ``slack`` from
+    :func:`certattn._fp.score_slack`)."""
     xp = pr.xp
     lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
     lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
@@ -305,44 +306,7 @@ def _chunks(
             raise InputError(f"query {where} is fully masked: it sees no key")
         margin = score_abs_margin(qs, pr.k, pr.scale, xp)
         hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, margin, xp)
-        yield sl, s, valid, qs, hid, _score_slack(margin, s, valid, b, xp)
-
-
-def _score_slack(margin: Array, s: Array, valid: Array, bias: Array | None, xp: Any) -> Array:
-    r"""Per query row, a bound :math:`\delta_i` on ``|computed - exact score|`` over its
-    visible keys, ``(..., m)``.
-
-    ``margin`` (:func:`certattn._fp.score_abs_margin`) bounds the rounding of
-    ``scale q.k``; with a ``bias`` the float64 sum ``s = raw + b`` adds at most
-    :math:`u |raw + b| \le 2u \max_j |s_j|` over the visible keys with :math:`b_j \ne 0`
-    (adding 0 is exact; as in :func:`certattn.search.certified_search`).  Rounded up;
-    ``inf`` on overflow.
-    """
-    slack = xp.broadcast_to(margin, s.shape[:-1])
-    if bias is not None:
-        added = valid & (bias != 0)
-        big = xp.max(xp.where(added, xp.abs(s), xp.zeros_like(s)), axis=-1)
-        slack = xp.where(big > 0, add_up(slack, 2 * U * big, xp), slack)
-    return xp.where(xp.isnan(slack), xp.full_like(slack, xp.inf), slack)
-
-
-def _slack_error(err: Array, slack: Array, v: Array, valid: Array, xp: Any) -> Array:
-    r"""``err`` plus the distance between attention under the exact and the computed scores.
-
-    With every visible score within :math:`\delta` of its exact value, each weight
-    changes by a factor in :math:`[e^{-2\delta}, e^{2\delta}]`, so
-    :math:`\sum_j |p_j - p'_j| \le e^{2\delta} - 1` and the outputs differ by at most
-    :math:`(e^{2\delta} - 1) \max_j |v_j|` over the visible keys.  Rounded up (the norms
-    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``); ``inf`` on overflow.
-    """
-    dv = int(v.shape[-1])
-    with np.errstate(over="ignore", invalid="ignore"):
-        vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
-        zero = xp.zeros_like(vn[..., None, :])
-        vmax = xp.max(xp.where(valid, vn[..., None, :], zero), axis=-1)
-        term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)
-    term = xp.where(xp.isnan(term), xp.full_like(term, xp.inf), term)
-    return add_up(err, term, xp)
+        yield sl, s, valid, qs, hid, score_slack(margin, s, valid, b, xp)
 
 
 def _hidden_part(
@@ -406,8 +370,9 @@ def _one_chunk(
 
     ``hid`` (:func:`_hidden_part`): the keys hidden by a finite fill; their exact mass is
     added to the tail and the output error (:mod:`certattn.masks`).  ``slack``
-    (:func:`_score_slack`): a tail bound about the computed scores is widened to one about
-    the exact scores, and the output error gains :func:`_slack_error`."""
+    (:func:`certattn._fp.score_slack`): a tail bound about the computed scores is widened to
+    one about the exact scores, and the output error gains
+    :func:`certattn._fp.slack_error`."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
                   need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl),
@@ -444,7 +409,7 @@ def _one_chunk(
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
         # the bound plus the rounding of the returned output, the sum rounded up
         err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
-        err = _slack_error(err, slack, v, valid, xp)
+        err = slack_error(err, slack, v, valid, xp)
         if hid is not None:
             err = hidden_error(err, hid[0], hid[1], valid, v, xp)
         fields["err"].append(err)

@@ -54,9 +54,9 @@ from typing import Any
 
 import numpy as np
 
-from .._fp import SMALLEST, U, add_up, scaled_norm, score_abs_margin
+from .._fp import SMALLEST, U, add_up, scaled_norm, score_abs_margin, score_slack, slack_error
 from .._validate import InputError, first_bad_position
-from ..attention import CHUNK_ELEMS, _hidden_part, _prepare, _score_slack, _slack_error
+from ..attention import CHUNK_ELEMS, _hidden_part, _prepare
 from ..kept import shift_rows
 from ..masks import hidden_error
 from ..output import sound_output_bounds
@@ -131,7 +131,7 @@ def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
     margin = score_abs_margin(q[..., rows, :], k, pr.scale, xp)
     # the dense rows' scores are computed ones: add their distance to the exact scores'
     bias = at_rows(pr.bias) if pr.bias is not None else None
-    err = _slack_error(err, _score_slack(margin, s, valid, bias, xp), v, valid, xp)
+    err = slack_error(err, score_slack(margin, s, valid, bias, xp), v, valid, xp)
     fill = at_rows(pr.fill) if pr.fill is not None else None
     hid = _hidden_part(raw, fill, cm, s, margin, xp)
     if hid is not None:  # keys hidden by a finite fill keep their exact mass
