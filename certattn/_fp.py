@@ -375,15 +375,17 @@ def widen_tail(tail: Array, delta: Array, xp: Any) -> Array:
     Returns
     -------
     float64 array (..., m)
-        In [0, 1]; 0 where ``tail`` is 0 (an empty tail stays empty); 1 (fails closed)
-        where ``tail`` or ``delta`` is NaN or the head term is not a number.
+        In [0, 1]; 0 where ``tail`` is 0 (a bound of 0 means nothing visible was dropped,
+        whatever ``delta``); 1 (fails closed) where ``tail`` or ``delta`` is NaN or the
+        head term is not a number.
     """
     t = xp.minimum(tail, 1.0)
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
         head = (1.0 - t) * xp.exp(-2.0 * delta) * (1.0 - 8 * U)
     r = ratio_up(t, head, xp)
     bad = xp.isnan(tail) | xp.isnan(delta + xp.zeros_like(t))
-    return xp.where(bad, xp.ones_like(r), r)
+    r = xp.where(bad, xp.ones_like(r), r)
+    return xp.where(tail == 0, xp.zeros_like(r), r)  # nothing dropped: nothing to widen
 
 
 def budget_under_slack(eps: float, delta: float) -> float:
