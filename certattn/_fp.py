@@ -324,7 +324,9 @@ def scaled_norm(a: Array, xp: Any) -> Array:
     return xp.where(safe[..., 0], n, m[..., 0])
 
 
-def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Array:
+def score_abs_margin(
+    queries: Array, keys: Array, scale: float, xp: Any, *, key_norms: Array | None = None
+) -> Array:
     r"""Absolute rounding bound of every float64 score ``scale * q_i.k_j`` of a query row.
 
     :math:`|\mathrm{fl}(\mathrm{fl}(q_i\cdot k_j)\,\mathrm{scale}) - \mathrm{scale}\,
@@ -339,6 +341,8 @@ def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Arra
         Leading axes broadcast with the queries'.
     scale : float
     xp : namespace
+    key_norms : float64 array (..., n), optional
+        ``scaled_norm(keys, xp)``, when the caller already has it (chunked loops).
 
     Returns
     -------
@@ -346,7 +350,8 @@ def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Arra
         ``inf`` where a norm overflows (callers then fail closed).
     """
     d = int(queries.shape[-1])
-    kmax = xp.max(scaled_norm(keys, xp), axis=-1, keepdims=True)
+    kn = scaled_norm(keys, xp) if key_norms is None else key_norms
+    kmax = xp.max(kn, axis=-1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
         r = score_margin(d) * float(scale) * scaled_norm(queries, xp) * kmax
         r = r * (1.0 + 2 * score_margin(d)) + NORMAL_MIN
@@ -420,18 +425,23 @@ def score_slack(margin: Array, s: Array, valid: Array, bias: Array | None, xp: A
     return xp.where(xp.isnan(slack), xp.full_like(slack, xp.inf), slack)
 
 
-def slack_error(err: Array, slack: Array, v: Array, valid: Array, xp: Any) -> Array:
+def slack_error(
+    err: Array, slack: Array, v: Array, valid: Array, xp: Any, *,
+    value_norms: Array | None = None,
+) -> Array:
     r"""``err`` plus the distance between attention under the exact and the computed scores.
 
     With every visible score within :math:`\delta` of its exact value, each weight
     changes by a factor in :math:`[e^{-2\delta}, e^{2\delta}]`, so
     :math:`\sum_j |p_j - p'_j| \le e^{2\delta} - 1` and the outputs differ by at most
     :math:`(e^{2\delta} - 1) \max_j |v_j|` over the visible keys.  Rounded up (the norms
-    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``); ``inf`` on overflow.
+    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``; ``value_norms``:
+    ``scaled_norm(v, xp)`` when the caller already has it); ``inf`` on overflow.
     """
     dv = int(v.shape[-1])
     with np.errstate(over="ignore", invalid="ignore"):
-        vn = scaled_norm(v, xp) * (1.0 + (dv + 8) * U)  # (..., n)
+        vn = scaled_norm(v, xp) if value_norms is None else value_norms
+        vn = vn * (1.0 + (dv + 8) * U)  # (..., n)
         zero = xp.zeros_like(vn[..., None, :])
         vmax = xp.max(xp.where(valid, vn[..., None, :], zero), axis=-1)
         term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)

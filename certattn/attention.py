@@ -41,7 +41,7 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
-from ._fp import add_up, score_abs_margin, score_slack, slack_error, widen_tail
+from ._fp import add_up, scaled_norm, score_abs_margin, score_slack, slack_error, widen_tail
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
@@ -280,6 +280,7 @@ def _chunks(
     offset = lk - lq
     kt = xp.matrix_transpose(pr.k)
     cols = xp.arange(lk, device=device_of(pr.q))
+    key_norms = scaled_norm(pr.k, xp)  # once per call: every chunk's score slack reads it
     for i0 in range(0, lq, step):
         sl = slice(i0, min(lq, i0 + step))
         qs = pr.q[..., sl, :]
@@ -304,7 +305,7 @@ def _chunks(
             pos = (*pos[:-1], pos[-1] + i0)
             where = pos if len(pos) > 1 else pos[0]
             raise InputError(f"query {where} is fully masked: it sees no key")
-        margin = score_abs_margin(qs, pr.k, pr.scale, xp)
+        margin = score_abs_margin(qs, pr.k, pr.scale, xp, key_norms=key_norms)
         hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, margin, xp)
         yield sl, s, valid, qs, hid, score_slack(margin, s, valid, b, xp)
 
@@ -409,7 +410,9 @@ def _one_chunk(
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
         # the bound plus the rounding of the returned output, the sum rounded up
         err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
-        err = slack_error(err, slack, v, valid, xp)
+        if "house:value_norms" not in cache:
+            cache["house:value_norms"] = scaled_norm(v, xp)
+        err = slack_error(err, slack, v, valid, xp, value_norms=cache["house:value_norms"])
         if hid is not None:
             err = hidden_error(err, hid[0], hid[1], valid, v, xp)
         fields["err"].append(err)
