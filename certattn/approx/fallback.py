@@ -78,7 +78,7 @@ def box_tail_upper(
     r"""Sound bound on the dropped mass of ``kept`` without scoring the dropped keys.
 
     Theorem BLOCK-BOUNDS with an exact head (as in SEARCH-SOUND): the kept keys enter with
-    their exact float64 scores (blocks of one key, :math:`l = u = s_j`), the visible unkept
+    their computed float64 scores (blocks of one key, :math:`l = u = s_j`), the visible unkept
     keys page by page with the page's box bound :math:`U_b` (Theorem BLOCK-SCORE), counted
     :math:`c_b` times:
 
@@ -88,7 +88,9 @@ def box_tail_upper(
 
     evaluated by :func:`certattn.blocks.block_tail_bounds` (log space, margin
     :math:`u(8(|a|+|b|) + 4 n_{blocks} + 2^{14})`, rounded up).  Only the kept scores are
-    read; ``scores`` of unkept keys are ignored.
+    read; ``scores`` of unkept keys are ignored.  The head's scores are the computed ones,
+    so the bound is about them: :func:`certattn.certify_attention` widens it to the exact
+    scores by the rows' score slack (:func:`certattn._fp.widen_tail`).
 
     Parameters
     ----------
