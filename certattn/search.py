@@ -165,7 +165,9 @@ class SearchResult:
         ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
     error_bound : array
         ``B`` float64: sound bound on ``|Attn - output|`` (Euclidean), from the head-tail
-        identity ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL).
+        identity ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL), plus
+        the distance between attention under the exact and the computed logits
+        (:func:`certattn._fp.slack_error`: ``Attn`` is about the exact ``scale q.k + b``).
     n_valid : array
         ``B`` int64: unmasked keys.
     eps : float
