@@ -36,6 +36,13 @@ Formulas
     ``(2 d + 8) U``: relative error of a float64 dot product of length ``d`` and a scale.
 :func:`score_abs_margin`
     The absolute form per query row, ``(2 d + 8) U scale |q| max_j |k_j|``, rounded up.
+:func:`widen_tail` / :func:`budget_under_slack`
+    A tail bound ``t`` for scores within ``delta`` of the exact ones becomes one for the
+    exact scores, ``t / (t + (1 - t) e^{-2 delta}) <= t e^{2 delta}``, rounded up; and the
+    budget ``eps e^{-2 delta}`` (rounded down) whose widened bound stays within ``eps``.
+:func:`score_slack` / :func:`slack_error`
+    The per-row slack ``delta_i`` between computed and exact scores ``scale q.k + b`` and
+    the output error it adds, ``(e^{2 delta} - 1) max_j |v_j|``.
 :func:`quant_step_factor`
     ``1/2 + 2^(b+2) U``: a ``b``-bit code computed in float64 as
     ``rint((k - lo)/step)`` is within that many steps of the key (Theorem QUANT-SCORE).
@@ -62,6 +69,7 @@ sets, accurate differences of two LSEs).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -77,6 +85,7 @@ __all__ = [
     "U",
     "add_down",
     "add_up",
+    "budget_under_slack",
     "log_cumsum",
     "lse",
     "lse_diff",
@@ -93,7 +102,10 @@ __all__ = [
     "scaled_norm",
     "score_abs_margin",
     "score_margin",
+    "score_slack",
+    "slack_error",
     "sum_gamma",
+    "widen_tail",
 ]
 
 Array = Any
@@ -301,17 +313,20 @@ def scaled_norm(a: Array, xp: Any) -> Array:
     Each row is divided by its largest magnitude first (``|a| = m |a / m|``), so tiny
     vectors (|a| below 1e-154, whose squares underflow) and huge ones keep their norm.
     The division adds at most one rounding per entry: the result is within a relative
-    ``(d + 4) U`` of the exact norm, as for the plain formula (callers' margins).
+    ``(d + 4) U`` of the exact norm, as for the plain formula (callers' margins); a norm
+    beyond the float64 range is ``inf``, silently.
     """
     m = xp.max(xp.abs(a), axis=-1, keepdims=True)
     safe = (m > 0) & (m < xp.inf)
     m1 = xp.where(safe, m, xp.ones_like(m))
-    with np.errstate(over="ignore"):  # a norm beyond the float range is inf
+    with np.errstate(over="ignore"):  # a norm past the float64 range is inf (callers fail closed)
         n = xp.linalg.vector_norm(a / m1, axis=-1) * m1[..., 0] * (1.0 + 2 * U)
     return xp.where(safe[..., 0], n, m[..., 0])
 
 
-def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Array:
+def score_abs_margin(
+    queries: Array, keys: Array, scale: float, xp: Any, *, key_norms: Array | None = None
+) -> Array:
     r"""Absolute rounding bound of every float64 score ``scale * q_i.k_j`` of a query row.
 
     :math:`|\mathrm{fl}(\mathrm{fl}(q_i\cdot k_j)\,\mathrm{scale}) - \mathrm{scale}\,
@@ -326,6 +341,8 @@ def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Arra
         Leading axes broadcast with the queries'.
     scale : float
     xp : namespace
+    key_norms : float64 array (..., n), optional
+        ``scaled_norm(keys, xp)``, when the caller already has it (chunked loops).
 
     Returns
     -------
@@ -333,8 +350,100 @@ def score_abs_margin(queries: Array, keys: Array, scale: float, xp: Any) -> Arra
         ``inf`` where a norm overflows (callers then fail closed).
     """
     d = int(queries.shape[-1])
-    kmax = xp.max(scaled_norm(keys, xp), axis=-1, keepdims=True)
+    kn = scaled_norm(keys, xp) if key_norms is None else key_norms
+    kmax = xp.max(kn, axis=-1, keepdims=True)
     with np.errstate(over="ignore", invalid="ignore"):
         r = score_margin(d) * float(scale) * scaled_norm(queries, xp) * kmax
         r = r * (1.0 + 2 * score_margin(d)) + NORMAL_MIN
     return xp.where(xp.isnan(r), xp.full_like(r, xp.inf), r)
+
+
+def widen_tail(tail: Array, delta: Array, xp: Any) -> Array:
+    r"""A tail bound for computed scores made a bound for the exact ones, rounded up.
+
+    If every visible score of a row is within ``delta`` of its exact value and ``tail``
+    bounds the discarded mass under the computed scores, the exact discarded mass is at
+    most :math:`t / (t + (1 - t) e^{-2\delta}) \le t e^{2\delta}` (the tail's weights
+    grow by at most :math:`e^{\delta}`, the head's shrink by at most as much, and
+    :math:`T/(T + H)` increases in :math:`T` and decreases in :math:`H`).  The head term is
+    shrunk by ``8 u`` (``1 - t``, ``exp`` and the product) and the ratio rounded up
+    (:func:`ratio_up`).
+
+    Parameters
+    ----------
+    tail : float64 array (..., m)
+        Sound bound for the computed scores (values above 1 act as 1).
+    delta : float64 array broadcastable to ``tail``
+        Per-row bound on ``|computed score - exact score|``.
+    xp : namespace
+
+    Returns
+    -------
+    float64 array (..., m)
+        In [0, 1]; 0 where ``tail`` is 0 (a bound of 0 means nothing visible was dropped,
+        whatever ``delta``); 1 (fails closed) where ``tail`` or ``delta`` is NaN or the
+        head term is not a number.
+    """
+    t = xp.minimum(tail, 1.0)
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        head = (1.0 - t) * xp.exp(-2.0 * delta) * (1.0 - 8 * U)
+    r = ratio_up(t, head, xp)
+    bad = xp.isnan(tail) | xp.isnan(delta + xp.zeros_like(t))
+    r = xp.where(bad, xp.ones_like(r), r)
+    return xp.where(tail == 0, xp.zeros_like(r), r)  # nothing dropped: nothing to widen
+
+
+def budget_under_slack(eps: float, delta: float) -> float:
+    r"""The largest safe budget ``eps'`` with :func:`widen_tail` of any ``t <= eps'`` at
+    most ``eps``, for scores within ``delta`` of the exact ones.
+
+    :math:`\varepsilon e^{-2\delta}`, shrunk by ``64 u`` (the rounding of ``exp`` and the
+    product here and of :func:`widen_tail`); 0 when ``delta`` is NaN or infinite (the
+    caller then keeps every key).
+    """
+    d = float(delta)
+    if not math.isfinite(d):
+        return 0.0
+    return float(eps) * math.exp(-2.0 * max(d, 0.0)) * (1.0 - 64 * U)
+
+
+def score_slack(margin: Array, s: Array, valid: Array, bias: Array | None, xp: Any) -> Array:
+    r"""Per query row, a bound :math:`\delta_i` on ``|computed - exact score|`` over its
+    visible keys, ``(..., m)``.
+
+    ``margin`` (:func:`certattn._fp.score_abs_margin`) bounds the rounding of
+    ``scale q.k``; with a ``bias`` the float64 sum ``s = raw + b`` adds at most
+    :math:`u |raw + b| \le 2u \max_j |s_j|` over the visible keys with :math:`b_j \ne 0`
+    (adding 0 is exact; as in :func:`certattn.search.certified_search`).  Rounded up;
+    ``inf`` on overflow.
+    """
+    slack = xp.broadcast_to(margin, s.shape[:-1])
+    if bias is not None:
+        added = valid & (bias != 0)
+        big = xp.max(xp.where(added, xp.abs(s), xp.zeros_like(s)), axis=-1)
+        slack = xp.where(big > 0, add_up(slack, 2 * U * big, xp), slack)
+    return xp.where(xp.isnan(slack), xp.full_like(slack, xp.inf), slack)
+
+
+def slack_error(
+    err: Array, slack: Array, v: Array, valid: Array, xp: Any, *,
+    value_norms: Array | None = None,
+) -> Array:
+    r"""``err`` plus the distance between attention under the exact and the computed scores.
+
+    With every visible score within :math:`\delta` of its exact value, each weight
+    changes by a factor in :math:`[e^{-2\delta}, e^{2\delta}]`, so
+    :math:`\sum_j |p_j - p'_j| \le e^{2\delta} - 1` and the outputs differ by at most
+    :math:`(e^{2\delta} - 1) \max_j |v_j|` over the visible keys.  Rounded up (the norms
+    of :func:`certattn._fp.scaled_norm` widened by ``(d_v + 8) u``; ``value_norms``:
+    ``scaled_norm(v, xp)`` when the caller already has it); ``inf`` on overflow.
+    """
+    dv = int(v.shape[-1])
+    with np.errstate(over="ignore", invalid="ignore"):
+        vn = scaled_norm(v, xp) if value_norms is None else value_norms
+        vn = vn * (1.0 + (dv + 8) * U)  # (..., n)
+        zero = xp.zeros_like(vn[..., None, :])
+        vmax = xp.max(xp.where(valid, vn[..., None, :], zero), axis=-1)
+        term = xp.expm1(2.0 * slack) * (1.0 + 8 * U) * vmax * (1.0 + 2 * U)
+    term = xp.where(xp.isnan(term), xp.full_like(term, xp.inf), term)
+    return add_up(err, term, xp)

@@ -13,11 +13,19 @@ without values: per-query certificates from queries and keys alone.  Queries are
 processed in chunks, so the full :math:`L_q \times L_k` score matrix is never held at
 once: peak extra memory is about ``chunk_elems`` float64 numbers.
 
-What is certified: the exact softmax of the float64 scores computed from the given
-``q``, ``k`` and mask (float32 or bfloat16 attention kernels compute slightly different
-scores; the certificate is not about their rounding), over every key the mask does not
-set to ``-inf``: keys masked by a finite fill (``finfo(dtype).min``) are never kept, but
-their exact mass is bounded and added (:mod:`certattn.masks`).
+What is certified: the exact softmax of :math:`\mathrm{scale}\; q k^\top` + mask computed
+in exact arithmetic from the given ``q``, ``k`` and mask (not of the float64 scores, nor
+of the scores a float32 or bfloat16 kernel would compute), over every key the mask does
+not set to ``-inf``.  The float64 scores differ from the exact ones by at most a per-row
+slack :math:`\delta_i` (:func:`certattn._fp.score_abs_margin` plus the rounding of adding
+the bias, :func:`certattn._fp.score_slack`); a tail bound about the float64 scores is widened to
+:math:`t / (t + (1 - t) e^{-2\delta_i})` (:func:`certattn._fp.widen_tail`; a policy
+whose bound is already about the exact scores says so with ``Selection.exact``),
+budget policies certify a budget shrunk by :math:`e^{-2\delta}` so that the widened
+bound stays within ``eps``, and the output error adds
+:math:`(e^{2\delta_i} - 1) \max_j |v_j|` (:func:`certattn._fp.slack_error`).  Keys
+masked by a finite fill (``finfo(dtype).min``) are never kept, but their exact mass is
+bounded and added (:mod:`certattn.masks`).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from . import _topk_numba
 from ._array import as_float_array, asarray_on, device_of
 from ._backends import refuse_lazy
-from ._fp import add_up, score_abs_margin
+from ._fp import add_up, scaled_norm, score_abs_margin, score_slack, slack_error, widen_tail
 from ._validate import InputError, check_finite, check_scale, first_bad_position
 from .kept import kl_upper_from_tail, require_nonempty, shift_rows, tail_upper_of
 from .masks import hidden_error, hidden_mass, hidden_tail, normalize_mask
@@ -262,8 +270,9 @@ def _prepare(
 def _chunks(
     pr: _Prepared, chunk_elems: int
 ) -> Any:
-    """Yield ``(slice, scores, valid, queries, hidden)`` per query chunk (float64 scores;
-    ``hidden`` from :func:`_hidden_part`)."""
+    """Yield ``(slice, scores, valid, queries, hidden, slack)`` per query chunk (float64
+    scores; ``hidden`` from :func:`_hidden_part`; ``slack`` from
+    :func:`certattn._fp.score_slack`)."""
     xp = pr.xp
     lq, lk = int(pr.q.shape[-2]), int(pr.k.shape[-2])
     lead = math.prod(int(s) for s in xp.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
@@ -271,6 +280,7 @@ def _chunks(
     offset = lk - lq
     kt = xp.matrix_transpose(pr.k)
     cols = xp.arange(lk, device=device_of(pr.q))
+    key_norms = scaled_norm(pr.k, xp)  # once per call: every chunk's score slack reads it
     for i0 in range(0, lq, step):
         sl = slice(i0, min(lq, i0 + step))
         qs = pr.q[..., sl, :]
@@ -295,23 +305,24 @@ def _chunks(
             pos = (*pos[:-1], pos[-1] + i0)
             where = pos if len(pos) > 1 else pos[0]
             raise InputError(f"query {where} is fully masked: it sees no key")
-        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, qs, pr.k, pr.scale, xp)
-        yield sl, s, valid, qs, hid
+        margin = score_abs_margin(qs, pr.k, pr.scale, xp, key_norms=key_norms)
+        hid = _hidden_part(raw, _rows_of(pr.fill, sl), cm, s, margin, xp)
+        yield sl, s, valid, qs, hid, score_slack(margin, s, valid, b, xp)
 
 
 def _hidden_part(
-    raw: Array, fill: Array | None, cm: Array | None, s: Array, queries: Array, keys: Array,
-    scale: float, xp: Any,
+    raw: Array, fill: Array | None, cm: Array | None, s: Array, margin: Array, xp: Any,
 ) -> tuple[Array, Array] | None:
     """``(h, hidden)`` of a chunk of query rows: the keys a finite fill hides (and the
     causal mask ``cm`` does not) and :func:`certattn.masks.hidden_mass` of them, from the
-    computed ``raw = scale q.k`` and the visible scores ``s``; None without any fill."""
+    computed ``raw = scale q.k``, the visible scores ``s`` and the rounding bound
+    ``margin`` of ``raw`` (:func:`certattn._fp.score_abs_margin`); None without any fill."""
     if fill is None:
         return None
     hidden = fill > -xp.inf
     if cm is not None:
         hidden = hidden & cm
-    h = hidden_mass(raw, fill, hidden, s, score_abs_margin(queries, keys, scale, xp), xp)
+    h = hidden_mass(raw, fill, hidden, s, margin, xp)
     return h, hidden
 
 
@@ -333,10 +344,10 @@ def _run(
     # the compiled path's `auto` choice: by the whole call's scores, not per chunk
     scores = math.prod(int(d) for d in pr.q.shape[:-1]) * int(pr.k.shape[-2])
     with _topk_numba.call_size(scores):
-        for sl, s, valid, qs, hid in _chunks(pr, chunk_elems):
+        for sl, s, valid, qs, hid, slack in _chunks(pr, chunk_elems):
             _one_chunk(pr, policy, sl, s, valid, qs, cache, fields, return_kept=return_kept,
                        with_output=with_output, diameters=diameters, chunk_elems=chunk_elems,
-                       hid=hid)
+                       hid=hid, slack=slack)
             if progress is not None:
                 progress(sl.stop, lq)
 
@@ -354,14 +365,19 @@ def _one_chunk(
     pr: _Prepared, policy: Any, sl: slice, s: Array, valid: Array, qs: Array,
     cache: dict[str, Any], fields: dict[str, list[Array]], *, return_kept: bool,
     with_output: bool, diameters: bool, chunk_elems: int, hid: tuple[Array, Array] | None,
+    slack: Array,
 ) -> None:
     """Select and certify one query chunk ``s`` (its scores), appending to ``fields``.
 
     ``hid`` (:func:`_hidden_part`): the keys hidden by a finite fill; their exact mass is
-    added to the tail and the output error (:mod:`certattn.masks`)."""
+    added to the tail and the output error (:mod:`certattn.masks`).  ``slack``
+    (:func:`certattn._fp.score_slack`): a tail bound about the computed scores is widened to
+    one about the exact scores, and the output error gains
+    :func:`certattn._fp.slack_error`."""
     xp = pr.xp
     ctx = Context(queries=qs, keys=pr.k, scale=pr.scale, start=sl.start, xp=xp, cache=cache,
-                  need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl))
+                  need_kept=return_kept or with_output, bias=_rows_of(pr.bias, sl),
+                  score_slack=slack)
     sel = policy.select(s, valid, ctx)
     if sel.kept is None:  # counts and a sound bound only (allowed without need_kept)
         if ctx.need_kept or sel.tail_upper is None or sel.n_kept is None:
@@ -375,6 +391,8 @@ def _one_chunk(
         if tail is None:
             tail = tail_upper_of(xs, valid, kept, xp)
     tail = xp.astype(tail, xp.float64)
+    if sel.tail_upper is None or not sel.exact:
+        tail = widen_tail(tail, slack, xp)
     fields["k"].append(xp.astype(n_kept, xp.int64))
     fields["tail"].append(tail if hid is None else hidden_tail(tail, hid[0], xp))
     fields["nv"].append(xp.sum(xp.astype(valid, xp.int64), axis=-1))
@@ -392,6 +410,9 @@ def _one_chunk(
         stack = xp.where(xp.isnan(stack), xp.full_like(stack, xp.inf), stack)
         # the bound plus the rounding of the returned output, the sum rounded up
         err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
+        if "house:value_norms" not in cache:
+            cache["house:value_norms"] = scaled_norm(v, xp)
+        err = slack_error(err, slack, v, valid, xp, value_norms=cache["house:value_norms"])
         if hid is not None:
             err = hidden_error(err, hid[0], hid[1], valid, v, xp)
         fields["err"].append(err)
@@ -416,9 +437,11 @@ def certify_scores(
 
     The scores :math:`\mathrm{scale}\, q k^\top` (+ mask) exist one query chunk at a time
     (about ``chunk_elems`` float64 numbers), so memory stays bounded at any context
-    length.  With the default Top-k policy the result equals
+    length.  With the default Top-k policy the result is
     :func:`certattn.certify_topk` on the materialised float64 scores, row by row
-    (Theorems TV-TAIL, TV-KL).
+    (Theorems TV-TAIL, TV-KL), at the budget ``eps`` shrunk by the chunk's score slack
+    and with ``tail_upper`` widened to the exact scores (module docstring: still at most
+    ``eps``).
 
     Parameters
     ----------

@@ -408,9 +408,9 @@ def attention_budget(
     ``coverage`` of the queries with its measured and held-out coverage (module docstring).
 
     :class:`~certattn.models.ModelAttention` inputs are certified from their queries and
-    keys by :func:`certattn.certify_scores` (float64 scores ``scale * q k^T``, one block
-    of query rows at a time: the logits are never formed); logits arrays are certified
-    as given.
+    keys by :func:`certattn.certify_scores` (about the exact ``scale * q k^T`` from the given
+    queries and keys, one block of query rows at a time: the logits are never formed);
+    logits arrays are certified as given.
 
     Parameters
     ----------

@@ -24,8 +24,13 @@ A policy is any object with a ``name`` and a ``select(scores, valid, ctx)`` meth
 returns a :class:`Selection`; ``scores`` are the float64 scores of the chunk
 (``-inf`` = masked, shape ``(..., m, n)``), ``valid`` their visible keys, ``ctx`` a
 :class:`Context` (queries, keys, scale, the additive mask bias, first query row, a
-per-call cache).  Return the kept mask, and a ``tail_upper`` only if the policy has its
-own *sound* bound.  The scores are ``scale q.k + b``: a policy that bounds scores from
+per-call cache, the rows' score slack).  Return the kept mask, and a ``tail_upper`` only
+if the policy has its own *sound* bound.  The certificate is about the exact
+``scale q.k + b`` (:mod:`certattn.attention`): a bound about the computed ``scores`` is
+widened by ``ctx.score_slack`` (so a policy that promises ``tail_upper <= eps`` certifies
+:func:`slack_budget` instead); ``Selection(exact=True)`` marks a bound that already holds
+for the exact scores (built from queries and keys with rounding margins).  The scores
+are ``scale q.k + b``: a policy that bounds scores from
 queries and keys (boxes, balls, quantized keys) must add ``ctx.bias`` (``b``, per query and
 key; None = no bias) to every bound, rounded outward (:func:`certattn._fp.add_up`), and
 count only the keys each query sees (``valid``).  Add tests that check the kept set
@@ -42,7 +47,7 @@ from typing import Any, Protocol
 from ._array import to_numpy
 from ._validate import InputError, check_count, check_eps, check_int_option, check_number
 from .distribution import topk_mask
-from .topk import certify_topk, certify_topp
+from .topk import certify_topk, topp_budget
 
 __all__ = [
     "CertifiedBlocks",
@@ -56,6 +61,7 @@ __all__ = [
     "TopP",
     "WindowSinks",
     "as_policy",
+    "slack_budget",
 ]
 
 Array = Any
@@ -78,12 +84,19 @@ class Selection:
         Keys whose scores the policy computed exactly (None: every visible key).
     n_kept : int64 array (..., m), optional
         Valid keys kept, when ``kept`` is None.
+    exact : bool
+        True when ``tail_upper`` already bounds the tail under the *exact* scores
+        ``scale q.k + b`` (bounds built from queries and keys with rounding margins:
+        certified blocks, search).  False (the default): it bounds the tail under the
+        computed float64 ``scores``, and the house widens it by the rows' score slack
+        ``ctx.score_slack`` (:func:`certattn._fp.widen_tail`).
     """
 
     kept: Array | None
     tail_upper: Array | None = None
     scored: Array | None = None
     n_kept: Array | None = None
+    exact: bool = False
 
 
 @dataclass
@@ -107,6 +120,11 @@ class Context:
     bias : float64 array or None
         The chunk's additive mask bias, broadcastable to the scores ``(..., m, n)`` (0 where
         masked), or None: the scores are ``scale q.k + bias``.
+    score_slack : float64 array (..., m) or None
+        Per query row, a bound on ``|computed score - exact score|`` over the row's visible
+        keys (:func:`certattn._fp.score_abs_margin` plus the rounding of adding the bias);
+        None: the scores are exact.  A budget policy whose bound is about the computed
+        scores certifies :func:`slack_budget` instead of its ``eps``.
     """
 
     queries: Array
@@ -117,6 +135,26 @@ class Context:
     cache: dict[str, Any] = field(default_factory=dict)
     need_kept: bool = True
     bias: Array | None = None
+    score_slack: Array | None = None
+
+
+def slack_budget(eps: float, ctx: Context) -> float:
+    """The budget to certify on the computed scores so that the house's widened bound
+    (:func:`certattn._fp.widen_tail` by ``ctx.score_slack``) stays at most ``eps``.
+
+    ``eps`` itself without a slack; :func:`certattn._fp.budget_under_slack` of the
+    chunk's largest slack otherwise."""
+    from ._fp import budget_under_slack
+
+    if ctx.score_slack is None:
+        return float(eps)
+    xp = ctx.xp
+    slack = ctx.score_slack
+    if int(math.prod(int(d) for d in slack.shape)) == 0:
+        return float(eps)
+    if bool(xp.any(xp.isnan(slack))):
+        return 0.0
+    return budget_under_slack(eps, float(xp.max(slack)))
 
 
 class Policy(Protocol):
@@ -133,7 +171,9 @@ class Policy(Protocol):
 class TopK:
     """Smallest certified Top-k with :math:`\\tau \\le` ``eps`` (Theorems TV-TAIL, TV-KL).
 
-    Uses :func:`certattn.certify_topk`'s exact kernel; its ``tail_upper`` is the bound.
+    Uses :func:`certattn.certify_topk`'s exact kernel on the computed scores, with the
+    budget :func:`slack_budget` (``eps`` shrunk by the chunk's score slack), so that the
+    house's bound for the exact scores stays at most ``eps``.
     """
 
     eps: float
@@ -143,7 +183,7 @@ class TopK:
         object.__setattr__(self, "eps", check_eps(self.eps))
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
-        cert = certify_topk(scores, self.eps)
+        cert = certify_topk(scores, slack_budget(self.eps, ctx))
         kept = topk_mask(scores, cert.k) if ctx.need_kept else None
         return Selection(kept=kept, tail_upper=cert.tail_upper, n_kept=cert.k)
 
@@ -160,7 +200,7 @@ class TopP:
         object.__setattr__(self, "p", v)
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
-        cert = certify_topp(scores, self.p)
+        cert = certify_topk(scores, slack_budget(topp_budget(self.p), ctx))
         kept = topk_mask(scores, cert.k) if ctx.need_kept else None
         return Selection(kept=kept, tail_upper=cert.tail_upper, n_kept=cert.k)
 
@@ -334,7 +374,8 @@ class CertifiedBlocks:
             lower, upper = add_down(lower, bmin, xp), add_up(upper, bmax, xp)
         sel = greedy_block_set(lower, upper, sizes, self.eps, cost="keys")
         kept = _expand_pages(sel.kept, page_of, xp) & valid
-        return Selection(kept=kept, tail_upper=sel.tail_upper)
+        # the block bounds enclose the exact scores (cells' margins): an exact bound
+        return Selection(kept=kept, tail_upper=sel.tail_upper, exact=True)
 
 
 def _block_visible(
@@ -439,7 +480,9 @@ class Search:
             arr = np.stack(parts).reshape(*lead, *parts[0].shape) if lead else parts[0]
             return from_numpy(np.ascontiguousarray(arr), xp=xp, device=dev)
 
-        return Selection(kept=back(kept), tail_upper=back(tail), scored=back(scored))
+        # SEARCH-SOUND widens every computed score by its rounding margin: an exact bound
+        return Selection(kept=back(kept), tail_upper=back(tail), scored=back(scored),
+                         exact=True)
 
 
 def _lead_indices(lead: tuple[int, ...]) -> list[tuple[int, ...]]:

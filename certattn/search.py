@@ -96,7 +96,15 @@ import numpy as np
 from ._array import from_numpy, namespace, to_numpy
 from ._backends import refuse_lazy
 from ._fp import U as _U
-from ._fp import add_up, ratio_up, scaled_norm, score_abs_margin, score_margin
+from ._fp import (
+    add_up,
+    ratio_up,
+    scaled_norm,
+    score_abs_margin,
+    score_margin,
+    score_slack,
+    slack_error,
+)
 from ._validate import InputError, check_eps, check_int_option, check_scale
 from .cells import CellTree, cell_tree, kmeans_cells
 from .kept import shift_rows
@@ -157,7 +165,9 @@ class SearchResult:
         ``B + (dv,)``: attention restricted to ``A``, ``sum_A p_hat_i v_i``.
     error_bound : array
         ``B`` float64: sound bound on ``|Attn - output|`` (Euclidean), from the head-tail
-        identity ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL).
+        identity ``Attn - Attn_A = tau (mu_tail - mu_head)`` (Theorem OUT-HEAD-TAIL), plus
+        the distance between attention under the exact and the computed logits
+        (:func:`certattn._fp.slack_error`: ``Attn`` is about the exact ``scale q.k + b``).
     n_valid : array
         ``B`` int64: unmasked keys.
     eps : float
@@ -912,9 +922,13 @@ def certified_search(
         b = None if bias_all is None else bias_all[h]
         r = search_cells(trees[j], q_all[h], k_all[j], vis_all[h], eps, scale=scale, method=method,
                          bias=b)
-        logits = _logits(q_all[h], k_all[j], scale, _visible_bias(b, vis_all[h]), vis_all[h])
+        bv = _visible_bias(b, vis_all[h])
+        logits = _logits(q_all[h], k_all[j], scale, bv, vis_all[h])
         out, err = _output_and_error(logits, vis_all[h], r["kept"], r["tail_upper"], v_all[j],
                                      out_dtype)
+        # the output is attention under the computed logits: add its distance to the exact
+        err = _exact_score_error(err, q_all[h], k_all[j], scale, logits, vis_all[h], bv,
+                                 v_all[j])
         if hid_all is not None:  # keys hidden by a finite fill keep their exact mass
             r["tail_upper"], err = _add_hidden(
                 fill_all[h], hid_all[h], vis_all[h], np.where(r["kept"], logits, -np.inf),
@@ -964,6 +978,18 @@ def _add_hidden(
     margin = score_abs_margin(queries, keys, scale, xnp)
     h = hidden_mass(cs, fill, hidden, kept_logits, margin, xnp)
     return hidden_tail(tail, h, xnp), hidden_error(err, h, hidden, visible, values, xnp)
+
+
+def _exact_score_error(
+    err: np.ndarray, queries: np.ndarray, keys: np.ndarray, scale: float, logits: np.ndarray,
+    visible: np.ndarray, bias: np.ndarray | None, values: np.ndarray,
+) -> np.ndarray:
+    """``err`` plus the distance between attention under the exact and the computed logits
+    (:func:`certattn._fp.slack_error` of the rows' :func:`certattn._fp.score_slack`)."""
+    import array_api_compat.numpy as xnp
+
+    margin = score_abs_margin(queries, keys, scale, xnp)
+    return slack_error(err, score_slack(margin, logits, visible, bias, xnp), values, visible, xnp)
 
 
 def _output_and_error(

@@ -170,13 +170,19 @@ def certify_topp(
     Top-p with ``p = 1 - eps`` is exactly a TV budget (Theorem BUDGET-EQUIV): the kept
     keys carry at least mass ``p`` of the exact softmax.  ``p`` must lie in (0, 1].
     """
+    eps = topp_budget(p)
+    return certify_topk(logits, eps, axis=axis, masked_rows=masked_rows, progress=progress)
+
+
+def topp_budget(p: float) -> float:
+    """The largest float64 TV budget at most the exact ``1 - p`` (``p`` in (0, 1])."""
     pv = check_number(p, name="p", low=0.0, high=1.0, closed_low=False, closed_high=True)
     # fl(1 - p) can round above the exact 1 - p when p < 1/2: step down to the largest
     # float budget that does not exceed it, so the kept mass is at least p exactly.
     eps = 1.0 - pv
     if Fraction(eps) > 1 - Fraction(pv):
         eps = math.nextafter(eps, 0.0)
-    return certify_topk(logits, eps, axis=axis, masked_rows=masked_rows, progress=progress)
+    return eps
 
 
 def certify_topk(

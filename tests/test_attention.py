@@ -387,3 +387,106 @@ def test_bfloat16_additive_mask_is_read_in_its_own_dtype():
     a = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m)
     b = certattn.certify_attention(q, np.eye(4), np.eye(4), 0.1, mask=m.astype(np.float32))
     np.testing.assert_array_equal(a.k, b.k)
+
+
+def test_certificate_is_about_the_exact_scores_not_the_float64_ones():
+    """Regression (soundness matrix): on GQA float64 inputs with scores up to ~3e4 the
+    float64 rounding of ``scale q.k`` moved the tail past ``tail_upper`` (relative 1.8e-13);
+    the certificate must hold for the exact ``scale q.k`` from the given inputs."""
+    from certattn._soundness import Claim
+    from certattn.policies import TopP
+
+    from ._matrix import check, exact_rows, make_case
+
+    case = make_case("gqa", "float64", "large_scores")
+    rows = exact_rows(case)
+    kw = dict(scale=case.scale, mask=case.mask, causal=True, kv_heads=2)
+    cert = certify_attention(case.queries, case.keys, case.values, 0.05, **kw)
+    bad = check(Claim(tail_upper=cert.tail_upper, kl_upper=cert.kl_upper,
+                      error_bound=cert.error_bound, kept=cert.kept, output=cert.output), rows)
+    assert bad == []
+    sc = certattn.certify_scores(case.queries, case.keys, policy=TopP(0.95), return_kept=True,
+                                 **kw)
+    bad = check(Claim(tail_upper=sc.tail_upper, kl_upper=sc.kl_upper, error_bound=None,
+                      kept=sc.kept, output=None), rows)
+    assert bad == []
+    assert np.all(cert.tail_upper <= 0.05) and np.all(sc.tail_upper <= 0.05 + 1e-15)
+
+
+def test_widen_tail_bounds_the_exact_perturbed_tail_and_fails_closed():
+    """``t / (t + (1 - t) e^{-2 delta})`` in exact arithmetic is below the widened bound."""
+    from certattn._fp import widen_tail
+
+    rng = np.random.default_rng(3)
+    t = np.concatenate([rng.uniform(0, 1, 200), 10.0 ** rng.uniform(-300, -1, 200), [1.0]])
+    d = np.concatenate([10.0 ** rng.uniform(-16, 1, 400), [1e-3]])
+    w = widen_tail(t, d, np)
+    assert np.all((w >= t) & (w <= 1))
+    with mpmath.workdps(60):
+        for ti, di, wi in zip(t, d, w, strict=True):
+            ti, di = mpmath.mpf(float(ti)), mpmath.mpf(float(di))
+            assert ti / (ti + (1 - ti) * mpmath.exp(-2 * di)) <= mpmath.mpf(float(wi))
+    z = np.zeros(3)
+    assert np.array_equal(widen_tail(z, np.array([1.0, np.inf, np.nan]), np), z)
+    odd = widen_tail(np.array([np.nan, 0.1, 0.1, 2.0]), np.array([1e-9, np.inf, np.nan, 0.0]), np)
+    assert np.array_equal(odd, [1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-300, 1e-9, 0.05, 0.5, 0.999])
+def test_budget_under_slack_keeps_the_widened_bound_within_eps(eps):
+    from certattn._fp import budget_under_slack, widen_tail
+
+    for delta in (0.0, 1e-300, 1e-13, 1e-6, 0.3, 5.0):
+        b = budget_under_slack(eps, delta)
+        assert 0 <= b <= eps and widen_tail(np.array([b]), np.array([delta]), np)[0] <= eps
+    assert budget_under_slack(0.05, np.inf) == 0.0 and budget_under_slack(0.05, np.nan) == 0.0
+
+
+def test_slack_error_against_exact_arithmetic_and_on_overflow():
+    """``sum |p_j - p'_j| max |v_j|`` for logits moved by at most delta, in exact arithmetic."""
+    from certattn._fp import slack_error
+
+    rng = np.random.default_rng(4)
+    s = rng.normal(size=6) * 3
+    v = rng.normal(size=(6, 3))
+    delta = 1e-3
+    moved = s + rng.uniform(-delta, delta, 6)
+    with mpmath.workdps(50):
+        def soft(x):
+            e = [mpmath.exp(mpmath.mpf(float(a))) for a in x]
+            return [a / mpmath.fsum(e) for a in e]
+        p, p2 = soft(s), soft(moved)
+        diff = [a - b for a, b in zip(p, p2, strict=True)]
+        dist = mpmath.sqrt(mpmath.fsum(
+            mpmath.fsum(w * float(v[j, c]) for j, w in enumerate(diff)) ** 2 for c in range(3)))
+    valid = np.ones((1, 6), bool)
+    bound = slack_error(np.zeros(1), np.array([delta]), v, valid, np)[0]
+    assert dist <= bound < 1
+    huge = slack_error(np.zeros(1), np.array([1.0]), np.full((6, 3), 1e308), valid, np)
+    assert np.array_equal(huge, [np.inf])
+    assert np.array_equal(slack_error(np.zeros(1), np.array([np.inf]), v, valid, np), [np.inf])
+
+
+def test_policy_bounds_are_widened_unless_exact():
+    """A policy's tail about the computed scores is widened by the score slack; one marked
+    ``exact`` (built from queries and keys with margins) is taken as it is."""
+    from certattn.policies import Selection
+
+    class Given:
+        name = "given"
+
+        def __init__(self, exact):
+            self.exact = exact
+
+        def select(self, scores, valid, ctx):
+            kept = np.zeros(scores.shape, bool)
+            kept[..., 0] = True
+            return Selection(kept=kept, tail_upper=np.full(scores.shape[:-1], 0.25),
+                             exact=self.exact)
+
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(3, 8, 4)) * 20 for _ in range(3))
+    exact = certify_attention(q, k, v, policy=Given(True))
+    widened = certify_attention(q, k, v, policy=Given(False))
+    assert np.all(exact.tail_upper == 0.25)
+    assert np.all(widened.tail_upper > 0.25) and np.all(widened.tail_upper < 0.25 * (1 + 1e-9))

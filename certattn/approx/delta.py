@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .._fp import SMALLEST, U, scaled_norm
+from .._fp import SMALLEST, U, add_up, scaled_norm, score_abs_margin, score_slack, slack_error
 from .._validate import InputError, first_bad_position
 from ..attention import CHUNK_ELEMS, _hidden_part, _prepare
 from ..kept import shift_rows
@@ -127,9 +127,13 @@ def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
     xs = shift_rows(s, xp)
     res = sound_output_bounds(xs, v, valid, valid, np.zeros(s.shape[:-1]), xp,
                               full_softmax=False)
-    err = np.asarray(res["best"]) + np.asarray(res["mu_err"])
+    err = add_up(np.asarray(res["best"]), np.asarray(res["mu_err"]), xp)
+    margin = score_abs_margin(q[..., rows, :], k, pr.scale, xp)
+    # the dense rows' scores are computed ones: add their distance to the exact scores'
+    bias = at_rows(pr.bias) if pr.bias is not None else None
+    err = slack_error(err, score_slack(margin, s, valid, bias, xp), v, valid, xp)
     fill = at_rows(pr.fill) if pr.fill is not None else None
-    hid = _hidden_part(raw, fill, cm, s, q[..., rows, :], k, pr.scale, xp)
+    hid = _hidden_part(raw, fill, cm, s, margin, xp)
     if hid is not None:  # keys hidden by a finite fill keep their exact mass
         err = hidden_error(err, hid[0], hid[1], valid, v, xp)
     return np.asarray(res["attn_k"]), err, np.sum(valid, axis=-1).astype(np.float64)
@@ -219,7 +223,7 @@ def delta_correct(
     if sparse_rows.size:
         a = anchor[sparse_rows]
         d_a = d_out[..., pos[a], :]
-        with np.errstate(over="ignore", invalid="ignore"):  # an overflow: error inf below
+        with np.errstate(over="ignore", invalid="ignore"):  # huge values: inf, fails closed
             corr = d_a - s_out[..., a, :]
             o = s_out[..., sparse_rows, :] + corr
             dv = o.shape[-1]

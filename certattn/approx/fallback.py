@@ -41,7 +41,7 @@ import numpy as np
 from .._fp import add_up
 from .._validate import InputError, check_eps
 from ..blocks import block_tail_bounds
-from ..policies import Pages, Selection, TopK, _block_visible, page_upper_bounds
+from ..policies import Pages, Selection, TopK, _block_visible, page_upper_bounds, slack_budget
 
 __all__ = ["METADATA_PER_PAGE", "CertifiedFallback", "box_tail_upper", "pages_visible"]
 
@@ -78,7 +78,7 @@ def box_tail_upper(
     r"""Sound bound on the dropped mass of ``kept`` without scoring the dropped keys.
 
     Theorem BLOCK-BOUNDS with an exact head (as in SEARCH-SOUND): the kept keys enter with
-    their exact float64 scores (blocks of one key, :math:`l = u = s_j`), the visible unkept
+    their computed float64 scores (blocks of one key, :math:`l = u = s_j`), the visible unkept
     keys page by page with the page's box bound :math:`U_b` (Theorem BLOCK-SCORE), counted
     :math:`c_b` times:
 
@@ -88,7 +88,9 @@ def box_tail_upper(
 
     evaluated by :func:`certattn.blocks.block_tail_bounds` (log space, margin
     :math:`u(8(|a|+|b|) + 4 n_{blocks} + 2^{14})`, rounded up).  Only the kept scores are
-    read; ``scores`` of unkept keys are ignored.
+    read; ``scores`` of unkept keys are ignored.  The head's scores are the computed ones,
+    so the bound is about them: :func:`certattn.certify_attention` widens it to the exact
+    scores by the rows' score slack (:func:`certattn._fp.widen_tail`).
 
     Parameters
     ----------
@@ -139,8 +141,9 @@ class CertifiedFallback:
     (no unkept key scored).  If the bound is at most ``eps`` the base set is served
     (``tail_upper`` = that bound); otherwise every visible key is scored and the query gets
     the certified Top-k for ``eps`` (``to="topk"``; Theorem TV-TAIL, :math:`\bar\tau \le`
-    ``eps``) or dense attention (``to="dense"``, :math:`\tau = 0`).  Every query's
-    ``tail_upper`` is therefore at most ``eps``.
+    ``eps``) or dense attention (``to="dense"``, :math:`\tau = 0`).  Both certify the
+    budget :func:`certattn.policies.slack_budget` on the computed scores, so every query's
+    ``tail_upper`` (the house's bound for the exact scores) is at most ``eps``.
 
     The box bound adds the additive mask bias (``ctx.bias``) when there is one.
     """
@@ -167,7 +170,9 @@ class CertifiedFallback:
         sel = self.base.select(scores, valid, ctx)
         kept = np.asarray(sel.kept) & valid
         box, pages_read = box_tail_upper(scores, valid, kept, ctx, self.page_size)
-        ok = box <= self.eps
+        # the house widens the bound by the score slack (the head's scores are computed
+        # ones): certify the shrunk budget so the widened bound stays within eps
+        ok = box <= slack_budget(self.eps, ctx)
         n_kept = np.sum(kept, axis=-1).astype(np.float64)
         n_valid = np.sum(valid, axis=-1).astype(np.float64)
         if isinstance(self.base, Pages) and self.base.page_size == self.page_size:

@@ -170,7 +170,7 @@ def _kept_weights(pr: Any, kept: Array, chunk_elems: int) -> Array:
 
     xp = _np_ns()
     parts = []
-    for sl, s, valid, _, _ in _chunks(pr, chunk_elems):
+    for sl, s, valid, *_ in _chunks(pr, chunk_elems):
         xs = shift_rows(np.asarray(s), xp)
         w, _ = masked_weights(xs, np.asarray(kept)[..., sl, :] & np.asarray(valid), xp)
         parts.append(w)

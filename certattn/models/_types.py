@@ -356,8 +356,10 @@ class ModelAttention:
 
         Runs :func:`certattn.certify_scores` over blocks of ``block`` query rows (a causal
         block only scores its keys ``0..stop-1``), so memory stays ``O(chunk)`` and the
-        ``(n, n)`` logits are never formed.  With the default policy the result equals
-        :func:`certattn.certify_topk` on the float64 scores ``scale * q k^T``, row by row.
+        ``(n, n)`` logits are never formed.  With the default policy the result is
+        :func:`certattn.certify_topk` on the float64 scores ``scale * q k^T``, row by row,
+        made a certificate for the exact scores (:mod:`certattn.attention`: the budget is
+        shrunk and the bound widened by the rows' rounding slack, still at most ``eps``).
 
         Parameters
         ----------
