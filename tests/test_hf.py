@@ -248,3 +248,74 @@ def test_smollm2_topk_keeps_next_token_kl_small():
     _dense, topk = evaluate(model, ids, {"topk": TopK(0.01)})
     assert topk["kept_fraction"] < 0.8
     assert topk["kl_mean"] < 1e-3 and topk["top1"] >= 0.95
+
+
+def _tiny_folder(tmp_path):
+    """A tiny random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = [f"w{i}" for i in range(63)]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}},
+                                     unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    folder = tmp_path / "tiny"
+    model = _model("llama")
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(folder)
+    fast.save_pretrained(folder)
+    text = tmp_path / "text.txt"
+    rng = np.random.default_rng(3)
+    text.write_text(" ".join(words[i] for i in rng.integers(0, 63, 40)))
+    return folder, text
+
+
+def test_cli_evaluate_on_a_folder(tmp_path, capsys):
+    import json
+
+    from certattn.cli import main
+
+    folder, text = _tiny_folder(tmp_path)
+    argv = ["evaluate", "--model", str(folder), "--text-file", str(text), "--tokens", "24",
+            "--policies", "topk:0.3,window:auto,fixed:1", "--json", "--out", str(tmp_path / "o")]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out == json.loads((tmp_path / "o" / "evaluate.json").read_text())
+    assert out["tokens"] == 24
+    rows = {r["name"]: r for r in out["rows"]}
+    assert list(rows) == ["dense", "topk:0.3", "window:auto", "fixed:1"]
+    assert rows["dense"]["kl_max"] == 0.0 and rows["fixed:1"]["kl_mean"] > 0.0
+    assert rows["topk:0.3"]["kept_fraction"] < 1.0
+    assert main(["evaluate", "--model", str(folder), "--text-file", str(text),
+                 "--tokens", "24", "--policies", "topk:0.3"]) == 0
+    assert "| topk:0.3 |" in capsys.readouterr().out
+
+
+def test_matched_window_keeps_at_least_topk_keys():
+    from certattn.hf._cli import matched_window
+
+    model = _model("llama")
+    ids = torch.randint(1, 64, (1, 30), generator=torch.Generator().manual_seed(4))
+    with observe(model, eps=0.3) as rec:
+        _out(model, ids, torch.ones_like(ids))
+    windows = matched_window(rec, 0.3)
+    for layer, pol in windows.items():
+        call = rec.calls[layer]
+        width = pol.window + pol.sinks
+        kept = np.minimum(call.n_valid, width).sum()
+        assert kept >= call.k[0.3].sum() > np.minimum(call.n_valid, width - 1).sum()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--policies", "topk:x"], "not a number"),
+    (["--policies", "bogus"], "unknown policy"),
+    (["--policies", "window:auto"], "needs|give one"),
+    (["--tokens", "1"], "at least 2"),
+])
+def test_cli_evaluate_errors_are_one_line(tmp_path, capsys, argv, message):
+    from certattn.cli import main
+
+    assert main(["evaluate", "--model", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("certattn: error:")
+    assert __import__("re").search(message, err)
