@@ -319,3 +319,20 @@ def test_cli_evaluate_errors_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("certattn: error:")
     assert __import__("re").search(message, err)
+
+
+def test_recorder_budget_is_the_budget_table_of_the_recorded_k():
+    model = _model("qwen2")
+    ids, mask = _batch()
+    with observe(model, eps=[0.3, 0.05]) as rec:
+        _out(model, ids, mask)
+    table = rec.budget(coverage=0.9, eps=0.05)
+    assert table.eps == 0.05 and table.layers == (0, 1) and table.n_heads == 4
+    call = rec.calls[1]  # layer 1
+    k = np.concatenate([call.k[0.05][b, 2][~call.masked[b, 2]] for b in range(2)])
+    head = table.head(1, 2)
+    assert head.n_queries == 12 + 7 == k.size
+    assert head.k_quantiles[-1] == k.max() and head.k_mean == pytest.approx(k.mean())
+    assert table.k_fixed.shape == (2, 4) and table.k_fixed[1, 2] == head.k_fixed
+    with pytest.raises(InputError, match="not recorded"):
+        rec.budget(eps=0.2)

@@ -41,6 +41,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from .._validate import InputError, check_eps
+from ..budget import BudgetTable
 from ..kept import certify_kept
 from ..policies import Context, TopK, TopP, as_policy
 from ..topk import certify_topk
@@ -172,6 +173,53 @@ class Recorder:
                 rows.append({"layer": layer, "eps": e, "rows": n_rows,
                              "kept_fraction": self.kept_fraction(e, layer)})
         return rows
+
+    def budget(self, coverage: float = 0.9, eps: float | None = None, *,
+               quantiles: Sequence[float] = (0.5, 0.9, 0.99, 1.0),
+               model: str = "") -> BudgetTable:
+        """Per-layer, per-head serving budgets from the recorded certificates.
+
+        The same table as ``certattn budget`` prints (:func:`certattn.budget.attention_budget`
+        on the same rows): quantiles of the certified k and k/n, and the fixed k covering
+        ``coverage`` of the queries.  Pools every call (prefill and decode steps) and
+        every batch row; rows with no visible key are left out.
+
+        Parameters
+        ----------
+        coverage : float
+            Fraction of queries the fixed k must cover, in (0, 1].
+        eps : float, optional
+            One of the recorded budgets (default: the first).
+        quantiles : sequence of float
+            Quantile levels.
+        model : str
+            Model name for the table.
+        """
+        from ..budget import _table  # the one table builder of `certattn budget`
+
+        e = self._eps(eps)
+        if not self.calls:
+            raise InputError("nothing was recorded: run the model inside observe() first")
+        if not 0.0 < coverage <= 1.0:
+            raise InputError(f"coverage must be in (0, 1], got {coverage!r}")
+        n_heads = int(self.calls[0].k[e].shape[1])
+        samples: dict[tuple[int, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for c in self.calls:
+            for h in range(n_heads):
+                keep = ~c.masked[:, h]
+                ks, nvs = samples.setdefault((c.layer, h), ([], []))
+                ks.append(c.k[e][:, h][keep].ravel())
+                nvs.append(c.n_valid[:, h][keep].ravel())
+        n_tokens = [int(c.n_valid.shape[0] * c.n_valid.shape[2]) for c in self.calls
+                    if c.layer == self.calls[0].layer]
+        return _table(
+            eps=e, coverage=float(coverage), quantiles=tuple(float(q) for q in quantiles),
+            layers=tuple(self.layers()), n_heads=n_heads,
+            samples={key: (np.concatenate(a), np.concatenate(b))
+                     for key, (a, b) in samples.items()},
+            model=model, source=f"certattn.hf.observe, {len(self.calls)} attention calls",
+            meta={"n_sequences": int(self.calls[0].n_valid.shape[0]), "n_tokens": n_tokens},
+        )
 
     def _eps(self, eps: float | None) -> float:
         if eps is None:
