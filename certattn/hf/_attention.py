@@ -13,11 +13,11 @@ What is certified
 -----------------
 The logits of one call are computed on the side the way eager computes them:
 ``(query @ key^T) * scaling`` in the model's dtype (grouped key heads repeated), Gemma-2's
-``softcap * tanh(. / softcap)`` when given, then, in float64, the additive mask: an entry
-at or below half the dtype's minimum (eager's padding, causal and sliding-window fill)
-masks the key (``-inf``, :func:`certattn.masks.normalize_mask`'s rule), any other entry
-is added.  Certificates (:func:`certattn.certify_topk`, :func:`certattn.certify_kept`)
-are sound for the exact softmax of these float64 logits (THEORY section 7).  Query rows
+``softcap * tanh(. / softcap)`` when given, plus the additive mask, as eager adds it; a
+key whose mask entry is at or below half the dtype's minimum (eager's padding, causal and
+sliding-window fill) is masked (``-inf``, :func:`certattn.masks.normalize_mask`'s rule).
+Certificates (:func:`certattn.certify_topk`, :func:`certattn.certify_kept`) are sound for
+the exact softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
 with no visible key (left padding) are skipped: they are flagged ``masked`` and count
 neither as kept nor as visible.
 
@@ -118,7 +118,8 @@ class LayerCall:
     k, tail_upper : dict eps -> array (B, H, Lq)
         Certified Top-k count and the sound bound on its dropped mass, per budget.
     logits : float64 array (B, H, Lq, Lk) or None
-        The certified logits (``-inf`` = masked), with ``keep_logits=True``.
+        The certified logits (``-inf`` = masked; exact float64 copies), with
+        ``keep_logits=True``.
     """
 
     layer: int
@@ -242,7 +243,10 @@ class SparseStats:
 
     @property
     def kept_fraction(self) -> float:
-        """Kept keys over visible keys, all layers (1.0 for a dense layer)."""
+        """Kept keys over visible keys, pooled over the layers a policy ran on.
+
+        Layers that a mapping leaves dense are not counted.
+        """
         v = sum(self.visible.values())
         return sum(self.kept.values()) / v if v else float("nan")
 
@@ -432,7 +436,11 @@ def _refuse_unsupported(module: Any, kwargs: dict[str, Any]) -> None:
 
 def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
             kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """Float64 logits (``-inf`` = masked) and the visible mask, both (B, H, Lq, Lk)."""
+    """The certified logits (``-inf`` = masked) and the visible mask, both (B, H, Lq, Lk).
+
+    Computed as eager computes them, in the model's dtype (then widened exactly to
+    float32 when narrower, for NumPy).
+    """
     with torch.no_grad():
         keys = _repeat_heads(key, query.shape[1])
         scaling = kwargs.get("scaling")
@@ -441,16 +449,19 @@ def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
         softcap = kwargs.get("softcap")
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
-        s = s.to(torch.float64)
         if attention_mask is None:
             visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-            return s, visible
-        m = attention_mask[..., : s.shape[-1]]
-        if m.dtype == torch.bool:
-            visible = m.expand(s.shape)
-            return torch.where(visible, s, -torch.inf), visible
-        visible = (m > torch.finfo(m.dtype).min / 2).expand(s.shape)
-        return torch.where(visible, s + m.to(torch.float64), -torch.inf), visible
+        else:
+            m = attention_mask[..., : s.shape[-1]]
+            if m.dtype == torch.bool:
+                visible = m.expand(s.shape)
+            else:
+                visible = (m > torch.finfo(m.dtype).min / 2).expand(s.shape)
+                s = s + m
+            s = torch.where(visible, s, -torch.inf)
+        if s.dtype not in (torch.float32, torch.float64):
+            s = s.to(torch.float32)  # exact: every narrower float is a float32
+        return s, visible
 
 
 def _repeat_heads(key: Any, n_heads: int) -> Any:
@@ -484,7 +495,7 @@ def _record(session: _Session, layer: int, logits: Any) -> None:
     session.recorder.calls.append(LayerCall(
         layer=layer, call=session.next_call(layer), n_valid=_numpy(cert.n_valid),
         masked=_numpy(cert.masked), k=ks, tail_upper=tails,
-        logits=_numpy(logits).copy() if session.keep_logits else None,
+        logits=_numpy(logits).astype(np.float64) if session.keep_logits else None,
     ))
 
 
@@ -493,7 +504,7 @@ def _select(stats: SparseStats, layer: int, policy: Any, logits: Any, query: Any
     """The kept mask (torch bool, (B, H, Lq, Lk)) of ``policy``; adds to ``stats``."""
     visible = torch.isfinite(logits)
     empty = ~visible.any(dim=-1, keepdim=True)  # rows with no visible key: a dummy row
-    scores = _host(torch.where(empty, 0.0, logits))
+    scores = _host(torch.where(empty, 0.0, logits.to(torch.float64)))
     valid = _host(visible | empty)
     xp = np if isinstance(scores, np.ndarray) else _torch_namespace()
     scaling = kwargs.get("scaling")
