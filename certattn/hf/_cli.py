@@ -9,6 +9,7 @@ budgets on the dense model).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,7 @@ def run_evaluate(model_name: str, text: str, tokens: int | None,
 
     hf_logging.set_verbosity_error()  # the command prints its table, not the loaders' chatter
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
     model, tok = load(model_name)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise InputError(f"{model_name}: evaluate needs a causal language model "
