@@ -32,6 +32,8 @@ from certattn.errors import InputError
 from certattn.hf import observe, sparse
 from certattn.policies import TopK
 
+MAX_PARAMS = 20_000_000  # a config the shrink misses can ask for tens of GB
+
 _SHRINK = {
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "num_hidden_layers": 2, "n_layer": 2,
     "num_layers": 2, "intermediate_size": 128, "num_attention_heads": 4, "n_head": 4,
@@ -52,6 +54,10 @@ def _tiny(model_type: str):
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = list(cfg.layer_types)[:2]
     cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    with torch.device("meta"):  # count parameters before allocating any
+        n = sum(p.numel() for p in cls._from_config(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"still {n / 1e6:.0f}M parameters after shrinking")
     torch.manual_seed(0)
     return cls._from_config(cfg, attn_implementation="eager").eval()
 
