@@ -495,6 +495,50 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _add_evaluate(sub: Any) -> None:
+    """``certattn evaluate``: dense vs sparse next-token table of a transformers model."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .hf._cli import DEFAULT_POLICIES, format_table, run_evaluate, write_json
+
+        text = None
+        if args.text_file is not None:
+            try:
+                text = Path(args.text_file).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise CLIError(f"cannot read {args.text_file}: {exc}") from None
+        if text is None:
+            from ._corpus import corpus_text
+
+            text = corpus_text()
+        if args.tokens is not None and args.tokens < 2:
+            raise CLIError(f"--tokens must be at least 2, got {args.tokens}")
+        result = run_evaluate(args.model, text, args.tokens, args.policies or DEFAULT_POLICIES)
+        if args.out is not None:
+            write_json(result, args.out)
+        _emit((json.dumps(result, indent=1) if args.json else format_table(result)) + "\n")
+        return 0
+
+    e = sub.add_parser(
+        "evaluate",
+        help="what sparse attention does to a Hugging Face model's next-token distribution",
+        description="Run a transformers causal LM dense (eager) and under each sparse-attention "
+        "policy, and print per policy: kept keys over visible keys, KL(dense || sparse) of "
+        "the next-token distribution (mean, p99, max), top-1 agreement, perplexity and the "
+        "forward time relative to eager. Needs the [hf] extra (torch, transformers).",
+    )
+    e.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="smollm2 (needs the model package), a Hugging Face folder or a .gguf file")
+    e.add_argument("--text-file", help="text to run on (default: built-in prose)")
+    e.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
+    e.add_argument("--policies", metavar="LIST", help="comma list of topk:EPS, topp:P, "
+                   "fixed:K, window:N, window:auto (window + 4 sinks keeping the first topk's "
+                   "kept keys per layer); default topk:0.01,topk:0.001,window:auto")
+    e.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json")
+    e.set_defaults(func=run)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .verify import MAX_ROWS
@@ -608,6 +652,8 @@ def _build_parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a.add_argument("--out", help="write audit.json and figures to this folder")
     a.set_defaults(func=_cmd_audit)
+
+    _add_evaluate(sub)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")
