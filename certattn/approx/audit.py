@@ -46,6 +46,7 @@ import numpy as np
 
 from .._fp import U
 from .._validate import InputError
+from ..attention import CHUNK_ELEMS, _chunks, _prepare
 from ._result import ApproxResult
 
 __all__ = [
@@ -82,9 +83,8 @@ PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
 
 _NO_WEIGHTS = ("window_sinks", "window_sinks_certified", "quest", "quest_certified")
 
-DEFAULT_METHODS = ("window_sinks", "window_sinks_certified", "quest", "quest_certified",
-                   "delta", "skyformer", "hybrid", "fal")
-"""Methods the audit runs by default (those whose module is present)."""
+DEFAULT_METHODS = tuple(METHOD_TABLE)
+"""Methods the audit runs by default: every registered one whose module is present."""
 
 
 class MethodUnavailable(InputError):
@@ -148,18 +148,54 @@ def available(name: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+def _exact_rows(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Any:
+    """Yield ``(rows, p, valid, prepared)``: float64 exact attention probabilities of one
+    layer, one query chunk at a time (:func:`certattn.attention._chunks`, the scores' one
+    home: about :data:`~certattn.attention.CHUNK_ELEMS` numbers at once, never the
+    ``(H, n, n)`` array)."""
+    pr = _prepare(q, k, v, scale=scale, mask=mask, causal=False, kv_heads=int(k.shape[0]))
+    for rows, s, valid, _ in _chunks(pr, CHUNK_ELEMS):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        yield rows, p, valid, pr
+
+
 def _reference(q: Array, k: Array, v: Array, mask: Array, scale: float) -> tuple[Array, ...]:
-    """float64 exact attention of one layer: probabilities, output, valid, C per head."""
-    h, hkv = q.shape[0], k.shape[0]
-    kk = np.repeat(np.asarray(k, np.float64), h // hkv, axis=0)
-    vv = np.repeat(np.asarray(v, np.float64), h // hkv, axis=0)
-    s = np.matmul(np.asarray(q, np.float64), np.swapaxes(kk, -1, -2)) * scale
-    valid = np.broadcast_to(np.asarray(mask, bool), s.shape)
-    s = np.where(valid, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    """float64 exact attention of one layer: output ``(H, n, dv)``, visible keys per query
+    ``(H, n)`` and ``C = max_j |v_j|`` per head, computed by query chunks."""
+    attn = nv = vv = None
+    for rows, p, valid, pr in _exact_rows(q, k, v, mask, scale):
+        if attn is None:
+            vv = np.asarray(pr.v)
+            attn = np.empty((*p.shape[:-2], int(pr.q.shape[-2]), vv.shape[-1]))
+            nv = np.empty(attn.shape[:-1])
+        attn[..., rows, :] = p @ vv
+        nv[..., rows] = np.sum(valid, axis=-1)
     c = np.max(np.linalg.norm(vv, axis=-1), axis=-1)  # (H,)
-    return p, p @ vv, valid, c
+    return attn, nv, c
+
+
+def _rows(a: Array, rows: slice) -> Array:
+    """Query rows of a ``(..., n, n)`` array (a row axis of length 1 broadcasts)."""
+    a = np.asarray(a)
+    return a if a.shape[-2] == 1 else a[..., rows, :]
+
+
+def _tv(res: ApproxResult, q: Array, k: Array, v: Array, mask: Array, scale: float,
+        shape: tuple[int, ...]) -> Array:
+    """Per-query TV of ``res`` to exact attention (NaN without a kept set or weights), by
+    query chunks: ``1 - P(kept)`` for a kept set, else ``sum |P - W| / 2``."""
+    tv = np.full(shape, np.nan)
+    if res.kept is None and res.weights is None:
+        return tv
+    for rows, p, valid, _ in _exact_rows(q, k, v, mask, scale):
+        if res.kept is not None:
+            kept = _rows(res.kept, rows).astype(bool) & valid
+            tv[..., rows] = np.sum(np.where(kept, 0.0, p), axis=-1)
+        else:
+            w = _rows(res.weights, rows).astype(np.float64)
+            tv[..., rows] = 0.5 * np.sum(np.abs(p - w), axis=-1)
+    return tv
 
 
 @dataclass
@@ -177,24 +213,19 @@ class _Acc:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _measure(res: ApproxResult, p: Array, attn: Array, valid: Array, c: Array, eps: float,
+def _measure(res: ApproxResult, tv: Array, attn: Array, n_valid: Array, c: Array, eps: float,
              acc: _Acc) -> None:
-    n = p.shape[-1]
+    """Accumulate one result's per-query measures, given its exact ``tv`` (:func:`_tv`) and
+    the reference ``attn``, ``n_valid``, ``c`` (:func:`_reference`)."""
+    n = attn.shape[-2]  # queries = keys (self-attention)
     out = np.asarray(res.output, dtype=np.float64)
-    if res.kept is not None:
-        kept = np.asarray(res.kept, bool) & valid
-        tv = np.sum(np.where(kept, 0.0, p), axis=-1)
-    elif res.weights is not None:
-        tv = 0.5 * np.sum(np.abs(p - np.asarray(res.weights, np.float64)), axis=-1)
-    else:
-        tv = np.full(p.shape[:-1], np.nan)
     a_norm = np.linalg.norm(attn, axis=-1)
     err = np.linalg.norm(out - attn, axis=-1)
     rel = err / np.maximum(a_norm, 1e-300)
     acc.tv.append(tv.ravel())
     acc.rel.append(rel.ravel())
     acc.cost.append(np.broadcast_to(np.asarray(res.cost, np.float64), tv.shape).ravel())
-    acc.n_valid.append(np.sum(valid, axis=-1).ravel().astype(np.float64))
+    acc.n_valid.append(np.asarray(n_valid, np.float64).ravel())
     ref_tol = 64 * n * U
     if res.tail_upper is not None:
         tu = np.asarray(res.tail_upper, np.float64)
@@ -414,7 +445,7 @@ def _figures(report: AuditReport, folder: Path) -> list[Path]:
 
 
 def _resolve_methods(methods: Sequence[str] | None, explicit: bool) -> tuple[list[str], dict]:
-    names = list(DEFAULT_METHODS if methods is None else methods)
+    names = list(dict.fromkeys(DEFAULT_METHODS if methods is None else methods))
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -487,7 +518,7 @@ def audit(
             if int(layer) not in wanted:
                 continue
             q, k, v = rec.queries[li], rec.keys[li], rec.values[li]
-            p, attn, valid, c = _reference(q, k, v, mask, float(rec.scale))
+            attn, n_valid, c = _reference(q, k, v, mask, float(rec.scale))
             for m in run:
                 kw = dict(PRESETS[m](n, eps)) if m in PRESETS else {}
                 if m in _NO_WEIGHTS:
@@ -500,7 +531,9 @@ def audit(
                     skipped[m] = str(exc)
                     continue
                 acc = accs.setdefault((m, int(layer)), _Acc())
-                _measure(res, p, attn, valid, c, eps, acc)
+                tv = _tv(res, q, k, v, mask, float(rec.scale), attn.shape[:-1])
+                _measure(res, tv, attn, n_valid, c, eps, acc)
+                del res
                 if progress is not None:
                     progress(f"{m} layer {layer}")
     pooled = []
@@ -558,7 +591,8 @@ def run_cli(args: Any) -> int:
         raise CLIError(f"--eps must be a number in [0, 1), got {args.eps!r}") from None
     methods = None
     if args.methods:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        # duplicates are dropped, first occurrence kept (one row per method)
+        methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise CLIError(f"--methods takes names from {', '.join(METHODS)}, got "
@@ -566,9 +600,11 @@ def run_cli(args: Any) -> int:
     layers = None
     if args.layers:
         try:
-            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+            layers = list(dict.fromkeys(int(x) for x in args.layers.split(",") if x.strip()))
         except ValueError:
-            raise CLIError(f"--layers takes integers, got {args.layers!r}") from None
+            layers = []
+        if not layers:
+            raise CLIError(f"--layers takes a comma list of integers, got {args.layers!r}")
     if args.tokens is not None and args.tokens < 2:
         raise CLIError(f"--tokens must be at least 2, got {args.tokens}")
 
