@@ -181,6 +181,7 @@ def test_reference_by_query_chunks_equals_the_dense_reference(monkeypatch):
     methods = ["window_sinks", "quest_certified", "delta", "hybrid"]
     whole = audit([rec], methods, eps=0.1).to_dict()
     monkeypatch.setattr(audit_mod, "CHUNK_ELEMS", 1)  # one query row per chunk
+    monkeypatch.setattr(audit_mod, "ROW_BLOCK_ELEMS", 4 * 40 * 7)  # methods: 7-row blocks
     rows = audit([rec], methods, eps=0.1).to_dict()
     assert rows["rows"] and whole["rows"]
     for a, b in zip(whole["rows"] + whole["pooled"], rows["rows"] + rows["pooled"],
@@ -188,6 +189,9 @@ def test_reference_by_query_chunks_equals_the_dense_reference(monkeypatch):
         for key, x in a.items():
             if isinstance(x, float):
                 assert b[key] == pytest.approx(x, rel=1e-12, abs=1e-15), key
+            elif key == "params":  # a per-block rate is left out, the rest is the same
+                assert b[key].items() <= x.items()
+                assert set(x) - set(b[key]) <= {"fallback_rate"}
             else:
                 assert b[key] == x, key
     # and the chunked TV is the definition's, summed over the dense probabilities
@@ -225,3 +229,16 @@ def test_minilm_attention_loads_with_its_text():
     assert recs[0].metadata["text"].startswith("[CLS]")
     rep = audit(recs, ["window_sinks"], eps=0.05)
     assert [r.layer for r in rep.rows] == [1] and rep.unsound == 0
+
+
+def test_dense_methods_are_left_out_by_default_above_the_limit(monkeypatch):
+    monkeypatch.setattr(audit_mod, "DENSE_LIMIT", 4 * 24 * 24 * 8 - 1)  # just below (H, n, n)
+    rep = audit([_tiny(n=24)], eps=0.1)
+    for m in audit_mod.DENSE:
+        assert "left out by default" in rep.skipped[m]
+        assert m not in {r.method for r in rep.rows}
+    assert {"window_sinks", "delta"} <= {r.method for r in rep.rows}
+    named = audit([_tiny(n=24)], ["hybrid"], eps=0.1)  # a named method always runs
+    assert [r.method for r in named.rows] == ["hybrid", "hybrid"] and not named.skipped
+    monkeypatch.setattr(audit_mod, "DENSE_LIMIT", 4 * 24 * 24 * 8)
+    assert not audit([_tiny(n=24)], eps=0.1).skipped

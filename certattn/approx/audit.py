@@ -84,7 +84,23 @@ PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
 _NO_WEIGHTS = ("window_sinks", "window_sinks_certified", "quest", "quest_certified")
 
 DEFAULT_METHODS = tuple(METHOD_TABLE)
-"""Methods the audit runs by default: every registered one whose module is present."""
+"""Methods the audit runs by default: every registered one whose module is present (the
+:data:`DENSE` ones only up to :data:`DENSE_LIMIT`)."""
+
+ROW_SEPARABLE = frozenset({"window_sinks", "window_sinks_certified", "quest", "quest_certified"})
+"""Methods whose every query row depends on that row's query and mask row and on all keys
+only: the audit runs them by blocks of :data:`ROW_BLOCK_ELEMS` scores, so that their
+``(H, n, n)`` kept sets never exist whole (the results are the same)."""
+
+ROW_BLOCK_ELEMS = 1 << 24
+"""Scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method."""
+
+DENSE = frozenset({"skyformer", "hybrid"})
+"""Methods that form ``(H, n, n)`` float64 arrays (several at once) by construction."""
+
+DENSE_LIMIT = 1 << 28
+"""Bytes of one ``(H, n, n)`` float64 array above which the default methods leave out the
+:data:`DENSE` ones (SmolLM2, 9 heads: above 1930 tokens); named methods always run."""
 
 
 class MethodUnavailable(InputError):
@@ -213,11 +229,11 @@ class _Acc:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _measure(res: ApproxResult, tv: Array, attn: Array, n_valid: Array, c: Array, eps: float,
-             acc: _Acc) -> None:
-    """Accumulate one result's per-query measures, given its exact ``tv`` (:func:`_tv`) and
-    the reference ``attn``, ``n_valid``, ``c`` (:func:`_reference`)."""
-    n = attn.shape[-2]  # queries = keys (self-attention)
+def _measure(res: ApproxResult, tv: Array, attn: Array, n_valid: Array, c: Array, n: int,
+             eps: float, acc: _Acc) -> None:
+    """Accumulate one result's per-query measures, given its exact ``tv`` (:func:`_tv`), the
+    reference ``attn``, ``n_valid``, ``c`` of the same query rows (:func:`_reference`) and
+    the number of keys ``n``."""
     out = np.asarray(res.output, dtype=np.float64)
     a_norm = np.linalg.norm(attn, axis=-1)
     err = np.linalg.norm(out - attn, axis=-1)
@@ -243,8 +259,35 @@ def _measure(res: ApproxResult, tv: Array, attn: Array, n_valid: Array, c: Array
     fell = res.params.get("fell_back") if isinstance(res.params, dict) else None
     if fell is not None:
         acc.fell_back.append(np.asarray(fell, bool).ravel())
-    acc.params = {key: val for key, val in (res.params or {}).items()
-                  if isinstance(val, int | float | str | bool | type(None))}
+
+
+def _scalars(res: ApproxResult) -> dict[str, Any]:
+    return {key: val for key, val in (res.params or {}).items()
+            if isinstance(val, int | float | str | bool | type(None))}
+
+
+def _run_method(m: str, q: Array, k: Array, v: Array, mask: Array, scale: float,
+                kw: dict[str, Any], ref: tuple[Array, Array, Array], eps: float,
+                acc: _Acc) -> None:
+    """Run method ``m`` on one layer (by query blocks if :data:`ROW_SEPARABLE`) and
+    accumulate its measures; ``acc.params`` keeps the scalar parameters common to every
+    block (a per-block rate such as ``fallback_rate`` is in the ``fallback`` column)."""
+    attn, n_valid, c = ref
+    lq, n = int(q.shape[-2]), int(k.shape[-2])
+    step = lq if m not in ROW_SEPARABLE else max(1, ROW_BLOCK_ELEMS // max(1, q.shape[0] * n))
+    params: dict[str, Any] | None = None
+    for i0 in range(0, lq, step):
+        rows = slice(i0, min(lq, i0 + step))
+        qb, mb = (q, mask) if step >= lq else (q[..., rows, :], _rows(mask, rows))
+        res = METHODS[m](qb, k, v, mask=mb, causal=False, scale=scale,
+                         kv_heads=int(k.shape[0]), **kw)
+        tv = _tv(res, qb, k, v, mb, scale, np.shape(res.output)[:-1])
+        _measure(res, tv, attn[..., rows, :], n_valid[..., rows], c, n, eps, acc)
+        block = _scalars(res)
+        params = block if params is None else {
+            key: val for key, val in params.items() if key in block and block[key] == val}
+        del res
+    acc.params = params or {}
 
 
 @dataclass(frozen=True)
@@ -509,6 +552,13 @@ def audit(
         raise InputError(f"layer(s) {sorted(wanted - recorded)} not recorded; recorded: "
                          f"{sorted(recorded)}")
     run, skipped = _resolve_methods(methods, explicit=methods is not None)
+    if methods is None:
+        big = max(8 * int(r.queries.shape[-3]) * int(r.queries.shape[-2]) * int(r.keys.shape[-2])
+                  for r in records)
+        for m in [m for m in run if m in DENSE and big > DENSE_LIMIT]:
+            run.remove(m)
+            skipped[m] = (f"left out by default: it forms (H, n, n) float64 arrays, "
+                          f"{big / 1e9:.1f} GB each here; name it in the methods to run it")
     params = params or {}
     accs: dict[tuple[str, int], _Acc] = {}
     for rec in records:
@@ -524,16 +574,14 @@ def audit(
                 if m in _NO_WEIGHTS:
                     kw["return_weights"] = False
                 kw.update(params.get(m, {}))
+                acc = accs.setdefault((m, int(layer)), _Acc())
                 try:
-                    res = METHODS[m](q, k, v, mask=mask, causal=False, scale=float(rec.scale),
-                                     kv_heads=int(k.shape[0]), **kw)
+                    _run_method(m, q, k, v, mask, float(rec.scale), kw, (attn, n_valid, c),
+                                eps, acc)
                 except MethodUnavailable as exc:
                     skipped[m] = str(exc)
+                    del accs[(m, int(layer))]
                     continue
-                acc = accs.setdefault((m, int(layer)), _Acc())
-                tv = _tv(res, q, k, v, mask, float(rec.scale), attn.shape[:-1])
-                _measure(res, tv, attn, n_valid, c, eps, acc)
-                del res
                 if progress is not None:
                     progress(f"{m} layer {layer}")
     pooled = []

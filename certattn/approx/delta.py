@@ -207,7 +207,7 @@ def delta_correct(
 
     S = run_policy(q, k, v, base, method=getattr(base, "name", "base"), params={},
                    mask=mask, causal=causal, scale=scale, kv_heads=kv_heads,
-                   chunk_elems=chunk_elems, return_weights=False)
+                   chunk_elems=chunk_elems, return_weights=False, return_kept=False)
     s_out, e_s, c_s = S.output, S.error_bound, S.cost
     d_out, e_d, nv = dense_rows(pr, dense, chunk_elems)
     pos = np.full(s, -1)
