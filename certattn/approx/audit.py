@@ -540,6 +540,14 @@ def audit(
     Returns
     -------
     AuditReport
+
+    Notes
+    -----
+    Memory grows linearly with the context for every method but the :data:`DENSE` ones:
+    the exact references and TVs are computed by query chunks (:func:`_exact_rows`) and
+    the :data:`ROW_SEPARABLE` methods run by blocks of query rows.  With ``methods=None``
+    the :data:`DENSE` methods are left out (listed in ``skipped``) above
+    :data:`DENSE_LIMIT`.  Repeated names in ``methods`` run once.
     """
     from .._validate import check_eps
 
