@@ -242,3 +242,23 @@ def test_dense_methods_are_left_out_by_default_above_the_limit(monkeypatch):
     assert [r.method for r in named.rows] == ["hybrid", "hybrid"] and not named.skipped
     monkeypatch.setattr(audit_mod, "DENSE_LIMIT", 4 * 24 * 24 * 8)
     assert not audit([_tiny(n=24)], eps=0.1).skipped
+
+
+def test_row_blocks_are_equal_and_never_below_the_block_size(monkeypatch):
+    """Each block of a row-separable method holds at least ROW_BLOCK_ELEMS scores (the
+    compiled top-k path is chosen by call size: every block takes the whole call's)."""
+    seen = []
+    inner = METHODS["window_sinks"]
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[-2])
+        return inner(q, k, v, **kw)
+
+    monkeypatch.setitem(METHODS, "window_sinks", spy)
+    monkeypatch.setattr(audit_mod, "available", lambda name: name in METHODS)
+    monkeypatch.setattr(audit_mod, "ROW_BLOCK_ELEMS", 4 * 40 * 7)  # 7 rows of 4 heads x 40
+    audit([_tiny(n=40)], ["window_sinks"], eps=0.1, layers=[0])
+    assert seen == [8] * 5  # 40 rows: 5 equal blocks of 8 >= 7 rows, no short remainder
+    assert audit_mod.ROW_BLOCK_ELEMS == 4 * 40 * 7
+    monkeypatch.undo()
+    assert audit_mod.ROW_BLOCK_ELEMS >= 2 * audit_mod._topk_numba.AUTO_KEYS

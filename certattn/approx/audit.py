@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import _topk_numba
 from .._fp import U
 from .._validate import InputError
 from ..attention import CHUNK_ELEMS, _chunks, _prepare
@@ -89,11 +91,14 @@ DEFAULT_METHODS = tuple(METHOD_TABLE)
 
 ROW_SEPARABLE = frozenset({"window_sinks", "window_sinks_certified", "quest", "quest_certified"})
 """Methods whose every query row depends on that row's query and mask row and on all keys
-only: the audit runs them by blocks of :data:`ROW_BLOCK_ELEMS` scores, so that their
-``(H, n, n)`` kept sets never exist whole (the results are the same)."""
+only: the audit runs them by blocks of query rows of at least :data:`ROW_BLOCK_ELEMS`
+scores, so that their ``(H, n, n)`` kept sets never exist whole (the results are the
+same)."""
 
-ROW_BLOCK_ELEMS = 1 << 24
-"""Scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method."""
+ROW_BLOCK_ELEMS = 2 * _topk_numba.AUTO_KEYS
+"""Least scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method:
+twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path, so that every
+block takes the path of the whole call (the layer is split into equal blocks)."""
 
 DENSE = frozenset({"skyformer", "hybrid"})
 """Methods that form ``(H, n, n)`` float64 arrays (several at once) by construction."""
@@ -274,11 +279,14 @@ def _run_method(m: str, q: Array, k: Array, v: Array, mask: Array, scale: float,
     block (a per-block rate such as ``fallback_rate`` is in the ``fallback`` column)."""
     attn, n_valid, c = ref
     lq, n = int(q.shape[-2]), int(k.shape[-2])
-    step = lq if m not in ROW_SEPARABLE else max(1, ROW_BLOCK_ELEMS // max(1, q.shape[0] * n))
+    blocks = 1
+    if m in ROW_SEPARABLE:
+        blocks = min(lq, max(1, int(np.prod(q.shape[:-1])) * n // ROW_BLOCK_ELEMS))
+    edges = np.linspace(0, lq, blocks + 1).round().astype(int)
     params: dict[str, Any] | None = None
-    for i0 in range(0, lq, step):
-        rows = slice(i0, min(lq, i0 + step))
-        qb, mb = (q, mask) if step >= lq else (q[..., rows, :], _rows(mask, rows))
+    for i0, i1 in itertools.pairwise(edges.tolist()):
+        rows = slice(int(i0), int(i1))
+        qb, mb = (q, mask) if blocks == 1 else (q[..., rows, :], _rows(mask, rows))
         res = METHODS[m](qb, k, v, mask=mb, causal=False, scale=scale,
                          kv_heads=int(k.shape[0]), **kw)
         tv = _tv(res, qb, k, v, mb, scale, np.shape(res.output)[:-1])
