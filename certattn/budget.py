@@ -659,6 +659,24 @@ def _cut(m: Any, ids: list[int], n: int) -> list[int]:
     return list(ids[:n])
 
 
+def _check_layers(layers: Sequence[int] | None, n_layers: int, label: str) -> tuple[int, ...]:
+    """The model layers to record, in order without repeats (default all of ``n_layers``).
+
+    Raises
+    ------
+    InputError
+        A layer outside ``0..n_layers-1`` (no negative indexing) or an empty list.
+    """
+    if layers is None:
+        return tuple(range(n_layers))
+    record = tuple(dict.fromkeys(int(i) for i in layers))
+    bad = [i for i in record if not 0 <= i < n_layers]
+    if bad or not record:
+        raise InputError(f"layers must be in 0..{n_layers - 1} ({label} has {n_layers} "
+                         f"layers), got {list(layers)}")
+    return record
+
+
 def load_attention(
     model: Any = "minilm-sample",
     text: str | None = None,
@@ -705,6 +723,8 @@ def load_attention(
 
         return load_sample()
     m, label = _resolve(model)
+    if layers is not None:
+        layers = _check_layers(layers, m.n_layers, label)
     seqs, _ = _sequences(m, label, text, tokens)
     out = []
     for ids in seqs:
@@ -770,10 +790,7 @@ def budget_for_model(
         return replace(table, source=desc)
     m, label = _resolve(model)
     seqs, what = _sequences(m, label, text, tokens)
-    record = tuple(range(m.n_layers)) if layers is None else tuple(int(i) for i in layers)
-    bad = [i for i in record if not 0 <= i < m.n_layers]
-    if bad or not record:
-        raise ValueError(f"layers must be in 0..{m.n_layers - 1}, got {list(layers or [])}")
+    record = _check_layers(layers, m.n_layers, label)
     acc = _Accumulator(record, m.n_heads)
     total, done = len(seqs) * m.n_layers, 0
     policy = TopK(eps)

@@ -645,9 +645,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    choices=["minilm-sample", "minilm", "smollm2"],
                    help="minilm-sample (shipped, default), minilm or smollm2")
     a.add_argument("--tokens", type=int, help="context length (smollm2 default 1024)")
-    a.add_argument("--methods", help="comma list of methods (default: every available one)")
+    a.add_argument("--methods", help="comma list of methods, each run once (default: every "
+                   "available one; skyformer and hybrid, which form (heads, n, n) arrays, only "
+                   "while one such float64 array is at most 256 MiB)")
     a.add_argument("--eps", default="0.01", help="budget in [0, 1) of the certified columns")
-    a.add_argument("--layers", help="comma list of model layers (default: all recorded)")
+    a.add_argument("--layers", help="comma list of model layers, 0 to the model's layer count "
+                   "- 1 (default: all recorded)")
     a.add_argument("--summary", action="store_true", help="table of all layers pooled only")
     a.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a.add_argument("--out", help="write audit.json and figures to this folder")

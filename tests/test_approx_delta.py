@@ -274,3 +274,47 @@ def test_dense_rows_and_delta_cover_keys_hidden_by_a_float16_fill():
             e2 = mpmath.fsum((a - mpmath.mpf(float(o))) ** 2 for a, o in zip(ex, out,
                                                                                strict=True))
             assert mpmath.sqrt(e2) <= mpmath.mpf(float(bound)), (i, bound)
+
+
+def test_dense_rows_by_chunks_equal_the_unchunked_rows():
+    rng = np.random.default_rng(7)
+    q, k, v = _qkv(rng, h=3, n=70)
+    pr = _prepare(q, k, v, scale=None, mask=None, causal=True, kv_heads=None)
+    rows = np.array([0, 3, 4, 17, 40, 41, 69])
+    whole = dense_rows(pr, rows, chunk_elems=1 << 30)  # one chunk: the former computation
+    # the same row formulas; BLAS may round a product of another shape differently (ulps)
+    for elems in (1, 3 * 70 * 4 * 2, 3 * 70 * 4 * 5):  # 1, 2 and 5 rows per chunk
+        d, err, nv = dense_rows(pr, rows, chunk_elems=elems)
+        np.testing.assert_allclose(d, whole[0], rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(err, whole[1], rtol=1e-13, atol=0)
+        np.testing.assert_array_equal(nv, whole[2])
+    r_small = delta_correct(q, k, v, gamma=8, min_tail=8, base=WindowSinks(8, 2), causal=True,
+                            budget=0.0, chunk_elems=1)
+    r_big = delta_correct(q, k, v, gamma=8, min_tail=8, base=WindowSinks(8, 2), causal=True,
+                          budget=0.0, chunk_elems=1 << 30)
+    np.testing.assert_array_equal(r_small.params["extra_dense"], r_big.params["extra_dense"])
+    np.testing.assert_array_equal(r_small.cost, r_big.cost)
+    for name in ("output", "error_bound"):
+        np.testing.assert_allclose(getattr(r_small, name), getattr(r_big, name), rtol=1e-13,
+                                   atol=1e-15)  # |v| ~ 1: ulps of cancelling components
+    _, attn = _dense(q, k, v)
+    assert np.all(np.linalg.norm(r_small.output - attn, axis=-1) <= r_small.error_bound)
+
+
+def test_budget_dense_rows_memory_is_bounded_by_the_chunk():
+    """Regression: ``budget=`` made every row dense at once, ``(H, n, n)`` float64 scores and
+    their temporaries (2.16 GB at n = 4096, H = 2); now a chunk of rows at a time."""
+    import tracemalloc
+
+    rng = np.random.default_rng(8)
+    h, n = 2, 1024
+    q, k, v = _qkv(rng, h=h, n=n, d=16, dv=16)
+    tracemalloc.start()
+    try:
+        r = delta_correct(q, k, v, causal=True, budget=0.0, chunk_elems=1 << 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.params["extra_dense"].sum() > n  # the budget made most rows dense
+    # one (H, n, n) float64 array is 16.8 MB; unchunked, the peak was several of them
+    assert peak < h * n * n * 8, peak

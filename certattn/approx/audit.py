@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -44,8 +45,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import _topk_numba
 from .._fp import U
 from .._validate import InputError
+from ..attention import CHUNK_ELEMS, _chunks, _prepare
 from ._result import ApproxResult
 
 __all__ = [
@@ -82,9 +85,27 @@ PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
 
 _NO_WEIGHTS = ("window_sinks", "window_sinks_certified", "quest", "quest_certified")
 
-DEFAULT_METHODS = ("window_sinks", "window_sinks_certified", "quest", "quest_certified",
-                   "delta", "skyformer", "hybrid", "fal")
-"""Methods the audit runs by default (those whose module is present)."""
+DEFAULT_METHODS = tuple(METHOD_TABLE)
+"""Methods the audit runs by default: every registered one whose module is present (the
+:data:`DENSE` ones only up to :data:`DENSE_LIMIT`)."""
+
+ROW_SEPARABLE = frozenset({"window_sinks", "window_sinks_certified", "quest", "quest_certified"})
+"""Methods whose every query row depends on that row's query and mask row and on all keys
+only: the audit runs them by blocks of query rows of at least :data:`ROW_BLOCK_ELEMS`
+scores, so that their ``(H, n, n)`` kept sets never exist whole (the results are the
+same)."""
+
+ROW_BLOCK_ELEMS = 2 * _topk_numba.AUTO_KEYS
+"""Least scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method:
+twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path, so that every
+block takes the path of the whole call (the layer is split into equal blocks)."""
+
+DENSE = frozenset({"skyformer", "hybrid"})
+"""Methods that form ``(H, n, n)`` float64 arrays (several at once) by construction."""
+
+DENSE_LIMIT = 1 << 28
+"""Bytes of one ``(H, n, n)`` float64 array above which the default methods leave out the
+:data:`DENSE` ones (SmolLM2, 9 heads: above 1930 tokens); named methods always run."""
 
 
 class MethodUnavailable(InputError):
@@ -148,18 +169,54 @@ def available(name: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+def _exact_rows(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Any:
+    """Yield ``(rows, p, valid, prepared)``: float64 exact attention probabilities of one
+    layer, one query chunk at a time (:func:`certattn.attention._chunks`, the scores' one
+    home: about :data:`~certattn.attention.CHUNK_ELEMS` numbers at once, never the
+    ``(H, n, n)`` array)."""
+    pr = _prepare(q, k, v, scale=scale, mask=mask, causal=False, kv_heads=int(k.shape[0]))
+    for rows, s, valid, _ in _chunks(pr, CHUNK_ELEMS):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        yield rows, p, valid, pr
+
+
 def _reference(q: Array, k: Array, v: Array, mask: Array, scale: float) -> tuple[Array, ...]:
-    """float64 exact attention of one layer: probabilities, output, valid, C per head."""
-    h, hkv = q.shape[0], k.shape[0]
-    kk = np.repeat(np.asarray(k, np.float64), h // hkv, axis=0)
-    vv = np.repeat(np.asarray(v, np.float64), h // hkv, axis=0)
-    s = np.matmul(np.asarray(q, np.float64), np.swapaxes(kk, -1, -2)) * scale
-    valid = np.broadcast_to(np.asarray(mask, bool), s.shape)
-    s = np.where(valid, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    """float64 exact attention of one layer: output ``(H, n, dv)``, visible keys per query
+    ``(H, n)`` and ``C = max_j |v_j|`` per head, computed by query chunks."""
+    attn = nv = vv = None
+    for rows, p, valid, pr in _exact_rows(q, k, v, mask, scale):
+        if attn is None:
+            vv = np.asarray(pr.v)
+            attn = np.empty((*p.shape[:-2], int(pr.q.shape[-2]), vv.shape[-1]))
+            nv = np.empty(attn.shape[:-1])
+        attn[..., rows, :] = p @ vv
+        nv[..., rows] = np.sum(valid, axis=-1)
     c = np.max(np.linalg.norm(vv, axis=-1), axis=-1)  # (H,)
-    return p, p @ vv, valid, c
+    return attn, nv, c
+
+
+def _rows(a: Array, rows: slice) -> Array:
+    """Query rows of a ``(..., n, n)`` array (a row axis of length 1 broadcasts)."""
+    a = np.asarray(a)
+    return a if a.shape[-2] == 1 else a[..., rows, :]
+
+
+def _tv(res: ApproxResult, q: Array, k: Array, v: Array, mask: Array, scale: float,
+        shape: tuple[int, ...]) -> Array:
+    """Per-query TV of ``res`` to exact attention (NaN without a kept set or weights), by
+    query chunks: ``1 - P(kept)`` for a kept set, else ``sum |P - W| / 2``."""
+    tv = np.full(shape, np.nan)
+    if res.kept is None and res.weights is None:
+        return tv
+    for rows, p, valid, _ in _exact_rows(q, k, v, mask, scale):
+        if res.kept is not None:
+            kept = _rows(res.kept, rows).astype(bool) & valid
+            tv[..., rows] = np.sum(np.where(kept, 0.0, p), axis=-1)
+        else:
+            w = _rows(res.weights, rows).astype(np.float64)
+            tv[..., rows] = 0.5 * np.sum(np.abs(p - w), axis=-1)
+    return tv
 
 
 @dataclass
@@ -177,24 +234,19 @@ class _Acc:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-def _measure(res: ApproxResult, p: Array, attn: Array, valid: Array, c: Array, eps: float,
-             acc: _Acc) -> None:
-    n = p.shape[-1]
+def _measure(res: ApproxResult, tv: Array, attn: Array, n_valid: Array, c: Array, n: int,
+             eps: float, acc: _Acc) -> None:
+    """Accumulate one result's per-query measures, given its exact ``tv`` (:func:`_tv`), the
+    reference ``attn``, ``n_valid``, ``c`` of the same query rows (:func:`_reference`) and
+    the number of keys ``n``."""
     out = np.asarray(res.output, dtype=np.float64)
-    if res.kept is not None:
-        kept = np.asarray(res.kept, bool) & valid
-        tv = np.sum(np.where(kept, 0.0, p), axis=-1)
-    elif res.weights is not None:
-        tv = 0.5 * np.sum(np.abs(p - np.asarray(res.weights, np.float64)), axis=-1)
-    else:
-        tv = np.full(p.shape[:-1], np.nan)
     a_norm = np.linalg.norm(attn, axis=-1)
     err = np.linalg.norm(out - attn, axis=-1)
     rel = err / np.maximum(a_norm, 1e-300)
     acc.tv.append(tv.ravel())
     acc.rel.append(rel.ravel())
     acc.cost.append(np.broadcast_to(np.asarray(res.cost, np.float64), tv.shape).ravel())
-    acc.n_valid.append(np.sum(valid, axis=-1).ravel().astype(np.float64))
+    acc.n_valid.append(np.asarray(n_valid, np.float64).ravel())
     ref_tol = 64 * n * U
     if res.tail_upper is not None:
         tu = np.asarray(res.tail_upper, np.float64)
@@ -212,8 +264,38 @@ def _measure(res: ApproxResult, p: Array, attn: Array, valid: Array, c: Array, e
     fell = res.params.get("fell_back") if isinstance(res.params, dict) else None
     if fell is not None:
         acc.fell_back.append(np.asarray(fell, bool).ravel())
-    acc.params = {key: val for key, val in (res.params or {}).items()
-                  if isinstance(val, int | float | str | bool | type(None))}
+
+
+def _scalars(res: ApproxResult) -> dict[str, Any]:
+    return {key: val for key, val in (res.params or {}).items()
+            if isinstance(val, int | float | str | bool | type(None))}
+
+
+def _run_method(m: str, q: Array, k: Array, v: Array, mask: Array, scale: float,
+                kw: dict[str, Any], ref: tuple[Array, Array, Array], eps: float,
+                acc: _Acc) -> None:
+    """Run method ``m`` on one layer (by query blocks if :data:`ROW_SEPARABLE`) and
+    accumulate its measures; ``acc.params`` keeps the scalar parameters common to every
+    block (a per-block rate such as ``fallback_rate`` is in the ``fallback`` column)."""
+    attn, n_valid, c = ref
+    lq, n = int(q.shape[-2]), int(k.shape[-2])
+    blocks = 1
+    if m in ROW_SEPARABLE:
+        blocks = min(lq, max(1, int(np.prod(q.shape[:-1])) * n // ROW_BLOCK_ELEMS))
+    edges = np.linspace(0, lq, blocks + 1).round().astype(int)
+    params: dict[str, Any] | None = None
+    for i0, i1 in itertools.pairwise(edges.tolist()):
+        rows = slice(int(i0), int(i1))
+        qb, mb = (q, mask) if blocks == 1 else (q[..., rows, :], _rows(mask, rows))
+        res = METHODS[m](qb, k, v, mask=mb, causal=False, scale=scale,
+                         kv_heads=int(k.shape[0]), **kw)
+        tv = _tv(res, qb, k, v, mb, scale, np.shape(res.output)[:-1])
+        _measure(res, tv, attn[..., rows, :], n_valid[..., rows], c, n, eps, acc)
+        block = _scalars(res)
+        params = block if params is None else {
+            key: val for key, val in params.items() if key in block and block[key] == val}
+        del res
+    acc.params = params or {}
 
 
 @dataclass(frozen=True)
@@ -414,7 +496,7 @@ def _figures(report: AuditReport, folder: Path) -> list[Path]:
 
 
 def _resolve_methods(methods: Sequence[str] | None, explicit: bool) -> tuple[list[str], dict]:
-    names = list(DEFAULT_METHODS if methods is None else methods)
+    names = list(dict.fromkeys(DEFAULT_METHODS if methods is None else methods))
     unknown = [m for m in names if m not in METHODS]
     if unknown:
         raise InputError(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHODS)}")
@@ -466,6 +548,14 @@ def audit(
     Returns
     -------
     AuditReport
+
+    Notes
+    -----
+    Memory grows linearly with the context for every method but the :data:`DENSE` ones:
+    the exact references and TVs are computed by query chunks (:func:`_exact_rows`) and
+    the :data:`ROW_SEPARABLE` methods run by blocks of query rows.  With ``methods=None``
+    the :data:`DENSE` methods are left out (listed in ``skipped``) above
+    :data:`DENSE_LIMIT`.  Repeated names in ``methods`` run once.
     """
     from .._validate import check_eps
 
@@ -478,6 +568,13 @@ def audit(
         raise InputError(f"layer(s) {sorted(wanted - recorded)} not recorded; recorded: "
                          f"{sorted(recorded)}")
     run, skipped = _resolve_methods(methods, explicit=methods is not None)
+    if methods is None:
+        big = max(8 * int(r.queries.shape[-3]) * int(r.queries.shape[-2]) * int(r.keys.shape[-2])
+                  for r in records)
+        for m in [m for m in run if m in DENSE and big > DENSE_LIMIT]:
+            run.remove(m)
+            skipped[m] = (f"left out by default: it forms (H, n, n) float64 arrays, "
+                          f"{big / 1e9:.1f} GB each here; name it in the methods to run it")
     params = params or {}
     accs: dict[tuple[str, int], _Acc] = {}
     for rec in records:
@@ -487,20 +584,20 @@ def audit(
             if int(layer) not in wanted:
                 continue
             q, k, v = rec.queries[li], rec.keys[li], rec.values[li]
-            p, attn, valid, c = _reference(q, k, v, mask, float(rec.scale))
+            attn, n_valid, c = _reference(q, k, v, mask, float(rec.scale))
             for m in run:
                 kw = dict(PRESETS[m](n, eps)) if m in PRESETS else {}
                 if m in _NO_WEIGHTS:
                     kw["return_weights"] = False
                 kw.update(params.get(m, {}))
+                acc = accs.setdefault((m, int(layer)), _Acc())
                 try:
-                    res = METHODS[m](q, k, v, mask=mask, causal=False, scale=float(rec.scale),
-                                     kv_heads=int(k.shape[0]), **kw)
+                    _run_method(m, q, k, v, mask, float(rec.scale), kw, (attn, n_valid, c),
+                                eps, acc)
                 except MethodUnavailable as exc:
                     skipped[m] = str(exc)
+                    del accs[(m, int(layer))]
                     continue
-                acc = accs.setdefault((m, int(layer)), _Acc())
-                _measure(res, p, attn, valid, c, eps, acc)
                 if progress is not None:
                     progress(f"{m} layer {layer}")
     pooled = []
@@ -558,7 +655,8 @@ def run_cli(args: Any) -> int:
         raise CLIError(f"--eps must be a number in [0, 1), got {args.eps!r}") from None
     methods = None
     if args.methods:
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        # duplicates are dropped, first occurrence kept (one row per method)
+        methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))
         unknown = [m for m in methods if m not in METHODS]
         if unknown or not methods:
             raise CLIError(f"--methods takes names from {', '.join(METHODS)}, got "
@@ -566,9 +664,11 @@ def run_cli(args: Any) -> int:
     layers = None
     if args.layers:
         try:
-            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+            layers = list(dict.fromkeys(int(x) for x in args.layers.split(",") if x.strip()))
         except ValueError:
-            raise CLIError(f"--layers takes integers, got {args.layers!r}") from None
+            layers = []
+        if not layers:
+            raise CLIError(f"--layers takes a comma list of integers, got {args.layers!r}")
     if args.tokens is not None and args.tokens < 2:
         raise CLIError(f"--tokens must be at least 2, got {args.tokens}")
 

@@ -49,6 +49,7 @@ Cost (key-equivalents per row): the base's cost on every row that uses :math:`S`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -89,18 +90,34 @@ def delta_rows(s: int, gamma: int = 64, min_tail: int = 128) -> tuple[int, np.nd
     return s_p, anchor, dense
 
 
-def dense_rows(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
+def dense_rows(
+    pr: Any, rows: Array, chunk_elems: int = CHUNK_ELEMS
+) -> tuple[Array, Array, Array]:
     """Exact attention of the query ``rows`` (float64), its rounding bound, visible keys.
 
     ``pr`` is the house's prepared input (:func:`certattn.attention._prepare`): the causal
     alignment and the masks follow the *original* row indices.  Returns ``(D, delta, nv)``
     with shapes ``(..., r, dv)``, ``(..., r)``, ``(..., r)``: the kept set is every visible
     key (:math:`\\tau = 0`), so the engine's bound is its rounding ``mu_err`` alone, plus
-    the mass of keys hidden by a finite fill (:func:`certattn.masks.hidden_error`).
+    the mass of keys hidden by a finite fill (:func:`certattn.masks.hidden_error`) and the
+    score slack.  The rows are computed in chunks of about ``chunk_elems`` scores (the row
+    sizing of :func:`certattn.attention._chunks`); every row's result is independent of the
+    chunking.
     """
+    rows = np.asarray(rows, dtype=np.int64)
+    lead = math.prod(np.broadcast_shapes(pr.q.shape[:-2], pr.k.shape[:-2]))
+    step = max(1, int(chunk_elems) // max(1, lead * int(pr.k.shape[-2]) * 4))
+    parts = [_dense_chunk(pr, rows[i:i + step]) for i in range(0, max(rows.size, 1), step)]
+    if len(parts) == 1:
+        return parts[0]
+    d, err, nv = zip(*parts, strict=True)
+    return np.concatenate(d, axis=-2), np.concatenate(err, axis=-1), np.concatenate(nv, axis=-1)
+
+
+def _dense_chunk(pr: Any, rows: Array) -> tuple[Array, Array, Array]:
+    """:func:`dense_rows` of one chunk of row indices."""
     import array_api_compat.numpy as xp
 
-    rows = np.asarray(rows, dtype=np.int64)
     q, k, v = np.asarray(pr.q), np.asarray(pr.k), np.asarray(pr.v)
     lq, lk = q.shape[-2], k.shape[-2]
 
@@ -207,9 +224,9 @@ def delta_correct(
 
     S = run_policy(q, k, v, base, method=getattr(base, "name", "base"), params={},
                    mask=mask, causal=causal, scale=scale, kv_heads=kv_heads,
-                   chunk_elems=chunk_elems, return_weights=False)
+                   chunk_elems=chunk_elems, return_weights=False, return_kept=False)
     s_out, e_s, c_s = S.output, S.error_bound, S.cost
-    d_out, e_d, nv = dense_rows(pr, dense)
+    d_out, e_d, nv = dense_rows(pr, dense, chunk_elems)
     pos = np.full(s, -1)
     pos[dense] = np.arange(dense.size)
 
@@ -245,7 +262,7 @@ def delta_correct(
         extra[..., sparse_rows] = err[..., sparse_rows] > budget
         rows = np.flatnonzero(np.any(extra.reshape(-1, s), axis=0))
         if rows.size:
-            d_x, e_x, nv_x = dense_rows(pr, rows)
+            d_x, e_x, nv_x = dense_rows(pr, rows, chunk_elems)
             sel = extra[..., rows]
             out[..., rows, :] = np.where(sel[..., None], d_x, out[..., rows, :])
             err[..., rows] = np.where(sel, e_x, err[..., rows])

@@ -197,21 +197,26 @@ def run_policy(
     kv_heads: int | Sequence[int] | None = None,
     chunk_elems: int = CHUNK_ELEMS,
     return_weights: bool = True,
+    return_kept: bool = True,
 ) -> ApproxResult:
     """Run any selection policy through :func:`certattn.certify_attention` as an ApproxResult.
 
     ``output``, ``kept``, ``tail_upper`` (TV-TAIL) and ``error_bound`` (OUT-BEST engine) come
     from the house; ``cost`` from :func:`policy_cost` (or the policy's own report);
-    ``weights`` is the renormalised softmax on the kept set (``return_weights``).  A policy
+    ``weights`` is the renormalised softmax on the kept set (``return_weights``).
+    ``return_kept=False`` (with ``return_weights=False``) leaves ``kept`` None and never
+    holds the ``(..., Lq, Lk)`` kept set, only one query chunk's.  A policy
     that reports ``fell_back`` (:class:`CertifiedFallback`) adds ``params["fell_back"]``
     (bool ``(..., Lq)``) and ``params["fallback_rate"]``.
     """
+    if return_weights and not return_kept:
+        raise InputError("return_weights needs the kept set (return_kept=True)")
     rec = _Recorder(policy)
     cert = certify_attention(
         q, k, v, policy=rec, scale=scale, mask=mask, causal=causal, kv_heads=kv_heads,
-        chunk_elems=chunk_elems, return_kept=True,
+        chunk_elems=chunk_elems, return_kept=return_kept,
     )
-    kept = np.asarray(cert.kept)
+    kept = np.asarray(cert.kept) if return_kept else None
     params = dict(params)
     fell = rec.get("fell_back")
     if fell is not None:

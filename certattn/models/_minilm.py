@@ -173,6 +173,19 @@ class Bert:
         """
         return list(self.tokenizer.encode(text).ids)
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special tokens such as ``[CLS]`` kept), as the Llama models'.
+
+        Parameters
+        ----------
+        ids : sequence of int
+
+        Returns
+        -------
+        str
+        """
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
     def _w(self, name: str) -> np.ndarray:
         return self.weights[name]
 
