@@ -13,6 +13,19 @@ import numpy as np
 _DPS = 120
 
 
+def lifted_key_case(n: int = 256):
+    """Issue 20.2's case: one query, ``n`` keys whose scores fall linearly from 12 to -12,
+    and a +30 additive bias on the lowest-scoring (last) key, which then carries about 97%
+    of the mass; its value is the only non-zero one.  Returns ``(q, k, v, b)``."""
+    q = np.array([[4.0, 0.0]])
+    k = np.stack([np.linspace(3, -3, n), np.zeros(n)], -1)
+    v = np.zeros((n, 1))
+    v[-1] = 1
+    b = np.zeros((1, n))
+    b[0, -1] = 30.0
+    return q, k, v, b
+
+
 def exact_logits(q, keys, scale, bias=None, visible=None) -> list:
     """Exact logits of one query row (``None`` where masked)."""
     n = keys.shape[0]

@@ -271,15 +271,9 @@ def test_certified_fallback_policy_adds_the_bias_to_its_box_bound():
     from certattn.approx.fallback import CertifiedFallback
     from certattn.policies import WindowSinks
 
-    from ._exact_scores import check_rows
+    from ._exact_scores import check_rows, lifted_key_case
 
-    n = 64
-    q = np.array([[4.0, 0.0]])
-    k = np.stack([np.linspace(3, -3, n), np.zeros(n)], -1)
-    v = np.zeros((n, 1))
-    v[-1] = 1
-    b = np.zeros((1, n))
-    b[0, -1] = 30.0
+    q, k, v, b = lifted_key_case(64)
     pol = CertifiedFallback(WindowSinks(window=0, sinks=32), 0.05, page_size=8)
     a = certattn.certify_attention(q, k, v, policy=pol, mask=b, scale=1.0)
     check_rows(q, k, v, 1.0, np.asarray(a.kept), a.tail_upper, a.error_bound, bias=b)

@@ -404,14 +404,9 @@ def test_certified_blocks_counts_only_visible_keys_of_a_kept_block(mask_kind):
 
 
 def _issue20_search():
-    n = 256
-    q = np.array([[4.0, 0.0]])
-    k = np.stack([np.linspace(3, -3, n), np.zeros(n)], -1)
-    v = np.zeros((n, 1))
-    v[-1] = 1
-    b = np.zeros((1, n))
-    b[0, -1] = 30.0
-    return q, k, v, b
+    from ._exact_scores import lifted_key_case
+
+    return lifted_key_case(256)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from certattn import certify_topk
 from certattn._array import to_numpy
 from certattn.search import certified_search
 
-from ._exact_scores import check_rows
+from ._exact_scores import check_rows, lifted_key_case
 
 METHODS = ("mc", "gap", "ours", "tree")
 
@@ -316,13 +316,7 @@ ALL_METHODS = ("ours", "mc", "tree", "gap", "quant", "paged")
 def test_search_takes_an_additive_bias_exactly(method: str) -> None:
     """Issue 20.2: a +30 bias on the lowest-scoring key (97% of the mass); every score
     bound adds the bias, so the key is kept and the certificate is sound."""
-    n = 256
-    q = np.array([[4.0, 0.0]])
-    k = np.stack([np.linspace(3, -3, n), np.zeros(n)], -1)
-    v = np.zeros((n, 1))
-    v[-1] = 1
-    b = np.zeros((1, n))
-    b[0, -1] = 30.0
+    q, k, v, b = lifted_key_case(256)
     res = certified_search(q, k, v, 0.01, mask=b, scale=1.0, method=method)
     check_rows(q, k, v, 1.0, np.asarray(res.kept), res.tail_upper, res.error_bound, bias=b)
     assert bool(np.asarray(res.kept)[0, -1])

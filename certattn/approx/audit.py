@@ -175,7 +175,7 @@ def _exact_rows(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Any:
     home: about :data:`~certattn.attention.CHUNK_ELEMS` numbers at once, never the
     ``(H, n, n)`` array)."""
     pr = _prepare(q, k, v, scale=scale, mask=mask, causal=False, kv_heads=int(k.shape[0]))
-    for rows, s, valid, _ in _chunks(pr, CHUNK_ELEMS):
+    for rows, s, valid, *_ in _chunks(pr, CHUNK_ELEMS):
         p = np.exp(s - s.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         yield rows, p, valid, pr
