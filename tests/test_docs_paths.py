@@ -7,6 +7,7 @@ the checkout), which users do not have; they are in ``docs/APPROXIMATIONS.md`` n
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,11 +20,25 @@ SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "build", "dist", ".hypothes
              ".pytest_cache", ".ruff_cache", "node_modules"}
 
 
+def _candidates() -> list[Path]:
+    """The project's files: those git tracks or would track (ignored ones, such as CI's
+    virtual environment, are not the project's); every file outside git's view."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT, capture_output=True, check=True, timeout=60,
+        ).stdout
+        return [ROOT / name for name in out.decode().split("\0") if name]
+    except (OSError, subprocess.SubprocessError):
+        return list(ROOT.rglob("*"))
+
+
 def _project_files() -> list[Path]:
     files = []
-    for p in ROOT.rglob("*"):
+    for p in _candidates():
         rel = p.relative_to(ROOT).parts
-        if any(part in SKIP_DIRS or part.endswith(".egg-info") for part in rel):
+        if any(part in SKIP_DIRS or part.startswith(".venv") or part.endswith(".egg-info")
+               for part in rel):
             continue
         if p.is_file() and p.suffix.lower() in TEXT and p.resolve() != THIS:
             files.append(p)
