@@ -25,6 +25,7 @@ __all__ = [
     "check_logits",
     "check_number",
     "check_scale",
+    "exact_int",
     "first_bad_position",
     "move_key_axis",
     "valid_rows",
@@ -111,7 +112,7 @@ def check_int_option(
     """
     if value is None and optional:
         return None
-    v = _exact_int(value)
+    v = exact_int(value)
     if choices is not None:
         if v is None or v not in choices:
             raise InputError(f"{name} must be one of {choices}, got {value!r}")
@@ -120,7 +121,7 @@ def check_int_option(
     return v
 
 
-def _exact_int(value: Any) -> int | None:
+def exact_int(value: Any) -> int | None:
     """``value`` as an int if it is an integer type (NumPy's included), else None.
 
     Bools, floats (even ``4.0``) and strings are not integers here: never coerced.
@@ -135,7 +136,7 @@ def _exact_int(value: Any) -> int | None:
 
 def check_count(value: Any, *, name: str, low: int = 0) -> int:
     """An integer (not a bool, not a float) ``>= low``."""
-    v = _exact_int(value)
+    v = exact_int(value)
     if v is None:
         raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
     if v < low:

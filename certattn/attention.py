@@ -412,9 +412,10 @@ def _one_chunk(
         err = add_up(xp.min(stack, axis=-1), res["mu_err"], xp)
         if "house:value_norms" not in cache:
             cache["house:value_norms"] = scaled_norm(v, xp)
-        err = slack_error(err, slack, v, valid, xp, value_norms=cache["house:value_norms"])
+        vn = cache["house:value_norms"]
+        err = slack_error(err, slack, v, valid, xp, value_norms=vn)
         if hid is not None:
-            err = hidden_error(err, hid[0], hid[1], valid, v, xp)
+            err = hidden_error(err, hid[0], hid[1], valid, v, xp, value_norms=vn)
         fields["err"].append(err)
         fields["idx"].append(xp.argmin(stack, axis=-1))
 

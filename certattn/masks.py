@@ -51,14 +51,13 @@ untouched, so boolean and ``-inf`` masks certify exactly as before.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import numpy as np
 
 from ._array import asarray_on, is_numpy, namespace
-from ._fp import EXP_FLOOR, GAMMA_EXP, SMALLEST, U, scaled_norm, sum_gamma
-from ._validate import InputError
+from ._fp import EXP_FLOOR, GAMMA_EXP, SMALLEST, U, add_up, scaled_norm, sum_gamma
+from ._validate import InputError, exact_int
 
 __all__ = ["hidden_error", "hidden_mass", "hidden_tail", "kv_head_map", "normalize_mask"]
 
@@ -209,23 +208,17 @@ def _hidden_columns(raw: Array, fill: Array, hidden: Array, xp: Any) -> tuple[Ar
     return cut(raw), cut(fill), cut(hidden)
 
 
-def _add_up(a: Array, b: Array, xp: Any) -> Array:
-    """``a + b`` (non-negative) rounded up: the float after the rounded-to-nearest sum
-    (which is within half an ulp), so at most one ulp above the exact sum."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return xp.nextafter(a + b, xp.full_like(a, xp.inf))
-
-
 def hidden_tail(tail: Array, h: Array, xp: Any) -> Array:
     r"""``tail + h`` rounded up and clamped to 1 where ``h > 0`` (:math:`\tau_{\mathrm{full}}
     \le \tau_V + h`); unchanged elsewhere (NaN gives 1)."""
-    t = _add_up(tail, h, xp)
+    t = add_up(tail, h, xp)
     t = xp.where(xp.isnan(t), xp.ones_like(t), xp.minimum(t, 1.0))
     return xp.where(h > 0, t, tail)
 
 
 def hidden_error(
-    error: Array, h: Array, hidden: Array, valid: Array, values: Array, xp: Any
+    error: Array, h: Array, hidden: Array, valid: Array, values: Array, xp: Any, *,
+    value_norms: Array | None = None,
 ) -> Array:
     r"""``error + min(h, 1) (max_hidden |v_j| + max_visible |v_j|)``, rounded up, where
     ``h > 0`` (module docstring); unchanged elsewhere.
@@ -240,15 +233,18 @@ def hidden_error(
         Hidden and visible keys.
     values : float64 array (..., n, dv)
     xp : namespace
+    value_norms : float64 array (..., n), optional
+        ``scaled_norm(values, xp)``, when the caller already has it (chunked loops).
     """
     dv = int(values.shape[-1])
-    vn = scaled_norm(values, xp)[..., None, :] * (1.0 + (dv + 8) * U)
+    vn = scaled_norm(values, xp) if value_norms is None else value_norms
+    vn = vn[..., None, :] * (1.0 + (dv + 8) * U)
     zero = xp.zeros_like(vn)
     vh = xp.max(xp.where(hidden, vn, zero), axis=-1)
     vv = xp.max(xp.where(valid, vn, zero), axis=-1)
     with np.errstate(over="ignore", invalid="ignore"):  # + SMALLEST: a subnormal product
         extra = xp.minimum(h, 1.0) * (vh + vv) * (1.0 + 4 * U) + SMALLEST
-    return xp.where(h > 0, _add_up(error, extra, xp), error)
+    return xp.where(h > 0, add_up(error, extra, xp), error)
 
 
 def kv_head_map(kv_heads: Any, n_q: int, n_kv: int) -> list[int] | None:
@@ -261,8 +257,8 @@ def kv_head_map(kv_heads: Any, n_q: int, n_kv: int) -> list[int] | None:
                 f"{n_q} query heads cannot share {n_kv} key/value heads evenly (axis -3)"
             )
         return [h // (n_q // n_kv) for h in range(n_q)]
-    if _index(kv_heads) is not None:
-        if _index(kv_heads) != n_kv:
+    if exact_int(kv_heads) is not None:
+        if exact_int(kv_heads) != n_kv:
             raise InputError(f"kv_heads = {kv_heads} but keys have {n_kv} heads (axis -3)")
         return kv_head_map(None, n_q, n_kv)
     mapping = _index_list(kv_heads)
@@ -278,23 +274,12 @@ def kv_head_map(kv_heads: Any, n_q: int, n_kv: int) -> list[int] | None:
     return mapping
 
 
-def _index(x: Any) -> int | None:
-    """``x`` as an exact integer (Python, NumPy, a 0-d integer tensor), or None; bools
-    and floats are not integers here."""
-    if isinstance(x, (bool, np.bool_)):
-        return None
-    try:
-        return operator.index(x)
-    except TypeError:
-        return None
-
-
 def _index_list(x: Any) -> list[int] | None:
     """A sequence of exact integers as a list, else None (strings are not sequences here)."""
     if isinstance(x, (str, bytes)):
         return None
     try:
-        items = [_index(h) for h in x]
+        items = [exact_int(h) for h in x]
     except TypeError:  # not iterable
         return None
     return None if any(h is None for h in items) else items  # type: ignore[return-value]

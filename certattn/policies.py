@@ -274,7 +274,7 @@ class Pages:
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
         xp = ctx.xp
         upper, page_of = page_upper_bounds(ctx, self.page_size)
-        vis_pages = _pages_visible(valid, page_of, upper.shape[-1], xp)
+        vis_pages = _block_visible(valid, None, self.page_size, xp)[0] > 0
         upper = xp.where(vis_pages, upper, xp.full_like(upper, -xp.inf))
         n_pages = max(1, math.ceil(self.budget / self.page_size))
         order = xp.argsort(upper, axis=-1, descending=True, stable=True)
@@ -307,14 +307,6 @@ def page_upper_bounds(ctx: Context, page_size: int) -> tuple[Array, Array]:
         ctx.cache[key] = page_boxes(ctx.keys, page_size, ctx.xp)
     kmin, kmax, page_of = ctx.cache[key]
     return box_score_upper(ctx.queries, kmin, kmax, scale=ctx.scale), page_of
-
-
-def _pages_visible(valid: Array, page_of: Array, n_pages: int, xp: Any) -> Array:
-    """Pages holding at least one visible key, per query: ``(..., m, n_pages)``."""
-    pages = xp.arange(n_pages, device=getattr(page_of, "device", None))
-    member = page_of[:, None] == pages[None, :]  # (n, P)
-    counts = xp.matmul(xp.astype(valid, xp.float64), xp.astype(member, xp.float64))
-    return counts > 0
 
 
 def _expand_pages(keep_page: Array, page_of: Array, xp: Any) -> Array:
