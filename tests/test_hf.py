@@ -131,6 +131,25 @@ def test_recorded_certificates_bound_the_exact_dropped_mass(arch):
     assert checked == len(rec.calls) * 6 * len(eps)
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_keys_masked_by_a_finite_fill_keep_their_mass_in_the_tail(arch):
+    """Eager masks future and padded keys with the dtype's minimum, a finite logit: its
+    exact softmax mass is positive, so keeping every visible key (eps = 0) certifies a
+    positive tail exactly on the rows that have such keys (0 elsewhere); a recorder that
+    treated fills as -inf (tail 0 everywhere) fails this."""
+    model = _model(arch)
+    ids, mask = _batch()
+    with observe(model, eps=0.0) as rec:
+        _out(model, ids, mask)
+    for call in rec.calls:
+        rows = ~call.masked
+        filled = call.n_valid < ids.shape[1]
+        tail = call.tail_upper[0.0]
+        assert (tail[rows & filled] > 0).all() and (tail[rows & ~filled] == 0).all()
+        assert (rows & filled).any() and (rows & ~filled).any()
+        assert (tail[rows] < 1e-300).all()
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2", "gpt2"])
 def test_generate_under_observe_gives_eager_tokens(arch):
     model = _model(arch)

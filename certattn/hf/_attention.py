@@ -15,9 +15,12 @@ The logits of one call are computed on the side the way eager computes them:
 ``(query @ key^T) * scaling`` in the model's dtype (grouped key heads repeated), Gemma-2's
 ``softcap * tanh(. / softcap)`` when given, plus the additive mask, as eager adds it; a
 key whose mask entry is at or below half the dtype's minimum (eager's padding, causal and
-sliding-window fill) is masked (``-inf``, :func:`certattn.masks.normalize_mask`'s rule).
-Certificates (:func:`certattn.certify_topk`, :func:`certattn.certify_kept`) are sound for
-the exact softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
+sliding-window fill) is masked (``-inf``, :func:`certattn.masks.normalize_mask`'s rule):
+never kept nor counted, but its logit is finite and its exact mass positive, so every
+recorded ``tail_upper`` adds a bound on it (Theorem MASK-HIDDEN,
+:func:`certattn.masks.hidden_mass`: at least ``e^-700`` per filled key).  Certificates
+(:func:`certattn.certify_topk`, :func:`certattn.certify_kept`) are sound for the exact
+softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
 with no visible key (left padding) are skipped: they are flagged ``masked`` and count
 neither as kept nor as visible.
 
@@ -40,9 +43,12 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
+from .._array import namespace
+from .._fp import U
 from .._validate import InputError, check_eps
 from ..budget import BudgetTable
 from ..kept import certify_kept
+from ..masks import hidden_mass, hidden_tail
 from ..policies import Context, TopK, TopP, as_policy
 from ..topk import certify_topk
 
@@ -400,14 +406,14 @@ def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: An
     _refuse_unsupported(module, kwargs)
     layer = session.layer_of(module)
     if session.recorder is not None:
-        logits, _ = _logits(module, query, key, attention_mask, kwargs)
-        _record(session, layer, logits)
+        logits, _, h = _logits(module, query, key, attention_mask, kwargs)
+        _record(session, layer, logits, h)
         return eager(module, query, key, value, attention_mask, **kwargs)
     policy = session.policy(layer) if session.policy is not None else None
     if policy is None:
         return eager(module, query, key, value, attention_mask, **kwargs)
-    logits, visible = _logits(module, query, key, attention_mask, kwargs)
-    kept = _select(session.stats, layer, policy, logits, query, key, kwargs)
+    logits, visible, h = _logits(module, query, key, attention_mask, kwargs)
+    kept = _select(session.stats, layer, policy, logits, query, key, kwargs, h)
     mask = _drop_mask(attention_mask, visible, kept, query)
     return eager(module, query, key, value, mask, **kwargs)
 
@@ -449,6 +455,7 @@ def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
         softcap = kwargs.get("softcap")
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
+        filled = full = None
         if attention_mask is None:
             visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
         else:
@@ -458,10 +465,31 @@ def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
             else:
                 visible = (m > torch.finfo(m.dtype).min / 2).expand(s.shape)
                 s = s + m
+                filled = ~visible & (s > -torch.inf)  # a finite fill: positive exact mass
+            full = s
             s = torch.where(visible, s, -torch.inf)
         if s.dtype not in (torch.float32, torch.float64):
             s = s.to(torch.float32)  # exact: every narrower float is a float32
-        return s, visible
+        h = None if filled is None else _filled_mass(full, filled, s)
+        return s, visible, h
+
+
+def _filled_mass(full: Any, filled: Any, s: Any) -> Any:
+    """Sound bound ``h`` (float64, (B, H, Lq)) on the mass of the keys a finite fill masks,
+    relative to the visible keys' (:func:`certattn.masks.hidden_mass`): each of the ``c``
+    filled keys of a row has a logit at most their largest, so ``h <= c e^{max - M}``;
+    None when no key is filled.  Rows with no visible key get 0 (they are skipped)."""
+    if not bool(filled.any()):
+        return None
+    top = torch.where(filled, full, -torch.inf).amax(-1, keepdim=True).to(torch.float64)
+    mx = s.amax(-1, keepdim=True).to(torch.float64)
+    xp, _ = namespace(top)
+    one = top > -torch.inf
+    # the given logits are exact: no rounding margin, no fill to add (it is in ``full``)
+    h1 = hidden_mass(top, torch.zeros_like(top), one, mx, torch.zeros_like(mx[..., 0]), xp)
+    count = filled.sum(-1).to(torch.float64)
+    h = h1 * count * (1.0 + 2 * U)  # the product rounded up (both factors >= 0)
+    return torch.where(mx[..., 0] > -torch.inf, h, torch.zeros_like(h))
 
 
 def _repeat_heads(key: Any, n_heads: int) -> Any:
@@ -483,14 +511,14 @@ def _numpy(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
 
 
-def _record(session: _Session, layer: int, logits: Any) -> None:
+def _record(session: _Session, layer: int, logits: Any, h: Any) -> None:
     arr = _host(logits)
     ks, tails = {}, {}
     cert = None
     for e in session.eps:
         cert = certify_topk(arr, e, masked_rows="skip")
         ks[e] = _numpy(cert.k)
-        tails[e] = _numpy(cert.tail_upper)
+        tails[e] = _with_filled(_numpy(cert.tail_upper), h)
     assert cert is not None
     session.recorder.calls.append(LayerCall(
         layer=layer, call=session.next_call(layer), n_valid=_numpy(cert.n_valid),
@@ -499,8 +527,15 @@ def _record(session: _Session, layer: int, logits: Any) -> None:
     ))
 
 
+def _with_filled(tail: np.ndarray, h: Any) -> np.ndarray:
+    """``tail`` plus the filled keys' mass bound ``h`` (:func:`certattn.masks.hidden_tail`)."""
+    if h is None:
+        return tail
+    return hidden_tail(np.asarray(tail, dtype=np.float64), _numpy(h), np)
+
+
 def _select(stats: SparseStats, layer: int, policy: Any, logits: Any, query: Any, key: Any,
-            kwargs: dict[str, Any]) -> Any:
+            kwargs: dict[str, Any], h: Any) -> Any:
     """The kept mask (torch bool, (B, H, Lq, Lk)) of ``policy``; adds to ``stats``."""
     visible = torch.isfinite(logits)
     empty = ~visible.any(dim=-1, keepdim=True)  # rows with no visible key: a dummy row
@@ -522,7 +557,7 @@ def _select(stats: SparseStats, layer: int, policy: Any, logits: Any, query: Any
         tail = certify_kept(scores, kept_all).tail_upper
     kept = torch.as_tensor(kept_all, device=logits.device) & visible
     rows = ~empty[..., 0]
-    tail_t = torch.as_tensor(tail, device=logits.device)
+    tail_t = torch.as_tensor(_with_filled(_numpy(tail), h), device=logits.device)
     stats._add(layer, int(kept.sum()), int(visible.sum()),
                float(tail_t[rows].max()) if bool(rows.any()) else 0.0)
     return kept
