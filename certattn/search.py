@@ -973,9 +973,10 @@ def _add_hidden(
     :func:`certattn._fp.score_abs_margin`, which :func:`certattn.masks.hidden_mass` allows)."""
     import array_api_compat.numpy as xnp
 
+    kn = scaled_norm(keys, xnp)
     with np.errstate(over="ignore"):
-        cs = scale * scaled_norm(queries, xnp)[:, None] * scaled_norm(keys, xnp)[None]
-    margin = score_abs_margin(queries, keys, scale, xnp)
+        cs = scale * scaled_norm(queries, xnp)[:, None] * kn[None]
+    margin = score_abs_margin(queries, keys, scale, xnp, key_norms=kn)
     h = hidden_mass(cs, fill, hidden, kept_logits, margin, xnp)
     return hidden_tail(tail, h, xnp), hidden_error(err, h, hidden, visible, values, xnp)
 
