@@ -99,6 +99,22 @@ GGUF_NAMES = {
 }
 
 
+def gguf_tensor(name: str, w: np.ndarray, heads: int, kv: int, *,
+                permute: bool = True) -> tuple[str, np.ndarray]:
+    """A Hugging Face Llama tensor as llama.cpp writes it: its GGUF name, and the q/k
+    projections row-permuted (``permute``) for llama.cpp's RoPE layout."""
+    top = {"model.embed_tokens.weight": "token_embd.weight",
+           "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    if name in top:
+        return top[name], w
+    i, _, rest = name[len("model.layers."):].partition(".")
+    if permute and rest.startswith("self_attn.q_proj"):
+        w = llama_cpp_permute(w, heads)
+    elif permute and rest.startswith("self_attn.k_proj"):
+        w = llama_cpp_permute(w, kv)
+    return f"blk.{i}.{GGUF_NAMES[rest]}", w
+
+
 def write_gguf(path: Path, weights: dict, cfg: dict, *, arch: str = "llama",
                skip: tuple[str, ...] = (), rope_type: str | None = None,
                spm: bool = False) -> Path:
@@ -138,19 +154,7 @@ def write_gguf(path: Path, weights: dict, cfg: dict, *, arch: str = "llama",
         wr.add_token_types([3 if t.startswith(("<", "[")) else 1 for t in VOCAB])
     wr.add_eos_token_id(1)
     for name, w in weights.items():
-        if name == "model.embed_tokens.weight":
-            gname = "token_embd.weight"
-        elif name == "model.norm.weight":
-            gname = "output_norm.weight"
-        elif name == "lm_head.weight":
-            gname = "output.weight"
-        else:
-            i, _, rest = name[len("model.layers."):].partition(".")
-            gname = f"blk.{i}.{GGUF_NAMES[rest]}"
-            if permute and rest.startswith("self_attn.q_proj"):
-                w = llama_cpp_permute(w, heads)
-            elif permute and rest.startswith("self_attn.k_proj"):
-                w = llama_cpp_permute(w, kv)
+        gname, w = gguf_tensor(name, w, heads, kv, permute=permute)
         if gname in skip:
             continue
         wr.add_tensor(gname, np.ascontiguousarray(w, dtype=np.float32))

@@ -32,12 +32,11 @@ from certattn.errors import InputError
 from certattn.models import Bert, Llama, ModelFileError, load
 
 from .test_model_files import (
-    GGUF_NAMES,
     MERGES,
     VOCAB,
     _llama_weights,
+    gguf_tensor,
     llama_config,
-    llama_cpp_permute,
     write_hf_bert,
     write_hf_llama,
 )
@@ -101,19 +100,7 @@ def tiny_gguf(*, layers: int = 1, heads: int = 4, kv: int = 2, vocab: list[str] 
     }
     tensors = []
     for name, a in w.items():
-        if name == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif name == "model.norm.weight":
-            g = "output_norm.weight"
-        elif name == "lm_head.weight":
-            g = "output.weight"
-        else:
-            i, _, rest = name[len("model.layers."):].partition(".")
-            g = f"blk.{i}.{GGUF_NAMES[rest]}"
-            if rest.startswith("self_attn.q_proj"):
-                a = llama_cpp_permute(a, heads)
-            elif rest.startswith("self_attn.k_proj"):
-                a = llama_cpp_permute(a, kv)
+        g, a = gguf_tensor(name, a, heads, kv)
         a = np.ascontiguousarray(a * np.float32(scale), dtype=np.float32)
         tensors.append({"name": g, "dims": list(reversed(a.shape)), "type": 0,
                         "data": a.tobytes()})
