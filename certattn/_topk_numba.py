@@ -197,6 +197,7 @@ from typing import Any
 
 import numpy as np
 
+from ._backends import KERNELS
 from ._fp import EXP_ABS_ERR
 from ._fp import EXP_FLOOR as FLOOR  # exponents below are raised to it (masked keys too)
 
@@ -238,8 +239,8 @@ def choice() -> str:
     """The path ``CERTATTN_KERNEL`` asks for (or :func:`forced`): ``"auto"``, ``"numba"``
     or ``"numpy"``."""
     want = _FORCED.get() or os.environ.get("CERTATTN_KERNEL", "auto").strip().lower() or "auto"
-    if want not in ("auto", "numba", "numpy"):
-        raise ValueError(f"CERTATTN_KERNEL must be auto, numba or numpy, got {want!r}")
+    if want not in KERNELS:
+        raise ValueError(f"CERTATTN_KERNEL must be {', '.join(KERNELS)}, got {want!r}")
     return want
 
 
@@ -286,7 +287,7 @@ def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
     reproducible bit for bit (dask workers, re-chunked batches).
     """
     want = choice()
-    if want == "numpy":
+    if want in ("numpy", "array", "triton"):  # array, triton: certattn._backends.device_kernel
         return None
     if want == "auto" and rows is not None and n is not None:
         if max(rows * n, _CALL_KEYS.get()) < AUTO_KEYS and n <= STREAM_KEYS:
