@@ -71,7 +71,7 @@ def cut_search(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:
         The number of tail keys (the ``t`` smallest terms) and their float64 sum, the
         largest such prefix with ``T <= budget``.
     """
-    rows, n = e.shape
+    n = e.shape[-1]
     total = _sum_at_most(e, xp.max(e, axis=-1), xp)  # S(max): every term
     all_fit = total <= budget
     none_fit = budget < 0.0

@@ -56,7 +56,7 @@ import numpy as np
 
 from ._fp import EXP_ABS_ERR, EXP_FLOOR
 
-__all__ = ["BLOCK", "K", "chunk_function", "kernels"]
+__all__ = ["BLOCK", "K", "chunk_function", "exp_poly", "kernels"]
 
 BLOCK = 1024  # keys per tile of a row
 K = 8  # thresholds per search round
@@ -86,6 +86,18 @@ def chunk_function(fallback: Callable[..., Any]) -> Callable[..., Any]:
         return certify_chunk(chunk, eps, gamma, fallback)
 
     return run
+
+
+def exp_poly(a: Any) -> Any:
+    """The kernel's polynomial exp of a float64 torch tensor (tests, the GPU check)."""
+    import torch
+
+    a = a.contiguous()
+    out = torch.empty_like(a)
+    kernels().exp_poly_kernel[(-(-a.numel() // BLOCK),)](
+        a, out, a.numel(), BLOCK=BLOCK, enable_fp_fusion=False
+    )
+    return out
 
 
 def params(n: int, eps: float, gamma: float) -> list[float]:
@@ -122,3 +134,44 @@ def certify_chunk(
         k[todo], tail[todo], n_valid[todo] = kf, tf, nf
         top[todo] = topf.to(torch.float64)
     return k, tail, n_valid, top
+
+
+SIGNATURE = {
+    "x_ptr": "*fp32", "stride": "i64", "n": "i64", "par_ptr": "*fp64", "terms_ptr": "*fp64",
+    "k_ptr": "*i64", "tail_ptr": "*fp64", "nvalid_ptr": "*i64", "top_ptr": "*fp64",
+    "status_ptr": "*i32", "BLOCK": "constexpr", "K": "constexpr",
+}
+
+
+def compile_ptx(name: str, capability: int, fusion: bool = False, dtype: str = "fp32") -> str:
+    """The PTX of kernel ``name`` (``certify_rows_kernel`` for ``dtype`` logits, or
+    ``exp_poly_kernel``) compiled for ``sm_<capability>``: no GPU needed, but the
+    kernels must be decorated for real (``TRITON_INTERPRET`` unset or 0)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if name == "certify_rows_kernel":
+        sig, const = dict(SIGNATURE, x_ptr=f"*{dtype}"), {"BLOCK": BLOCK, "K": K}
+    else:
+        sig = {"a_ptr": "*fp64", "out_ptr": "*fp64", "n": "i64", "BLOCK": "constexpr"}
+        const = {"BLOCK": BLOCK}
+    src = ASTSource(fn=getattr(kernels(), name), signature=sig, constexprs=const)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", capability, 32), options={"enable_fp_fusion": fusion}
+    )
+    return compiled.asm["ptx"]
+
+
+def ptx_problems(ptx: str) -> list[str]:
+    """What the PTX of a certified float64 kernel must not hold: float32 ``exp``
+    (``ex2.approx``), fused multiply-adds, float32 scalar parameters or arithmetic."""
+    import re
+
+    checks = {
+        "ex2.approx (float32 exp)": r"\bex2\.approx",
+        "fma (fused multiply-add with fusion off)": r"\bfma\.",
+        "a float32 scalar parameter": r"\.param \.f32",
+        "float32 arithmetic": r"\b(?:add|sub|mul|div)\.(?:rn\.)?f32",
+    }
+    return [what for what, pattern in checks.items() if re.search(pattern, ptx)]

@@ -13,14 +13,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FLOOR = tl.constexpr(-700.0)  # exponents are raised to it (masked keys included): _fp.EXP_FLOOR
-EXP_TOP = tl.constexpr(710.0)  # and clamped to it; exp(EXP_TOP) overflows to inf (the row falls back)
-LOG2E = tl.constexpr(1.4426950408889634)  # float64 nearest 1/log(2); only steers n (any integer works)
-ROUNDER = tl.constexpr(6755399441055744.0)  # 1.5 * 2**52: (t + ROUNDER) - ROUNDER rounds t to an integer
-LN2_HI = tl.constexpr(6.93147180369123816490e-01)  # 32 significant bits: n * LN2_HI exact for |n| < 2^21
+FLOOR = tl.constexpr(-700.0)  # exponents are raised to it (masked keys too): EXP_FLOOR
+EXP_TOP = tl.constexpr(710.0)  # clamped to it; exp(EXP_TOP) is inf (the row falls back)
+LOG2E = tl.constexpr(1.4426950408889634)  # nearest 1/log(2); steers n only
+ROUNDER = tl.constexpr(6755399441055744.0)  # 1.5 * 2**52: (t + R) - R rounds t
+LN2_HI = tl.constexpr(6.93147180369123816490e-01)  # 32 bits: n * LN2_HI exact
 LN2_LO = tl.constexpr(1.90821492927058770002e-10)  # log(2) - LN2_HI, rounded
 ROUNDER_BITS = tl.constexpr(0x4338000000000000)  # the bits of ROUNDER
-P11 = tl.constexpr(1.0 / 39916800.0)  # Taylor coefficients 1/i!, i = 11 .. 3, rounded to float64
+P11 = tl.constexpr(1.0 / 39916800.0)  # Taylor coefficients 1/i!, i = 11 .. 3
 P10 = tl.constexpr(1.0 / 3628800.0)
 P9 = tl.constexpr(1.0 / 362880.0)
 P8 = tl.constexpr(1.0 / 40320.0)
@@ -193,3 +193,13 @@ def certify_rows_kernel(
     tl.store(nvalid_ptr + row + one, n_valid)
     tl.store(top_ptr + row + one, z)
     tl.store(status_ptr + row + one, status.to(tl.int32))
+
+
+@triton.jit(do_not_specialize=["n"])
+def exp_poly_kernel(a_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    """``out = exp_poly(a)`` elementwise (float64): for the tests and the GPU check, which
+    compare it bit for bit with a one-operation-at-a-time NumPy reference."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    inside = idx < n
+    a = tl.load(a_ptr + idx, mask=inside, other=0.0)
+    tl.store(out_ptr + idx, exp_poly(a), mask=inside)
