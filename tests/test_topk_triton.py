@@ -1,14 +1,14 @@
 """The Triton kernel of certify_topk without a GPU: in Triton's interpreter on CPU torch
 tensors (``TRITON_INTERPRET=1``, set by conftest; with ``TRITON_INTERPRET=0`` the same
-tests run compiled on a CUDA GPU, or skip without one) (k equal to the NumPy path, tails within its agreement band, the contract against
-exact arithmetic, the polynomial exp bit for bit), and compiled for sm_90 and sm_80 with
-the PTX read (float64 only: no ex2.approx, no fused multiply-add, no float32 scalar
-parameter).  Skipped where triton or torch is absent."""
+tests run compiled on a CUDA GPU, or skip without one): k equal to the NumPy path, tails
+within its agreement band, the contract against exact arithmetic, the polynomial exp bit
+for bit; and compiled for sm_90 and sm_80 with the PTX read (float64 only: no
+ex2.approx, no fused multiply-add, no float32 scalar parameter).  Skipped where triton
+or torch is absent."""
 
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -21,7 +21,6 @@ triton = pytest.importorskip("triton")
 torch = pytest.importorskip("torch")
 
 import certattn._topk_triton as tt  # noqa: E402
-
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -94,9 +93,10 @@ def test_the_kernel_settles_ordinary_rows_and_hands_over_the_rest(dev):
 
     def fallback(sub, eps, gamma):
         handed.append(int(sub.shape[0]))
+        import array_api_compat.torch as xt
+
         from certattn._topk_array import cut_search
         from certattn.topk import _chunk
-        import array_api_compat.torch as xt
 
         return _chunk(sub, eps, gamma, xt, cut_search)
 
