@@ -243,7 +243,6 @@ def _exp_bits(dry: bool) -> dict[str, Any]:
 
 
 def step_speed(dry: bool, out: Path) -> dict[str, Any]:
-    import numpy as np
 
     rows, n = sizes(dry)["speed"]
     repeats = sizes(dry)["repeats"]
