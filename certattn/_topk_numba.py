@@ -7,9 +7,9 @@ imports and the call is large enough to repay numba's start-up -- at least ``AUT
 keys in all, or rows longer than ``STREAM_KEYS``, which the compiled path tiles in
 bounded memory -- else NumPy), ``numba`` (compiled; an error if numba is missing) or
 ``numpy`` (the NumPy path of :mod:`certattn._topk_numpy`, which stays the reference and
-the fallback). Only NumPy inputs take either; other array libraries (CuPy included: no
-GPU kernel here, the CuPy path stays the generic sort kernel of :mod:`certattn.topk`)
-are unchanged. Both paths certify the same quantity with the same acceptance test, so
+the fallback). Only NumPy inputs take either; ``array`` and ``triton`` choose the device
+kernels (:func:`certattn._backends.device_kernel`: the sort-free array kernel, CuPy's and
+torch CUDA's path, and the Triton kernel). Both paths certify the same quantity with the same acceptance test, so
 ``k`` agrees exactly except where the computed tail of ``k - 1`` keys lies within
 rounding (about :math:`(n + 200) u` relative: the sums, and the two paths' ``exp``) of
 the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
