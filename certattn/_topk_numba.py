@@ -11,8 +11,8 @@ the fallback). Only NumPy inputs take either; ``array`` and ``triton`` choose th
 kernels (:func:`certattn._backends.device_kernel`: the sort-free array kernel, CuPy's and
 torch CUDA's path, and the Triton kernel). Both paths certify the same quantity with the
 same acceptance test, so ``k`` agrees exactly except where the computed tail of ``k - 1``
-keys lies within rounding (about :math:`(n + 200) u` relative: the sums, and the two paths' ``exp``) of
-the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
+keys lies within rounding (about :math:`(n + 200) u` relative: the sums, and the two
+paths' ``exp``) of the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
 agrees within a relative :math:`2 n u + 400 u`. Either answer is sound and minimal up to
 the margin.
 
