@@ -12,9 +12,9 @@ kernels (:func:`certattn._backends.device_kernel`: the sort-free array kernel, C
 torch CUDA's path, and the Triton kernel). Both paths certify the same quantity with the
 same acceptance test, so ``k`` agrees exactly except where the computed tail of ``k - 1``
 keys lies within rounding (about :math:`(n + 200) u` relative: the sums, and the two
-paths' ``exp``) of the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
-agrees within a relative :math:`2 n u + 400 u`. Either answer is sound and minimal up to
-the margin.
+paths' ``exp``) of the acceptance threshold itself, a band inside the certificate's
+margin; ``tail_upper`` agrees within a relative :math:`2 n u + 400 u`. Either answer is
+sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
