@@ -37,6 +37,7 @@ __all__ = [
     "adapter",
     "backend_of",
     "capability_markdown",
+    "device_kernel",
     "nan_propagates_through_max",
     "verify_backends",
 ]
@@ -80,14 +81,23 @@ def _strict(xs: Any) -> list[tuple[str, Any]]:
 def _cupy(cupy: Any) -> list[tuple[str, Any]]:
     try:
         return [("", None)] if cupy.cuda.runtime.getDeviceCount() > 0 else []
-    except Exception:  # no driver, no device
+    except Exception:  # no driver, no device: CUDARuntimeError (a RuntimeError)
         return []
+
+
+def _torch(torch: Any) -> list[tuple[str, Any]]:
+    # the CPU always; a CUDA device where torch was built for CUDA and sees a GPU
+    try:
+        cuda = bool(torch.cuda.is_available())
+    except Exception:  # a driver error: no CUDA here
+        cuda = False
+    return [("", "cpu")] + ([("-cuda", "cuda")] if cuda else [])
 
 
 BACKENDS: tuple[Backend, ...] = (
     Backend("numpy", "numpy", _cpu, nan_max=True),
     Backend("strict", "array_api_strict", _strict),
-    Backend("torch", "torch", _cpu, verify=False, nan_max=True),
+    Backend("torch", "torch", _torch, verify=False, nan_max=True),
     Backend("cupy", "cupy", _cupy, nan_max=True),
 )
 """Every supported array library, NumPy first."""
@@ -118,6 +128,65 @@ def nan_propagates_through_max(xp: Any) -> bool:
 def verify_backends() -> list[str]:
     """``certattn verify --backend`` choices."""
     return [b.name for b in BACKENDS if b.verify]
+
+
+KERNELS = ("auto", "numba", "numpy", "array", "triton")
+"""``CERTATTN_KERNEL`` values of :func:`certattn.certify_topk` (README, "Which path runs")."""
+
+
+def triton_installed() -> bool:
+    """Whether ``triton`` (the ``[triton]`` extra) can be imported (not imported here)."""
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(x: Any) -> bool:
+    """Whether the Triton kernel can take array ``x``: a torch tensor on a CUDA device, or
+    on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``, for tests)."""
+    import os
+
+    import array_api_compat as compat
+
+    if not compat.is_torch_array(x):
+        return False
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def device_kernel(xp: Any, x: Any, want: str) -> str | None:
+    """The device kernel of :func:`certattn.certify_topk` for ``x`` (namespace ``xp``).
+
+    ``"triton"`` (:mod:`certattn._topk_triton`), ``"array"`` (the sort-free kernel of
+    :mod:`certattn._topk_array`) or None (the host paths: NumPy, numba, or the generic
+    sort kernel).  ``want`` is ``CERTATTN_KERNEL``: ``array`` takes the array kernel on
+    every backend; ``triton`` the Triton kernel where it runs (:func:`triton_runs_on`),
+    else the array kernel; ``auto`` the Triton kernel for torch tensors on CUDA when
+    Triton is installed, the array kernel on CuPy and on other torch CUDA tensors.
+
+    Raises
+    ------
+    ImportError
+        ``want`` is ``triton`` and Triton is not installed.
+    """
+    import array_api_compat as compat
+
+    if want == "triton":
+        if not triton_installed():
+            raise ImportError(
+                'CERTATTN_KERNEL=triton but triton is not installed: pip install "certattn[triton]"'
+            )
+        return "triton" if triton_runs_on(x) else "array"
+    if want == "array":
+        return "array"
+    if want != "auto":
+        return None
+    if compat.is_cupy_namespace(xp):
+        return "array"
+    if compat.is_torch_array(x) and x.device.type == "cuda":
+        return "triton" if triton_installed() else "array"
+    return None
 
 
 ADAPTERS = {"dask": "certattn._dask"}
@@ -180,7 +249,10 @@ _N = Capability("native")
 _H = Capability("host")
 CAPABILITIES: dict[str, Capability] = {
     # certificates
-    "certify_topk": Capability("native", "NumPy: threaded bracket kernel; others: sort", True),
+    "certify_topk": Capability(
+        "native", "NumPy: threaded bracket kernel; CuPy, torch CUDA: sort-free kernel (Triton "
+        "where installed); others: sort", True
+    ),
     "certify_topp": Capability("native", "as certify_topk", True),
     "certify_kept": Capability("native", "", True),
     "certify_scores": Capability("native", "the Search policy runs on the host"),

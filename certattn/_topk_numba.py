@@ -7,14 +7,14 @@ imports and the call is large enough to repay numba's start-up -- at least ``AUT
 keys in all, or rows longer than ``STREAM_KEYS``, which the compiled path tiles in
 bounded memory -- else NumPy), ``numba`` (compiled; an error if numba is missing) or
 ``numpy`` (the NumPy path of :mod:`certattn._topk_numpy`, which stays the reference and
-the fallback). Only NumPy inputs take either; other array libraries (CuPy included: no
-GPU kernel here, the CuPy path stays the generic sort kernel of :mod:`certattn.topk`)
-are unchanged. Both paths certify the same quantity with the same acceptance test, so
-``k`` agrees exactly except where the computed tail of ``k - 1`` keys lies within
-rounding (about :math:`(n + 200) u` relative: the sums, and the two paths' ``exp``) of
-the acceptance threshold itself, a band inside the certificate's margin; ``tail_upper``
-agrees within a relative :math:`2 n u + 400 u`. Either answer is sound and minimal up to
-the margin.
+the fallback). Only NumPy inputs take either; ``array`` and ``triton`` choose the device
+kernels (:func:`certattn._backends.device_kernel`: the sort-free array kernel, CuPy's and
+torch CUDA's path, and the Triton kernel). Both paths certify the same quantity with the
+same acceptance test, so ``k`` agrees exactly except where the computed tail of ``k - 1``
+keys lies within rounding (about :math:`(n + 200) u` relative: the sums, and the two
+paths' ``exp``) of the acceptance threshold itself, a band inside the certificate's
+margin; ``tail_upper`` agrees within a relative :math:`2 n u + 400 u`. Either answer is
+sound and minimal up to the margin.
 
 The kernel (per row)
 --------------------
@@ -197,6 +197,7 @@ from typing import Any
 
 import numpy as np
 
+from ._backends import KERNELS
 from ._fp import EXP_ABS_ERR
 from ._fp import EXP_FLOOR as FLOOR  # exponents below are raised to it (masked keys too)
 
@@ -238,8 +239,8 @@ def choice() -> str:
     """The path ``CERTATTN_KERNEL`` asks for (or :func:`forced`): ``"auto"``, ``"numba"``
     or ``"numpy"``."""
     want = _FORCED.get() or os.environ.get("CERTATTN_KERNEL", "auto").strip().lower() or "auto"
-    if want not in ("auto", "numba", "numpy"):
-        raise ValueError(f"CERTATTN_KERNEL must be auto, numba or numpy, got {want!r}")
+    if want not in KERNELS:
+        raise ValueError(f"CERTATTN_KERNEL must be {', '.join(KERNELS)}, got {want!r}")
     return want
 
 
@@ -286,7 +287,7 @@ def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
     reproducible bit for bit (dask workers, re-chunked batches).
     """
     want = choice()
-    if want == "numpy":
+    if want in ("numpy", "array", "triton"):  # array, triton: certattn._backends.device_kernel
         return None
     if want == "auto" and rows is not None and n is not None:
         if max(rows * n, _CALL_KEYS.get()) < AUTO_KEYS and n <= STREAM_KEYS:

@@ -61,8 +61,9 @@ from typing import Any
 from . import _topk_numba as _nb_path
 from . import _topk_numpy as _np_path
 from ._array import as_float_array, device_of, is_numpy, namespace
-from ._backends import adapter
+from ._backends import adapter, device_kernel
 from ._fp import GAMMA_EXP, SMALLEST, U
+from ._topk_array import cut_search
 from ._topk_generic import cut_sorted, exp_terms
 from ._validate import InputError, check_eps, check_logits, check_number, first_bad_position
 from .distribution import topk_mask
@@ -293,6 +294,51 @@ def certify_topk(
 # --------------------------------------------------------------------------
 
 
+def _chunk(
+    chunk: Array,
+    eps: float,
+    gamma: float,
+    xp: Any,
+    cut: Callable[..., tuple[Array, Array]] | None,
+    *,
+    terms: Callable[[Array, float | None], Array] | None = None,
+) -> tuple[Array, Array, Array, Array]:
+    """``(k, tail before widening, n_valid, row_top)`` of one ``(rows, n)`` chunk.
+
+    ``cut(e, budget[, xp])`` finds the tail: the NumPy bracket (``terms`` given, with
+    the logits and shifts), the sort-free array kernel, or (None) the sorted kernel.
+    """
+    rows, n = chunk.shape
+    lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
+    if lowest > -math.inf:
+        n_valid = xp.full((rows,), n, dtype=xp.int64, device=device_of(chunk))
+    elif terms is not None:
+        n_valid = _np_path.valid_counts(chunk)
+    else:
+        n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
+    zeros = xp.zeros(rows, dtype=xp.float64, device=device_of(chunk))
+    if eps == 0.0:  # every valid key has positive exact mass: keep them all
+        return n_valid, zeros, n_valid, xp.max(chunk, axis=-1)
+    e, c, z, top, alpha = exp_terms(chunk, eps, xp, lowest, terms=terms)
+    if e is None:  # NaN or +inf in the chunk: skip the work, the caller raises
+        return n_valid, zeros, n_valid, top
+    z_lo = z * (1.0 - gamma) - alpha
+    # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
+    budget = (eps * z_lo - alpha) / (1.0 + gamma)
+    if terms is not None:
+        t, t_hat = cut(chunk, e, c, budget)
+    else:
+        t, t_hat = (cut or cut_sorted)(e, budget, xp)
+    return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, top
+
+
+def _triton_chunk(xp: Any, fallback: Callable[..., Any]) -> Callable[..., Any]:
+    """The Triton kernel's per-chunk function (imported only when it is chosen)."""
+    from . import _topk_triton
+
+    return _topk_triton.chunk_function(fallback)
+
+
 def _certify_rows(
     flat: Array,
     eps: float,
@@ -309,8 +355,12 @@ def _certify_rows(
     """
     rows, n = flat.shape
     gamma = 2.0 * (n + 4096) * U + GAMMA_EXP
-    fast = is_numpy(xp)
+    route = device_kernel(xp, flat, _nb_path.choice())  # "triton", "array" or None
+    fast = is_numpy(xp) and route is None
     compiled = _nb_path.chunk_function(rows, n) if fast else None  # certattn[fast]
+    cut = _np_path.cut_bracket if fast else cut_search if route else None
+    if route == "triton":  # rows it cannot settle go to the array kernel, same chunk code
+        compiled = _triton_chunk(xp, lambda sub, e_, g_: _chunk(sub, e_, g_, xp, cut))
     workers = _np_path.threads() if fast else 1
     if fast:
         step = _np_path.chunk_rows(rows, n, workers)
@@ -318,35 +368,12 @@ def _certify_rows(
         step = max(1, _CHUNK_BYTES // (8 * max(n, 1)))
 
     def one_chunk(start: int) -> tuple[Array, Array, Array, Array]:
-        stop = min(rows, start + step)
-        chunk = flat[start:stop, ...]
+        chunk = flat[start:min(rows, start + step), ...]
         if fast and chunk.dtype.itemsize < 4:  # float16, bfloat16: exact in float32, and
             chunk = _np_path.as_float32(chunk)  # NumPy compares and casts those natively
-        if compiled is not None:  # the numba kernel: same terms, test and analysis
+        if compiled is not None:  # numba or Triton: same terms, test and analysis
             return compiled(chunk, eps, gamma)
-        lowest = float(xp.min(chunk))  # NaN if the chunk holds NaN
-        if lowest > -math.inf:
-            n_valid = xp.full((stop - start,), n, dtype=xp.int64, device=device_of(flat))
-        elif fast:
-            n_valid = _np_path.valid_counts(chunk)
-        else:
-            n_valid = xp.astype(xp.count_nonzero(chunk > -xp.inf, axis=-1), xp.int64)
-        zeros = xp.zeros(stop - start, dtype=xp.float64, device=device_of(flat))
-        if eps == 0.0:  # every valid key has positive exact mass: keep them all
-            return n_valid, zeros, n_valid, xp.max(chunk, axis=-1)
-        e, c, z, top, alpha = exp_terms(
-            chunk, eps, xp, lowest, terms=_np_path.terms if fast else None
-        )
-        if e is None:  # NaN or +inf in the chunk: skip the work, the caller raises
-            return n_valid, zeros, n_valid, top
-        z_lo = z * (1.0 - gamma) - alpha
-        # accept a tail T-hat iff T-hat * (1 + gamma) + alpha <= eps * z_lo
-        budget = (eps * z_lo - alpha) / (1.0 + gamma)
-        if fast:
-            t, t_hat = _np_path.cut_bracket(chunk, e, c, budget)
-        else:
-            t, t_hat = cut_sorted(e, budget, xp)
-        return n - t, (t_hat * (1.0 + gamma) + alpha) / z_lo, n_valid, top
+        return _chunk(chunk, eps, gamma, xp, cut, terms=_np_path.terms if fast else None)
 
     starts = range(0, rows, step)
     parts: list[tuple[Array, Array, Array, Array]] = []

@@ -29,6 +29,11 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("CERTATTN_HYPOTHESIS", "ci"))
 
+# The Triton kernel's tests run in Triton's interpreter on CPU tensors unless told
+# otherwise (TRITON_INTERPRET=0, as benchmarks/gpu_check.sh does on a GPU).  Triton reads
+# it when it decorates its own functions, at import: set it before anything imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @dataclass(frozen=True)
 class Backend:

@@ -26,8 +26,9 @@ ROOT = Path(certattn.__file__).parent
 README = ROOT.parent / "README.md"
 
 CORE = {
-    "_array", "_backends", "_fp", "_results", "_soundness", "_topk_generic", "_topk_numba",
-    "_topk_numba_kernels", "_topk_numpy", "_validate", "attention", "blocks", "bounds",
+    "_array", "_backends", "_fp", "_results", "_soundness", "_topk_array", "_topk_generic",
+    "_topk_numba", "_topk_numba_kernels", "_topk_numpy", "_topk_triton",
+    "_topk_triton_kernels", "_validate", "attention", "blocks", "bounds",
     "cells", "distribution", "errors", "gaussian", "kept", "masks", "output", "policies",
     "quant", "search", "topk",
 }

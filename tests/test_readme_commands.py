@@ -46,6 +46,7 @@ SKIP_RULES: dict[str, str] = {
     "python -m proofs": "tests/test_proofs.py runs the proofs",
     "dask scheduler": "starts a cluster's scheduler process (not a certattn command)",
     "dask worker": "starts a cluster's worker process (not a certattn command)",
+    "benchmarks/gpu_check.sh": "the GPU check; tests/test_gpu_check.py runs its --dry-run",
 }
 """Command prefix -> why lines starting with it are not run."""
 
