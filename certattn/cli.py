@@ -530,6 +530,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         _check_out_folder(args.out)
+    if _through_hf(args.model, "audit"):
+        from .hf._audit import attention_records
+
+        return run_cli(args, attention_records)
     return run_cli(args)
 
 
@@ -714,9 +718,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "error to exact attention, the fraction of queries certified within eps, the cost "
         "in keys per query, and the count of unsound certificates (must be 0).",
     )
-    a.add_argument("--model", default="minilm-sample",
-                   choices=["minilm-sample", "minilm", "smollm2"],
-                   help="minilm-sample (shipped, default), minilm or smollm2")
+    a.add_argument("--model", default="minilm-sample", metavar="NAME_OR_PATH",
+                   help="minilm-sample (shipped, default), minilm or smollm2, a Llama-family "
+                   ".gguf file, or a Hugging Face folder (BERT and Llama-family folders run "
+                   "certattn's NumPy forwards; other architectures need the [hf] extra)")
     a.add_argument("--tokens", type=int, help="context length (smollm2 default 1024)")
     a.add_argument("--methods", help="comma list of methods, each run once (default: every "
                    "available one; skyformer and hybrid, which form (heads, n, n) arrays, only "

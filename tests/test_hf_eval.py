@@ -209,3 +209,102 @@ def test_plot_evaluate_draws_one_curve_per_family():
     np.testing.assert_array_equal(ax_kl.lines[0].get_xdata(), [0.3, 0.9])
     np.testing.assert_array_equal(ax_kl.lines[0].get_ydata(), [0.02, KL_FLOOR])
     np.testing.assert_array_equal(ax_top.lines[1].get_ydata(), [0.7])
+
+
+def _budget_json(capsys, folder, text, *extra):
+    capsys.readouterr()
+    assert main(["budget", "--model", str(folder), "--text-file", str(text), "--tokens", "24",
+                 "--coverage", "1", "--json", "--quiet", *extra]) == 0
+    cap = capsys.readouterr()
+    assert cap.err == ""
+    return json.loads(cap.out)
+
+
+def test_cli_budget_reads_any_architecture_through_hf(tmp_path, capsys):
+    from certattn.hf import load
+
+    folder, text = _tiny_folder(tmp_path, "qwen3")  # not a NumPy family
+    table = _budget_json(capsys, folder, text)
+    assert "certattn.hf.observe" in table["source"] and table["layers"] == [0, 1]
+    model, tok = load(str(folder))
+    ids = tok.encode(text.read_text())[:24]
+    with observe(model, eps=0.01) as rec, torch.no_grad():
+        model(input_ids=torch.tensor([ids]))
+    # coverage 1: the fixed k is the largest certified k of the second half's queries
+    want = [[int(rec.calls[layer].k[0.01][0, h, 12:].max()) for h in range(4)]
+            for layer in (0, 1)]
+    assert table["k_fixed"] == want
+
+
+def test_cli_budget_keeps_numpy_forwards_for_their_families(tmp_path, capsys):
+    folder, text = _tiny_folder(tmp_path, "llama")
+    table = _budget_json(capsys, folder, text)
+    assert "certattn.hf" not in table["source"]
+
+
+def test_cli_budget_on_an_hf_only_folder_without_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    for name in [m for m in sys.modules if m == "certattn.hf" or m.startswith("certattn.hf.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert main(["budget", "--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a BERT or Llama-family folder" in err
+    assert "[hf] extra" in err
+    assert main(["budget", "--model", str(tmp_path), "--texts", str(tmp_path)]) == 2
+    assert "--texts runs certattn's NumPy forwards" in capsys.readouterr().err
+
+
+def test_hf_audit_records_reproduce_the_models_attention(tmp_path):
+    from certattn.hf import load
+    from certattn.hf._audit import attention_records
+
+    folder, text = _tiny_folder(tmp_path, "qwen3")
+    (rec,) = attention_records(str(folder), text.read_text(), tokens=20)
+    model, tok = load(str(folder))
+    ids = tok.encode(text.read_text())[:20]
+    with torch.no_grad():
+        att = model(input_ids=torch.tensor([ids]), output_attentions=True).attentions
+    assert rec.causal and list(rec.layers) == [0, 1] and rec.queries.shape == (2, 4, 20, 8)
+    for li in range(2):
+        logits = rec.scale * rec.queries[li] @ rec.keys[li][rec.kv_head].swapaxes(-1, -2)
+        logits = np.where(rec.mask, logits.astype(np.float64), -np.inf)
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        np.testing.assert_allclose(p, att[li][0].double().numpy(), rtol=0, atol=1e-6)
+
+
+def test_cli_audit_on_an_hf_folder(tmp_path, capsys):
+    folder, _ = _tiny_folder(tmp_path, "qwen3")
+    capsys.readouterr()
+    assert main(["audit", "--model", str(folder), "--tokens", "16", "--methods",
+                 "window_sinks,quest,delta", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rep["rows"]} == {"window_sinks", "quest", "delta"}
+    assert rep["unsound"] == 0 and rep["tokens"] == 16
+
+
+def _gemma2_without_softcap():
+    torch.manual_seed(0)
+    cfg = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        head_dim=8, sliding_window=4, attn_logit_softcapping=None, query_pre_attn_scalar=8)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+
+
+@pytest.mark.parametrize(("arch", "message"), [
+    ("gemma2", "softcapping"),
+    ("gemma2-sliding", "mask different keys"),  # one sliding layer, one full
+])
+def test_cli_audit_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, arch,
+                                                              message):
+    model = _gemma2_without_softcap() if arch == "gemma2-sliding" else None
+    folder, _ = _tiny_folder(tmp_path, "gemma2", model)
+    capsys.readouterr()
+    assert main(["audit", "--model", str(folder), "--tokens", "16"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

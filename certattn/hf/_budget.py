@@ -20,7 +20,7 @@ import torch
 from .._validate import InputError
 from ..budget import BudgetTable, _sequences
 from ._attention import LayerCall, Recorder, observe
-from ._evaluate import load
+from ._evaluate import load, quiet_loading
 
 __all__ = ["budget_table"]
 
@@ -61,6 +61,7 @@ def budget_table(path: str, text: str | None = None, *, tokens: int | None = Non
     progress : callable, optional
         ``progress(done, total)`` after each sequence.
     """
+    quiet_loading()
     model, tok = load(path)
     m = _Adapter(model, tok)
     seqs, what = _sequences(m, path, text, tokens)

@@ -23,7 +23,6 @@ A ``:auto`` spec (and ``delta``) is a :class:`Matched` builder: it is resolved f
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from ..approx.delta import delta_rows
 from ..policies import FixedK, Pages, TopK, TopP, WindowSinks
 from ._attention import Recorder, observe
 from ._delta import DeltaCorrection
-from ._evaluate import evaluate, load
+from ._evaluate import evaluate, load, quiet_loading
 
 __all__ = ["DEFAULT_POLICIES", "SPECS", "Matched", "Spec", "format_table", "matched_delta",
            "matched_quest", "matched_window", "parse_policies", "run_evaluate",
@@ -252,11 +251,7 @@ def run_evaluate(model_name: str, text: str, tokens: int | None, policies: str,
     ``(done, total)`` callback for each stage (or None).
     """
     specs = parse_policies(policies)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # the command prints its table, not the loaders' chatter
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
+    quiet_loading()
     model, tok = load(model_name)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise InputError(f"{model_name}: evaluate needs a causal language model "

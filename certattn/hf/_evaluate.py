@@ -157,6 +157,18 @@ class _Tokenizer:
         return self.hf.decode(list(ids))
 
 
+def quiet_loading() -> None:
+    """Silence transformers' loading chatter and progress bars (the commands print their
+    own table and progress)."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
+
+
 def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
     """A transformers model (eager attention, eval mode, float32) and its tokenizer.
 
