@@ -308,3 +308,31 @@ def test_cli_audit_refuses_what_it_cannot_compare_in_one_line(tmp_path, capsys, 
     assert main(["audit", "--model", str(folder), "--tokens", "16"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_delta_sparse_equals_certattn_approx_delta_correct():
+    # one layer with o_proj = identity: the attention module's output is the heads' output
+    from certattn.approx import delta_correct
+    from certattn.hf._audit import _capturing
+
+    model, ids = _one_layer_llama(), _ids(40, seed=6)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.o_proj.weight.copy_(torch.eye(32))
+    seen = []
+    hook = attn.register_forward_hook(lambda m, a, out: seen.append(out[0][0].double()))
+    try:
+        with _capturing(model) as calls, torch.no_grad():
+            model(input_ids=ids)
+        base = WindowSinks(window=3, sinks=1)
+        with delta_sparse(model, DeltaCorrection(base, gamma=4, min_tail=4)), torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        hook.remove()
+    c = calls[0]
+    ref = delta_correct(c["q"].astype(np.float64), c["k"].astype(np.float64),
+                        c["v"].astype(np.float64), gamma=4, min_tail=4, base=base,
+                        causal=True, scale=c["scale"], kv_heads=2)
+    want = np.asarray(ref.output).transpose(1, 0, 2).reshape(40, 32)  # (L, H * dv)
+    np.testing.assert_allclose(seen[1].numpy(), want, rtol=0, atol=2e-5)
+    assert not np.allclose(seen[0].numpy(), want, atol=1e-3)  # not the dense output
