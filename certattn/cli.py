@@ -430,7 +430,16 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     if args.texts is not None:  # a corpus: one task per document on dask.distributed
         if text is not None:
             raise CLIError("give --texts or --text/--text-file, not both")
+        if _hf_only(args.model):
+            raise CLIError(f"--texts runs certattn's NumPy forwards (BERT, Llama, Mistral, "
+                           f"Qwen2); {args.model} needs certattn.hf: give one --text-file")
         table = _budget_texts(args, eps, coverage)
+    elif _through_hf(args.model, "budget"):
+        from .hf._budget import budget_table
+
+        with _progress_bar("budget", 1, args.progress, unit="sequences") as bar:
+            table = budget_table(args.model, text, tokens=args.tokens, eps=eps,
+                                 coverage=coverage, progress=None if bar is None else bar.update)
     else:
         with _progress_bar("budget", 1, args.progress) as bar:
             table = budget_for_model(
@@ -442,6 +451,35 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         _write_file(out, lambda fh: fh.write((doc + "\n").encode("utf-8")))
     _emit((doc if args.json else table.to_markdown()) + "\n")
     return 0
+
+
+def _hf_only(model: str) -> bool:
+    """Whether ``model`` is a Hugging Face folder that only certattn.hf reads (an
+    architecture other than certattn's NumPy BERT and Llama families)."""
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    from .models._llama import HF_LLAMA_TYPES
+
+    try:
+        kind = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False  # the NumPy loader reports the unreadable file in one line
+    return kind not in ("bert", *HF_LLAMA_TYPES)
+
+
+def _through_hf(model: str, command: str) -> bool:
+    """Whether ``certattn COMMAND --model MODEL`` runs through certattn.hf; one line when
+    it should but the [hf] extra is missing."""
+    if not _hf_only(model):
+        return False
+    try:
+        import certattn.hf  # noqa: F401
+    except ImportError as exc:
+        raise CLIError(f"{model}: not a BERT or Llama-family folder (certattn's NumPy "
+                       f"forwards); {command} reads other architectures through "
+                       f"certattn.hf: {exc}") from None
+    return True
 
 
 def _budget_texts(args: argparse.Namespace, eps: float, coverage: float) -> Any:
@@ -492,6 +530,10 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
     if args.out is not None:
         _check_out_folder(args.out)
+    if _through_hf(args.model, "audit"):
+        from .hf._audit import attention_records
+
+        return run_cli(args, attention_records)
     return run_cli(args)
 
 
@@ -499,7 +541,7 @@ def _add_evaluate(sub: Any) -> None:
     """``certattn evaluate``: dense vs sparse next-token table of a transformers model."""
 
     def run(args: argparse.Namespace) -> int:
-        from .hf._cli import DEFAULT_POLICIES, format_table, run_evaluate, write_json
+        from .hf._cli import DEFAULT_POLICIES, format_table, run_evaluate, write_outputs
 
         text = None
         if args.text_file is not None:
@@ -513,9 +555,13 @@ def _add_evaluate(sub: Any) -> None:
             text = corpus_text()
         if args.tokens is not None and args.tokens < 2:
             raise CLIError(f"--tokens must be at least 2, got {args.tokens}")
-        result = run_evaluate(args.model, text, args.tokens, args.policies or DEFAULT_POLICIES)
         if args.out is not None:
-            write_json(result, args.out)
+            _check_out_folder(args.out)
+        with _stages(args.progress) as stage:
+            result = run_evaluate(args.model, text, args.tokens,
+                                  args.policies or DEFAULT_POLICIES, progress=stage)
+        if args.out is not None:
+            write_outputs(result, args.out)
         _emit((json.dumps(result, indent=1) if args.json else format_table(result)) + "\n")
         return 0
 
@@ -532,11 +578,42 @@ def _add_evaluate(sub: Any) -> None:
     e.add_argument("--text-file", help="text to run on (default: built-in prose)")
     e.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     e.add_argument("--policies", metavar="LIST", help="comma list of topk:EPS, topp:P, "
-                   "fixed:K, window:N, window:auto (window + 4 sinks keeping the first topk's "
-                   "kept keys per layer); default topk:0.01,topk:0.001,window:auto")
+                   "fixed:K, window:N, quest:N (Quest pages of 16 keys, budget N keys), "
+                   "window:auto and quest:auto (kept keys matched per layer to the first "
+                   "topk's), delta (Delta Attention over a window + 4 sinks base, its cost "
+                   "matched the same way); default topk:0.01,topk:0.001,window:auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json")
+    e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json and, with "
+                   "matplotlib, DIR/evaluate.png (KL and top-1 against kept, per family)")
+    _add_progress_options(e, "default: on a terminal; one forward per policy")
     e.set_defaults(func=run)
+
+
+@contextmanager
+def _stages(flag: bool | None) -> Iterator[Callable[[str, int], Any]]:
+    """``stage(label, total) -> update callback or None``: one progress bar per stage,
+    the previous one erased; all erased at the end."""
+    from ._progress import Progress, progress_enabled
+
+    bars: list[Any] = []
+
+    def close() -> None:
+        while bars:
+            bars.pop().close()
+
+    def stage(label: str, total: int) -> Any:
+        close()
+        if not progress_enabled(flag):
+            return None
+        bar = Progress(label, total, unit="forwards")
+        bar.draw()
+        bars.append(bar)
+        return bar.update
+
+    try:
+        yield stage
+    finally:
+        close()
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -641,9 +718,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "error to exact attention, the fraction of queries certified within eps, the cost "
         "in keys per query, and the count of unsound certificates (must be 0).",
     )
-    a.add_argument("--model", default="minilm-sample",
-                   choices=["minilm-sample", "minilm", "smollm2"],
-                   help="minilm-sample (shipped, default), minilm or smollm2")
+    a.add_argument("--model", default="minilm-sample", metavar="NAME_OR_PATH",
+                   help="minilm-sample (shipped, default), minilm or smollm2, a Llama-family "
+                   ".gguf file, or a Hugging Face folder (BERT and Llama-family folders run "
+                   "certattn's NumPy forwards; other architectures need the [hf] extra)")
     a.add_argument("--tokens", type=int, help="context length (smollm2 default 1024)")
     a.add_argument("--methods", help="comma list of methods, each run once (default: every "
                    "available one; skyformer and hybrid, which form (heads, n, n) arrays, only "

@@ -269,8 +269,9 @@ def test_smollm2_topk_keeps_next_token_kl_small():
     assert topk["kl_mean"] < 1e-3 and topk["top1"] >= 0.95
 
 
-def _tiny_folder(tmp_path):
-    """A tiny random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+def _tiny_folder(tmp_path, arch: str = "llama", model=None):
+    """A tiny random causal LM (``arch``, or ``model``) with a word-level tokenizer, saved
+    as a Hugging Face folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = [f"w{i}" for i in range(63)]
@@ -278,9 +279,9 @@ def _tiny_folder(tmp_path):
                                      unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-    folder = tmp_path / "tiny"
-    model = _model("llama")
-    model.config.architectures = ["LlamaForCausalLM"]
+    folder = tmp_path / f"tiny-{arch}"
+    model = _model(arch) if model is None else model
+    model.config.architectures = [type(model).__name__]
     model.save_pretrained(folder)
     fast.save_pretrained(folder)
     text = tmp_path / "text.txt"

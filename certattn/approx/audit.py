@@ -637,12 +637,14 @@ def audit_model(
     return audit(records, methods, eps=eps, layers=layers, progress=progress)
 
 
-def run_cli(args: Any) -> int:
+def run_cli(args: Any, load_records: Callable[..., Sequence[Any]] | None = None) -> int:
     """``certattn audit`` (the subcommand of :mod:`certattn.cli` delegates here).
 
     Prints the Markdown table (or JSON with ``--json``); ``--out DIR`` also writes
     ``audit.json`` and one figure per method.  Exit status 0, or 1 when a certificate is
-    unsound (it must never be).
+    unsound (it must never be).  ``load_records(model, tokens=, layers=)``, when given,
+    reads the model's attention instead of :func:`certattn.budget.load_attention`
+    (``certattn.hf`` for a Hugging Face folder of another architecture).
     """
     import sys
 
@@ -676,8 +678,12 @@ def run_cli(args: Any) -> int:
         if sys.stderr.isatty():
             print(f"\raudit: {msg:<40}", end="", file=sys.stderr, flush=True)
 
-    report = audit_model(args.model, tokens=args.tokens, methods=methods, eps=eps,
-                         layers=layers, progress=note)
+    if load_records is None:
+        report = audit_model(args.model, tokens=args.tokens, methods=methods, eps=eps,
+                             layers=layers, progress=note)
+    else:
+        records = load_records(args.model, tokens=args.tokens, layers=layers)
+        report = audit(records, methods, eps=eps, layers=layers, progress=note)
     if sys.stderr.isatty():
         print(file=sys.stderr)
     if not report.rows:

@@ -11,6 +11,7 @@ it and back:
 
 observe              exact attention (bit-identical to ``eager``), certificates recorded
 sparse               the model run on a policy's kept set, with the kept fraction and tails
+delta_sparse         Delta Attention: a sparse base plus anchor-row output corrections
 evaluate             dense vs sparse: next-token KL, top-1 agreement, perplexity, time
 generate_agreement   greedy tokens equal to the dense ones before the first divergence
 load                 ``"smollm2"``, ``"minilm"``, a Hugging Face folder or a GGUF file
@@ -36,12 +37,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._attention import LayerCall, Recorder, SparseStats, observe, register, sparse
+from ._delta import DeltaCorrection, delta_sparse
 from ._evaluate import evaluate, generate_agreement, load
 
 __all__ = [
+    "DeltaCorrection",
     "LayerCall",
     "Recorder",
     "SparseStats",
+    "delta_sparse",
     "evaluate",
     "generate_agreement",
     "load",

@@ -1,62 +1,171 @@
 """``certattn evaluate``: the dense-versus-sparse table of a Hugging Face model.
 
-Policy specs (comma separated): ``topk:EPS``, ``topp:P``, ``fixed:K``, ``window:N``
-(the last ``N - 4`` visible keys and 4 sinks) and ``window:auto`` (window + 4 sinks whose
-width, per layer, keeps as many keys in total as the first Top-k policy's certified
-budgets on the dense model).
+Policy specs (comma separated) are read through one table, :data:`SPECS` (family ->
+:class:`Spec`): the part before the colon names the family, the part after is the
+family's argument.
+
+=====================  =====================================================================
+``topk:EPS``           certified Top-k at TV budget ``EPS``
+``topp:P``             certified top-p
+``fixed:K``            the ``K`` largest scores
+``window:N``           StreamingLLM: the last ``N - 4`` visible keys and 4 sinks
+``window:auto``        window + 4 sinks keeping, per layer, the first Top-k's kept keys
+``quest:N``            Quest: pages of 16 keys ranked by their box bound, up to ``N`` keys
+``quest:auto``         Quest with a per-layer budget matched the same way
+``delta``              Delta Attention (gamma 64, min_tail 128) over a window + 4 sinks
+                       base whose total cost, dense rows included, matches the same way
+=====================  =====================================================================
+
+A ``:auto`` spec (and ``delta``) is a :class:`Matched` builder: it is resolved from an
+:func:`~certattn.hf.observe` record of the dense model at the first Top-k policy's eps.
 """
 
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .._validate import InputError
-from ..policies import FixedK, TopK, TopP, WindowSinks
+from ..approx.delta import delta_rows
+from ..policies import FixedK, Pages, TopK, TopP, WindowSinks
 from ._attention import Recorder, observe
-from ._evaluate import evaluate, load
+from ._delta import DeltaCorrection
+from ._evaluate import evaluate, load, quiet_loading
 
-__all__ = ["DEFAULT_POLICIES", "format_table", "matched_window", "parse_policies",
-           "run_evaluate"]
+__all__ = ["DEFAULT_POLICIES", "SPECS", "Matched", "Spec", "format_table", "matched_delta",
+           "matched_quest", "matched_window", "parse_policies", "run_evaluate",
+           "write_outputs"]
 
 DEFAULT_POLICIES = "topk:0.01,topk:0.001,window:auto"
 SINKS = 4
+PAGE_SIZE = 16
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Matched:
+    """A policy built per layer to keep as many keys as the first Top-k policy.
+
+    ``build(record, eps)`` returns what :func:`certattn.hf.evaluate` takes (a mapping layer
+    -> policy, or a :class:`~certattn.hf.DeltaCorrection`) from an :func:`observe` record of
+    the dense model at that Top-k's ``eps``.
+    """
+
+    build: Callable[[Recorder, float], Any]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One family of policy specs: how it is written and how it is built.
+
+    ``build(spec, arg)`` gets the whole spec (for messages) and the text after the colon
+    (``""`` when none) and returns a policy, a mapping layer -> policy or a :class:`Matched`.
+    """
+
+    usage: str
+    build: Callable[[str, str], Any]
 
 
 def _number(spec: str, value: str, cast: Any) -> Any:
+    if not value:
+        raise InputError(f"policy {spec!r} needs a value after the colon")
     try:
         return cast(value)
     except ValueError:
         raise InputError(f"policy {spec!r}: {value!r} is not a number") from None
 
 
+def _window(spec: str, arg: str) -> Any:
+    if arg == "auto":
+        return Matched(matched_window)
+    n = _number(spec, arg, int)
+    return WindowSinks(window=max(n - SINKS, 0), sinks=min(SINKS, max(n, 0)))
+
+
+def _quest(spec: str, arg: str) -> Any:
+    if arg == "auto":
+        return Matched(matched_quest)
+    return Pages(budget=_number(spec, arg, int), page_size=PAGE_SIZE)
+
+
+def _delta(spec: str, arg: str) -> Any:
+    if arg:
+        raise InputError(f"policy {spec!r}: delta takes no value (give delta)")
+    return Matched(matched_delta)
+
+
+SPECS: dict[str, Spec] = {
+    "topk": Spec("topk:EPS", lambda spec, arg: TopK(_number(spec, arg, float))),
+    "topp": Spec("topp:P", lambda spec, arg: TopP(_number(spec, arg, float))),
+    "fixed": Spec("fixed:K", lambda spec, arg: FixedK(_number(spec, arg, int))),
+    "window": Spec("window:N|auto", _window),
+    "quest": Spec("quest:N|auto", _quest),
+    "delta": Spec("delta", _delta),
+}
+"""Policy family -> :class:`Spec` (module docstring); one entry adds a family."""
+
+
+def family(spec: str) -> str:
+    """The family of a spec: the text before its colon."""
+    return spec.partition(":")[0].strip()
+
+
 def parse_policies(text: str) -> list[tuple[str, Any]]:
-    """``[(name, policy or "window:auto"), ...]`` from a comma list of specs."""
+    """``[(spec, policy or Matched), ...]`` from a comma list of specs (:data:`SPECS`)."""
     out: list[tuple[str, Any]] = []
     for spec in (s.strip() for s in text.split(",")):
         kind, _, arg = spec.partition(":")
-        if kind == "topk" and arg:
-            pol: Any = TopK(_number(spec, arg, float))
-        elif kind == "topp" and arg:
-            pol = TopP(_number(spec, arg, float))
-        elif kind == "fixed" and arg:
-            pol = FixedK(_number(spec, arg, int))
-        elif kind == "window" and arg == "auto":
-            pol = "window:auto"
-        elif kind == "window" and arg:
-            n = _number(spec, arg, int)
-            pol = WindowSinks(window=max(n - SINKS, 0), sinks=min(SINKS, n))
-        else:
-            raise InputError(f"unknown policy {spec!r}: give topk:EPS, topp:P, fixed:K, "
-                             "window:N or window:auto")
-        out.append((spec, pol))
-    if any(p == "window:auto" for _, p in out) and not any(isinstance(p, TopK) for _, p in out):
-        raise InputError("window:auto matches the kept keys of a topk policy: give one")
+        entry = SPECS.get(kind.strip())
+        if entry is None:
+            raise InputError(f"unknown policy {spec!r}: give "
+                             f"{', '.join(s.usage for s in SPECS.values())}")
+        out.append((spec, entry.build(spec, arg.strip())))
+    if len({s for s, _ in out}) < len(out):
+        raise InputError(f"a policy is given twice in {text!r}")
+    matched = [s for s, p in out if isinstance(p, Matched)]
+    if matched and not any(isinstance(p, TopK) for _, p in out):
+        raise InputError(f"{matched[0]} matches the kept keys of a topk policy: give one "
+                         "(e.g. topk:0.01)")
     return out
+
+
+# --------------------------------------------------------------------------
+# Matching Top-k's kept keys
+# --------------------------------------------------------------------------
+
+
+def _layer_calls(rec: Recorder, layer: int, eps: float) -> tuple[list[np.ndarray], int]:
+    """The layer's visible-key counts per call ((B, H, Lq), 0 on masked rows) and the
+    total certified ``k`` at ``eps``."""
+    calls = [c for c in rec.calls if c.layer == layer]
+    nvs = [np.where(c.masked, 0, c.n_valid).astype(np.int64) for c in calls]
+    return nvs, sum(int(c.k[eps].sum()) for c in calls)
+
+
+def _smallest_width(nv: np.ndarray, target: int, fixed: int = 0, step: int = 1) -> int:
+    """Smallest ``T = step * j`` (``j >= 1``) with ``fixed + sum(min(nv, T)) >= target``.
+
+    When no ``T`` reaches ``target`` the smallest ``T`` covering every row is returned
+    (a larger one keeps no more).
+    """
+    lo, hi = 1, max(1, -(-int(nv.max(initial=0)) // step))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fixed + int(np.minimum(nv, mid * step).sum()) >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo * step
+
+
+def _window_sinks(width: int, sinks: int = SINKS) -> WindowSinks:
+    s = min(sinks, width)
+    return WindowSinks(window=width - s, sinks=s)
 
 
 def matched_window(rec: Recorder, eps: float, sinks: int = SINKS) -> dict[int, WindowSinks]:
@@ -68,30 +177,81 @@ def matched_window(rec: Recorder, eps: float, sinks: int = SINKS) -> dict[int, W
     """
     out = {}
     for layer in rec.layers():
-        calls = [c for c in rec.calls if c.layer == layer]
-        nv = np.concatenate([c.n_valid[~c.masked].ravel() for c in calls])
-        target = sum(int(c.k[eps].sum()) for c in calls)
-        lo, hi = 1, int(nv.max())
-        while lo < hi:  # smallest T with sum(min(nv, T)) >= target
-            mid = (lo + hi) // 2
-            if int(np.minimum(nv, mid).sum()) >= target:
-                hi = mid
-            else:
-                lo = mid + 1
-        s = min(sinks, lo)
-        out[layer] = WindowSinks(window=lo - s, sinks=s)
+        nvs, target = _layer_calls(rec, layer, eps)
+        nv = np.concatenate([a.ravel() for a in nvs])
+        out[layer] = _window_sinks(_smallest_width(nv, target), sinks)
     return out
 
 
-def run_evaluate(model_name: str, text: str, tokens: int | None,
-                 policies: str) -> dict[str, Any]:
-    """Load, tokenize, evaluate: ``{"model", "tokens", "rows"}``."""
-    specs = parse_policies(policies)
-    from transformers.utils import logging as hf_logging
+def matched_quest(rec: Recorder, eps: float, page_size: int = PAGE_SIZE) -> dict[int, Pages]:
+    """Per layer, the smallest Quest budget (whole pages) keeping up to Top-k's kept keys.
 
-    hf_logging.set_verbosity_error()  # the command prints its table, not the loaders' chatter
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
+    A row with ``m`` visible keys keeps at most ``min(m, T)`` keys with a budget of ``T``
+    keys (``T / page_size`` pages; fewer when a chosen page is partly masked, as the last
+    page of a causal row is); the smallest ``T`` whose total of these counts reaches the
+    total certified ``k`` at ``eps`` is chosen.  The kept fraction measured under the
+    policy is what :func:`evaluate` reports.
+    """
+    out = {}
+    for layer in rec.layers():
+        nvs, target = _layer_calls(rec, layer, eps)
+        nv = np.concatenate([a.ravel() for a in nvs])
+        out[layer] = Pages(budget=_smallest_width(nv, target, step=page_size),
+                           page_size=page_size)
+    return out
+
+
+def matched_delta(rec: Recorder, eps: float, gamma: int = 64, min_tail: int = 128,
+                  sinks: int = SINKS) -> DeltaCorrection:
+    """Delta over a window + ``sinks`` base whose total cost matches Top-k's kept keys.
+
+    Per layer and call of ``Lq`` query rows (:func:`certattn.approx.delta.delta_rows`),
+    Delta's cost is the base's ``min(m, T)`` on each row below ``s_p`` plus every visible
+    key of each dense row (anchors and rows from ``s_p`` on); the smallest ``T`` whose
+    total reaches the total certified ``k`` at ``eps`` is chosen (``T = 1`` when the dense
+    rows alone exceed it: Delta then costs more than Top-k, and the measured kept
+    fraction says so).
+    """
+    base = {}
+    for layer in rec.layers():
+        nvs, target = _layer_calls(rec, layer, eps)
+        fixed, parts = 0, []
+        for nv in nvs:
+            s_p, _, dense = delta_rows(int(nv.shape[-1]), gamma, min_tail)
+            fixed += int(nv[..., dense].sum())
+            parts.append(nv[..., :s_p].ravel())
+        base[layer] = _window_sinks(_smallest_width(np.concatenate(parts), target, fixed),
+                                    sinks)
+    return DeltaCorrection(base=base, gamma=gamma, min_tail=min_tail)
+
+
+def _resolve(model: Any, ids: list[int], specs: list[tuple[str, Any]],
+             progress: Progress | None) -> dict[str, Any]:
+    """Every :class:`Matched` spec built from one :func:`observe` run of the dense model."""
+    table = dict(specs)
+    if not any(isinstance(p, Matched) for p in table.values()):
+        return table
+    import torch
+
+    eps = next(p.eps for p in table.values() if isinstance(p, TopK))
+    with observe(model, eps=eps) as rec, torch.no_grad():
+        model(input_ids=torch.tensor([ids], device=model.device))
+    if progress is not None:
+        progress(1, 1)
+    return {k: v.build(rec, eps) if isinstance(v, Matched) else v for k, v in table.items()}
+
+
+def run_evaluate(model_name: str, text: str, tokens: int | None, policies: str,
+                 progress: Callable[[str, int], Progress | None] | None = None
+                 ) -> dict[str, Any]:
+    """Load, tokenize, evaluate: ``{"model", "tokens", "rows"}``.
+
+    Each row of :func:`certattn.hf.evaluate` gains ``family`` (its spec's family;
+    ``"dense"`` for the dense row).  ``progress(label, total)``, when given, returns a
+    ``(done, total)`` callback for each stage (or None).
+    """
+    specs = parse_policies(policies)
+    quiet_loading()
     model, tok = load(model_name)
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise InputError(f"{model_name}: evaluate needs a causal language model "
@@ -103,16 +263,12 @@ def run_evaluate(model_name: str, text: str, tokens: int | None,
         ids = ids[:tokens]
     if len(ids) < 2:
         raise InputError("the text must have at least 2 tokens")
-    table = dict(specs)
-    if "window:auto" in table.values():
-        eps = next(p.eps for p in table.values() if isinstance(p, TopK))
-        import torch
-
-        with observe(model, eps=eps) as rec, torch.no_grad():
-            model(input_ids=torch.tensor([ids], device=model.device))
-        table = {k: matched_window(rec, eps) if v == "window:auto" else v
-                 for k, v in table.items()}
-    return {"model": model_name, "tokens": len(ids), "rows": evaluate(model, ids, table)}
+    stage = progress or (lambda label, total: None)
+    table = _resolve(model, ids, specs, stage("matching top-k", 1))
+    rows = evaluate(model, ids, table, progress=stage("evaluate", 1 + len(table)))
+    for r in rows:
+        r["family"] = "dense" if r["name"] == "dense" else family(r["name"])
+    return {"model": model_name, "tokens": len(ids), "rows": rows}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -130,13 +286,27 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(result: dict[str, Any], out: str) -> Path:
-    """Write ``evaluate.json`` into the folder ``out`` (created)."""
+def write_outputs(result: dict[str, Any], out: str) -> list[Path]:
+    """Write ``evaluate.json`` and, with matplotlib, ``evaluate.png`` into ``out`` (created).
+
+    The figure (:func:`certattn.plots.evaluate.plot_evaluate`): KL mean and top-1 agreement
+    against the kept fraction, one curve per policy family.
+    """
     folder = Path(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / "evaluate.json"
         path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+        paths = [path]
+        try:
+            from ..plots.evaluate import plot_evaluate
+        except ImportError:  # matplotlib absent: the JSON alone
+            return paths
+        fig = plot_evaluate(result["rows"],
+                            title=f"{result['model']}, {result['tokens']} tokens")
+        fig.savefig(folder / "evaluate.png", dpi=110)
+        paths.append(folder / "evaluate.png")
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc.strerror or exc}") from None
-    return path
+    return paths
+

@@ -8,7 +8,7 @@ agreement, perplexity and the forward time relative to eager, measured in the sa
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import torch
 
 from .._validate import InputError
 from ._attention import sparse
+from ._delta import DeltaCorrection, delta_sparse
 
 __all__ = ["evaluate", "generate_agreement", "load"]
 
@@ -67,7 +68,15 @@ def _row(name: str, kept: float, dense: np.ndarray, lp: np.ndarray, ids: np.ndar
     }
 
 
-def evaluate(model: Any, ids: Any, policies: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _applied(model: Any, policy: Any) -> Any:
+    """The context manager running ``model`` under ``policy``: Delta's or :func:`sparse`."""
+    if isinstance(policy, DeltaCorrection):
+        return delta_sparse(model, policy)
+    return sparse(model, policy)
+
+
+def evaluate(model: Any, ids: Any, policies: Mapping[str, Any], *,
+             progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Dense versus sparse next-token distributions on one sequence.
 
     Parameters
@@ -76,7 +85,10 @@ def evaluate(model: Any, ids: Any, policies: Mapping[str, Any]) -> list[dict[str
     ids : sequence of int or (1, L) tensor
         The token ids.
     policies : mapping name -> policy
-        Each value as :func:`certattn.hf.sparse` takes it.
+        Each value as :func:`certattn.hf.sparse` takes it, or a
+        :class:`~certattn.hf.DeltaCorrection` (run by :func:`certattn.hf.delta_sparse`).
+    progress : callable, optional
+        ``progress(done, total)`` after each forward (the dense one and one per policy).
 
     Returns
     -------
@@ -93,10 +105,15 @@ def evaluate(model: Any, ids: Any, policies: Mapping[str, Any]) -> list[dict[str
     with _eager(model):
         dense, dt_dense = _timed_log_probs(model, t)
     rows = [_row("dense", 1.0, dense, dense, flat, dt_dense, dt_dense)]
+    total = 1 + len(policies)
+    if progress is not None:
+        progress(1, total)
     for name, policy in policies.items():
-        with sparse(model, policy) as stats:
+        with _applied(model, policy) as stats:
             lp, dt = _timed_log_probs(model, t)
         rows.append(_row(name, stats.kept_fraction, dense, lp, flat, dt, dt_dense))
+        if progress is not None:
+            progress(len(rows), total)
     return rows
 
 
@@ -119,7 +136,7 @@ def generate_agreement(model: Any, prompt_ids: Any, policy: Any,
     with torch.no_grad():
         with _eager(model):
             dense = model.generate(t, **kw)[0, t.shape[1]:].tolist()
-        with sparse(model, policy) as stats:
+        with _applied(model, policy) as stats:
             sp = model.generate(t, **kw)[0, t.shape[1]:].tolist()
     agree = next((i for i, (a, b) in enumerate(zip(dense, sp, strict=False)) if a != b),
                  min(len(dense), len(sp)))
@@ -138,6 +155,18 @@ class _Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids))
+
+
+def quiet_loading() -> None:
+    """Silence transformers' loading chatter and progress bars (the commands print their
+    own table and progress)."""
+    import os
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
 
 
 def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
