@@ -656,7 +656,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="run every check against a counterfeit of its theorem (a bound scaled "
                    "by 1 - delta, an identity by 1 + delta) and report whether it was "
                    "rejected and the smallest delta it rejects (sharpness, by bisection: "
-                   "about 8 runs of each check); exit status 1 if a counterfeit passes")
+                   "about 6 runs of each check); exit status 1 if a counterfeit passes")
     _add_progress_options(v, "default: on a terminal; shows the estimated time left")
     v.set_defaults(func=_cmd_verify)
 
