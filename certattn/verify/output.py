@@ -69,13 +69,19 @@ def _tight_cases(ctx, rows, ns, width):
 
 def _tight_error(xp, x64, v64, kept):
     """``|Attn - Attn_k|`` without cancellation: ``p_i - p_hat_i = -e_i T/(H Z)`` on the
-    head and ``e_i/Z`` on the tail (exact algebra), relative rounding about ``n u``."""
+    head and ``e_i/Z`` on the tail (exact algebra), relative rounding about ``n u``; the
+    norm is taken of the vector scaled to its largest component (tails near 1e-160 would
+    otherwise square into the subnormals and lose digits)."""
     e, z = _terms(xp, x64)
     zero = xp.zeros_like(e)
     h = xp.sum(xp.where(kept, e, zero), axis=-1)
     t = xp.sum(xp.where(kept, zero, e), axis=-1)
     d = xp.where(kept, -e * (t / (h * z))[:, None], e / z[:, None])
-    return xp.linalg.vector_norm(d @ v64, axis=-1)
+    y = d @ v64
+    # scaled norm: squares of components near 1e-160 would fall among the subnormals
+    top = xp.max(xp.abs(y), axis=-1)
+    safe = xp.where(top > 0, top, xp.ones_like(top))
+    return top * xp.linalg.vector_norm(y / safe[:, None], axis=-1)
 
 
 def _tight_slack(xp, w, err, bounds):
