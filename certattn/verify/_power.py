@@ -207,7 +207,7 @@ COUNTERFEITS: dict[str, Counterfeit] = {
                         "certattn.geometry.curvature:christoffel"), _any(_UP),
                        "curvatures and Christoffel symbols scaled by 1 + delta"),
     "GEO-UNGATED-FLAT": _CF(("certattn.geometry.curvature:curvature",), _shift_flat,
-                            "K = 0 shifted by delta sum|II|^2/det g (+ delta)"),
+                            "K = 0 shifted by delta (1 + sum II^2 / det g)"),
     "GEO-SCOPE": _CF(("certattn.geometry.curvature:curvature",), _any(_UP),
                      "K(0) = -4 (1 + delta)", 1e-5),
     "GEO-HEADWISE": _CF(("certattn.geometry.gating:headwise_second_fundamental_form",),
@@ -367,7 +367,8 @@ def format_power(results: list[PowerResult]) -> str:
              "|---|---:|---|---:|---|---:|---:|"]
     for r in results:
         sharp = "-" if r.sharpness is None else f"{r.sharpness:.2g}"
-        lines.append(f"| {r.id} | {r.rows:,} | {r.what} | {r.delta:.0e} | "
+        what = r.what.replace("|", "\\|")
+        lines.append(f"| {r.id} | {r.rows:,} | {what} | {r.delta:.0e} | "
                      f"{'yes' if r.rejected else 'NO'} | {sharp} | {r.seconds:.1f} |")
     bad = sum(not r.rejected for r in results)
     lines += ["", f"{len(results) - bad} rejected, {bad} not rejected"]
