@@ -105,7 +105,7 @@ MUTANTS: tuple[Mutant, ...] = (
     _m("out-tail-head", "certattn/output.py",
        'out["tail_head"] = _floored(_up(tau_up * (th + delta), 4 * U), tau_up, xp)',
        'out["tail_head"] = _floored(_up(0.999 * tau_up * (th + delta), 4 * U), tau_up, xp)',
-       "OUT-DIAMETER OUT-BEST", "tau max_T |v_j - mu_H| scaled by 0.999"),
+       "OUT-DIAMETER OUT-BEST", "tau max over T of dist(v_j, mu_H) scaled by 0.999"),
     _m("out-variance", "certattn/output.py",
        'out["variance"] = _up(_chi_sqrt(tau_up, xp) * (xp.sqrt(var) + _FLOOR), 6 * U)',
        'out["variance"] = _up(0.999 * _chi_sqrt(tau_up, xp) * (xp.sqrt(var) + _FLOOR), 6 * U)',

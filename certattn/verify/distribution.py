@@ -83,18 +83,20 @@ def _divergence_refs(xp, x64, k):
 
 
 def check_tv_kl(rows, *, xp, device, rng, progress):
-    """TV-KL: ``truncation_divergences(x, k=k).kl`` against ``-log1p(-tau)`` (tail summed from
-    the small end; ``log Z - log H`` where ``tau >= 1/2``), ``tv_from_kl(kl)`` against tau,
+    """TV-KL: ``truncation_divergences(x, k=k).kl`` and ``kl_from_tail(tau)`` against
+    ``-log1p(-tau)`` (tail summed from the small end; ``log Z - log H`` where
+    ``tau >= 1/2``), ``tv_from_kl(kl)`` against tau,
     and ``kl_reverse = inf`` exactly where the tail is non-empty (1 if not).  Relative,
     tolerance 1e-10 (rounding of both sides below 3e-13, see TV-TAIL)."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
-    from ..distribution import truncation_divergences, tv_from_kl
+    from ..distribution import kl_from_tail, truncation_divergences, tv_from_kl
 
     for x, x64, n, _ in _cases(ctx, rows, _NS, width=8):
         k = rand_k(ctx, x.shape[0], 1, n)
         d = truncation_divergences(x, k=k)
         tau, kl, _, _, t = _divergence_refs(xp, x64, k)
         w.add(_rel(xp, d.kl, kl))
+        w.add(_rel(xp, kl_from_tail(tau), kl))
         w.add(_rel(xp, tv_from_kl(d.kl), tau))
         w.flag((t > 1e-300) & ~(d.kl_reverse == xp.inf))
         nv = xp.sum(xp.astype(x64 > -xp.inf, xp.int64), axis=-1)
