@@ -128,7 +128,7 @@ EXACT_TOL = 1e-15
 """Tolerance of the extended-precision sample (relative): the longdouble tail errs by about
 ``n 2^-64`` (n <= 2048: 1.1e-16); where longdouble is float64 the sample is skipped."""
 
-_SAMPLE = 8  # rows per case batch compared against the extended-precision tail
+_SAMPLE = 2  # rows per case batch compared against the extended-precision tail
 
 
 def _topk_violations(w, xp, cert, x64, eps):
