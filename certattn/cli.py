@@ -370,6 +370,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         except Exception as exc:  # ImportError, or a CUDA error at import time
             raise CLIError(f"--backend cupy needs CuPy and a CUDA GPU ({exc})") from None
     wanted = list(args.only) if args.only else [t.id for t in THEOREMS]
+    if args.power:
+        return _verify_power(args, wanted)
     results = []
     status = None
     with _sigterm_raises():
@@ -392,6 +394,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _write_err(f"certattn: interrupted after {len(results)} of {len(wanted)} checks")
         return status
     return 0 if all(r.passed for r in results) else 1
+
+
+def _verify_power(args: argparse.Namespace, wanted: list[str]) -> int:
+    """``verify --power``: every check against its counterfeit (status 1 if one passes)."""
+    from dataclasses import asdict
+
+    from .verify._power import format_power, power
+
+    results = []
+    with _sigterm_raises():
+        try:
+            for tid in wanted:
+                results.append(power(tid, args.rows, seed=args.seed))
+        except (KeyboardInterrupt, _Terminated):
+            _write_err(f"certattn: interrupted after {len(results)} of {len(wanted)} checks")
+            return EXIT_INTERRUPT
+    if args.json:
+        _emit(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    else:
+        _emit(format_power(results))
+    return 0 if all(r.rejected for r in results) else 1
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -706,6 +729,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="random seed (default 0)")
     v.add_argument("--json", action="store_true", help="print a JSON list of results")
     v.add_argument("--only", nargs="+", metavar="ID", help="check only these theorem ids")
+    v.add_argument("--power", action="store_true",
+                   help="run every check against a counterfeit of its theorem (a bound scaled "
+                   "by 1 - delta, an identity by 1 + delta) and report whether it was "
+                   "rejected and the smallest delta it rejects (sharpness, by bisection: "
+                   "about 6 runs of each check); exit status 1 if a counterfeit passes")
     _add_progress_options(v, "default: on a terminal; shows the estimated time left")
     v.set_defaults(func=_cmd_verify)
 

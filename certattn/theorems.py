@@ -336,7 +336,8 @@ THEOREMS: tuple[Theorem, ...] = (
        "[derived]",
        "geometry.oracles.sphere_map geometry.oracles.sphere_metric "
        "geometry.oracles.half_plane_metric geometry.oracles.normal_family_metric "
-       "geometry.oracles.cylinder_map geometry.curvature.gaussian_curvature",
+       "geometry.oracles.cylinder_map geometry.curvature.gaussian_curvature "
+       "geometry.curvature.christoffel",
        "geometry.py::oracle_sphere_halfplane_scaling geometry.py::oracle_univariate_normal "
        "geometry.py::oracle_isotropic_normal geometry.py::oracle_cylinder",
        "test_geometry_curvature.py::test_sphere_positive_every_route "

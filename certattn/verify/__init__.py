@@ -38,8 +38,11 @@ engine that accepts device arrays); their checks run on the host whatever the ba
 The package: :mod:`._common` (result type, chunking, adversarial rows, shared
 references), one module of checks per area (:mod:`.distribution`, :mod:`.bounds`,
 :mod:`.output`, :mod:`.gaussian`, :mod:`.search`, :mod:`.geometry`) and :mod:`._runner`
-(the registry :data:`CHECKS`, :func:`run_verify`, the table and JSON); the command line
-is :func:`certattn.cli.main` (``certattn verify``, ``python -m certattn.verify``).
+(the registry :data:`CHECKS`, :func:`run_verify`, the table and JSON) and
+:mod:`._power` (one counterfeit per theorem, ``certattn verify --power``: whether each
+check rejects a slightly false statement, and the smallest falsification it sees); the
+command line is :func:`certattn.cli.main` (``certattn verify``, ``python -m
+certattn.verify``).
 """
 
 from __future__ import annotations

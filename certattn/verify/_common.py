@@ -200,10 +200,36 @@ def topk_tail(xp: Any, cs_up: Array, k: Array) -> Array:
 
 
 def rank_mask(xp: Any, x64: Array, k: Array) -> Array:
-    """A Top-k mask (ties by position) from the reference's own sort."""
-    order = xp.argsort(-x64, axis=-1, stable=True)
-    rank = xp.argsort(order, axis=-1, stable=True)
-    return (rank < xp.reshape(k, (-1, 1))) & (x64 > -xp.inf)
+    """A Top-k mask (ties by position) by an algorithm the library does not use.
+
+    On the host: for rows of at most :data:`_COUNT_MAX` keys the definition itself, key
+    ``i`` is kept iff ``#{j: s_j > s_i} + #{j < i: s_j = s_i} < k`` (pairwise counts); for
+    longer rows one stable sort of ``-s`` whose first ``k`` positions are scattered into
+    the mask.  Masked keys (``-inf``) are never kept.
+    """
+    from .._array import device_of
+
+    x = to_numpy(x64)
+    kk = np.asarray(to_numpy(k)).reshape(-1, 1)
+    n = x.shape[-1]
+    if n <= _COUNT_MAX:
+        before = np.tril(np.ones((n, n), bool), -1)  # [i, j]: j < i
+        mask = np.empty(x.shape, bool)
+        step = max(1, CHUNK_ELEMS // (n * n))
+        for a in range(0, x.shape[0], step):
+            xa = x[a:a + step]
+            rank = np.sum(xa[:, None, :] > xa[:, :, None], axis=-1)
+            rank += np.sum((xa[:, None, :] == xa[:, :, None]) & before, axis=-1)
+            mask[a:a + step] = rank < kk[a:a + step]
+    else:
+        order = np.argsort(-x, axis=-1, kind="stable")
+        mask = np.zeros(x.shape, bool)
+        np.put_along_axis(mask, order, np.arange(n)[None, :] < kk, axis=-1)
+    return from_numpy(mask & (x > -np.inf), xp=xp, device=device_of(x64))
+
+
+_COUNT_MAX = 32
+"""Rows up to this many keys get the pairwise-count definition in :func:`rank_mask`."""
 
 
 def rand_k(ctx: Ctx, r: int, lo: int, hi: int) -> Array:

@@ -6,10 +6,12 @@ runs on the host): whatever the backend, instances are drawn and checked on NumP
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .._fp import U as _U
-from ._common import Worst
+from ._common import Worst, longdouble_ok
 
 
 def _instance(rng: np.random.Generator) -> dict:
@@ -39,7 +41,12 @@ def check_delta_error(rows, *, xp, device, rng, progress):
     ``O_i - Attn_i`` equals ``tau_a (mu_T,a - mu_H,a) - tau_i (mu_T,i - mu_H,i)`` from
     :func:`certattn.output.head_tail_terms` (max-norm difference over ``C (tau_a + tau_i
     + 1e-3)``, tolerance 1e-9 as OUT-HEAD-TAIL, rescaled to the common tolerance).
-    ``rows`` counts query rows."""
+    Rounding-level: on four query rows of every head (first, second, middle, last: dense
+    and corrected ones) the error against the exact attention (error-free logits
+    ``scale q.k`` with the library's float64 scale, softmax and output in extended
+    precision) must be at most ``error_bound +`` :data:`EXACT_TOL` ``C`` (rescaled to the
+    common tolerance), so a dense row's bound set to zero, or a rounding term removed, is
+    seen (float64 scores alone err by about ``u |s|``).  ``rows`` counts query rows."""
     from ..approx.delta import delta_correct
     from ..approx.selection import run_policy
     from ..output import head_tail_terms
@@ -68,6 +75,10 @@ def check_delta_error(rows, *, xp, device, rng, progress):
         c = float(np.max(np.linalg.norm(v, axis=-1)))
         err = np.linalg.norm(r.output - attn, axis=-1)
         w.add(np.maximum(err - r.error_bound, 0.0) / c)
+        if longdouble_ok():
+            rows_x, err_x = _exact_error(q, k, v, inst["causal"], r.output)
+            bound_x = r.error_bound[..., rows_x]
+            w.add(np.maximum(err_x - bound_x, 0.0) / c * (tol / EXACT_TOL))
         # the identity, on the rows the correction changed
         kept = run_policy(q, k, v, base, method="base", params={}, causal=inst["causal"],
                           return_weights=False).kept
@@ -84,6 +95,51 @@ def check_delta_error(rows, *, xp, device, rng, progress):
         if progress is not None:
             progress(h * s)
     return w.value, tol
+
+
+EXACT_TOL = 5e-17
+"""Tolerance (over C) of the exact comparison: the reference's logits err by about
+``2^-63 |s|`` (error-free products, a correctly rounded sum), its softmax and output by
+``n 2^-64`` relative in longdouble (n <= 160: below 1e-17)."""
+
+_SPLIT = 134217729.0  # 2^27 + 1: Veltkamp's split of a double into two 26-bit halves
+
+
+def _halves(a):
+    t = _SPLIT * a
+    hi = t - (t - a)
+    return hi, a - hi
+
+
+def _exact_dots(qr, k):
+    """``qr @ k.T`` for rows ``qr`` (m, d) and keys (n, d) to about ``2^-106`` relative:
+    every partial product of the split factors is exact in float64, and the sum of the
+    ``4 d`` products is correctly rounded (``math.fsum``) with its remainder kept."""
+    (qh, ql), (kh, kl) = _halves(qr), _halves(k)
+    terms = np.concatenate([a[:, None, :] * b[None, :, :] for a in (qh, ql) for b in (kh, kl)],
+                           axis=-1).reshape(-1, 4 * qr.shape[-1])
+    hi = np.array([math.fsum(t) for t in terms])
+    lo = np.array([math.fsum([*t, -h]) for t, h in zip(terms, hi, strict=True)])
+    ld = np.longdouble
+    return (hi.astype(ld) + lo.astype(ld)).reshape(qr.shape[0], k.shape[0])
+
+
+def _exact_error(q, k, v, causal, out):
+    """``(rows, |out - Attn|)`` on a sample of query rows of every head, Attn exact to about
+    :data:`EXACT_TOL` C (logits ``scale q.k`` with the library's float64 scale)."""
+    ld = np.longdouble
+    h, s, d = q.shape
+    rows = np.unique(np.array([0, 1, s // 2, s - 1]) % s)
+    errs = np.empty((h, rows.size))
+    for g in range(h):
+        lg = _exact_dots(q[g, rows], k[g]) * ld(1.0 / math.sqrt(d))
+        if causal:
+            lg = np.where(np.arange(s)[None, :] <= rows[:, None], lg, ld(-np.inf))
+        e = np.exp(lg - lg.max(-1, keepdims=True))
+        attn = (e @ v[g].astype(ld)) / e.sum(-1, keepdims=True)
+        diff = out[g, rows].astype(ld) - attn
+        errs[g] = np.sqrt(np.sum(diff * diff, axis=-1)).astype(np.float64)
+    return rows, errs
 
 
 def _term(ht, idx):

@@ -128,9 +128,12 @@ def check_geo_oracles(rows, *, xp, device, rng, progress):
     error; tolerance 1e-4: the normal families, the cylinder and the metric route of the
     sphere take second differences of a differenced metric (absolute step ``eps^(1/4)``,
     "loses about 8 digits" per ``GaussianFamilyMetric``), measured up to 7e-6 at s = 0.2;
-    the analytic routes agree to 1e-14."""
+    the analytic routes agree to 1e-14.  ``christoffel(g, dg)`` of the sphere and the
+    half-plane metrics (g and dg written out here) against their closed forms (error over
+    the largest symbol: rounding only, so it is held to 1e-12, rescaled to the common
+    tolerance)."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
-    from ..geometry.curvature import curvature, gaussian_curvature
+    from ..geometry.curvature import christoffel, curvature, gaussian_curvature
     from ..geometry.oracles import (
         cylinder_map,
         half_plane_metric,
@@ -153,8 +156,38 @@ def check_geo_oracles(rows, *, xp, device, rng, progress):
         n2 = np.concatenate([ctx.rng.uniform(-3, 3, (r, 2)), ctx.rng.uniform(0.2, 3, (r, 1))], -1)
         w.add(np.abs(curvature(normal_family_metric(2), n2).sectional() * 4 + 1.0))
         w.add(np.abs(gaussian_curvature(cylinder_map(rad), th)) * rad**2)
+        for g, dg, closed in (_sphere_symbols(rad, th[:, 0]), _half_plane_symbols(lam, hp[:, 1])):
+            err = np.abs(christoffel(g, dg) - closed).max(axis=(-3, -2, -1))
+            w.add(err / np.abs(closed).max(axis=(-3, -2, -1)) * (1e-4 / 1e-12))
         ctx.tick(r)
     return w.value, 1e-4
+
+
+def _sphere_symbols(rad, u):
+    """``g = rad^2 diag(1, sin^2 u)``, ``dg[m, i, j] = d_m g_ij`` and the closed-form
+    ``Gamma^k_ij`` at ``[k, i, j]``: ``Gamma^0_11 = -sin u cos u``, ``Gamma^1_01 = cot u``."""
+    r = u.shape[0]
+    g = np.zeros((r, 2, 2))
+    g[:, 0, 0], g[:, 1, 1] = rad**2, (rad * np.sin(u)) ** 2
+    dg = np.zeros((r, 2, 2, 2))
+    dg[:, 0, 1, 1] = 2 * rad**2 * np.sin(u) * np.cos(u)
+    gam = np.zeros((r, 2, 2, 2))
+    gam[:, 0, 1, 1] = -np.sin(u) * np.cos(u)
+    gam[:, 1, 0, 1] = gam[:, 1, 1, 0] = np.cos(u) / np.sin(u)
+    return g, dg, gam
+
+
+def _half_plane_symbols(lam, y):
+    """``g = lam I / y^2``: ``Gamma^x_xy = Gamma^y_yy = -1/y``, ``Gamma^y_xx = 1/y``."""
+    r = y.shape[0]
+    g = np.zeros((r, 2, 2))
+    g[:, 0, 0] = g[:, 1, 1] = lam / y**2
+    dg = np.zeros((r, 2, 2, 2))
+    dg[:, 1, 0, 0] = dg[:, 1, 1, 1] = -2 * lam / y**3
+    gam = np.zeros((r, 2, 2, 2))
+    gam[:, 0, 0, 1] = gam[:, 0, 1, 0] = gam[:, 1, 1, 1] = -1 / y
+    gam[:, 1, 0, 0] = 1 / y
+    return g, dg, gam
 
 
 def check_geo_ungated_flat(rows, *, xp, device, rng, progress):

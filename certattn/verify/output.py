@@ -15,7 +15,18 @@ import math
 import numpy as np
 
 from .._fp import U as _U
-from ._common import Array, Ctx, Worst, _cases, _ctx, _rel, _terms, rand_kept, rank_mask
+from ._common import (
+    Array,
+    Ctx,
+    Worst,
+    _cases,
+    _ctx,
+    _rel,
+    _slack,
+    _terms,
+    rand_kept,
+    rank_mask,
+)
 
 _OUT_KINDS = ("normal", "ties", "masked", "wide", "dominant", "uniform")
 
@@ -40,6 +51,43 @@ def _output_refs(xp, x64, v, kept):
     var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
     tau = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1) / z
     return tau, attn, attn_k, err, var
+
+
+def _tight_cases(ctx, rows, ns, width):
+    """Rows on which every OUT bound is attained: two-point values ``+C u`` on a fixed kept
+    half of the keys and ``-C u`` on the rest, so ``|Attn - Attn_k| = 2 C tau`` (no masked
+    keys: the head is never empty).  Yields ``(x, x64, v, v64, kept)``."""
+    kinds = ("normal", "ties", "wide", "dominant", "uniform")
+    for x, x64, n, _ in _cases(ctx, rows, ns, kinds, width=width):
+        u = ctx.rng.standard_normal(8)
+        u *= 10 ** ctx.rng.uniform(-2, 3) / np.linalg.norm(u)
+        half = np.arange(n) < (n + 1) // 2
+        v = np.where(half[:, None], u, -u)
+        kept = ctx.xp.broadcast_to(ctx.put(half), x.shape)
+        yield x, x64, ctx.put(v), ctx.put(v), kept
+
+
+def _tight_error(xp, x64, v64, kept):
+    """``|Attn - Attn_k|`` without cancellation: ``p_i - p_hat_i = -e_i T/(H Z)`` on the
+    head and ``e_i/Z`` on the tail (exact algebra), relative rounding about ``n u``; the
+    norm is taken of the vector scaled to its largest component (tails near 1e-160 would
+    otherwise square into the subnormals and lose digits)."""
+    e, z = _terms(xp, x64)
+    zero = xp.zeros_like(e)
+    h = xp.sum(xp.where(kept, e, zero), axis=-1)
+    t = xp.sum(xp.where(kept, zero, e), axis=-1)
+    d = xp.where(kept, -e * (t / (h * z))[:, None], e / z[:, None])
+    y = d @ v64
+    # scaled norm: squares of components near 1e-160 would fall among the subnormals
+    top = xp.max(xp.abs(y), axis=-1)
+    safe = xp.where(top > 0, top, xp.ones_like(top))
+    return top * xp.linalg.vector_norm(y / safe[:, None], axis=-1)
+
+
+def _tight_slack(xp, w, err, bounds):
+    """Relative slack of each bound below the attained error (rows with ``err > 0``)."""
+    for b in bounds:
+        w.add(_slack(xp, err, b))
 
 
 def _out_cases(ctx, rows, ns, width):
@@ -69,8 +117,11 @@ def check_out_head_tail(rows, *, xp, device, rng, progress):
 
 def check_out_bounded(rows, *, xp, device, rng, progress):
     """OUT-BOUNDED: ``output_bounds(...).bounded >= |Attn - Attn_k|`` (reference from the
-    definitions).  Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` with
-    n = 512 (4e-12), the reference's absolute rounding."""
+    definitions).  Violation ``max(0, err - bound) / (2C)``; and, on a tenth more rows where
+    the bound is attained (two-point values, :func:`_tight_cases`), relative to the error
+    itself, ``max(0, err - bound) / err`` (so a bound scaled by ``1 - delta`` fails for
+    ``delta`` above the tolerance, whatever ``tau C``).  Tolerance ``64 n u`` with
+    n = 512 (4e-12), the reference's absolute and relative rounding."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
@@ -78,13 +129,17 @@ def check_out_bounded(rows, *, xp, device, rng, progress):
         ob = output_bounds(x, v, kept, diameters=False)
         err = _output_refs(xp, x64, v64, kept)[3]
         w.add(xp.maximum(err - ob.bounded, xp.zeros_like(err)) / (2 * c))
+    for x, x64, v, v64, kept in _tight_cases(ctx, max(1, rows // 10), (7, 64, 512), 8 * 8):
+        ob = output_bounds(x, v, kept, diameters=False)
+        _tight_slack(xp, w, _tight_error(xp, x64, v64, kept), (ob.bounded,))
     return w.value, 64 * 512 * _U
 
 
 def check_out_diameter(rows, *, xp, device, rng, progress):
     """OUT-DIAMETER: the chain ``|Attn - Attn_k| <= tail_head <= diameter <= diameter_all <=
-    bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``).  Tolerance
-    ``64 n u`` with n = 128."""
+    bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``), and on a tenth
+    more rows where the whole chain is attained (two-point values) each bound's relative
+    slack below the error.  Tolerance ``64 n u`` with n = 128."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
@@ -94,6 +149,10 @@ def check_out_diameter(rows, *, xp, device, rng, progress):
         chain = (err, ob.tail_head, ob.diameter, ob.diameter_all, ob.bounded)
         for a, b in itertools.pairwise(chain):
             w.add(xp.maximum(xp.astype(a, xp.float64) - b, xp.zeros_like(err)) / (2 * c))
+    for x, x64, v, v64, kept in _tight_cases(ctx, max(1, rows // 10), (7, 32, 128), 128 + 64):
+        ob = output_bounds(x, v, kept, diameters=True)
+        _tight_slack(xp, w, _tight_error(xp, x64, v64, kept),
+                     (ob.tail_head, ob.diameter, ob.diameter_all, ob.bounded))
     return w.value, 64 * 128 * _U
 
 
@@ -101,7 +160,9 @@ def check_out_best(rows, *, xp, device, rng, progress):
     """OUT-BEST: the variance bound and ``best`` of ``output_bounds`` are ``>=
     |Attn - Attn_k|``, ``best`` is the minimum of the five bounds (relative error), and
     ``smallest_k_for_output(x, v, delta)`` keeps a Top-k whose exact error is ``<= delta``.
-    Violation ``max(0, err - bound) / (2C)``; tolerance ``64 n u`` (n = 128)."""
+    Violation ``max(0, err - bound) / (2C)``; on a tenth more rows where every bound is
+    attained (two-point values), the relative slack of ``variance`` and ``best`` below
+    the error.  Tolerance ``64 n u`` (n = 128)."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds, smallest_k_for_output
 
@@ -119,6 +180,9 @@ def check_out_best(rows, *, xp, device, rng, progress):
         k = smallest_k_for_output(x, v, delta)
         err_k = _output_refs(xp, x64, v64, rank_mask(xp, x64, xp.astype(k, xp.int64)))[3]
         w.add(xp.maximum(err_k - delta, zero) / (2 * c))
+    for x, x64, v, v64, kept in _tight_cases(ctx, max(1, rows // 10), (7, 32, 128), 128 + 64):
+        ob = output_bounds(x, v, kept, diameters=True)
+        _tight_slack(xp, w, _tight_error(xp, x64, v64, kept), (ob.variance, ob.best))
     return w.value, 64 * 128 * _U
 
 
