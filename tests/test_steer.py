@@ -133,7 +133,7 @@ def test_sae_training_reduces_error_and_round_trips(tmp_path):
     with pytest.raises(InputError, match="trained on model m1"):
         TopKSAE.load(path, model=_model())
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
-    with pytest.raises(InputError, match="certattn SAE|cannot read"):
+    with pytest.raises(InputError, match=r"certattn SAE|cannot read"):
         TopKSAE.load(tmp_path / "bad.safetensors")
 
 
@@ -222,3 +222,31 @@ def test_detect_language_is_deterministic_and_knows_the_four_targets():
                "zh-cn": "猫在沙发上睡觉，外面正在下雨。", "en": "The cat sleeps on the sofa."}
     assert {k: detect_language(v) for k, v in samples.items()} == {k: k for k in samples}
     assert detect_language("123 456") == "unknown"
+
+
+def test_cli_refuses_in_one_line(tmp_path, capsys):
+    from certattn.cli import main
+
+    assert main(["steer", "--lang", "fr", "--layer", "3", "--corpus-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "apt-get install debian-reference-en debian-reference-fr" in err[0]
+    assert main(["steer", "--lang", "xx", "--layer", "3"]) == 2
+    assert "--lang must be one of" in capsys.readouterr().err
+    assert main(["steer", "--lang", "fr", "--layer", "a,b"]) == 2
+    assert "--layer" in capsys.readouterr().err
+
+
+def test_language_study_runs_end_to_end_on_a_tiny_model():
+    from certattn.steer.study import language_study
+
+    model = _model()
+    texts = {"en": [f"english text number {i} about shells" for i in range(9)],
+             "fr": [f"texte francais numero {i} sur les shells" for i in range(9)]}
+    res = language_study(model, _Tok(), "fr", [1], [0.0, 2.0], texts=texts, new_tokens=3,
+                         train_tokens=200, width=16, k=2, steps=5, meaning=False, ablate=2)
+    entry = res["layers"]["1"]
+    assert {g["direction"] for g in entry["grid"]} == {"sae", "mean", "random"}
+    assert entry["feature"] != entry["random_feature"]
+    assert np.asarray(entry["head_tv"]).shape == (3, 4)
+    assert all(layer > 1 for layer, _ in entry["ablate_top"]["heads"])
+    assert res["prompts"] == 3  # the held-out third of the aligned paragraphs
