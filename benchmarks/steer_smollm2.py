@@ -30,8 +30,13 @@ def main() -> None:
     p.add_argument("--train-tokens", type=int, default=20000)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--width", type=int, default=2048)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="steer-results")
     a = p.parse_args()
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
 
     from certattn.hf import load
     from certattn.steer.corpus import corpus
