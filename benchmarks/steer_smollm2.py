@@ -24,7 +24,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--langs", default="fr,es,de,zh-cn")
     p.add_argument("--layers", default="5,10,15,20,25")
-    p.add_argument("--coefficients", default="0,0.25,0.5,1,2")
+    p.add_argument("--coefficients", default="0,0.1,0.2,0.3,0.5")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--train-tokens", type=int, default=20000)

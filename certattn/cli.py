@@ -593,7 +593,7 @@ def _add_steer(sub: Any) -> None:
                    help="smollm2 (default), a Hugging Face folder or a .gguf file")
     e.add_argument("--prompts", metavar="FILE", help="English prompts, one per line "
                    "(default: 20 held-out Debian Reference paragraphs, first 24 tokens)")
-    e.add_argument("--coefficients", default="0,0.25,0.5,1,2", metavar="LIST",
+    e.add_argument("--coefficients", default="0,0.1,0.2,0.3,0.5", metavar="LIST",
                    help="multiples of the layer's mean residual norm (default %(default)s)")
     e.add_argument("--new-tokens", type=int, default=30, metavar="N")
     e.add_argument("--corpus-root", metavar="DIR",
