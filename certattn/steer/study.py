@@ -38,8 +38,9 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
     activation difference, and three directions: that feature (``sae``), the
     normalised mean difference (``mean``) and a random feature (``random``); each run
     over ``coefficients`` on English prompts (the last third, or ``prompts``).  For the
-    best SAE setting, the head TV table and the success with the ``ablate`` highest-TV
-    heads after the layer removed, against as many random heads after it.
+    best setting (the SAE feature's, or the mean difference's when the feature never
+    switches the language), the head TV table and the success with the ``ablate``
+    highest-TV heads after the layer removed, against as many random heads after it.
     """
     say = progress or (lambda s: None)
     if lang == "en":
@@ -80,17 +81,29 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
         grid = run_grid(model, tokenizer, prompts, lang, directions, coefficients,
                         norms={layer: norm}, new_tokens=new_tokens, embed=embed,
                         progress=lambda s, layer=layer: say(f"layer {layer}: {s}"))
-        sae_cells = [g for g in grid if g.direction == "sae" and g.coefficient != 0]
-        best = max(sae_cells, key=lambda g: (g.success, g.meaning)) if sae_cells else None
+        best = _best(grid)
         entry: dict[str, Any] = {
             "feature": feature, "random_feature": random_feature, "residual_norm": norm,
             "sae_unexplained": history, "grid": [g.as_dict() for g in grid],
         }
         if best is not None and ablate > 0:
             entry.update(_heads(model, tokenizer, prompts, lang, layer, norm, best,
-                                directions["sae"][1], ablate, n_layers, rng, new_tokens, say))
+                                directions[best.direction][1], ablate, n_layers, rng,
+                                new_tokens, say))
         result["layers"][str(layer)] = entry
     return result
+
+
+def _best(grid: Sequence[Any]) -> Any:
+    """The setting whose heads are measured: the SAE feature's most successful nonzero
+    coefficient, or the mean difference's when the feature never succeeds."""
+    for name in ("sae", "mean"):
+        cells = [g for g in grid if g.direction == name and g.coefficient != 0]
+        if cells:
+            top = max(cells, key=lambda g: (g.success, g.meaning))
+            if top.success > 0 or name == "mean":
+                return top
+    return None
 
 
 def _heads(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str, layer: int,
@@ -119,7 +132,7 @@ def _heads(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str, layer:
     for name, heads in (("top", top), ("random", rand)):
         say(f"layer {layer}: ablating {name} heads")
         with ablate_heads(model, heads):
-            g = run_grid(model, tokenizer, prompts, lang, {"sae": (layer, direction)}, [c],
+            g = run_grid(model, tokenizer, prompts, lang, {best.direction: (layer, direction)}, [c],
                          norms={layer: norm}, new_tokens=new_tokens)
         out[f"ablate_{name}"] = {"heads": [list(map(int, h)) for h in heads],
                                  "success": g[0].success}
