@@ -42,6 +42,7 @@ ROWS = "100"
 
 SKIP_RULES: dict[str, str] = {
     "pip install": "installs packages (the environment under test is already installed)",
+    "apt-get install": "installs system packages (the Debian Reference text for steering)",
     "python -m pytest": "the test suite itself",
     "python -m proofs": "tests/test_proofs.py runs the proofs",
     "dask scheduler": "starts a cluster's scheduler process (not a certattn command)",
@@ -54,6 +55,9 @@ CANNOT_RUN: dict[str, str] = {
     "certattn budget --model smollm2 --texts corpus/ --dask tcp://head:8786 --json --out "
     "budget.json": "needs a dask scheduler at tcp://head:8786; tests/test_dask.py runs "
                    "--texts on a local cluster",
+    "certattn steer --lang fr --layer 15 --out steer-fr": "needs the Debian Reference "
+        "(apt-get) and minutes of SAE training; tests/test_steer.py runs the study end to "
+        "end on a tiny model and the command's refusals",
 }
 """Command (comment dropped, spaces normalised) -> why the test cannot run it."""
 
