@@ -533,10 +533,51 @@ def _add_evaluate(sub: Any) -> None:
     e.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     e.add_argument("--policies", metavar="LIST", help="comma list of topk:EPS, topp:P, "
                    "fixed:K, window:N, window:auto (window + 4 sinks keeping the first topk's "
-                   "kept keys per layer); default topk:0.01,topk:0.001,window:auto")
+                   "kept keys per layer), cal:FILE (certattn calibrate's JSON); default topk:0.01,topk:0.001,window:auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
     e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json")
     e.set_defaults(func=run)
+
+
+def _add_calibrate(sub: Any) -> None:
+    """``certattn calibrate``: the eps meeting a next-token KL target on a text."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .hf._calibrate import calibrate, format_calibration, load_text_ids
+
+        if not args.target_kl > 0 or not args.safety >= 1:
+            raise CLIError("--target-kl must be > 0 and --safety >= 1")
+        model, ids = load_text_ids(args.model, args.text_file, args.tokens)
+        if not args.quiet:
+            _write_err(f"calibrating {args.policy} on {len(ids)} tokens")
+        cal = calibrate(model, ids, args.target_kl, policy=args.policy, safety=args.safety,
+                        progress=None if args.quiet else _write_err)
+        cal.save(args.out)
+        _emit(format_calibration(cal) + f"\nwritten to {args.out}\n")
+        return 0
+
+    c = sub.add_parser(
+        "calibrate",
+        help="the largest eps whose measured next-token KL meets a target on a text",
+        description="Bisect one uniform eps (one sparse forward per step) so that the mean "
+        "next-token KL(dense || sparse) measured on the text is at most TARGET / SAFETY, "
+        "and write it as JSON for certattn evaluate --policies cal:FILE. The KL is a "
+        "measurement on this text, not a bound. Needs the [hf] extra.",
+    )
+    c.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="smollm2 (needs the model package), a Hugging Face folder or a .gguf file")
+    c.add_argument("--text-file", help="text to calibrate on (default: built-in prose)")
+    c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
+    c.add_argument("--target-kl", type=float, default=1e-3, metavar="KL",
+                   help="mean next-token KL target, nats (default 1e-3)")
+    c.add_argument("--policy", choices=["topk", "topp"], default="topk",
+                   help="certified Top-k at eps or top-p at p = 1 - eps (default topk)")
+    c.add_argument("--safety", type=float, default=1.5,
+                   help="allowance for other text: aim at TARGET / SAFETY (default 1.5, "
+                   "certattn.hf.calibrate's measured default)")
+    c.add_argument("--out", required=True, metavar="FILE", help="calibration JSON to write")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=run)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -657,6 +698,7 @@ def _build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_audit)
 
     _add_evaluate(sub)
+    _add_calibrate(sub)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")

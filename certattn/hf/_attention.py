@@ -541,7 +541,7 @@ def _select(stats: SparseStats, layer: int, policy: Any, logits: Any, query: Any
     empty = ~visible.any(dim=-1, keepdim=True)  # rows with no visible key: a dummy row
     scores = _host(torch.where(empty, 0.0, logits.to(torch.float64)))
     valid = _host(visible | empty)
-    xp = np if isinstance(scores, np.ndarray) else _torch_namespace()
+    xp = namespace(scores)[0]  # array-api-compat NumPy: argsort(descending=...) (Pages)
     scaling = kwargs.get("scaling")
     ctx = Context(
         queries=_host(query.detach().to(torch.float64)),

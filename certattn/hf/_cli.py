@@ -1,9 +1,10 @@
 """``certattn evaluate``: the dense-versus-sparse table of a Hugging Face model.
 
 Policy specs (comma separated): ``topk:EPS``, ``topp:P``, ``fixed:K``, ``window:N``
-(the last ``N - 4`` visible keys and 4 sinks) and ``window:auto`` (window + 4 sinks whose
+(the last ``N - 4`` visible keys and 4 sinks), ``window:auto`` (window + 4 sinks whose
 width, per layer, keeps as many keys in total as the first Top-k policy's certified
-budgets on the dense model).
+budgets on the dense model) and ``cal:FILE`` (the policy of a ``certattn calibrate``
+JSON file, refused for another model).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from .._validate import InputError
 from ..policies import FixedK, TopK, TopP, WindowSinks
 from ._attention import Recorder, observe
+from ._calibrate import Calibration
 from ._evaluate import evaluate, load
 
 __all__ = ["DEFAULT_POLICIES", "format_table", "matched_window", "parse_policies",
@@ -45,6 +47,8 @@ def parse_policies(text: str) -> list[tuple[str, Any]]:
             pol = TopP(_number(spec, arg, float))
         elif kind == "fixed" and arg:
             pol = FixedK(_number(spec, arg, int))
+        elif kind == "cal" and arg:
+            pol = Calibration.load(arg)  # checked against the model once it is loaded
         elif kind == "window" and arg == "auto":
             pol = "window:auto"
         elif kind == "window" and arg:
@@ -52,7 +56,7 @@ def parse_policies(text: str) -> list[tuple[str, Any]]:
             pol = WindowSinks(window=max(n - SINKS, 0), sinks=min(SINKS, n))
         else:
             raise InputError(f"unknown policy {spec!r}: give topk:EPS, topp:P, fixed:K, "
-                             "window:N or window:auto")
+                             "window:N, window:auto or cal:FILE")
         out.append((spec, pol))
     if any(p == "window:auto" for _, p in out) and not any(isinstance(p, TopK) for _, p in out):
         raise InputError("window:auto matches the kept keys of a topk policy: give one")
@@ -103,7 +107,7 @@ def run_evaluate(model_name: str, text: str, tokens: int | None,
         ids = ids[:tokens]
     if len(ids) < 2:
         raise InputError("the text must have at least 2 tokens")
-    table = dict(specs)
+    table = {k: v.for_model(model) if isinstance(v, Calibration) else v for k, v in specs}
     if "window:auto" in table.values():
         eps = next(p.eps for p in table.values() if isinstance(p, TopK))
         import torch
