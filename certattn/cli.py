@@ -533,7 +533,8 @@ def _add_evaluate(sub: Any) -> None:
     e.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     e.add_argument("--policies", metavar="LIST", help="comma list of topk:EPS, topp:P, "
                    "fixed:K, window:N, window:auto (window + 4 sinks keeping the first topk's "
-                   "kept keys per layer), cal:FILE (certattn calibrate's JSON); default topk:0.01,topk:0.001,window:auto")
+                   "kept keys per layer), cal:FILE (certattn calibrate's JSON); default "
+                   "topk:0.01,topk:0.001,window:auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
     e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json")
     e.set_defaults(func=run)

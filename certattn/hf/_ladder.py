@@ -30,6 +30,7 @@ no separate ladder.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -233,7 +234,7 @@ def _interpolate(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
     keys = ("kept_fraction", "top1", "bytes_fraction")
     if pts[0]["kl_mean"] <= target:
         return {**{k: pts[0][k] for k in keys}, "status": "below"}  # at most this
-    for a, b in zip(pts, pts[1:], strict=False):
+    for a, b in itertools.pairwise(pts):
         if b["kl_mean"] <= target < a["kl_mean"]:
             w = (_log(a["kl_mean"]) - _log(target)) / (_log(a["kl_mean"]) - _log(b["kl_mean"]))
             return {**{k: a[k] + w * (b[k] - a[k]) for k in keys}, "status": "ok"}
@@ -267,7 +268,8 @@ def format_at_kl(table: Sequence[dict[str, Any]], reference: str = "topk") -> st
         base = ref.get(r["kl"])
         rel = (f"{base['kept_fraction'] / r['kept_fraction']:.2f}"
                if base is not None and r["kept_fraction"] > 0 else "-")
-        lines.append(f"| {r['kl']:.0e} | {FAMILIES[r['family']].label} | "
+        label = FAMILIES[r["family"]].label if r["family"] in FAMILIES else r["family"]
+        lines.append(f"| {r['kl']:.0e} | {label} | "
                      f"{mark[r['status']]}{r['kept_fraction']:.3f} | {rel} | "
                      f"{r['top1']:.3f} | {r['bytes_fraction']:.3f} |")
     return "\n".join(lines)
