@@ -249,3 +249,28 @@ def test_smollm2_calibration_on_one_text_holds_within_2x_on_another():
     assert cal.kl <= 1e-3 / SAFETY and cal.kept_fraction < 0.9
     on_b = evaluate(model, b, {"cal": cal.for_model(model)})[1]
     assert on_b["kl_mean"] <= 2e-3
+
+
+def test_cli_compare_prints_the_equal_kl_table(tmp_path, capsys):
+    folder, text = _tiny_folder(tmp_path)
+    base = ["compare", "--model", str(folder), "--text-file", str(text), "--tokens", "24"]
+    assert main([*base, "--families", "topk,window", "--at-kl", "1e-5,1e-3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["tokens"] == 24 and {r["family"] for r in out["ladder"]} == {"topk", "window"}
+    assert [(r["kl"], r["family"]) for r in out["at_kl"]] == [
+        (1e-5, "topk"), (1e-5, "window"), (1e-3, "topk"), (1e-3, "window")]
+    assert main([*base, "--families", "window,headk", "--budget-text-file", str(text),
+                 "--quiet"]) == 0
+    assert "| per-head fixed k" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--families", "headk"], "--budget-text-file"),
+    (["--families", "nope"], "unknown families"),
+    (["--at-kl", "x"], "--at-kl"),
+    (["--at-kl", "0"], "--at-kl"),
+])
+def test_cli_compare_refuses_bad_options_in_one_line(tmp_path, capsys, extra, message):
+    assert main(["compare", "--model", str(tmp_path / "none"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err

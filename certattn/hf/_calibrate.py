@@ -287,25 +287,29 @@ def calibrate(model: Any, ids: Any, target_kl: float = 1e-3, *, policy: str = "t
 # --------------------------------------------------------------------------
 
 
+def read_text(text_file: str | None) -> str:
+    """A UTF-8 text file (None: the built-in prose); unreadable: :class:`InputError`."""
+    if text_file is None:
+        from .._corpus import corpus_text
+
+        return corpus_text()
+    try:
+        return Path(text_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {text_file}: {exc}") from None
+
+
 def load_text_ids(model_name: str, text_file: str | None,
-                  tokens: int | None) -> tuple[Any, list[int]]:
-    """A causal LM (loaders quiet) and the first ``tokens`` ids of a text file
-    (default: the built-in prose); every failure an :class:`InputError`."""
+                  tokens: int | None) -> tuple[Any, Any, list[int]]:
+    """A causal LM (loaders quiet), its tokenizer and the first ``tokens`` ids of a text
+    file (default: the built-in prose); every failure an :class:`InputError`."""
     import os
 
     from transformers.utils import logging as hf_logging
 
     from ._evaluate import load
 
-    if text_file is None:
-        from .._corpus import corpus_text
-
-        text = corpus_text()
-    else:
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {text_file}: {exc}") from None
+    text = read_text(text_file)
     if tokens is not None and (isinstance(tokens, bool) or tokens < 2):
         raise InputError(f"--tokens must be at least 2, got {tokens}")
     hf_logging.set_verbosity_error()
@@ -321,7 +325,7 @@ def load_text_ids(model_name: str, text_file: str | None,
         ids = ids[:tokens]
     if len(ids) < 2:
         raise InputError("the text must have at least 2 tokens")
-    return model, ids
+    return model, tok, ids
 
 
 def format_calibration(cal: Calibration) -> str:

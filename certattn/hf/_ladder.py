@@ -274,3 +274,31 @@ def format_at_kl(table: Sequence[dict[str, Any]], reference: str = "topk") -> st
                      f"{r['top1']:.3f} | {r['bytes_fraction']:.3f} |")
     return "\n".join(lines)
 
+
+
+def run_compare(model_name: str, text_file: str | None, tokens: int | None,
+                families: str, at: str, budget_text_file: str | None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``certattn compare``: load, run the ladders, interpolate: ``{"model", "tokens",
+    "ladder", "at_kl"}``; every bad input an :class:`InputError` before the model loads."""
+    from ._calibrate import load_text_ids, read_text
+
+    fams = [f.strip() for f in families.split(",") if f.strip()]
+    unknown = [f for f in fams if f not in FAMILIES]
+    if not fams or unknown:
+        raise InputError(f"unknown families {unknown}: give some of {list(FAMILIES)}")
+    try:
+        targets = [float(x) for x in at.split(",")]
+    except ValueError:
+        raise InputError(f"--at-kl must be a comma list of numbers, got {at!r}") from None
+    for t in targets:
+        check_number(t, name="--at-kl", low=0.0, high=math.inf, closed_low=False,
+                     closed_high=False)
+    if "headk" in fams and budget_text_file is None:
+        raise InputError("the headk family needs --budget-text-file (other text)")
+    budget = None if budget_text_file is None else read_text(budget_text_file)
+    model, tok, ids = load_text_ids(model_name, text_file, tokens)
+    budget_ids = None if budget is None else tok.encode(budget)[: len(ids)]
+    rows = ladder(model, ids, fams, budget_ids=budget_ids, progress=progress)
+    return {"model": model_name, "tokens": len(ids), "ladder": rows,
+            "at_kl": at_kl(rows, targets)}
