@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--at-kl", default="1e-4,1e-3,1e-2")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-reverse", action="store_true", help="skip calibrating on B")
+    ap.add_argument("--short", action="store_true",
+                    help="3 or 4 points per ladder instead of 5 or 6 (a busy machine)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine more threads spin)")
     ap.add_argument("--json")
@@ -83,7 +85,13 @@ def main() -> None:
         _log(f"B -> A: eps {cal_b.eps:.4g}, KL B {cal_b.kl:.3e}, KL A {on_a['kl_mean']:.3e}")
 
     fams = [f for f in args.families.split(",") if f]
-    rows = ladder(model, b, fams, budget_ids=a, progress=_log)
+    n = args.tokens
+    short = {"topk": [0.1, 0.01, 1e-3, 1e-4], "headk": [0.1, 0.01, 1e-3],
+             "twilight": [0.1, 0.01, 1e-3], "window": [n // 2, round(0.9 * n), round(0.97 * n)],
+             "quest": [n // 2, round(0.9 * n), round(0.97 * n)],
+             "pyramid": [n // 8, n // 4, n // 2]}
+    rows = ladder(model, b, fams, budget_ids=a, progress=_log,
+                  points=short if args.short else None)
     table = at_kl(rows, [float(x) for x in args.at_kl.split(",")])
     out["ladder"] = rows
     out["at_kl"] = table

@@ -13,6 +13,7 @@ observe              exact attention (bit-identical to ``eager``), certificates 
 sparse               the model run on a policy's kept set, with the kept fraction and tails
 evaluate             dense vs sparse: next-token KL, top-1 agreement, perplexity, time
 generate_agreement   greedy tokens equal to the dense ones before the first divergence
+calibrate            the largest eps whose measured next-token KL meets a target (Calibration)
 load                 ``"smollm2"``, ``"minilm"``, a Hugging Face folder or a GGUF file
 
 Examples
@@ -36,12 +37,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._attention import LayerCall, Recorder, SparseStats, observe, register, sparse
+from ._calibrate import Calibration, calibrate
 from ._evaluate import evaluate, generate_agreement, load
 
 __all__ = [
+    "Calibration",
     "LayerCall",
     "Recorder",
     "SparseStats",
+    "calibrate",
     "evaluate",
     "generate_agreement",
     "load",
