@@ -196,6 +196,10 @@ def test_ladder_interpolation_says_when_the_target_is_outside():
     assert "<= 0.100" in text and "> 0.900" in text
     with pytest.raises(InputError):
         at_kl(_synthetic(), [0.0])
+    rows = _synthetic()
+    rows[0]["kl_mean"] = 0.0  # kept 0.9 equals dense: no log-KL line, 0.9 bounds the need
+    (row,) = at_kl(rows, [1e-6])
+    assert row["status"] == "below" and row["kept_fraction"] == 0.9
 
 
 def test_ladder_on_a_tiny_model(llama):

@@ -236,6 +236,8 @@ def _interpolate(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
         return {**{k: pts[0][k] for k in keys}, "status": "below"}  # at most this
     for a, b in itertools.pairwise(pts):
         if b["kl_mean"] <= target < a["kl_mean"]:
+            if b["kl_mean"] <= 0.0:  # no log-KL line to a dense-equal point: b bounds it
+                return {**{k: b[k] for k in keys}, "status": "below"}
             w = (_log(a["kl_mean"]) - _log(target)) / (_log(a["kl_mean"]) - _log(b["kl_mean"]))
             return {**{k: a[k] + w * (b[k] - a[k]) for k in keys}, "status": "ok"}
     return {**{k: pts[-1][k] for k in keys}, "status": "above"}  # more than this
@@ -244,9 +246,11 @@ def _interpolate(points: list[dict[str, Any]], target: float) -> dict[str, Any]:
 def at_kl(rows: Sequence[dict[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
     """Per family and target KL: kept fraction, top-1 and bytes, interpolated on log KL.
 
-    ``status`` is ``"ok"`` (interpolated between two points), ``"below"`` (the ladder's
-    smallest kept fraction already meets the target: the values are an upper bound) or
-    ``"above"`` (no point meets it: the values are the ladder's largest, a lower bound).
+    ``status`` is ``"ok"`` (interpolated between two points), ``"below"`` (the values are
+    those of a point that meets the target, an upper bound on what it needs: the ladder's
+    smallest point, or the first point meeting it whose KL is 0, where no log-KL line
+    reaches) or ``"above"`` (no point meets it: the values are the ladder's largest, a
+    lower bound).
     """
     out = []
     for t in targets:
