@@ -616,7 +616,8 @@ def _add_evaluate(sub: Any) -> None:
                    "fixed:K, window:N, quest:N (Quest pages of 16 keys, budget N keys), "
                    "window:auto and quest:auto (kept keys matched per layer to the first "
                    "topk's), delta (Delta Attention over a window + 4 sinks base, its cost "
-                   "matched the same way); default topk:0.01,topk:0.001,window:auto")
+                   "matched the same way), cal:FILE (certattn calibrate's JSON); default "
+                   "topk:0.01,topk:0.001,window:auto")
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
     e.add_argument("--out", metavar="DIR", help="also write DIR/evaluate.json and, with "
                    "matplotlib, DIR/evaluate.png (KL and top-1 against kept, per family)")
@@ -649,6 +650,8 @@ def _stages(flag: bool | None) -> Iterator[Callable[[str, int], Any]]:
         yield stage
     finally:
         close()
+
+
 def _add_steer(sub: Any) -> None:
     """``certattn steer``: steer a causal LM's output language with one SAE feature."""
 
@@ -699,6 +702,89 @@ def _add_steer(sub: Any) -> None:
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
     e.add_argument("--out", metavar="DIR", help="also write DIR/steer.json and the figures")
     e.set_defaults(func=run)
+
+
+def _add_calibrate(sub: Any) -> None:
+    """``certattn calibrate``: the eps meeting a next-token KL target on a text."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .hf._calibrate import calibrate, format_calibration, load_text_ids
+
+        if not args.target_kl > 0 or not args.safety >= 1:
+            raise CLIError("--target-kl must be > 0 and --safety >= 1")
+        if not Path(args.out).parent.is_dir():
+            raise CLIError(f"--out {args.out}: no folder {Path(args.out).parent}")
+        model, _, ids = load_text_ids(args.model, args.text_file, args.tokens)
+        if not args.quiet:
+            _write_err(f"calibrating {args.policy} on {len(ids)} tokens")
+        cal = calibrate(model, ids, args.target_kl, policy=args.policy, safety=args.safety,
+                        progress=None if args.quiet else _write_err)
+        cal.save(args.out)
+        _emit(format_calibration(cal) + f"\nwritten to {args.out}\n")
+        return 0
+
+    c = sub.add_parser(
+        "calibrate",
+        help="the largest eps whose measured next-token KL meets a target on a text",
+        description="Bisect one uniform eps (one sparse forward per step) so that the mean "
+        "next-token KL(dense || sparse) measured on the text is at most TARGET / SAFETY, "
+        "and write it as JSON for certattn evaluate --policies cal:FILE. The KL is a "
+        "measurement on this text, not a bound. Needs the [hf] extra.",
+    )
+    c.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="smollm2 (needs the model package), a Hugging Face folder or a .gguf file")
+    c.add_argument("--text-file", help="text to calibrate on (default: built-in prose)")
+    c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
+    c.add_argument("--target-kl", type=float, default=1e-3, metavar="KL",
+                   help="mean next-token KL target, nats (default 1e-3)")
+    c.add_argument("--policy", choices=["topk", "topp"], default="topk",
+                   help="certified Top-k at eps or top-p at p = 1 - eps (default topk)")
+    c.add_argument("--safety", type=float, default=1.5,
+                   help="allowance for other text: aim at TARGET / SAFETY (default 1.5, "
+                   "certattn.hf.calibrate's measured default)")
+    c.add_argument("--out", required=True, metavar="FILE", help="calibration JSON to write")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=run)
+
+
+def _add_compare(sub: Any) -> None:
+    """``certattn compare``: the equal-KL table of policy families."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .hf._ladder import format_at_kl, run_compare
+
+        result = run_compare(args.model, args.text_file, args.tokens, args.families,
+                             args.at_kl, args.budget_text_file,
+                             progress=None if args.quiet or args.json else _write_err)
+        if args.json:
+            _emit(json.dumps(result, indent=1) + "\n")
+        else:
+            _emit(f"{args.model}, {result['tokens']} tokens: kept fraction, top-1 and bytes "
+                  "each family needs for a mean next-token KL(dense || sparse) (measured, "
+                  "interpolated on log KL)\n\n" + format_at_kl(result["at_kl"]) + "\n")
+        return 0
+
+    c = sub.add_parser(
+        "compare",
+        help="the kept keys and bytes each sparse-attention family needs for a given KL",
+        description="Run a ladder of each family's parameter (one sparse forward per point) "
+        "and interpolate on log KL the kept fraction, top-1 agreement and bytes read each "
+        "needs to reach each --at-kl mean next-token KL(dense || sparse) on the text. "
+        "Needs the [hf] extra.",
+    )
+    c.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="smollm2 (needs the model package), a Hugging Face folder or a .gguf file")
+    c.add_argument("--text-file", help="text to run on (default: built-in prose)")
+    c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
+    c.add_argument("--families", default="topk,window,quest", metavar="LIST",
+                   help="comma list of topk, window, quest, headk, pyramid, twilight "
+                   "(default topk,window,quest)")
+    c.add_argument("--at-kl", default="1e-4,1e-3,1e-2", metavar="LIST",
+                   help="target KLs, nats (default 1e-4,1e-3,1e-2)")
+    c.add_argument("--budget-text-file", help="other text for headk's BudgetTable")
+    c.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    c.add_argument("--quiet", action="store_true", help="no progress lines")
+    c.set_defaults(func=run)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -826,6 +912,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     _add_evaluate(sub)
     _add_steer(sub)
+    _add_calibrate(sub)
+    _add_compare(sub)
 
     p = sub.add_parser("plot", help="save the theory's figures as PNG files")
     p.add_argument("what", choices=["gaussian"], help="which family of figures")

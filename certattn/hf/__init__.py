@@ -14,6 +14,7 @@ sparse               the model run on a policy's kept set, with the kept fractio
 delta_sparse         Delta Attention: a sparse base plus anchor-row output corrections
 evaluate             dense vs sparse: next-token KL, top-1 agreement, perplexity, time
 generate_agreement   greedy tokens equal to the dense ones before the first divergence
+calibrate            the largest eps whose measured next-token KL meets a target (Calibration)
 load                 ``"smollm2"``, ``"minilm"``, a Hugging Face folder or a GGUF file
 
 Examples
@@ -37,14 +38,17 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._attention import LayerCall, Recorder, SparseStats, observe, register, sparse
+from ._calibrate import Calibration, calibrate
 from ._delta import DeltaCorrection, delta_sparse
 from ._evaluate import evaluate, generate_agreement, load
 
 __all__ = [
+    "Calibration",
     "DeltaCorrection",
     "LayerCall",
     "Recorder",
     "SparseStats",
+    "calibrate",
     "delta_sparse",
     "evaluate",
     "generate_agreement",

@@ -4,21 +4,7 @@ Policy specs (comma separated) are read through one table, :data:`SPECS` (family
 :class:`Spec`): the part before the colon names the family, the part after is the
 family's argument.
 
-=====================  =====================================================================
-``topk:EPS``           certified Top-k at TV budget ``EPS``
-``topp:P``             certified top-p
-``fixed:K``            the ``K`` largest scores
-``window:N``           StreamingLLM: the last ``N - 4`` visible keys and 4 sinks
-``window:auto``        window + 4 sinks keeping, per layer, the first Top-k's kept keys
-``quest:N``            Quest: pages of 16 keys ranked by their box bound, up to ``N`` keys
-``quest:auto``         Quest with a per-layer budget matched the same way
-``delta``              Delta Attention (gamma 64, min_tail 128) over a window + 4 sinks
-                       base whose total cost, dense rows included, matches the same way
-=====================  =====================================================================
-
-A ``:auto`` spec (and ``delta``) is a :class:`Matched` builder: it is resolved from an
-:func:`~certattn.hf.observe` record of the dense model at the first Top-k policy's eps.
-"""
+=====================  =============================================================="""
 
 from __future__ import annotations
 
@@ -34,6 +20,7 @@ from .._validate import InputError
 from ..approx.delta import delta_rows
 from ..policies import FixedK, Pages, TopK, TopP, WindowSinks
 from ._attention import Recorder, observe
+from ._calibrate import Calibration
 from ._delta import DeltaCorrection
 from ._evaluate import evaluate, load, quiet_loading
 
@@ -99,6 +86,12 @@ def _delta(spec: str, arg: str) -> Any:
     return Matched(matched_delta)
 
 
+def _calibration(spec: str, arg: str) -> Any:
+    if not arg:
+        raise InputError(f"policy {spec!r} needs a calibration file after the colon")
+    return Calibration.load(arg)  # checked against the model once it is loaded
+
+
 SPECS: dict[str, Spec] = {
     "topk": Spec("topk:EPS", lambda spec, arg: TopK(_number(spec, arg, float))),
     "topp": Spec("topp:P", lambda spec, arg: TopP(_number(spec, arg, float))),
@@ -106,6 +99,7 @@ SPECS: dict[str, Spec] = {
     "window": Spec("window:N|auto", _window),
     "quest": Spec("quest:N|auto", _quest),
     "delta": Spec("delta", _delta),
+    "cal": Spec("cal:FILE", _calibration),
 }
 """Policy family -> :class:`Spec` (module docstring); one entry adds a family."""
 
@@ -228,7 +222,7 @@ def matched_delta(rec: Recorder, eps: float, gamma: int = 64, min_tail: int = 12
 def _resolve(model: Any, ids: list[int], specs: list[tuple[str, Any]],
              progress: Progress | None) -> dict[str, Any]:
     """Every :class:`Matched` spec built from one :func:`observe` run of the dense model."""
-    table = dict(specs)
+    table = {k: v.for_model(model) if isinstance(v, Calibration) else v for k, v in specs}
     if not any(isinstance(p, Matched) for p in table.values()):
         return table
     import torch

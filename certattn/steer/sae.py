@@ -113,9 +113,9 @@ class TopKSAE(torch.nn.Module):
             for n, t in tensors.items():
                 getattr(sae, n).copy_(t)
         if model is not None:
-            from .steering import model_identity
+            from ..hf._calibrate import fingerprint
 
-            mine, theirs = sae.meta.get("model"), model_identity(model)
+            mine, theirs = sae.meta.get("model"), fingerprint(model)
             if mine != theirs:
                 raise InputError(f"{path}: trained on model {mine}, not on {theirs}")
         return sae

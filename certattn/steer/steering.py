@@ -9,7 +9,6 @@ English residuals) and ``r_L`` the mean residual norm at that layer, so the coef
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -19,8 +18,8 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["collect_residuals", "decoder_layers", "mean_difference", "model_identity",
-           "rank_features", "steering"]
+__all__ = ["collect_residuals", "decoder_layers", "mean_difference", "rank_features",
+           "steering"]
 
 
 def decoder_layers(model: Any) -> Any:
@@ -30,15 +29,6 @@ def decoder_layers(model: Any) -> Any:
     if layers is None:
         raise InputError(f"{type(model).__name__}: no decoder layer list to steer")
     return layers
-
-
-def model_identity(model: Any) -> str:
-    """A stable fingerprint: the config's class and sizes, and a hash of the embeddings."""
-    cfg = model.config
-    emb = model.get_input_embeddings().weight.detach()
-    digest = hashlib.sha256(emb[:64].float().numpy().tobytes()).hexdigest()[:16]
-    return (f"{type(cfg).__name__}:{cfg.hidden_size}x{cfg.num_hidden_layers}:"
-            f"{cfg.vocab_size}:{digest}")
 
 
 def _check_layer(model: Any, layer: int) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..hf._calibrate import fingerprint
 from .corpus import corpus
 from .experiment import minilm_embedder, run_grid
 from .heads import ablate_heads, head_tv
@@ -16,8 +17,7 @@ from .steering import (
     collect_residuals,
     decoder_layers,
     mean_difference,
-    model_identity,
-    rank_features,
+        rank_features,
     steering,
 )
 
@@ -54,7 +54,7 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
         prompts = [tokenizer.decode(tokenizer.encode(t)[:prompt_tokens])
                    for t in texts["en"][cut:cut + n_prompts]]
     rng = np.random.default_rng(seed)
-    result: dict[str, Any] = {"lang": lang, "model": model_identity(model), "layers": {},
+    result: dict[str, Any] = {"lang": lang, "model": fingerprint(model), "layers": {},
                               "prompts": len(prompts), "new_tokens": new_tokens,
                               "sae": {"width": width, "k": k, "steps": steps,
                                       "train_tokens": train_tokens}}
@@ -69,7 +69,7 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
         norm = float(np.linalg.norm(en, axis=1).mean())
         say(f"layer {layer}: training the SAE")
         sae, history = train_sae(np.concatenate([en, tg]), width, k, steps=steps, seed=seed,
-                                 meta={"model": model_identity(model), "layer": layer})
+                                 meta={"model": fingerprint(model), "layer": layer})
         ranked = rank_features(sae, tg, en)
         feature = int(ranked[0])
         random_feature = int(rng.choice(ranked[width // 4:]))  # not language-leaning
