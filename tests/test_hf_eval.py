@@ -171,7 +171,8 @@ def test_cli_evaluate_progress_goes_to_stderr_and_is_erased(tmp_path, capsys):
     ("quest:auto", "matches the kept keys of a topk"),
     ("delta", "matches the kept keys of a topk"),
     ("topk:0.1,topk:0.1", "twice"),
-    ("cal", "unknown policy 'cal'.*topk:EPS.*quest:N\\|auto.*delta"),
+    ("cal", "policy 'cal' needs a calibration file"),
+    ("nope:1", "unknown policy 'nope:1'.*topk:EPS.*quest:N\\|auto.*delta.*cal:FILE"),
 ])
 def test_cli_evaluate_bad_specs_are_one_line(tmp_path, capsys, policies, message):
     assert main(["evaluate", "--model", str(tmp_path), "--policies", policies]) == 2
