@@ -13,7 +13,8 @@ What is certified
 -----------------
 The logits of one call are computed on the side the way eager computes them:
 ``(query @ key^T) * scaling`` in the model's dtype (grouped key heads repeated), Gemma-2's
-``softcap * tanh(. / softcap)`` when given, plus the additive mask, as eager adds it; a
+``softcap * tanh(. / softcap)`` when given, T5's ``position_bias`` (added before the mask,
+as eager adds it), plus the additive mask, as eager adds it; a
 key whose mask entry is at or below half the dtype's minimum (eager's padding, causal and
 sliding-window fill) is masked (``-inf``, :func:`certattn.masks.normalize_mask`'s rule):
 never kept nor counted, but its logit is finite and its exact mass positive, so every
@@ -24,9 +25,26 @@ softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
 with no visible key (left padding) are skipped: they are flagged ``masked`` and count
 neither as kept nor as visible.
 
-Refused in one line (:class:`~certattn.errors.InputError`): attention sinks (gpt-oss
-``sinks`` / ``s_aux``), ``position_bias``, dropout in training mode, a model whose
-attention does not route through ``transformers.AttentionInterface``.
+Attention sinks (gpt-oss ``s_aux``: one logit per head that joins the softmax
+denominator and has no value) are a last logit column that is never masked nor dropped:
+every tail is relative to the full distribution, the sink included (so a large sink lets
+fewer keys certify a budget), and ``k`` counts keys only (0 when the sink alone carries
+``1 - eps``).  A module with ``sinks`` that does not pass them as ``s_aux`` is refused.
+
+How the work is done
+--------------------
+Query rows are taken in chunks of at most :data:`CHUNK_ELEMS` scores, so the side
+computations stay bounded at long contexts (eager itself still forms its full weights).
+Top-k and top-p keep every key whose logit is at least the certificate's cut logit
+(:attr:`certattn.TopkCertificate.cut`): one comparison on the model's device, no ranking;
+keys tied at the cut are all kept (the counts are the true ones; the tail bound holds for
+that larger set).  CPU tensors are certified by the NumPy kernel on a view of the logits;
+float64 copies of the queries and keys are made only for policies that look at them
+(not Top-k, top-p, fixed k or window + sinks).
+
+Refused in one line (:class:`~certattn.errors.InputError`): dropout in training mode,
+sinks not passed as ``s_aux``, a model whose attention does not route through
+``transformers.AttentionInterface``.
 """
 
 from __future__ import annotations
@@ -384,7 +402,10 @@ def sparse(model: Any, policy: Any, *, output_bound: bool = False,
     dtype's minimum in eager's additive mask; a gpt-oss sink is never dropped).
     ``sparse(model, TopK(0))`` keeps every visible key and equals eager bit for bit.
     Top-k and top-p keep every key whose logit is at least the certificate's cut
-    (:attr:`certattn.TopkCertificate.cut`): one comparison per key on the model's device.
+    (:attr:`certattn.TopkCertificate.cut`): one comparison per key on the model's device;
+    fixed k likewise keeps every key tied with the k-th largest.  Every other policy gets
+    its ``select`` called on float64 scores and its kept set certified with
+    :func:`certattn.certify_kept`.
 
     Parameters
     ----------
@@ -569,11 +590,14 @@ def _logits(call: _Call, q0: int, q1: int) -> _Logits:
         m = _rows_of(call.mask, q0, q1)[..., :n]
         if m.dtype == torch.bool:
             visible = m
+            s = torch.where(visible, s, -torch.inf)
         else:
             visible = m > torch.finfo(m.dtype).min / 2
-            s = s + m
-            h = _filled_mass(s, visible)
-        s = torch.where(visible, s, -torch.inf)
+            hidden = ~visible  # (B, 1, rows, Lk) mostly: cheap
+            raw_max = s.amax(-1) if bool(hidden.any()) else None
+            s = (s + m).masked_fill_(hidden, -torch.inf)
+            if raw_max is not None:
+                h = _filled_mass(raw_max, m, hidden, s)
     rows = visible.any(dim=-1)
     if call.sink is not None:
         sink = call.sink.detach().reshape(1, -1, 1, 1)
@@ -586,21 +610,26 @@ def _logits(call: _Call, q0: int, q1: int) -> _Logits:
     return _Logits(s=s, visible=visible, rows=rows, h=h, n=n)
 
 
-def _filled_mass(full: Any, visible: Any) -> Any:
+def _filled_mass(raw_max: Any, m: Any, hidden: Any, s: Any) -> Any:
     """Sound bound ``h`` (float64, (B, H, rows)) on the mass of the keys a finite fill
-    masks, relative to the visible keys' (:func:`certattn.masks.hidden_mass`): each of the
-    ``c`` filled keys of a row has a logit at most their largest, so ``h <= c e^{max - M}``;
-    None when no key is filled.  Rows with no visible key get 0 (they are skipped)."""
-    filled = ~visible & (full > -torch.inf)  # a finite fill: positive exact mass
-    if not bool(filled.any()):
-        return None
-    top = torch.where(filled, full, -torch.inf).amax(-1, keepdim=True).to(torch.float64)
-    mx = torch.where(visible, full, -torch.inf).amax(-1, keepdim=True).to(torch.float64)
+    masks, relative to the visible keys' (:func:`certattn.masks.hidden_mass`).
+
+    A hidden key's logit is ``fl(s_j + m_j)`` with ``s_j`` at most the row's largest
+    unmasked logit ``raw_max`` and ``m_j`` at most the largest fill of the row, so (the
+    rounding of a sum is monotone) it is at most ``top = fl(raw_max + max m)``; with
+    ``c`` hidden keys, ``h <= c e^{top - M}`` (``M`` the largest visible logit of ``s``).
+    ``c`` counts every hidden key, also one whose sum overflowed to ``-inf`` (mass 0): an
+    over-count.  Three passes over the row's scores at most (the two maxima and ``s``),
+    the rest per row.  Rows with no visible key get 0 (they are skipped)."""
+    fill_max = torch.where(hidden, m, -torch.inf).amax(-1)  # (B, 1 or H, rows)
+    top = (raw_max + fill_max).to(torch.float64)[..., None]  # rounded as eager rounds
+    mx = s.amax(-1, keepdim=True).to(torch.float64)
+    top, mx = torch.broadcast_tensors(top, mx)
     xp, _ = namespace(top)
     one = top > -torch.inf
-    # the given logits are exact: no rounding margin, no fill to add (it is in ``full``)
+    # the given logits are exact: no rounding margin, no fill to add (it is in ``top``)
     h1 = hidden_mass(top, torch.zeros_like(top), one, mx, torch.zeros_like(mx[..., 0]), xp)
-    count = filled.sum(-1).to(torch.float64)
+    count = hidden.sum(-1).to(torch.float64)
     h = h1 * count * (1.0 + 2 * U)  # the product rounded up (both factors >= 0)
     return torch.where(mx[..., 0] > -torch.inf, h, torch.zeros_like(h))
 
