@@ -140,7 +140,10 @@ class LayerCall:
     masked : bool array (B, H, Lq)
         Rows with no visible key (skipped: ``k`` and ``tail_upper`` are 0 there).
     k, tail_upper : dict eps -> array (B, H, Lq)
-        Certified Top-k count and the sound bound on its dropped mass, per budget.
+        Certified Top-k count and the sound bound on its dropped mass (relative to the
+        full distribution: visible keys, finite-fill keys and a sink), per budget.  With
+        a sink, ``k`` counts the keys at or above the certificate's cut (the sink is
+        always kept; ``k = 0`` when it alone carries ``1 - eps``).
     logits : float64 array (B, H, Lq, Lk) or None
         The certified logits (``-inf`` = masked; exact float64 copies), with
         ``keep_logits=True``.
@@ -747,7 +750,8 @@ def _sparse_mask(session: _Session, layer: int, call: _Call, heads: list[Any]) -
         for policy, idx in groups:
             part = lg if idx is None else _head_slice(lg, idx)
             kept, tail = _select(policy, part, call, q0, idx)
-            visible_total += int(part.visible.expand(kept.shape).sum())
+            # a broadcast repeats every entry equally: count before expanding
+            visible_total += int(part.visible.sum()) * (kept.numel() // part.visible.numel())
             kept_total += int(kept.sum())
             if session.output_bound:
                 bound_max = max(bound_max, _output_bound(call, part, kept, tail, idx))
