@@ -173,6 +173,12 @@ def _mask_block(block: Array, k: Array) -> np.ndarray:
     return np.asarray(to_numpy(topk_mask(block, k, axis=-1)))
 
 
+def _cut_block(block: Array, k: Array) -> np.ndarray:
+    from .topk import topk_cut
+
+    return np.asarray(to_numpy(topk_cut(block, k, axis=-1)))
+
+
 def _indices_block(block: Array, k: Array, width: int) -> np.ndarray:
     x = np.asarray(to_numpy(block))
     order = np.argsort(-x.astype(np.float64), axis=-1, kind="stable")[..., :width]
@@ -220,6 +226,17 @@ class DaskTopkCertificate(TopkCertificate):
             meta=np.empty((0,) * x.ndim, dtype=bool),
         )
         return da.moveaxis(mask, -1, self.axis) if self.axis not in (-1, x.ndim - 1) else mask
+
+    @property
+    def cut(self) -> Array:
+        """Lazy float64 cut logit per row (as :attr:`certattn.TopkCertificate.cut`)."""
+        da = _require_dask()
+        x = self._rows
+        idx = tuple(range(x.ndim))
+        return da.blockwise(
+            _cut_block, idx[:-1], x, idx, self.k, idx[:-1], dtype=np.float64,
+            concatenate=True, meta=np.empty((0,) * (x.ndim - 1), dtype=np.float64),
+        )
 
     def kept_indices(self) -> Array:
         """Indices of the kept keys, largest logit first, padded with ``-1`` (lazy).

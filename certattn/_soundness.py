@@ -276,11 +276,16 @@ def _attention_kwargs(case: Case) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 
 
-@register(certify_topk, variants=lambda: [("eps=0.05", 0.05), ("eps=0", 0.0)])
-def _topk(case: Case, eps: float) -> Claim:
+@register(certify_topk, variants=lambda: [("eps=0.05", (0.05, False)), ("eps=0", (0.0, False)),
+                                          ("eps=0.05 cut", (0.05, True))])
+def _topk(case: Case, variant: tuple[float, bool]) -> Claim:
+    """The Top-k set (``kept_mask``), or with ``cut`` every key at or above the cut logit
+    (ties at the cut kept: the set ``certattn.hf`` keeps)."""
+    eps, by_cut = variant
     x = case.logits()
     c = certify_topk(x, eps)
-    return Claim(tail_upper=c.tail_upper, kl_upper=c.kl_upper, kept=c.kept_mask(), logits=x)
+    kept = (x >= c.cut[..., None]) if by_cut else c.kept_mask()
+    return Claim(tail_upper=c.tail_upper, kl_upper=c.kl_upper, kept=kept, logits=x)
 
 
 @register(certify_topp, variants=lambda: [("p=0.9", 0.9)])

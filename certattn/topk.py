@@ -47,6 +47,17 @@ times the *lower* bound of :math:`Z`, with :math:`\gamma = 2(n + 4096)u` (about
 
 Ties are harmless: :math:`\tau_k` depends only on the multiset of the ``n - k`` smallest
 logits; :meth:`TopkCertificate.kept_mask` breaks ties at the cut by position.
+
+The cut logit
+-------------
+:attr:`TopkCertificate.cut` is the ``k``-th largest valid logit of each row (exact, in
+float64).  Keeping every key whose logit is at least the cut keeps the Top-k set and
+every key tied with its smallest member: it drops only keys whose logits are *below* the
+``k``-th largest, a subset of the ``n - k`` smallest, so ``tail_upper`` bounds its dropped
+mass too (a subset of the tail has at most the tail's exact mass).  It is one
+comparison per key (``logits >= cut``) on the logits' own device, where :meth:`kept_mask`
+ranks every row.  It is computed from ``k`` alone, so every kernel (NumPy, compiled,
+generic) gives the same cut for the same ``k``.
 """
 
 from __future__ import annotations
@@ -56,7 +67,10 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Any
+
+import numpy as np
 
 from . import _topk_numba as _nb_path
 from . import _topk_numpy as _np_path
@@ -142,6 +156,18 @@ class TopkCertificate:
         """
         return topk_mask(self._logits, self.k, axis=self.axis)
 
+    @cached_property
+    def cut(self) -> Array:
+        """The smallest kept logit per row: float64, batch shape (computed once, on use).
+
+        The ``k``-th largest valid logit of the row, exactly; ``+inf`` for fully masked
+        rows (``k = 0``).  Tie rule: ``logits >= cut`` keeps every key tied at the cut, so
+        it keeps at least ``k`` keys (exactly ``k`` without ties) and never a masked one;
+        ``tail_upper`` bounds its dropped mass (module docstring, "The cut logit").  Count
+        the kept keys from that comparison, not from ``k``, where ties matter.
+        """
+        return topk_cut(self._logits, self.k, axis=self.axis)
+
     def kept_indices(self) -> Array:
         """Indices of the kept keys, largest logit first, padded with ``-1``.
 
@@ -156,6 +182,38 @@ class TopkCertificate:
         pos = xp.arange(width, device=device_of(x))
         keep = pos < xp.astype(self.k, pos.dtype)[..., None]
         return xp.where(keep, order, xp.full_like(order, -1))
+
+
+def topk_cut(logits: Any, k: Any, *, axis: int = -1) -> Array:
+    """The ``k``-th largest valid logit per row (float64; ``+inf`` where ``k`` is 0).
+
+    ``k`` is clipped to the row's valid keys (so ``-inf`` is never the cut).  Rows are
+    sorted in chunks of about ``2^22`` keys (NumPy's value sort, several times faster
+    than the ranking of :meth:`TopkCertificate.kept_mask`).
+    """
+    x, xp, dev = as_float_array(logits, name="logits")
+    if axis not in (-1, x.ndim - 1):
+        x = xp.moveaxis(x, axis, -1)
+    batch = tuple(int(d) for d in x.shape[:-1])
+    n = int(x.shape[-1])
+    rows = math.prod(batch)
+    flat = xp.reshape(x, (rows, n))
+    kk = xp.reshape(xp.astype(xp.asarray(k, device=dev), xp.int64), (rows,))
+    step = max(1, (1 << 22) // max(n, 1))
+    parts = []
+    for start in range(0, rows, step):
+        chunk = flat[start:start + step, ...]
+        if is_numpy(xp) and chunk.dtype.itemsize < 4:
+            chunk = chunk.astype(np.float32)  # exact; NumPy sorts float32 natively
+        srt = xp.sort(chunk, axis=-1)  # ascending, -inf first
+        n_valid = xp.astype(xp.count_nonzero(srt > -xp.inf, axis=-1), xp.int64)
+        kc = xp.minimum(kk[start:start + step], n_valid)
+        idx = xp.reshape(xp.clip(n - kc, 0, n - 1), (-1, 1))
+        cut = xp.astype(xp.take_along_axis(srt, idx, axis=-1)[:, 0], xp.float64)
+        parts.append(xp.where(kc > 0, cut, xp.full_like(cut, math.inf)))
+    if not parts:
+        return xp.reshape(xp.zeros(0, dtype=xp.float64, device=dev), batch)
+    return xp.reshape(xp.concat(parts) if len(parts) > 1 else parts[0], batch)
 
 
 def certify_topp(

@@ -13,7 +13,8 @@ What is certified
 -----------------
 The logits of one call are computed on the side the way eager computes them:
 ``(query @ key^T) * scaling`` in the model's dtype (grouped key heads repeated), Gemma-2's
-``softcap * tanh(. / softcap)`` when given, plus the additive mask, as eager adds it; a
+``softcap * tanh(. / softcap)`` when given, T5's ``position_bias`` (added before the mask,
+as eager adds it), plus the additive mask, as eager adds it; a
 key whose mask entry is at or below half the dtype's minimum (eager's padding, causal and
 sliding-window fill) is masked (``-inf``, :func:`certattn.masks.normalize_mask`'s rule):
 never kept nor counted, but its logit is finite and its exact mass positive, so every
@@ -24,9 +25,26 @@ softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
 with no visible key (left padding) are skipped: they are flagged ``masked`` and count
 neither as kept nor as visible.
 
-Refused in one line (:class:`~certattn.errors.InputError`): attention sinks (gpt-oss
-``sinks`` / ``s_aux``), ``position_bias``, dropout in training mode, a model whose
-attention does not route through ``transformers.AttentionInterface``.
+Attention sinks (gpt-oss ``s_aux``: one logit per head that joins the softmax
+denominator and has no value) are a last logit column that is never masked nor dropped:
+every tail is relative to the full distribution, the sink included (so a large sink lets
+fewer keys certify a budget), and ``k`` counts keys only (0 when the sink alone carries
+``1 - eps``).  A module with ``sinks`` that does not pass them as ``s_aux`` is refused.
+
+How the work is done
+--------------------
+Query rows are taken in chunks of at most :data:`CHUNK_ELEMS` scores, so the side
+computations stay bounded at long contexts (eager itself still forms its full weights).
+Top-k and top-p keep every key whose logit is at least the certificate's cut logit
+(:attr:`certattn.TopkCertificate.cut`): one comparison on the model's device, no ranking;
+keys tied at the cut are all kept (the counts are the true ones; the tail bound holds for
+that larger set).  CPU tensors are certified by the NumPy kernel on a view of the logits;
+float64 copies of the queries and keys are made only for policies that look at them
+(not Top-k, top-p, fixed k or window + sinks).
+
+Refused in one line (:class:`~certattn.errors.InputError`): dropout in training mode,
+sinks not passed as ``s_aux``, a model whose attention does not route through
+``transformers.AttentionInterface``.
 """
 
 from __future__ import annotations
@@ -49,8 +67,8 @@ from .._validate import InputError, check_eps
 from ..budget import BudgetTable
 from ..kept import certify_kept
 from ..masks import hidden_mass, hidden_tail
-from ..policies import Context, TopK, TopP, as_policy
-from ..topk import certify_topk
+from ..policies import Context, FixedK, TopK, TopP, WindowSinks, as_policy
+from ..topk import certify_topk, topp_budget
 
 __all__ = ["LayerCall", "Recorder", "SparseStats", "observe", "register", "sparse"]
 
@@ -122,7 +140,10 @@ class LayerCall:
     masked : bool array (B, H, Lq)
         Rows with no visible key (skipped: ``k`` and ``tail_upper`` are 0 there).
     k, tail_upper : dict eps -> array (B, H, Lq)
-        Certified Top-k count and the sound bound on its dropped mass, per budget.
+        Certified Top-k count and the sound bound on its dropped mass (relative to the
+        full distribution: visible keys, finite-fill keys and a sink), per budget.  With
+        a sink, ``k`` counts the keys at or above the certificate's cut (the sink is
+        always kept; ``k = 0`` when it alone carries ``1 - eps``).
     logits : float64 array (B, H, Lq, Lk) or None
         The certified logits (``-inf`` = masked; exact float64 copies), with
         ``keep_logits=True``.
@@ -240,12 +261,29 @@ class Recorder:
 class SparseStats:
     """What :func:`sparse` measured: kept and visible keys per layer, the largest tail.
 
-    Counts pool every query row that has a visible key, over every call of the session.
+    Counts pool every query row that has a visible key, over every call of the session,
+    and count only the heads a policy ran on (heads a mapping leaves dense are not
+    counted).  ``kept`` is the number of keys actually kept (Top-k keeps every key tied at
+    its cut logit, so it may exceed the certified ``k``); ``tail_upper_max`` bounds the
+    dropped mass of that very set.
+
+    Attributes
+    ----------
+    kept, visible : dict layer -> int
+    tail_upper_max : float
+        Largest certified tail (dropped mass relative to the full distribution, the
+        sink included) over every row of every sparse head.
+    output_bound_max : dict layer -> float
+        With ``sparse(..., output_bound=True)``: per layer, the largest certified bound on
+        the Euclidean error of a head's attention output (eager's output with every
+        visible key minus the one on the kept set, in exact arithmetic), OUT-BEST of
+        :func:`certattn.output.sound_output_bounds`.  Empty otherwise.
     """
 
     kept: dict[int, int] = field(default_factory=dict)
     visible: dict[int, int] = field(default_factory=dict)
     tail_upper_max: float = 0.0
+    output_bound_max: dict[int, float] = field(default_factory=dict)
 
     @property
     def kept_fraction(self) -> float:
@@ -262,10 +300,13 @@ class SparseStats:
         return {layer: self.kept[layer] / v if v else float("nan")
                 for layer, v in sorted(self.visible.items())}
 
-    def _add(self, layer: int, kept: int, visible: int, tail: float) -> None:
+    def _add(self, layer: int, kept: int, visible: int, tail: float,
+             bound: float | None = None) -> None:
         self.kept[layer] = self.kept.get(layer, 0) + kept
         self.visible[layer] = self.visible.get(layer, 0) + visible
         self.tail_upper_max = max(self.tail_upper_max, tail)
+        if bound is not None:
+            self.output_bound_max[layer] = max(self.output_bound_max.get(layer, 0.0), bound)
 
 
 # --------------------------------------------------------------------------
@@ -281,6 +322,7 @@ class _Session:
     keep_logits: bool = False
     policy: Callable[[int], Any] | None = None
     stats: SparseStats | None = None
+    output_bound: bool = False
     order: dict[int, int] = field(default_factory=dict)
     counts: dict[int, int] = field(default_factory=dict)
 
@@ -355,19 +397,30 @@ def observe(model: Any, eps: float | Sequence[float] = 0.01, *, keep_logits: boo
 
 
 @contextmanager
-def sparse(model: Any, policy: Any, *, name: str = DEFAULT_NAME) -> Iterator[SparseStats]:
+def sparse(model: Any, policy: Any, *, output_bound: bool = False,
+           name: str = DEFAULT_NAME) -> Iterator[SparseStats]:
     """Run ``model`` with each query attending only to its policy's kept keys.
 
     The attention output is the softmax restricted to the kept set (dropped keys get the
-    dtype's minimum in eager's additive mask).  ``sparse(model, TopK(0))`` keeps every
-    visible key and equals eager bit for bit.
+    dtype's minimum in eager's additive mask; a gpt-oss sink is never dropped).
+    ``sparse(model, TopK(0))`` keeps every visible key and equals eager bit for bit.
+    Top-k and top-p keep every key whose logit is at least the certificate's cut
+    (:attr:`certattn.TopkCertificate.cut`): one comparison per key on the model's device;
+    fixed k likewise keeps every key tied with the k-th largest.  Every other policy gets
+    its ``select`` called on float64 scores and its kept set certified with
+    :func:`certattn.certify_kept`.
 
     Parameters
     ----------
     model : transformers.PreTrainedModel
-    policy : policy object or mapping layer -> policy
-        Any :mod:`certattn.policies` object (``select(scores, valid, ctx)``), or a dict
-        from layer index to policy (layers not in it run dense).
+    policy : policy object or mapping
+        Any :mod:`certattn.policies` object (``select(scores, valid, ctx)``), or a mapping
+        whose keys are a layer index (every head of that layer) or a ``(layer, head)``
+        pair (that head; it overrides the layer's entry).  Layers and heads not in the
+        mapping run dense (and are not counted in the stats).
+    output_bound : bool
+        Also certify each layer's attention-output error
+        (``stats.output_bound_max``; float64 copies of the logits and the values).
     name : str
         The registered implementation name.
 
@@ -378,22 +431,46 @@ def sparse(model: Any, policy: Any, *, name: str = DEFAULT_NAME) -> Iterator[Spa
     """
     stats = SparseStats()
     session = _Session(modules={id(m) for m in model.modules()}, policy=_policy_map(policy),
-                       stats=stats)
+                       stats=stats, output_bound=bool(output_bound))
     with _using(model, name, session):
         yield stats
 
 
+def _is_index(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _policy_map(policy: Any) -> Callable[[int], Any]:
-    if isinstance(policy, Mapping):
-        table = {int(k): as_policy(v, None) for k, v in policy.items()}
-        return table.get
-    one = as_policy(policy, None)
-    return lambda layer: one
+    """``layer -> (policy for every head or None, {head: policy})``, or None (dense)."""
+    if not isinstance(policy, Mapping):
+        one = as_policy(policy, None)
+        return lambda layer: (one, {})
+    layers: dict[int, Any] = {}
+    heads: dict[int, dict[int, Any]] = {}
+    for key, value in policy.items():
+        if _is_index(key):
+            layers[int(key)] = as_policy(value, None)
+        elif isinstance(key, tuple) and len(key) == 2 and all(_is_index(i) for i in key):
+            heads.setdefault(int(key[0]), {})[int(key[1])] = as_policy(value, None)
+        else:
+            raise InputError(f"policy map keys must be a layer index or a (layer, head) "
+                             f"pair, got {key!r}")
+
+    def lookup(layer: int) -> Any:
+        if layer not in layers and layer not in heads:
+            return None
+        return layers.get(layer), heads.get(layer, {})
+
+    return lookup
 
 
 # --------------------------------------------------------------------------
 # The attention function
 # --------------------------------------------------------------------------
+
+CHUNK_ELEMS = 1 << 24
+"""Scores per query chunk, ``B * H * rows * Lk`` (64 MiB of float32 logits): a call with
+more is certified chunk by chunk, so the side computations stay bounded."""
 
 
 def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
@@ -405,16 +482,15 @@ def _attention(module: Any, query: Any, key: Any, value: Any, attention_mask: An
         return eager(module, query, key, value, attention_mask, **kwargs)
     _refuse_unsupported(module, kwargs)
     layer = session.layer_of(module)
-    if session.recorder is not None:
-        logits, _, h = _logits(module, query, key, attention_mask, kwargs)
-        _record(session, layer, logits, h)
-        return eager(module, query, key, value, attention_mask, **kwargs)
-    policy = session.policy(layer) if session.policy is not None else None
-    if policy is None:
-        return eager(module, query, key, value, attention_mask, **kwargs)
-    logits, visible, h = _logits(module, query, key, attention_mask, kwargs)
-    kept = _select(session.stats, layer, policy, logits, query, key, kwargs, h)
-    mask = _drop_mask(attention_mask, visible, kept, query)
+    call = _Call(module, query, key, value, attention_mask, kwargs)
+    with torch.no_grad():
+        if session.recorder is not None:
+            _record(session, layer, call)
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        heads = _head_policies(session.policy(layer), layer, query.shape[1])
+        if heads is None:
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        mask = _sparse_mask(session, layer, call, heads)
     return eager(module, query, key, value, mask, **kwargs)
 
 
@@ -431,63 +507,132 @@ def _eager_of(module: Any) -> Callable[..., Any]:
 
 
 def _refuse_unsupported(module: Any, kwargs: dict[str, Any]) -> None:
-    if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
-        raise InputError("attention sinks (gpt-oss s_aux) are not supported by certattn.hf yet")
-    if kwargs.get("position_bias") is not None:
-        raise InputError("position_bias attention is not supported by certattn.hf")
+    if kwargs.get("s_aux") is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
+        raise InputError(f"{type(module).__name__} has attention sinks but does not pass them "
+                         "as s_aux: certattn.hf cannot tell how its eager function uses them")
     if module.training and float(kwargs.get("dropout") or 0.0) > 0.0:
         raise InputError("attention dropout in training mode is not supported: call "
                          "model.eval() first")
 
 
-def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
-            kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """The certified logits (``-inf`` = masked) and the visible mask, both (B, H, Lq, Lk).
+@dataclass
+class _Call:
+    """One attention call's inputs, as the registered function received them."""
 
-    Computed as eager computes them, in the model's dtype (then widened exactly to
-    float32 when narrower, for NumPy).
+    module: Any
+    query: Any
+    key: Any
+    value: Any
+    mask: Any
+    kwargs: dict[str, Any]
+
+    @property
+    def sink(self) -> Any:
+        """The per-head sink logits (gpt-oss ``s_aux``, shape (H,)), or None."""
+        return self.kwargs.get("s_aux")
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """Query row ranges ``[q0, q1)`` of at most :data:`CHUNK_ELEMS` scores each."""
+        b, h, lq, _ = self.query.shape
+        step = max(1, CHUNK_ELEMS // max(1, b * h * self.key.shape[-2]))
+        for q0 in range(0, lq, step):
+            yield q0, min(lq, q0 + step)
+
+
+@dataclass
+class _Logits:
+    """The certified logits of one query chunk, (B, H, rows, Lk [+ 1 sink column]).
+
+    ``s``: float32 or float64, ``-inf`` = masked (the sink column is never masked, except
+    on rows with no visible key); ``visible``: the visible keys (bool, broadcastable to
+    ``s`` without the sink column); ``rows``: rows with a visible key (B, H or 1, rows);
+    ``h``: the bound on the finite-fill keys' mass relative to the visible keys', or
+    None (:func:`_filled_mass`); ``n``: the number of keys (without the sink).
     """
-    with torch.no_grad():
-        keys = _repeat_heads(key, query.shape[1])
-        scaling = kwargs.get("scaling")
-        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        s = torch.matmul(query, keys.transpose(2, 3)) * scaling
-        softcap = kwargs.get("softcap")
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
-        filled = full = None
-        if attention_mask is None:
-            visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
-        else:
-            m = attention_mask[..., : s.shape[-1]]
-            if m.dtype == torch.bool:
-                visible = m.expand(s.shape)
-            else:
-                visible = (m > torch.finfo(m.dtype).min / 2).expand(s.shape)
-                s = s + m
-                filled = ~visible & (s > -torch.inf)  # a finite fill: positive exact mass
-            full = s
+
+    s: Any
+    visible: Any
+    rows: Any
+    h: Any
+    n: int
+
+    @property
+    def has_sink(self) -> bool:
+        return int(self.s.shape[-1]) > self.n
+
+
+def _rows_of(x: Any, q0: int, q1: int) -> Any:
+    """Query rows ``q0:q1`` of a mask or bias (B or 1, H or 1, Lq or 1, Lk)."""
+    if x is None or x.dim() < 2 or x.shape[-2] == 1:
+        return x
+    return x[..., q0:q1, :]
+
+
+def _logits(call: _Call, q0: int, q1: int) -> _Logits:
+    """The certified logits of query rows ``q0:q1``, computed as eager computes them:
+    ``(query @ key^T) * scaling`` in the model's dtype (grouped key heads repeated),
+    Gemma-2's softcap, ``position_bias`` (T5: added before the mask, as eager does), plus
+    the additive mask; then widened exactly to float32 when narrower, for NumPy.  With
+    gpt-oss sinks (``s_aux``) the sink logits are a last column."""
+    query = call.query[:, :, q0:q1]
+    keys = _repeat_heads(call.key, query.shape[1])
+    scaling = call.kwargs.get("scaling")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    s = torch.matmul(query, keys.transpose(2, 3)) * scaling
+    n = int(s.shape[-1])
+    softcap = call.kwargs.get("softcap")
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    bias = call.kwargs.get("position_bias")
+    if bias is not None:
+        s = s + _rows_of(bias, q0, q1)[..., :n]
+    h = None
+    if call.mask is None:
+        visible = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=s.device)
+    else:
+        m = _rows_of(call.mask, q0, q1)[..., :n]
+        if m.dtype == torch.bool:
+            visible = m
             s = torch.where(visible, s, -torch.inf)
-        if s.dtype not in (torch.float32, torch.float64):
-            s = s.to(torch.float32)  # exact: every narrower float is a float32
-        h = None if filled is None else _filled_mass(full, filled, s)
-        return s, visible, h
+        else:
+            visible = m > torch.finfo(m.dtype).min / 2
+            hidden = ~visible  # (B, 1, rows, Lk) mostly: cheap
+            raw_max = s.amax(-1) if bool(hidden.any()) else None
+            s = (s + m).masked_fill_(hidden, -torch.inf)
+            if raw_max is not None:
+                h = _filled_mass(raw_max, m, hidden, s)
+    rows = visible.any(dim=-1)
+    if call.sink is not None:
+        sink = call.sink.detach().reshape(1, -1, 1, 1)
+        wide = torch.promote_types(s.dtype, sink.dtype)  # both exact in the wider type
+        s, sink = s.to(wide), sink.to(wide).expand(*s.shape[:-1], 1)
+        sink = torch.where(rows[..., None], sink, -torch.inf)  # no visible key: skipped
+        s = torch.cat([s, sink], dim=-1)
+    if s.dtype not in (torch.float32, torch.float64):
+        s = s.to(torch.float32)  # exact: every narrower float is a float32
+    return _Logits(s=s, visible=visible, rows=rows, h=h, n=n)
 
 
-def _filled_mass(full: Any, filled: Any, s: Any) -> Any:
-    """Sound bound ``h`` (float64, (B, H, Lq)) on the mass of the keys a finite fill masks,
-    relative to the visible keys' (:func:`certattn.masks.hidden_mass`): each of the ``c``
-    filled keys of a row has a logit at most their largest, so ``h <= c e^{max - M}``;
-    None when no key is filled.  Rows with no visible key get 0 (they are skipped)."""
-    if not bool(filled.any()):
-        return None
-    top = torch.where(filled, full, -torch.inf).amax(-1, keepdim=True).to(torch.float64)
+def _filled_mass(raw_max: Any, m: Any, hidden: Any, s: Any) -> Any:
+    """Sound bound ``h`` (float64, (B, H, rows)) on the mass of the keys a finite fill
+    masks, relative to the visible keys' (:func:`certattn.masks.hidden_mass`).
+
+    A hidden key's logit is ``fl(s_j + m_j)`` with ``s_j`` at most the row's largest
+    unmasked logit ``raw_max`` and ``m_j`` at most the largest fill of the row, so (the
+    rounding of a sum is monotone) it is at most ``top = fl(raw_max + max m)``; with
+    ``c`` hidden keys, ``h <= c e^{top - M}`` (``M`` the largest visible logit of ``s``).
+    ``c`` counts every hidden key, also one whose sum overflowed to ``-inf`` (mass 0): an
+    over-count.  Three passes over the row's scores at most (the two maxima and ``s``),
+    the rest per row.  Rows with no visible key get 0 (they are skipped)."""
+    fill_max = torch.where(hidden, m, -torch.inf).amax(-1)  # (B, 1 or H, rows)
+    top = (raw_max + fill_max).to(torch.float64)[..., None]  # rounded as eager rounds
     mx = s.amax(-1, keepdim=True).to(torch.float64)
+    top, mx = torch.broadcast_tensors(top, mx)
     xp, _ = namespace(top)
     one = top > -torch.inf
-    # the given logits are exact: no rounding margin, no fill to add (it is in ``full``)
+    # the given logits are exact: no rounding margin, no fill to add (it is in ``top``)
     h1 = hidden_mass(top, torch.zeros_like(top), one, mx, torch.zeros_like(mx[..., 0]), xp)
-    count = filled.sum(-1).to(torch.float64)
+    count = hidden.sum(-1).to(torch.float64)
     h = h1 * count * (1.0 + 2 * U)  # the product rounded up (both factors >= 0)
     return torch.where(mx[..., 0] > -torch.inf, h, torch.zeros_like(h))
 
@@ -511,71 +656,203 @@ def _numpy(x: Any) -> np.ndarray:
     return x if isinstance(x, np.ndarray) else x.detach().cpu().numpy()
 
 
-def _record(session: _Session, layer: int, logits: Any, h: Any) -> None:
-    arr = _host(logits)
-    ks, tails = {}, {}
-    cert = None
-    for e in session.eps:
-        cert = certify_topk(arr, e, masked_rows="skip")
-        ks[e] = _numpy(cert.k)
-        tails[e] = _with_filled(_numpy(cert.tail_upper), h)
-    assert cert is not None
+def _with_filled(tail: Any, h: Any) -> Any:
+    """``tail`` plus the filled keys' mass bound ``h`` (:func:`certattn.masks.hidden_tail`),
+    as a float64 tensor."""
+    tail = torch.as_tensor(tail, dtype=torch.float64)
+    if h is None:
+        return tail
+    xp, _ = namespace(tail)
+    return hidden_tail(tail, h.to(tail.device), xp)
+
+
+def _kept_at_cut(lg: _Logits, cert: Any) -> Any:
+    """Keys at or above the certificate's cut logit (bool, (B, H, rows, Lk)): the Top-k set
+    plus every key tied at its cut, one comparison on the logits' device; the sink column
+    (never dropped) is left out."""
+    cut = torch.as_tensor(cert.cut, device=lg.s.device).to(lg.s.dtype)  # exact: a logit
+    return lg.s[..., : lg.n] >= cut[..., None]
+
+
+def _record(session: _Session, layer: int, call: _Call) -> None:
+    """Certify every query chunk at every eps and append one :class:`LayerCall`."""
+    parts: list[dict[str, Any]] = []
+    for q0, q1 in call.chunks():
+        lg = _logits(call, q0, q1)
+        part: dict[str, Any] = {"k": {}, "tail": {}}
+        for e in session.eps:
+            cert = certify_topk(_host(lg.s), e, masked_rows="skip")
+            k = cert.k
+            if lg.has_sink:  # keys kept beside the sink: those at or above the cut
+                k = _kept_at_cut(lg, cert).sum(-1)
+            part["k"][e] = _numpy(k)
+            part["tail"][e] = _numpy(_with_filled(_numpy(cert.tail_upper), lg.h))
+        part["masked"] = _numpy(cert.masked)
+        part["n_valid"] = _numpy(cert.n_valid) - (~part["masked"] if lg.has_sink else 0)
+        if session.keep_logits:
+            part["logits"] = _numpy(lg.s[..., : lg.n]).astype(np.float64)
+        parts.append(part)
+
+    def cat(get: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
+        return np.concatenate([get(p) for p in parts], axis=2) if len(parts) > 1 \
+            else get(parts[0])
+
     session.recorder.calls.append(LayerCall(
-        layer=layer, call=session.next_call(layer), n_valid=_numpy(cert.n_valid),
-        masked=_numpy(cert.masked), k=ks, tail_upper=tails,
-        logits=_numpy(logits).astype(np.float64) if session.keep_logits else None,
+        layer=layer, call=session.next_call(layer), n_valid=cat(lambda p: p["n_valid"]),
+        masked=cat(lambda p: p["masked"]),
+        k={e: cat(lambda p, e=e: p["k"][e]) for e in session.eps},
+        tail_upper={e: cat(lambda p, e=e: p["tail"][e]) for e in session.eps},
+        logits=cat(lambda p: p["logits"]) if session.keep_logits else None,
     ))
 
 
-def _with_filled(tail: np.ndarray, h: Any) -> np.ndarray:
-    """``tail`` plus the filled keys' mass bound ``h`` (:func:`certattn.masks.hidden_tail`)."""
-    if h is None:
-        return tail
-    return hidden_tail(np.asarray(tail, dtype=np.float64), _numpy(h), np)
+def _head_policies(plan: Any, layer: int, n_heads: int) -> list[Any] | None:
+    """The policy of each head of ``layer`` (None = dense), or None if all are dense."""
+    if plan is None:
+        return None
+    base, per_head = plan
+    bad = [h for h in per_head if not 0 <= h < n_heads]
+    if bad:
+        raise InputError(f"policy map names head {bad[0]} of layer {layer}, which has "
+                         f"{n_heads} heads")
+    heads = [per_head.get(h, base) for h in range(n_heads)]
+    return None if all(p is None for p in heads) else heads
 
 
-def _select(stats: SparseStats, layer: int, policy: Any, logits: Any, query: Any, key: Any,
-            kwargs: dict[str, Any], h: Any) -> Any:
-    """The kept mask (torch bool, (B, H, Lq, Lk)) of ``policy``; adds to ``stats``."""
-    visible = torch.isfinite(logits)
-    empty = ~visible.any(dim=-1, keepdim=True)  # rows with no visible key: a dummy row
-    scores = _host(torch.where(empty, 0.0, logits.to(torch.float64)))
-    valid = _host(visible | empty)
-    xp = namespace(scores)[0]  # array-API NumPy or torch (policies use array-API calls)
-    scaling = kwargs.get("scaling")
-    ctx = Context(
-        queries=_host(query.detach().to(torch.float64)),
-        keys=_host(_repeat_heads(key.detach(), query.shape[1]).to(torch.float64)),
-        scale=query.shape[-1] ** -0.5 if scaling is None else float(scaling),
-        start=int(logits.shape[-1] - logits.shape[-2]), xp=xp,
-    )
-    sel = policy.select(scores, valid, ctx)
-    kept_all = sel.kept & valid
-    if isinstance(policy, (TopK, TopP)) and sel.tail_upper is not None:
-        tail = sel.tail_upper  # certified on these very logits
-    else:  # any other policy: certify its kept set on the logits (TV-TAIL, any set)
-        tail = certify_kept(scores, kept_all).tail_upper
-    kept = torch.as_tensor(kept_all, device=logits.device) & visible
-    rows = ~empty[..., 0]
-    tail_t = torch.as_tensor(_with_filled(_numpy(tail), h), device=logits.device)
-    stats._add(layer, int(kept.sum()), int(visible.sum()),
-               float(tail_t[rows].max()) if bool(rows.any()) else 0.0)
-    return kept
+def _groups(heads: list[Any]) -> list[tuple[Any, Any]]:
+    """``(policy, head index)`` per distinct policy; the index is None for all heads."""
+    out: dict[int, tuple[Any, list[int]]] = {}
+    for h, p in enumerate(heads):
+        if p is not None:
+            out.setdefault(id(p), (p, []))[1].append(h)
+    if len(out) == 1 and len(heads) == len(next(iter(out.values()))[1]):
+        return [(next(iter(out.values()))[0], None)]
+    return [(p, torch.tensor(hs)) for p, hs in out.values()]
 
 
-def _torch_namespace() -> Any:
-    from array_api_compat import array_namespace
+def _sparse_mask(session: _Session, layer: int, call: _Call, heads: list[Any]) -> Any:
+    """Eager's additive (or boolean) mask with every visible but dropped key masked, and
+    the call's counts, tails (and output bounds) added to the session's stats."""
+    query = call.query
+    b, n_heads, lq, _ = query.shape
+    n = call.key.shape[-2]
+    base = call.mask[..., :n] if call.mask is not None else None
+    dtype = torch.bool if base is not None and base.dtype == torch.bool else query.dtype
+    out = torch.empty((b, n_heads, lq, n), dtype=dtype, device=query.device)
+    fill = False if dtype == torch.bool else torch.finfo(dtype).min
+    groups = _groups(heads)
+    kept_total = visible_total = 0
+    tail_max, bound_max = 0.0, 0.0
+    for q0, q1 in call.chunks():
+        lg = _logits(call, q0, q1)
+        vis = lg.visible.expand(b, n_heads, q1 - q0, n)
+        keep = vis.clone() if len(groups) > 1 or groups[0][1] is not None else None
+        for policy, idx in groups:
+            part = lg if idx is None else _head_slice(lg, idx)
+            kept, tail = _select(policy, part, call, q0, idx)
+            # a broadcast repeats every entry equally: count before expanding
+            visible_total += int(part.visible.sum()) * (kept.numel() // part.visible.numel())
+            kept_total += int(kept.sum())
+            if session.output_bound:
+                bound_max = max(bound_max, _output_bound(call, part, kept, tail, idx))
+            tail = _with_filled(tail, part.h)
+            rows = part.rows.expand(tail.shape)
+            if bool(rows.any()):
+                tail_max = max(tail_max, float(tail[rows].max()))
+            if keep is None:
+                keep = kept
+            else:
+                keep[:, idx] = kept
+        if base is None:
+            chunk = torch.zeros((), dtype=dtype, device=query.device).expand(keep.shape)
+        else:
+            chunk = _rows_of(base, q0, q1).expand(keep.shape)
+        out[:, :, q0:q1].copy_(chunk).masked_fill_(vis & ~keep, fill)
+    session.stats._add(layer, kept_total, visible_total, tail_max,
+                       bound_max if session.output_bound else None)
+    return out
 
-    return array_namespace(torch.empty(0))
+
+def _head_slice(lg: _Logits, idx: Any) -> _Logits:
+    """The logits of the heads ``idx`` only."""
+    def pick(x: Any) -> Any:
+        return x if x is None or x.shape[1] == 1 else x[:, idx.to(x.device)]
+    return _Logits(s=pick(lg.s), visible=pick(lg.visible), rows=pick(lg.rows), h=pick(lg.h),
+                   n=lg.n)
 
 
-def _drop_mask(attention_mask: Any, visible: Any, kept: Any, query: Any) -> Any:
-    """Eager's additive mask with every visible but dropped key set to the dtype minimum."""
-    drop = visible & ~kept
-    if attention_mask is None:
-        zero = torch.zeros((), dtype=query.dtype, device=query.device)
-        return torch.where(drop, torch.finfo(query.dtype).min, zero)
-    m = attention_mask[..., : kept.shape[-1]]
-    if m.dtype == torch.bool:
-        return m & ~drop
-    return torch.where(drop, torch.finfo(m.dtype).min, m)
+_NO_GEOMETRY = (TopK, TopP, FixedK, WindowSinks)
+
+
+def _select(policy: Any, lg: _Logits, call: _Call, q0: int, idx: Any) -> tuple[Any, Any]:
+    """The kept keys of ``policy`` (bool tensor, (B, h, rows, Lk)) and a sound bound on
+    their tail (float64, (B, h, rows)), relative to the visible keys and the sink."""
+    if isinstance(policy, (TopK, TopP)):  # the certificate's cut: one comparison
+        eps = policy.eps if isinstance(policy, TopK) else topp_budget(policy.p)
+        cert = certify_topk(_host(lg.s), eps, masked_rows="skip")
+        return _kept_at_cut(lg, cert), torch.as_tensor(cert.tail_upper, dtype=torch.float64)
+    s = lg.s[..., : lg.n]
+    vis = lg.visible.expand(s.shape)
+    empty = ~lg.rows.expand(s.shape[:-1])[..., None]  # no visible key: a dummy row
+    if isinstance(policy, FixedK):  # the k largest, all ties at the k-th kept
+        top = torch.topk(s, min(policy.k, lg.n), dim=-1).values[..., -1:]
+        kept = (s >= top) & vis
+    else:
+        scores = _host(torch.where(empty, 0.0, s.to(torch.float64)))
+        valid = _host(vis | empty)
+        xp = namespace(scores)[0]  # array-API NumPy or torch (policies use array-API calls)
+        ctx = Context(queries=None, keys=None, scale=_scale(call), xp=xp,
+                      start=int(lg.n - call.query.shape[-2] + q0))
+        if not isinstance(policy, _NO_GEOMETRY):  # a policy may look at the geometry
+            q = call.query[:, :, q0:q0 + s.shape[-2]]
+            k = _repeat_heads(call.key, call.query.shape[1])
+            if idx is not None:
+                q, k = q[:, idx.to(q.device)], k[:, idx.to(k.device)]
+            ctx.queries = _host(q.detach().to(torch.float64))
+            ctx.keys = _host(k.detach().to(torch.float64))
+        sel = policy.select(scores, valid, ctx)
+        kept = torch.as_tensor(sel.kept, device=s.device) & vis
+    full, kept_full = lg.s, kept & ~empty
+    if lg.has_sink:  # the sink is always kept
+        kept_full = torch.cat([kept_full, torch.ones_like(kept_full[..., :1])], dim=-1)
+    x = _host(torch.where(empty, 0.0, full.to(torch.float64)))
+    kf = _host(kept_full | empty)
+    return kept, torch.as_tensor(certify_kept(x, kf).tail_upper, dtype=torch.float64)
+
+
+def _scale(call: _Call) -> float:
+    scaling = call.kwargs.get("scaling")
+    return call.query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+
+
+def _output_bound(call: _Call, lg: _Logits, kept: Any, tail: Any, idx: Any) -> float:
+    """Largest certified output-error bound of the chunk's rows (OUT-BEST,
+    :func:`certattn.output.sound_output_bounds` on the kept set and the layer's values,
+    grouped heads repeated; a sink is a key whose value is 0, always kept), plus
+    ``2 C h`` for the keys a finite fill hides (``C`` the largest value norm)."""
+    from ..kept import shift_rows
+    from ..output import sound_output_bounds
+
+    v = _repeat_heads(call.value, call.query.shape[1]).detach().to(torch.float64)
+    if idx is not None:
+        v = v[:, idx.to(v.device)]
+    x = lg.s.to(torch.float64)
+    rows = lg.rows.expand(x.shape[:-1])
+    valid = torch.isfinite(x) | ~rows[..., None]  # a row without visible key: a dummy
+    x = torch.where(rows[..., None], x, 0.0)
+    keep = kept & rows[..., None]
+    if lg.has_sink:
+        v = torch.cat([v, torch.zeros_like(v[..., :1, :])], dim=-2)
+        keep = torch.cat([keep, torch.ones_like(keep[..., :1])], dim=-1)
+    keep = keep | ~rows[..., None]
+    tau = torch.where(rows, tail, 0.0)
+    xh, vh, validh, keeph = (_host(t) for t in (x, v, valid, keep))
+    xp = namespace(xh)[0]
+    b = sound_output_bounds(shift_rows(xh, xp), vh, validh, keeph, _host(tau), xp)
+    bound = torch.as_tensor(b["best"] + b["mu_err"], dtype=torch.float64)
+    if lg.h is not None:
+        c = float(torch.linalg.vector_norm(v, dim=-1).max()) * (1.0 + 64 * U)
+        bound = bound + 2.0 * c * lg.h.to(bound.device) * (1.0 + 4 * U)
+    bound = torch.where(rows, bound, 0.0)
+    return float(bound.max()) if bound.numel() else 0.0
+
