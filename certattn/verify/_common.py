@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .._array import from_numpy, to_numpy
+from .._array import device_of, from_numpy, to_numpy
 
 Array = Any
 CHUNK_ELEMS = 1 << 20
@@ -200,10 +200,19 @@ def topk_tail(xp: Any, cs_up: Array, k: Array) -> Array:
 
 
 def rank_mask(xp: Any, x64: Array, k: Array) -> Array:
-    """A Top-k mask (ties by position) from the reference's own sort."""
-    order = xp.argsort(-x64, axis=-1, stable=True)
-    rank = xp.argsort(order, axis=-1, stable=True)
-    return (rank < xp.reshape(k, (-1, 1))) & (x64 > -xp.inf)
+    """A Top-k mask (ties by position) by an algorithm independent of the library's.
+
+    :func:`certattn.topk_mask` selects by value (the ``k``-th largest value and a count of
+    the ties at it); this reference lists the keys in a stable descending order on the
+    host and marks the first ``k`` of that list (a scatter), so a tie-breaking or
+    threshold bug in either shows up as a disagreement."""
+    x = to_numpy(x64)
+    kk = np.asarray(to_numpy(k), np.int64).reshape(-1, 1)
+    order = np.argsort(-x, axis=-1, kind="stable")  # -inf keys last
+    kept = np.zeros(x.shape, dtype=bool)
+    np.put_along_axis(kept, order, np.arange(x.shape[-1])[None, :] < kk, axis=-1)
+    kept &= x > -np.inf
+    return from_numpy(kept, xp=xp, device=device_of(x64))
 
 
 def rand_k(ctx: Ctx, r: int, lo: int, hi: int) -> Array:

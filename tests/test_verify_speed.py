@@ -1,0 +1,74 @@
+"""The fast paths of ``certattn verify`` and of the library functions it exercises.
+
+The Top-k mask (one selection of the ``k``-th value and a count of ties) against the
+verify reference (a stable order and a scatter: an independent algorithm) on rows full of
+ties; the Gauss-Legendre reference integrals against mpmath.
+"""
+
+from __future__ import annotations
+
+import mpmath
+import numpy as np
+import pytest
+
+import certattn
+from certattn.verify._common import rank_mask
+from certattn.verify.gaussian import _gauss_moments, _threshold_integrals
+
+
+def _tied_rows(rng, r, n, dtype):
+    x = np.round(rng.standard_normal((r, n)) * rng.uniform(0.3, 3.0, (r, 1)))
+    x[rng.random((r, n)) < 0.3] = -np.inf
+    x[rng.random((r, n)) < 0.1] = -0.0  # -0.0 ties with 0.0
+    return x.astype(dtype)
+
+
+def _np():
+    import array_api_compat.numpy as xnp
+
+    return xnp
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_reference_mask_agrees_with_the_library_on_ties(dtype):
+    rng = np.random.default_rng(0)
+    xp = _np()
+    for n in (1, 2, 7, 33):
+        x = _tied_rows(rng, 50, n, dtype)
+        for k in (rng.integers(0, n + 2, 50), np.full(50, max(1, n // 2))):  # sort, select
+            lib = np.asarray(certattn.topk_mask(x, k))
+            ref = np.asarray(rank_mask(xp, x.astype(np.float64), xp.asarray(k)))
+            assert (lib == ref).all()
+            assert (lib.sum(-1) == np.minimum(k, (x > -np.inf).sum(-1))).all()
+
+
+def test_topk_mask_keeps_the_earliest_of_tied_keys():
+    x = np.array([[1.0, 3.0, 1.0, 3.0, 1.0, -np.inf, 1.0]])
+    want = [[True, True, True, True, False, False, False]]
+    assert certattn.topk_mask(x, 4).tolist() == want
+    assert certattn.topk_mask(x, np.array([4])).tolist() == want
+    assert rank_mask(_np(), x, np.array([4])).tolist() == want
+    assert certattn.topk_mask(x.T, 4, axis=0).T.tolist() == want
+
+
+def test_topk_mask_on_array_api_strict_matches_numpy():
+    xs = pytest.importorskip("array_api_strict")
+    x = _tied_rows(np.random.default_rng(1), 40, 9, np.float64)
+    k = np.random.default_rng(2).integers(0, 11, 40)
+    lib = certattn.topk_mask(xs.asarray(x), xs.asarray(k))
+    assert (np.asarray(lib) == np.asarray(certattn.topk_mask(x, k))).all()
+
+
+def test_gauss_legendre_reference_integrals_against_mpmath():
+    xp = _np()
+    rng = np.random.default_rng(3)
+    sig = rng.uniform(0.05, 4.0, 40)
+    zt = np.clip(sig + rng.uniform(-5, 5, 40), np.maximum(-5, sig - 5), np.minimum(5, sig + 5))
+    kept, disc = _threshold_integrals(xp, zt, sig, "cpu")
+    for i in range(40):
+        rho, tau = mpmath.ncdf(-zt[i]), mpmath.ncdf(zt[i] - sig[i])
+        assert abs(kept[i] - rho) <= 1e-13 * rho
+        assert abs(disc[i] - tau) <= 1e-13 * tau
+    m0, m1, m2 = _gauss_moments(xp, sig, -14.0 + 0 * sig, sig + 14.0, "cpu", 3)
+    assert np.allclose(m1 / m0, sig, rtol=1e-13, atol=1e-13)
+    assert np.allclose(m2 / m0 - (m1 / m0) ** 2, 1.0, rtol=1e-12)
