@@ -69,6 +69,6 @@ def test_gauss_legendre_reference_integrals_against_mpmath():
         rho, tau = mpmath.ncdf(-zt[i]), mpmath.ncdf(zt[i] - sig[i])
         assert abs(kept[i] - rho) <= 1e-13 * rho
         assert abs(disc[i] - tau) <= 1e-13 * tau
-    m0, m1, m2 = _gauss_moments(xp, sig, -14.0 + 0 * sig, sig + 14.0, "cpu", 3)
+    m0, m1, m2 = _gauss_moments(xp, sig, -10.0 + 0 * sig, sig + 10.0, "cpu", 3)
     assert np.allclose(m1 / m0, sig, rtol=1e-13, atol=1e-13)
     assert np.allclose(m2 / m0 - (m1 / m0) ** 2, 1.0, rtol=1e-12)
