@@ -72,3 +72,25 @@ def test_gauss_legendre_reference_integrals_against_mpmath():
     m0, m1, m2 = _gauss_moments(xp, sig, -10.0 + 0 * sig, sig + 10.0, "cpu", 3)
     assert np.allclose(m1 / m0, sig, rtol=1e-13, atol=1e-13)
     assert np.allclose(m2 / m0 - (m1 / m0) ** 2, 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "strict"])
+def test_tail_bound_at_k_is_the_full_curve_at_k(backend):
+    """``tail_bound`` evaluates only column k; the values are the full curve's (which
+    ``bound_k`` uses and tests/test_bounds.py checks against mpmath) to the last bit."""
+    from certattn.bounds import TAIL_BOUNDS, _bound_curve, tail_bound
+    from certattn.verify._common import KINDS, _draw
+
+    xs = pytest.importorskip("array_api_strict") if backend == "strict" else None
+    rng = np.random.default_rng(4)
+    for kind in KINDS:
+        for dtype in (np.float64, np.float32):
+            for n in (1, 2, 9, 40):
+                x = _draw(rng, kind, 12, n, dtype)
+                k = rng.integers(1, n + 1, 12)
+                xa, ka = (xs.asarray(x), xs.asarray(k)) if xs else (x, k)
+                for bound in TAIL_BOUNDS:
+                    kw = {"n_cuts": 1} if bound == "optimal_cuts" else {}
+                    full = np.asarray(_bound_curve(x, bound, kw.get("n_cuts"), -1)[0])
+                    at_k = np.asarray(tail_bound(xa, ka, bound=bound, **kw))
+                    assert np.array_equal(at_k, full[np.arange(12), k - 1]), (kind, n, bound)
