@@ -94,3 +94,18 @@ def test_tail_bound_at_k_is_the_full_curve_at_k(backend):
                     full = np.asarray(_bound_curve(x, bound, kw.get("n_cuts"), -1)[0])
                     at_k = np.asarray(tail_bound(xa, ka, bound=bound, **kw))
                     assert np.array_equal(at_k, full[np.arange(12), k - 1]), (kind, n, bound)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_masked_rows_hold_minus_inf_and_dtype_min_masks(pooled):
+    """The "masked" kind keeps its ``-inf`` keys (a final clip to the dtype's range had
+    turned every one into ``-max``) and also draws rows masked by the dtype's minimum."""
+    from certattn.verify._common import Pool, _draw
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float64, np.float32, np.float16):
+        x = _draw(rng, "masked", 400, 64, dtype, Pool(rng) if pooled else None)
+        low = float(np.finfo(dtype).min)
+        assert (x == -np.inf).mean() > 0.1 and (x == low).mean() > 0.1
+        assert ((x > -np.inf) & (x > low)).any(axis=1).all()  # a valid key in every row
+        assert not np.isnan(x).any()
