@@ -1,7 +1,7 @@
 """Throughput and peak memory of every ``certattn verify`` check, with its floor, in one run.
 
 Usage: ``python benchmarks/verify_speed.py [--rows N] [--only ID ...] [--seed 0]
-[--markdown]``
+[--compare CHECKOUT] [--json FILE]``
 
 Each check runs in a fresh interpreter (so that its peak memory is its own): the child
 imports certattn, records its resident set (``ru_maxrss``), runs the check at the size
@@ -16,6 +16,10 @@ imports certattn, records its resident set (``ru_maxrss``), runs the check at th
   floor says how far a check is from what its data alone costs;
 * ``peak MB``: the child's peak resident set, and ``+MB``: its growth over the imported
   interpreter (the memory the check itself needs).
+
+``--compare CHECKOUT`` also runs every check in another checkout of certattn (for
+example ``git worktree add /tmp/base main``) right before this one's, and prints its
+seconds and the speed-up (same run, same load).  ``--json FILE`` writes the rows.
 
 The estimate column is :func:`certattn.verify.estimated_seconds` for the same size, so
 ``measured / estimate`` shows how well the CLI's rate table fits this machine.  The
@@ -66,9 +70,9 @@ def child(tid: str, rows: int | None, seed: int) -> dict:
     shapes: list[tuple[tuple[int, ...], bool]] = []
     draw, put = common._draw, common.Ctx.put
 
-    def counting_draw(rng, kind, r, n, dtype):
+    def counting_draw(rng, kind, r, n, *rest):
         shapes.append(((r, n), True))
-        return draw(rng, kind, r, n, dtype)
+        return draw(rng, kind, r, n, *rest)
 
     def counting_put(self, a):
         shapes.append((tuple(np.shape(a)), False))
@@ -90,11 +94,12 @@ def child(tid: str, rows: int | None, seed: int) -> dict:
             "values": values, "floor": floor, "peak_mb": peak, "delta_mb": peak - base}
 
 
-def _run_child(tid: str, rows: int | None, seed: int) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", tid, "--seed", str(seed)]
+def _run_child(tid: str, rows: int | None, seed: int, root: str = _ROOT) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", tid, "--seed", str(seed),
+           "--root", root]
     if rows is not None:
         cmd += ["--rows", str(rows)]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=False)
     if out.returncode != 0:
         return {"id": tid, "error": out.stderr.strip().splitlines()[-1:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -105,9 +110,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--only", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare", default=None, metavar="CHECKOUT")
+    ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--root", default=_ROOT, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    sys.path.insert(0, _ROOT)
+    sys.path.insert(0, os.path.abspath(args.root))
     if args.child:
         print(json.dumps(child(args.child, args.rows, args.seed)))
         return
@@ -115,12 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     from certattn.verify import estimated_seconds
 
     ids = args.only or [t.id for t in THEOREMS]
+    cmp_head = " base s | speed-up |" if args.compare else ""
     print("| id | rows | seconds | estimate | rows/s | logits/s | floor s | ratio | peak MB "
-          "| +MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    tot_s = tot_est = 0.0
+          "| +MB |" + cmp_head)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+          + ("---:|---:|" if args.compare else ""))
+    tot_s = tot_est = tot_base = 0.0
     peak = 0.0
+    rows_out = []
     for tid in ids:
+        base = _run_child(tid, args.rows, args.seed, args.compare) if args.compare else None
         r = _run_child(tid, args.rows, args.seed)
         if "error" in r:
             print(f"| {tid} | error: {r['error']} |")
@@ -128,12 +140,22 @@ def main(argv: list[str] | None = None) -> None:
         est = estimated_seconds(args.rows, [tid])
         s = max(r["seconds"], 1e-9)
         tot_s, tot_est, peak = tot_s + s, tot_est + est, max(peak, r["peak_mb"])
-        print(f"| {tid} | {r['rows']:,} | {s:.2f} | {est:.2f} | {r['rows'] / s:,.0f} | "
-              f"{r['values'] / s:,.3g} | {r['floor']:.3f} | {s / max(r['floor'], 1e-9):.1f} | "
-              f"{r['peak_mb']:.0f} | {r['delta_mb']:.0f} |"
-              + ("" if r["passed"] else " FAIL"), flush=True)
+        floor = f"{r['floor']:.3f} | {s / r['floor']:.1f}" if r["floor"] > 0 else "- | -"
+        line = (f"| {tid} | {r['rows']:,} | {s:.2f} | {est:.2f} | {r['rows'] / s:,.0f} | "
+                f"{r['values'] / s:,.3g} | {floor} | {r['peak_mb']:.0f} | {r['delta_mb']:.0f} |")
+        if base is not None and "error" not in base:
+            tot_base += base["seconds"]
+            line += f" {base['seconds']:.2f} | {base['seconds'] / s:.2f} |"
+            r["base_seconds"] = base["seconds"]
+        print(line + ("" if r["passed"] else " FAIL"), flush=True)
+        rows_out.append({**r, "estimate": est})
     print(f"\ntotal {tot_s:.1f} s (estimate {tot_est:.1f} s, measured/estimate "
-          f"{tot_s / max(tot_est, 1e-9):.2f}); largest peak {peak:.0f} MB")
+          f"{tot_s / max(tot_est, 1e-9):.2f}); largest peak {peak:.0f} MB"
+          + (f"; base {tot_base:.1f} s, speed-up {tot_base / tot_s:.2f}" if args.compare
+             else ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows_out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ from ._common import CHUNK_ELEMS, VerifyResult
 from ._runner import (
     BASE_ROWS,
     CHECKS,
+    MAX_JOBS,
     MAX_ROWS,
     estimated_seconds,
     format_table,
@@ -61,6 +62,7 @@ __all__ = [
     "BASE_ROWS",
     "CHECKS",
     "CHUNK_ELEMS",
+    "MAX_JOBS",
     "MAX_ROWS",
     "VerifyResult",
     "estimated_seconds",

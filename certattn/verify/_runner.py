@@ -78,6 +78,9 @@ from .search import check_search_sound
 
 BASE_ROWS = 100_000
 
+MAX_JOBS = 256
+"""Largest ``--jobs``."""
+
 MAX_ROWS = 10_000_000
 """Largest ``--rows``: about 2.5 hours on 2 cores (:func:`estimated_seconds`)."""
 
@@ -189,6 +192,33 @@ def estimated_seconds(
     return sum(rows_for(t, rows) / CHECKS[t].rate for t in wanted)
 
 
+def _run_check(tid: str, n: int, seed: int, backend: str, index: int,
+               bar: Progress | None = None) -> tuple[float, float, float, str]:
+    """Run one check: ``(violation, tolerance, seconds, crash message or "")``.
+
+    The generator is ``default_rng([seed, index])``, so a check's result does not depend on
+    the process it runs in or on the checks before it (``--jobs``)."""
+    xp, device = _backend(backend)
+    rng = np.random.default_rng([int(seed), index])
+    t0 = time.perf_counter()
+    msg = ""
+    try:
+        with np.errstate(all="ignore"):
+            viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
+    except Exception as exc:  # a crash is a failure of that theorem, not of the run
+        msg = f"{tid}: {type(exc).__name__}: {exc}"
+        viol, tol = math.inf, math.nan
+    return float(viol), float(tol), time.perf_counter() - t0, msg
+
+
+def _check_jobs(jobs: int) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or not (
+        1 <= jobs <= MAX_JOBS
+    ):
+        raise InputError(f"jobs must be an integer from 1 to {MAX_JOBS}, got {jobs!r}")
+    return int(jobs)
+
+
 def iter_verify(
     rows: int | None = None,
     *,
@@ -196,11 +226,13 @@ def iter_verify(
     seed: int = 0,
     ids: list[str] | tuple[str, ...] | None = None,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> Iterator[VerifyResult]:
     """Like :func:`run_verify`, but yields each result as its check finishes.
 
     An interrupted iteration has yielded exactly the finished checks (the command line
-    prints them when stopped by Ctrl-C or SIGTERM).
+    prints them when stopped by Ctrl-C or SIGTERM).  With ``jobs > 1`` the results still
+    come in registry order (each as soon as it and the ones before it are done).
     """
     from ..theorems import THEOREMS
 
@@ -210,31 +242,57 @@ def iter_verify(
     if unknown:
         raise InputError(f"no verify check for {', '.join(unknown)}; known: {', '.join(order)}")
     _check_rows(rows)
-    xp, device = _backend(backend)
+    jobs = _check_jobs(jobs)
+    _backend(backend)  # an unknown backend fails here, before any work
     show = progress_enabled(progress)
     sizes = [rows_for(t, rows) for t in wanted]
+    index = [order.index(t) if t in order else 0 for t in wanted]
+    if jobs > 1 and len(wanted) > 1:
+        yield from _iter_parallel(wanted, sizes, index, seed, backend, jobs, show)
+        return
     cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
     cost_total, cost_done, t_start = sum(cost), 0.0, time.perf_counter()
     for i, (tid, n) in enumerate(zip(wanted, sizes, strict=True)):
-        rng = np.random.default_rng([int(seed), order.index(tid) if tid in order else 0])
         bar = _CheckBar(f"verify {i + 1}/{len(wanted)} {tid}", n, cost_done, cost[i],
                         cost_total, t_start) if show else None
-        t0 = time.perf_counter()
         try:
-            with np.errstate(all="ignore"):
-                viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
-        except Exception as exc:  # a crash is a failure of that theorem, not of the run
-            if bar is not None:
-                bar.close()
-            sys.stderr.write(f"{tid}: {type(exc).__name__}: {exc}\n")
-            viol, tol = math.inf, math.nan
+            viol, tol, dt, msg = _run_check(tid, n, seed, backend, index[i], bar)
         finally:
             if bar is not None:
                 bar.close()
-        dt = time.perf_counter() - t0
+        if msg:
+            sys.stderr.write(msg + "\n")
         cost_done += cost[i]
-        viol, tol = float(viol), float(tol)
         yield VerifyResult(tid, n, viol, tol, bool(viol <= tol), round(dt, 3))
+
+
+def _iter_parallel(wanted: list[str], sizes: list[int], index: list[int], seed: int,
+                   backend: str, jobs: int, show: bool) -> Iterator[VerifyResult]:
+    """``iter_verify`` with the checks in ``jobs`` worker processes (longest first)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    bar = Progress(f"verify ({jobs} jobs)", len(wanted), unit="checks") if show else None
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(wanted)), mp_context=ctx)
+    try:
+        futures = {}
+        for i in sorted(range(len(wanted)), key=lambda j: -cost[j]):
+            futures[i] = pool.submit(_run_check, wanted[i], sizes[i], seed, backend, index[i])
+        done = 0
+        for i, tid in enumerate(wanted):
+            viol, tol, dt, msg = futures[i].result()
+            if msg:
+                sys.stderr.write(msg + "\n")
+            done += 1
+            if bar is not None:
+                bar.update(done)
+            yield VerifyResult(tid, sizes[i], viol, tol, bool(viol <= tol), round(dt, 3))
+    finally:
+        if bar is not None:
+            bar.close()
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class _CheckBar(Progress):
@@ -265,6 +323,7 @@ def run_verify(
     seed: int = 0,
     ids: list[str] | tuple[str, ...] | None = None,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> list[VerifyResult]:
     """Run the batch check of every registered theorem (or of ``ids``) and return the results.
 
@@ -283,13 +342,19 @@ def run_verify(
         Theorem ids to check (default: every id of :data:`certattn.theorems.THEOREMS`).
     progress : bool, optional
         Progress bar on stderr; default: on a terminal or with ``CERTATTN_PROGRESS=1``.
+    jobs : int
+        Worker processes (1 to :data:`MAX_JOBS`), one check per task; the results are
+        those of ``jobs=1`` (each check draws from its own seeded generator), only the
+        seconds differ.
 
     Raises
     ------
     InputError
-        (a ``ValueError``) Unknown id or backend, ``rows`` not an integer in ``[1, MAX_ROWS]``.
+        (a ``ValueError``) Unknown id or backend, ``rows`` not an integer in ``[1, MAX_ROWS]``,
+        ``jobs`` not an integer in ``[1, MAX_JOBS]``.
     """
-    return list(iter_verify(rows, backend=backend, seed=seed, ids=ids, progress=progress))
+    return list(iter_verify(rows, backend=backend, seed=seed, ids=ids, progress=progress,
+                            jobs=jobs))
 
 
 def format_table(results: list[VerifyResult]) -> str:
