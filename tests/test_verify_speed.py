@@ -109,3 +109,24 @@ def test_masked_rows_hold_minus_inf_and_dtype_min_masks(pooled):
         assert (x == -np.inf).mean() > 0.1 and (x == low).mean() > 0.1
         assert ((x > -np.inf) & (x > low)).any(axis=1).all()  # a valid key in every row
         assert not np.isnan(x).any()
+
+
+def test_jobs_give_the_results_of_one_job(capsys):
+    """``--jobs 2`` (worker processes) reports what ``--jobs 1`` does, in registry order."""
+    from certattn.cli import main
+    from certattn.verify import run_verify
+
+    ids = ["TV-TAIL", "GAP-SINGLE", "GAUSS-KEPS", "BLOCK-MASS"]
+    one = run_verify(rows=300, seed=3, ids=ids, progress=False)
+    assert main(["verify", "--rows", "300", "--seed", "3", "--jobs", "2", "--json", "--only",
+                 *ids]) == 0
+    import json
+
+    two = json.loads(capsys.readouterr().out)
+    assert [d["id"] for d in two] == ids
+    for a, b in zip(one, two, strict=True):
+        assert (a.rows, a.max_violation, a.tolerance, a.passed) == (
+            b["rows"], b["max_violation"], b["tolerance"], b["passed"])
+    assert main(["verify", "--jobs", "0"]) == 2
+    with pytest.raises(ValueError, match="jobs must be an integer"):
+        run_verify(rows=10, ids=["TV-TAIL"], jobs=0)
