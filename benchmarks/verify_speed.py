@@ -7,12 +7,15 @@ Each check runs in a fresh interpreter (so that its peak memory is its own): the
 imports certattn, records its resident set (``ru_maxrss``), runs the check at the size
 ``certattn verify --rows N`` gives it (default: each check's default size), and reports
 
-* ``seconds``, ``rows/s`` and ``logits/s`` (logits: the values of the adversarial rows
+* ``seconds`` (CPU seconds of the child, user + system: on a shared machine the wall time
+  mostly measures the queue; for these single-threaded checks CPU time is the idle wall
+  time), ``rows/s`` and ``logits/s`` (logits: the values of the adversarial rows
   the check draws, or, for checks that draw no logit rows, every value the check moves
   onto the array backend);
 * ``floor``: the time of the check's minimal array passes on the same values, measured in
   the same child right after the check: one ``exp`` pass and one sort of every drawn row
-  (checks without logit rows: one ``exp`` pass over their values); ``ratio`` = seconds /
+  (checks without logit rows: one ``exp`` pass over their values), in CPU seconds;
+  ``ratio`` = seconds /
   floor says how far a check is from what its data alone costs;
 * ``peak MB``: the child's peak resident set, and ``+MB``: its growth over the imported
   interpreter (the memory the check itself needs).
@@ -54,11 +57,11 @@ def _floor_seconds(shapes: list[tuple[tuple[int, ...], bool]]) -> float:
         a = cache.get(shape)
         if a is None:
             a = cache.setdefault(shape, rng.standard_normal(shape))
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         np.exp(a)
         if logits and a.ndim:
             np.sort(a, axis=-1)
-        total += time.perf_counter() - t0
+        total += time.process_time() - t0
     return total
 
 
@@ -84,13 +87,16 @@ def child(tid: str, rows: int | None, seed: int) -> dict:
         if getattr(mod, "__name__", "").startswith("certattn.verify.") and hasattr(mod, "_draw"):
             mod._draw = counting_draw
     base = _maxrss_mb()
+    cpu0 = time.process_time()
     (res,) = run_verify(rows, seed=seed, ids=[tid], progress=False)
+    cpu = time.process_time() - cpu0
     peak = _maxrss_mb()
     drawn = [s for s in shapes if s[1]]
     used = drawn if drawn else [s for s in shapes if not s[1]]
     values = sum(int(np.prod(s)) for s, _ in used)
     floor = _floor_seconds(used)
-    return {"id": tid, "rows": res.rows, "seconds": res.seconds, "passed": res.passed,
+    return {"id": tid, "rows": res.rows, "seconds": cpu, "wall": res.seconds,
+            "passed": res.passed,
             "values": values, "floor": floor, "peak_mb": peak, "delta_mb": peak - base}
 
 

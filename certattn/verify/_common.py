@@ -274,7 +274,8 @@ def rand_k(ctx: Ctx, r: int, lo: int, hi: int) -> Array:
 def rand_kept(ctx: Ctx, x64: Array, r: int, n: int) -> Array:
     """An arbitrary kept set (random keys) that contains one valid key (the row maximum)."""
     xp = ctx.xp
-    kept = ctx.put(ctx.rng.random((r, n)) < ctx.rng.uniform(0.05, 0.95, (r, 1)))
+    u = ctx.pool.uniform(r, n) if ctx.pool is not None else ctx.rng.random((r, n))
+    kept = ctx.put(u < ctx.rng.uniform(0.05, 0.95, (r, 1)))
     top = x64 == xp.max(x64, axis=-1, keepdims=True)
     return kept | top
 
