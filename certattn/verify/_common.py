@@ -4,8 +4,10 @@ The result type :class:`VerifyResult`, the running worst violation :class:`Worst
 relative-error and slack measures, the chunking helpers (at most about
 :data:`CHUNK_ELEMS` float64 numbers per step), the per-check context (array namespace,
 device, seeded generator, progress, dtypes), the seeded adversarial logit rows
-(:func:`_draw`, :func:`_cases`: ties, ``-inf`` masks, wide ranges, values next to the
-dtype's maximum, dominant keys, near-uniform rows) and the float64 references computed
+(:func:`_draw`, :func:`_cases`: ties, ``-inf`` and dtype-minimum masks, wide ranges, values
+next to the dtype's maximum, dominant keys, near-uniform rows; windows of a reused
+:class:`Pool` of normal and uniform numbers, scaled and shifted per row, so that drawing
+costs a copy rather than a random number per logit) and the float64 references computed
 from the definitions (softmax terms, tails summed from the small end, Top-k masks) that
 several areas share.
 """
