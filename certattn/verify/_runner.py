@@ -309,10 +309,14 @@ def _iter_parallel(wanted: list[str], sizes: list[int], index: list[int], seed: 
             if bar is not None:
                 bar.update(done)
             yield VerifyResult(tid, sizes[i], viol, tol, bool(viol <= tol), round(dt, 3))
-    finally:
+    finally:  # also when stopped early (Ctrl-C, SIGTERM): end the workers, do not wait
         if bar is not None:
             bar.close()
+        workers = list(getattr(pool, "_processes", {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            if proc.is_alive():
+                proc.terminate()
 
 
 class _CheckBar(Progress):
