@@ -500,7 +500,7 @@ def _verify_timing() -> str:
     from .verify import MAX_ROWS, estimated_seconds
 
     return (
-        "On 2 CPU cores (NumPy, measured per check; an estimate): the default sizes take "
+        "On one idle CPU core (NumPy, measured per check; an estimate): the default sizes take "
         f"about {_clock_words(estimated_seconds())}; --rows N takes about "
         f"{_clock_words(estimated_seconds(100_000))} per 100,000 rows (1,000,000: about "
         f"{_clock_words(estimated_seconds(1_000_000))}; {MAX_ROWS:,}, the most: about "
