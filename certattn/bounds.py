@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import asarray_on, device_of
+from ._array import asarray_on, device_of, is_numpy
 from ._fp import (
     CLIP,
     log_cumsum,
@@ -128,29 +128,69 @@ def _shift_left(x: Array, xp: Any, fill: float) -> Array:
 # --------------------------------------------------------------------------
 
 
-def _sorted_parts(x: Array, n_valid: Array, xp: Any) -> dict[str, Array]:
+def _sorted_parts(x: Array, n_valid: Array, xp: Any, k: Array | None = None) -> dict[str, Any]:
+    """The sorted row and the per-column quantities of every bound.
+
+    ``k`` None: every column (k = 1..n, column j <-> k = j + 1, for :func:`bound_k`).
+    ``k`` (int64, batch shape): only column ``k - 1`` (shape ``(..., 1)``), for
+    :func:`tail_bound`; the row-wide steps (sort, shift, cumulative sums) run once and
+    the rest elementwise on the gathered columns, so the values are those of the full
+    curve at ``k``.  ``at`` / ``at_next`` take a full-row array to the columns ``k - 1``
+    / ``k`` (``fill`` past the last key).
+    """
     s = xp.sort(x, axis=-1, descending=True)
     n = s.shape[-1]
     dev = device_of(s)
-    k = xp.arange(1, n + 1, dtype=xp.float64, device=dev)
+    k_row = xp.arange(1, n + 1, dtype=xp.float64, device=dev)
     nv = xp.astype(n_valid, xp.float64)[..., None]
-    valid = k <= nv  # position k (1-based) holds a valid key
-    d = shift_rows(s, xp)  # s - s_1; a difference past -float max stays finite (valid)
-    d = xp.where(valid, d, neg_inf(xp, d))
-    d_next = _shift_left(d, xp, -math.inf)
-    m = nv - k  # tail size of the top-k set
+    valid_row = k_row <= nv  # position k (1-based) holds a valid key
+    d_row = shift_rows(s, xp)  # s - s_1; a difference past -float max stays finite (valid)
+    d_row = xp.where(valid_row, d_row, neg_inf(xp, d_row))
+    s0_row = xp.where(valid_row, s, xp.zeros_like(s))  # masked entries as 0 (no inf - inf)
+    if k is None:
+        kf = k_row
+
+        def at(a: Array) -> Array:
+            return a
+
+        def at_next(a: Array, fill: float) -> Array:
+            return _shift_left(a, xp, fill)
+    else:
+        j = xp.astype(k, xp.int64)[..., None] - 1
+        jn = xp.minimum(j + 1, n - 1)
+        past = j + 1 >= n
+        kf = xp.astype(j + 1, xp.float64)
+
+        def at(a: Array) -> Array:
+            return xp.take_along_axis(a, j, axis=-1)
+
+        def at_next(a: Array, fill: float) -> Array:
+            nxt = xp.take_along_axis(a, jn, axis=-1)
+            return xp.where(past, xp.full_like(nxt, fill), nxt)
+
+    valid = kf <= nv
+    d = at(d_row)
+    d_next = at_next(d_row, -math.inf)
+    m = nv - kf  # tail size of the top-k set
     has_tail = m > 0
     return {
-        "s": s,
+        "s": at(s),
+        "s0_next": at_next(s0_row, 0.0),
         "d": d,
         "d_next": d_next,
-        "k": k,
+        "k": kf,
         "m": m,
         "valid": valid,
         "has_tail": has_tail,
         "margin": margin(d, xp.where(has_tail, d_next, xp.zeros_like(d)), nv, xp),
         # forms whose tail terms are all rounded up at -700 only need |d_{k+1}| <= 700
         "margin_clipped": margin(d, xp.zeros_like(d) + 700.0, nv, xp),
+        "at": at,
+        "at_next": at_next,
+        "d_row": d_row,
+        "valid_row": valid_row,
+        "s0_row": s0_row,
+        "nv": nv,
     }
 
 
@@ -165,8 +205,7 @@ def _log_m(p: dict[str, Array], xp: Any) -> Array:
 def _gap_pair(p: dict[str, Array], xp: Any) -> tuple[Array, Array]:
     """``(s_k, s_{k+1})`` per column, with 0 in place of masked entries (no inf - inf)."""
     s = xp.where(p["valid"], p["s"], xp.zeros_like(p["s"]))
-    s_next = _shift_left(s, xp, 0.0)
-    return s, xp.where(p["has_tail"], s_next, s)
+    return s, xp.where(p["has_tail"], p["s0_next"], s)
 
 
 def _curve_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
@@ -181,15 +220,15 @@ def _curve_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
 
 def _curve_exact_head(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-EXACT-HEAD: ``X = (n-k) e^{d_{k+1}}``, ``D = sum_{i<=k} e^{d_i}``."""
-    head = log_cumsum(p["d"], p["valid"], xp, reverse=False, upper=False)
+    head = p["at"](log_cumsum(p["d_row"], p["valid_row"], xp, reverse=False, upper=False))
     log_x = xp.where(p["has_tail"], _log_m(p, xp) + p["d_next"], neg_inf(xp, head))
     return ratio_log(log_x, head, xp)
 
 
 def _curve_all_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     """GAP-MULTI with every cut: ``X = sum_{i>k} e^{d_i}`` (rounded up), ``D = k e^{d_k}``."""
-    suffix = log_cumsum(p["d"], p["valid"], xp, reverse=True, upper=True)
-    log_x = _shift_left(suffix, xp, -math.inf)
+    suffix = log_cumsum(p["d_row"], p["valid_row"], xp, reverse=True, upper=True)
+    log_x = p["at_next"](suffix, -math.inf)
     log_x = xp.where(p["has_tail"], log_x, neg_inf(xp, log_x))
     return ratio_log(log_x, _log_k(p, xp) + p["d"], xp)
 
@@ -250,6 +289,8 @@ def _checkpoint_costs(p: dict[str, Array], xp: Any, m: int) -> Array:
 
 def _suffix_min(g: Array, xp: Any) -> Array:
     """``out[..., i] = min(g[..., i:])`` by doubling (``O(n log n)``, array-API only)."""
+    if is_numpy(xp):  # one pass
+        return np.flip(np.minimum.accumulate(np.flip(g, axis=-1), axis=-1), axis=-1)
     n = g.shape[-1]
     step = 1
     while step < n:
@@ -265,10 +306,12 @@ def _shift_by(x: Array, step: int, xp: Any) -> Array:
 
 def _curve_uniform_gap(p: dict[str, Array], xp: Any, n_cuts: Any) -> Array:
     r"""GAP-UNIFORM: ``L = -log(1 + k(e^{delta_k} - 1))``, ``delta_k`` = min gap past k."""
-    s, s_next = _gap_pair(p, xp)
+    s0 = p["s0_row"]
+    tail_row = p["nv"] - xp.arange(1, s0.shape[-1] + 1, dtype=xp.float64,
+                                   device=device_of(s0)) > 0
     with np.errstate(over="ignore"):  # a gap past float max is +inf (sound, see _curve_gap)
-        gap = xp.where(p["has_tail"], s - s_next, xp.full_like(s, xp.inf))
-    delta = _suffix_min(gap, xp)
+        gap = xp.where(tail_row, s0 - _shift_left(s0, xp, 0.0), xp.full_like(s0, xp.inf))
+    delta = p["at"](_suffix_min(gap, xp))
     k = p["k"]
     small = delta < 600.0
     dc = xp.where(small, delta, xp.zeros_like(delta))
@@ -289,18 +332,28 @@ _CURVES: dict[str, Callable[[dict[str, Array], Any, Any], Array]] = {
 }
 
 
-def _bound_curve(logits: Any, bound: str, n_cuts: Any, axis: int) -> tuple[Array, Array, Any]:
-    """Sound upper bounds for every k = 1..n (column k - 1) and ``n_valid``."""
+def _bound_curve(
+    logits: Any, bound: str, n_cuts: Any, axis: int, k: Any = None
+) -> tuple[Array, Array, Any]:
+    """Sound upper bounds for every k = 1..n (column k - 1) and ``n_valid``; with ``k``
+    given, only at ``k`` (shape ``(..., 1)``; the same values as the full curve there)."""
     bound = _bound_name(bound)
     if bound not in _CURVES:
         raise InputError(f"bound must be one of {TAIL_BOUNDS}, got {bound!r}")
     if bound != "optimal_cuts" and n_cuts is not None:
         raise InputError("n_cuts is only used by bound='optimal_cuts'")
     x, n_valid, xp, _ = valid_rows(logits, axis)
-    p = _sorted_parts(x, n_valid, xp)
+    cols = None
+    if k is not None:
+        cols = _k_index(k, tuple(x.shape[:-1]), int(x.shape[-1]), xp, device_of(x))
+    full = cols is None or bound == "optimal_cuts"  # the dynamic programme needs every k
+    p = _sorted_parts(x, n_valid, xp, None if full else cols)
     log_b = _CURVES[bound](p, xp, n_cuts)
     sigma = p["margin_clipped" if bound in ("all_gap", "optimal_cuts") else "margin"]
-    return round_up(log_b, sigma, p["has_tail"], xp), n_valid, xp
+    out = round_up(log_b, sigma, p["has_tail"], xp)
+    if cols is not None and full:
+        out = xp.take_along_axis(out, (cols - 1)[..., None], axis=-1)
+    return out, n_valid, xp
 
 
 def _k_index(k: Any, batch: tuple[int, ...], n: int, xp: Any, dev: Any) -> Array:
@@ -344,10 +397,8 @@ def tail_bound(
     float64 array, batch shape
         Upper bounds in [0, 1], rounded upwards (module docstring).
     """
-    curve, _, xp = _bound_curve(logits, bound, n_cuts, axis)
-    dev = device_of(curve)
-    k_arr = _k_index(k, tuple(curve.shape[:-1]), int(curve.shape[-1]), xp, dev)
-    return xp.take_along_axis(curve, (k_arr - 1)[..., None], axis=-1)[..., 0]
+    at_k, _, _ = _bound_curve(logits, bound, n_cuts, axis, k)
+    return at_k[..., 0]
 
 
 def gap_bound(logits: Any, k: Any, *, axis: int = -1) -> Array:

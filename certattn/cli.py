@@ -389,7 +389,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     with _sigterm_raises():
         try:
             for r in iter_verify(args.rows, backend=args.backend, seed=args.seed,
-                                 ids=wanted, progress=args.progress):
+                                 ids=wanted, progress=args.progress, jobs=args.jobs):
                 results.append(r)
         except KeyboardInterrupt:
             status = EXIT_INTERRUPT
@@ -553,11 +553,33 @@ def _add_progress_options(p: argparse.ArgumentParser, what: str) -> None:
                    help="no progress bar")
 
 
-_VERIFY_TIMING = (
-    "On 2 CPU cores (NumPy, measured per check; an estimate): the default sizes take "
-    "about 40 s; --rows N takes about 80 s per 100,000 rows (1,000,000: about 14 min; "
-    "10,000,000, the most: about 2.3 h)."
+_VERIFY_ROW = (
+    "A row is one query's logits (7 to 2048 keys: many short rows for the ties, masks "
+    "and ranges, long rows for rounding growth); checks of other objects (key blocks, "
+    "Monte Carlo rows, geometry points) scale their own units in proportion."
 )
+
+
+def _clock_words(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _verify_timing() -> str:
+    """The help's time estimate, from the per-check cost model (``estimated_seconds``)."""
+    from .verify import MAX_ROWS, estimated_seconds
+
+    return (
+        "On one idle CPU core (NumPy, measured per check; an estimate): the default sizes take "
+        f"about {_clock_words(estimated_seconds())}; --rows N takes about "
+        f"{_clock_words(estimated_seconds(100_000))} per 100,000 rows (1,000,000: about "
+        f"{_clock_words(estimated_seconds(1_000_000))}; {MAX_ROWS:,}, the most: about "
+        f"{_clock_words(estimated_seconds(MAX_ROWS))}); --jobs N divides it by up to N "
+        "on N free cores."
+    )
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
@@ -789,7 +811,7 @@ def _add_compare(sub: Any) -> None:
 
 def _build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .verify import MAX_ROWS
+    from .verify import MAX_JOBS, MAX_ROWS
 
     parser = _Parser(
         prog="certattn",
@@ -866,11 +888,15 @@ def _build_parser() -> argparse.ArgumentParser:
         description="For every theorem of the registry (docs/theorems.md), draw large batches "
         "of instances (ties, masks, extreme ranges, float16 included) and report the largest "
         "violation against its tolerance. Exit status 1 if any check fails; Ctrl-C (130) or "
-        "SIGTERM (143) prints the checks finished so far. " + _VERIFY_TIMING,
+        "SIGTERM (143) prints the checks finished so far. " + _VERIFY_ROW + " "
+        + _verify_timing(),
     )
     v.add_argument("--rows", type=_int_option("--rows", 1, MAX_ROWS), metavar="N",
                    help=f"rows per row-based check, 1 to {MAX_ROWS:,} (default: each check's "
-                   "own size; other checks scale proportionally). " + _VERIFY_TIMING)
+                   "own size; other checks scale proportionally)")
+    v.add_argument("--jobs", type=_int_option("--jobs", 1, MAX_JOBS), metavar="N", default=1,
+                   help=f"worker processes, 1 to {MAX_JOBS} (default 1), one check per task; "
+                   "the results are those of --jobs 1")
     v.add_argument("--backend", default="numpy", choices=verify_backends(),
                    help="array library to run on (cupy: on the GPU)")
     v.add_argument("--seed", type=_int_option("--seed", 0, 2**63 - 1), default=0,

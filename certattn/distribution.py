@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._array import as_float_array, namespace
+from ._array import as_float_array, is_numpy, namespace
 from ._fp import lse as _lse_all
 from ._fp import lse_diff as _lse_diff
 from ._validate import (
@@ -70,17 +70,41 @@ def topk_mask(logits: Any, k: Any, *, axis: int = -1) -> Array:
     Ties are broken by position (the earlier key is kept), masked keys (``-inf``) are
     never kept, so a row keeps ``min(k, n_valid)`` keys.  ``k`` is an integer or an
     integer array broadcastable to the batch shape.
+
+    One sort of the values gives the ``k``-th largest value ``t``; every key above ``t``
+    is kept, and of the keys equal to ``t`` the first ``k - #{x > t}`` by position.
     """
     x, xp, dev = as_float_array(logits, name="logits")
     moved = axis not in (-1, x.ndim - 1)
     if moved:
         x = xp.moveaxis(x, axis, -1)
-    order = xp.argsort(x, axis=-1, descending=True, stable=True)
-    rank = xp.argsort(order, axis=-1, stable=True)  # rank of each key, 0 = largest
+    n = x.shape[-1]
     k_arr = k if hasattr(k, "shape") else xp.asarray(k, device=dev)
-    kept = rank < xp.astype(k_arr, rank.dtype)[..., None]
-    kept = xp.logical_and(kept, x > -xp.inf)
+    k_arr = xp.broadcast_to(xp.astype(k_arr, xp.int64), x.shape[:-1])
+    k_cl = xp.clip(k_arr, 0, n)[..., None]
+    if n == 0:
+        kept = x > -xp.inf
+    else:
+        t = _kth_largest(x, xp.clip(k_cl, 1, n), xp)
+        above = x > t
+        tied = x == t
+        need = k_cl - xp.sum(xp.astype(above, xp.int64), axis=-1, keepdims=True)
+        first = xp.cumulative_sum(xp.astype(tied, xp.int64), axis=-1) <= need
+        kept = (above | (tied & first)) & (k_cl > 0) & (x > -xp.inf)
     return xp.moveaxis(kept, -1, axis) if moved else kept
+
+
+def _kth_largest(x: Array, k: Array, xp: Any) -> Array:
+    """The ``k``-th largest value of each row (``k`` in ``[1, n]``, shape ``(..., 1)``).
+
+    NumPy with one ``k`` for every row selects it (``np.partition``, linear time);
+    otherwise one sort of the values."""
+    n = x.shape[-1]
+    if is_numpy(xp) and x.size and bool(xp.all(k == k.flat[0])):
+        j = n - int(k.flat[0])
+        return np.partition(np.asarray(x), j, axis=-1)[..., j : j + 1]
+    top = xp.sort(x, axis=-1, descending=True)
+    return xp.take_along_axis(top, k - 1, axis=-1)
 
 
 def _kept_from(x: Array, xp: Any, kept: Any, k: Any) -> Array:

@@ -25,9 +25,10 @@ Everything is chunked: at most about ``CHUNK_ELEMS`` (2^20) float64 numbers per 
 bar on stderr (on a terminal, with ``CERTATTN_PROGRESS=1`` or ``--progress``) that
 estimates the time left from each check's measured speed (:func:`estimated_seconds`).
 
-``run_verify(rows=None)`` uses each check's default size (the whole run takes about 40 s
-on 2 cores); ``rows=N`` gives ``N`` rows to the row-based checks and scales the others by
-``N / BASE_ROWS`` (at least their minimum; about 80 s per 100,000 rows on 2 cores).
+``run_verify(rows=None)`` uses each check's default size (the whole run takes about 60 s
+on one core); ``rows=N`` gives ``N`` rows to the row-based checks and scales the others by
+``N / BASE_ROWS`` (at least their minimum; about 90 s per 100,000 rows on one core;
+``jobs=N`` runs the checks in ``N`` worker processes).
 :func:`iter_verify` yields the results one by one (the command line prints the finished
 ones when interrupted).  ``backend="cupy"`` runs the
 library on the GPU (``xp = cupy``); ``backend="strict"`` on ``array-api-strict`` (a
@@ -51,6 +52,7 @@ from ._common import CHUNK_ELEMS, VerifyResult
 from ._runner import (
     BASE_ROWS,
     CHECKS,
+    MAX_JOBS,
     MAX_ROWS,
     estimated_seconds,
     format_table,
@@ -64,6 +66,7 @@ __all__ = [
     "BASE_ROWS",
     "CHECKS",
     "CHUNK_ELEMS",
+    "MAX_JOBS",
     "MAX_ROWS",
     "VerifyResult",
     "estimated_seconds",

@@ -4,8 +4,10 @@ The result type :class:`VerifyResult`, the running worst violation :class:`Worst
 relative-error and slack measures, the chunking helpers (at most about
 :data:`CHUNK_ELEMS` float64 numbers per step), the per-check context (array namespace,
 device, seeded generator, progress, dtypes), the seeded adversarial logit rows
-(:func:`_draw`, :func:`_cases`: ties, ``-inf`` masks, wide ranges, values next to the
-dtype's maximum, dominant keys, near-uniform rows) and the float64 references computed
+(:func:`_draw`, :func:`_cases`: ties, ``-inf`` and dtype-minimum masks, wide ranges, values
+next to the dtype's maximum, dominant keys, near-uniform rows; windows of a reused
+:class:`Pool` of normal and uniform numbers, scaled and shifted per row, so that drawing
+costs a copy rather than a random number per logit) and the float64 references computed
 from the definitions (softmax terms, tails summed from the small end, Top-k masks) that
 several areas share.
 """
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .._array import from_numpy, to_numpy
+from .._array import device_of, from_numpy, to_numpy
 
 Array = Any
 CHUNK_ELEMS = 1 << 20
@@ -82,6 +84,43 @@ def _steps(rows: int, per_row: int) -> Iterator[int]:
         done += r
 
 
+POOL = 1 << 20
+"""Values in each of a check's pools of normal and uniform numbers (8 MiB each)."""
+
+
+class Pool:
+    """Reused pools of standard normal and uniform [0, 1) numbers, drawn once per check.
+
+    A row of ``n`` values is a window of a pool at a random offset (one copy, no random
+    number generation per value); the adversarial kinds then scale and shift each row by
+    its own random factors, so rows stay as diverse as their per-row parameters."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self._rng = rng
+        self._normal: np.ndarray | None = None
+        self._uniform: np.ndarray | None = None
+
+    def _window(self, pool: np.ndarray, r: int, n: int) -> np.ndarray:
+        off = self._rng.integers(0, pool.size - n + 1, r)
+        return np.lib.stride_tricks.sliding_window_view(pool, n)[off]
+
+    def normal(self, r: int, n: int) -> np.ndarray:
+        """``(r, n)`` standard normal numbers (fresh ones for rows longer than POOL / 4)."""
+        if n > POOL // 4:
+            return self._rng.standard_normal((r, n))
+        if self._normal is None:
+            self._normal = self._rng.standard_normal(POOL)
+        return self._window(self._normal, r, n)
+
+    def uniform(self, r: int, n: int) -> np.ndarray:
+        """``(r, n)`` uniform numbers in [0, 1) (fresh ones for rows longer than POOL / 4)."""
+        if n > POOL // 4:
+            return self._rng.random((r, n))
+        if self._uniform is None:
+            self._uniform = self._rng.random(POOL)
+        return self._window(self._uniform, r, n)
+
+
 @dataclass
 class Ctx:
     xp: Any
@@ -89,6 +128,7 @@ class Ctx:
     rng: np.random.Generator
     progress: Progress | None
     dtypes: tuple[Any, ...]
+    pool: Pool | None = None
 
     def put(self, a: Any) -> Array:
         return from_numpy(np.ascontiguousarray(a), xp=self.xp, device=self.device)
@@ -105,41 +145,55 @@ def _ctx(xp: Any, device: Any, rng: np.random.Generator, progress: Progress | No
         dtypes: tuple[Any, ...] = (np.float64, np.float32)
     else:
         dtypes = (np.float64, np.float32, np.float16)
-    return Ctx(xp, device, rng, progress, dtypes)
+    return Ctx(xp, device, rng, progress, dtypes, Pool(rng))
 
 
 KINDS = ("normal", "ties", "masked", "wide", "near_max", "dominant", "uniform")
 
 
-def _draw(rng: np.random.Generator, kind: str, r: int, n: int, dtype: Any) -> np.ndarray:
-    """``r`` rows of ``n`` logits of one adversarial ``kind``, exactly representable in dtype."""
+def _draw(
+    rng: np.random.Generator, kind: str, r: int, n: int, dtype: Any, pool: Pool | None = None
+) -> np.ndarray:
+    """``r`` rows of ``n`` logits of one adversarial ``kind``, exactly representable in dtype.
+
+    With a :class:`Pool` the standard normal and uniform matrices are windows of its pools
+    (cheap); without, fresh numbers from ``rng``."""
     top = float(np.finfo(dtype).max)
-    z = rng.standard_normal((r, n))
+
+    def normal() -> np.ndarray:
+        return pool.normal(r, n) if pool is not None else rng.standard_normal((r, n))
+
+    def unif() -> np.ndarray:
+        return pool.uniform(r, n) if pool is not None else rng.random((r, n))
+
     if kind == "normal":
-        x = z * rng.uniform(0.1, 5.0, (r, 1)) + rng.uniform(-50, 50, (r, 1))
+        x = normal() * rng.uniform(0.1, 5.0, (r, 1)) + rng.uniform(-50, 50, (r, 1))
     elif kind == "ties":  # a coarse grid: many exact ties, also at the cut
-        x = np.round(z * rng.uniform(0.5, 3.0, (r, 1))) / 2
+        x = np.round(normal() * rng.uniform(0.5, 3.0, (r, 1))) / 2
     elif kind == "masked":
-        x = z * rng.uniform(0.5, 4.0, (r, 1))
-        drop = rng.random((r, n)) < rng.uniform(0.0, 0.95, (r, 1))
+        x = normal() * rng.uniform(0.5, 4.0, (r, 1))
+        drop = unif() < rng.uniform(0.0, 0.95, (r, 1))
         drop[np.arange(r), rng.integers(0, n, r)] = False  # at least one valid key
-        x[drop] = -np.inf
+        # half the rows masked by -inf, half by the dtype's minimum (a finite fill)
+        x = np.where(drop, np.where(rng.random((r, 1)) < 0.5, -np.inf, -top), x)
     elif kind == "wide":  # spreads up to 1e4 around offsets up to +-1e4 (f16: smaller)
         big = 1e4 if dtype != np.float16 else 3e3
-        x = z * 10 ** rng.uniform(0, math.log10(big), (r, 1)) + rng.uniform(-big, big, (r, 1))
+        spread = 10 ** rng.uniform(0, math.log10(big), (r, 1))
+        x = normal() * spread + rng.uniform(-big, big, (r, 1))
     elif kind == "near_max":  # next to +-max of the dtype: differences are astronomically large
         sign = np.where(rng.random((r, 1)) < 0.5, 1.0, -1.0)
-        x = sign * 0.99 * top * (1 - rng.integers(0, 4, (r, n)) * 2.0**-9)
+        steps = np.floor(unif() * 4.0)  # 0..3 steps of 2^-9 below 0.99 max: ties
+        x = sign * 0.99 * top * (1 - steps * 2.0**-9)
         x = np.where(sign > 0, x, x * (1 - 2.0**-8))
     elif kind == "dominant":  # a few keys far above a noisy floor
-        x = z.copy()
-        hot = rng.random((r, n)) < 2.0 / n
+        x = normal()
+        hot = unif() < 2.0 / n
         x[hot] += rng.uniform(10, 40, int(hot.sum()))
     elif kind == "uniform":  # near-uniform rows (long rows are the float32 cumsum pitfall)
-        x = 1e-3 * z
+        x = 1e-3 * normal()
     else:  # pragma: no cover - internal
         raise ValueError(kind)
-    x = np.clip(x, -top, top)
+    x = np.clip(x, -top, top, out=x, where=x > -np.inf)  # -inf masks stay -inf
     return x.astype(dtype)
 
 
@@ -164,7 +218,7 @@ def _cases(
     work, ticked = 0.0, 0
     for (kind, dtype, n), share in zip(combos, shares, strict=True):
         for r in _steps(share, n * width):
-            x = _draw(ctx.rng, kind, r, n, dtype)
+            x = _draw(ctx.rng, kind, r, n, dtype, ctx.pool)
             yield ctx.put(x), ctx.put(x.astype(np.float64)), n, kind
             work += r * n * per_key
             step = min(rows, round(work)) - ticked
@@ -207,7 +261,6 @@ def rank_mask(xp: Any, x64: Array, k: Array) -> Array:
     longer rows one stable sort of ``-s`` whose first ``k`` positions are scattered into
     the mask.  Masked keys (``-inf``) are never kept.
     """
-    from .._array import device_of
 
     x = to_numpy(x64)
     kk = np.asarray(to_numpy(k)).reshape(-1, 1)
@@ -239,7 +292,8 @@ def rand_k(ctx: Ctx, r: int, lo: int, hi: int) -> Array:
 def rand_kept(ctx: Ctx, x64: Array, r: int, n: int) -> Array:
     """An arbitrary kept set (random keys) that contains one valid key (the row maximum)."""
     xp = ctx.xp
-    kept = ctx.put(ctx.rng.random((r, n)) < ctx.rng.uniform(0.05, 0.95, (r, 1)))
+    u = ctx.pool.uniform(r, n) if ctx.pool is not None else ctx.rng.random((r, n))
+    kept = ctx.put(u < ctx.rng.uniform(0.05, 0.95, (r, 1)))
     top = x64 == xp.max(x64, axis=-1, keepdims=True)
     return kept | top
 

@@ -6,14 +6,16 @@
 stderr and turns a crash into a failed result; :func:`format_table` and :func:`to_json`
 render the results.  The command line is :func:`certattn.cli.main` (``certattn verify``).
 
-Each check's ``rate`` is its measured speed in rows per second on the reference machine
-(2 CPU cores, NumPy backend, ``--rows 100000``); :func:`estimated_seconds` sums
+Each check's ``rate`` is its measured speed in rows per CPU second (NumPy backend, its
+default size, ``benchmarks/verify_speed.py``; a check uses one core, and on an idle machine
+its wall time is its CPU time); :func:`estimated_seconds` sums
 ``rows / rate`` to say how long a run will take, and the progress display uses the same
 model for its estimate of the time left.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -78,61 +80,64 @@ from .search import check_search_sound
 
 BASE_ROWS = 100_000
 
+MAX_JOBS = 256
+"""Largest ``--jobs``."""
+
 MAX_ROWS = 10_000_000
-"""Largest ``--rows``: about 2.5 hours on 2 cores (:func:`estimated_seconds`)."""
+"""Largest ``--rows``: about 2.5 hours on one core (:func:`estimated_seconds`)."""
 
 
 @dataclass(frozen=True)
 class _Spec:
     func: Callable[..., tuple[float, float]]
     default: int
-    rate: float  # measured rows per second (2 cores, NumPy, --rows 100000)
+    rate: float  # measured rows per CPU second (NumPy, default size)
     row_based: bool = True
     minimum: int = 1
 
 
 CHECKS: dict[str, _Spec] = {
-    "TV-TAIL": _Spec(check_tv_tail, 100_000, 51_000),
-    "TV-KL": _Spec(check_tv_kl, 40_000, 12_000),
+    "TV-TAIL": _Spec(check_tv_tail, 100_000, 50_000),
+    "TV-KL": _Spec(check_tv_kl, 40_000, 13_000),
     "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
-    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 35_000),
-    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 23_000),
-    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 17_000),
-    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 11_000),
-    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 33_000, False, 20),
-    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 15_000),
-    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 61_000),
-    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 79_000, False, 12),
-    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 640_000),
-    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 46_000),
-    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 56_000),
-    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 37_000, False, 18),
-    "OUT-BEST": _Spec(check_out_best, 10_000, 5_400, False, 18),
-    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 27_000),
-    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 26_000, False, 200),
-    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 25_000),
-    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 20_000),
-    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 21_000),
-    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 21_000),
-    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 310_000, False, 64),
-    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 4_900, False, 32),
-    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 73_000, False, 700),
-    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 24_000, False, 32),
-    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 5_300, False, 72),
-    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 26_000, False, 4),
-    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 7_100, False, 4),
-    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 9_000, False, 4),
-    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 27_000, False, 4),
-    "GEO-SCOPE": _Spec(check_geo_scope, 800, 24_000, False, 4),
-    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 49_000, False, 4),
-    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 100_000, False, 4),
-    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 6_400, False, 4),
-    "GEO-DEPTH": _Spec(check_geo_depth, 200, 1_400, False, 2),
-    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 51_000, False, 4),
-    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 25_000, False, 12),
+    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 25_000),
+    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 15_000),
+    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 23_000),
+    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 14_000),
+    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 23_000, False, 20),
+    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 22_000),
+    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 35_000),
+    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 20_000, False, 12),
+    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 390_000),
+    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 21_000),
+    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 28_000),
+    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 13_000, False, 18),
+    "OUT-BEST": _Spec(check_out_best, 10_000, 3_000, False, 18),
+    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 14_000),
+    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 14_000, False, 200),
+    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 810_000),
+    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 150_000),
+    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 150_000),
+    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 170_000),
+    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 140_000, False, 64),
+    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 2_700, False, 32),
+    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 26_000, False, 700),
+    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 3_800, False, 32),
+    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 4_000, False, 72),
+    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 12_000, False, 4),
+    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 1_900, False, 4),
+    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 2_000, False, 4),
+    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 4_500, False, 4),
+    "GEO-SCOPE": _Spec(check_geo_scope, 800, 2_200, False, 4),
+    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 4_900, False, 4),
+    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 5_400, False, 4),
+    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 840, False, 4),
+    "GEO-DEPTH": _Spec(check_geo_depth, 200, 220, False, 2),
+    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 3_800, False, 4),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 30_000, False, 12),
 }
-"""Theorem id -> batch check, its default row count, its measured speed (rows per second
-on 2 cores), whether ``--rows N`` gives it ``N`` rows (row-based) or
+"""Theorem id -> batch check, its default row count, its measured speed (rows per CPU
+second), whether ``--rows N`` gives it ``N`` rows (row-based) or
 ``default * N / BASE_ROWS`` (at least ``minimum``)."""
 
 
@@ -179,14 +184,60 @@ def _check_rows(rows: int | None) -> None:
 def estimated_seconds(
     rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None
 ) -> float:
-    """Estimated run time of :func:`run_verify` in seconds on the reference machine (2 cores).
+    """Estimated run time of :func:`run_verify` in seconds (one idle core, ``jobs=1``).
 
     The sum over the checks of ``rows_for(id, rows) / rate``, with each check's ``rate``
-    measured at ``--rows 100000`` on NumPy (see :data:`CHECKS`).  An estimate: a busy or
+    measured at its default size on NumPy (see :data:`CHECKS`).  An estimate: a busy or
     faster machine differs by its speed ratio.
     """
     wanted = list(CHECKS) if ids is None else list(ids)
     return sum(rows_for(t, rows) / CHECKS[t].rate for t in wanted)
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Keep freed array memory in the process (glibc only; elsewhere nothing happens).
+
+    The checks allocate and free chunks of a few MiB thousands of times; by default glibc
+    returns each to the system and every new chunk page-faults its way back (about a
+    third of the CPU time was system time).  Chunks below 32 MiB then come from the
+    heap and a freed heap is trimmed only above 1 GiB."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD (glibc's largest)
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _run_check(tid: str, n: int, seed: int, backend: str, index: int,
+               bar: Progress | None = None) -> tuple[float, float, float, str]:
+    """Run one check: ``(violation, tolerance, seconds, crash message or "")``.
+
+    The generator is ``default_rng([seed, index])``, so a check's result does not depend on
+    the process it runs in or on the checks before it (``--jobs``)."""
+    _keep_freed_memory()
+    xp, device = _backend(backend)
+    rng = np.random.default_rng([int(seed), index])
+    t0 = time.perf_counter()
+    msg = ""
+    try:
+        with np.errstate(all="ignore"):
+            viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
+    except Exception as exc:  # a crash is a failure of that theorem, not of the run
+        msg = f"{tid}: {type(exc).__name__}: {exc}"
+        viol, tol = math.inf, math.nan
+    return float(viol), float(tol), time.perf_counter() - t0, msg
+
+
+def _check_jobs(jobs: int) -> int:
+    if isinstance(jobs, bool) or not isinstance(jobs, (int, np.integer)) or not (
+        1 <= jobs <= MAX_JOBS
+    ):
+        raise InputError(f"jobs must be an integer from 1 to {MAX_JOBS}, got {jobs!r}")
+    return int(jobs)
 
 
 def iter_verify(
@@ -196,11 +247,13 @@ def iter_verify(
     seed: int = 0,
     ids: list[str] | tuple[str, ...] | None = None,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> Iterator[VerifyResult]:
     """Like :func:`run_verify`, but yields each result as its check finishes.
 
     An interrupted iteration has yielded exactly the finished checks (the command line
-    prints them when stopped by Ctrl-C or SIGTERM).
+    prints them when stopped by Ctrl-C or SIGTERM).  With ``jobs > 1`` the results still
+    come in registry order (each as soon as it and the ones before it are done).
     """
     from ..theorems import THEOREMS
 
@@ -210,31 +263,61 @@ def iter_verify(
     if unknown:
         raise InputError(f"no verify check for {', '.join(unknown)}; known: {', '.join(order)}")
     _check_rows(rows)
-    xp, device = _backend(backend)
+    jobs = _check_jobs(jobs)
+    _backend(backend)  # an unknown backend fails here, before any work
     show = progress_enabled(progress)
     sizes = [rows_for(t, rows) for t in wanted]
+    index = [order.index(t) if t in order else 0 for t in wanted]
+    if jobs > 1 and len(wanted) > 1:
+        yield from _iter_parallel(wanted, sizes, index, seed, backend, jobs, show)
+        return
     cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
     cost_total, cost_done, t_start = sum(cost), 0.0, time.perf_counter()
     for i, (tid, n) in enumerate(zip(wanted, sizes, strict=True)):
-        rng = np.random.default_rng([int(seed), order.index(tid) if tid in order else 0])
         bar = _CheckBar(f"verify {i + 1}/{len(wanted)} {tid}", n, cost_done, cost[i],
                         cost_total, t_start) if show else None
-        t0 = time.perf_counter()
         try:
-            with np.errstate(all="ignore"):
-                viol, tol = CHECKS[tid].func(n, xp=xp, device=device, rng=rng, progress=bar)
-        except Exception as exc:  # a crash is a failure of that theorem, not of the run
-            if bar is not None:
-                bar.close()
-            sys.stderr.write(f"{tid}: {type(exc).__name__}: {exc}\n")
-            viol, tol = math.inf, math.nan
+            viol, tol, dt, msg = _run_check(tid, n, seed, backend, index[i], bar)
         finally:
             if bar is not None:
                 bar.close()
-        dt = time.perf_counter() - t0
+        if msg:
+            sys.stderr.write(msg + "\n")
         cost_done += cost[i]
-        viol, tol = float(viol), float(tol)
         yield VerifyResult(tid, n, viol, tol, bool(viol <= tol), round(dt, 3))
+
+
+def _iter_parallel(wanted: list[str], sizes: list[int], index: list[int], seed: int,
+                   backend: str, jobs: int, show: bool) -> Iterator[VerifyResult]:
+    """``iter_verify`` with the checks in ``jobs`` worker processes (longest first)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
+    bar = Progress(f"verify ({jobs} jobs)", len(wanted), unit="checks") if show else None
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(wanted)), mp_context=ctx)
+    try:
+        futures = {}
+        for i in sorted(range(len(wanted)), key=lambda j: -cost[j]):
+            futures[i] = pool.submit(_run_check, wanted[i], sizes[i], seed, backend, index[i])
+        done = 0
+        for i, tid in enumerate(wanted):
+            viol, tol, dt, msg = futures[i].result()
+            if msg:
+                sys.stderr.write(msg + "\n")
+            done += 1
+            if bar is not None:
+                bar.update(done)
+            yield VerifyResult(tid, sizes[i], viol, tol, bool(viol <= tol), round(dt, 3))
+    finally:  # also when stopped early (Ctrl-C, SIGTERM): end the workers, do not wait
+        if bar is not None:
+            bar.close()
+        workers = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in workers:
+            if proc.is_alive():
+                proc.terminate()
 
 
 class _CheckBar(Progress):
@@ -265,15 +348,16 @@ def run_verify(
     seed: int = 0,
     ids: list[str] | tuple[str, ...] | None = None,
     progress: bool | None = None,
+    jobs: int = 1,
 ) -> list[VerifyResult]:
     """Run the batch check of every registered theorem (or of ``ids``) and return the results.
 
     Parameters
     ----------
     rows : int, optional
-        ``None``: each check's default size (about 40 s on 2 cores in total).
+        ``None``: each check's default size (about 60 s on one core in total).
         ``N`` (1 to :data:`MAX_ROWS`): ``N`` rows for the row-based checks, the others
-        scaled by ``N / BASE_ROWS`` (about 80 s per 100,000 rows on 2 cores; see
+        scaled by ``N / BASE_ROWS`` (about 90 s per 100,000 rows on one core; see
         :func:`estimated_seconds`).
     backend : {"numpy", "cupy", "strict"}
         Array library the library's functions run on.
@@ -283,13 +367,19 @@ def run_verify(
         Theorem ids to check (default: every id of :data:`certattn.theorems.THEOREMS`).
     progress : bool, optional
         Progress bar on stderr; default: on a terminal or with ``CERTATTN_PROGRESS=1``.
+    jobs : int
+        Worker processes (1 to :data:`MAX_JOBS`), one check per task; the results are
+        those of ``jobs=1`` (each check draws from its own seeded generator), only the
+        seconds differ.
 
     Raises
     ------
     InputError
-        (a ``ValueError``) Unknown id or backend, ``rows`` not an integer in ``[1, MAX_ROWS]``.
+        (a ``ValueError``) Unknown id or backend, ``rows`` not an integer in ``[1, MAX_ROWS]``,
+        ``jobs`` not an integer in ``[1, MAX_JOBS]``.
     """
-    return list(iter_verify(rows, backend=backend, seed=seed, ids=ids, progress=progress))
+    return list(iter_verify(rows, backend=backend, seed=seed, ids=ids, progress=progress,
+                            jobs=jobs))
 
 
 def format_table(results: list[VerifyResult]) -> str:

@@ -139,16 +139,24 @@ def check_out_diameter(rows, *, xp, device, rng, progress):
     """OUT-DIAMETER: the chain ``|Attn - Attn_k| <= tail_head <= diameter <= diameter_all <=
     bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``), and on a tenth
     more rows where the whole chain is attained (two-point values) each bound's relative
-    slack below the error.  Tolerance ``64 n u`` with n = 128."""
+    slack below the error.  Tolerance ``64 n u`` with n = 128.  The step ``tail_head <=
+    diameter`` allows ``tail_head`` its own distance margin, ``tail_upper (sqrt(32 (d_v +
+    16) u) + 8u) C``: its distances come from ``|a|^2 - 2 a.b + |b|^2`` with a margin on the
+    squares (``_Centred.max_dist``), so where every valid value is the same (diameter 0) it
+    stays at about ``sqrt(u) C``."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
         ob = output_bounds(x, v, kept, diameters=True)
         err = _output_refs(xp, x64, v64, kept)[3]
+        dv = int(v.shape[-1])
+        slack = ob.tail_upper * (math.sqrt(32 * (dv + 16) * _U) + 8 * _U) * c
+        zero = xp.zeros_like(err)
         chain = (err, ob.tail_head, ob.diameter, ob.diameter_all, ob.bounded)
-        for a, b in itertools.pairwise(chain):
-            w.add(xp.maximum(xp.astype(a, xp.float64) - b, xp.zeros_like(err)) / (2 * c))
+        for i, (a, b) in enumerate(itertools.pairwise(chain)):
+            over = xp.astype(a, xp.float64) - b - (slack if i == 1 else zero)
+            w.add(xp.maximum(over, zero) / (2 * c))
     for x, x64, v, v64, kept in _tight_cases(ctx, max(1, rows // 10), (7, 32, 128), 128 + 64):
         ob = output_bounds(x, v, kept, diameters=True)
         _tight_slack(xp, w, _tight_error(xp, x64, v64, kept),

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ._common import Worst, _ctx, _split, longdouble_ok
+from ._common import Worst, _ctx, _split, _steps, longdouble_ok
 
 _KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
 
@@ -60,15 +60,17 @@ def check_quant_score(rows, *, xp, device, rng, progress):
         err = np.abs(keys.astype(ld) - khat.astype(ld))
         mag = np.abs(keys).astype(ld) + 1e-300
         w.add(np.where(np.isfinite(delta), (err - delta.astype(ld)) / mag, 0.0).astype(float))
-        q = ctx.rng.standard_normal((share, d)) * ctx.rng.choice([1e-3, 1.0, 30.0])
+        mag_q = ctx.rng.choice([1e-3, 1.0, 30.0])
         scale = 1.0 / math.sqrt(d)
-        lower, upper = qk.score_bounds(q, scale=scale)
-        pu = qk.page_upper(q, scale=scale)[:, qk.group_of]
-        s = (q.astype(ld) @ keys.astype(ld).T) * ld(scale)
-        norm = (np.linalg.norm(q, axis=1)[:, None] * np.linalg.norm(keys, axis=1)[None, :]
-                * scale + 1e-300).astype(ld)
-        for bound, sign in ((lower, -1.0), (upper, 1.0), (pu, 1.0)):
-            ex = sign * (s - bound.astype(ld)) / norm
-            w.add(np.where(np.isfinite(bound), ex, 0.0).astype(np.float64))
-        ctx.tick(share)
+        keys_ld, knorm = keys.astype(ld).T, np.linalg.norm(keys, axis=1)[None, :]
+        for r in _steps(share, 16 * n):  # bounded memory: chunks of queries
+            q = ctx.rng.standard_normal((r, d)) * mag_q
+            lower, upper = qk.score_bounds(q, scale=scale)
+            pu = qk.page_upper(q, scale=scale)[:, qk.group_of]
+            s = (q.astype(ld) @ keys_ld) * ld(scale)
+            norm = (np.linalg.norm(q, axis=1)[:, None] * knorm * scale + 1e-300).astype(ld)
+            for bound, sign in ((lower, -1.0), (upper, 1.0), (pu, 1.0)):
+                ex = sign * (s - bound.astype(ld)) / norm
+                w.add(np.where(np.isfinite(bound), ex, 0.0).astype(np.float64))
+            ctx.tick(r)
     return w.value, (1e-15 if longdouble_ok() else 1e-12)
