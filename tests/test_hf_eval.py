@@ -184,7 +184,7 @@ def test_cli_evaluate_bad_specs_are_one_line(tmp_path, capsys, policies, message
 def test_policy_specs_are_one_table():
     from certattn.hf._cli import SPECS, Spec, parse_policies
 
-    assert set(SPECS) == {"topk", "topp", "fixed", "window", "quest", "delta"}
+    assert set(SPECS) == {"topk", "topp", "fixed", "window", "quest", "delta", "cal"}
     SPECS["half"] = Spec("half", lambda spec, arg: WindowSinks(window=1))
     try:
         assert parse_policies("half") == [("half", WindowSinks(window=1))]
