@@ -95,10 +95,11 @@ only: the audit runs them by blocks of query rows of at least :data:`ROW_BLOCK_E
 scores, so that their ``(H, n, n)`` kept sets never exist whole (the results are the
 same)."""
 
-ROW_BLOCK_ELEMS = 2 * _topk_numba.AUTO_KEYS
+ROW_BLOCK_ELEMS = max(1 << 25, 2 * _topk_numba.AUTO_KEYS)
 """Least scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method:
-twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path, so that every
-block takes the path of the whole call (the layer is split into equal blocks)."""
+at least twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path
+(``_topk_numba.AUTO_KEYS``), so that every block takes the path of the whole call (the
+layer is split into equal blocks)."""
 
 DENSE = frozenset({"skyformer", "hybrid"})
 """Methods that form ``(H, n, n)`` float64 arrays (several at once) by construction."""
