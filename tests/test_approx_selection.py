@@ -338,3 +338,19 @@ def test_quant_fallback_cost_counts_estimates_and_keys_scored():
         window_sinks(q, k, v, fallback="quant", eps=0.1, bits=3)
     with pytest.raises(InputError, match="needs eps"):
         quest(q, k, v, fallback="quant")
+
+
+@pytest.mark.parametrize("to", ["search", "topk"])
+def test_quant_fallback_adds_the_bias_to_every_key_bound(to):
+    """The per-key bounds of fallback="quant" bound ``scale q.k + b``: a +30 bias on the
+    lowest-scoring key, which the window does not keep, holds 97% of the mass."""
+    import certattn
+    from certattn.approx.fallback import CertifiedFallback
+    from certattn.policies import WindowSinks
+
+    from ._exact_scores import check_rows, lifted_key_case
+
+    q, k, v, b = lifted_key_case(64)
+    pol = CertifiedFallback(WindowSinks(window=0, sinks=32), 0.05, bound="quant", to=to)
+    a = certattn.certify_attention(q, k, v, policy=pol, mask=b, scale=1.0)
+    check_rows(q, k, v, 1.0, np.asarray(a.kept), a.tail_upper, a.error_bound, bias=b)
