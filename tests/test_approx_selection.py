@@ -297,7 +297,7 @@ def test_quant_fallback_grows_the_kept_set_by_a_quantized_search(method):
     kw = {"window": 6, "sinks": 4} if method is window_sinks else {"budget": 8, "page_size": 4}
     for causal in (False, True):
         base = method(q, k, v, causal=causal, **kw)
-        s, p, _ = _dense(q, k, v, _causal(32) if causal else None)
+        _, p, _ = _dense(q, k, v, _causal(32) if causal else None)
         truly = 1.0 - np.sum(np.where(base.kept, p, 0.0), -1) > eps
         box = method(q, k, v, causal=causal, fallback="certified", eps=eps, **kw)
         for bits in (4, 8):
