@@ -151,13 +151,16 @@ def _explain(block: Array, offset: tuple[int, ...], check_masked: bool) -> None:
 
 
 def _topk_block(
-    block: Array, eps: float, masked_rows: str, block_info: dict | None = None
+    block: Array, eps: float, masked_rows: str, keys: int, block_info: dict | None = None
 ) -> np.ndarray:
-    """One block of rows (key axis last) through the NumPy certificate, as records."""
+    """One block of rows (key axis last) through the NumPy certificate, as records; the
+    compiled path's ``auto`` choice is the whole array's (``keys``), not the block's."""
+    from . import _topk_numba
     from .topk import certify_topk
 
     try:
-        cert = certify_topk(block, eps, axis=-1, masked_rows=masked_rows)
+        with _topk_numba.call_size(keys):
+            cert = certify_topk(block, eps, axis=-1, masked_rows=masked_rows)
     except ValueError:
         _explain(block, _offsets(block_info, block.ndim), masked_rows == "error")
         raise
@@ -299,7 +302,8 @@ def certify_topk_dask(
         raise ValueError(f"masked_rows must be 'error' or 'skip', got {masked_rows!r}")
     _check_float(logits)
     x = _key_last(logits, axis)
-    rec = _per_row(x, _topk_block, _TOPK, eps, masked_rows)
+    keys = 0 if any(math.isnan(d) for d in x.shape) else math.prod(x.shape)  # nan: unknown
+    rec = _per_row(x, _topk_block, _TOPK, eps, masked_rows, keys)
     fields = {name: rec[name] for name in _RESULTS}
     return DaskTopkCertificate(
         **fields, eps=eps, n=int(x.shape[-1]), axis=axis, _logits=logits, _rows=x,

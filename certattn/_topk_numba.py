@@ -3,9 +3,9 @@ r"""Compiled fast path of :func:`certattn.certify_topk` (``pip install "certattn
 Which path runs
 ---------------
 ``CERTATTN_KERNEL`` chooses, per call: ``auto`` (default: the compiled path when numba
-imports and the call is large enough to repay numba's start-up -- at least ``AUTO_KEYS``
-keys in all, or rows longer than ``STREAM_KEYS``, which the compiled path tiles in
-bounded memory -- else NumPy), ``numba`` (compiled; an error if numba is missing) or
+imports and the call has at least ``AUTO_KEYS`` = 2^16 keys in all, or rows longer than
+``STREAM_KEYS``, which the compiled path tiles in bounded memory -- else NumPy), ``numba``
+(compiled; an error if numba is missing) or
 ``numpy`` (the NumPy path of :mod:`certattn._topk_numpy`, which stays the reference and
 the fallback). Only NumPy inputs take either; ``array`` and ``triton`` choose the device
 kernels (:func:`certattn._backends.device_kernel`: the sort-free array kernel, CuPy's and
@@ -263,7 +263,14 @@ def kernels() -> Any:
     return _KERNELS
 
 
-AUTO_KEYS = 1 << 24  # `auto` takes the compiled path from this many keys per call
+AUTO_KEYS = 1 << 16
+"""``auto`` takes the compiled path (numba installed) from this many keys per call: a
+(16, 4096) batch.  Once loaded, the compiled path is faster at every size (3.3-3.8x from
+256 keys to 2^18, 4-5x above); what a process pays once is the load (importing numba
+and its disk-cached kernel, about 0.4 s).  Below 2^16 keys a call costs under 0.5 ms on
+either path and saves at most 0.35 ms, so over a thousand such calls would be needed to
+repay the load, and they stay on NumPy; from 2^16 up the compiled path serves every call
+(``benchmarks/certify_speed.py --break-even`` measures both)."""
 
 
 _CALL_KEYS: contextvars.ContextVar[int] = contextvars.ContextVar("certattn_keys", default=0)
@@ -279,12 +286,13 @@ def call_size(keys: int) -> contextlib.AbstractContextManager[None]:
 def chunk_function(rows: int | None = None, n: int | None = None) -> Any:
     """The per-chunk function of the compiled path, or None for the NumPy path.
 
-    With ``CERTATTN_KERNEL=auto`` and the call's size given, small calls stay on NumPy:
-    importing numba and loading a cached kernel costs about 0.4 s per process (the first
-    compile on a machine about 6 s), against 2-4x faster certification once loaded.  The
-    choice depends on the call's size only (an attention-level call's, within
-    :func:`call_size`), never on what the process did before, so a row's certificate is
-    reproducible bit for bit (dask workers, re-chunked batches).
+    With ``CERTATTN_KERNEL=auto`` and the call's size given, calls of fewer than
+    :data:`AUTO_KEYS` keys (with rows of at most ``STREAM_KEYS``) stay on NumPy: importing
+    numba and loading a cached kernel costs about 0.4 s once per process (the first
+    compile on a machine about 6 s), against 3-5x faster certification once loaded.  The
+    choice depends on the installation and on the call's size only (an attention-level
+    call's, within :func:`call_size`; a dask array's, whatever its chunks), never on what
+    the process did before, so a row's certificate is reproducible bit for bit.
     """
     want = choice()
     if want in ("numpy", "array", "triton"):  # array, triton: certattn._backends.device_kernel

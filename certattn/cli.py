@@ -539,8 +539,18 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise CLIError(f"--models takes minilm and/or smollm2, got {args.models!r}")
     if args.tokens < 16:
         raise CLIError(f"--tokens must be at least 16, got {args.tokens}")
+    only = None
+    if args.only is not None:
+        from .reproduce import SECTIONS
+
+        only = tuple(x.strip() for x in args.only.split(",") if x.strip())
+        bad = [x for x in only if x not in SECTIONS]
+        if bad or not only:
+            raise CLIError(f"--only takes a comma list of {', '.join(SECTIONS)}; got "
+                           f"{args.only!r}")
     out = _check_out_folder(args.out)
-    summary = reproduce(out, models=models, smollm2_tokens=args.tokens, quick=args.quick)
+    summary = reproduce(out, models=models, smollm2_tokens=args.tokens, quick=args.quick,
+                        only=only, full=args.full)
     _emit(summary.short_report() + "\n")
     return 0
 
@@ -880,6 +890,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models", default="minilm,smollm2", help="comma list: minilm,smollm2")
     r.add_argument("--tokens", type=int, default=1024, help="SmolLM2 context (default 1024)")
     r.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    r.add_argument("--only", metavar="SECTION[,SECTION]",
+                   help="run these sections only (identities, bounds, gaussian, output, "
+                   "budgets, search, skyformer, hybrid, fal, delta); the others are skipped")
+    r.add_argument("--full", action="store_true",
+                   help="paper-sized runs (Skyformer's SmolLM2 lengths up to 4096 tokens, "
+                   "150 Hedgehog steps); the default keeps the smallest sizes that show "
+                   "each effect")
     r.set_defaults(func=_cmd_reproduce)
 
     v = sub.add_parser(

@@ -277,3 +277,80 @@ def test_certified_fallback_policy_adds_the_bias_to_its_box_bound():
     pol = CertifiedFallback(WindowSinks(window=0, sinks=32), 0.05, page_size=8)
     a = certattn.certify_attention(q, k, v, policy=pol, mask=b, scale=1.0)
     check_rows(q, k, v, 1.0, np.asarray(a.kept), a.tail_upper, a.error_bound, bias=b)
+
+
+@pytest.mark.parametrize("method", [window_sinks, quest])
+def test_quant_fallback_grows_the_kept_set_by_a_quantized_search(method):
+    """Issue 24: fallback="quant" certifies the kept set from per-key estimate bounds;
+    a query falls back only where needed (every query whose set truly drops more than eps
+    falls back, by soundness), grows its set by scoring the best-bounded keys instead of
+    every key, and stays within eps against exact arithmetic."""
+    rng = np.random.default_rng(5)
+    u = np.array([1.0, 0.0, 0.0, 0.0])
+    q = 3 * u + 0.5 * rng.standard_normal((2, 32, 4))
+    k = 0.5 * rng.standard_normal((2, 32, 4))
+    v = rng.standard_normal((2, 32, 2))
+    k[:, :4] = 6 * u
+    k[1, :4] = 1.5 * u
+    k[1, 20:23] = 4 * u  # strong keys outside the window: the search finds them
+    eps = 0.05
+    kw = {"window": 6, "sinks": 4} if method is window_sinks else {"budget": 8, "page_size": 4}
+    for causal in (False, True):
+        base = method(q, k, v, causal=causal, **kw)
+        _, p, _ = _dense(q, k, v, _causal(32) if causal else None)
+        truly = 1.0 - np.sum(np.where(base.kept, p, 0.0), -1) > eps
+        box = method(q, k, v, causal=causal, fallback="certified", eps=eps, **kw)
+        for bits in (4, 8):
+            r = method(q, k, v, causal=causal, fallback="quant", eps=eps, bits=bits, **kw)
+            fell = r.params["fell_back"]
+            assert r.params["fallback_to"] == "search" and r.params["bits"] == bits
+            assert np.all(fell[truly]) and fell.mean() <= box.params["fell_back"].mean()
+            assert np.all(r.tail_upper <= eps)
+            np.testing.assert_array_equal(r.kept[~fell], base.kept[~fell])
+            assert np.all(r.kept >= base.kept)  # grown, never shrunk
+            nv = np.broadcast_to((_causal(32) if causal else np.ones((32, 32), bool)).sum(-1),
+                                 fell.shape)
+            # the search scores fewer keys than every visible one on some fallen queries
+            assert np.any(r.kept[fell].sum(-1) < nv[fell])
+            _check_exact(r, q, k, v, causal, eps=eps)
+
+
+def test_quant_fallback_cost_counts_estimates_and_keys_scored():
+    """The cost of a query served its base set: kept keys + (d bits / 8 + 2) / (2 d) per
+    unkept visible key + 4 d / (2 d) = 2 per quantization group holding one."""
+    from certattn.approx.fallback import CertifiedFallback
+
+    rng = np.random.default_rng(8)
+    q, k, v = _qkv(rng, h=1, n=64, d=8)
+    k[0, :2] *= 0.0
+    q[..., :] = 0.0  # uniform attention: one key's mass is 1/64
+    r = window_sinks(q, k, v, window=62, sinks=1, fallback="quant", eps=0.05, bits=4)
+    assert not r.params["fell_back"].any()  # tail 1/64 <= 0.05 certified
+    kept = r.kept.sum(-1)
+    unkept = 64 - kept
+    groups = np.array([len({j // 32 for j in np.flatnonzero(~r.kept[0, i])})
+                       for i in range(64)])
+    want = kept + (unkept * (8 * 4 / 8 + 2) + groups * 2 * 8 * 2) / 16.0
+    np.testing.assert_allclose(r.cost[0], want[0])
+    with pytest.raises(InputError, match="search"):
+        CertifiedFallback(None, 0.1, to="search")  # page boxes give no per-key bounds
+    with pytest.raises(InputError, match="bits"):
+        window_sinks(q, k, v, fallback="quant", eps=0.1, bits=3)
+    with pytest.raises(InputError, match="needs eps"):
+        quest(q, k, v, fallback="quant")
+
+
+@pytest.mark.parametrize("to", ["search", "topk"])
+def test_quant_fallback_adds_the_bias_to_every_key_bound(to):
+    """The per-key bounds of fallback="quant" bound ``scale q.k + b``: a +30 bias on the
+    lowest-scoring key, which the window does not keep, holds 97% of the mass."""
+    import certattn
+    from certattn.approx.fallback import CertifiedFallback
+    from certattn.policies import WindowSinks
+
+    from ._exact_scores import check_rows, lifted_key_case
+
+    q, k, v, b = lifted_key_case(64)
+    pol = CertifiedFallback(WindowSinks(window=0, sinks=32), 0.05, bound="quant", to=to)
+    a = certattn.certify_attention(q, k, v, policy=pol, mask=b, scale=1.0)
+    check_rows(q, k, v, 1.0, np.asarray(a.kept), a.tail_upper, a.error_bound, bias=b)

@@ -535,3 +535,12 @@ def test_library_errors_name_the_file_and_the_way_out(tmp_path, capsys):
     code, _, err = run(capsys, "certify", str(tmp_path / "m.npy"))
     line = _one_error_line(err)
     assert code == 2 and str(tmp_path / "m.npy") in line and "--masked-rows skip" in line
+
+
+@pytest.mark.parametrize("only", ["nope", "identities,nope", ",", ""])
+def test_reproduce_only_takes_section_names(only, tmp_path, capsys):
+    code, out, err = run(capsys, "reproduce", "--quick", "--only", only, "--out",
+                         str(tmp_path / "r"))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--only" in err and "identities" in err
+    assert not (tmp_path / "r").exists()  # refused before anything is written

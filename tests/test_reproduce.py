@@ -151,3 +151,78 @@ def test_delta_section_measures_recovery(quick_run) -> None:
     assert r["unsound"] == 0 and r["delta_bound_holds"] is True
     assert 0.0 <= r["window_rel_mean"] and r["delta_cost_frac"] >= r["window_cost_frac"]
     assert "96.54" in (out / "summary.md").read_text()
+
+
+def test_closing_lines_show_the_quantized_search(quick_run) -> None:
+    """Issue 24: the terminal report ends with the quantized search's keys scored (8-bit
+    and 4-bit estimates), the floor k_eps and the paper's figure, not only summary.md."""
+    _, summary, doc = quick_run
+    report = summary.short_report()
+    for n, v in doc["sections"]["search"]["results"]["minilm"]["by_n"].items():
+        line = next(x for x in report.splitlines() if f"quantized search minilm n = {n}:" in x)
+        assert f"8-bit {v['quant8_scored']:.1f}" in line
+        assert f"4-bit {v['quant4_scored']:.1f}" in line
+        assert f"floor k_eps {v['exact_k_eps']:.1f}" in line
+
+
+def test_only_runs_the_named_sections(tmp_path: Path) -> None:
+    s = reproduce(tmp_path, models=("minilm",), quick=True, progress=False,
+                  only=("identities", "gaussian"))
+    assert set(s.sections) == set(SECTIONS)  # every section is still listed
+    ran = {n for n, sec in s.sections.items() if sec.status != "skipped"}
+    assert ran == {"identities", "gaussian"}
+    assert s.sections["search"].reason == "not selected (--only)"
+    assert "skipped" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(ValueError, match="unknown section"):
+        reproduce(tmp_path, quick=True, progress=False, only=("identities", "nope"))
+
+
+def test_full_sizes_are_the_papers(tmp_path: Path) -> None:
+    from certattn.reproduce import SIZES
+    from certattn.reproduce.hybrid import FIT
+    from certattn.reproduce.skyformer import SMOLLM2_NS
+
+    try:
+        SIZES.use(True)
+        assert SIZES.skyformer_ns == SMOLLM2_NS and SIZES.hedgehog_steps == FIT["steps"]
+        SIZES.use(False)
+        assert set(SIZES.skyformer_ns) < set(SMOLLM2_NS)
+        assert SIZES.hedgehog_steps < FIT["steps"]
+        reproduce(tmp_path, models=("minilm",), quick=True, progress=False, full=True,
+                  only=("identities",))
+        assert SIZES.full is True  # set by the run
+    finally:
+        SIZES.use(False)
+
+
+def test_signals_are_shared_and_sliced(monkeypatch) -> None:
+    """A causal model's forward of a prefix (fewer layers) is served from a kept one."""
+    import certattn.approx.fal as fal
+    from certattn.reproduce import _approx
+
+    calls = []
+
+    class Causal:
+        causal = True
+
+    def fake(model, ids, n_layers=None):
+        calls.append((len(ids), n_layers))
+        n, L = len(ids), n_layers or 3
+        return fal.LayerSignals("llama", np.asarray(ids), np.zeros((L, n, 2)),
+                                np.zeros((L, n, 2)), np.zeros((L, n, 2)),
+                                [np.arange(n)[None, :, None] * (i + 1) for i in range(L)],
+                                [np.zeros((1, n, 1))] * L, [np.zeros((1, n, 1))] * L)
+
+    monkeypatch.setattr(fal, "layer_signals", fake)
+    m = Causal()
+    try:
+        full = _approx.signals(m, [5, 6, 7, 8])
+        part = _approx.signals(m, [5, 6], n_layers=2)
+        again = _approx.signals(m, [5, 6, 7, 8])
+        other = _approx.signals(m, [9, 9], n_layers=2)
+    finally:
+        _approx.forget_signals()
+    assert calls == [(4, None), (2, 2)]  # the prefix and the repeat were served
+    assert part.attn_out.shape == (2, 2, 2) and len(part.queries) == 2
+    np.testing.assert_array_equal(part.queries[1], full.queries[1][:, :2])
+    assert again is not None and other.token_ids.tolist() == [9, 9]

@@ -337,6 +337,8 @@ def test_kernel_setting(monkeypatch):
     assert nbk.chunk_function() is nbk.certify_chunk
     assert nbk.chunk_function(4, 300) is None  # small calls stay on NumPy under auto
     assert nbk.chunk_function(1 << 12, 1 << 12) is nbk.certify_chunk
+    assert nbk.chunk_function(16, 4096) is nbk.certify_chunk  # AUTO_KEYS = 2^16: compiled
+    assert nbk.chunk_function(15, 4096) is None
     assert nbk.chunk_function(1, nbk.STREAM_KEYS + 1) is nbk.certify_chunk  # long rows stream
     monkeypatch.setattr(nbk, "kernels", lambda: None)  # as without numba
     assert nbk.chunk_function() is None  # auto falls back to NumPy quietly
@@ -463,3 +465,24 @@ def test_verify_checks_the_compiled_path_too(monkeypatch):
     monkeypatch.setenv("CERTATTN_KERNEL", "numpy")  # forced() overrides it per case
     (res,) = run_verify(2000, ids=["TOPK-MINIMAL"], progress=False)
     assert res.passed and calls
+
+
+def test_dask_blocks_take_the_whole_arrays_path(monkeypatch):
+    """A dask array's blocks take the path of the whole array under ``auto`` (chunking
+    changes nothing): compiled for every block of an array of AUTO_KEYS keys or more,
+    however small its blocks, NumPy for every block of a smaller array."""
+    da = pytest.importorskip("dask.array")
+    monkeypatch.setenv("CERTATTN_KERNEL", "auto")
+    calls = []
+    real = nbk.certify_chunk
+    monkeypatch.setattr(nbk, "certify_chunk", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = np.random.default_rng(7).normal(0, 3, (32, 4096)).astype(np.float32)
+    ref, ref_small = _certify(x, 0.01, "numba").k, _certify(x[:8], 0.01, "numpy").k
+    calls.clear()
+    lazy = certattn.certify_topk(da.from_array(x, chunks=(4, 4096)), 0.01)
+    np.testing.assert_array_equal(lazy.k.compute(scheduler="sync"), ref)
+    assert len(calls) == 8 and all(r * n < nbk.AUTO_KEYS for r, n in calls)
+    calls.clear()
+    small = certattn.certify_topk(da.from_array(x[:8], chunks=(4, 4096)), 0.01)
+    np.testing.assert_array_equal(small.k.compute(scheduler="sync"), ref_small)
+    assert not calls

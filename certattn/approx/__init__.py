@@ -8,7 +8,9 @@ key-equivalents, sound tail and output-error bounds where the theory gives them)
 * :func:`window_sinks` (StreamingLLM) and :func:`quest` (Quest pages): kept sets, certified
   by Theorems TV-TAIL (:math:`\mathrm{TV} = 1 - P(H)`) and OUT-HEAD-TAIL / OUT-BEST;
   ``fallback="certified"`` certifies them from page boxes without scoring the dropped keys
-  (:mod:`certattn.approx.fallback`, BLOCK-BOUNDS + BLOCK-SCORE).
+  (:mod:`certattn.approx.fallback`, BLOCK-BOUNDS + BLOCK-SCORE), ``fallback="quant"``
+  from one bound per dropped key read off low-bit key estimates (QUANT-SCORE), with a
+  quantized certified search for the queries whose kept set it does not certify.
 * :func:`delta_correct` (Delta Attention): sparse base + anchor-row corrections, with the
   sound per-row bound of Theorem DELTA-ERROR.
 * :func:`skyformer` (Nystrom kernel attention, as published) and :func:`kernel_attention`;
@@ -28,7 +30,7 @@ from __future__ import annotations
 from ._result import ApproxResult
 from .delta import delta_correct
 from .fal import LayerSignals, fal_profile, layer_signals, linear_cka, mean_cosine
-from .fallback import CertifiedFallback, box_tail_upper
+from .fallback import CertifiedFallback, box_tail_upper, key_tail_upper
 from .hybrid import (
     FeatureMaps,
     HybridUsage,
@@ -59,6 +61,7 @@ __all__ = [
     "hybrid_usage",
     "identity_maps",
     "kernel_attention",
+    "key_tail_upper",
     "layer_signals",
     "linear_cka",
     "mean_cosine",

@@ -31,6 +31,7 @@ UNCERTIFIED = {
 COVERED_BY = {
     "certattn.greedy_block_set": "the CertifiedBlocks policy",
     "certattn.approx.box_tail_upper": "the CertifiedFallback policy",
+    "certattn.approx.key_tail_upper": "the CertifiedFallback policy (bound='quant')",
 }
 """Bound-returning building blocks that take block bounds rather than an attention case;
 the matrix reaches them through the named policy."""
@@ -38,11 +39,16 @@ the matrix reaches them through the named policy."""
 register_policy(
     CertifiedFallback,
     lambda: [CertifiedFallback(WindowSinks(3, 1), 0.1, page_size=4),
-             CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, to="dense")],
+             CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, to="dense"),
+             CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search", bits=2,
+                               group=4),
+             CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
+                               to="search", bits=4, group=3)],
     module=importlib.import_module(__package__),
 )
 
-_FALLBACK = [("plain", {}), ("fallback=certified", {"fallback": "certified", "eps": 0.1})]
+_FALLBACK = [("plain", {}), ("fallback=certified", {"fallback": "certified", "eps": 0.1}),
+             ("fallback=quant", {"fallback": "quant", "eps": 0.1, "bits": 2})]
 
 
 def _approx_claim(r: Any) -> Claim:

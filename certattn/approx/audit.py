@@ -28,7 +28,10 @@ Methods
 **params) -> ApproxResult`` built from :data:`METHOD_TABLE` (``"module:function"``), imported
 lazily on first call, so a method whose module is absent (another branch) is reported as
 unavailable instead of breaking the audit.  :data:`PRESETS` adds the audit's parameters
-(``window_sinks_certified`` = ``window_sinks(fallback="certified", eps=eps)``, ...).
+(``window_sinks_certified`` = ``window_sinks(fallback="quant", eps=eps)``: the window
+certified from 4-bit key estimates of the keys it drops, Theorem QUANT-SCORE, and a
+quantized certified search where that does not certify eps; ``quest_certified`` the same
+over Quest's pages).
 """
 
 from __future__ import annotations
@@ -78,8 +81,8 @@ METHOD_TABLE: dict[str, str] = {
 """Method name -> ``"module:function"`` (imported on first use)."""
 
 PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
-    "window_sinks_certified": lambda n, eps: {"fallback": "certified", "eps": eps},
-    "quest_certified": lambda n, eps: {"fallback": "certified", "eps": eps},
+    "window_sinks_certified": lambda n, eps: {"fallback": "quant", "eps": eps},
+    "quest_certified": lambda n, eps: {"fallback": "quant", "eps": eps},
 }
 """Extra keyword arguments per method name, from the context length ``n`` and ``eps``."""
 
@@ -95,10 +98,11 @@ only: the audit runs them by blocks of query rows of at least :data:`ROW_BLOCK_E
 scores, so that their ``(H, n, n)`` kept sets never exist whole (the results are the
 same)."""
 
-ROW_BLOCK_ELEMS = 2 * _topk_numba.AUTO_KEYS
+ROW_BLOCK_ELEMS = max(1 << 25, 2 * _topk_numba.AUTO_KEYS)
 """Least scores (heads x query rows x keys) per block of a :data:`ROW_SEPARABLE` method:
-twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path, so that every
-block takes the path of the whole call (the layer is split into equal blocks)."""
+at least twice the size from which ``CERTATTN_KERNEL=auto`` takes the compiled path
+(``_topk_numba.AUTO_KEYS``), so that every block takes the path of the whole call (the
+layer is split into equal blocks)."""
 
 DENSE = frozenset({"skyformer", "hybrid"})
 """Methods that form ``(H, n, n)`` float64 arrays (several at once) by construction."""

@@ -39,11 +39,19 @@ from typing import Any
 import numpy as np
 
 from .._fp import add_up
-from .._validate import InputError, check_eps
+from .._validate import InputError, check_eps, check_int_option
 from ..blocks import block_tail_bounds
 from ..policies import Pages, Selection, TopK, _block_visible, page_upper_bounds, slack_budget
+from ..quant import BITS, QuantKeys, quantize_keys
 
-__all__ = ["METADATA_PER_PAGE", "CertifiedFallback", "box_tail_upper", "pages_visible"]
+__all__ = [
+    "METADATA_PER_PAGE",
+    "CertifiedFallback",
+    "box_tail_upper",
+    "key_tail_upper",
+    "pages_visible",
+    "quant_score_upper",
+]
 
 Array = Any
 
@@ -133,19 +141,143 @@ def box_tail_upper(
     return hi, pages_read
 
 
+def _quant_keys(ctx: Any, bits: int, group: int) -> tuple[list[QuantKeys], tuple[int, ...]]:
+    """The chunk's keys quantized once per call (:func:`certattn.quant.quantize_keys`,
+    per leading index of ``ctx.keys``), cached in ``ctx.cache``."""
+    keys = np.asarray(ctx.keys, dtype=np.float64)
+    lead = keys.shape[:-2]
+    key = f"quant:{bits}:{group}"
+    hit = ctx.cache.get(key)
+    if hit is None or hit[1] != keys.shape:
+        flat = keys.reshape(-1, *keys.shape[-2:])
+        hit = ([quantize_keys(k, bits, group=group) for k in flat], keys.shape)
+        ctx.cache[key] = hit
+    return hit[0], lead
+
+
+def quant_score_upper(ctx: Any, bits: int = 4, group: int = 32) -> tuple[Array, QuantKeys]:
+    r"""Upper bounds on every exact score of the chunk from ``bits``-bit key estimates.
+
+    Theorem QUANT-SCORE (:meth:`certattn.quant.QuantKeys.score_bounds`): the keys are
+    quantized per channel in groups of ``group`` consecutive keys, and every exact score
+    :math:`\mathrm{scale}\,q\cdot k_i` is at most the estimate's bound :math:`U_i`; with an
+    additive mask bias (``ctx.bias``) the bound adds the key's bias, rounded up
+    (:func:`certattn._fp.add_up`), so it bounds the exact logit ``scale q.k + b``.
+
+    Parameters
+    ----------
+    ctx : certattn.policies.Context
+        The chunk (queries ``(..., m, d)``, keys ``(..., n, d)``, scale, bias).
+    bits, group : int
+        Code width (2, 4 or 8) and keys per quantization group.
+
+    Returns
+    -------
+    (upper, quantized) : float64 array ``(..., m, n)``, QuantKeys
+        The bounds (``+inf`` where a bound overflows: fails closed) and the first key
+        head's quantized keys (their ``key_bytes`` and ``meta_bytes`` price the reads).
+    """
+    qks, lead = _quant_keys(ctx, bits, group)
+    queries = np.asarray(ctx.queries, dtype=np.float64)
+    shape = np.broadcast_shapes(queries.shape[:-2], lead)
+    qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
+    kidx = np.broadcast_to(np.arange(len(qks)).reshape(lead), shape)
+    m, n = queries.shape[-2], qks[0].n_keys
+    upper = np.empty((*shape, m, n))
+    for idx in np.ndindex(*shape):
+        upper[idx] = qks[int(kidx[idx])].score_bounds(qb[idx], scale=ctx.scale)[1]
+    bias = getattr(ctx, "bias", None)
+    if bias is not None:
+        upper = add_up(upper, np.broadcast_to(np.asarray(bias, dtype=np.float64),
+                                              upper.shape), np)
+    return upper, qks[0]
+
+
+def key_tail_upper(scores: Array, valid: Array, kept: Array, upper: Array) -> Array:
+    r"""Sound bound on the dropped mass of ``kept`` from one score bound per unkept key.
+
+    Theorem BLOCK-BOUNDS with an exact head and one-key blocks (the form of SEARCH-SOUND):
+    the kept keys enter with their computed scores, every visible unkept key :math:`i` with
+    its bound :math:`U_i \ge s_i`,
+
+    .. math::
+        \bar\tau = \frac{\sum_{i \notin H} e^{U_i}}{\sum_{j\in H} e^{s_j}
+        + \sum_{i\notin H} e^{U_i}} \ge \tau(H),
+
+    evaluated by :func:`certattn.blocks.block_tail_bounds` (log space, rounded up).  The
+    unkept keys' ``scores`` are not read.  As for :func:`box_tail_upper`, the bound is
+    about the computed head scores (the house widens it by the score slack).
+
+    Returns
+    -------
+    float64 array (..., m)
+        The bound; 0 where no visible key is dropped, 1 where nothing is kept.
+    """
+    kept = kept & valid
+    unscored = valid & ~kept
+    has_tail = np.any(unscored, axis=-1)
+    if not np.any(has_tail):
+        return np.zeros(kept.shape[:-1])
+    head = np.where(kept, scores, -np.inf)
+    hi_all = np.where(kept, scores, np.where(unscored, upper, -np.inf))
+    _, hi = block_tail_bounds(head, hi_all, valid.astype(np.float64), kept)
+    hi = np.where(has_tail, hi, 0.0)
+    return np.where(np.any(kept, axis=-1), hi, 1.0)
+
+
+def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
+                      budget: float) -> Array:
+    """Keys to add to ``kept`` (best bound first) until the estimated tail is within
+    ``budget`` (a choice, not a certificate: the caller certifies the result)."""
+    rest = valid & ~kept
+    with np.errstate(over="ignore", invalid="ignore"):
+        ub = np.where(rest, upper, -np.inf)
+        order = np.argsort(-ub, axis=-1, kind="stable")
+        top = np.max(np.where(kept, scores, -np.inf), axis=-1, keepdims=True)
+        shift = np.maximum(top, np.max(ub, axis=-1, keepdims=True))
+        shift = np.where(np.isfinite(shift), shift, 0.0)
+        e_h = np.sum(np.where(kept, np.exp(scores - shift), 0.0), axis=-1, keepdims=True)
+        e_u = np.take_along_axis(np.where(rest, np.exp(ub - shift), 0.0), order, axis=-1)
+        e_s = np.take_along_axis(np.where(rest, np.exp(scores - shift), 0.0), order, axis=-1)
+        n = rest.shape[-1]
+        x = np.zeros((*rest.shape[:-1], n + 1))
+        x[..., :-1] = np.cumsum(e_u[..., ::-1], axis=-1)[..., ::-1]
+        z = np.concatenate([e_h, e_h + np.cumsum(e_s, axis=-1)], axis=-1)
+        ok = x <= budget * (1.0 - 1e-6) * (z + x)
+    ok[..., -1] = True  # every key scored
+    t = np.argmax(ok, axis=-1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(n), axis=-1)
+    return rest & (rank < t[..., None])
+
+
 @dataclass(frozen=True)
 class CertifiedFallback:
-    r"""Serve a base kept set where its box bound certifies ``eps``; else Top-k or dense.
+    r"""Serve a base kept set where a bound certifies ``eps``; else extend it, Top-k or dense.
 
-    Per query: the base policy's kept set :math:`H`, its bound :func:`box_tail_upper`
-    (no unkept key scored).  If the bound is at most ``eps`` the base set is served
-    (``tail_upper`` = that bound); otherwise every visible key is scored and the query gets
-    the certified Top-k for ``eps`` (``to="topk"``; Theorem TV-TAIL, :math:`\bar\tau \le`
-    ``eps``) or dense attention (``to="dense"``, :math:`\tau = 0`).  Both certify the
-    budget :func:`certattn.policies.slack_budget` on the computed scores, so every query's
-    ``tail_upper`` (the house's bound for the exact scores) is at most ``eps``.
+    Per query: the base policy's kept set :math:`H` and a bound on its dropped mass that
+    scores no unkept key: from page boxes (``bound="box"``, :func:`box_tail_upper`) or
+    from one bound per unkept key, read off ``bits``-bit key estimates (``bound="quant"``,
+    Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  If the
+    bound is at most ``eps`` the base set is served (``tail_upper`` = that bound);
+    otherwise the query falls back to
 
-    The box bound adds the additive mask bias (``ctx.bias``) when there is one.
+    * ``to="search"`` (``bound="quant"`` only): a quantized certified search seeded with
+      :math:`H`: the unkept keys are scored in decreasing estimate bound until the bound
+      of the grown set certifies ``eps`` (Theorem SEARCH-SOUND with one-key cells, as in
+      ``certified_search(method="quant")``; the estimates are already read);
+    * ``to="topk"``: every visible key scored, the certified Top-k (Theorem TV-TAIL);
+    * ``to="dense"``: dense attention (:math:`\tau = 0`).
+
+    All certify the budget :func:`certattn.policies.slack_budget` on the computed scores, so
+    every query's ``tail_upper`` (the house's bound for the exact scores) is at most
+    ``eps``; a grown set whose sound bound misses it (rounding) is served dense.  Every
+    bound adds the additive mask bias (``ctx.bias``) when there is one.
+
+    Cost, in key-equivalents (``2 d`` bytes, one float16 key): keys scored, plus the
+    bound's reads: :data:`METADATA_PER_PAGE` per page box, or each unkept key's estimate
+    (``d bits / 8`` bytes of codes and 2 of residual norm) and ``4 d`` bytes of metadata
+    per quantization group holding one.
     """
 
     base: Any
@@ -153,11 +285,21 @@ class CertifiedFallback:
     page_size: int = 16
     to: str = "topk"
     name: str = "certified_fallback"
+    bound: str = "box"
+    bits: int = 4
+    group: int = 32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
-        if self.to not in ("topk", "dense"):
-            raise InputError(f"fallback target must be 'topk' or 'dense', got {self.to!r}")
+        if self.to not in ("topk", "dense", "search"):
+            raise InputError(f"fallback target must be 'topk', 'dense' or 'search', got "
+                             f"{self.to!r}")
+        if self.bound not in ("box", "quant"):
+            raise InputError(f"fallback bound must be 'box' or 'quant', got {self.bound!r}")
+        if self.to == "search" and self.bound != "quant":
+            raise InputError("fallback target 'search' needs bound='quant' (per-key bounds)")
+        check_int_option(self.bits, name="bits", choices=BITS, optional=False)
+        check_int_option(self.group, name="group", optional=False)
         if isinstance(self.page_size, bool) or int(self.page_size) != self.page_size or \
                 self.page_size < 1:
             raise InputError(f"page_size must be an integer >= 1, got {self.page_size!r}")
@@ -165,28 +307,54 @@ class CertifiedFallback:
     def select(self, scores: Array, valid: Array, ctx: Any) -> Selection:
         return self.select_with_info(scores, valid, ctx)[0]
 
+    def _bound(self, scores: Array, valid: Array, kept: Array, ctx: Any
+               ) -> tuple[Array, Array, Array | None]:
+        """``(bound, reads, upper)``: the base set's bound, the key-equivalents its reads
+        cost, and the per-key bounds (``bound="quant"``; None for boxes)."""
+        d = int(np.shape(ctx.keys)[-1])
+        if self.bound == "box":
+            box, pages_read = box_tail_upper(scores, valid, kept, ctx, self.page_size)
+            if isinstance(self.base, Pages) and self.base.page_size == self.page_size:
+                meta = METADATA_PER_PAGE * pages_visible(valid, self.page_size)
+            else:
+                meta = METADATA_PER_PAGE * pages_read
+            return box, meta, None
+        upper, qk = quant_score_upper(ctx, self.bits, self.group)
+        unkept = valid & ~kept
+        groups = np.sum(_page_sums(unkept.astype(np.float64), qk.group) > 0, axis=-1)
+        reads = (np.sum(unkept, axis=-1) * qk.key_bytes + groups * qk.meta_bytes) / (2.0 * d)
+        if isinstance(self.base, Pages):
+            reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
+        return key_tail_upper(scores, valid, kept, upper), reads, upper
+
     def select_with_info(self, scores: Array, valid: Array, ctx: Any) -> tuple[Selection, dict]:
         scores, valid = np.asarray(scores), np.asarray(valid)
         sel = self.base.select(scores, valid, ctx)
         kept = np.asarray(sel.kept) & valid
-        box, pages_read = box_tail_upper(scores, valid, kept, ctx, self.page_size)
+        bound, reads, upper = self._bound(scores, valid, kept, ctx)
         # the house widens the bound by the score slack (the head's scores are computed
         # ones): certify the shrunk budget so the widened bound stays within eps
-        ok = box <= slack_budget(self.eps, ctx)
+        budget = slack_budget(self.eps, ctx)
+        ok = bound <= budget
         n_kept = np.sum(kept, axis=-1).astype(np.float64)
         n_valid = np.sum(valid, axis=-1).astype(np.float64)
-        if isinstance(self.base, Pages) and self.base.page_size == self.page_size:
-            meta = METADATA_PER_PAGE * pages_visible(valid, self.page_size)
-        else:
-            meta = METADATA_PER_PAGE * pages_read
-        if self.to == "topk":
+        if self.to == "search":
+            grown = kept | _extend_by_bounds(scores, valid, kept, upper, budget)
+            g_tail = key_tail_upper(scores, valid, grown, upper)
+            sound = g_tail <= budget  # else (rounding): dense, whose tail is 0
+            fb_kept = np.where(sound[..., None], grown, valid)
+            fb_tail = np.where(sound, g_tail, 0.0)
+        elif self.to == "topk":
             fb = TopK(self.eps).select(scores, valid, ctx)
             fb_kept, fb_tail = np.asarray(fb.kept) & valid, np.asarray(fb.tail_upper)
         else:
-            fb_kept, fb_tail = valid, np.zeros_like(box)
+            fb_kept, fb_tail = valid, np.zeros_like(bound)
+        if self.to != "search":  # the fallback scores every visible key
+            n_fb = np.broadcast_to(n_valid, bound.shape)
+        else:
+            n_fb = np.sum(fb_kept, axis=-1).astype(np.float64)
         out_kept = np.where(ok[..., None], kept, fb_kept)
-        tail = np.where(ok, box, fb_tail)
-        scored = np.where(ok, n_kept, n_valid).astype(np.int64)
-        cost = np.where(ok, n_kept, n_valid) + meta
-        info = {"cost": cost, "fell_back": ~ok}
-        return Selection(kept=out_kept, tail_upper=tail, scored=scored), info
+        tail = np.where(ok, bound, fb_tail)
+        scored = np.where(ok, n_kept, n_fb)
+        info = {"cost": scored + reads, "fell_back": ~ok}
+        return Selection(kept=out_kept, tail_upper=tail, scored=scored.astype(np.int64)), info

@@ -243,13 +243,16 @@ def _context_length(k: Any) -> int:
 
 
 def _fallback_policy(base: Any, fallback: str | None, eps: float | None, page_size: int,
-                     mask: Any, to: str) -> Any:
+                     mask: Any, to: str | None, bits: int) -> Any:
     if fallback is None:
         return base
-    if fallback != "certified":
-        raise InputError(f"fallback must be None or 'certified', got {fallback!r}")
+    if fallback not in ("certified", "quant"):
+        raise InputError(f"fallback must be None, 'certified' or 'quant', got {fallback!r}")
     if eps is None:
-        raise InputError("fallback='certified' needs eps (the TV budget)")
+        raise InputError(f"fallback={fallback!r} needs eps (the TV budget)")
+    if fallback == "quant":
+        return CertifiedFallback(base, eps, page_size=page_size, to=to or "search",
+                                 bound="quant", bits=bits)
     if mask is not None:
         _, bias = normalize_mask(np.asarray(mask))
         if bias is not None and np.any(bias != 0):
@@ -257,7 +260,7 @@ def _fallback_policy(base: Any, fallback: str | None, eps: float | None, page_si
                 "fallback='certified' bounds scale q.k from page boxes: give a boolean mask "
                 "(an additive mask with finite biases is not covered)"
             )
-    return CertifiedFallback(base, eps, page_size=page_size, to=to)
+    return CertifiedFallback(base, eps, page_size=page_size, to=to or "topk")
 
 
 def window_sinks(
@@ -273,7 +276,8 @@ def window_sinks(
     kv_heads: int | Sequence[int] | None = None,
     fallback: str | None = None,
     eps: float | None = None,
-    fallback_to: str = "topk",
+    fallback_to: str | None = None,
+    bits: int = 4,
     page_size: int = 16,
     return_weights: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
@@ -293,12 +297,20 @@ def window_sinks(
         Defaults :func:`default_window`, :func:`default_sinks` of ``Lk``.
     mask, causal, scale, kv_heads
         As in :func:`certattn.certify_attention`.
-    fallback : {None, "certified"}
+    fallback : {None, "certified", "quant"}
         ``"certified"``: certify each query's window from page boxes of the keys it does not
         score (:func:`box_tail_upper`); queries whose bound exceeds ``eps`` get the certified
-        Top-k (``fallback_to="topk"``) or dense attention (``"dense"``).
+        Top-k (``fallback_to="topk"``, the default) or dense attention (``"dense"``).
+        ``"quant"``: certify it from one bound per unscored key, read off ``bits``-bit key
+        estimates (Theorem QUANT-SCORE, :func:`key_tail_upper`); queries whose bound
+        exceeds ``eps`` grow their kept set by a quantized certified search
+        (``fallback_to="search"``, the default) or get Top-k or dense attention.
     eps : float, optional
         TV budget of the fallback.
+    fallback_to : {None, "topk", "dense", "search"}
+        What a query whose bound exceeds ``eps`` gets (None: the fallback's default).
+    bits : {2, 4, 8}
+        Code width of the key estimates of ``fallback="quant"`` (groups of 32 keys).
     page_size : int
         Page size of the fallback's boxes.
     return_weights : bool
@@ -308,18 +320,21 @@ def window_sinks(
     -------
     ApproxResult
         ``cost`` = keys kept (+ 2 per page box read and every visible key on queries that
-        fall back); ``params`` has ``window``, ``sinks`` (and ``eps``, ``fell_back``,
-        ``fallback_rate`` with the fallback).
+        fall back; with ``fallback="quant"``, + the estimates read, in float16 keys, and
+        the keys the search scores); ``params`` has ``window``, ``sinks`` (and ``eps``,
+        ``fell_back``, ``fallback_rate`` with the fallback).
     """
     n = _context_length(k)
     window = default_window(n) if window is None else window
     sinks = default_sinks(n) if sinks is None else sinks
     base = WindowSinks(window=window, sinks=sinks)
-    pol = _fallback_policy(base, fallback, eps, page_size, mask, fallback_to)
+    pol = _fallback_policy(base, fallback, eps, page_size, mask, fallback_to, bits)
     params: dict[str, Any] = {"window": base.window, "sinks": base.sinks}
     if fallback is not None:
-        params.update(eps=pol.eps, fallback=fallback, fallback_to=fallback_to,
+        params.update(eps=pol.eps, fallback=fallback, fallback_to=pol.to,
                       page_size=page_size)
+        if fallback == "quant":
+            params.update(bits=pol.bits)
     return run_policy(
         q, k, v, pol, method="window_sinks", params=params, mask=mask, causal=causal,
         scale=scale, kv_heads=kv_heads, chunk_elems=chunk_elems, return_weights=return_weights,
@@ -339,7 +354,8 @@ def quest(
     kv_heads: int | Sequence[int] | None = None,
     fallback: str | None = None,
     eps: float | None = None,
-    fallback_to: str = "topk",
+    fallback_to: str | None = None,
+    bits: int = 4,
     return_weights: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
 ) -> ApproxResult:
@@ -368,10 +384,12 @@ def quest(
     budget = default_budget(n, page_size if isinstance(page_size, int) else 16) \
         if budget is None else budget
     base = Pages(budget=budget, page_size=page_size)
-    pol = _fallback_policy(base, fallback, eps, base.page_size, mask, fallback_to)
+    pol = _fallback_policy(base, fallback, eps, base.page_size, mask, fallback_to, bits)
     params: dict[str, Any] = {"budget": base.budget, "page_size": base.page_size}
     if fallback is not None:
-        params.update(eps=pol.eps, fallback=fallback, fallback_to=fallback_to)
+        params.update(eps=pol.eps, fallback=fallback, fallback_to=pol.to)
+        if fallback == "quant":
+            params.update(bits=pol.bits)
     return run_policy(
         q, k, v, pol, method="quest", params=params, mask=mask, causal=causal, scale=scale,
         kv_heads=kv_heads, chunk_elems=chunk_elems, return_weights=return_weights,

@@ -42,8 +42,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._approx import forget_signals
 from ._runs import load_runs, row_stats
-from ._summary import EPS_GRID, PAPER, SECTION_MD, Progress, Section, Summary
+from ._summary import EPS_GRID, PAPER, SECTION_MD, SIZES, Progress, Section, Summary
 from .bounds import _bounds
 from .budgets import _budgets
 from .delta import TITLE as _DELTA_TITLE
@@ -59,7 +60,7 @@ from .search import _search
 from .skyformer import TITLE as _SKY_TITLE
 from .skyformer import _md_skyformer, _skyformer
 
-__all__ = ["EPS_GRID", "PAPER", "Summary", "reproduce"]
+__all__ = ["EPS_GRID", "PAPER", "SECTIONS", "SIZES", "Summary", "reproduce"]
 
 _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("identities", "Identity checks: TV = tail mass, TV = 1 - exp(-KL)", _identities),
@@ -74,6 +75,22 @@ _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("delta", _DELTA_TITLE, _delta),
 )
 SECTION_MD.update(skyformer=_md_skyformer, hybrid=_md_hybrid, fal=_md_fal, delta=_md_delta)
+
+
+SECTIONS: tuple[str, ...] = tuple(name for name, _, _ in _SECTIONS)
+"""Section names, in the order they run (``--only`` takes a comma list of them)."""
+
+
+def _check_only(only: Sequence[str] | None) -> tuple[str, ...]:
+    """The sections to run: all, or ``only`` (unknown or empty names: ValueError)."""
+    if only is None:
+        return SECTIONS
+    names = tuple(str(x).strip() for x in only)
+    bad = [x for x in names if x not in SECTIONS]
+    if bad or not names:
+        raise ValueError(f"unknown section(s) {', '.join(bad) or '(none given)'}; choose from "
+                         f"{', '.join(SECTIONS)}")
+    return names
 
 
 def _progress_printer(progress: Progress | bool | None) -> Progress:
@@ -103,6 +120,8 @@ def reproduce(
     smollm2_tokens: int = 1024,
     quick: bool = False,
     progress: Progress | bool | None = None,
+    only: Sequence[str] | None = None,
+    full: bool = False,
 ) -> Summary:
     """Check the paper's claims on real attention; write figures and a summary.
 
@@ -121,6 +140,12 @@ def reproduce(
     progress : callable, bool or None
         ``progress(stage, done, total)``; ``True`` / ``None`` print a bar on stderr
         (``None``: only on a terminal or with ``CERTATTN_PROGRESS=1``); ``False``: silent.
+    only : sequence of str, optional
+        Run these sections only (names of :data:`SECTIONS`); the others are recorded as
+        ``skipped``.
+    full : bool
+        Paper-sized runs where the default is smaller (Skyformer's SmolLM2 lengths up to
+        4096 tokens, the Hedgehog fit's steps): see :data:`SIZES`.
 
     Returns
     -------
@@ -136,6 +161,7 @@ def reproduce(
         matplotlib.use("Agg", force=False)
     if isinstance(smollm2_tokens, bool) or int(smollm2_tokens) < 16:
         raise ValueError(f"smollm2_tokens must be an integer >= 16, got {smollm2_tokens!r}")
+    chosen = _check_only(only)
     t0 = time.perf_counter()
     out = Path(out_dir)
     try:
@@ -147,8 +173,13 @@ def reproduce(
     for run in runs:
         row_stats(run, note)
     sections: dict[str, Section] = {}
+    SIZES.use(full)
     for name, title, fn in _SECTIONS:
         t = time.perf_counter()
+        if name not in chosen:
+            sections[name] = Section(name, title, status="skipped",
+                                     reason="not selected (--only)")
+            continue
         try:
             sec = fn(runs, out, quick, note)
         except ImportError as exc:
@@ -160,6 +191,7 @@ def reproduce(
                           results={"traceback": traceback.format_exc(limit=6)})
         sec.seconds = time.perf_counter() - t
         sections[name] = sec
+    forget_signals()
     summary = Summary(out, info, sections, PAPER, time.perf_counter() - t0, quick)
     (out / "summary.json").write_text(summary.to_json() + "\n")
     (out / "summary.md").write_text(summary.to_markdown() + "\n")

@@ -27,6 +27,49 @@ def _minilm() -> Any:
     return load_minilm()
 
 
+_SIGNALS: dict[tuple[int, int | None], tuple[tuple[int, ...], Any]] = {}
+
+
+def signals(model: Any, text_or_ids: Any, *, n_layers: int | None = None) -> Any:
+    """:func:`certattn.approx.fal.layer_signals`, shared across sections: the forwards of
+    one ``reproduce`` run are kept (per model and layer count, one sequence each) and a
+    causal model's request for a prefix of a kept sequence, with no more layers, is
+    served by slicing it (a causal forward of a prefix is the prefix of the forward)."""
+    from ..approx.fal import layer_signals
+
+    ids = tuple(int(t) for t in (model.encode(text_or_ids) if isinstance(text_or_ids, str)
+                                 else text_or_ids))
+    for (mid, layers), (kept_ids, sig) in _SIGNALS.items():
+        if mid != id(model):
+            continue
+        if kept_ids == ids and (layers is None or (n_layers is not None and n_layers <= layers)):
+            return _cut(sig, len(ids), n_layers)
+        if (getattr(model, "causal", False) and len(ids) <= len(kept_ids)
+                and kept_ids[: len(ids)] == ids
+                and (layers is None or (n_layers is not None and n_layers <= layers))):
+            return _cut(sig, len(ids), n_layers)
+    sig = layer_signals(model, list(ids), n_layers=n_layers)
+    _SIGNALS[(id(model), n_layers)] = (ids, sig)
+    return sig
+
+
+def _cut(sig: Any, n: int, n_layers: int | None) -> Any:
+    """The first ``n`` tokens and ``n_layers`` layers of kept layer signals."""
+    import dataclasses
+
+    L = len(sig.queries) if n_layers is None else n_layers
+    return dataclasses.replace(
+        sig, token_ids=sig.token_ids[:n], attn_out=sig.attn_out[:L, :n],
+        mlp_in=sig.mlp_in[:L, :n], residual=sig.residual[:L, :n],
+        queries=[x[:, :n] for x in sig.queries[:L]], keys=[x[:, :n] for x in sig.keys[:L]],
+        values=[x[:, :n] for x in sig.values[:L]])
+
+
+def forget_signals() -> None:
+    """Drop the kept forwards (the end of a ``reproduce`` run)."""
+    _SIGNALS.clear()
+
+
 def long_text() -> tuple[str, str]:
     """The corpus followed by Python's documentation topics, and a description of it."""
     from .._corpus import corpus_text

@@ -61,9 +61,9 @@ def load_runs(
             reason = ""
             if not quick:
                 try:
-                    from ..models import load
+                    from ._approx import _minilm
 
-                    m = load("minilm")
+                    m = _minilm()  # loaded once, shared with the sections
                 except ImportError as exc:
                     reason = f"live MiniLM unavailable ({exc}); used the shipped sample"
                 else:
@@ -93,9 +93,9 @@ def load_runs(
                 continue
             note(f"loading {key} and running {smollm2_tokens} tokens", 0, 1)
             try:
-                from ..models import load
+                from ._approx import _smollm2
 
-                m = load("smollm2")
+                m = _smollm2()  # loaded once, shared with the sections
             except ImportError as exc:
                 info[key] = {"status": "pending", "reason": f"SmolLM2 unavailable: {exc}"}
                 continue

@@ -38,6 +38,36 @@ Progress = Callable[[str, int, int], None]
 
 
 @dataclass
+class _Sizes:
+    """Sizes of the runs that have a paper-sized form (``certattn reproduce --full``).
+
+    The default run keeps the smallest sizes that still show each effect: Skyformer's
+    SmolLM2 error at n = 512 and 1024 (it grows with n and falls with the landmarks at
+    both; the paper's n = 2048 and 4096 are ``--full``), and the Hedgehog fit at 60 Adam
+    steps (the cross-entropy has left the identity maps' value and the fitted maps change
+    the hybrid's shares; ``--full``: 150).  :func:`certattn.reproduce.reproduce` sets
+    ``full`` at the start of every run.
+    """
+
+    full: bool = False
+
+    def use(self, full: bool) -> None:
+        self.full = bool(full)
+
+    @property
+    def skyformer_ns(self) -> tuple[int, ...]:
+        return (512, 1024, 2048, 4096) if self.full else (512, 1024)
+
+    @property
+    def hedgehog_steps(self) -> int:
+        return 150 if self.full else 60
+
+
+SIZES = _Sizes()
+"""The run sizes in force (default or ``--full``)."""
+
+
+@dataclass
 class Section:
     """Outcome of one section: ``status`` is ``"ok"``, ``"pending"`` or ``"failed"``."""
 
@@ -125,6 +155,7 @@ class Summary:
                              for k, v in row.items() if isinstance(v, dict))
             lines.append(f"  search n = {n}: paper {row['paper_scored']} / {n}; "
                          f"ours: {ours or 'not run'}")
+        lines += _quant_lines(self)
         for key, reason in self.pending.items():
             if "/" in key:
                 lines.append(f"  pending {key}: {reason}")
@@ -159,6 +190,23 @@ def _jsonable(x: Any) -> Any:
 def _save(fig: Any, out: Path, name: str) -> str:
     fig.savefig(out / name, dpi=130)
     return name
+
+
+def _quant_lines(s: Summary) -> list[str]:
+    """The quantized search's keys scored (8-bit, 4-bit estimates) against the floor
+    ``k_eps`` and the paper, per model and n: the closing lines of the terminal report."""
+    search = s.sections.get("search")
+    if search is None or search.status != "ok":
+        return []
+    lines = []
+    for key, r in search.results.items():
+        for n, row in (r.get("by_n", {}) if isinstance(r, dict) else {}).items():
+            paper = row.get("paper_scored")
+            lines.append(
+                f"  quantized search {key} n = {n}: 8-bit {row['quant8_scored']:.1f}, 4-bit "
+                f"{row['quant4_scored']:.1f} keys scored; floor k_eps {row['exact_k_eps']:.1f}"
+                + (f"; paper {paper}" if paper is not None else ""))
+    return lines
 
 
 def _headline(s: Summary) -> dict[str, Any]:

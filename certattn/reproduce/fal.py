@@ -33,8 +33,8 @@ _KEYS = ("cka_attn", "cka_mlp_in", "cos_attn", "cos_mlp_in", "cka_own_mlp_in")
 
 def _fal(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     from .._corpus import PARAGRAPHS
-    from ..approx.fal import fal_profile, layer_signals
-    from ._approx import _minilm, _smollm2, figure
+    from ..approx.fal import fal_profile
+    from ._approx import _minilm, _smollm2, figure, signals
 
     sec = Section("fal", TITLE)
     sec.results["paper"] = PAPER_FAL
@@ -50,7 +50,7 @@ def _fal(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
         texts = ["\n\n".join(PARAGRAPHS[i : i + 4]) for i in range(0, 12, 4)]
         profs = []
         for i, t in enumerate(texts):
-            profs.append(fal_profile(layer_signals(m, t)))
+            profs.append(fal_profile(signals(m, t)))
             note("fal: MiniLM", i + 1, len(texts))
         profiles["minilm"] = {k: np.mean([p[k] for p in profs], axis=0).tolist() for k in _KEYS}
         sec.results["minilm"] = {"source": "all-MiniLM-L6-v2 on the 3 built-in texts of the "
@@ -62,7 +62,7 @@ def _fal(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
         sm = _smollm2()
         ids = [int(t) for t in run.attentions[0].token_ids]
         note(f"fal: SmolLM2 forward on {len(ids)} tokens", 0, 1)
-        prof = fal_profile(layer_signals(sm, ids))
+        prof = fal_profile(signals(sm, ids))
         note(f"fal: SmolLM2 forward on {len(ids)} tokens", 1, 1)
         profiles["smollm2"] = {k: prof[k] for k in _KEYS}
         sec.results["smollm2"] = {"source": f"SmolLM2-135M-Instruct on the run's {len(ids)} "

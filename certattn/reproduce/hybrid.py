@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ._runs import _Run
-from ._summary import Progress, Section, _save
+from ._summary import SIZES, Progress, Section, _save
 
 TITLE = "Hybrid linear + window attention: component usage (mass outside the window, shares, TV)"
 
@@ -37,7 +37,8 @@ PAPER_HYBRID = {
 WINDOW = 64
 FIT = {"layers": (4, 15, 26), "heads": (0, 4), "tokens": 256, "steps": 150, "lr": 0.03,
        "seed": 0}
-"""The attention-weight-transfer fit of the full run (kept small: CPU seconds)."""
+"""The attention-weight-transfer fit (kept small: CPU seconds); ``steps`` is the
+``--full`` value, the default run takes ``SIZES.hedgehog_steps``."""
 
 _FIELDS = ("exact_outside", "window_share", "tv_hybrid", "tv_window", "tv_linear",
            "err_hybrid", "err_window", "err_linear")
@@ -81,7 +82,7 @@ def _hybrid(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             v.append(hd.values)
     qa, ka, va = (np.stack(z).astype(np.float64) for z in (q, k, v))
     note("hybrid: Hedgehog attention-weight transfer", 0, 1)
-    maps = fit_hedgehog(qa[:, :nf], ka[:, :nf], steps=FIT["steps"], lr=FIT["lr"],
+    maps = fit_hedgehog(qa[:, :nf], ka[:, :nf], steps=SIZES.hedgehog_steps, lr=FIT["lr"],
                         seed=FIT["seed"], provenance={
                             "model": a.model, "layers": layers, "heads": heads,
                             "tokens": f"positions 0-{nf - 1} of the run's text",

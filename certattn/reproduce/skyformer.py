@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from ._runs import _Run
-from ._summary import Progress, Section, _save
+from ._summary import SIZES, Progress, Section, _save
 
 TITLE = "Skyformer: output error vs landmarks (Fig. 1 in kind), attention-output spectrum (Fig. 2)"
 
@@ -49,6 +49,7 @@ PAPER_SKYFORMER = {
 
 LANDMARKS = (16, 32, 64, 128, 256)
 SMOLLM2_NS = (512, 1024, 2048, 4096)
+"""The paper's lengths (``--full``); the default run takes ``SIZES.skyformer_ns``."""
 SEEDS = (0, 1, 2)
 """Landmark draws averaged for the published (un-normalised) Skyformer."""
 BUDGET_S = 150.0
@@ -119,8 +120,7 @@ def _head_spectra(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool
 
 
 def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
-    from ..approx.fal import layer_signals
-    from ._approx import _minilm, _smollm2, figure, long_text, minilm_window
+    from ._approx import _minilm, _smollm2, figure, long_text, minilm_window, signals
 
     sec = Section("skyformer", TITLE)
     sec.results["paper"] = PAPER_SKYFORMER
@@ -146,7 +146,7 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
         if "minilm" in keys:
             note("skyformer: MiniLM n = 512", 0, 1)
             m = _minilm()
-            sig = layer_signals(m, minilm_window(m, 512), n_layers=2)
+            sig = signals(m, minilm_window(m, 512), n_layers=2)
             heads = (0, 3, 6, 9)
             rows = [_errors(sig.queries[1][h], sig.keys[1][h], sig.values[1][h], LANDMARKS)
                     for h in heads]
@@ -165,14 +165,19 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
             t0 = time.perf_counter()
             sm = _smollm2()
             text, where = long_text()
-            ids = sm.encode(text)[: max(SMOLLM2_NS)]
+            ns = SIZES.skyformer_ns
+            ids = sm.encode(text)[: max(ns)]
             note(f"skyformer: SmolLM2 forward on {len(ids)} tokens (4 blocks)", 0, 1)
-            sig = layer_signals(sm, ids, n_layers=4)
+            run_ids = [int(t) for t in next(r for r in runs if r.key == "smollm2")
+                       .attentions[0].token_ids]
+            if run_ids[: len(ids)] == [int(t) for t in ids]:
+                signals(sm, run_ids)  # the fal section's forward: this one is a slice of it
+            sig = signals(sm, ids, n_layers=4)
             kvh = np.arange(sm.n_heads) // (sm.n_heads // sm.n_kv_heads)
             picks = ((1, 0), (3, 4))
             by_n: dict[str, Any] = {}
-            skipped = [n for n in SMOLLM2_NS if n > len(ids)]  # text too short
-            for i, n in enumerate(n for n in SMOLLM2_NS if n <= len(ids)):
+            skipped = [n for n in ns if n > len(ids)]  # text too short
+            for i, n in enumerate(n for n in ns if n <= len(ids)):
                 if time.perf_counter() - t0 > BUDGET_S:
                     skipped.append(n)
                     continue
@@ -180,7 +185,7 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
                                 sig.values[layer][kvh[h], :n], LANDMARKS)
                         for layer, h in picks]
                 by_n[str(n)] = _mean(rows)
-                note("skyformer: SmolLM2 lengths", i + 1, len(SMOLLM2_NS))
+                note("skyformer: SmolLM2 lengths", i + 1, len(ns))
             nn = min(1024, len(ids))
             lay = 1
             sec.results["smollm2"] = {
@@ -189,6 +194,7 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
                           "each length-n prefix of the causal model's queries/keys/values",
                 "landmarks": list(LANDMARKS), "by_n": by_n,
                 "skipped_n": skipped, "budget_s": BUDGET_S,
+                "not_run_n": [n for n in SMOLLM2_NS if n not in ns],
                 "spectrum_layer_output": _spectrum(sig.attn_out[lay][:nn]),
                 "spectrum_heads": _head_spectra(sig.queries[lay][:, :nn],
                                                 sig.keys[lay][kvh, :nn],
