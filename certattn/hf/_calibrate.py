@@ -304,29 +304,12 @@ def load_text_ids(model_name: str, text_file: str | None,
                   tokens: int | None) -> tuple[Any, Any, list[int]]:
     """A causal LM (loaders quiet), its tokenizer and the first ``tokens`` ids of a text
     file (default: the built-in prose); every failure an :class:`InputError`."""
-    import os
-
-    from transformers.utils import logging as hf_logging
-
-    from ._evaluate import load
+    from ._evaluate import load_causal
 
     text = read_text(text_file)
     if tokens is not None and (isinstance(tokens, bool) or tokens < 2):
         raise InputError(f"--tokens must be at least 2, got {tokens}")
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
-    model, tok = load(model_name)
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise InputError(f"{model_name}: needs a causal language model (next-token logits)")
-    ids = tok.encode(text)
-    if tokens is not None:
-        if len(ids) < tokens:
-            raise InputError(f"the text has {len(ids)} tokens, fewer than --tokens {tokens}")
-        ids = ids[:tokens]
-    if len(ids) < 2:
-        raise InputError("the text must have at least 2 tokens")
-    return model, tok, ids
+    return load_causal(model_name, text, tokens)
 
 
 def format_calibration(cal: Calibration) -> str:

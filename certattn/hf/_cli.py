@@ -22,7 +22,7 @@ from ..policies import FixedK, Pages, TopK, TopP, WindowSinks
 from ._attention import Recorder, observe
 from ._calibrate import Calibration
 from ._delta import DeltaCorrection
-from ._evaluate import evaluate, load, quiet_loading
+from ._evaluate import evaluate, load_causal
 
 __all__ = ["DEFAULT_POLICIES", "SPECS", "Matched", "Spec", "format_table", "matched_delta",
            "matched_quest", "matched_window", "parse_policies", "run_evaluate",
@@ -245,18 +245,7 @@ def run_evaluate(model_name: str, text: str, tokens: int | None, policies: str,
     ``(done, total)`` callback for each stage (or None).
     """
     specs = parse_policies(policies)
-    quiet_loading()
-    model, tok = load(model_name)
-    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
-        raise InputError(f"{model_name}: evaluate needs a causal language model "
-                         "(next-token logits)")
-    ids = tok.encode(text)
-    if tokens is not None:
-        if len(ids) < tokens:
-            raise InputError(f"the text has {len(ids)} tokens, fewer than --tokens {tokens}")
-        ids = ids[:tokens]
-    if len(ids) < 2:
-        raise InputError("the text must have at least 2 tokens")
+    model, _, ids = load_causal(model_name, text, tokens)
     stage = progress or (lambda label, total: None)
     table = _resolve(model, ids, specs, stage("matching top-k", 1))
     rows = evaluate(model, ids, table, progress=stage("evaluate", 1 + len(table)))

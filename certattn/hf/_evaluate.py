@@ -169,6 +169,24 @@ def quiet_loading() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
 
 
+def load_causal(model_name: str, text: str,
+                tokens: int | None) -> tuple[Any, _Tokenizer, list[int]]:
+    """A causal LM (loaders quiet), its tokenizer and the first ``tokens`` ids of ``text``;
+    every failure an :class:`InputError`."""
+    quiet_loading()
+    model, tok = load(model_name)
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise InputError(f"{model_name}: needs a causal language model (next-token logits)")
+    ids = tok.encode(text)
+    if tokens is not None:
+        if len(ids) < tokens:
+            raise InputError(f"the text has {len(ids)} tokens, fewer than --tokens {tokens}")
+        ids = ids[:tokens]
+    if len(ids) < 2:
+        raise InputError("the text must have at least 2 tokens")
+    return model, tok, ids
+
+
 def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
     """A transformers model (eager attention, eval mode, float32) and its tokenizer.
 
