@@ -70,12 +70,6 @@ _TO = {
                      "swa_num_attention_heads", "index_n_heads"), 4),
     **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "kv_n_heads", "num_kv_heads",
                      "multi_query_group_num"), 2),
-    **dict.fromkeys(("head_dim", "v_head_dim", "qk_head_dim", "swa_head_dim", "d_head",
-                     "d_kv", "dim_head", "kv_channels", "attention_head_size",
-                     "attention_head_dim", "index_head_dim", "linear_head_dim"), 16),
-    **dict.fromkeys(("qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim"), 8),
-    **dict.fromkeys(("kv_lora_rank", "q_lora_rank", "o_lora_rank", "hc_lowrank",
-                     "laurel_rank", "loop_gate_rank", "embedding_rank", "adapter_rank"), 16),
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts",
                      "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token",
@@ -91,6 +85,13 @@ _TO = {
     **dict.fromkeys(("image_size", "crop_size"), 32),
     "patch_size": 8, "depth": 2, "vision_layers": 2,
 }
+# head and rope dimensions, low ranks: divided by 8 (equal ones stay equal, ratios kept)
+_DIMS = ("head_dim", "v_head_dim", "qk_head_dim", "swa_head_dim", "d_head", "d_kv",
+         "dim_head", "kv_channels", "attention_head_size", "attention_head_dim",
+         "index_head_dim", "linear_head_dim", "linear_key_head_dim", "linear_value_head_dim",
+         "qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim", "kv_lora_rank", "q_lora_rank",
+         "o_lora_rank", "hc_lowrank", "laurel_rank", "loop_gate_rank", "embedding_rank",
+         "adapter_rank", "mamba_d_head", "mamba_head_dim", "mamba_headdim")
 _FFN = 128  # every key with "intermediate", "ffn" or "_ff" in it
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers",
            "decoder_layers", "num_encoder_layers", "num_decoder_layers")
@@ -116,6 +117,12 @@ def _small_int(key: str, value: int, state: dict) -> int:
         return 1
     if key in _TO:
         return min(value, _TO[key])
+    if "heads" in key and key.startswith(("num_", "n_", "linear_num", "mamba_n")):
+        return min(value, 2 if "key" in key or "kv" in key else 4)
+    if key in _DIMS:
+        return max(4, value // 16 * 2) if value > 8 else value
+    if key == "num_kv_shared_layers":  # layers reusing another's cache: none once cut
+        return value if state["keep"] else 0
     if "intermediate" in key or "ffn" in key or key.endswith(("_ff", "_dim_ff")) or key in (
             "n_inner", "d_inner", "dff", "mlp_dim", "feed_forward_size"):
         return min(value, _FFN)
@@ -149,7 +156,8 @@ def shrink(d: dict, keep_layers: bool = False, state: dict | None = None) -> dic
     """A shrunk copy of a config dict (recursing into nested configs and mappings)."""
     state = {"next_token": VOCAB} if state is None else state
     index, n = _layer_index(d, keep_layers)
-    inner = dict(state, layers=max(len(index), 1) if n else (99 if keep_layers else 2))
+    inner = dict(state, layers=max(len(index), 1) if n else (99 if keep_layers else 2),
+                 keep=keep_layers)
     out = {}
     for key, value in d.items():
         if key in _DROP:
@@ -168,8 +176,18 @@ def shrink(d: dict, keep_layers: bool = False, state: dict | None = None) -> dic
             out[key] = [_small_int(key, v, inner) if isinstance(v, int) else v for v in value]
         else:
             out[key] = _cut(value, index, n) if n else value
+    _keep_equal(d, out)
     state["next_token"] = inner["next_token"]
     return out
+
+
+def _keep_equal(d: dict, out: dict) -> None:
+    """As many key/value heads as query heads stays so (e.g. MLA needs it)."""
+    heads = next((k for k in ("num_attention_heads", "n_head", "n_heads", "num_heads")
+                  if isinstance(d.get(k), int)), None)
+    for kv in ("num_key_value_heads", "n_kv_heads", "kv_n_heads", "num_kv_heads"):
+        if heads and isinstance(d.get(kv), int) and d[kv] == d[heads]:
+            out[kv] = out[heads]
 
 
 def _model_class(model_type: str):
@@ -178,11 +196,12 @@ def _model_class(model_type: str):
     return getattr(transformers, name if isinstance(name, str) else name[0])
 
 
-def routes_through_registry(cls) -> bool:
-    """Whether the model's modeling code uses transformers' attention registry."""
-    mods = {sys.modules[c.__module__] for c in cls.__mro__ if c.__module__ in sys.modules
-            and c.__module__.startswith("transformers.models.")}
-    return any("ALL_ATTENTION_FUNCTIONS" in inspect.getsource(m) for m in mods)
+def routes_through_registry(classes) -> bool:
+    """Whether the modeling code of any of these classes uses the attention registry."""
+    names = {c.__module__ for cls in classes for c in cls.__mro__
+             if c.__module__.startswith("transformers.models.")}
+    return any("ALL_ATTENTION_FUNCTIONS" in inspect.getsource(sys.modules[m]) for m in names
+               if m in sys.modules)
 
 
 def _build(cls, model_type: str, keep_layers: bool):
@@ -197,6 +216,8 @@ def _build(cls, model_type: str, keep_layers: bool):
                 setattr(cfg, key, value)
             except Exception:
                 pass
+    if not isinstance(cfg, cls.config_class) and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()  # a multimodal config whose causal LM is its text model
     with torch.device("meta"):  # count parameters before allocating any
         n = sum(p.numel() for p in cls._from_config(cfg).parameters())
     if n > MAX_PARAMS:
@@ -246,25 +267,32 @@ def check(model_type: str) -> tuple[str, str]:
         cls = _model_class(model_type)
     except AttributeError as exc:
         return "no-build", _first_line(exc)
-    if not routes_through_registry(cls):
-        return "not-routed", f"{cls.__name__}: no ALL_ATTENTION_FUNCTIONS in its modeling code"
+    routed = routes_through_registry([cls])
     error = "no attention call went through certattn"
+    ids, mask = _inputs()
     for keep_layers in (False, True):
-        status, detail = _check_once(cls, model_type, keep_layers)
+        try:
+            model = _build(cls, model_type, keep_layers)
+            with torch.no_grad():
+                ref = _run(model, ids, mask)
+        except Exception as exc:
+            error = _first_line(exc)
+            if not routed:
+                break
+            continue
+        if not routes_through_registry({type(m) for m in model.modules()}):
+            break
+        routed = True  # through a sub-model's code
+        status, detail = _certify(model, ids, mask, ref, keep_layers)
         if status != "retry":
             return status, detail
         error = detail
+    if not routed:  # none of its modules (sub-models included) uses the registry
+        return "not-routed", f"{cls.__name__}: no ALL_ATTENTION_FUNCTIONS in its modeling code"
     return "no-build", error
 
 
-def _check_once(cls, model_type: str, keep_layers: bool) -> tuple[str, str]:
-    ids, mask = _inputs()
-    try:
-        model = _build(cls, model_type, keep_layers)
-        with torch.no_grad():
-            ref = _run(model, ids, mask)
-    except Exception as exc:
-        return "retry", _first_line(exc)
+def _certify(model, ids, mask, ref, keep_layers: bool) -> tuple[str, str]:
     try:
         with torch.no_grad():
             with observe(model, eps=EPS, keep_logits=True) as rec:
@@ -289,7 +317,7 @@ def _check_once(cls, model_type: str, keep_layers: bool) -> tuple[str, str]:
     if not stats.tail_upper_max <= EPS:
         return "fail", f"sparse tail_upper_max {stats.tail_upper_max} > {EPS}"
     layers = "all layers" if keep_layers else f"{len(rec.layers())} layers"
-    return "ok", (f"{cls.__name__}, {layers}, {len(rec.calls)} calls; "
+    return "ok", (f"{type(model).__name__}, {layers}, {len(rec.calls)} calls; "
                   f"kept {stats.kept_fraction:.3f} at eps {EPS}")
 
 

@@ -435,6 +435,10 @@ def _refuse_unsupported(module: Any, kwargs: dict[str, Any]) -> None:
         raise InputError("attention sinks (gpt-oss s_aux) are not supported by certattn.hf yet")
     if kwargs.get("position_bias") is not None:
         raise InputError("position_bias attention is not supported by certattn.hf")
+    if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
+        # the model masks its indexer's top-k keys itself only under eager or sdpa
+        raise InputError("indexer-selected sparse attention (DeepSeek DSA indices) is not "
+                         "supported by certattn.hf")
     if module.training and float(kwargs.get("dropout") or 0.0) > 0.0:
         raise InputError("attention dropout in training mode is not supported: call "
                          "model.eval() first")
