@@ -73,7 +73,7 @@ _TO = {
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts",
                      "moe_num_experts"), 4),
     **dict.fromkeys(("num_experts_per_tok", "moe_top_k", "top_k", "num_experts_per_token",
-                     "moe_topk", "top_k_experts", "n_group", "topk_group", "n_shared_experts",
+                     "moe_topk", "top_k_experts", "moe_k", "n_group", "topk_group", "n_shared_experts",
                      "num_shared_experts", "first_k_dense_replace", "zero_expert_num"), 1),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx",
                      "max_target_positions", "max_source_positions",
@@ -117,7 +117,7 @@ def _small_int(key: str, value: int, state: dict) -> int:
         return 1
     if key in _TO:
         return min(value, _TO[key])
-    if "heads" in key and key.startswith(("num_", "n_", "linear_num", "mamba_n")):
+    if "heads" in key:
         return min(value, 2 if "key" in key or "kv" in key else 4)
     if key in _DIMS:
         return max(4, value // 16 * 2) if value > 8 else value
@@ -172,6 +172,10 @@ def shrink(d: dict, keep_layers: bool = False, state: dict | None = None) -> dic
             out[key] = shrink(value, keep_layers, inner)
         elif isinstance(value, int) and not isinstance(value, bool):
             out[key] = _small_int(key, value, inner)
+        elif value is None and key in ("vocab_size", "num_experts_per_tok"):
+            out[key] = _small_int(key, 1 << 30, inner)  # a default left unset
+        elif value is None and key == "head_dim" and "hidden_size" in d:
+            out[key] = 16  # what the shrunk width and heads give
         elif isinstance(value, list) and key.endswith("token_id"):
             out[key] = [_small_int(key, v, inner) if isinstance(v, int) else v for v in value]
         else:

@@ -24,9 +24,12 @@ softmax of these logits, read exactly in float64 (THEORY section 7).  Query rows
 with no visible key (left padding) are skipped: they are flagged ``masked`` and count
 neither as kept nor as visible.
 
+An additive ``position_bias`` (Inkling) is added after the scaling, as eager adds it.
 Refused in one line (:class:`~certattn.errors.InputError`): attention sinks (gpt-oss
-``sinks`` / ``s_aux``), ``position_bias``, dropout in training mode, a model whose
-attention does not route through ``transformers.AttentionInterface``.
+``sinks`` / ``s_aux``), ``position_bias`` with ``softcap``, an indexer's ``indices``
+(DeepSeek sparse attention: the model folds them into the mask only under eager),
+dropout in training mode, a model whose attention does not route through
+``transformers.AttentionInterface``.
 """
 
 from __future__ import annotations
@@ -433,8 +436,8 @@ def _eager_of(module: Any) -> Callable[..., Any]:
 def _refuse_unsupported(module: Any, kwargs: dict[str, Any]) -> None:
     if kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
         raise InputError("attention sinks (gpt-oss s_aux) are not supported by certattn.hf yet")
-    if kwargs.get("position_bias") is not None:
-        raise InputError("position_bias attention is not supported by certattn.hf")
+    if kwargs.get("position_bias") is not None and kwargs.get("softcap") is not None:
+        raise InputError("position_bias together with softcap is not supported by certattn.hf")
     if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
         # the model masks its indexer's top-k keys itself only under eager or sdpa
         raise InputError("indexer-selected sparse attention (DeepSeek DSA indices) is not "
@@ -459,6 +462,9 @@ def _logits(module: Any, query: Any, key: Any, attention_mask: Any,
         softcap = kwargs.get("softcap")
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
+        bias = kwargs.get("position_bias")
+        if bias is not None:  # additive, after the scaling, as eager adds it (Inkling)
+            s = s + bias
         filled = full = None
         if attention_mask is None:
             visible = torch.ones(s.shape, dtype=torch.bool, device=s.device)
