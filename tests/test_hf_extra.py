@@ -112,3 +112,39 @@ def test_indexer_sparse_attention_is_refused_in_one_line():
             _out(model, ids, mask)
     assert "\n" not in str(err.value)
     assert model.config._attn_implementation == "eager"
+
+
+@needs_hf
+def test_additive_position_bias_is_in_the_certified_logits():
+    """Inkling adds a relative ``position_bias`` after the scaling (it used to be refused):
+    observe equals eager, sparse(TopK(0)) too, and the certified logits move with it."""
+    from transformers import InklingForCausalLM, InklingTextConfig
+
+    cfg = InklingTextConfig(
+        vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, swa_num_attention_heads=4,
+        swa_num_key_value_heads=2, swa_head_dim=16, sliding_window_size=8, d_rel=16,
+        layer_types=["hybrid_sliding", "hybrid"], max_position_embeddings=64,
+        mlp_layer_types=["sparse", "sparse"], intermediate_size=64,
+        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=1,
+        n_shared_experts=1)
+    torch.manual_seed(0)
+    model = InklingForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    ids, mask = _batch()
+    ref = _out(model, ids, mask)
+    with observe(model, eps=0.2, keep_logits=True) as rec, torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert torch.equal(out.logits, ref) and len(rec.calls) == 2
+    with sparse(model, TopK(0.0)):
+        assert torch.equal(_out(model, ids, mask), ref)
+    for call in rec.calls:
+        rows = ~call.masked
+        # the certified logits are eager's: their softmax is eager's attention weights
+        logits = call.logits[rows]  # every row here has a visible key
+        p = np.exp(logits - logits.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        weights = out.attentions[call.layer].double().numpy()[rows]
+        assert np.abs(p - weights).max() < 1e-5
+        for b, h, q in np.argwhere(rows):
+            exact = exact_tails(call.logits[b, h, q])
+            assert exact[int(call.k[0.2][b, h, q])] <= call.tail_upper[0.2][b, h, q] <= 0.2
