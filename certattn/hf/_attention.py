@@ -42,8 +42,11 @@ that larger set).  CPU tensors are certified by the NumPy kernel on a view of th
 float64 copies of the queries and keys are made only for policies that look at them
 (not Top-k, top-p, fixed k or window + sinks).
 
+An additive ``position_bias`` (T5, Inkling) is added after the scaling, as eager adds it.
 Refused in one line (:class:`~certattn.errors.InputError`): dropout in training mode,
-sinks not passed as ``s_aux``, a model whose attention does not route through
+sinks not passed as ``s_aux``, ``position_bias`` with ``softcap``, an indexer's
+``indices`` (DeepSeek sparse attention: the model folds them into the mask only under
+eager), a model whose attention does not route through
 ``transformers.AttentionInterface``.
 """
 
@@ -510,6 +513,12 @@ def _refuse_unsupported(module: Any, kwargs: dict[str, Any]) -> None:
     if kwargs.get("s_aux") is None and isinstance(getattr(module, "sinks", None), torch.Tensor):
         raise InputError(f"{type(module).__name__} has attention sinks but does not pass them "
                          "as s_aux: certattn.hf cannot tell how its eager function uses them")
+    if kwargs.get("position_bias") is not None and kwargs.get("softcap") is not None:
+        raise InputError("position_bias together with softcap is not supported by certattn.hf")
+    if kwargs.get("indices") is not None or kwargs.get("block_indices") is not None:
+        # the model masks its indexer's top-k keys itself only under eager or sdpa
+        raise InputError("indexer-selected sparse attention (DeepSeek DSA indices) is not "
+                         "supported by certattn.hf")
     if module.training and float(kwargs.get("dropout") or 0.0) > 0.0:
         raise InputError("attention dropout in training mode is not supported: call "
                          "model.eval() first")
