@@ -373,3 +373,13 @@ def test_minilm_probabilities_equal_certattns_numpy_forward():
     ref = ma.probs()
     assert hf.shape == ref.shape
     assert np.abs(hf - ref).max() < 1e-5
+
+
+def test_load_turns_an_unreadable_folder_into_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "t5", "architectures": 3}')
+    with pytest.raises(InputError, match="transformers cannot load it") as info:
+        load(tmp_path)
+    assert "\n" not in str(info.value)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(InputError, match="transformers cannot load it"):
+        load(tmp_path)

@@ -219,15 +219,21 @@ def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
             raise InputError(f"{src!r} is neither smollm2, minilm, a .gguf file nor a "
                              "Hugging Face folder with config.json")
     kw: dict[str, Any] = {"attn_implementation": "eager", "dtype": torch.float32}
-    if gguf:
-        folder, kw["gguf_file"] = str(path.parent), path.name
-        model = AutoModelForCausalLM.from_pretrained(folder, **kw)
-        tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
-    else:
-        folder = str(path)
-        cls = AutoModelForCausalLM if _is_causal(path) else AutoModel
-        model = cls.from_pretrained(folder, **kw)
-        tok = AutoTokenizer.from_pretrained(folder)
+    try:
+        if gguf:
+            folder, kw["gguf_file"] = str(path.parent), path.name
+            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
+        else:
+            folder = str(path)
+            cls = AutoModelForCausalLM if _is_causal(path) else AutoModel
+            model = cls.from_pretrained(folder, **kw)
+            tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, ImportError) as exc:
+        # a user's folder or file that transformers cannot read: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise InputError(f"{src}: transformers cannot load it ({type(exc).__name__}: "
+                         f"{first})") from None
     return model.eval(), _Tokenizer(tok)
 
 
