@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 7, 15, 23, 29])
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 4, 8])
     ap.add_argument("--tiers", nargs="*", default=["4,8"],
                     help="tiered widths, comma-separated (e.g. 4,8)")
     ap.add_argument("--methods", nargs="+", default=["window_sinks", "quest"])

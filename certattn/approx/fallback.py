@@ -46,6 +46,7 @@ from ..quant import BITS, QuantKeys, quantize_keys
 
 __all__ = [
     "METADATA_PER_PAGE",
+    "TIER_REST_SHARE",
     "CertifiedFallback",
     "box_tail_upper",
     "key_tail_upper",
@@ -54,6 +55,13 @@ __all__ = [
 ]
 
 Array = Any
+
+TIER_REST_SHARE = 0.1
+"""Tiered estimates (``bits=(4, 8)``): the finer tier is read for the unkept keys of best
+coarse bound until the coarse bounds of the others fit in this share of the budget
+(``benchmarks/fallback_cost.py --layers 15 --tiers 4,8``, window + sinks, eps 0.01:
+fallback 70.6% at 0.730x dense with 0.3, 68.4% at 0.739x with 0.1, 67.4% at 0.776x
+with 0, against 66.3% of queries that truly need it)."""
 
 METADATA_PER_PAGE = 2.0
 """Key-equivalents read per page box: its ``kmin`` and ``kmax`` corners (two dot products)."""
@@ -266,20 +274,19 @@ def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
     return rest & (rank < t[..., None])
 
 
-def _tail_lower(scores: Array, valid: Array, kept: Array, lower: Array, upper: Array
-                ) -> Array:
-    r"""An estimate from below of the dropped mass of ``kept`` (a choice, not a bound in
-    floating point): :math:`T_l / (H + T_l) \le T / (H + T)` with :math:`T_l` the sum of
-    ``e^lower`` over the visible unkept keys (``upper`` only sets the shift)."""
+def _tail_estimate(scores: Array, valid: Array, kept: Array, est: Array) -> Array:
+    r"""The dropped mass of ``kept`` were the visible unkept logits ``est`` (a choice, not
+    a bound): :math:`T / (H + T)`, :math:`T` the sum of ``e^est`` over them; 0 where it
+    is not finite."""
     rest = valid & ~kept
     with np.errstate(over="ignore", invalid="ignore", under="ignore"):
-        lo, hi = np.where(rest, lower, -np.inf), np.where(rest, upper, -np.inf)
+        e = np.where(rest, est, -np.inf)
         shift = np.maximum(np.max(np.where(kept & valid, scores, -np.inf), axis=-1),
-                           np.max(hi, axis=-1))[..., None]
+                           np.max(e, axis=-1))[..., None]
         shift = np.where(np.isfinite(shift), shift, 0.0)
-        t_lo = np.sum(np.exp(lo - shift), axis=-1)
+        t = np.sum(np.exp(e - shift), axis=-1)
         h = np.sum(np.where(kept & valid, np.exp(scores - shift), 0.0), axis=-1)
-        out = t_lo / (h + t_lo)
+        out = t / (h + t)
     return np.where(np.isfinite(out), out, 0.0)
 
 
@@ -300,12 +307,15 @@ class CertifiedFallback:
     from one bound per unkept key, read off ``bits``-bit key estimates (``bound="quant"``,
     Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  With
     ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered: every
-    unkept key's bound comes from the first width; on the queries it does not certify,
-    the keys whose bounds the budget cannot afford (best bound first, the rest within the
-    budget by their coarse bounds) also get the next width's bound, and each such key's
-    bound is the smaller of the two (both bound the exact logit, bias included), and so
-    on.  If the bound is at most ``eps`` the base set is served (``tail_upper`` = that
-    bound); otherwise the query falls back to
+    unkept key's bound comes from the first width; on the queries it does not certify
+    (except those whose dropped mass the midpoints of the coarse bounds already put above
+    the budget: they fall back at once), the keys of best coarse bound, until the others'
+    fit in :data:`TIER_REST_SHARE` of the budget, also get the next width's bound, and
+    each such key's bound is the smaller of the two (both bound the exact logit, bias
+    included), and so on.  Which keys and queries are refined is a choice; the bound that
+    certifies is always :func:`key_tail_upper` of sound per-key bounds.  If the bound is
+    at most ``eps`` the base set is served (``tail_upper`` = that bound); otherwise the
+    query falls back to
 
     * ``to="search"`` (``bound="quant"`` only): a quantized certified search seeded with
       :math:`H`: the unkept keys are scored in decreasing estimate bound until the bound
@@ -372,16 +382,17 @@ class CertifiedFallback:
             reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
         bound = key_tail_upper(scores, valid, kept, upper)
         budget = slack_budget(self.eps, ctx)
-        # queries whose dropped mass the coarse lower bounds already put above the budget
-        # cannot be certified by finer estimates: they fall back without reading them
-        hopeless = _tail_lower(scores, valid, kept, lower, upper) > budget
+        # queries whose dropped mass the coarse estimates put above the budget are not
+        # refined (a choice: they fall back, which every query may)
+        hopeless = _tail_estimate(scores, valid, kept, 0.5 * (lower + upper)) > budget
         for b in tiers[1:]:
             todo = (bound > budget) & ~hopeless
             if not np.any(todo):
                 break
             # the keys whose coarse bounds the budget cannot afford get their finer
             # estimates read; the minimum of two sound upper bounds is one
-            refine = _extend_by_bounds(scores, valid, kept, upper, budget, scored=False)
+            refine = _extend_by_bounds(scores, valid, kept, upper,
+                                       TIER_REST_SHARE * budget, scored=False)
             refine &= todo[..., None]
             finer, qk_b = quant_score_upper(ctx, b, self.group)
             upper = np.where(refine, np.minimum(upper, finer), upper)
