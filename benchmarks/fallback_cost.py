@@ -1,7 +1,7 @@
 """The certified fallback of window + sinks and Quest on SmolLM2: rate and cost (issue 24).
 
 Usage: ``python benchmarks/fallback_cost.py [--tokens 1024] [--layers 0 7 15 23 29]
-[--bits 2 4 8] [--eps 0.01]``
+[--bits 2 4 8] [--tiers 4,8] [--eps 0.01]``
 
 Per method and bound, over every head and query row of the chosen layers (SmolLM2-135M on
 the built-in prose, causal, the audit's default window 128 + 16 sinks and Quest budget
@@ -10,7 +10,9 @@ drops more than eps (exact float64 softmax), the cost in float16 keys read over 
 attention's (estimates, boxes and keys scored), the largest certified ``tail_upper`` and
 the queries whose exact dropped mass exceeds their certificate (must be 0).  Bounds: page
 boxes with the Top-k fallback (``fallback="certified"``, the former default) and
-``bits``-bit key estimates with the quantized search (``fallback="quant"``).
+``bits``-bit key estimates with the quantized search (``fallback="quant"``), and tiered
+estimates (``bits=(4, 8)``: 8-bit estimates read only where the 4-bit bound does not
+certify).
 """
 
 from __future__ import annotations
@@ -35,19 +37,26 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--layers", type=int, nargs="+", default=[0, 7, 15, 23, 29])
-    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--bits", type=int, nargs="*", default=[2, 4, 8])
+    ap.add_argument("--tiers", nargs="*", default=["4,8"],
+                    help="tiered widths, comma-separated (e.g. 4,8)")
+    ap.add_argument("--methods", nargs="+", default=["window_sinks", "quest"])
     ap.add_argument("--eps", type=float, default=0.01)
     args = ap.parse_args()
     (rec,) = load_attention("smollm2", tokens=args.tokens, layers=args.layers)
     kvh = rec.n_heads // rec.keys.shape[1]
-    variants = [("certified", None)] + [("quant", b) for b in args.bits]
-    acc: dict[tuple[str, str, int | None], dict[str, list]] = {}
+    tiers = [tuple(int(b) for b in t.split(",")) for t in args.tiers]
+    variants = [("certified", None)] + [("quant", b) for b in args.bits] + \
+        [("quant", t) for t in tiers]
+    methods = {"window_sinks": window_sinks, "quest": quest}
+    acc: dict[tuple[str, str, object], dict[str, list]] = {}
     for li in range(len(rec.layers)):
         q = np.asarray(rec.queries[li], dtype=np.float64)
         k = np.repeat(np.asarray(rec.keys[li], dtype=np.float64), kvh, axis=0)
         v = np.repeat(np.asarray(rec.values[li], dtype=np.float64), kvh, axis=0)
         p = _exact_probs(q, k, rec.scale)
-        for name, fn in (("window_sinks", window_sinks), ("quest", quest)):
+        for name in args.methods:
+            fn = methods[name]
             base = fn(q, k, v, causal=True, scale=rec.scale, return_weights=False)
             truly = 1.0 - np.sum(np.where(base.kept, p, 0.0), axis=-1) > args.eps
             for fb, bits in variants:
@@ -71,7 +80,12 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     for (name, _, bits), a in acc.items():
         c = {k_: np.concatenate(v_) for k_, v_ in a.items()}
-        label = "page boxes, Top-k" if bits is None else f"{bits}-bit estimates, search"
+        if bits is None:
+            label = "page boxes, Top-k"
+        elif isinstance(bits, tuple):
+            label = "-then-".join(map(str, bits)) + "-bit estimates (tiers), search"
+        else:
+            label = f"{bits}-bit estimates, search"
         print(f"| {name} | {label} | {c['fell'].mean():.1%} | {c['truly'].mean():.1%} "
               f"| {c['cost'].sum() / c['nv'].sum():.3f} | {c['tail'].max():.4g} "
               f"| {int(c['unsound'].sum())} |")

@@ -21,6 +21,7 @@ __all__ = [
     "check_eps",
     "check_finite",
     "check_int_option",
+    "check_int_tiers",
     "check_kept",
     "check_logits",
     "check_number",
@@ -119,6 +120,21 @@ def check_int_option(
     elif v is None or v < 1:
         raise InputError(f"{name} must be a positive integer or None, got {value!r}")
     return v
+
+
+def check_int_tiers(
+    value: Any, *, name: str, choices: tuple[int, ...]
+) -> int | tuple[int, ...]:
+    """One of ``choices`` (as :func:`check_int_option`), or a tuple or list of them in
+    strictly increasing order (tiers, returned as a tuple; one element: that int)."""
+    if not isinstance(value, (tuple, list)):
+        return check_int_option(value, name=name, choices=choices, optional=False)
+    tiers = tuple(check_int_option(v, name=name, choices=choices, optional=False)
+                  for v in value)
+    if not tiers or list(tiers) != sorted(set(tiers)):
+        raise InputError(f"{name} tiers must be strictly increasing values of {choices}, "
+                         f"got {value!r}")
+    return tiers if len(tiers) > 1 else tiers[0]
 
 
 def exact_int(value: Any) -> int | None:

@@ -354,3 +354,84 @@ def test_quant_fallback_adds_the_bias_to_every_key_bound(to):
     pol = CertifiedFallback(WindowSinks(window=0, sinks=32), 0.05, bound="quant", to=to)
     a = certattn.certify_attention(q, k, v, policy=pol, mask=b, scale=1.0)
     check_rows(q, k, v, 1.0, np.asarray(a.kept), a.tail_upper, a.error_bound, bias=b)
+
+
+def _strong_keys_case():
+    """Two heads of 32 keys, queries along ``u``, strong keys in the sinks (head 0) or
+    outside the window (head 1): the case of the quantized search test above."""
+    rng = np.random.default_rng(5)
+    u = np.array([1.0, 0.0, 0.0, 0.0])
+    q = 3 * u + 0.5 * rng.standard_normal((2, 32, 4))
+    k = 0.5 * rng.standard_normal((2, 32, 4))
+    v = rng.standard_normal((2, 32, 2))
+    k[:, :4] = 6 * u
+    k[1, :4] = 1.5 * u
+    k[1, 20:23] = 4 * u
+    return q, k, v
+
+
+@pytest.mark.parametrize("method", [window_sinks, quest])
+@pytest.mark.parametrize("tiers", [(2, 8), (2, 4, 8)])
+def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tiers):
+    """Issue 24.3: ``bits=(2, 8)`` certifies from 2-bit estimates and reads 8-bit ones only
+    on the queries the 2-bit bound does not certify.  Where the coarse bound certifies, the
+    set and the cost are the coarse ones; some queries it does not certify are certified by
+    a finer tier (served their base set, paying for the finer estimates); every query
+    stays within eps against exact arithmetic."""
+    q, k, v = _strong_keys_case()
+    eps = 0.05
+    kw = {"window": 6, "sinks": 4} if method is window_sinks else {"budget": 8, "page_size": 4}
+    won = 0
+    for causal in (False, True):
+        base = method(q, k, v, causal=causal, **kw)
+        coarse = method(q, k, v, causal=causal, fallback="quant", eps=eps, bits=tiers[0], **kw)
+        r = method(q, k, v, causal=causal, fallback="quant", eps=eps, bits=list(tiers), **kw)
+        assert r.params["bits"] == tiers
+        fc, ft = coarse.params["fell_back"], r.params["fell_back"]
+        assert np.all(fc | ~ft)  # a tier never loses a query the coarse bound certifies
+        np.testing.assert_array_equal(r.kept[~fc], coarse.kept[~fc])
+        np.testing.assert_allclose(r.cost[~fc], coarse.cost[~fc])
+        up = fc & ~ft  # certified by a finer tier
+        won += int(up.sum())
+        np.testing.assert_array_equal(r.kept[up], base.kept[up])
+        n_kept = r.kept[up].sum(-1)
+        # kept keys + at least the 2-bit codes and norm of every unkept key (3 bytes of 8
+        # per key) + at least one key's finer estimate (6 bytes of 8 at 8 bits, 4 at 4)
+        unkept = (_causal(32) if causal else np.ones((32, 32), bool)).sum(-1)
+        unkept = np.broadcast_to(unkept, fc.shape)[up] - n_kept
+        assert np.all(r.cost[up] > n_kept + unkept * 3 / 8 + 4 / 8)
+        assert np.all(r.tail_upper <= eps)
+        _check_exact(r, q, k, v, causal, eps=eps)
+    assert won > 0
+
+
+@pytest.mark.parametrize("tiers", [(2, 8), (2, 4)])
+def test_quant_fallback_tiers_add_the_bias_to_the_finer_bounds(tiers):
+    """The finer tier's bounds bound ``scale q.k + b`` too: a +8 bias lifts a weak key the
+    window drops to about 4-5% of the mass; the 2-bit bound does not certify those
+    queries, the finer one does, and each certificate holds the exact dropped mass (a
+    finer bound without the bias would put that key e^8 too low)."""
+    from ._exact_scores import check_rows
+
+    rng = np.random.default_rng(5)
+    u = np.array([1.0, 0.0, 0.0, 0.0])
+    q = 3 * u + 0.5 * rng.standard_normal((1, 32, 4))
+    k = 0.5 * rng.standard_normal((1, 32, 4))
+    v = rng.standard_normal((1, 32, 2))
+    k[:, :4] = 6 * u
+    k[:, 12] = -2 * u
+    b = np.zeros((32, 32))
+    b[:, 12] = 8.0
+    kw = {"window": 6, "sinks": 4, "mask": b, "fallback": "quant", "eps": 0.1}
+    coarse = window_sinks(q, k, v, bits=tiers[0], **kw)
+    r = window_sinks(q, k, v, bits=tiers, **kw)
+    assert np.any(coarse.params["fell_back"] & ~r.params["fell_back"])  # the tier is used
+    assert np.all(r.tail_upper <= 0.1)
+    check_rows(q[0], k[0], v[0], 0.5, r.kept[0], r.tail_upper[0], r.error_bound[0], bias=b)
+
+
+def test_quant_fallback_tiers_refuse_bad_widths():
+    q, k, v = _qkv(np.random.default_rng(0), n=8, d=4)
+    for bad in ((8, 4), (4, 4), (), (4, 3), (4.0, 8)):
+        with pytest.raises(InputError, match="bits"):
+            window_sinks(q, k, v, fallback="quant", eps=0.1, bits=bad)

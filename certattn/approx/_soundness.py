@@ -43,12 +43,15 @@ register_policy(
              CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search", bits=2,
                                group=4),
              CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
-                               to="search", bits=4, group=3)],
+                               to="search", bits=4, group=3),
+             CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search",
+                               bits=(2, 8), group=4)],
     module=importlib.import_module(__package__),
 )
 
 _FALLBACK = [("plain", {}), ("fallback=certified", {"fallback": "certified", "eps": 0.1}),
-             ("fallback=quant", {"fallback": "quant", "eps": 0.1, "bits": 2})]
+             ("fallback=quant", {"fallback": "quant", "eps": 0.1, "bits": 2}),
+             ("fallback=quant tiers", {"fallback": "quant", "eps": 0.1, "bits": (2, 8)})]
 
 
 def _approx_claim(r: Any) -> Claim:

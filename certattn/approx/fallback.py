@@ -38,14 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from .._fp import add_up
-from .._validate import InputError, check_eps, check_int_option
+from .._fp import add_down, add_up
+from .._validate import InputError, check_eps, check_int_option, check_int_tiers
 from ..blocks import block_tail_bounds
 from ..policies import Pages, Selection, TopK, _block_visible, page_upper_bounds, slack_budget
 from ..quant import BITS, QuantKeys, quantize_keys
 
 __all__ = [
     "METADATA_PER_PAGE",
+    "TIER_REST_SHARE",
     "CertifiedFallback",
     "box_tail_upper",
     "key_tail_upper",
@@ -54,6 +55,13 @@ __all__ = [
 ]
 
 Array = Any
+
+TIER_REST_SHARE = 0.1
+"""Tiered estimates (``bits=(4, 8)``): the finer tier is read for the unkept keys of best
+coarse bound until the coarse bounds of the others fit in this share of the budget
+(``benchmarks/fallback_cost.py --layers 15 --tiers 4,8``, window + sinks, eps 0.01:
+fallback 70.6% at 0.730x dense with 0.3, 68.4% at 0.739x with 0.1, 67.4% at 0.776x
+with 0, against 66.3% of queries that truly need it)."""
 
 METADATA_PER_PAGE = 2.0
 """Key-equivalents read per page box: its ``kmin`` and ``kmax`` corners (two dot products)."""
@@ -177,20 +185,30 @@ def quant_score_upper(ctx: Any, bits: int = 4, group: int = 32) -> tuple[Array, 
         The bounds (``+inf`` where a bound overflows: fails closed) and the first key
         head's quantized keys (their ``key_bytes`` and ``meta_bytes`` price the reads).
     """
+    _, upper, qk = quant_score_bounds(ctx, bits, group)
+    return upper, qk
+
+
+def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32
+                       ) -> tuple[Array, Array, QuantKeys]:
+    """Lower and upper bounds on every exact logit of the chunk (Theorem QUANT-SCORE, bias
+    added rounded down and up): ``(lower, upper, quantized)``, as :func:`quant_score_upper`
+    (``-inf`` / ``+inf`` where a bound overflows)."""
     qks, lead = _quant_keys(ctx, bits, group)
     queries = np.asarray(ctx.queries, dtype=np.float64)
     shape = np.broadcast_shapes(queries.shape[:-2], lead)
     qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
     kidx = np.broadcast_to(np.arange(len(qks)).reshape(lead), shape)
     m, n = queries.shape[-2], qks[0].n_keys
-    upper = np.empty((*shape, m, n))
+    lower, upper = np.empty((*shape, m, n)), np.empty((*shape, m, n))
     for idx in np.ndindex(*shape):
-        upper[idx] = qks[int(kidx[idx])].score_bounds(qb[idx], scale=ctx.scale)[1]
+        lower[idx], upper[idx] = qks[int(kidx[idx])].score_bounds(qb[idx], scale=ctx.scale)
     bias = getattr(ctx, "bias", None)
     if bias is not None:
-        upper = add_up(upper, np.broadcast_to(np.asarray(bias, dtype=np.float64),
-                                              upper.shape), np)
-    return upper, qks[0]
+        b = np.broadcast_to(np.asarray(bias, dtype=np.float64), upper.shape)
+        upper, lower = add_up(upper, b, np), add_down(lower, b, np)
+    lower = np.where(np.isnan(lower), -np.inf, lower)
+    return lower, upper, qks[0]
 
 
 def key_tail_upper(scores: Array, valid: Array, kept: Array, upper: Array) -> Array:
@@ -226,9 +244,13 @@ def key_tail_upper(scores: Array, valid: Array, kept: Array, upper: Array) -> Ar
 
 
 def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
-                      budget: float) -> Array:
+                      budget: float, scored: bool = True) -> Array:
     """Keys to add to ``kept`` (best bound first) until the estimated tail is within
-    ``budget`` (a choice, not a certificate: the caller certifies the result)."""
+    ``budget`` (a choice, not a certificate: the caller certifies the result).
+
+    With ``scored`` the added keys join the head with their scores (the search scores
+    them); without, the head stays ``kept`` and the added keys are the ones whose bounds
+    the rest cannot afford (the keys a tier of finer estimates refines)."""
     rest = valid & ~kept
     with np.errstate(over="ignore", invalid="ignore"):
         ub = np.where(rest, upper, -np.inf)
@@ -238,7 +260,8 @@ def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
         shift = np.where(np.isfinite(shift), shift, 0.0)
         e_h = np.sum(np.where(kept, np.exp(scores - shift), 0.0), axis=-1, keepdims=True)
         e_u = np.take_along_axis(np.where(rest, np.exp(ub - shift), 0.0), order, axis=-1)
-        e_s = np.take_along_axis(np.where(rest, np.exp(scores - shift), 0.0), order, axis=-1)
+        e_s = np.take_along_axis(np.where(rest & scored, np.exp(scores - shift), 0.0), order,
+                                 axis=-1)
         n = rest.shape[-1]
         x = np.zeros((*rest.shape[:-1], n + 1))
         x[..., :-1] = np.cumsum(e_u[..., ::-1], axis=-1)[..., ::-1]
@@ -251,6 +274,30 @@ def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
     return rest & (rank < t[..., None])
 
 
+def _tail_estimate(scores: Array, valid: Array, kept: Array, est: Array) -> Array:
+    r"""The dropped mass of ``kept`` were the visible unkept logits ``est`` (a choice, not
+    a bound): :math:`T / (H + T)`, :math:`T` the sum of ``e^est`` over them; 0 where it
+    is not finite."""
+    rest = valid & ~kept
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        e = np.where(rest, est, -np.inf)
+        shift = np.maximum(np.max(np.where(kept & valid, scores, -np.inf), axis=-1),
+                           np.max(e, axis=-1))[..., None]
+        shift = np.where(np.isfinite(shift), shift, 0.0)
+        t = np.sum(np.exp(e - shift), axis=-1)
+        h = np.sum(np.where(kept & valid, np.exp(scores - shift), 0.0), axis=-1)
+        out = t / (h + t)
+    return np.where(np.isfinite(out), out, 0.0)
+
+
+def _estimate_reads(read: Array, qk: QuantKeys, d: int) -> Array:
+    """Key-equivalents (``2 d`` bytes) of reading the estimates of the keys ``read``
+    (``(..., m, n)`` bool): their codes and residual norms plus the metadata of every
+    quantization group holding one."""
+    groups = np.sum(_page_sums(read.astype(np.float64), qk.group) > 0, axis=-1)
+    return (np.sum(read, axis=-1) * qk.key_bytes + groups * qk.meta_bytes) / (2.0 * d)
+
+
 @dataclass(frozen=True)
 class CertifiedFallback:
     r"""Serve a base kept set where a bound certifies ``eps``; else extend it, Top-k or dense.
@@ -258,9 +305,17 @@ class CertifiedFallback:
     Per query: the base policy's kept set :math:`H` and a bound on its dropped mass that
     scores no unkept key: from page boxes (``bound="box"``, :func:`box_tail_upper`) or
     from one bound per unkept key, read off ``bits``-bit key estimates (``bound="quant"``,
-    Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  If the
-    bound is at most ``eps`` the base set is served (``tail_upper`` = that bound);
-    otherwise the query falls back to
+    Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  With
+    ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered: every
+    unkept key's bound comes from the first width; on the queries it does not certify
+    (except those whose dropped mass the midpoints of the coarse bounds already put above
+    the budget: they fall back at once), the keys of best coarse bound, until the others'
+    fit in :data:`TIER_REST_SHARE` of the budget, also get the next width's bound, and
+    each such key's bound is the smaller of the two (both bound the exact logit, bias
+    included), and so on.  Which keys and queries are refined is a choice; the bound that
+    certifies is always :func:`key_tail_upper` of sound per-key bounds.  If the bound is
+    at most ``eps`` the base set is served (``tail_upper`` = that bound); otherwise the
+    query falls back to
 
     * ``to="search"`` (``bound="quant"`` only): a quantized certified search seeded with
       :math:`H`: the unkept keys are scored in decreasing estimate bound until the bound
@@ -277,7 +332,8 @@ class CertifiedFallback:
     Cost, in key-equivalents (``2 d`` bytes, one float16 key): keys scored, plus the
     bound's reads: :data:`METADATA_PER_PAGE` per page box, or each unkept key's estimate
     (``d bits / 8`` bytes of codes and 2 of residual norm) and ``4 d`` bytes of metadata
-    per quantization group holding one.
+    per quantization group holding one; with tiers, each tier's estimates of the keys it
+    refines and its metadata of their groups.
     """
 
     base: Any
@@ -286,7 +342,7 @@ class CertifiedFallback:
     to: str = "topk"
     name: str = "certified_fallback"
     bound: str = "box"
-    bits: int = 4
+    bits: int | tuple[int, ...] = 4
     group: int = 32
 
     def __post_init__(self) -> None:
@@ -298,7 +354,7 @@ class CertifiedFallback:
             raise InputError(f"fallback bound must be 'box' or 'quant', got {self.bound!r}")
         if self.to == "search" and self.bound != "quant":
             raise InputError("fallback target 'search' needs bound='quant' (per-key bounds)")
-        check_int_option(self.bits, name="bits", choices=BITS, optional=False)
+        object.__setattr__(self, "bits", check_int_tiers(self.bits, name="bits", choices=BITS))
         check_int_option(self.group, name="group", optional=False)
         if isinstance(self.page_size, bool) or int(self.page_size) != self.page_size or \
                 self.page_size < 1:
@@ -319,13 +375,30 @@ class CertifiedFallback:
             else:
                 meta = METADATA_PER_PAGE * pages_read
             return box, meta, None
-        upper, qk = quant_score_upper(ctx, self.bits, self.group)
-        unkept = valid & ~kept
-        groups = np.sum(_page_sums(unkept.astype(np.float64), qk.group) > 0, axis=-1)
-        reads = (np.sum(unkept, axis=-1) * qk.key_bytes + groups * qk.meta_bytes) / (2.0 * d)
+        tiers = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        lower, upper, qk = quant_score_bounds(ctx, tiers[0], self.group)
+        reads = _estimate_reads(valid & ~kept, qk, d)
         if isinstance(self.base, Pages):
             reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
-        return key_tail_upper(scores, valid, kept, upper), reads, upper
+        bound = key_tail_upper(scores, valid, kept, upper)
+        budget = slack_budget(self.eps, ctx)
+        # queries whose dropped mass the coarse estimates put above the budget are not
+        # refined (a choice: they fall back, which every query may)
+        hopeless = _tail_estimate(scores, valid, kept, 0.5 * (lower + upper)) > budget
+        for b in tiers[1:]:
+            todo = (bound > budget) & ~hopeless
+            if not np.any(todo):
+                break
+            # the keys whose coarse bounds the budget cannot afford get their finer
+            # estimates read; the minimum of two sound upper bounds is one
+            refine = _extend_by_bounds(scores, valid, kept, upper,
+                                       TIER_REST_SHARE * budget, scored=False)
+            refine &= todo[..., None]
+            finer, qk_b = quant_score_upper(ctx, b, self.group)
+            upper = np.where(refine, np.minimum(upper, finer), upper)
+            reads = reads + _estimate_reads(refine, qk_b, d)
+            bound = np.where(todo, key_tail_upper(scores, valid, kept, upper), bound)
+        return bound, reads, upper
 
     def select_with_info(self, scores: Array, valid: Array, ctx: Any) -> tuple[Selection, dict]:
         scores, valid = np.asarray(scores), np.asarray(valid)

@@ -243,7 +243,7 @@ def _context_length(k: Any) -> int:
 
 
 def _fallback_policy(base: Any, fallback: str | None, eps: float | None, page_size: int,
-                     mask: Any, to: str | None, bits: int) -> Any:
+                     mask: Any, to: str | None, bits: Any) -> Any:
     if fallback is None:
         return base
     if fallback not in ("certified", "quant"):
@@ -277,7 +277,7 @@ def window_sinks(
     fallback: str | None = None,
     eps: float | None = None,
     fallback_to: str | None = None,
-    bits: int = 4,
+    bits: int | tuple[int, ...] = 4,
     page_size: int = 16,
     return_weights: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
@@ -309,8 +309,11 @@ def window_sinks(
         TV budget of the fallback.
     fallback_to : {None, "topk", "dense", "search"}
         What a query whose bound exceeds ``eps`` gets (None: the fallback's default).
-    bits : {2, 4, 8}
-        Code width of the key estimates of ``fallback="quant"`` (groups of 32 keys).
+    bits : {2, 4, 8} or tuple of them
+        Code width of the key estimates of ``fallback="quant"`` (groups of 32 keys); a
+        strictly increasing tuple such as ``(4, 8)`` tiers the bound: the finer estimates
+        are read only for the keys of the queries the coarser ones do not certify
+        (:class:`~certattn.approx.fallback.CertifiedFallback`).
     page_size : int
         Page size of the fallback's boxes.
     return_weights : bool
@@ -355,7 +358,7 @@ def quest(
     fallback: str | None = None,
     eps: float | None = None,
     fallback_to: str | None = None,
-    bits: int = 4,
+    bits: int | tuple[int, ...] = 4,
     return_weights: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
 ) -> ApproxResult:
