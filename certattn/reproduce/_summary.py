@@ -45,7 +45,9 @@ class _Sizes:
     SmolLM2 error at n = 512 and 1024 (it grows with n and falls with the landmarks at
     both; the paper's n = 2048 and 4096 are ``--full``), and the Hedgehog fit at 60 Adam
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
-    the hybrid's shares; ``--full``: 150).  :func:`certattn.reproduce.reproduce` sets
+    the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
+    layers (32 rows each: every bound's ratio spread and the tightest bound's share
+    already show; ``--full``: every layer).  :func:`certattn.reproduce.reproduce` sets
     ``full`` at the start of every run.
     """
 
@@ -61,6 +63,11 @@ class _Sizes:
     @property
     def hedgehog_steps(self) -> int:
         return 150 if self.full else 60
+
+    @property
+    def output_layers(self) -> int | None:
+        """Layers (evenly spaced) of the ``output`` section; ``None``: all."""
+        return None if self.full else 10
 
 
 SIZES = _Sizes()

@@ -30,7 +30,7 @@ _SEARCHES = (
 
 def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     from ..plots.reproduce import plot_search
-    from ..search import certified_search
+    from ..search import METHODS, build_cells, certified_search
     from ..topk import certify_topk
 
     sec = Section("search", "Certified search: keys scored at n = 128, 256 (and 1024)")
@@ -52,9 +52,14 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                     mask = a.mask[rows, :n]
                     logits = a.logits[li][:, rows, :n]
                     acc["exact"].append(np.asarray(certify_topk(logits, MAIN_EPS).k).ravel())
+                    # mc, ours and gap search the same k-means cells: built once (as
+                    # certified_search builds them: float64 keys, seed 0)
+                    k64 = np.asarray(kk, dtype=np.float64)
+                    flat = [build_cells("mc", k64[j], 0) for j in range(k64.shape[0])]
                     for label, method, kw in _SEARCHES:
+                        shared = {"cells": flat} if METHODS[method]["cells"] == "flat" else {}
                         r = certified_search(q, kk, vv, MAIN_EPS, scale=a.scale, mask=mask,
-                                             method=method, **kw)
+                                             method=method, **kw, **shared)
                         for what, val in (("", r.scored), ("_cost", r.cost),
                                           ("_read", r.read_fraction)):
                             acc.setdefault(label + what, []).append(np.asarray(val).ravel())
