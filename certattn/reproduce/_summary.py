@@ -47,7 +47,9 @@ class _Sizes:
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
     the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
     layers (32 rows each: every bound's ratio spread and the tightest bound's share
-    already show; ``--full``: every layer).  :func:`certattn.reproduce.reproduce` sets
+    already show; ``--full``: every layer), and certified search on 64 evenly spaced query
+    rows of each MiniLM window (thousands of searches per ``n``; ``--full``: every row;
+    the SmolLM2 windows have one row each).  :func:`certattn.reproduce.reproduce` sets
     ``full`` at the start of every run.
     """
 
@@ -63,6 +65,11 @@ class _Sizes:
     @property
     def hedgehog_steps(self) -> int:
         return 150 if self.full else 60
+
+    @property
+    def search_rows(self) -> int | None:
+        """Query rows (evenly spaced) per window of the ``search`` section; ``None``: all."""
+        return None if self.full else 64
 
     @property
     def output_layers(self) -> int | None:
