@@ -238,3 +238,14 @@ def test_output_layers_are_spread_and_capped() -> None:
     picked = _layers(30, 10)
     assert len(picked) == 10 and picked[0] == 0 and picked[-1] == 29
     assert picked == sorted(set(picked))
+
+
+def test_skyformer_spectral_norm_matches_the_svd() -> None:
+    from certattn.reproduce.skyformer import _spec
+
+    rng = np.random.default_rng(1)
+    for shape in ((512, 32), (40, 64)):
+        for scale in (1.0, 1e-8, 1e6):
+            x = rng.normal(size=shape) * scale
+            assert abs(_spec(x) - np.linalg.norm(x, 2)) <= 1e-12 * np.linalg.norm(x, 2)
+    assert _spec(np.zeros((8, 4))) == 0.0
