@@ -47,9 +47,10 @@ class _Sizes:
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
     the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
     layers (32 rows each: every bound's ratio spread and the tightest bound's share
-    already show; ``--full``: every layer), and certified search on 64 evenly spaced query
-    rows of each MiniLM window (thousands of searches per ``n``; ``--full``: every row;
-    the SmolLM2 windows have one row each).  :func:`certattn.reproduce.reproduce` sets
+    already show; ``--full``: every layer; the ``delta`` audit takes the same layers),
+    and certified search on 64 evenly spaced query rows of each MiniLM window
+    (thousands of searches per ``n``; ``--full``: every row; the SmolLM2 windows have
+    one row each).  :func:`certattn.reproduce.reproduce` sets
     ``full`` at the start of every run.
     """
 
