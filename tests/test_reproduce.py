@@ -185,9 +185,11 @@ def test_full_sizes_are_the_papers(tmp_path: Path) -> None:
     try:
         SIZES.use(True)
         assert SIZES.skyformer_ns == SMOLLM2_NS and SIZES.hedgehog_steps == FIT["steps"]
+        assert SIZES.output_layers is None  # every layer
         SIZES.use(False)
         assert set(SIZES.skyformer_ns) < set(SMOLLM2_NS)
         assert SIZES.hedgehog_steps < FIT["steps"]
+        assert SIZES.output_layers is not None and SIZES.output_layers >= 2
         reproduce(tmp_path, models=("minilm",), quick=True, progress=False, full=True,
                   only=("identities",))
         assert SIZES.full is True  # set by the run
@@ -226,3 +228,24 @@ def test_signals_are_shared_and_sliced(monkeypatch) -> None:
     assert part.attn_out.shape == (2, 2, 2) and len(part.queries) == 2
     np.testing.assert_array_equal(part.queries[1], full.queries[1][:, :2])
     assert again is not None and other.token_ids.tolist() == [9, 9]
+
+
+def test_output_layers_are_spread_and_capped() -> None:
+    from certattn.reproduce.output import _layers
+
+    assert _layers(6, 10) == list(range(6))
+    assert _layers(30, None) == list(range(30))
+    picked = _layers(30, 10)
+    assert len(picked) == 10 and picked[0] == 0 and picked[-1] == 29
+    assert picked == sorted(set(picked))
+
+
+def test_skyformer_spectral_norm_matches_the_svd() -> None:
+    from certattn.reproduce.skyformer import _spec
+
+    rng = np.random.default_rng(1)
+    for shape in ((512, 32), (40, 64)):
+        for scale in (1.0, 1e-8, 1e6):
+            x = rng.normal(size=shape) * scale
+            assert abs(_spec(x) - np.linalg.norm(x, 2)) <= 1e-12 * np.linalg.norm(x, 2)
+    assert _spec(np.zeros((8, 4))) == 0.0

@@ -45,7 +45,12 @@ class _Sizes:
     SmolLM2 error at n = 512 and 1024 (it grows with n and falls with the landmarks at
     both; the paper's n = 2048 and 4096 are ``--full``), and the Hedgehog fit at 60 Adam
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
-    the hybrid's shares; ``--full``: 150).  :func:`certattn.reproduce.reproduce` sets
+    the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
+    layers (32 rows each: every bound's ratio spread and the tightest bound's share
+    already show; ``--full``: every layer; the ``delta`` audit takes the same layers),
+    and certified search on 64 evenly spaced query rows of each MiniLM window
+    (thousands of searches per ``n``; ``--full``: every row; the SmolLM2 windows have
+    one row each).  :func:`certattn.reproduce.reproduce` sets
     ``full`` at the start of every run.
     """
 
@@ -61,6 +66,16 @@ class _Sizes:
     @property
     def hedgehog_steps(self) -> int:
         return 150 if self.full else 60
+
+    @property
+    def search_rows(self) -> int | None:
+        """Query rows (evenly spaced) per window of the ``search`` section; ``None``: all."""
+        return None if self.full else 64
+
+    @property
+    def output_layers(self) -> int | None:
+        """Layers (evenly spaced) of the ``output`` section; ``None``: all."""
+        return None if self.full else 10
 
 
 SIZES = _Sizes()

@@ -17,7 +17,7 @@ _BOUND_NAMES = ("gap", "exact_head", "optimal_cuts", "all_gap", "uniform_gap")
 
 
 def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
-    from ..bounds import bound_k, tail_bound
+    from ..bounds import _bound_curve, bound_k, tail_bound
     from ..distribution import tail_mass
     from ..plots.reproduce import plot_bound_curves, plot_bound_ratios
 
@@ -65,9 +65,11 @@ def _bounds(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         ks = np.unique(np.linspace(1, n0 - 1, 60 if not quick else 20).astype(int))
         rows = np.repeat(row, ks.size, axis=0)
         t_curve = np.asarray(tail_mass(rows, k=ks), dtype=np.float64)
+        # Each bound's whole curve over k of the one row, read at ks: the values
+        # tail_bound gives at each k, without redoing the optimal-cuts programme per k.
         curves = {
-            name: np.asarray(tail_bound(rows, ks, bound=name,
-                                        n_cuts=cuts if name == "optimal_cuts" else None))
+            name: np.asarray(_bound_curve(row, name, cuts if name == "optimal_cuts" else None,
+                                          -1)[0], dtype=np.float64)[0, ks - 1]
             for name in _BOUND_NAMES
         }
         fig = plot_bound_curves(ks, t_curve, curves, n=n0, eps=MAIN_EPS,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from ._runs import _Run
-from ._summary import Progress, Section
+from ._summary import SIZES, Progress, Section
+from .output import _layers
 
 TITLE = "Delta Attention: output error recovered over a sliding window with sinks"
 
@@ -40,7 +41,9 @@ def _delta(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     for run in runs:
         records = run.attentions
         note(f"delta: {run.label}", 0, 1)
-        rep = audit(records, ["window_sinks", "delta"], eps=0.01)
+        picked = _layers(len(records[0].layers), SIZES.output_layers)
+        layers = [int(records[0].layers[i]) for i in picked]
+        rep = audit(records, ["window_sinks", "delta"], eps=0.01, layers=layers)
         note(f"delta: {run.label}", 1, 1)
         pooled = {r.method: r for r in rep.pooled}
         if set(pooled) != {"window_sinks", "delta"}:
@@ -51,6 +54,7 @@ def _delta(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
         sec.results[run.key] = {
             "source": run.source,
             "tokens": rep.tokens,
+            "layers": layers,
             "queries": w.queries,
             "params": {"window_sinks": w.params, "delta": d.params},
             "window_rel_mean": w.rel_mean, "window_rel_p99": w.rel_p99,

@@ -40,7 +40,9 @@ def _gaussian(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Secti
             }
         sec.results[run.key] = {"rows": int(sigma.size), "sigma_median": float(np.median(sigma)),
                                 "by_eps": res}
-        depth = np.array([run.depth(int(v)) for v in run.stats["layer"]])
+        layer = run.stats["layer"]
+        levels = np.unique(layer)  # one depth per layer, not per row
+        depth = np.array([run.depth(int(v)) for v in levels])[np.searchsorted(levels, layer)]
         sub = _thin(sigma.size, 40_000)
         fig = plot_keps_vs_sigma(
             sigma[sub], {e: frac[EPS_GRID.index(e)][sub] for e in shown}, keps_fraction,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ._runs import _Run
-from ._summary import MAIN_EPS, Progress, Section, _save
+from ._summary import MAIN_EPS, SIZES, Progress, Section, _save
 
 
 def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
@@ -25,7 +25,8 @@ def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         a = run.attentions[0]
         rng = np.random.default_rng(5)
         n_q = 8 if quick else 32
-        layers = range(len(a.layers)) if not quick else range(min(2, len(a.layers)))
+        layers = (range(min(2, len(a.layers))) if quick
+                  else _layers(len(a.layers), SIZES.output_layers))
         errs, bnds = [], {n: [] for n in names}
         for j, li in enumerate(layers):
             h = int(rng.integers(a.n_heads))
@@ -52,9 +53,18 @@ def _output(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
         tight = np.array([min(names[:-1], key=lambda m, i=i: bd[m][i]) for i in range(err.size)])
         res["tightest_share"] = {n: float(np.mean(tight == n)) for n in names[:-1]}
         sec.results[run.key] = {"eps": MAIN_EPS, "rows": int(err.size), "bounds": res,
+                                "layers": [int(a.layers[li]) for li in layers],
                                 "median_error": float(np.median(err))}
         fig = plot_output_bounds(err[live], {n: v[live] for n, v in bd.items()}, eps=MAIN_EPS,
                                  title=f"{run.label}: output error bounds on {int(live.sum())} "
                                        "real query rows")
         sec.figures.append(_save(fig, out, f"output_bounds_{run.key}.png"))
     return sec
+
+
+def _layers(n: int, cap: int | None) -> list[int]:
+    """All ``n`` layer positions, or at most ``cap`` of them evenly spaced (first and last
+    included)."""
+    if cap is None or n <= cap:
+        return list(range(n))
+    return sorted(set(np.rint(np.linspace(0, n - 1, cap)).astype(int).tolist()))

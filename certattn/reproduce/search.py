@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ._runs import _Run
-from ._summary import MAIN_EPS, PAPER, Progress, Section, _save
+from ._summary import MAIN_EPS, PAPER, SIZES, Progress, Section, _save
 
 # (label, method, keyword arguments) of every search the section runs
 _SEARCHES = (
@@ -30,7 +30,7 @@ _SEARCHES = (
 
 def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     from ..plots.reproduce import plot_search
-    from ..search import certified_search
+    from ..search import METHODS, build_cells, certified_search
     from ..topk import certify_topk
 
     sec = Section("search", "Certified search: keys scored at n = 128, 256 (and 1024)")
@@ -45,16 +45,22 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             acc: dict[str, list[np.ndarray]] = {"exact": []}
             steps = len(wins) * len(wins[0][0].layers)
             done = 0
-            for a, rows in wins:
+            for a, window_rows in wins:
+                rows = _spread(np.arange(a.n_tokens)[window_rows], SIZES.search_rows)
                 for li in range(len(a.layers)):
                     q = a.queries[li][:, rows, :]
                     kk, vv = a.keys[li][:, :n, :], a.values[li][:, :n, :]
                     mask = a.mask[rows, :n]
                     logits = a.logits[li][:, rows, :n]
                     acc["exact"].append(np.asarray(certify_topk(logits, MAIN_EPS).k).ravel())
+                    # mc, ours and gap search the same k-means cells: built once (as
+                    # certified_search builds them: float64 keys, seed 0)
+                    k64 = np.asarray(kk, dtype=np.float64)
+                    flat = [build_cells("mc", k64[j], 0) for j in range(k64.shape[0])]
                     for label, method, kw in _SEARCHES:
+                        shared = {"cells": flat} if METHODS[method]["cells"] == "flat" else {}
                         r = certified_search(q, kk, vv, MAIN_EPS, scale=a.scale, mask=mask,
-                                             method=method, **kw)
+                                             method=method, **kw, **shared)
                         for what, val in (("", r.scored), ("_cost", r.cost),
                                           ("_read", r.read_fraction)):
                             acc.setdefault(label + what, []).append(np.asarray(val).ravel())
@@ -64,6 +70,7 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
             row: dict[str, Any] = {
                 "queries": int(np.concatenate(acc["mc"]).size),
                 "windows": len(wins),
+                "rows_per_window_cap": SIZES.search_rows,
                 "exact_k_eps": m["exact"],
                 "paper_scored": PAPER["search_scored"].get(n),
                 "paper_reduction": PAPER["search_reduction"].get(n),
@@ -83,3 +90,10 @@ def _search(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section
                           eps=MAIN_EPS)
         sec.figures.append(_save(fig, out, "search.png"))
     return sec
+
+
+def _spread(rows: np.ndarray, cap: int | None) -> np.ndarray:
+    """``rows``, or ``cap`` of them evenly spaced (first and last included) when longer."""
+    if cap is None or rows.size <= cap:
+        return rows
+    return rows[np.unique(np.rint(np.linspace(0, rows.size - 1, cap)).astype(int))]
