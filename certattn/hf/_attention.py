@@ -342,8 +342,9 @@ class _Session:
 
 
 @contextmanager
-def _using(model: Any, name: str, session: _Session) -> Iterator[None]:
-    register(name)
+def _switched(model: Any, name: str) -> Iterator[None]:
+    """``model`` on the registered attention implementation ``name``, the previous one
+    restored on exit; a model that does not route through the registry is refused."""
     if not callable(getattr(model, "set_attn_implementation", None)):
         raise InputError(f"{type(model).__name__} is not a transformers PreTrainedModel")
     previous = model.config._attn_implementation
@@ -352,12 +353,21 @@ def _using(model: Any, name: str, session: _Session) -> Iterator[None]:
         model.set_attn_implementation(previous)
         raise InputError(f"{type(model).__name__} does not route its attention through "
                          "transformers' AttentionInterface")
-    token = _SESSION.set(session)
     try:
         yield
     finally:
-        _SESSION.reset(token)
         model.set_attn_implementation(previous)
+
+
+@contextmanager
+def _using(model: Any, name: str, session: _Session) -> Iterator[None]:
+    register(name)
+    with _switched(model, name):
+        token = _SESSION.set(session)
+        try:
+            yield
+        finally:
+            _SESSION.reset(token)
 
 
 def _eps_tuple(eps: float | Sequence[float]) -> tuple[float, ...]:

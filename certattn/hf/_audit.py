@@ -28,7 +28,7 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask
 from .._validate import InputError
 from ..budget import _check_layers, _sequences
 from ..models import ModelAttention
-from ._attention import _eager_of
+from ._attention import _eager_of, _switched
 from ._budget import _Adapter
 from ._evaluate import load, quiet_loading
 
@@ -89,19 +89,13 @@ def _capturing(model: Any) -> Iterator[list[dict[str, Any]]]:
         raise InputError(f"attention implementation {CAPTURE_NAME!r} is already registered")
     AttentionInterface.register(CAPTURE_NAME, _capture)
     AttentionMaskInterface.register(CAPTURE_NAME, eager_mask)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(CAPTURE_NAME)
-    if model.config._attn_implementation != CAPTURE_NAME:
-        model.set_attn_implementation(previous)
-        raise InputError(f"{type(model).__name__} does not route its attention through "
-                         "transformers' AttentionInterface")
     calls: list[dict[str, Any]] = []
-    token = _CAPTURE.set(calls)
-    try:
-        yield calls
-    finally:
-        _CAPTURE.reset(token)
-        model.set_attn_implementation(previous)
+    with _switched(model, CAPTURE_NAME):
+        token = _CAPTURE.set(calls)
+        try:
+            yield calls
+        finally:
+            _CAPTURE.reset(token)
 
 
 def _record(label: str, ids: list[int], tok: Any, calls: list[dict[str, Any]],
