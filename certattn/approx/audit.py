@@ -76,7 +76,7 @@ METHOD_TABLE: dict[str, str] = {
     "quest_certified": "certattn.approx.selection:quest",
     "delta": "certattn.approx.delta:delta_correct",
     "skyformer": "certattn.approx.skyformer:skyformer",
-    "hybrid": "certattn.approx.hybrid:hybrid",
+    "hybrid": "certattn.approx.hybrid:hybrid_linear",
 }
 """Method name -> ``"module:function"`` (imported on first use)."""
 

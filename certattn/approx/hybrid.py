@@ -59,7 +59,6 @@ __all__ = [
     "HybridUsage",
     "fit_hedgehog",
     "hedgehog_features",
-    "hybrid",
     "hybrid_linear",
     "hybrid_usage",
     "identity_maps",
@@ -285,9 +284,6 @@ def hybrid_linear(
                 "features": maps.n_features, "fit": maps.fit, "causal": bool(causal)},
     )
 
-
-hybrid = hybrid_linear
-"""Alias of :func:`hybrid_linear` (the name the audit's method table uses)."""
 
 
 @dataclass(frozen=True)
