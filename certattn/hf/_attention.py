@@ -135,7 +135,9 @@ class LayerCall:
     Attributes
     ----------
     layer : int
-        Layer index (the module's ``layer_idx``, else the order of first call).
+        Layer index (the module's ``layer_idx``, else the order of first call).  In
+        encoder-decoder models (T5, BART) the encoder's layer ``i``, and the decoder's
+        self- and cross-attention of layer ``i``, all have index ``i``.
     call : int
         Index of this call among the layer's calls in the session.
     n_valid : int64 array (B, H, Lq)
@@ -430,7 +432,9 @@ def sparse(model: Any, policy: Any, *, output_bound: bool = False,
         Any :mod:`certattn.policies` object (``select(scores, valid, ctx)``), or a mapping
         whose keys are a layer index (every head of that layer) or a ``(layer, head)``
         pair (that head; it overrides the layer's entry).  Layers and heads not in the
-        mapping run dense (and are not counted in the stats).
+        mapping run dense (and are not counted in the stats).  A layer index is the
+        attention module's ``layer_idx``: in encoder-decoder models one index names the
+        encoder's layer and the decoder's self- and cross-attention of that layer.
     output_bound : bool
         Also certify each layer's attention-output error
         (``stats.output_bound_max``; float64 copies of the logits and the values).
