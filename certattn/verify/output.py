@@ -39,17 +39,21 @@ def _values(ctx: Ctx, n: int, dv: int = 8) -> tuple[Array, Array, float]:
     return ctx.put(v), ctx.put(v), c
 
 
-def _output_refs(xp, x64, v, kept):
-    """Reference tau, Attn, Attn_k, |Attn - Attn_k|, Var_P(V) from the definitions."""
+def _output_refs(xp, x64, v, kept, variance=False):
+    """Reference tau, Attn, Attn_k, |Attn - Attn_k| and (with ``variance``, else None)
+    Var_P(V) from the definitions."""
     e, z = _terms(xp, x64)
-    h = xp.sum(xp.where(kept, e, xp.zeros_like(e)), axis=-1)
+    zero = xp.zeros_like(e)
+    h = xp.sum(xp.where(kept, e, zero), axis=-1)
     p = e / z[:, None]
-    ph = xp.where(kept, e / h[:, None], xp.zeros_like(e))
+    ph = xp.where(kept, e / h[:, None], zero)
     attn, attn_k = p @ v, ph @ v
     err = xp.linalg.vector_norm(attn - attn_k, axis=-1)
-    dev = v[None, :, :] - attn[:, None, :]
-    var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
-    tau = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1) / z
+    var = None
+    if variance:
+        dev = v[None, :, :] - attn[:, None, :]
+        var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
+    tau = xp.sum(xp.where(kept, zero, e), axis=-1) / z
     return tau, attn, attn_k, err, var
 
 
@@ -204,7 +208,7 @@ def check_out_var_decomp(rows, *, xp, device, rng, progress):
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
         vd = variance_decomposition(x, v, kept)
-        _, _, _, err, var = _output_refs(xp, x64, v64, kept)
+        _, _, _, err, var = _output_refs(xp, x64, v64, kept, variance=True)
         total = (1.0 - vd.tau) * vd.within_head + vd.tau * vd.within_tail + vd.between
         w.add(_rel(xp, total, var, 1e-6 * c * c))
         w.add(_rel(xp, vd.total, var, 1e-6 * c * c))
