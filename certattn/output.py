@@ -183,11 +183,19 @@ class VarianceDecomposition:
 
 
 def _variance(w: Array, v: Array, mean: Array, xp: Any, chunk_elems: int) -> Array:
-    """``sum_i w_i |v_i - mean|^2`` per row, chunked over the query axis."""
+    """``sum_i w_i |v_i - mean|^2`` per row, chunked over the query axis.
+
+    The squared distances are summed one value dimension at a time (``(Lq, n)``
+    temporaries, no ``(Lq, n, d_v)`` difference and no reduction over a short axis)."""
 
     def one(sl: slice) -> Array:
-        diff = v[..., None, :, :] - mean[..., sl, None, :]
-        return xp.sum(w[..., sl, :] * xp.sum(diff * diff, axis=-1), axis=-1)
+        sq = None
+        for j in range(int(v.shape[-1])):
+            t = v[..., None, :, j] - mean[..., sl, j][..., None]
+            sq = t * t if sq is None else sq + t * t
+        if sq is None:  # d_v = 0: every distance is 0
+            return xp.zeros_like(w[..., sl, 0])
+        return xp.sum(w[..., sl, :] * sq, axis=-1)
 
     return _by_query_chunks(one, w.shape, v.shape[-1], xp, chunk_elems)
 

@@ -184,9 +184,10 @@ def _exact_violations(w, sample):
 def _longdouble_tail(x64: np.ndarray, k: np.ndarray) -> np.ndarray:
     """Exact-to-``n 2^-64`` tail of the Top-k (ties: any order, equal terms) in longdouble."""
     ld = np.longdouble
-    x = x64.astype(ld)
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    es = np.sort(e, axis=-1)  # ascending: the tail is the n - k smallest terms
+    # sort the float64 logits (fast), not the longdouble terms: exp is monotone, so the
+    # terms come ascending too and the tail is the n - k smallest (the first n - k)
+    x = np.sort(x64, axis=-1).astype(ld)
+    es = np.exp(x - x[:, -1:])
     cs = np.cumsum(es, axis=-1)
     n = x.shape[-1]
     idx = np.clip(n - k - 1, 0, n - 1)
