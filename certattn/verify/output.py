@@ -43,17 +43,15 @@ def _output_refs(xp, x64, v, kept, variance=False):
     """Reference tau, Attn, Attn_k, |Attn - Attn_k| and (with ``variance``, else None)
     Var_P(V) from the definitions."""
     e, z = _terms(xp, x64)
-    zero = xp.zeros_like(e)
-    h = xp.sum(xp.where(kept, e, zero), axis=-1)
-    p = e / z[:, None]
-    ph = xp.where(kept, e / h[:, None], zero)
-    attn, attn_k = p @ v, ph @ v
+    eh = xp.where(kept, e, xp.zeros_like(e))
+    h = xp.sum(eh, axis=-1)
+    attn, attn_k = (e @ v) / z[:, None], (eh @ v) / h[:, None]  # normalised after the sums
     err = xp.linalg.vector_norm(attn - attn_k, axis=-1)
     var = None
     if variance:
         dev = v[None, :, :] - attn[:, None, :]
-        var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
-    tau = xp.sum(xp.where(kept, zero, e), axis=-1) / z
+        var = xp.sum(e * xp.sum(dev * dev, axis=-1), axis=-1) / z
+    tau = xp.sum(e - eh, axis=-1) / z  # e - eh: the tail terms exactly (e or 0)
     return tau, attn, attn_k, err, var
 
 
