@@ -158,11 +158,15 @@ class Summary:
         })
 
     def short_report(self) -> str:
-        """A few lines for a terminal: where the files are, section status, headline."""
+        """A few lines for a terminal: where the files are, section status, the parts
+        pending, the search headline, and last the quantized search's keys scored."""
         lines = [f"certattn reproduce: {len(self.files)} files in {self.out_dir} "
                  f"({self.runtime_s:.0f} s); see summary.md"]
         for s in self.sections.values():
             lines.append(f"  {s.name:<11} {s.status}" + (f": {s.reason}" if s.reason else ""))
+        for key, reason in self.pending.items():
+            if "/" in key:
+                lines.append(f"  pending {key}: {reason}")
         h = _headline(self)
         for n in SEARCH_NS:
             row = h[f"search_n{n}"]
@@ -170,10 +174,7 @@ class Summary:
                              for k, v in row.items() if isinstance(v, dict))
             lines.append(f"  search n = {n}: paper {row['paper_scored']} / {n}; "
                          f"ours: {ours or 'not run'}")
-        lines += _quant_lines(self)
-        for key, reason in self.pending.items():
-            if "/" in key:
-                lines.append(f"  pending {key}: {reason}")
+        lines += _quant_lines(self)  # the closing lines: the project's best search result
         return "\n".join(lines)
 
     def to_json(self) -> str:
