@@ -47,7 +47,9 @@ class _Sizes:
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
     the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
     layers (32 rows each: every bound's ratio spread and the tightest bound's share
-    already show; ``--full``: every layer; the ``delta`` audit takes the same layers),
+    already show; ``--full``: every layer), the ``delta`` audit on 5 evenly spaced layers
+    (every query row of each: the share of the window's error Delta removes, its cost and
+    the bound's soundness show; ``--full``: every layer),
     and certified search on 64 evenly spaced query rows of each MiniLM window
     (thousands of searches per ``n``; ``--full``: every row; the SmolLM2 windows have
     one row each).  :func:`certattn.reproduce.reproduce` sets
@@ -76,6 +78,11 @@ class _Sizes:
     def output_layers(self) -> int | None:
         """Layers (evenly spaced) of the ``output`` section; ``None``: all."""
         return None if self.full else 10
+
+    @property
+    def delta_layers(self) -> int | None:
+        """Layers (evenly spaced) of the ``delta`` audit; ``None``: all."""
+        return None if self.full else 5
 
 
 SIZES = _Sizes()
