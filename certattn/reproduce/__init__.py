@@ -9,7 +9,8 @@ scores 58.8 of 128 and 107.8 of 256 keys; the k_eps rule
 
 Sections (each independent; a section whose module is missing is recorded as
 ``pending`` with the reason, one that raises is recorded as ``failed``; neither stops
-the run):
+the run).  The models are loaded and run once; the sections then share ``jobs``
+processes (2 by default, forked after loading on Linux), which changes no result:
 
 * ``identities`` -- Theorem TV-TAIL (Lemma 4.1) ``TV = tau`` and TV-KL (Thm 4.3)
   ``TV = 1 - e^{-KL}``, with TV and KL computed directly from the two distributions,
@@ -98,9 +99,9 @@ def _check_only(only: Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
-_COST = {"identities": 1.0, "bounds": 10.0, "gaussian": 4.0, "output": 5.0, "budgets": 3.0,
-         "search": 38.0, "skyformer": 8.0, "hybrid": 5.0, "fal": 3.0, "delta": 15.0}
-"""CPU seconds of each section in a default run (2-core machine, November-December 2026):
+_COST = {"identities": 1.0, "bounds": 9.0, "gaussian": 5.0, "output": 6.0, "budgets": 3.0,
+         "search": 40.0, "skyformer": 4.0, "hybrid": 6.0, "fal": 7.0, "delta": 19.0}
+"""CPU seconds of each section in a default run (shared 2-core machine, December 2026):
 the weights by which :func:`_split` shares the sections among the worker processes."""
 
 
@@ -122,15 +123,17 @@ def _check_jobs(jobs: int | None) -> int:
 
 
 def _split(names: Sequence[str], jobs: int) -> list[list[str]]:
-    """``names`` shared among at most ``jobs`` groups of about equal :data:`_COST`
-    (longest first, each to the lightest group; ties by order), each in run order."""
+    """``names`` (in run order) shared among at most ``jobs`` groups of about equal
+    :data:`_COST` (longest first, each to the lightest group; ties by order), each group
+    in run order."""
+    order = {n: i for i, n in enumerate(names)}
     groups: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(names))))]
     load = [0.0] * len(groups)
-    for name in sorted(names, key=lambda n: (-_COST.get(n, 1.0), SECTIONS.index(n))):
+    for name in sorted(names, key=lambda n: (-_COST.get(n, 1.0), order[n])):
         i = min(range(len(groups)), key=lambda j: (load[j], j))
         groups[i].append(name)
         load[i] += _COST.get(name, 1.0)
-    return [sorted(g, key=SECTIONS.index) for g in groups]
+    return [sorted(g, key=order.__getitem__) for g in groups]
 
 
 def _run_one(name: str, runs: list, out: Path, quick: bool, note: Progress) -> Section:
@@ -291,8 +294,8 @@ def reproduce(
         row_stats(run, note)
     SIZES.use(full)
     try:
-        done = _run_sections([n for n in SECTIONS if n in chosen], runs, out, quick, note,
-                             jobs)
+        done = _run_sections([n for n, _, _ in _SECTIONS if n in chosen], runs, out, quick,
+                             note, jobs)
     finally:
         forget_signals()
     sections = {name: done.get(name) or Section(name, title, status="skipped",
