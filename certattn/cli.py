@@ -899,8 +899,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    "budgets, search, skyformer, hybrid, fal, delta); the others are skipped")
     r.add_argument("--full", action="store_true",
                    help="paper-sized runs (Skyformer's SmolLM2 lengths up to 4096 tokens, "
-                   "150 Hedgehog steps); the default keeps the smallest sizes that show "
-                   "each effect")
+                   "150 Hedgehog steps, every layer in output and delta, every MiniLM "
+                   "search row); the default keeps the smallest sizes that show each effect")
     r.add_argument("--jobs", type=_int_option("--jobs", 1, _REPRODUCE_MAX_JOBS), metavar="N",
                    help="processes that share the sections after the models are loaded, 1 to "
                    f"{_REPRODUCE_MAX_JOBS} (default: 2, or 1 on a one-core machine; Linux "
