@@ -530,6 +530,10 @@ def _budget_texts(args: argparse.Namespace, eps: float, coverage: float) -> Any:
         )
 
 
+_REPRODUCE_MAX_JOBS = 16
+"""``certattn.reproduce.MAX_JOBS`` (not imported to build the parser: a test checks them)."""
+
+
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from .reproduce import reproduce
 
@@ -550,7 +554,7 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
                            f"{args.only!r}")
     out = _check_out_folder(args.out)
     summary = reproduce(out, models=models, smollm2_tokens=args.tokens, quick=args.quick,
-                        only=only, full=args.full)
+                        only=only, full=args.full, jobs=args.jobs)
     _emit(summary.short_report() + "\n")
     return 0
 
@@ -895,8 +899,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    "budgets, search, skyformer, hybrid, fal, delta); the others are skipped")
     r.add_argument("--full", action="store_true",
                    help="paper-sized runs (Skyformer's SmolLM2 lengths up to 4096 tokens, "
-                   "150 Hedgehog steps); the default keeps the smallest sizes that show "
-                   "each effect")
+                   "150 Hedgehog steps, every layer in output and delta, every MiniLM "
+                   "search row); the default keeps the smallest sizes that show each effect")
+    r.add_argument("--jobs", type=_int_option("--jobs", 1, _REPRODUCE_MAX_JOBS), metavar="N",
+                   help="processes that share the sections after the models are loaded, 1 to "
+                   f"{_REPRODUCE_MAX_JOBS} (default: 2, or 1 on a one-core machine; Linux "
+                   "only, elsewhere 1); the results do not depend on it")
     r.set_defaults(func=_cmd_reproduce)
 
     v = sub.add_parser(

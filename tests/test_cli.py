@@ -544,3 +544,16 @@ def test_reproduce_only_takes_section_names(only, tmp_path, capsys):
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "--only" in err and "identities" in err
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("jobs", ["0", "17", "two", "-1"])
+def test_reproduce_jobs_takes_1_to_max_jobs(jobs, tmp_path, capsys):
+    from certattn.cli import _REPRODUCE_MAX_JOBS
+    from certattn.reproduce import MAX_JOBS
+
+    assert _REPRODUCE_MAX_JOBS == MAX_JOBS  # the parser's bound is the library's
+    code, out, err = run(capsys, "reproduce", "--quick", "--jobs", jobs, "--out",
+                         str(tmp_path / "r"))
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--jobs" in err
+    assert not (tmp_path / "r").exists()

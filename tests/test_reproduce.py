@@ -163,6 +163,10 @@ def test_closing_lines_show_the_quantized_search(quick_run) -> None:
         assert f"8-bit {v['quant8_scored']:.1f}" in line
         assert f"4-bit {v['quant4_scored']:.1f}" in line
         assert f"floor k_eps {v['exact_k_eps']:.1f}" in line
+    # they close the report, after the parts pending (quick mode has some)
+    quant = [x for x in report.splitlines() if "quantized search" in x]
+    assert quant and report.splitlines()[-len(quant):] == quant
+    assert "pending" in report
 
 
 def test_only_runs_the_named_sections(tmp_path: Path) -> None:
@@ -185,11 +189,12 @@ def test_full_sizes_are_the_papers(tmp_path: Path) -> None:
     try:
         SIZES.use(True)
         assert SIZES.skyformer_ns == SMOLLM2_NS and SIZES.hedgehog_steps == FIT["steps"]
-        assert SIZES.output_layers is None  # every layer
+        assert SIZES.output_layers is None and SIZES.delta_layers is None  # every layer
         SIZES.use(False)
         assert set(SIZES.skyformer_ns) < set(SMOLLM2_NS)
         assert SIZES.hedgehog_steps < FIT["steps"]
         assert SIZES.output_layers is not None and SIZES.output_layers >= 2
+        assert SIZES.delta_layers is not None and SIZES.delta_layers >= 2
         reproduce(tmp_path, models=("minilm",), quick=True, progress=False, full=True,
                   only=("identities",))
         assert SIZES.full is True  # set by the run
@@ -249,3 +254,93 @@ def test_skyformer_spectral_norm_matches_the_svd() -> None:
             x = rng.normal(size=shape) * scale
             assert abs(_spec(x) - np.linalg.norm(x, 2)) <= 1e-12 * np.linalg.norm(x, 2)
     assert _spec(np.zeros((8, 4))) == 0.0
+
+
+def _pids_seen(path: Path):
+    """A progress callback that records the id of the process calling it in ``path``."""
+    import os
+
+    def note(stage: str, done: int, total: int) -> None:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+    return note
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux only")
+def test_jobs_give_the_same_results(tmp_path: Path) -> None:
+    """Issue 24: sections shared among 2 forked processes give what 1 process gives."""
+    import os
+
+    only = ("identities", "gaussian", "output", "search", "delta")
+    docs, pids = {}, {}
+    for jobs in (1, 2):
+        out = tmp_path / f"j{jobs}"
+        seen = tmp_path / f"pids{jobs}"
+        reproduce(out, models=("minilm",), quick=True, progress=_pids_seen(seen), only=only,
+                  jobs=jobs)
+        docs[jobs] = json.loads((out / "summary.json").read_text())["sections"]
+        pids[jobs] = set(seen.read_text().split())
+    assert pids[1] == {str(os.getpid())}
+    assert len(pids[2]) == 2 and str(os.getpid()) in pids[2]  # one worker was forked
+    for name in SECTIONS:
+        a, b = docs[1][name], docs[2][name]
+        assert (a["status"], a["figures"], a["results"]) == (b["status"], b["figures"],
+                                                             b["results"]), name
+    assert {n for n, s in docs[2].items() if s["status"] == "ok"} == set(only)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux only")
+def test_a_worker_that_dies_fails_its_sections_only(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import certattn.reproduce as rp
+
+    def die(*args, **kwargs) -> Section:
+        os._exit(3)
+
+    assert rp._split(["identities", "gaussian"], 2) == [["gaussian"], ["identities"]]
+    monkeypatch.setattr(rp, "_SECTIONS", tuple((n, t, die if n == "identities" else f)
+                                               for n, t, f in rp._SECTIONS))
+    s = reproduce(tmp_path, models=("minilm",), quick=True, progress=False,
+                  only=("identities", "gaussian"), jobs=2)
+    assert s.sections["gaussian"].status == "ok"
+    assert s.sections["identities"].status == "failed"
+    assert "exit code 3" in s.sections["identities"].reason
+
+
+def test_split_balances_the_sections() -> None:
+    from certattn.reproduce import _COST, _split, default_jobs
+    from certattn.reproduce import SECTIONS as ALL
+
+    groups = _split(ALL, 2)
+    assert sorted(n for g in groups for n in g) == sorted(ALL)
+    assert all(g == sorted(g, key=ALL.index) for g in groups)
+    loads = [sum(_COST[n] for n in g) for g in groups]
+    assert max(loads) <= 0.55 * sum(loads)  # about even: the wall time is the heavier one
+    assert _split(["identities"], 2) == [["identities"]]  # never an empty group
+    assert _split(ALL, 1) == [list(ALL)]
+    assert 1 <= default_jobs() <= 2
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce("unused", quick=True, progress=False, jobs=0)
+
+
+def test_smollm2_record_from_the_kept_forward_is_the_models() -> None:
+    """The run's SmolLM2 record is built from the layer signals' forward (one forward for
+    the sections): it equals the model's own ``attention`` record."""
+    from certattn._corpus import corpus_text
+    from certattn.approx.fal import layer_signals
+    from certattn.reproduce._approx import _smollm2
+
+    try:
+        m = _smollm2()
+    except ImportError as exc:
+        pytest.skip(f"SmolLM2 not installed: {exc}")
+    ids = m.encode(corpus_text())[:40]
+    sig = layer_signals(m, ids)
+    rec = m._record(sig.token_ids, range(m.n_layers), sig.queries, sig.keys, sig.values)
+    ref = m.attention(ids)
+    for name in ("queries", "keys", "values", "layers", "token_ids", "kv_head"):
+        np.testing.assert_array_equal(getattr(rec, name), getattr(ref, name), err_msg=name)
+    assert (rec.model, rec.tokens, rec.scale, rec.causal, rec.metadata) == (
+        ref.model, ref.tokens, ref.scale, ref.causal, ref.metadata)

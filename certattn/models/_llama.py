@@ -645,30 +645,38 @@ class Llama:
         check_finite(self.name, "the output head", vocab_logits)
         if keep_hidden:
             hidden.append(x)
-        d = self.head_dim
-        dv = d if keep_values else 0
-        attention = ModelAttention.from_qkv(
-            model=self.name,
-            tokens=self.token_strings(ids),
-            token_ids=ids,
-            layers=np.array(record, dtype=np.int64),
-            queries=np.stack(qs) if qs else np.zeros((0, self.n_heads, n, d), np.float32),
-            keys=np.stack(ks) if ks else np.zeros((0, self.n_kv_heads, n, d), np.float32),
-            values=np.stack(vs) if vs else np.zeros((0, self.n_kv_heads, n, dv), np.float32),
-            kv_head=self.kv_head,
-            causal=True,
-            scale=d**-0.5,
-            metadata=dict(
-                self.metadata, text=text_or_ids if isinstance(text_or_ids, str) else "",
-                n_model_layers=self.n_layers,
-            ),
-        )
         return {
-            "attention": attention,
+            "attention": self._record(ids, record, qs, ks, vs, keep_values,
+                                      text_or_ids if isinstance(text_or_ids, str) else ""),
             "vocab_logits": vocab_logits.astype(np.float32, copy=False),
             "hidden": hidden,
             "probs": probs,
         }
+
+    def _record(
+        self, ids: np.ndarray, layers: Sequence[int], qs: Sequence[np.ndarray],
+        ks: Sequence[np.ndarray], vs: Sequence[np.ndarray], keep_values: bool = True,
+        text: str = "",
+    ) -> ModelAttention:
+        """The :class:`ModelAttention` of :meth:`forward`: token ids ``ids``, recorded model
+        ``layers`` and their ``(H, n, d)`` queries and ``(H_kv, n, d)`` keys and values
+        (after RoPE; values ``(H_kv, n, 0)`` without ``keep_values``)."""
+        n, d = int(ids.size), self.head_dim
+        dv = d if keep_values else 0
+        return ModelAttention.from_qkv(
+            model=self.name,
+            tokens=self.token_strings(ids),
+            token_ids=ids,
+            layers=np.array(list(layers), dtype=np.int64),
+            queries=np.stack(qs) if len(qs) else np.zeros((0, self.n_heads, n, d), np.float32),
+            keys=np.stack(ks) if len(ks) else np.zeros((0, self.n_kv_heads, n, d), np.float32),
+            values=(np.stack(vs) if len(vs)
+                    else np.zeros((0, self.n_kv_heads, n, dv), np.float32)),
+            kv_head=self.kv_head,
+            causal=True,
+            scale=d**-0.5,
+            metadata=dict(self.metadata, text=text, n_model_layers=self.n_layers),
+        )
 
     def attention(
         self, text_or_ids: str | Sequence[int], *, layers: Sequence[int] | None = None,

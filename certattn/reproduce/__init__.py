@@ -9,7 +9,8 @@ scores 58.8 of 128 and 107.8 of 256 keys; the k_eps rule
 
 Sections (each independent; a section whose module is missing is recorded as
 ``pending`` with the reason, one that raises is recorded as ``failed``; neither stops
-the run):
+the run).  The models are loaded and run once; the sections then share ``jobs``
+processes (2 by default, forked after loading on Linux), which changes no result:
 
 * ``identities`` -- Theorem TV-TAIL (Lemma 4.1) ``TV = tau`` and TV-KL (Thm 4.3)
   ``TV = 1 - e^{-KL}``, with TV and KL computed directly from the two distributions,
@@ -41,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ._approx import forget_signals
 from ._runs import load_runs, row_stats
@@ -60,7 +62,11 @@ from .search import _search
 from .skyformer import TITLE as _SKY_TITLE
 from .skyformer import _md_skyformer, _skyformer
 
-__all__ = ["EPS_GRID", "PAPER", "SECTIONS", "SIZES", "Summary", "reproduce"]
+__all__ = ["EPS_GRID", "MAX_JOBS", "PAPER", "SECTIONS", "SIZES", "Summary", "default_jobs",
+           "reproduce"]
+
+MAX_JOBS = 16
+"""Most worker processes of a run (there are 10 sections)."""
 
 _SECTIONS: tuple[tuple[str, str, Callable[..., Section]], ...] = (
     ("identities", "Identity checks: TV = tail mass, TV = 1 - exp(-KL)", _identities),
@@ -93,6 +99,113 @@ def _check_only(only: Sequence[str] | None) -> tuple[str, ...]:
     return names
 
 
+_COST = {"identities": 1.0, "bounds": 9.0, "gaussian": 5.0, "output": 6.0, "budgets": 3.0,
+         "search": 40.0, "skyformer": 4.0, "hybrid": 6.0, "fal": 7.0, "delta": 19.0}
+"""CPU seconds of each section in a default run (shared 2-core machine, December 2026):
+the weights by which :func:`_split` shares the sections among the worker processes."""
+
+
+def default_jobs() -> int:
+    """Worker processes of a run by default: 2, or 1 on a machine with one usable core."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores))
+
+
+def _check_jobs(jobs: int | None) -> int:
+    if jobs is None:
+        return default_jobs()
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise ValueError(f"jobs must be an integer from 1 to {MAX_JOBS}, got {jobs!r}")
+    return jobs
+
+
+def _split(names: Sequence[str], jobs: int) -> list[list[str]]:
+    """``names`` (in run order) shared among at most ``jobs`` groups of about equal
+    :data:`_COST` (longest first, each to the lightest group; ties by order), each group
+    in run order."""
+    order = {n: i for i, n in enumerate(names)}
+    groups: list[list[str]] = [[] for _ in range(max(1, min(jobs, len(names))))]
+    load = [0.0] * len(groups)
+    for name in sorted(names, key=lambda n: (-_COST.get(n, 1.0), order[n])):
+        i = min(range(len(groups)), key=lambda j: (load[j], j))
+        groups[i].append(name)
+        load[i] += _COST.get(name, 1.0)
+    return [sorted(g, key=order.__getitem__) for g in groups]
+
+
+def _run_one(name: str, runs: list, out: Path, quick: bool, note: Progress) -> Section:
+    """Section ``name``, timed; an import error makes it pending, any other error failed."""
+    title, fn = next((t, f) for n, t, f in _SECTIONS if n == name)
+    t = time.perf_counter()
+    try:
+        sec = fn(runs, out, quick, note)
+    except ImportError as exc:
+        sec = Section(name, title, status="pending", reason=f"module not available: {exc}")
+    except Exception as exc:  # a broken section must not stop the others
+        sec = Section(name, title, status="failed", reason=f"{type(exc).__name__}: {exc}",
+                      results={"traceback": traceback.format_exc(limit=6)})
+    sec.seconds = time.perf_counter() - t
+    return sec
+
+
+def _worker(names: list[str], runs: list, out: Path, quick: bool, note: Progress,
+            conn: Any) -> None:
+    """A forked worker: run ``names`` and send their sections back (or the error)."""
+    done = {n: _run_one(n, runs, out, quick, note) for n in names}
+    try:
+        conn.send(done)
+    except Exception as exc:  # a result that does not pickle
+        conn.send({n: Section(n, s.title, status="failed",
+                              reason=f"result not returned by the worker: {exc}")
+                   for n, s in done.items()})
+    conn.close()
+
+
+def _run_sections(names: list[str], runs: list, out: Path, quick: bool, note: Progress,
+                  jobs: int) -> dict[str, Section]:
+    """Run the sections ``names``: in this process, or shared among ``jobs`` processes
+    forked after loading (Linux; elsewhere one process).  Every section is deterministic
+    and reads only the loaded runs, so the results do not depend on ``jobs``."""
+    groups = _split(names, jobs if sys.platform.startswith("linux") else 1)
+    if len(groups) == 1:
+        return {n: _run_one(n, runs, out, quick, note) for n in names}
+    import multiprocessing
+    import warnings
+
+    ctx = multiprocessing.get_context("fork")
+    workers = []
+    try:
+        for group in groups[1:]:
+            recv, send = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_worker, args=(group, runs, out, quick, note, send),
+                               daemon=True)
+            with warnings.catch_warnings():  # Python >= 3.12 on a threaded parent
+                warnings.simplefilter("ignore", DeprecationWarning)
+                proc.start()
+            send.close()
+            workers.append((group, proc, recv))
+        done = {n: _run_one(n, runs, out, quick, note) for n in groups[0]}
+        for group, proc, recv in workers:
+            try:
+                done.update(recv.recv())
+            except EOFError:
+                proc.join()
+                for n in group:
+                    done[n] = Section(n, next(t for m, t, _ in _SECTIONS if m == n),
+                                      status="failed", reason="worker process ended without "
+                                      f"results (exit code {proc.exitcode})")
+            proc.join()
+    finally:
+        for _, proc, _ in workers:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+    return done
+
+
 def _progress_printer(progress: Progress | bool | None) -> Progress:
     if callable(progress):
         return progress
@@ -122,6 +235,7 @@ def reproduce(
     progress: Progress | bool | None = None,
     only: Sequence[str] | None = None,
     full: bool = False,
+    jobs: int | None = None,
 ) -> Summary:
     """Check the paper's claims on real attention; write figures and a summary.
 
@@ -146,6 +260,11 @@ def reproduce(
     full : bool
         Paper-sized runs where the default is smaller (Skyformer's SmolLM2 lengths up to
         4096 tokens, the Hedgehog fit's steps): see :data:`SIZES`.
+    jobs : int, optional
+        Processes that run the sections, 1 to :data:`MAX_JOBS` (default
+        :func:`default_jobs`: 2 where two cores are usable).  The models are loaded once,
+        then the sections are shared among processes forked from this one (Linux only;
+        elsewhere they run in this process); the results do not depend on ``jobs``.
 
     Returns
     -------
@@ -162,6 +281,7 @@ def reproduce(
     if isinstance(smollm2_tokens, bool) or int(smollm2_tokens) < 16:
         raise ValueError(f"smollm2_tokens must be an integer >= 16, got {smollm2_tokens!r}")
     chosen = _check_only(only)
+    jobs = _check_jobs(jobs)
     t0 = time.perf_counter()
     out = Path(out_dir)
     try:
@@ -172,26 +292,15 @@ def reproduce(
     runs, info = load_runs(tuple(models), int(smollm2_tokens), quick, note)
     for run in runs:
         row_stats(run, note)
-    sections: dict[str, Section] = {}
     SIZES.use(full)
-    for name, title, fn in _SECTIONS:
-        t = time.perf_counter()
-        if name not in chosen:
-            sections[name] = Section(name, title, status="skipped",
-                                     reason="not selected (--only)")
-            continue
-        try:
-            sec = fn(runs, out, quick, note)
-        except ImportError as exc:
-            sec = Section(name, title, status="pending",
-                          reason=f"module not available: {exc}")
-        except Exception as exc:  # a broken section must not stop the others
-            sec = Section(name, title, status="failed",
-                          reason=f"{type(exc).__name__}: {exc}",
-                          results={"traceback": traceback.format_exc(limit=6)})
-        sec.seconds = time.perf_counter() - t
-        sections[name] = sec
-    forget_signals()
+    try:
+        done = _run_sections([n for n, _, _ in _SECTIONS if n in chosen], runs, out, quick,
+                             note, jobs)
+    finally:
+        forget_signals()
+    sections = {name: done.get(name) or Section(name, title, status="skipped",
+                                                reason="not selected (--only)")
+                for name, title, _ in _SECTIONS}
     summary = Summary(out, info, sections, PAPER, time.perf_counter() - t0, quick)
     (out / "summary.json").write_text(summary.to_json() + "\n")
     (out / "summary.md").write_text(summary.to_markdown() + "\n")

@@ -100,10 +100,14 @@ def load_runs(
                 info[key] = {"status": "pending", "reason": f"SmolLM2 unavailable: {exc}"}
                 continue
             from ..budget import _sequences
+            from ._approx import signals
 
             # The built-in prose, repeated when --tokens asks for more than it holds.
             ids = _sequences(m, key, None, smollm2_tokens)[0][0]
-            a = m.attention(ids)
+            # One forward: the layer signals the skyformer and fal sections use (kept) give
+            # the queries, keys and values the model's own forward records, bit for bit.
+            sig = signals(m, ids)
+            a = m._record(sig.token_ids, range(m.n_layers), sig.queries, sig.keys, sig.values)
             a.metadata.setdefault("n_model_layers", m.n_layers)
             half = a.n_tokens // 2
             run = _Run(

@@ -47,7 +47,9 @@ class _Sizes:
     steps (the cross-entropy has left the identity maps' value and the fitted maps change
     the hybrid's shares; ``--full``: 150), and the output bounds on 10 evenly spaced
     layers (32 rows each: every bound's ratio spread and the tightest bound's share
-    already show; ``--full``: every layer; the ``delta`` audit takes the same layers),
+    already show; ``--full``: every layer), the ``delta`` audit on 5 evenly spaced layers
+    (every query row of each: the share of the window's error Delta removes, its cost and
+    the bound's soundness show; ``--full``: every layer),
     and certified search on 64 evenly spaced query rows of each MiniLM window
     (thousands of searches per ``n``; ``--full``: every row; the SmolLM2 windows have
     one row each).  :func:`certattn.reproduce.reproduce` sets
@@ -76,6 +78,11 @@ class _Sizes:
     def output_layers(self) -> int | None:
         """Layers (evenly spaced) of the ``output`` section; ``None``: all."""
         return None if self.full else 10
+
+    @property
+    def delta_layers(self) -> int | None:
+        """Layers (evenly spaced) of the ``delta`` audit; ``None``: all."""
+        return None if self.full else 5
 
 
 SIZES = _Sizes()
@@ -158,11 +165,15 @@ class Summary:
         })
 
     def short_report(self) -> str:
-        """A few lines for a terminal: where the files are, section status, headline."""
+        """A few lines for a terminal: where the files are, section status, the parts
+        pending, the search headline, and last the quantized search's keys scored."""
         lines = [f"certattn reproduce: {len(self.files)} files in {self.out_dir} "
                  f"({self.runtime_s:.0f} s); see summary.md"]
         for s in self.sections.values():
             lines.append(f"  {s.name:<11} {s.status}" + (f": {s.reason}" if s.reason else ""))
+        for key, reason in self.pending.items():
+            if "/" in key:
+                lines.append(f"  pending {key}: {reason}")
         h = _headline(self)
         for n in SEARCH_NS:
             row = h[f"search_n{n}"]
@@ -170,10 +181,7 @@ class Summary:
                              for k, v in row.items() if isinstance(v, dict))
             lines.append(f"  search n = {n}: paper {row['paper_scored']} / {n}; "
                          f"ours: {ours or 'not run'}")
-        lines += _quant_lines(self)
-        for key, reason in self.pending.items():
-            if "/" in key:
-                lines.append(f"  pending {key}: {reason}")
+        lines += _quant_lines(self)  # the closing lines: the project's best search result
         return "\n".join(lines)
 
     def to_json(self) -> str:

@@ -41,7 +41,7 @@ def _delta(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Section:
     for run in runs:
         records = run.attentions
         note(f"delta: {run.label}", 0, 1)
-        picked = _layers(len(records[0].layers), SIZES.output_layers)
+        picked = _layers(len(records[0].layers), SIZES.delta_layers)
         layers = [int(records[0].layers[i]) for i in picked]
         rep = audit(records, ["window_sinks", "delta"], eps=0.01, layers=layers)
         note(f"delta: {run.label}", 1, 1)

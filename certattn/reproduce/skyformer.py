@@ -177,10 +177,7 @@ def _skyformer(runs: list[_Run], out: Path, quick: bool, note: Progress) -> Sect
             ns = SIZES.skyformer_ns
             ids = sm.encode(text)[: max(ns)]
             note(f"skyformer: SmolLM2 forward on {len(ids)} tokens (4 blocks)", 0, 1)
-            run_ids = [int(t) for t in next(r for r in runs if r.key == "smollm2")
-                       .attentions[0].token_ids]
-            if run_ids[: len(ids)] == [int(t) for t in ids]:
-                signals(sm, run_ids)  # the fal section's forward: this one is a slice of it
+            # a slice of the run's forward (kept since loading) when ids are its prefix
             sig = signals(sm, ids, n_layers=4)
             kvh = np.arange(sm.n_heads) // (sm.n_heads // sm.n_kv_heads)
             picks = ((1, 0), (3, 4))
