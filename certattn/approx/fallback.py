@@ -331,14 +331,15 @@ class CertifiedFallback:
     scores no unkept key: from page boxes (``bound="box"``, :func:`box_tail_upper`) or
     from one bound per unkept key, read off ``bits``-bit key estimates (``bound="quant"``,
     Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  With
-    ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered: every
-    unkept key's bound comes from the first width; on the queries it does not certify
-    (except those whose dropped mass the midpoints of the coarse bounds already put above
-    the budget: they fall back at once), the keys of best coarse bound, until the others'
-    fit in :data:`TIER_REST_SHARE` of the budget, also get the next width's bound, and
-    each such key's bound is the smaller of the two (both bound the exact logit, bias
-    included), and so on.  Which keys and queries are refined is a choice; the bound that
-    certifies is always :func:`key_tail_upper` of sound per-key bounds.  If the bound is
+    ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered on one
+    nested grid (the last width's; each width's codes are the top bits of its codes,
+    :func:`certattn.quant.quantize_keys` with ``grid_bits``): every unkept key's bound
+    comes from the first width; on the queries it does not certify, some keys also get the
+    next width's bound (:meth:`_to_refine`: to certify the base set, or to shorten the
+    search that follows), each such key's bound is the smaller of the two (both bound the
+    exact logit, bias included), and so on.  Which keys and queries are refined is a
+    choice; the bound that certifies is always :func:`key_tail_upper` of sound per-key
+    bounds.  If the bound is
     at most ``eps`` the base set is served (``tail_upper`` = that bound); otherwise the
     query falls back to
 
@@ -357,8 +358,10 @@ class CertifiedFallback:
     Cost, in key-equivalents (``2 d`` bytes, one float16 key): keys scored, plus the
     bound's reads: :data:`METADATA_PER_PAGE` per page box, or each unkept key's estimate
     (``d bits / 8`` bytes of codes and 2 of residual norm) and ``4 d`` bytes of metadata
-    per quantization group holding one; with tiers, each tier's estimates of the keys it
-    refines and its metadata of their groups.
+    per quantization group holding one (8 d where a key head needs float32 metadata);
+    with tiers, each refined key's extra ``d (b' - b) / 8`` code bytes and 2 of residual
+    norm (its group's metadata are the first tier's).  Values are not counted (nor for
+    dense attention, the unit: counting them would lower every ratio).
     """
 
     base: Any
