@@ -10,9 +10,10 @@ drops more than eps (exact float64 softmax), the cost in float16 keys read over 
 attention's (estimates, boxes and keys scored), the largest certified ``tail_upper`` and
 the queries whose exact dropped mass exceeds their certificate (must be 0).  Bounds: page
 boxes with the Top-k fallback (``fallback="certified"``, the former default) and
-``bits``-bit key estimates with the quantized search (``fallback="quant"``), and tiered
-estimates (``bits=(4, 8)``: 8-bit estimates read only where the 4-bit bound does not
-certify).
+``bits``-bit key estimates with the quantized search (``fallback="quant"``, groups of 64
+keys), and tiered estimates (``bits=(4, 8)``, the audit's default: 4-bit estimates of
+every dropped key, nested in the 8-bit grid, whose other 4 bits are read only for the
+keys of queries the 4-bit bound does not certify).
 """
 
 from __future__ import annotations

@@ -42,13 +42,29 @@ rounding, :func:`certattn._fp.score_margin`).  A group whose metadata overflow f
 (keys beyond 3.4e38) gets the trivial bounds ``-inf`` and ``+inf`` (its keys are simply
 scored: the search fails closed).
 
+Nested grids.  ``quantize_keys(keys, b, grid_bits=B)`` (``B > b``) stores the top ``b``
+bits ``c_ij = C_ij >> h`` (``h = B - b``) of the ``B``-bit codes ``C_ij`` on the ``B``-bit
+grid (its ``lo`` and ``step``), so that the estimates of every width ``<= B`` share one
+grid's metadata and a finer width refines a coarser one by reading only its extra bits.
+Since ``2^h c_ij <= C_ij <= 2^h c_ij + 2^h - 1``, the reconstruction at the middle of that
+run of codes, ``khat_ij = fl(lo_gj + step_gj (2^h c_ij + (2^h - 1)/2))`` (the product is
+exact: 24-bit times 9-bit significands), satisfies QUANT-SCORE with
+
+.. math:: \delta_{ij} = step_{gj} \big((2^h - 1)/2 + 1/2 + 2^{B+2} u\big)
+          + 2u |\hat k_{ij}|
+
+(the grid rounding of ``C_ij`` plus the distance from ``C_ij`` to the middle of its run);
+``h = 0`` is the plain grid above.
+
 Pages.  Every key of group ``g`` lies in the box ``[lo_g, lo_g + L step_g]``, so the
 metadata alone bound every score of the group (BLOCK-SCORE, box, as in Quest):
 :meth:`QuantKeys.page_upper`.
 
 Cost.  Reading the estimate of a key costs ``b/16`` of reading the key in float16 plus 2
 bytes for its residual norm; the metadata cost ``4 d`` bytes per group (two float16 per
-channel) (:meth:`QuantKeys.estimate_bytes`).
+channel) (:meth:`QuantKeys.estimate_bytes`).  On nested grids a finer width refines a
+coarser estimate of the same key by reading its extra ``(b' - b) d / 8`` bytes of code and
+its own residual norm, no metadata.
 """
 
 from __future__ import annotations
@@ -105,6 +121,10 @@ class QuantKeys:
         Code width (2, 4 or 8).
     group : int
         Keys per group (consecutive tokens share the group's metadata).
+    hidden : int
+        Low bits of the grid's codes not stored (nested grids, module docstring): the
+        grid has ``bits + hidden`` bits and ``codes`` are its codes shifted right by
+        ``hidden``.
     """
 
     codes: np.ndarray
@@ -113,6 +133,12 @@ class QuantKeys:
     resid: np.ndarray | None
     bits: int
     group: int
+    hidden: int = 0
+
+    @property
+    def grid_bits(self) -> int:
+        """Width ``B = bits + hidden`` of the grid the codes lie on."""
+        return self.bits + self.hidden
 
     @property
     def n_keys(self) -> int:
@@ -134,11 +160,13 @@ class QuantKeys:
         g = self.group_of
         lo = self.lo.astype(np.float64)[g]
         step = self.step.astype(np.float64)[g]
+        run = 2.0**self.hidden  # grid codes per stored code (nested grids)
         with np.errstate(invalid="ignore", over="ignore"):
-            sc = step * self.codes.astype(np.float64)  # exact: 24 + 8 significant bits
+            # exact: 24 + 9 significant bits
+            sc = step * (run * self.codes.astype(np.float64) + (run - 1.0) / 2.0)
             khat = lo + sc  # one rounding, none when sc = 0
-            delta = step * quant_step_factor(self.bits) + np.where(
-                sc != 0, 2.0 * _U * np.abs(khat), 0.0)
+            delta = step * (quant_step_factor(self.grid_bits) + (run - 1.0) / 2.0) + \
+                np.where(sc != 0, 2.0 * _U * np.abs(khat), 0.0)
         bad = ~np.all(np.isfinite(khat) & np.isfinite(delta), axis=1)
         khat = np.where(bad[:, None], 0.0, khat)
         delta = np.where(bad[:, None], 0.0, delta)
@@ -202,7 +230,7 @@ class QuantKeys:
         r"""Upper bounds ``(m, G)`` on every score of every group (page), from metadata only.
 
         Every key of group ``g`` lies in the box ``lo_g <= k <= lo_g + L step_g``
-        (``L = 2^b - 1``), so (Theorem BLOCK-SCORE, box, as in Quest)
+        (``L = 2^B - 1``, ``B`` the grid's width), so (Theorem BLOCK-SCORE, box, as in Quest)
         :math:`s \le \mathrm{scale} \sum_j \max(q_j lo_{gj}, q_j hi_{gj})`, moved outward by
         ``(2 d + 8) u scale sum_j |q_j| max(|lo_gj|, |hi_gj|)`` plus the smallest normal.
         ``+inf`` where the metadata are not finite.
@@ -211,7 +239,7 @@ class QuantKeys:
         q = np.asarray(to_numpy(q), dtype=np.float64)
         lo = self.lo.astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
-            hi = lo + self.step.astype(np.float64) * (2**self.bits - 1)
+            hi = lo + self.step.astype(np.float64) * (2**self.grid_bits - 1)
             qp, qm = np.maximum(q, 0.0), np.minimum(q, 0.0)
             up = qp @ hi.T + qm @ lo.T
             big = np.abs(q) @ np.maximum(np.abs(lo), np.abs(hi)).T
@@ -254,7 +282,8 @@ class QuantKeys:
 
 
 def quantize_keys(
-    keys: Array, bits: int = 4, *, group: int | None = 32, residual: bool = True
+    keys: Array, bits: int = 4, *, group: int | None = 32, residual: bool = True,
+    grid_bits: int | None = None,
 ) -> QuantKeys:
     """Quantize keys to ``bits`` per channel, per group of tokens (KIVI-style).
 
@@ -269,6 +298,11 @@ def quantize_keys(
     residual : bool
         Also store a float16 upper bound on each key's residual norm ``|k_i - khat_i|``
         (2 bytes per key), intersected with the per-channel bound (QUANT-SCORE).
+    grid_bits : {2, 4, 8}, optional
+        Width of the grid (``>= bits``; default ``bits``): the codes are the top ``bits``
+        bits of the ``grid_bits``-bit codes (nested grids, module docstring), so that
+        ``quantize_keys(k, 4, grid_bits=8)`` and ``quantize_keys(k, 8)`` share their
+        metadata and the 8-bit codes refine the 4-bit ones.
 
     Returns
     -------
@@ -277,6 +311,10 @@ def quantize_keys(
         docstring).
     """
     bits = check_int_option(bits, name="bits", choices=BITS, optional=False)
+    grid_bits = bits if grid_bits is None else check_int_option(
+        grid_bits, name="grid_bits", choices=BITS, optional=False)
+    if grid_bits < bits:
+        raise InputError(f"grid_bits must be at least bits ({bits}), got {grid_bits}")
     k = np.asarray(to_numpy(keys), dtype=np.float64)
     if k.ndim != 2 or k.shape[0] == 0 or k.shape[1] == 0:
         raise InputError(f"keys must be a non-empty (n, d) array, got shape {k.shape}")
@@ -289,7 +327,7 @@ def quantize_keys(
     gid = np.arange(n) // g
     lo64 = np.stack([k[gid == i].min(axis=0) for i in range(n_groups)])
     hi64 = np.stack([k[gid == i].max(axis=0) for i in range(n_groups)])
-    levels = 2**bits - 1
+    levels = 2**grid_bits - 1
 
     def grid(dt: Any) -> tuple[np.ndarray, np.ndarray]:
         lo = _round_down(lo64, dt)
@@ -307,8 +345,9 @@ def quantize_keys(
         step64 = step.astype(np.float64)[gid]
         t = np.where(step64 > 0, (k - lo.astype(np.float64)[gid]) / step64, 0.0)
     t = np.where(np.isfinite(t), t, 0.0)
-    codes = np.clip(np.rint(t), 0, levels).astype(np.uint8)
-    q = QuantKeys(codes=codes, lo=lo, step=step, resid=None, bits=bits, group=g)
+    hidden = grid_bits - bits
+    codes = (np.clip(np.rint(t), 0, levels).astype(np.uint8) >> hidden).astype(np.uint8)
+    q = QuantKeys(codes=codes, lo=lo, step=step, resid=None, bits=bits, group=g, hidden=hidden)
     if not residual:
         return q
     khat, _, bad = q._meta()
@@ -321,4 +360,4 @@ def quantize_keys(
         r = r * (1.0 + score_margin(d)) + NORMAL_MIN
     r = np.where(bad | ~np.isfinite(r), np.inf, r)
     return QuantKeys(codes=codes, lo=lo, step=step, resid=_round_up(r, np.float16), bits=bits,
-                     group=g)
+                     group=g, hidden=hidden)

@@ -298,14 +298,17 @@ THEOREMS: tuple[Theorem, ...] = (
        "khat = fl(lo + step c)): |k_ij - khat_ij| <= delta_ij = step_j (1/2 + 2^(b+2) u) + "
        "2 u |khat_ij|, and for every query scale (q.khat_i - rho_i) <= s_i <= "
        "scale (q.khat_i + rho_i), rho_i = min(sum_j |q_j| delta_ij, |q| r_i) with "
-       "r_i >= |k_i - khat_i|; certified search with these per-key bounds (method quant) "
-       "is SEARCH-SOUND with one-key cells.",
+       "r_i >= |k_i - khat_i|; on nested grids (c the top b bits of B-bit codes, h = B - b) "
+       "khat = fl(lo + step (2^h c + (2^h - 1)/2)) and delta_ij = step_j ((2^h - 1)/2 + "
+       "1/2 + 2^(B+2) u) + 2 u |khat_ij|; certified search with these per-key bounds "
+       "(method quant) is SEARCH-SOUND with one-key cells.",
        "[derived] (quantization as in KIVI/Twilight; pages as in Quest)",
        "quant.quantize_keys quant.QuantKeys.score_bounds quant.QuantKeys.error_bound "
        "quant.QuantKeys.page_upper search.search_quant",
        "quant.py::grid_rounding quant.py::code_margin quant.py::coordinate_bound "
-       "quant.py::score_sum quant.py::paged_frontier",
+       "quant.py::score_sum quant.py::paged_frontier quant.py::nested_run",
        "test_quant.py::test_quant_error_and_score_bounds_hold_exactly "
+       "test_quant.py::test_quant_nested_grids_share_metadata_and_hold_at_run_edges "
        "test_quant.py::test_quant_adversarial_keys "
        "test_quant.py::test_search_quant_sound_exact"),
     # ---------------------------------------------------------------- 8. geometry

@@ -54,6 +54,24 @@ def code_margin() -> None:
         assert ((1 + u) ** 2 - 1) * (2**b - 1) <= sp.Rational(201, 100) * u * (2**b - 1)
 
 
+@proof("QUANT-SCORE", "nested grid: |C - (2^h c + (2^h - 1)/2)| <= (2^h - 1)/2 for the codes "
+                      "C with top bits c = C >> h, and the product step (2^h c + ...) is exact")
+def nested_run() -> None:
+    for grid in (2, 4, 8):
+        for bits in (2, 4, 8):
+            if bits > grid:
+                continue
+            h = grid - bits
+            run = 2**h
+            for code in range(2**grid):
+                c = code >> h
+                mid = sp.Rational(2 * run * c + run - 1, 2)
+                assert sp.Abs(code - mid) <= sp.Rational(run - 1, 2)
+                # 2 mid is an integer below 2^(grid + 1) <= 2^9: 9 significant bits, so
+                # step (24 bits) times mid has at most 33 < 53 bits
+                assert (2 * mid).is_integer and 2 * mid < 2 ** (grid + 1)
+
+
 @proof("QUANT-SCORE", "q e in [-|q| delta, |q| delta] for e in [-delta, delta], both signs of q")
 def coordinate_bound() -> None:
     p, delta = sp.symbols("p delta", nonnegative=True)

@@ -370,9 +370,21 @@ def _strong_keys_case():
     return q, k, v
 
 
+def _coarse_only(monkeypatch, method, *args, **kw):
+    """``method`` with tiered estimates whose finer tiers are never read: the first tier's
+    estimates (on the finest width's grid, nested) alone."""
+    from certattn.approx.fallback import CertifiedFallback
+
+    with monkeypatch.context() as m:
+        m.setattr(CertifiedFallback, "_to_refine",
+                  lambda self, scores, valid, kept, *a: np.zeros(kept.shape, dtype=bool))
+        return method(*args, **kw)
+
+
 @pytest.mark.parametrize("method", [window_sinks, quest])
 @pytest.mark.parametrize("tiers", [(2, 8), (2, 4, 8)])
-def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tiers):
+def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tiers,
+                                                                     monkeypatch):
     """Issue 24.3: ``bits=(2, 8)`` certifies from 2-bit estimates and reads 8-bit ones only
     on the queries the 2-bit bound does not certify.  Where the coarse bound certifies, the
     set and the cost are the coarse ones; some queries it does not certify are certified by
@@ -384,7 +396,8 @@ def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tie
     won = 0
     for causal in (False, True):
         base = method(q, k, v, causal=causal, **kw)
-        coarse = method(q, k, v, causal=causal, fallback="quant", eps=eps, bits=tiers[0], **kw)
+        coarse = _coarse_only(monkeypatch, method, q, k, v, causal=causal, fallback="quant",
+                              eps=eps, bits=list(tiers), **kw)
         r = method(q, k, v, causal=causal, fallback="quant", eps=eps, bits=list(tiers), **kw)
         assert r.params["bits"] == tiers
         fc, ft = coarse.params["fell_back"], r.params["fell_back"]
@@ -396,17 +409,17 @@ def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tie
         np.testing.assert_array_equal(r.kept[up], base.kept[up])
         n_kept = r.kept[up].sum(-1)
         # kept keys + at least the 2-bit codes and norm of every unkept key (3 bytes of 8
-        # per key) + at least one key's finer estimate (6 bytes of 8 at 8 bits, 4 at 4)
+        # per key) + at least one key's finer extra bits and norm (3 bytes of 8 or more)
         unkept = (_causal(32) if causal else np.ones((32, 32), bool)).sum(-1)
         unkept = np.broadcast_to(unkept, fc.shape)[up] - n_kept
-        assert np.all(r.cost[up] > n_kept + unkept * 3 / 8 + 4 / 8)
+        assert np.all(r.cost[up] > n_kept + unkept * 3 / 8 + 3 / 8)
         assert np.all(r.tail_upper <= eps)
         _check_exact(r, q, k, v, causal, eps=eps)
     assert won > 0
 
 
 @pytest.mark.parametrize("tiers", [(2, 8), (2, 4)])
-def test_quant_fallback_tiers_add_the_bias_to_the_finer_bounds(tiers):
+def test_quant_fallback_tiers_add_the_bias_to_the_finer_bounds(tiers, monkeypatch):
     """The finer tier's bounds bound ``scale q.k + b`` too: a +8 bias lifts a weak key the
     window drops to about 4-5% of the mass; the 2-bit bound does not certify those
     queries, the finer one does, and each certificate holds the exact dropped mass (a
@@ -423,11 +436,36 @@ def test_quant_fallback_tiers_add_the_bias_to_the_finer_bounds(tiers):
     b = np.zeros((32, 32))
     b[:, 12] = 8.0
     kw = {"window": 6, "sinks": 4, "mask": b, "fallback": "quant", "eps": 0.1}
-    coarse = window_sinks(q, k, v, bits=tiers[0], **kw)
+    coarse = _coarse_only(monkeypatch, window_sinks, q, k, v, bits=tiers, **kw)
     r = window_sinks(q, k, v, bits=tiers, **kw)
     assert np.any(coarse.params["fell_back"] & ~r.params["fell_back"])  # the tier is used
     assert np.all(r.tail_upper <= 0.1)
     check_rows(q[0], k[0], v[0], 0.5, r.kept[0], r.tail_upper[0], r.error_bound[0], bias=b)
+
+
+@pytest.mark.parametrize("tiers", [(2, 8), (2, 4)])
+def test_quant_fallback_tiers_read_only_the_extra_bits(tiers, monkeypatch):
+    """Nested tiers: a key refined from ``b`` to ``b'`` bits costs its ``(b' - b) d / 8``
+    extra code bytes and its 2-byte residual norm, and no second group metadata.  With
+    every unkept key refined, a query the finer tier certifies costs its kept keys +
+    (every unkept key's ``b' d / 8`` code bytes and two norms + ``4 d`` bytes for the one
+    group) / (2 d)."""
+    from certattn.approx.fallback import CertifiedFallback
+
+    q, k, v = _strong_keys_case()
+    d = q.shape[-1]
+    kw = {"window": 6, "sinks": 4, "fallback": "quant", "eps": 0.05, "bits": tiers,
+          "causal": True}
+    coarse = _coarse_only(monkeypatch, window_sinks, q, k, v, **kw)
+    monkeypatch.setattr(CertifiedFallback, "_to_refine",
+                        lambda self, scores, valid, kept, *a: valid & ~kept)
+    r = window_sinks(q, k, v, **kw)
+    up = coarse.params["fell_back"] & ~r.params["fell_back"]
+    assert np.any(up)
+    n_kept = r.kept.sum(-1)
+    unkept = np.arange(1, 33) - n_kept  # causal; one group: 32 keys, groups of 64
+    want = n_kept + (unkept * (d * tiers[-1] / 8 + 2 * 2) + 4 * d) / (2 * d)
+    np.testing.assert_allclose(r.cost[up], want[up])
 
 
 def test_quant_fallback_tiers_refuse_bad_widths():

@@ -65,20 +65,24 @@ def _frac(x: float) -> Fraction:
     st.integers(1, 12),
     st.integers(1, 5),
     st.sampled_from((2, 4, 8)),
+    st.sampled_from((0, 2, 4, 6)),
     st.sampled_from((1, 3, None)),
     st.sampled_from(KINDS),
     st.booleans(),
     st.integers(0, 2**31 - 1),
 )
 def test_quant_error_and_score_bounds_hold_exactly(
-    n: int, d: int, bits: int, group: int | None, kind: str, residual: bool, seed: int
+    n: int, d: int, bits: int, extra: int, group: int | None, kind: str, residual: bool,
+    seed: int
 ) -> None:
     """QUANT-SCORE: |k - khat| <= delta per entry and lower <= scale q.k <= upper, exactly
-    (Fractions: every float is a rational)."""
+    (Fractions: every float is a rational), on plain grids and on the top ``bits`` bits of
+    a finer grid (nested: ``grid_bits = bits + extra`` when that is a width)."""
     rng = np.random.default_rng(seed)
     keys = _keys(kind, n, d, rng)
-    qk = quantize_keys(keys, bits, group=group, residual=residual)
-    assert qk.codes.max(initial=0) <= 2**bits - 1
+    grid = bits + extra if bits + extra in (2, 4, 8) else bits
+    qk = quantize_keys(keys, bits, group=group, residual=residual, grid_bits=grid)
+    assert qk.codes.max(initial=0) <= 2**bits - 1 and qk.grid_bits == grid
     khat, delta = qk.reconstruct(), qk.error_bound()
     for i in range(n):
         for j in range(d):
@@ -130,6 +134,38 @@ def test_quant_bounds_shrink_with_bits() -> None:
         assert np.all(lo <= s) and np.all(s <= up)
         widths.append(float(np.mean(up - lo)))
     assert widths[0] > 3 * widths[1] > 9 * widths[2]
+
+
+def test_quant_nested_grids_share_metadata_and_hold_at_run_edges() -> None:
+    """Nested grids: the 4-bit codes of an 8-bit grid are its codes' top 4 bits on the same
+    metadata; keys at every grid point and half-way between (the ends of each run of 16
+    codes included) stay within the nested bound, exactly; the nested 4-bit bound is no
+    wider than 8.5 steps of the 8-bit grid plus rounding."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=(4, 3))
+    fine = quantize_keys(base, 8, group=None, residual=False)
+    lo, step = fine.lo.astype(np.float64)[0], fine.step.astype(np.float64)[0]
+    c = np.arange(256.0)[:, None]
+    keys = np.concatenate([lo + step * c, lo + step * (c[:-1] + 0.5),
+                           np.nextafter(lo + step * (c[:-1] + 0.5), np.inf)])
+    for bits in (2, 4):
+        fine = quantize_keys(keys, 8, group=None, residual=True)
+        nested = quantize_keys(keys, bits, group=None, residual=True, grid_bits=8)
+        np.testing.assert_array_equal(nested.lo, fine.lo)
+        np.testing.assert_array_equal(nested.step, fine.step)
+        np.testing.assert_array_equal(nested.codes, fine.codes >> (8 - bits))
+        assert nested.hidden == 8 - bits and nested.page_upper(keys[:2], scale=1.0).shape == (2, 1)
+        khat, delta = nested.reconstruct(), nested.error_bound()
+        run = 2 ** (8 - bits)
+        grid_step = fine.step.astype(np.float64)[0]
+        assert np.all(delta <= grid_step * (run / 2 + 1e-9) + 1e-12)
+        for i in range(0, keys.shape[0], 7):
+            for j in range(3):
+                assert abs(_frac(keys[i, j]) - _frac(khat[i, j])) <= _frac(delta[i, j])
+            r2 = sum((_frac(keys[i, j]) - _frac(khat[i, j])) ** 2 for j in range(3))
+            assert r2 <= _frac(nested.resid[i]) ** 2
+    with pytest.raises(ValueError, match="grid_bits"):
+        quantize_keys(np.ones((3, 2)), 8, grid_bits=4)
 
 
 def test_quant_rejects_bad_input() -> None:

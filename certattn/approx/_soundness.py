@@ -45,7 +45,9 @@ register_policy(
              CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
                                to="search", bits=4, group=3),
              CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search",
-                               bits=(2, 8), group=4)],
+                               bits=(2, 8), group=4),
+             CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
+                               to="search", bits=(2, 4, 8), group=3)],
     module=importlib.import_module(__package__),
 )
 

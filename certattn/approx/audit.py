@@ -28,10 +28,11 @@ Methods
 **params) -> ApproxResult`` built from :data:`METHOD_TABLE` (``"module:function"``), imported
 lazily on first call, so a method whose module is absent (another branch) is reported as
 unavailable instead of breaking the audit.  :data:`PRESETS` adds the audit's parameters
-(``window_sinks_certified`` = ``window_sinks(fallback="quant", eps=eps)``: the window
-certified from 4-bit key estimates of the keys it drops, Theorem QUANT-SCORE, and a
-quantized certified search where that does not certify eps; ``quest_certified`` the same
-over Quest's pages).
+(``window_sinks_certified`` = ``window_sinks(fallback="quant", eps=eps, bits=(2, 4, 8))``:
+the window certified from 2-bit key estimates of the keys it drops, Theorem QUANT-SCORE,
+refined by the next bits of their nested 8-bit codes (to 4, then 8 bits) where that does
+not certify eps, and a quantized certified search where none does; ``quest_certified``
+the same over Quest's pages).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ METHOD_TABLE: dict[str, str] = {
 """Method name -> ``"module:function"`` (imported on first use)."""
 
 PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
-    "window_sinks_certified": lambda n, eps: {"fallback": "quant", "eps": eps},
-    "quest_certified": lambda n, eps: {"fallback": "quant", "eps": eps},
+    "window_sinks_certified": lambda n, eps: {"fallback": "quant", "eps": eps, "bits": (2, 4, 8)},
+    "quest_certified": lambda n, eps: {"fallback": "quant", "eps": eps, "bits": (2, 4, 8)},
 }
 """Extra keyword arguments per method name, from the context length ``n`` and ``eps``."""
 

@@ -46,6 +46,7 @@ from ..quant import BITS, QuantKeys, quantize_keys
 
 __all__ = [
     "METADATA_PER_PAGE",
+    "SEARCH_REST_SHARE",
     "TIER_REST_SHARE",
     "CertifiedFallback",
     "box_tail_upper",
@@ -57,11 +58,22 @@ __all__ = [
 Array = Any
 
 TIER_REST_SHARE = 0.1
-"""Tiered estimates (``bits=(4, 8)``): the finer tier is read for the unkept keys of best
-coarse bound until the coarse bounds of the others fit in this share of the budget
-(``benchmarks/fallback_cost.py --layers 15 --tiers 4,8``, window + sinks, eps 0.01:
+"""Tiered estimates (``bits=(4, 8)``): on a query whose base set the coarse midpoints put
+within the budget, the finer tier is read for the unkept keys of best coarse bound until
+the coarse bounds of the others fit in this share of the budget (before nested grids,
+``benchmarks/fallback_cost.py --layers 15 --tiers 4,8``, window + sinks, eps 0.01:
 fallback 70.6% at 0.730x dense with 0.3, 68.4% at 0.739x with 0.1, 67.4% at 0.776x
 with 0, against 66.3% of queries that truly need it)."""
+
+SEARCH_REST_SHARE = 0.25
+"""Tiered estimates with ``to="search"``: on a query that will grow its set, the finer tier
+is read for the keys a search on the coarse bounds would score until the others' bounds
+fit in this share of the budget, less the keys it would still score on the finer bounds
+(both predicted with the bounds' midpoints as scores).  Window + sinks, ``bits=(4, 8)``,
+SmolLM2 layer 15, eps 0.01, groups of 64 (the benchmark's setting with this constant
+varied): 0.695x dense with 0.1, 0.686x with 0.25, 0.690x with 0.5, 0.716x without this
+refinement (the search then scored about twice the keys that the exact scores show
+suffice)."""
 
 METADATA_PER_PAGE = 2.0
 """Key-equivalents read per page box: its ``kmin`` and ``kmax`` corners (two dot products)."""
@@ -149,16 +161,20 @@ def box_tail_upper(
     return hi, pages_read
 
 
-def _quant_keys(ctx: Any, bits: int, group: int) -> tuple[list[QuantKeys], tuple[int, ...]]:
+def _quant_keys(ctx: Any, bits: int, group: int, grid_bits: int | None = None
+                ) -> tuple[list[QuantKeys], tuple[int, ...]]:
     """The chunk's keys quantized once per call (:func:`certattn.quant.quantize_keys`,
-    per leading index of ``ctx.keys``), cached in ``ctx.cache``."""
+    per leading index of ``ctx.keys``, on a ``grid_bits``-bit grid), cached in
+    ``ctx.cache``."""
     keys = np.asarray(ctx.keys, dtype=np.float64)
     lead = keys.shape[:-2]
-    key = f"quant:{bits}:{group}"
+    grid = bits if grid_bits is None else grid_bits
+    key = f"quant:{bits}:{grid}:{group}"
     hit = ctx.cache.get(key)
     if hit is None or hit[1] != keys.shape:
         flat = keys.reshape(-1, *keys.shape[-2:])
-        hit = ([quantize_keys(k, bits, group=group) for k in flat], keys.shape)
+        hit = ([quantize_keys(k, bits, group=group, grid_bits=grid) for k in flat],
+               keys.shape)
         ctx.cache[key] = hit
     return hit[0], lead
 
@@ -182,19 +198,21 @@ def quant_score_upper(ctx: Any, bits: int = 4, group: int = 32) -> tuple[Array, 
     Returns
     -------
     (upper, quantized) : float64 array ``(..., m, n)``, QuantKeys
-        The bounds (``+inf`` where a bound overflows: fails closed) and the first key
-        head's quantized keys (their ``key_bytes`` and ``meta_bytes`` price the reads).
+        The bounds (``+inf`` where a bound overflows: fails closed) and the quantized keys
+        of the key head whose metadata are widest (their ``key_bytes`` and ``meta_bytes``
+        price the reads).
     """
     _, upper, qk = quant_score_bounds(ctx, bits, group)
     return upper, qk
 
 
-def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32
-                       ) -> tuple[Array, Array, QuantKeys]:
+def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32,
+                       grid_bits: int | None = None) -> tuple[Array, Array, QuantKeys]:
     """Lower and upper bounds on every exact logit of the chunk (Theorem QUANT-SCORE, bias
     added rounded down and up): ``(lower, upper, quantized)``, as :func:`quant_score_upper`
-    (``-inf`` / ``+inf`` where a bound overflows)."""
-    qks, lead = _quant_keys(ctx, bits, group)
+    (``-inf`` / ``+inf`` where a bound overflows), from the top ``bits`` bits of a
+    ``grid_bits``-bit grid (nested grids, :func:`certattn.quant.quantize_keys`)."""
+    qks, lead = _quant_keys(ctx, bits, group, grid_bits)
     queries = np.asarray(ctx.queries, dtype=np.float64)
     shape = np.broadcast_shapes(queries.shape[:-2], lead)
     qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
@@ -208,7 +226,8 @@ def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32
         b = np.broadcast_to(np.asarray(bias, dtype=np.float64), upper.shape)
         upper, lower = add_up(upper, b, np), add_down(lower, b, np)
     lower = np.where(np.isnan(lower), -np.inf, lower)
-    return lower, upper, qks[0]
+    # price every head's reads at the widest metadata (float32 where one head needs it)
+    return lower, upper, max(qks, key=lambda qk: qk.meta_bytes)
 
 
 def key_tail_upper(scores: Array, valid: Array, kept: Array, upper: Array) -> Array:
@@ -298,6 +317,15 @@ def _estimate_reads(read: Array, qk: QuantKeys, d: int) -> Array:
     return (np.sum(read, axis=-1) * qk.key_bytes + groups * qk.meta_bytes) / (2.0 * d)
 
 
+def _refine_reads(refine: Array, have: Array, qk: QuantKeys, d: int) -> Array:
+    """Key-equivalents of refining the keys ``refine`` from the ``have`` bits of their
+    nested-grid codes already read to ``qk.bits``: the extra code bits and the finer
+    residual norm (the group metadata are the coarser tier's, already read)."""
+    extra = qk.key_bytes - d * qk.bits / 8.0  # the residual norm's bytes
+    per_key = np.where(refine, d * (qk.bits - have) / 8.0 + extra, 0.0)
+    return np.sum(per_key, axis=-1) / (2.0 * d)
+
+
 @dataclass(frozen=True)
 class CertifiedFallback:
     r"""Serve a base kept set where a bound certifies ``eps``; else extend it, Top-k or dense.
@@ -306,14 +334,15 @@ class CertifiedFallback:
     scores no unkept key: from page boxes (``bound="box"``, :func:`box_tail_upper`) or
     from one bound per unkept key, read off ``bits``-bit key estimates (``bound="quant"``,
     Theorem QUANT-SCORE, :func:`quant_score_upper` and :func:`key_tail_upper`).  With
-    ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered: every
-    unkept key's bound comes from the first width; on the queries it does not certify
-    (except those whose dropped mass the midpoints of the coarse bounds already put above
-    the budget: they fall back at once), the keys of best coarse bound, until the others'
-    fit in :data:`TIER_REST_SHARE` of the budget, also get the next width's bound, and
-    each such key's bound is the smaller of the two (both bound the exact logit, bias
-    included), and so on.  Which keys and queries are refined is a choice; the bound that
-    certifies is always :func:`key_tail_upper` of sound per-key bounds.  If the bound is
+    ``bits`` a tuple of increasing widths, e.g. ``(4, 8)``, the bound is tiered on one
+    nested grid (the last width's; each width's codes are the top bits of its codes,
+    :func:`certattn.quant.quantize_keys` with ``grid_bits``): every unkept key's bound
+    comes from the first width; on the queries it does not certify, some keys also get the
+    next width's bound (:meth:`_to_refine`: to certify the base set, or to shorten the
+    search that follows), each such key's bound is the smaller of the two (both bound the
+    exact logit, bias included), and so on.  Which keys and queries are refined is a
+    choice; the bound that certifies is always :func:`key_tail_upper` of sound per-key
+    bounds.  If the bound is
     at most ``eps`` the base set is served (``tail_upper`` = that bound); otherwise the
     query falls back to
 
@@ -332,8 +361,10 @@ class CertifiedFallback:
     Cost, in key-equivalents (``2 d`` bytes, one float16 key): keys scored, plus the
     bound's reads: :data:`METADATA_PER_PAGE` per page box, or each unkept key's estimate
     (``d bits / 8`` bytes of codes and 2 of residual norm) and ``4 d`` bytes of metadata
-    per quantization group holding one; with tiers, each tier's estimates of the keys it
-    refines and its metadata of their groups.
+    per quantization group holding one (8 d where a key head needs float32 metadata);
+    with tiers, each refined key's extra ``d (b' - b) / 8`` code bytes and 2 of residual
+    norm (its group's metadata are the first tier's).  Values are not counted (nor for
+    dense attention, the unit: counting them would lower every ratio).
     """
 
     base: Any
@@ -343,7 +374,7 @@ class CertifiedFallback:
     name: str = "certified_fallback"
     bound: str = "box"
     bits: int | tuple[int, ...] = 4
-    group: int = 32
+    group: int = 64
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
@@ -376,29 +407,55 @@ class CertifiedFallback:
                 meta = METADATA_PER_PAGE * pages_read
             return box, meta, None
         tiers = self.bits if isinstance(self.bits, tuple) else (self.bits,)
-        lower, upper, qk = quant_score_bounds(ctx, tiers[0], self.group)
+        # tiers are nested: each width reads the top bits of the finest width's grid
+        lower, upper, qk = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1])
         reads = _estimate_reads(valid & ~kept, qk, d)
         if isinstance(self.base, Pages):
             reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
         bound = key_tail_upper(scores, valid, kept, upper)
         budget = slack_budget(self.eps, ctx)
-        # queries whose dropped mass the coarse estimates put above the budget are not
-        # refined (a choice: they fall back, which every query may)
-        hopeless = _tail_estimate(scores, valid, kept, 0.5 * (lower + upper)) > budget
+        have = np.full(upper.shape, float(tiers[0]))  # code bits read per key
         for b in tiers[1:]:
-            todo = (bound > budget) & ~hopeless
+            todo = bound > budget
             if not np.any(todo):
                 break
-            # the keys whose coarse bounds the budget cannot afford get their finer
-            # estimates read; the minimum of two sound upper bounds is one
-            refine = _extend_by_bounds(scores, valid, kept, upper,
-                                       TIER_REST_SHARE * budget, scored=False)
-            refine &= todo[..., None]
-            finer, qk_b = quant_score_upper(ctx, b, self.group)
+            refine = self._to_refine(scores, valid, kept, lower, upper, budget,
+                                     2.0 ** (b - have)) & todo[..., None]
+            # the minimum (maximum) of two sound upper (lower) bounds is one
+            finer_lo, finer, qk_b = quant_score_bounds(ctx, b, self.group, tiers[-1])
             upper = np.where(refine, np.minimum(upper, finer), upper)
-            reads = reads + _estimate_reads(refine, qk_b, d)
+            lower = np.where(refine, np.maximum(lower, finer_lo), lower)
+            reads = reads + _refine_reads(refine, have, qk_b, d)
+            have = np.where(refine, float(b), have)
             bound = np.where(todo, key_tail_upper(scores, valid, kept, upper), bound)
         return bound, reads, upper
+
+    def _to_refine(self, scores: Array, valid: Array, kept: Array, lower: Array,
+                   upper: Array, budget: float, shrink: Array) -> Array:
+        """The keys whose finer estimates a query not yet certified reads (a choice: the
+        bound that certifies is :func:`key_tail_upper` of sound per-key bounds).
+
+        A query whose dropped mass the midpoints of the current bounds put within the
+        budget refines its keys of largest bound until the others' bounds fit in
+        :data:`TIER_REST_SHARE` of it (to certify its base set).  Any other query will grow
+        its set: with ``to="search"`` it refines the keys a search on the current bounds
+        would score until the others' fit in :data:`SEARCH_REST_SHARE` of the budget,
+        except those a search on the finer bounds would still score (midpoints taken for
+        scores, finer bounds predicted as the midpoint plus the current half-width over
+        ``shrink``), so that the search scores fewer keys; otherwise none."""
+        finite = np.isfinite(lower) & np.isfinite(upper)
+        with np.errstate(over="ignore"):
+            mid = np.where(finite, 0.5 * lower + 0.5 * upper, upper)
+        hopeless = _tail_estimate(scores, valid, kept, mid) > budget
+        refine = _extend_by_bounds(scores, valid, kept, upper, TIER_REST_SHARE * budget,
+                                   scored=False) & ~hopeless[..., None]
+        if self.to == "search" and np.any(hopeless):
+            guess = np.where(kept, scores, mid)
+            pred = np.where(finite, mid + (upper - mid) / shrink, upper)
+            grow = _extend_by_bounds(guess, valid, kept, upper, SEARCH_REST_SHARE * budget)
+            still = _extend_by_bounds(guess, valid, kept, pred, budget)
+            refine |= grow & ~still & hopeless[..., None]
+        return refine
 
     def select_with_info(self, scores: Array, valid: Array, ctx: Any) -> tuple[Selection, dict]:
         scores, valid = np.asarray(scores), np.asarray(valid)

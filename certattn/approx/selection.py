@@ -310,9 +310,10 @@ def window_sinks(
     fallback_to : {None, "topk", "dense", "search"}
         What a query whose bound exceeds ``eps`` gets (None: the fallback's default).
     bits : {2, 4, 8} or tuple of them
-        Code width of the key estimates of ``fallback="quant"`` (groups of 32 keys); a
-        strictly increasing tuple such as ``(4, 8)`` tiers the bound: the finer estimates
-        are read only for the keys of the queries the coarser ones do not certify
+        Code width of the key estimates of ``fallback="quant"`` (groups of 64 keys); a
+        strictly increasing tuple such as ``(4, 8)`` (what ``certattn audit`` runs) tiers
+        the bound on one nested grid: the finer widths' extra bits are read only for the
+        keys of the queries the coarser ones do not certify
         (:class:`~certattn.approx.fallback.CertifiedFallback`).
     page_size : int
         Page size of the fallback's boxes.
