@@ -769,8 +769,9 @@ def _add_calibrate(sub: Any) -> None:
     c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     c.add_argument("--target-kl", type=float, default=1e-3, metavar="KL",
                    help="mean next-token KL target, nats (default 1e-3)")
-    c.add_argument("--policy", choices=["topk", "topp"], default="topk",
-                   help="certified Top-k at eps or top-p at p = 1 - eps (default topk)")
+    c.add_argument("--policy", choices=["topk", "topp", "search"], default="topk",
+                   help="certified Top-k at eps, top-p at p = 1 - eps, or certified search "
+                   "on 4-bit key estimates at eps (default topk)")
     c.add_argument("--safety", type=float, default=1.5,
                    help="allowance for other text: aim at TARGET / SAFETY (default 1.5, "
                    "certattn.hf.calibrate's measured default)")
