@@ -322,6 +322,7 @@ def test_cli_compare_prints_the_equal_kl_table(tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--families", "headk"], "--budget-text-file"),
+    (["--families", "topk,headmean"], "--budget-text-file"),
     (["--families", "nope"], "unknown families"),
     (["--at-kl", "x"], "--at-kl"),
     (["--at-kl", "0"], "--at-kl"),

@@ -339,8 +339,9 @@ def run_compare(model_name: str, text_file: str | None, tokens: int | None,
     for t in targets:
         check_number(t, name="--at-kl", low=0.0, high=math.inf, closed_low=False,
                      closed_high=False)
-    if "headk" in fams and budget_text_file is None:
-        raise InputError("the headk family needs --budget-text-file (other text)")
+    for fam in ("headk", "headmean"):
+        if fam in fams and budget_text_file is None:
+            raise InputError(f"the {fam} family needs --budget-text-file (other text)")
     budget = None if budget_text_file is None else read_text(budget_text_file)
     model, tok, ids = load_text_ids(model_name, text_file, tokens)
     budget_ids = None if budget is None else tok.encode(budget)[: len(ids)]
