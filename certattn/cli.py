@@ -810,11 +810,12 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--text-file", help="text to run on (default: built-in prose)")
     c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     c.add_argument("--families", default="topk,window,quest", metavar="LIST",
-                   help="comma list of topk, window, quest, headk, pyramid, twilight "
-                   "(default topk,window,quest)")
+                   help="comma list of topk, window, quest, headk, headmean, pyramid, "
+                   "twilight, search (default topk,window,quest)")
     c.add_argument("--at-kl", default="1e-4,1e-3,1e-2", metavar="LIST",
                    help="target KLs, nats (default 1e-4,1e-3,1e-2)")
-    c.add_argument("--budget-text-file", help="other text for headk's BudgetTable")
+    c.add_argument("--budget-text-file",
+                   help="other text for the per-head k of headk and headmean")
     c.add_argument("--json", action="store_true", help="print JSON instead of the table")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=run)
