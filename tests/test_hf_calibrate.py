@@ -257,6 +257,8 @@ def test_ladder_on_a_tiny_model(llama):
         ladder(llama, _ids(), ["headk"])
     with pytest.raises(InputError, match="headmean"):
         ladder(llama, _ids(), ["headmean"])
+    with pytest.raises(InputError, match="takes eps from"):
+        ladder(llama, _ids(), ["headk"], budget_ids=_ids(), points={"headk": [0.02]})
     with pytest.raises(InputError, match="unknown families"):
         ladder(llama, _ids(), ["bogus"])
 

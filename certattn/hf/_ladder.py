@@ -247,6 +247,10 @@ def ladder(model: Any, ids: Any, families: Sequence[str] = ("topk", "window", "q
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise InputError(f"unknown families {unknown}: give some of {list(FAMILIES)}")
+    for name in ("headk", "headmean"):
+        bad = [e for e in (points or {}).get(name) or () if e not in EPS_LADDER]
+        if name in families and bad:
+            raise InputError(f"the {name} ladder takes eps from {EPS_LADDER}, not {bad}")
     probe = Probe(model, ids)
     setup = _setup(model, families, budget_ids, probe)
     rows = []
