@@ -773,8 +773,9 @@ def _add_calibrate(sub: Any) -> None:
     c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     c.add_argument("--target-kl", type=float, default=1e-3, metavar="KL",
                    help="mean next-token KL target, nats (default 1e-3)")
-    c.add_argument("--policy", choices=["topk", "topp"], default="topk",
-                   help="certified Top-k at eps or top-p at p = 1 - eps (default topk)")
+    c.add_argument("--policy", choices=["topk", "topp", "search"], default="topk",
+                   help="certified Top-k at eps, top-p at p = 1 - eps, or certified search "
+                   "on 4-bit key estimates at eps (default topk)")
     c.add_argument("--safety", type=float, default=1.5,
                    help="allowance for other text: aim at TARGET / SAFETY (default 1.5, "
                    "certattn.hf.calibrate's measured default)")
@@ -813,11 +814,12 @@ def _add_compare(sub: Any) -> None:
     c.add_argument("--text-file", help="text to run on (default: built-in prose)")
     c.add_argument("--tokens", type=int, metavar="N", help="cut the text to N tokens")
     c.add_argument("--families", default="topk,window,quest", metavar="LIST",
-                   help="comma list of topk, window, quest, headk, pyramid, twilight "
-                   "(default topk,window,quest)")
+                   help="comma list of topk, window, quest, headk, headmean, pyramid, "
+                   "twilight, search (default topk,window,quest)")
     c.add_argument("--at-kl", default="1e-4,1e-3,1e-2", metavar="LIST",
                    help="target KLs, nats (default 1e-4,1e-3,1e-2)")
-    c.add_argument("--budget-text-file", help="other text for headk's BudgetTable")
+    c.add_argument("--budget-text-file",
+                   help="other text for the per-head k of headk and headmean")
     c.add_argument("--json", action="store_true", help="print JSON instead of the table")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(func=run)

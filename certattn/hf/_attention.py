@@ -289,6 +289,14 @@ class SparseStats:
     visible: dict[int, int] = field(default_factory=dict)
     tail_upper_max: float = 0.0
     output_bound_max: dict[int, float] = field(default_factory=dict)
+    scored: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def scored_fraction(self) -> float:
+        """Keys scored exactly over visible keys, pooled like :attr:`kept_fraction`: every
+        visible key for policies that compute every score (all but certified search)."""
+        v = sum(self.visible.values())
+        return sum(self.scored.values()) / v if v else float("nan")
 
     @property
     def kept_fraction(self) -> float:
@@ -306,9 +314,10 @@ class SparseStats:
                 for layer, v in sorted(self.visible.items())}
 
     def _add(self, layer: int, kept: int, visible: int, tail: float,
-             bound: float | None = None) -> None:
+             bound: float | None = None, scored: int | None = None) -> None:
         self.kept[layer] = self.kept.get(layer, 0) + kept
         self.visible[layer] = self.visible.get(layer, 0) + visible
+        self.scored[layer] = self.scored.get(layer, 0) + (visible if scored is None else scored)
         self.tail_upper_max = max(self.tail_upper_max, tail)
         if bound is not None:
             self.output_bound_max[layer] = max(self.output_bound_max.get(layer, 0.0), bound)
@@ -764,7 +773,7 @@ def _sparse_mask(session: _Session, layer: int, call: _Call, heads: list[Any]) -
     out = torch.empty((b, n_heads, lq, n), dtype=dtype, device=query.device)
     fill = False if dtype == torch.bool else torch.finfo(dtype).min
     groups = _groups(heads)
-    kept_total = visible_total = 0
+    kept_total = visible_total = scored_total = 0
     tail_max, bound_max = 0.0, 0.0
     for q0, q1 in call.chunks():
         lg = _logits(call, q0, q1)
@@ -772,9 +781,11 @@ def _sparse_mask(session: _Session, layer: int, call: _Call, heads: list[Any]) -
         keep = vis.clone() if len(groups) > 1 or groups[0][1] is not None else None
         for policy, idx in groups:
             part = lg if idx is None else _head_slice(lg, idx)
-            kept, tail = _select(policy, part, call, q0, idx)
+            kept, tail, scored = _select(policy, part, call, q0, idx)
             # a broadcast repeats every entry equally: count before expanding
-            visible_total += int(part.visible.sum()) * (kept.numel() // part.visible.numel())
+            n_vis = int(part.visible.sum()) * (kept.numel() // part.visible.numel())
+            visible_total += n_vis
+            scored_total += n_vis if scored is None else scored
             kept_total += int(kept.sum())
             if session.output_bound:
                 bound_max = max(bound_max, _output_bound(call, part, kept, tail, idx))
@@ -792,7 +803,7 @@ def _sparse_mask(session: _Session, layer: int, call: _Call, heads: list[Any]) -
             chunk = _rows_of(base, q0, q1).expand(keep.shape)
         out[:, :, q0:q1].copy_(chunk).masked_fill_(vis & ~keep, fill)
     session.stats._add(layer, kept_total, visible_total, tail_max,
-                       bound_max if session.output_bound else None)
+                       bound_max if session.output_bound else None, scored_total)
     return out
 
 
@@ -807,13 +818,17 @@ def _head_slice(lg: _Logits, idx: Any) -> _Logits:
 _NO_GEOMETRY = (TopK, TopP, FixedK, WindowSinks)
 
 
-def _select(policy: Any, lg: _Logits, call: _Call, q0: int, idx: Any) -> tuple[Any, Any]:
-    """The kept keys of ``policy`` (bool tensor, (B, h, rows, Lk)) and a sound bound on
-    their tail (float64, (B, h, rows)), relative to the visible keys and the sink."""
+def _select(policy: Any, lg: _Logits, call: _Call, q0: int,
+            idx: Any) -> tuple[Any, Any, int | None]:
+    """The kept keys of ``policy`` (bool tensor, (B, h, rows, Lk)), a sound bound on
+    their tail (float64, (B, h, rows)), relative to the visible keys and the sink, and the
+    number of keys it scored exactly on visible rows (None: every visible key)."""
     if isinstance(policy, (TopK, TopP)):  # the certificate's cut: one comparison
         eps = policy.eps if isinstance(policy, TopK) else topp_budget(policy.p)
         cert = certify_topk(_host(lg.s), eps, masked_rows="skip")
-        return _kept_at_cut(lg, cert), torch.as_tensor(cert.tail_upper, dtype=torch.float64)
+        return (_kept_at_cut(lg, cert), torch.as_tensor(cert.tail_upper, dtype=torch.float64),
+                None)
+    scored = None
     s = lg.s[..., : lg.n]
     vis = lg.visible.expand(s.shape)
     empty = ~lg.rows.expand(s.shape[:-1])[..., None]  # no visible key: a dummy row
@@ -835,12 +850,15 @@ def _select(policy: Any, lg: _Logits, call: _Call, q0: int, idx: Any) -> tuple[A
             ctx.keys = _host(k.detach().to(torch.float64))
         sel = policy.select(scores, valid, ctx)
         kept = torch.as_tensor(sel.kept, device=s.device) & vis
+        if sel.scored is not None:  # a dummy (no visible key) row scored nothing real
+            rows = lg.rows.expand(s.shape[:-1])
+            scored = int(torch.as_tensor(sel.scored)[rows.cpu()].sum())
     full, kept_full = lg.s, kept & ~empty
     if lg.has_sink:  # the sink is always kept
         kept_full = torch.cat([kept_full, torch.ones_like(kept_full[..., :1])], dim=-1)
     x = _host(torch.where(empty, 0.0, full.to(torch.float64)))
     kf = _host(kept_full | empty)
-    return kept, torch.as_tensor(certify_kept(x, kf).tail_upper, dtype=torch.float64)
+    return kept, torch.as_tensor(certify_kept(x, kf).tail_upper, dtype=torch.float64), scored
 
 
 def _scale(call: _Call) -> float:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from .._validate import InputError, check_number
-from ..policies import TopK, TopP
+from ..policies import Search, TopK, TopP
 from ._attention import sparse
 from ._evaluate import _eager, _ids_tensor, _row, _timed_log_probs
 
@@ -39,8 +39,10 @@ __all__ = ["KINDS", "SAFETY", "Calibration", "Probe", "calibrate", "fingerprint"
 #: (docs/CALIBRATION.md).  1.5 keeps the larger of the two.
 SAFETY = 1.5
 
-#: Policy kinds: the parameter bisected is eps (Top-k) or ``1 - p`` (top-p).
-KINDS = ("topk", "topp")
+#: Policy kinds: the parameter bisected is eps (Top-k, certified search) or ``1 - p``
+#: (top-p).  "search" is certified search on 4-bit key estimates
+#: (``Search(eps, method="quant")``, Theorem QUANT-SCORE), run on the host in NumPy.
+KINDS = ("topk", "topp", "search")
 
 EPS_LOW = 1e-7
 EPS_HIGH = 0.5
@@ -73,6 +75,8 @@ def fingerprint(model: Any) -> dict[str, Any]:
 
 
 def _policy(kind: str, eps: float) -> Any:
+    if kind == "search":
+        return Search(eps, method="quant")
     return TopK(eps) if kind == "topk" else TopP(1.0 - eps if eps > 0 else 1.0)
 
 
@@ -82,7 +86,7 @@ class Calibration:
 
     Attributes
     ----------
-    kind : {"topk", "topp"}
+    kind : {"topk", "topp", "search"}
     eps : float
         The calibrated TV budget (for top-p, ``p = 1 - eps``); 0 keeps every key.
     target_kl, safety : float
@@ -116,7 +120,8 @@ class Calibration:
 
     @property
     def policy(self) -> Any:
-        """The policy to run: ``TopK(eps)`` or ``TopP(1 - eps)``."""
+        """The policy to run: ``TopK(eps)``, ``TopP(1 - eps)`` or
+        ``Search(eps, method="quant")``."""
         return _policy(self.kind, self.eps)
 
     def check(self, model: Any) -> None:
@@ -196,7 +201,8 @@ class Probe:
 
     def run(self, policy: Any, name: str = "") -> dict[str, Any]:
         """:func:`certattn.hf.evaluate`'s row of ``policy``, plus ``layer_kept_fraction``,
-        ``layer_kept``/``layer_visible`` (counts) and ``tail_upper_max``."""
+        ``layer_kept``/``layer_visible`` (counts), ``tail_upper_max`` and
+        ``scored_fraction`` (keys scored exactly over visible keys)."""
         with sparse(self.model, policy) as stats:
             lp, dt = _timed_log_probs(self.model, self.ids)
         self.runs += 1
@@ -205,6 +211,7 @@ class Probe:
         row["layer_kept"] = dict(stats.kept)
         row["layer_visible"] = dict(stats.visible)
         row["tail_upper_max"] = stats.tail_upper_max
+        row["scored_fraction"] = stats.scored_fraction
         return row
 
 
@@ -226,8 +233,10 @@ def calibrate(model: Any, ids: Any, target_kl: float = 1e-3, *, policy: str = "t
         Calibration tokens (one sequence).
     target_kl : float
         Mean next-token ``KL(dense || sparse)`` target, nats, > 0.
-    policy : {"topk", "topp"}
-        Certified Top-k at eps, or certified top-p at ``p = 1 - eps``.
+    policy : {"topk", "topp", "search"}
+        Certified Top-k at eps, certified top-p at ``p = 1 - eps``, or certified search
+        on 4-bit key estimates at eps (``Search(eps, method="quant")``: the same
+        certificate, fewer keys scored; host NumPy, slower than Top-k here).
     safety : float
         Allowance (>= 1) for other text; the goal on ``ids`` is ``target_kl / safety``.
     steps : int
@@ -314,7 +323,7 @@ def load_text_ids(model_name: str, text_file: str | None,
 
 def format_calibration(cal: Calibration) -> str:
     """One paragraph: the eps, what it measured, the kept fraction."""
-    param = f"eps {cal.eps:.4g}" if cal.kind == "topk" else f"p {1.0 - cal.eps:.6g}"
+    param = f"p {1.0 - cal.eps:.6g}" if cal.kind == "topp" else f"eps {cal.eps:.4g}"
     return (f"{cal.kind} {param}: measured KL {cal.kl:.3e} nats on {cal.tokens} tokens "
             f"(goal {cal.target_kl:.3g} / safety {cal.safety:g}), top-1 same {cal.top1:.3f}, "
             f"kept {cal.kept_fraction:.3f} of the visible keys")

@@ -14,8 +14,12 @@ topk       certified Top-k, eps                                            K all
 window     window + 4 sinks (StreamingLLM), total width                    K, V kept
 quest      Quest pages of 16 keys, box bounds, key budget                  boxes + kept
 headk      per-head fixed k of a BudgetTable from *other* text, eps        K all + V kept
+headmean   per-head fixed k keeping as many keys per head as certified     K all + V kept
+           Top-k did on the budget text (no coverage rule), eps
 pyramid    PyramidKV-shaped per-layer top-k budget (1.5x to 0.5x mean)     K, V kept
 twilight   uncertified top-p on 4-bit (KIVI, group 32) estimated scores    estimates + kept
+search     certified search on 4-bit key estimates (``Search("quant")``)   estimates +
+                                                                           K scored + V kept
 =========  ==============================================================  ==============
 
 Bytes are in units of the dense K + V reads (every visible key and value of every query
@@ -23,7 +27,11 @@ head, same width): exact Top-k scores every visible key (``0.5 + 0.5 kept``); Qu
 reads a min and a max vector per page (``1/16``) plus its kept keys and values;
 the 4-bit estimates with a float16 ``lo`` and ``step`` per channel and 32 keys cost
 ``(4 + 32 / 32) / 16 / 2 = 0.156`` of dense; PyramidKV evicts (reads its kept keys
-only; here its per-query selection is the oracle top-k, optimistic for it).
+only; here its per-query selection is the oracle top-k, optimistic for it).  Certified
+search (:class:`certattn.policies.Search` with ``method="quant"``, 4 bits, groups of 32:
+Theorem QUANT-SCORE) reads the same estimates, then the keys it scores exactly and the
+values it keeps: ``0.156 + 0.5 scored + 0.5 kept``, its kept set certified like Top-k's
+(it runs on the host, in NumPy, as every search does).
 Certified top-p is certified Top-k at ``eps = 1 - p`` (the same kept sets), so it has
 no separate ladder.
 """
@@ -42,7 +50,7 @@ import torch
 from .._array import from_numpy, to_numpy
 from .._validate import InputError, check_number
 from ..distribution import topk_mask
-from ..policies import FixedK, Pages, Selection, TopK, WindowSinks
+from ..policies import FixedK, Pages, Search, Selection, TopK, WindowSinks
 from ._attention import observe
 from ._calibrate import Probe
 
@@ -127,7 +135,7 @@ class Family:
     label: str
     points: Callable[[int], list[Any]]
     build: Callable[[Any, dict[str, Any]], Any]
-    bytes_read: Callable[[float], float]
+    bytes_read: Callable[[dict[str, Any]], float]
 
 
 def _widths(n: int) -> list[int]:
@@ -145,35 +153,68 @@ def _head_k(eps: float, setup: dict[str, Any]) -> dict[int, HeadFixedK]:
     return {layer: HeadFixedK(tuple(ks)) for layer, ks in per.items()}
 
 
+def equal_count_k(k: Any, n_valid: Any) -> int:
+    """The fixed k whose kept count ``sum_i min(k, n_i)`` over rows ``i`` is closest to
+    ``sum_i k_i`` (ties: the larger k): a fixed k keeping as many keys as per-row ``k_i``."""
+    k, nv = np.asarray(k, dtype=np.int64).ravel(), np.asarray(n_valid, dtype=np.int64).ravel()
+    want = int(k.sum())
+    cands = np.arange(1, int(nv.max(initial=1)) + 1)
+    miss = np.abs(np.minimum(cands[:, None], nv[None, :]).sum(axis=1) - want)
+    return int(cands[len(cands) - 1 - np.argmin(miss[::-1])])  # the last of the closest
+
+
+def _head_mean(eps: float, setup: dict[str, Any]) -> dict[int, HeadFixedK]:
+    rec = setup["recorder"]
+    per: dict[int, list[int]] = {}
+    for layer in rec.layers():
+        calls = [c for c in rec.calls if c.layer == layer]
+        n_heads = int(calls[0].k[eps].shape[1])
+        per[layer] = [equal_count_k(
+            np.concatenate([c.k[eps][:, h][~c.masked[:, h]] for c in calls]),
+            np.concatenate([c.n_valid[:, h][~c.masked[:, h]] for c in calls]))
+            for h in range(n_heads)]
+    return {layer: HeadFixedK(tuple(ks)) for layer, ks in per.items()}
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("topk", "certified Top-k (eps)", lambda n: EPS_LADDER,
-           lambda e, s: TopK(e), lambda kept: 0.5 + 0.5 * kept),
+           lambda e, s: TopK(e), lambda r: 0.5 + 0.5 * r["kept_fraction"]),
     Family("window", f"window + {SINKS} sinks (width)", _widths,
-           lambda w, s: WindowSinks(window=w - SINKS, sinks=SINKS), lambda kept: kept),
+           lambda w, s: WindowSinks(window=w - SINKS, sinks=SINKS),
+           lambda r: r["kept_fraction"]),
     Family("quest", f"Quest, {PAGE}-key pages (budget)", _widths,
-           lambda b, s: Pages(budget=b, page_size=PAGE), lambda kept: kept + 1 / PAGE),
+           lambda b, s: Pages(budget=b, page_size=PAGE),
+           lambda r: r["kept_fraction"] + 1 / PAGE),
     Family("headk", "per-head fixed k, BudgetTable of other text (eps)",
-           lambda n: EPS_LADDER, _head_k, lambda kept: 0.5 + 0.5 * kept),
+           lambda n: EPS_LADDER, _head_k, lambda r: 0.5 + 0.5 * r["kept_fraction"]),
+    Family("headmean", "per-head fixed k, Top-k's count per head on other text (eps)",
+           lambda n: EPS_LADDER, _head_mean, lambda r: 0.5 + 0.5 * r["kept_fraction"]),
     Family("pyramid", "PyramidKV-shaped per-layer top-k (mean budget)",
            lambda n: [max(1, round(n * f)) for f in (0.06, 0.125, 0.25, 0.4, 0.6)],
            lambda b, s: {la: FixedK(k) for la, k in pyramid_budgets(b, s["layers"]).items()},
-           lambda kept: kept),
+           lambda r: r["kept_fraction"]),
     Family("twilight", "estimated top-p, 4-bit keys, uncertified (1 - p)",
            lambda n: EPS_LADDER, lambda e, s: EstimatedTopP(1.0 - e),
-           lambda kept: EST_BYTES + kept),
+           lambda r: EST_BYTES + r["kept_fraction"]),
+    Family("search", "certified search, 4-bit key estimates (eps)",
+           lambda n: EPS_LADDER,
+           lambda e, s: Search(e, method="quant", bits=EST_BITS, group=EST_GROUP),
+           lambda r: EST_BYTES + 0.5 * r["scored_fraction"] + 0.5 * r["kept_fraction"]),
 )}
 
 
 def _setup(model: Any, families: Sequence[str], budget_ids: Any, probe: Probe) -> dict[str, Any]:
     n_layers = getattr(model.config, "num_hidden_layers", None)
     setup: dict[str, Any] = {"layers": list(range(int(n_layers or 1)))}
-    if "headk" in families:
+    need = [f for f in ("headk", "headmean") if f in families]
+    if need:
         if budget_ids is None:
-            raise InputError("the headk family needs other text for its BudgetTable "
+            raise InputError(f"the {need[0]} family needs other text for its per-head k "
                              "(budget_ids / --budget-text-file)")
         ids = torch.as_tensor(budget_ids, dtype=torch.long, device=model.device).reshape(1, -1)
         with observe(model, eps=EPS_LADDER) as rec, torch.no_grad():
             model(input_ids=ids)
+        setup["recorder"] = rec
         setup["budgets"] = {e: rec.budget(0.9, e) for e in EPS_LADDER}
     return setup
 
@@ -199,12 +240,17 @@ def ladder(model: Any, ids: Any, families: Sequence[str] = ("topk", "window", "q
     Returns
     -------
     list of dict
-        One row per point: ``family``, ``param``, ``kept_fraction``, ``kl_mean``, ``top1``,
-        ``bytes_fraction`` (of the dense K + V reads), ``ppl``, ``kl_p99``, ``kl_max``.
+        One row per point: ``family``, ``param``, ``kept_fraction``, ``scored_fraction``
+        (keys scored exactly over visible keys), ``kl_mean``, ``top1``, ``bytes_fraction``
+        (of the dense K + V reads), ``ppl``, ``kl_p99``, ``kl_max``.
     """
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
         raise InputError(f"unknown families {unknown}: give some of {list(FAMILIES)}")
+    for name in ("headk", "headmean"):
+        bad = [e for e in (points or {}).get(name) or () if e not in EPS_LADDER]
+        if name in families and bad:
+            raise InputError(f"the {name} ladder takes eps from {EPS_LADDER}, not {bad}")
     probe = Probe(model, ids)
     setup = _setup(model, families, budget_ids, probe)
     rows = []
@@ -212,10 +258,9 @@ def ladder(model: Any, ids: Any, families: Sequence[str] = ("topk", "window", "q
         fam = FAMILIES[name]
         for param in (points or {}).get(name) or fam.points(probe.tokens):
             r = probe.run(fam.build(param, setup), f"{name}:{param}")
-            row = {"family": name, "param": param,
-                   "bytes_fraction": fam.bytes_read(r["kept_fraction"])}
-            row.update({k: r[k] for k in ("kept_fraction", "kl_mean", "top1", "ppl",
-                                          "kl_p99", "kl_max")})
+            row = {"family": name, "param": param, "bytes_fraction": fam.bytes_read(r)}
+            row.update({k: r[k] for k in ("kept_fraction", "scored_fraction", "kl_mean",
+                                          "top1", "ppl", "kl_p99", "kl_max")})
             rows.append(row)
             if progress is not None:
                 progress(f"{name} {param}: kept {row['kept_fraction']:.3f}, "
@@ -298,8 +343,9 @@ def run_compare(model_name: str, text_file: str | None, tokens: int | None,
     for t in targets:
         check_number(t, name="--at-kl", low=0.0, high=math.inf, closed_low=False,
                      closed_high=False)
-    if "headk" in fams and budget_text_file is None:
-        raise InputError("the headk family needs --budget-text-file (other text)")
+    for fam in ("headk", "headmean"):
+        if fam in fams and budget_text_file is None:
+            raise InputError(f"the {fam} family needs --budget-text-file (other text)")
     budget = None if budget_text_file is None else read_text(budget_text_file)
     model, tok, ids = load_text_ids(model_name, text_file, tokens)
     budget_ids = None if budget is None else tok.encode(budget)[: len(ids)]
