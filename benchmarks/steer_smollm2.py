@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--langs", default="fr,es,de,zh-cn")
     p.add_argument("--layers", default="5,10,15,20")
-    p.add_argument("--coefficients", default="0,0.25,0.5,1,2")
+    p.add_argument("--coefficients", default="0,0.2,0.35,0.5")
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--train-tokens", type=int, default=6000,
@@ -37,7 +37,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--ranking", default="zscore")
     p.add_argument("--mode", default="add")
-    p.add_argument("--ablate-langs", default="", help="languages whose heads are ablated")
+    p.add_argument("--ablate-langs", default="fr,es,de,zh-cn",
+                   help="languages whose best settings' heads are measured and ablated")
+    p.add_argument("--sae-langs", default="en,fr,es,de,zh-cn",
+                   help="languages whose residuals train the SAEs")
+    p.add_argument("--sae-dir", help="load sae-layerL.safetensors from here when present, "
+                   "else train and save it there")
     p.add_argument("--ablation-prompts", type=int, default=60)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="steer-results")
@@ -52,7 +57,7 @@ def main() -> None:
     from certattn.hf._calibrate import fingerprint
     from certattn.steer.corpus import corpus
     from certattn.steer.experiment import Setting
-    from certattn.steer.sae import train_sae
+    from certattn.steer.sae import TopKSAE, train_sae
     from certattn.steer.steering import collect_layers
     from certattn.steer.study import best_setting, language_study
 
@@ -62,23 +67,39 @@ def main() -> None:
     model, tok = load("smollm2")
     langs = a.langs.split(",")
     layers = [int(x) for x in a.layers.split(",")]
-    texts = corpus(("en", *langs))
+    texts = corpus(tuple(dict.fromkeys(("en", *langs, *a.sae_langs.split(",")))))
     cut = 2 * len(texts["en"]) // 3
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def residuals(lang: str) -> None:
+        if (lang, layers[0]) not in cache:
+            say(f"residuals: {lang}")
+            got = collect_layers(model, tok, texts[lang][:cut], layers,
+                                 max_tokens=a.train_tokens)
+            cache.update({(lang, layer): x for layer, x in got.items()})
+
     for lang in ("en", *langs):
-        say(f"residuals: {lang}")
-        got = collect_layers(model, tok, texts[lang][:cut], layers, max_tokens=a.train_tokens)
-        cache.update({(lang, layer): x for layer, x in got.items()})
+        residuals(lang)
     saes, fvu = {}, {}
+    sae_langs = a.sae_langs.split(",")
     for layer in layers:
+        path = Path(a.sae_dir or out) / f"sae-layer{layer}.safetensors"
+        if a.sae_dir and path.exists():
+            saes[layer] = TopKSAE.load(path, model=model)
+            fvu[layer] = saes[layer].meta["unexplained"]
+            continue
         say(f"layer {layer}: training the SAE")
-        acts = np.concatenate([cache[(x, layer)] for x in ("en", *langs)])
+        for lang in sae_langs:
+            residuals(lang)
+        acts = np.concatenate([cache[(x, layer)] for x in sae_langs])
         saes[layer], hist = train_sae(acts, a.width, 32, steps=a.steps, batch=a.batch,
-                                      meta={"model": fingerprint(model), "layer": layer})
-        fvu[layer] = hist[-1]
+                                      meta={"model": fingerprint(model), "layer": layer,
+                                            "langs": sae_langs})
+        fvu[layer] = saes[layer].meta["unexplained"] = hist[-1]
+        saes[layer].save(path)
         say(f"layer {layer}: unexplained variance {hist[0]:.3f} -> {hist[-1]:.3f}")
     for lang in langs:
         t1 = time.perf_counter()
@@ -101,12 +122,12 @@ def main() -> None:
                       f"success {best.success:.2f} meaning {best.meaning:.2f} "
                       f"nll {best.fluency_nll:.2f} | c=0 success {base.success:.2f}",
                       flush=True)
-            for name, h in entry["heads"].items():
-                if "ablate_top" in h:
-                    cells = " ".join(f"{k} {h['ablate_' + k]['hits']}/{h['ablate_' + k]['n']}"
-                                     for k in ("none", "top", "random"))
-                    print(f"{lang} layer {layer:>2} {name} heads {h['top_heads']}: {cells}",
-                          flush=True)
+        for name, h in res["heads"].items():
+            if "ablate_top" in h:
+                cells = " ".join(f"{k} {h['ablate_' + k]['hits']}/{h['ablate_' + k]['n']}"
+                                 for k in ("none", "top", "random"))
+                print(f"{lang} {name} layer {h['layer']} c={h['best']['coefficient']:g} "
+                      f"heads {h['top_heads']}: {cells}", flush=True)
     say(f"total {time.perf_counter() - t0:.0f} s")
 
 

@@ -300,8 +300,9 @@ def test_language_study_runs_end_to_end_on_a_tiny_model(monkeypatch):
     entry = res["layers"]["1"]
     assert {g["direction"] for g in entry["grid"]} == {"sae", "mean", "random"}
     assert entry["feature"] != entry["random_feature"]
-    assert entry["heads"], "some setting switched the language or none was measured"
-    for h in entry["heads"].values():
+    assert set(res["heads"]) == {"sae", "mean"}
+    for h in res["heads"].values():
+        assert h["layer"] == 1
         assert np.asarray(h["head_tv"]).shape == (3, 4)
         assert all(layer > 1 for layer, _ in h["ablate_top"]["heads"])
         for name in ("none", "top", "random"):

@@ -44,10 +44,11 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
     (``sae``, added or clamped by ``mode``), the normalised mean difference (``mean``) and
     a random feature from the lower three quarters of the ranking (``random``); each run
     over ``coefficients`` on English prompts (the last third, or ``prompts``).  For the
-    best setting of ``sae`` and of ``mean`` (:func:`best_setting`): the head TV table, and
-    the success on ``ablation_prompts`` prompts with no head, the ``ablate`` highest-TV
-    heads after the layer, or as many random heads after it removed (hits, count and a
-    95% Wilson interval each).
+    best setting of ``sae`` and of ``mean`` over all layers (:func:`best_setting`), in
+    ``result["heads"][direction]``: the head TV table, and the success on
+    ``ablation_prompts`` prompts with no head, the ``ablate`` highest-TV heads after the
+    layer, or as many random heads after it removed (hits, count and a 95% Wilson
+    interval each).
     """
     say = progress or (lambda s: None)
     if lang == "en":
@@ -72,6 +73,7 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
     embed = minilm_embedder() if meaning else None
     cache = residuals if residuals is not None else {}
     n_layers = len(decoder_layers(model))
+    runs: dict[int, tuple[float, dict[str, Any], list[Any]]] = {}
     for layer in layers:
         say(f"layer {layer}: residuals")
         en, tg = (_residuals(model, tokenizer, texts[x][:cut], x, layers, train_tokens // 2,
@@ -97,18 +99,24 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
         grid = run_grid(model, tokenizer, prompts, lang, directions, coefficients,
                         norms={layer: norm}, new_tokens=new_tokens, embed=embed,
                         progress=lambda s, layer=layer: say(f"layer {layer}: {s}"))
-        entry: dict[str, Any] = {
+        result["layers"][str(layer)] = {
             "feature": feature, "random_feature": random_feature, "residual_norm": norm,
-            "sae_unexplained": history, "grid": [g.as_dict() for g in grid], "heads": {},
+            "sae_unexplained": history, "grid": [g.as_dict() for g in grid],
         }
-        for name in ("sae", "mean"):
-            best = best_setting(grid, name)
-            if best is not None and ablate > 0:
-                say(f"layer {layer}: heads of {name} c={best.coefficient:g}")
-                entry["heads"][name] = _heads(
-                    model, tokenizer, prompts, abl_prompts, lang, layer, norm, best,
-                    directions[name][1], ablate, n_layers, rng, new_tokens)
-        result["layers"][str(layer)] = entry
+        runs[layer] = (norm, directions, grid)
+    result["heads"] = {}
+    for name in ("sae", "mean"):
+        found = [(best, layer) for layer, (_, _, grid) in runs.items()
+                 if (best := best_setting(grid, name)) is not None]
+        if not found or ablate <= 0:
+            continue
+        best = best_setting([b for b, _ in found], name)
+        layer = next(la for b, la in found if b is best)
+        norm, directions, _ = runs[layer]
+        say(f"heads of {name} at layer {layer}, c={best.coefficient:g}")
+        result["heads"][name] = _heads(model, tokenizer, prompts, abl_prompts, lang, layer,
+                                       norm, best, directions[name][1], ablate, n_layers,
+                                       rng, new_tokens, embed)
     return result
 
 
@@ -144,7 +152,8 @@ def best_setting(grid: Sequence[Any], direction: str, *,
 
 def _heads(model: Any, tokenizer: Any, prompts: Sequence[str], abl_prompts: Sequence[str],
            lang: str, layer: int, norm: float, best: Any, direction: Any, ablate: int,
-           n_layers: int, rng: np.random.Generator, new_tokens: int) -> dict[str, Any]:
+           n_layers: int, rng: np.random.Generator, new_tokens: int,
+           embed: Any) -> dict[str, Any]:
     import torch
 
     from .experiment import _steer
@@ -156,7 +165,7 @@ def _heads(model: Any, tokenizer: Any, prompts: Sequence[str], abl_prompts: Sequ
 
     tv = np.mean([head_tv(model, torch.tensor([tokenizer.encode(p)]), steer)
                   for p in prompts[:8]], axis=0)
-    out: dict[str, Any] = {"best": best.as_dict(), "head_tv": tv.tolist()}
+    out: dict[str, Any] = {"layer": layer, "best": best.as_dict(), "head_tv": tv.tolist()}
     after = [(li, h) for li in range(layer + 1, n_layers) for h in range(tv.shape[1])]
     if not after:
         return out
@@ -167,10 +176,11 @@ def _heads(model: Any, tokenizer: Any, prompts: Sequence[str], abl_prompts: Sequ
     for name, heads in (("none", []), ("top", top), ("random", rand)):
         with ablate_heads(model, heads):
             g = run_grid(model, tokenizer, abl_prompts, lang, {"x": (layer, direction)}, [c],
-                         norms={layer: norm}, new_tokens=new_tokens, fluency=False)
+                         norms={layer: norm}, new_tokens=new_tokens, fluency=False,
+                         embed=embed if not heads else None)
         hits = round(g[0].success * len(abl_prompts))
         out[f"ablate_{name}"] = {"heads": [list(map(int, h)) for h in heads],
                                  "success": g[0].success, "hits": hits,
-                                 "n": len(abl_prompts),
+                                 "n": len(abl_prompts), "meaning": g[0].meaning,
                                  "interval": list(wilson(hits, len(abl_prompts)))}
     return out
