@@ -339,3 +339,15 @@ def test_wilson_interval_matches_the_closed_form():
     assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half))
     with pytest.raises(InputError, match="hits"):
         wilson(3, 2)
+
+
+def test_meaning_reference_pairs_aligned_and_shifted_texts():
+    from certattn.steer.experiment import meaning_reference
+
+    def embed(texts):  # one-hot by the number in the text: translations coincide
+        return np.eye(4)[[int(t.split()[-1]) for t in texts]]
+
+    ref = meaning_reference(embed, ["en 0", "en 1", "en 2"], ["fr 0", "fr 1", "fr 2"])
+    assert ref == {"translation": 1.0, "unrelated": 0.0}
+    with pytest.raises(InputError, match="aligned"):
+        meaning_reference(embed, ["en 0"], ["fr 0"])

@@ -23,8 +23,8 @@ import torch
 from ..errors import InputError
 from .steering import steering
 
-__all__ = ["Setting", "continuations", "detect_language", "fluency_nll", "minilm_embedder",
-           "run_grid", "wilson"]
+__all__ = ["Setting", "continuations", "detect_language", "fluency_nll", "meaning_reference",
+           "minilm_embedder", "run_grid", "wilson"]
 
 
 def detect_language(text: str) -> str:
@@ -181,3 +181,19 @@ def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
     mid = (p + z * z / (2 * n)) / den
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
     return max(0.0, float(mid - half)), min(1.0, float(mid + half))
+
+
+def meaning_reference(embed: Callable[[Sequence[str]], np.ndarray], english: Sequence[str],
+                      target: Sequence[str]) -> dict[str, float]:
+    """What the meaning proxy gives a faithful translation, and an unrelated one.
+
+    ``translation``: mean cosine between each English text and its aligned translation;
+    ``unrelated``: between each English text and the translation of the next one (same
+    domain, other content).  Steered text scoring near ``unrelated`` kept no meaning the
+    proxy can see; near ``translation``, all of it.
+    """
+    if len(english) != len(target) or len(english) < 2:
+        raise InputError("need at least two aligned English/target texts")
+    e, t = embed(list(english)), embed(list(target))
+    return {"translation": float(np.mean(np.sum(e * t, axis=1))),
+            "unrelated": float(np.mean(np.sum(np.roll(e, 1, axis=0) * t, axis=1)))}

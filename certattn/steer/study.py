@@ -10,7 +10,7 @@ import numpy as np
 from ..errors import InputError
 from ..hf._calibrate import fingerprint
 from .corpus import corpus
-from .experiment import minilm_embedder, run_grid, wilson
+from .experiment import meaning_reference, minilm_embedder, run_grid, wilson
 from .heads import ablate_heads, head_tv
 from .sae import TopKSAE, train_sae
 from .steering import (
@@ -71,6 +71,9 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
                               "sae": {"width": width, "k": k, "steps": steps,
                                       "train_tokens": train_tokens}}
     embed = minilm_embedder() if meaning else None
+    if embed is not None:
+        result["meaning_reference"] = meaning_reference(
+            embed, texts["en"][cut:cut + 40], texts[lang][cut:cut + 40])
     cache = residuals if residuals is not None else {}
     n_layers = len(decoder_layers(model))
     runs: dict[int, tuple[float, dict[str, Any], list[Any]]] = {}
