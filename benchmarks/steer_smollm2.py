@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--sae-dir", help="load sae-layerL.safetensors from here when present, "
                    "else train and save it there")
     p.add_argument("--ablation-prompts", type=int, default=60)
+    p.add_argument("--heads-meaning-floor", type=float, default=0.0,
+                   help="heads are measured at the most successful setting keeping at "
+                   "least this meaning (default: the most successful)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default="steer-results")
     a = p.parse_args()
@@ -109,7 +112,8 @@ def main() -> None:
             new_tokens=a.new_tokens, train_tokens=2 * a.train_tokens, steps=a.steps,
             width=a.width, ranking=a.ranking, mode=a.mode, saes=saes, residuals=cache,
             ablate=3 if lang in a.ablate_langs.split(",") else 0,
-            ablation_prompts=a.ablation_prompts, progress=lambda s, lang=lang: say(f"[{lang}] {s}"))
+            ablation_prompts=a.ablation_prompts, heads_meaning_floor=a.heads_meaning_floor,
+            progress=lambda s, lang=lang: say(f"[{lang}] {s}"))
         res["seconds"] = time.perf_counter() - t1
         res["sae_fvu_all_languages"] = fvu
         (out / f"steer-{lang}.json").write_text(json.dumps(res, indent=1))

@@ -34,7 +34,8 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
                    ranking: str = "zscore", mode: str = "add",
                    saes: Mapping[int, TopKSAE] | None = None,
                    residuals: dict[tuple[str, int], np.ndarray] | None = None, ablate: int = 3,
-                   ablation_prompts: int = 60, meaning: bool = True,
+                   ablation_prompts: int = 60, heads_meaning_floor: float = 0.0,
+                   meaning: bool = True,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Steer ``model`` from English towards ``lang`` at each layer; measure everything.
 
@@ -44,7 +45,9 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
     (``sae``, added or clamped by ``mode``), the normalised mean difference (``mean``) and
     a random feature from the lower three quarters of the ranking (``random``); each run
     over ``coefficients`` on English prompts (the last third, or ``prompts``).  For the
-    best setting of ``sae`` and of ``mean`` over all layers (:func:`best_setting`), in
+    best setting of ``sae`` and of ``mean`` over all layers (:func:`best_setting` with
+    ``heads_meaning_floor``; 0 by default: the most successful setting, where an
+    ablation can show a drop), in
     ``result["heads"][direction]``: the head TV table, and the success on
     ``ablation_prompts`` prompts with no head, the ``ablate`` highest-TV heads after the
     layer, or as many random heads after it removed (hits, count and a 95% Wilson
@@ -110,10 +113,11 @@ def language_study(model: Any, tokenizer: Any, lang: str, layers: Sequence[int],
     result["heads"] = {}
     for name in ("sae", "mean"):
         found = [(best, layer) for layer, (_, _, grid) in runs.items()
-                 if (best := best_setting(grid, name)) is not None]
+                 if (best := best_setting(grid, name,
+                                          meaning_floor=heads_meaning_floor)) is not None]
         if not found or ablate <= 0:
             continue
-        best = best_setting([b for b, _ in found], name)
+        best = best_setting([b for b, _ in found], name, meaning_floor=heads_meaning_floor)
         layer = next(la for b, la in found if b is best)
         norm, directions, _ = runs[layer]
         say(f"heads of {name} at layer {layer}, c={best.coefficient:g}")
