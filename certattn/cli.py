@@ -702,6 +702,7 @@ def _add_steer(sub: Any) -> None:
             _check_out_folder(args.out)
         result = run_steer(args.model, args.lang, layers, coefs, prompts_file=args.prompts,
                            new_tokens=args.new_tokens, corpus_root=args.corpus_root,
+                           ranking=args.ranking, mode=args.mode,
                            progress=lambda s: print(f"certattn: {s}", file=sys.stderr,
                                                     flush=True))
         if args.out is not None:
@@ -714,12 +715,14 @@ def _add_steer(sub: Any) -> None:
         help="steer a causal LM's output language with one SAE feature; heads it moves",
         description="Train a TopK sparse autoencoder on the residual stream after each "
         "--layer (English and target-language paragraphs of the Debian Reference), pick "
-        "the feature whose mean activation differs most from English, add it to the "
-        "residual at several coefficients, and report per setting: success (share of "
-        "continuations detected as the target language), meaning (MiniLM embedding cosine "
-        "to the unsteered continuation), fluency (NLL under the unsteered model); the "
+        "the feature whose activation differs most from English (over its pooled standard "
+        "deviation by default), add it to the residual at several coefficients, and report "
+        "per setting: success (share of continuations detected as the target language), "
+        "meaning (MiniLM embedding cosine to the unsteered continuation), fluency (NLL "
+        "under the unsteered model); the "
         "mean-difference direction and a random feature as controls; and, for the best "
-        "setting, the attention TV per (layer, head) and what ablating the top heads does. "
+        "setting of the feature and of the mean difference, the attention TV per (layer, "
+        "head) and what ablating the top heads does (against random heads). "
         "Needs the [steer] extra and apt-get install debian-reference-en "
         "debian-reference-LANG.",
     )
@@ -730,8 +733,15 @@ def _add_steer(sub: Any) -> None:
                    help="smollm2 (default), a Hugging Face folder or a .gguf file")
     e.add_argument("--prompts", metavar="FILE", help="English prompts, one per line "
                    "(default: 20 held-out Debian Reference paragraphs, first 24 tokens)")
-    e.add_argument("--coefficients", default="0,0.1,0.2,0.3,0.5", metavar="LIST",
+    e.add_argument("--coefficients", default="0,0.2,0.35,0.5", metavar="LIST",
                    help="multiples of the layer's mean residual norm (default %(default)s)")
+    e.add_argument("--ranking", choices=("zscore", "frequency", "mean"), default="zscore",
+                   help="how features are ranked: activation difference over its pooled "
+                   "standard deviation (default), active-share difference, or raw mean "
+                   "difference")
+    e.add_argument("--mode", choices=("add", "clamp"), default="add",
+                   help="add the feature's direction, or clamp the feature to the "
+                   "coefficient (the same on text where it is inactive)")
     e.add_argument("--new-tokens", type=int, default=30, metavar="N")
     e.add_argument("--corpus-root", metavar="DIR",
                    help="where the Debian Reference HTML is (default /usr/share/debian-reference)")

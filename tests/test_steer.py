@@ -19,6 +19,7 @@ from certattn.steer import (  # noqa: E402
     ablate_heads,
     corpus,
     detect_language,
+    feature_steering,
     head_tv,
     mean_difference,
     rank_features,
@@ -147,6 +148,54 @@ def test_feature_ranking_recovers_a_planted_language_direction():
     assert float(mean_difference(target, english) @ u) > 0.99
 
 
+class _Identity:
+    """An "SAE" whose features are the inputs' coordinates (scale 1, unit basis rows)."""
+
+    scale = 1.0
+
+    def encode(self, x):
+        return torch.relu(x)
+
+    def direction(self, i):
+        return torch.eye(32)[i]
+
+
+def test_normalised_rankings_prefer_a_sparse_language_feature_to_a_dense_one():
+    rng = np.random.default_rng(4)
+    english = np.zeros((400, 3), np.float32)
+    target = np.zeros((400, 3), np.float32)
+    english[:, 0] = rng.uniform(5.0, 15.0, 400)  # dense, high norm, slightly larger in target
+    target[:, 0] = english[:, 0] + 1.0
+    target[::2, 1] = 0.5  # rare and small, but only ever in the target language
+    english[:, 2] = target[:, 2] = rng.uniform(0.0, 1.0, 400)  # language-blind
+    sae = _Identity()
+    assert rank_features(sae, target, english, by="mean")[0] == 0
+    assert rank_features(sae, target, english, by="zscore")[0] == 1
+    assert rank_features(sae, target, english, by="frequency")[0] == 1
+    assert rank_features(sae, target, english)[0] == 1  # zscore is the default
+    with pytest.raises(InputError, match="ranking must be one of"):
+        rank_features(sae, target, english, by="max")
+
+
+def test_clamping_a_feature_replaces_its_contribution_by_the_coefficient():
+    model = _model()
+    sae = _Identity()
+    base, _ = _layer_io(model, IDS)
+    h = _out_of(model, 1, base[1])
+    with feature_steering(model, 1, sae, 5, 0.5, norm=2.0, mode="clamp"):
+        moved, _ = _layer_io(model, IDS)
+    expected = h.clone()
+    expected[..., 5] = 1.0  # relu(h_5) is replaced by 0.5 * 2.0; a negative h_5 stays
+    expected[..., 5] += torch.clamp(h[..., 5], max=0.0)
+    assert torch.allclose(moved[2], expected, atol=1e-6)
+    with feature_steering(model, 1, sae, 5, 0.5, norm=2.0, mode="add"):
+        added, _ = _layer_io(model, IDS)
+    assert torch.allclose(added[2], h + torch.eye(32)[5], atol=1e-6)
+    with pytest.raises(InputError, match="mode must be"), \
+            feature_steering(model, 1, sae, 5, 0.5, mode="set"):
+        pass
+
+
 def test_attention_tv_is_half_the_l1_distance_averaged_over_queries():
     p = np.array([[[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]])  # (1, H=1, Lq=2, Lk=3)
     q = np.array([[[[0.25, 0.25, 0.5], [0.0, 1.0, 0.0]]]])
@@ -236,9 +285,13 @@ def test_cli_refuses_in_one_line(tmp_path, capsys):
     assert "--layer" in capsys.readouterr().err
 
 
-def test_language_study_runs_end_to_end_on_a_tiny_model():
+def test_language_study_runs_end_to_end_on_a_tiny_model(monkeypatch):
+    from certattn.steer import experiment
     from certattn.steer.study import language_study
 
+    # the tiny model writes letter soup: call every steered text French so that both
+    # directions have a best setting whose heads are measured
+    monkeypatch.setattr(experiment, "detect_language", lambda text: "fr")
     model = _model()
     texts = {"en": [f"english text number {i} about shells" for i in range(9)],
              "fr": [f"texte francais numero {i} sur les shells" for i in range(9)]}
@@ -247,6 +300,54 @@ def test_language_study_runs_end_to_end_on_a_tiny_model():
     entry = res["layers"]["1"]
     assert {g["direction"] for g in entry["grid"]} == {"sae", "mean", "random"}
     assert entry["feature"] != entry["random_feature"]
-    assert np.asarray(entry["head_tv"]).shape == (3, 4)
-    assert all(layer > 1 for layer, _ in entry["ablate_top"]["heads"])
+    assert set(res["heads"]) == {"sae", "mean"}
+    for h in res["heads"].values():
+        assert h["layer"] == 1
+        assert np.asarray(h["head_tv"]).shape == (3, 4)
+        assert all(layer > 1 for layer, _ in h["ablate_top"]["heads"])
+        for name in ("none", "top", "random"):
+            cell = h[f"ablate_{name}"]
+            lo, hi = cell["interval"]
+            assert cell["n"] == 3 and lo <= cell["success"] <= hi
     assert res["prompts"] == 3  # the held-out third of the aligned paragraphs
+
+
+def test_best_setting_prefers_success_above_the_meaning_floor():
+    from certattn.steer.experiment import Setting
+    from certattn.steer.study import best_setting
+
+    def cell(c, success, meaning, direction="sae"):
+        return Setting(direction, 5, c, success, meaning, 1.0, [])
+
+    grid = [cell(0.0, 0.0, 1.0), cell(0.5, 0.4, 0.6), cell(1.0, 0.9, 0.1),
+            cell(2.0, 1.0, 0.05), cell(1.0, 1.0, 0.9, "mean")]
+    assert best_setting(grid, "sae").coefficient == 0.5  # 0.9 and 1.0 lost the meaning
+    assert best_setting(grid, "sae", meaning_floor=0.0).coefficient == 2.0
+    assert best_setting(grid, "mean").success == 1.0
+    assert best_setting([cell(1.0, 0.0, 0.9), cell(2.0, 0.0, 0.5)], "sae") is None
+    assert best_setting([cell(1.0, 0.0, 0.9), cell(2.0, 0.2, 0.1)], "sae").coefficient == 2.0
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from certattn.steer.experiment import wilson
+
+    z2 = 1.96**2
+    assert wilson(0, 10) == pytest.approx((0.0, z2 / (10 + z2)))  # closed form at 0 hits
+    assert wilson(60, 60) == pytest.approx((60 / (60 + z2), 1.0))
+    lo, hi = wilson(5, 10)
+    half = 1.96 * (0.25 / 10 + z2 / 400) ** 0.5 / (1 + z2 / 10)
+    assert (lo, hi) == pytest.approx((0.5 - half, 0.5 + half))
+    with pytest.raises(InputError, match="hits"):
+        wilson(3, 2)
+
+
+def test_meaning_reference_pairs_aligned_and_shifted_texts():
+    from certattn.steer.experiment import meaning_reference
+
+    def embed(texts):  # one-hot by the number in the text: translations coincide
+        return np.eye(4)[[int(t.split()[-1]) for t in texts]]
+
+    ref = meaning_reference(embed, ["en 0", "en 1", "en 2"], ["fr 0", "fr 1", "fr 2"])
+    assert ref == {"translation": 1.0, "unrelated": 0.0}
+    with pytest.raises(InputError, match="aligned"):
+        meaning_reference(embed, ["en 0"], ["fr 0"])

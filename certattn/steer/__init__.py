@@ -14,8 +14,9 @@ certificate core imports it.
 corpus              aligned paragraphs of the Debian Reference in five languages
 collect_residuals   residual-stream activations after one decoder layer
 TopKSAE             a TopK sparse autoencoder (train, save, load)
-rank_features       features by mean activation difference, target minus English
+rank_features       features by normalised activation difference, target minus English
 steering            a context manager adding ``c`` times a direction at one layer
+feature_steering    one SAE feature added or clamped at one layer
 head_tv             TV between steered and unsteered attention, per (layer, head)
 ablate_heads        a context manager removing heads' outputs
 run_grid            success, meaning and fluency over layers and coefficients
@@ -37,7 +38,13 @@ from .corpus import LANGS, corpus
 from .experiment import detect_language, run_grid
 from .heads import ablate_heads, head_tv
 from .sae import TopKSAE, train_sae
-from .steering import collect_residuals, mean_difference, rank_features, steering
+from .steering import (
+    collect_residuals,
+    feature_steering,
+    mean_difference,
+    rank_features,
+    steering,
+)
 
 __all__ = [
     "LANGS",
@@ -46,6 +53,7 @@ __all__ = [
     "collect_residuals",
     "corpus",
     "detect_language",
+    "feature_steering",
     "head_tv",
     "mean_difference",
     "rank_features",

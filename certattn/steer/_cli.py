@@ -24,6 +24,7 @@ def _read_prompts(path: str) -> list[str]:
 
 def run_steer(model_name: str, lang: str, layers: list[int], coefficients: list[float], *,
               prompts_file: str | None, new_tokens: int, corpus_root: str | None,
+              ranking: str = "zscore", mode: str = "add",
               progress: Any = None) -> dict[str, Any]:
     from ..hf import load
     from .corpus import DEFAULT_ROOT, LANGS, corpus
@@ -35,7 +36,8 @@ def run_steer(model_name: str, lang: str, layers: list[int], coefficients: list[
     prompts = _read_prompts(prompts_file) if prompts_file is not None else None
     model, tok = load(model_name)
     return language_study(model, tok, lang, layers, coefficients, prompts=prompts,
-                          texts=texts, new_tokens=new_tokens, progress=progress)
+                          texts=texts, new_tokens=new_tokens, ranking=ranking, mode=mode,
+                          progress=progress)
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -47,12 +49,19 @@ def format_table(result: dict[str, Any]) -> str:
         for g in entry["grid"]:
             lines.append(f"{layer:>5} {g['direction']:9} {g['coefficient']:>5g} "
                          f"{g['success']:>7.2f} {g['meaning']:>7.2f} {g['fluency_nll']:>6.2f}")
-        if "ablate_top" in entry:
-            heads = ", ".join(f"{a}.{b} ({tv:.3f})" for a, b, tv in entry["top_heads"])
-            lines.append(f"{layer:>5} top-TV heads {heads}: ablated success "
-                         f"{entry['ablate_top']['success']:.2f}, random heads "
-                         f"{entry['ablate_random']['success']:.2f}")
+    for name, h in result.get("heads", {}).items():
+        if "ablate_top" in h:
+            heads = ", ".join(f"{a}.{b} ({tv:.3f})" for a, b, tv in h["top_heads"])
+            lines.append(f"{name} layer {h['layer']} c={h['best']['coefficient']:g}: top-TV heads "
+                         f"{heads}; success {_rate(h['ablate_none'])} with all heads, "
+                         f"{_rate(h['ablate_top'])} without them, "
+                         f"{_rate(h['ablate_random'])} without random ones")
     return "\n".join(lines)
+
+
+def _rate(cell: dict[str, Any]) -> str:
+    lo, hi = cell["interval"]
+    return f"{cell['hits']}/{cell['n']} [{lo:.2f}, {hi:.2f}]"
 
 
 def write_outputs(result: dict[str, Any], out: str) -> list[Path]:
@@ -66,9 +75,8 @@ def write_outputs(result: dict[str, Any], out: str) -> list[Path]:
         return paths
     paths.append(folder / "steer-tradeoff.png")
     plot_tradeoff(result).savefig(paths[-1], dpi=120)
-    for layer, entry in result["layers"].items():
-        if "head_tv" in entry:
-            paths.append(folder / f"steer-heads-layer{layer}.png")
-            plot_head_tv(entry["head_tv"], layer=int(layer),
-                         lang=result["lang"]).savefig(paths[-1], dpi=120)
+    for name, h in result.get("heads", {}).items():
+        paths.append(folder / f"steer-heads-{name}-layer{h['layer']}.png")
+        plot_head_tv(h["head_tv"], layer=int(h["layer"]),
+                     lang=result["lang"]).savefig(paths[-1], dpi=120)
     return paths

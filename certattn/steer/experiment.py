@@ -13,6 +13,7 @@ fluency   mean negative log-likelihood per new token of the steered continuation
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,8 +23,8 @@ import torch
 from ..errors import InputError
 from .steering import steering
 
-__all__ = ["Setting", "continuations", "detect_language", "fluency_nll", "minilm_embedder",
-           "run_grid"]
+__all__ = ["Setting", "continuations", "detect_language", "fluency_nll", "meaning_reference",
+           "minilm_embedder", "run_grid", "wilson"]
 
 
 def detect_language(text: str) -> str:
@@ -120,6 +121,7 @@ def run_grid(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str,
              directions: Mapping[str, tuple[int, Any]], coefficients: Sequence[float], *,
              norms: Mapping[int, float], new_tokens: int = 30,
              embed: Callable[[Sequence[str]], np.ndarray] | None = None,
+             fluency: bool = True,
              progress: Callable[[str], None] | None = None) -> list[Setting]:
     """Success, meaning and fluency of each direction at each coefficient.
 
@@ -127,10 +129,14 @@ def run_grid(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str,
     ----------
     directions
         ``name -> (layer, unit direction)``: the SAE feature, the mean difference, a random
-        feature...
+        feature...; instead of a direction, a callable ``steer(c, norm)`` returning a
+        context manager (e.g. an SAE feature clamped by :func:`feature_steering`).
     coefficients
         Multiples of the layer's mean residual norm ``norms[layer]``; 0 is the unsteered
         model, run once.
+    embed, fluency
+        Without an embedder the meaning is NaN; ``fluency=False`` skips the NLL (NaN),
+        which costs as much as the generation itself.
     """
     ids = [tokenizer.encode(p) for p in prompts]
     base = continuations(model, tokenizer, ids, new_tokens)
@@ -145,7 +151,7 @@ def run_grid(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str,
         if c == 0:
             conts = base
         else:
-            with steering(model, layer, d, c, norm=norms[layer]):
+            with _steer(model, layer, d, c, norms[layer]):
                 conts = continuations(model, tokenizer, ids, new_tokens)
         texts = [tokenizer.decode(t) for t in conts]
         hits = [detect_language(t) == lang for t in texts]
@@ -154,5 +160,40 @@ def run_grid(model: Any, tokenizer: Any, prompts: Sequence[str], lang: str,
             meaning = float(np.mean(np.sum(embed(texts) * base_emb, axis=1)))
         out.append(Setting(direction=name, layer=layer, coefficient=float(c),
                            success=float(np.mean(hits)), meaning=meaning,
-                           fluency_nll=fluency_nll(model, ids, conts), examples=texts[:3]))
+                           fluency_nll=fluency_nll(model, ids, conts) if fluency else float("nan"),
+                           examples=texts[:3]))
     return out
+
+
+def _steer(model: Any, layer: int, direction: Any, c: float,
+           norm: float) -> AbstractContextManager[Any]:
+    if callable(direction):
+        return direction(c, norm)
+    return steering(model, layer, direction, c, norm=norm)
+
+
+def wilson(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95% for ``z = 1.96``)."""
+    if n <= 0 or not 0 <= hits <= n:
+        raise InputError(f"need 0 <= hits <= n and n > 0, got {hits}/{n}")
+    p = hits / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, float(mid - half)), min(1.0, float(mid + half))
+
+
+def meaning_reference(embed: Callable[[Sequence[str]], np.ndarray], english: Sequence[str],
+                      target: Sequence[str]) -> dict[str, float]:
+    """What the meaning proxy gives a faithful translation, and an unrelated one.
+
+    ``translation``: mean cosine between each English text and its aligned translation;
+    ``unrelated``: between each English text and the translation of the next one (same
+    domain, other content).  Steered text scoring near ``unrelated`` kept no meaning the
+    proxy can see; near ``translation``, all of it.
+    """
+    if len(english) != len(target) or len(english) < 2:
+        raise InputError("need at least two aligned English/target texts")
+    e, t = embed(list(english)), embed(list(target))
+    return {"translation": float(np.mean(np.sum(e * t, axis=1))),
+            "unrelated": float(np.mean(np.sum(np.roll(e, 1, axis=0) * t, axis=1)))}

@@ -126,6 +126,10 @@ def train_sae(acts: np.ndarray | torch.Tensor, width: int, k: int, *, steps: int
               meta: dict[str, Any] | None = None) -> tuple[TopKSAE, list[float]]:
     """Train a :class:`TopKSAE` on activations ``(N, d)``.
 
+    Adam at ``lr``, decaying linearly to 0 over the last fifth of the steps (the error
+    of a TopK SAE jumps now and then at a constant rate; the decay ends on a settled
+    one), gradients clipped to norm 1.
+
     Returns the SAE and the fraction of variance unexplained on the training set,
     before training and after every tenth of the steps.
     """
@@ -141,6 +145,8 @@ def train_sae(acts: np.ndarray | torch.Tensor, width: int, k: int, *, steps: int
     with torch.no_grad():
         sae.b_dec.copy_(x.mean(0) / scale)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min(1.0, 5.0 * (1.0 - i / steps)))
     gen = torch.Generator().manual_seed(seed)
     history = [sae.unexplained(x)]
     for step in range(1, steps + 1):
@@ -148,7 +154,9 @@ def train_sae(acts: np.ndarray | torch.Tensor, width: int, k: int, *, steps: int
         loss = ((sae(xb) - xb) / scale).pow(2).sum(-1).mean()
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
         opt.step()
+        sched.step()
         with torch.no_grad():  # keep decoder rows unit-norm (features are directions)
             sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
         if step % max(1, steps // 10) == 0:

@@ -18,8 +18,8 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["collect_residuals", "decoder_layers", "mean_difference", "rank_features",
-           "steering"]
+__all__ = ["RANKINGS", "collect_layers", "collect_residuals", "decoder_layers", "feature_steering",
+           "mean_difference", "rank_features", "steering"]
 
 
 def decoder_layers(model: Any) -> Any:
@@ -38,7 +38,6 @@ def _check_layer(model: Any, layer: int) -> int:
     return int(layer)
 
 
-@torch.no_grad()
 def collect_residuals(model: Any, tokenizer: Any, texts: Sequence[str], layer: int, *,
                       max_tokens: int = 20_000, max_len: int = 128,
                       skip_first: int = 1) -> np.ndarray:
@@ -48,22 +47,31 @@ def collect_residuals(model: Any, tokenizer: Any, texts: Sequence[str], layer: i
     attention sink, whose residual is an outlier) are left out; collection stops after
     ``max_tokens`` rows.
     """
-    _check_layer(model, layer)
-    rows: list[np.ndarray] = []
+    return collect_layers(model, tokenizer, texts, [layer], max_tokens=max_tokens,
+                          max_len=max_len, skip_first=skip_first)[layer]
+
+
+@torch.no_grad()
+def collect_layers(model: Any, tokenizer: Any, texts: Sequence[str], layers: Sequence[int],
+                   *, max_tokens: int = 20_000, max_len: int = 128,
+                   skip_first: int = 1) -> dict[int, np.ndarray]:
+    """:func:`collect_residuals` for several layers from the same forward passes."""
+    layers = [_check_layer(model, layer) for layer in layers]
+    rows: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     total = 0
     for text in texts:
         ids = tokenizer.encode(text)[:max_len]
         if len(ids) <= skip_first:
             continue
-        out = model(torch.tensor([ids]), output_hidden_states=True)
-        h = out.hidden_states[layer + 1][0, skip_first:].float().numpy()
-        rows.append(h)
-        total += h.shape[0]
+        hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for layer in layers:
+            rows[layer].append(hidden[layer + 1][0, skip_first:].float().numpy())
+        total += len(ids) - skip_first
         if total >= max_tokens:
             break
-    if not rows:
+    if total == 0:
         raise InputError("no text long enough to collect residuals from")
-    return np.concatenate(rows)[:max_tokens]
+    return {layer: np.concatenate(r)[:max_tokens] for layer, r in rows.items()}
 
 
 def mean_difference(target: np.ndarray, english: np.ndarray) -> np.ndarray:
@@ -75,12 +83,36 @@ def mean_difference(target: np.ndarray, english: np.ndarray) -> np.ndarray:
     return (diff / norm).astype(np.float32)
 
 
+RANKINGS = ("zscore", "frequency", "mean")
+
+
 @torch.no_grad()
-def rank_features(sae: Any, target: np.ndarray, english: np.ndarray) -> np.ndarray:
-    """Feature indices by ``mean f_i(target) - mean f_i(english)``, largest first."""
-    ft = sae.encode(torch.as_tensor(np.asarray(target, np.float32))).mean(0)
-    fe = sae.encode(torch.as_tensor(np.asarray(english, np.float32))).mean(0)
-    return torch.argsort(ft - fe, descending=True, stable=True).numpy()
+def rank_features(sae: Any, target: np.ndarray, english: np.ndarray, *,
+                  by: str = "zscore") -> np.ndarray:
+    """Feature indices, most target-leaning first.
+
+    Parameters
+    ----------
+    by
+        ``"zscore"``: ``(mean_t - mean_e) / sqrt((var_t + var_e) / 2)``, the activation
+        difference over its pooled standard deviation (features never active score 0);
+        ``"frequency"``: the share of target rows where the feature is active minus the
+        share of English rows; ``"mean"``: the raw difference of mean activations, which
+        favours dense, high-norm features.
+    """
+    if by not in RANKINGS:
+        raise InputError(f"ranking must be one of {', '.join(RANKINGS)}, got {by!r}")
+    ft = sae.encode(torch.as_tensor(np.asarray(target, np.float32))).double()
+    fe = sae.encode(torch.as_tensor(np.asarray(english, np.float32))).double()
+    if by == "frequency":
+        score = (ft > 0).double().mean(0) - (fe > 0).double().mean(0)
+    else:
+        score = ft.mean(0) - fe.mean(0)
+        if by == "zscore":
+            pooled = ((ft.var(0, unbiased=False) + fe.var(0, unbiased=False)) / 2).sqrt()
+            score = torch.where(pooled > 0, score / pooled.clamp_min(1e-30),
+                                torch.zeros_like(score))
+    return torch.argsort(score, descending=True, stable=True).numpy()
 
 
 @contextmanager
@@ -102,6 +134,42 @@ def steering(model: Any, layer: int, direction: Any, coefficient: float, *,
         if isinstance(output, tuple):
             return (output[0] + delta.to(output[0].dtype), *output[1:])
         return output + delta.to(output.dtype)
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def feature_steering(model: Any, layer: int, sae: Any, feature: int, coefficient: float, *,
+                     norm: float = 1.0, mode: str = "add") -> Iterator[None]:
+    """Steer with one SAE feature's unit decoder direction ``u`` at decoder layer ``layer``.
+
+    ``mode="add"`` adds ``coefficient * norm * u`` (as :func:`steering`);
+    ``mode="clamp"`` replaces the feature's own contribution ``f_i(h) * s * u`` (its SAE
+    activation times the SAE's input scale) by ``coefficient * norm * u``, so the
+    feature reads the same everywhere whatever it read before.
+    """
+    if mode not in ("add", "clamp"):
+        raise InputError(f"mode must be 'add' or 'clamp', got {mode!r}")
+    u = sae.direction(feature)
+    if mode == "add":
+        with steering(model, layer, u.numpy(), coefficient, norm=norm):
+            yield
+        return
+    _check_layer(model, layer)
+    if u.shape[0] != model.config.hidden_size:
+        raise InputError(f"the SAE is {u.shape[0]} wide, the model {model.config.hidden_size}")
+    target = float(coefficient) * float(norm)
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        h = output[0] if isinstance(output, tuple) else output
+        with torch.no_grad():
+            f = sae.encode(h.float())[..., feature] * sae.scale
+        h = h + ((target - f)[..., None] * u).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
 
     handle = decoder_layers(model)[layer].register_forward_hook(hook)
     try:
