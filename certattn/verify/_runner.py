@@ -6,11 +6,14 @@
 stderr and turns a crash into a failed result; :func:`format_table` and :func:`to_json`
 render the results.  The command line is :func:`certattn.cli.main` (``certattn verify``).
 
-Each check's ``rate`` is its measured speed in rows per CPU second (NumPy backend, its
-default size, ``benchmarks/verify_speed.py``; a check uses one core, and on an idle machine
-its wall time is its CPU time); :func:`estimated_seconds` sums
-``rows / rate`` to say how long a run will take, and the progress display uses the same
-model for its estimate of the time left.
+Each check's cost model is ``fixed + rows / rate`` CPU seconds (NumPy backend,
+``benchmarks/verify_speed.py --fit``): ``rate`` is its marginal speed in rows per CPU
+second at large ``--rows`` and ``fixed`` what it costs besides (imports, compilation,
+index building, the fixed set of long rows, :func:`._common.row_shares`), fitted through
+its times at the default size and at ``--rows 1,000,000``.  A check uses one core, and on
+an idle machine its wall time is its CPU time.  :func:`estimated_seconds` sums the
+checks' costs (with ``jobs``: the longest-first schedule of :func:`iter_verify`), and the
+progress display uses the same model for its estimate of the time left.
 """
 
 from __future__ import annotations
@@ -91,9 +94,14 @@ MAX_ROWS = 10_000_000
 class _Spec:
     func: Callable[..., tuple[float, float]]
     default: int
-    rate: float  # measured rows per CPU second (NumPy, default size)
+    rate: float  # measured marginal rows per CPU second (NumPy, large --rows)
     row_based: bool = True
     minimum: int = 1
+    fixed: float = 0.0  # measured CPU seconds besides rows / rate
+
+    def seconds(self, rows: int) -> float:
+        """Estimated CPU seconds of this check at ``rows`` rows."""
+        return self.fixed + rows / self.rate
 
 
 CHECKS: dict[str, _Spec] = {
@@ -182,16 +190,21 @@ def _check_rows(rows: int | None) -> None:
 
 
 def estimated_seconds(
-    rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None
+    rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None, jobs: int = 1
 ) -> float:
-    """Estimated run time of :func:`run_verify` in seconds (one idle core, ``jobs=1``).
+    """Estimated run time of :func:`run_verify` in seconds (idle cores).
 
-    The sum over the checks of ``rows_for(id, rows) / rate``, with each check's ``rate``
-    measured at its default size on NumPy (see :data:`CHECKS`).  An estimate: a busy or
-    faster machine differs by its speed ratio.
+    Each check costs ``fixed + rows_for(id, rows) / rate`` CPU seconds (both measured on
+    NumPy, see :data:`CHECKS`); with ``jobs = 1`` the estimate is their sum, with more the
+    finish time of the longest-first schedule on ``jobs`` workers (as :func:`iter_verify`
+    submits them).  An estimate: a busy or faster machine differs by its speed ratio.
     """
     wanted = list(CHECKS) if ids is None else list(ids)
-    return sum(rows_for(t, rows) / CHECKS[t].rate for t in wanted)
+    costs = sorted((CHECKS[t].seconds(rows_for(t, rows)) for t in wanted), reverse=True)
+    workers = [0.0] * max(1, min(int(jobs), len(costs)))
+    for c in costs:  # each task to the worker that frees first
+        workers[workers.index(min(workers))] += c
+    return max(workers)
 
 
 @functools.cache
@@ -271,7 +284,7 @@ def iter_verify(
     if jobs > 1 and len(wanted) > 1:
         yield from _iter_parallel(wanted, sizes, index, seed, backend, jobs, show)
         return
-    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    cost = [CHECKS[t].seconds(n) for t, n in zip(wanted, sizes, strict=True)]
     cost_total, cost_done, t_start = sum(cost), 0.0, time.perf_counter()
     for i, (tid, n) in enumerate(zip(wanted, sizes, strict=True)):
         bar = _CheckBar(f"verify {i + 1}/{len(wanted)} {tid}", n, cost_done, cost[i],
@@ -293,7 +306,7 @@ def _iter_parallel(wanted: list[str], sizes: list[int], index: list[int], seed: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    cost = [CHECKS[t].seconds(n) for t, n in zip(wanted, sizes, strict=True)]
     ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     bar = Progress(f"verify ({jobs} jobs)", len(wanted), unit="checks") if show else None
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(wanted)), mp_context=ctx)
