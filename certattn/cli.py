@@ -918,7 +918,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--rows", type=_int_option("--rows", 1, MAX_ROWS), metavar="N",
                    help=f"rows per row-based check, 1 to {MAX_ROWS:,} (default: each check's "
-                   "own size; other checks scale proportionally)")
+                   "own size; other checks scale in proportion up to 100,000 and by the "
+                   "square root beyond: 10 times their own size at 10,000,000)")
     v.add_argument("--jobs", type=_int_option("--jobs", 1, MAX_JOBS), metavar="N", default=1,
                    help=f"worker processes, 1 to {MAX_JOBS} (default 1), one check per task; "
                    "the results are those of --jobs 1")

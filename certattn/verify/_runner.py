@@ -150,13 +150,21 @@ second), whether ``--rows N`` gives it ``N`` rows (row-based) or
 
 
 def rows_for(theorem_id: str, rows: int | None) -> int:
-    """Rows the check of ``theorem_id`` draws for ``--rows rows`` (None: its default)."""
+    """Rows the check of ``theorem_id`` draws for ``--rows rows`` (None: its default).
+
+    A row-based check draws ``rows`` logit rows.  The others (key blocks, queries, Monte
+    Carlo rows, geometry points: instances that cost tens to thousands of logit rows each)
+    draw ``default * f`` (at least their minimum) with ``f = rows / BASE_ROWS`` up to
+    ``BASE_ROWS`` and ``f = sqrt(rows / BASE_ROWS)`` beyond: ``--rows 10,000,000`` gives
+    them 10 times their default size (proportional scaling would make them 90% of the time).
+    """
     spec = CHECKS[theorem_id]
     if rows is None:
         return spec.default
     if spec.row_based:
         return max(1, int(rows))
-    return max(spec.minimum, math.ceil(spec.default * int(rows) / BASE_ROWS))
+    f = int(rows) / BASE_ROWS
+    return max(spec.minimum, math.ceil(spec.default * (f if f <= 1 else math.sqrt(f))))
 
 
 def _backend(name: str) -> tuple[Any, Any]:
