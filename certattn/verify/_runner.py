@@ -87,7 +87,7 @@ MAX_JOBS = 256
 """Largest ``--jobs``."""
 
 MAX_ROWS = 10_000_000
-"""Largest ``--rows``: about 2.5 hours on one core (:func:`estimated_seconds`)."""
+"""Largest ``--rows`` (:func:`estimated_seconds` says how long it takes)."""
 
 
 @dataclass(frozen=True)
@@ -105,48 +105,49 @@ class _Spec:
 
 
 CHECKS: dict[str, _Spec] = {
-    "TV-TAIL": _Spec(check_tv_tail, 100_000, 50_000),
-    "TV-KL": _Spec(check_tv_kl, 40_000, 13_000),
-    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
-    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 25_000),
-    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 15_000),
-    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 23_000),
-    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 14_000),
-    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 23_000, False, 20),
-    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 22_000),
-    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 35_000),
-    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 20_000, False, 12),
-    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 390_000),
-    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 21_000),
-    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 28_000),
-    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 13_000, False, 18),
-    "OUT-BEST": _Spec(check_out_best, 10_000, 3_000, False, 18),
-    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 14_000),
-    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 14_000, False, 200),
-    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 810_000),
-    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 150_000),
-    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 150_000),
-    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 170_000),
-    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 140_000, False, 64),
-    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 2_700, False, 32),
-    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 26_000, False, 700),
-    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 3_800, False, 32),
-    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 4_000, False, 72),
-    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 12_000, False, 4),
-    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 1_900, False, 4),
-    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 2_000, False, 4),
-    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 4_500, False, 4),
-    "GEO-SCOPE": _Spec(check_geo_scope, 800, 2_200, False, 4),
-    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 4_900, False, 4),
-    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 5_400, False, 4),
-    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 840, False, 4),
-    "GEO-DEPTH": _Spec(check_geo_depth, 200, 220, False, 2),
-    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 3_800, False, 4),
-    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 30_000, False, 12),
+    "TV-TAIL": _Spec(check_tv_tail, 100_000, 370_000, fixed=0.81),
+    "TV-KL": _Spec(check_tv_kl, 40_000, 110_000, fixed=2.45),
+    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 110_000, fixed=2.92),
+    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 280_000, fixed=3.16),
+    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 290_000, fixed=6.81),
+    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 290_000, fixed=2.10),
+    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 160_000, fixed=1.43),
+    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 21_000, False, 20, fixed=0.11),
+    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 200_000, fixed=2.07),
+    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 51_000, fixed=0.39),
+    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 49_000, False, 12, fixed=0.05),
+    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 340_000),
+    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 77_000, fixed=1.85),
+    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 150_000, fixed=1.39),
+    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 18_000, False, 18, fixed=0.06),
+    "OUT-BEST": _Spec(check_out_best, 10_000, 3_900, False, 18, fixed=0.49),
+    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 92_000, fixed=3.19),
+    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 13_000, False, 200, fixed=0.01),
+    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 3_500_000, fixed=0.01),
+    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 1_100_000, fixed=0.06),
+    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 1_200_000, fixed=0.08),
+    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 1_100_000, fixed=0.10),
+    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 220_000, False, 64, fixed=0.07),
+    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 3_000, False, 32),
+    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 28_000, False, 700, fixed=0.46),
+    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 17_000, False, 32, fixed=0.38),
+    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 93_000, False, 72, fixed=0.25),
+    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 16_000, False, 4, fixed=0.67),
+    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 4_700, False, 4, fixed=0.67),
+    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 2_400, False, 4, fixed=0.05),
+    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 9_700, False, 4, fixed=0.32),
+    "GEO-SCOPE": _Spec(check_geo_scope, 800, 30_000, False, 4, fixed=0.32),
+    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 19_000, False, 4, fixed=0.28),
+    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 16_000, False, 4),
+    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 1_600, False, 4, fixed=0.25),
+    "GEO-DEPTH": _Spec(check_geo_depth, 200, 360, False, 2, fixed=0.27),
+    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 26_000, False, 4, fixed=0.28),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 29_000, False, 12),
 }
-"""Theorem id -> batch check, its default row count, its measured speed (rows per CPU
-second), whether ``--rows N`` gives it ``N`` rows (row-based) or
-``default * N / BASE_ROWS`` (at least ``minimum``)."""
+"""Theorem id -> batch check, its default row count, its measured marginal speed (rows per
+CPU second), whether ``--rows N`` gives it ``N`` rows (row-based) or a scaled default
+(:func:`rows_for`, at least ``minimum``), and its measured fixed cost in CPU seconds
+(``benchmarks/verify_speed.py --fit 1000000``)."""
 
 
 def rows_for(theorem_id: str, rows: int | None) -> int:
@@ -376,10 +377,9 @@ def run_verify(
     Parameters
     ----------
     rows : int, optional
-        ``None``: each check's default size (about 60 s on one core in total).
+        ``None``: each check's default size (under a minute on one core in total).
         ``N`` (1 to :data:`MAX_ROWS`): ``N`` rows for the row-based checks, the others
-        scaled by ``N / BASE_ROWS`` (about 90 s per 100,000 rows on one core; see
-        :func:`estimated_seconds`).
+        scaled (:func:`rows_for`); see :func:`estimated_seconds` for the time.
     backend : {"numpy", "cupy", "strict"}
         Array library the library's functions run on.
     seed : int
