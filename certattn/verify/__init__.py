@@ -25,7 +25,7 @@ Everything is chunked: at most about ``CHUNK_ELEMS`` (2^20) float64 numbers per 
 bar on stderr (on a terminal, with ``CERTATTN_PROGRESS=1`` or ``--progress``) that
 estimates the time left from each check's measured speed (:func:`estimated_seconds`).
 
-``run_verify(rows=None)`` uses each check's default size (the whole run takes about 60 s
+``run_verify(rows=None)`` uses each check's default size (the whole run takes under a minute
 on one core); ``rows=N`` gives ``N`` rows to the row-based checks (short rows scale, long
 rows are a fixed set, :func:`._common.row_shares`) and scales the others by
 ``N / BASE_ROWS`` up to ``BASE_ROWS`` and by its square root beyond (at least their
