@@ -22,8 +22,9 @@ imports certattn, records its resident set (``ru_maxrss``), runs the check at th
 
 ``--fit ROWS`` measures every check at its default size and at ``--rows ROWS`` (two
 children) and prints its cost model, ``fixed + rows / rate`` CPU seconds through both
-points (the ``rate`` and ``fixed`` of :data:`certattn.verify.CHECKS`), with the estimate
-it replaces.
+points (the ``rate`` and ``fixed`` of :data:`certattn.verify.CHECKS`), the large size's
+rows/s, ratio to the floor and peak memory, and what the fitted model gives at
+``--rows 10,000,000``.
 
 ``--compare CHECKOUT`` also runs every check in another checkout of certattn (for
 example ``git worktree add /tmp/base main``) right before this one's, and prints its
@@ -129,24 +130,34 @@ def fit(n0: int, s0: float, n1: int, s1: float) -> tuple[float, float]:
 
 
 def _fit_table(ids: list[str], rows: int, seed: int) -> list[dict]:
-    from certattn.verify import CHECKS, estimated_seconds
+    """Both sizes of every check, the fitted cost model, and the large size's figures."""
+    from certattn.verify import CHECKS, rows_for
+    from certattn.verify._runner import _Spec
 
-    print("| id | rows | s | rows | s | rate rows/s | fixed s | estimate s (old) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    out = []
+    print("| id | rows | s | rows | s | rows/s | ratio | peak MB | rate rows/s | fixed s "
+          "| at 10^7 s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out, total = [], 0.0
     for tid in ids:
         a, b = _run_child(tid, None, seed), _run_child(tid, rows, seed)
         if "error" in a or "error" in b:
             print(f"| {tid} | error: {a.get('error') or b.get('error')} |")
             continue
         rate, fixed = fit(a["rows"], a["seconds"], b["rows"], b["seconds"])
-        old = estimated_seconds(rows, [tid])
+        spec = CHECKS[tid]
+        big = _Spec(spec.func, spec.default, rate, spec.row_based, spec.minimum, fixed)
+        at_max = big.seconds(rows_for(tid, 10_000_000))
+        total += at_max
+        ratio = f"{b['seconds'] / b['floor']:.0f}" if b["floor"] > 0 else "-"
         print(f"| {tid} | {a['rows']:,} | {a['seconds']:.2f} | {b['rows']:,} | "
-              f"{b['seconds']:.2f} | {rate:,.0f} | {fixed:.2f} | {old:.1f} |", flush=True)
+              f"{b['seconds']:.2f} | {b['rows'] / max(b['seconds'], 1e-9):,.0f} | {ratio} | "
+              f"{max(a['peak_mb'], b['peak_mb']):.0f} | {rate:,.0f} | {fixed:.2f} | "
+              f"{at_max:.0f} |", flush=True)
         out.append({"id": tid, "small": a, "large": b, "rate": rate, "fixed": fixed})
-    print("\n" + "\n".join(f'    "{r["id"]}": rate={r["rate"]:.3g}, fixed={r["fixed"]:.2f}'
-                            f' ({CHECKS[r["id"]].rate:.3g}, {CHECKS[r["id"]].fixed:.2f})'
-                            for r in out))
+    print(f"\nfitted total at --rows 10,000,000: {total:.0f} CPU-s")
+    print("\n".join(f'    "{r["id"]}": rate={r["rate"]:.3g}, fixed={r["fixed"]:.2f}'
+                    f' (now {CHECKS[r["id"]].rate:.3g}, {CHECKS[r["id"]].fixed:.2f})'
+                    for r in out))
     return out
 
 
