@@ -298,8 +298,8 @@ def lse_diff(a: Array, b: Array, xp: Any) -> Array:
 def masked_weights(x: Array, keep: Array, xp: Any) -> tuple[Array, Array]:
     """Normalised weights ``exp(x_i - LSE(keep))`` on ``keep`` (0 elsewhere) and the LSE."""
     xm = xp.where(keep, x, neg_inf(xp, x))
-    m = row_max(xm, xp)
-    e = xp.where(keep, xp.exp(xm - m), xp.zeros_like(x))
+    m = row_max(xm, xp)  # finite (0 for an empty row): exp(-inf - m) = 0 off ``keep``
+    e = xp.exp(xm - m)
     z = xp.sum(e, axis=-1, keepdims=True)
     zs = xp.where(z > 0, z, xp.ones_like(z))
     with np.errstate(divide="ignore"):

@@ -95,7 +95,7 @@ def cut_sorted(e: Array, budget: Array, xp: Any) -> tuple[Array, Array]:
     Returns ``(t, T)``: the number of tail keys and the computed tail sum (float64,
     accumulated from the small end).
     """
-    es = xp.sort(e, axis=-1)
+    es = xp.sort(e, axis=-1, stable=False)  # values only: the unstable sort is faster
     cs = xp.cumulative_sum(es, axis=-1)
     ok = cs <= budget[:, None]
     t = xp.astype(xp.count_nonzero(ok, axis=-1), xp.int64)

@@ -138,15 +138,20 @@ def _block_inputs(lower: Any, upper: Any, sizes: Any, axis: int) -> tuple[Array,
     return a, b, n, valid, xp
 
 
-def _bounds_of_set(a: Array, b: Array, valid: Array, kept: Array, xp: Any) -> tuple[Array, Array]:
+def _bounds_of_set(
+    a: Array, b: Array, valid: Array, kept: Array, xp: Any, *, lower: bool = True
+) -> tuple[Array | None, Array]:
+    """``(lo, hi)`` of one kept set per row (``lo`` None unless ``lower``)."""
     nb = int(a.shape[-1])
     tail = valid & ~kept
     head = valid & kept
     positive = xp.any(tail, axis=-1)
     t_up, h_lo = lse(a, xp, tail), lse(b, xp, head)
-    t_lo, h_up = lse(b, xp, tail), lse(a, xp, head)
     # log-sums of bounds (log n_b + u_b, each rounded once already): factor 8
     hi = round_up(ratio_log(t_up, h_lo, xp), margin(t_up, h_lo, nb, xp, factor=8.0), positive, xp)
+    if not lower:
+        return None, hi
+    t_lo, h_up = lse(b, xp, tail), lse(a, xp, head)
     lo = round_down(ratio_log(t_lo, h_up, xp), margin(t_lo, h_up, nb, xp, factor=8.0), xp)
     return lo, hi
 
@@ -216,7 +221,7 @@ def greedy_block_set(
     prefixes = (rank[..., None, :] < j[:, None]) & valid[..., None, :]
     ex = (a[..., None, :], b[..., None, :], valid[..., None, :])
     ex = tuple(xp.broadcast_to(z, prefixes.shape) for z in ex)
-    _, ub = _bounds_of_set(*ex, prefixes, xp)
+    _, ub = _bounds_of_set(*ex, prefixes, xp, lower=False)  # only the upper bound decides
     first = xp.min(xp.where(ub <= eps, j, xp.full_like(j, nb)), axis=-1)
     kept = (rank < first[..., None]) & valid
     lo, hi = _bounds_of_set(a, b, valid, kept, xp)

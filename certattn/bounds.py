@@ -138,7 +138,8 @@ def _sorted_parts(x: Array, n_valid: Array, xp: Any, k: Array | None = None) -> 
     curve at ``k``.  ``at`` / ``at_next`` take a full-row array to the columns ``k - 1``
     / ``k`` (``fill`` past the last key).
     """
-    s = xp.sort(x, axis=-1, descending=True)
+    # values only: an unstable sort gives the same array (NumPy's is ~10x faster)
+    s = xp.sort(x, axis=-1, descending=True, stable=False)
     n = s.shape[-1]
     dev = device_of(s)
     k_row = xp.arange(1, n + 1, dtype=xp.float64, device=dev)

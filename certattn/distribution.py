@@ -33,6 +33,7 @@ import numpy as np
 from ._array import as_float_array, is_numpy, namespace
 from ._fp import lse as _lse_all
 from ._fp import lse_diff as _lse_diff
+from ._fp import lse_parts as _lse_parts
 from ._validate import (
     InputError,
     check_eps,
@@ -103,7 +104,7 @@ def _kth_largest(x: Array, k: Array, xp: Any) -> Array:
     if is_numpy(xp) and x.size and bool(xp.all(k == k.flat[0])):
         j = n - int(k.flat[0])
         return np.partition(np.asarray(x), j, axis=-1)[..., j : j + 1]
-    top = xp.sort(x, axis=-1, descending=True)
+    top = xp.sort(x, axis=-1, descending=True, stable=False)  # values: order of ties moot
     return xp.take_along_axis(top, k - 1, axis=-1)
 
 
@@ -265,11 +266,14 @@ def truncation_divergences(
     if bool(xp.any(empty)):
         where = f" in row {first_bad_position(empty)}" if empty.ndim else ""
         raise InputError(f"kept set holds no valid key{where}")
-    tau = xp.exp(_lse_diff(xp.where(kept, -math.inf, x), x, xp))
+    m_all, l_all = _lse_parts(x, xp)  # LSE(s), shared by tau and the KL
+    m_tail, l_tail = _lse_parts(xp.where(kept, -math.inf, x), xp)
+    m_head, l_head = _lse_parts(head, xp)
+    tau = xp.exp((m_tail - m_all) + (l_tail - l_all))
     # KL = -log(1 - tau): from tau where the tail is small (no cancellation), from the
     # LSE difference LSE(all) - LSE(head) where it is large (1 - tau would cancel).
     with np.errstate(divide="ignore", over="ignore"):
-        kl = xp.where(tau < 0.5, -xp.log1p(-tau), _lse_diff(x, head, xp))
+        kl = xp.where(tau < 0.5, -xp.log1p(-tau), (m_all - m_head) + (l_all - l_head))
         kl = xp.where(kl > 0, kl, xp.zeros_like(kl))
         chi2 = xp.expm1(kl)  # 1/(1-tau) - 1 = tau/(1-tau)
     kl_rev = xp.where(tau > 0, xp.full_like(tau, xp.inf), xp.zeros_like(tau))

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ._backends import adapter
-from ._fp import margin, masked_weights, round_up
+from ._fp import lse, margin, round_up
 from ._validate import InputError, check_kept, first_bad_position, valid_rows
 
 __all__ = ["KeptCertificate", "certify_kept", "kl_upper_from_tail", "tail_upper_of"]
@@ -97,8 +97,8 @@ def tail_upper_of(x: Array, valid: Array, kept: Array, xp: Any) -> Array:
     finite row maxima; rows whose kept set holds no valid key get 1.
     """
     tail = valid & ~kept
-    _, lse_all = masked_weights(x, valid, xp)
-    _, lse_tail = masked_weights(x, tail, xp)
+    lse_all = lse(x, xp, valid)  # the same LSEs as masked_weights, without the weights
+    lse_tail = lse(x, xp, tail)
     m = xp.max(xp.where(valid, x, xp.full_like(x, -xp.inf)), axis=-1)
     m = xp.where(m > -xp.inf, m, xp.zeros_like(m))
     n = x.shape[-1]

@@ -129,7 +129,10 @@ class HeadTail:
     error: Array
 
 
-def _head_tail(x: Array, v: Array, valid: Array, kept: Array, xp: Any) -> HeadTail:
+def _head_tail(
+    x: Array, v: Array, valid: Array, kept: Array, xp: Any
+) -> tuple[HeadTail, tuple[Array, Array, Array]]:
+    """The OUT-HEAD-TAIL terms and the weights ``(p, p_hat, p_tail)`` they come from."""
     tail = valid & ~kept
     p, lse_all = _weights(x, valid, xp)
     ph, _ = _weights(x, kept, xp)
@@ -139,7 +142,8 @@ def _head_tail(x: Array, v: Array, valid: Array, kept: Array, xp: Any) -> HeadTa
     mu_h = xp.matmul(ph, v)
     has_tail = xp.any(tail, axis=-1)[..., None]
     mu_t = xp.where(has_tail, xp.matmul(pt, v), mu_h)
-    return HeadTail(tau=tau, attn=attn, attn_k=mu_h, mu_head=mu_h, mu_tail=mu_t, error=attn - mu_h)
+    ht = HeadTail(tau=tau, attn=attn, attn_k=mu_h, mu_head=mu_h, mu_tail=mu_t, error=attn - mu_h)
+    return ht, (p, ph, pt)
 
 
 def head_tail_terms(logits: Any, values: Any, kept: Any = None, *, k: Any = None) -> HeadTail:
@@ -156,7 +160,7 @@ def head_tail_terms(logits: Any, values: Any, kept: Any = None, *, k: Any = None
         Kept set (masked keys are dropped from it); or give ``k`` (Top-k, ties by position).
     """
     x, v, valid, kept, _, xp = _inputs(logits, values, kept, k)
-    return _head_tail(x, v, valid, kept, xp)
+    return _head_tail(x, v, valid, kept, xp)[0]
 
 
 @dataclass(frozen=True)
@@ -179,11 +183,19 @@ class VarianceDecomposition:
 
 
 def _variance(w: Array, v: Array, mean: Array, xp: Any, chunk_elems: int) -> Array:
-    """``sum_i w_i |v_i - mean|^2`` per row, chunked over the query axis."""
+    """``sum_i w_i |v_i - mean|^2`` per row, chunked over the query axis.
+
+    The squared distances are summed one value dimension at a time (``(Lq, n)``
+    temporaries, no ``(Lq, n, d_v)`` difference and no reduction over a short axis)."""
 
     def one(sl: slice) -> Array:
-        diff = v[..., None, :, :] - mean[..., sl, None, :]
-        return xp.sum(w[..., sl, :] * xp.sum(diff * diff, axis=-1), axis=-1)
+        sq = None
+        for j in range(int(v.shape[-1])):
+            t = v[..., None, :, j] - mean[..., sl, j][..., None]
+            sq = t * t if sq is None else sq + t * t
+        if sq is None:  # d_v = 0: every distance is 0
+            return xp.zeros_like(w[..., sl, 0])
+        return xp.sum(w[..., sl, :] * sq, axis=-1)
 
     return _by_query_chunks(one, w.shape, v.shape[-1], xp, chunk_elems)
 
@@ -201,10 +213,7 @@ def variance_decomposition(
 ) -> VarianceDecomposition:
     """Theorem OUT-VAR-DECOMP [derived]: the exact law-of-total-variance split (float64 values)."""
     x, v, valid, kept, _, xp = _inputs(logits, values, kept, k)
-    ht = _head_tail(x, v, valid, kept, xp)
-    p, _ = _weights(x, valid, xp)
-    ph, _ = _weights(x, kept, xp)
-    pt, _ = _weights(x, valid & ~kept, xp)
+    ht, (p, ph, pt) = _head_tail(x, v, valid, kept, xp)
     total = _variance(p, v, ht.attn, xp, chunk_elems)
     vh = _variance(ph, v, ht.mu_head, xp, chunk_elems)
     vt = _variance(pt, v, ht.mu_tail, xp, chunk_elems)

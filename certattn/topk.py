@@ -205,7 +205,7 @@ def topk_cut(logits: Any, k: Any, *, axis: int = -1) -> Array:
         chunk = flat[start:start + step, ...]
         if is_numpy(xp) and chunk.dtype.itemsize < 4:
             chunk = chunk.astype(np.float32)  # exact; NumPy sorts float32 natively
-        srt = xp.sort(chunk, axis=-1)  # ascending, -inf first
+        srt = xp.sort(chunk, axis=-1, stable=False)  # ascending, -inf first (values only)
         n_valid = xp.astype(xp.count_nonzero(srt > -xp.inf, axis=-1), xp.int64)
         kc = xp.minimum(kk[start:start + step], n_valid)
         idx = xp.reshape(xp.clip(n - kc, 0, n - 1), (-1, 1))

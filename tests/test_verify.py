@@ -125,6 +125,23 @@ def test_a_broken_implementation_fails_its_check(monkeypatch, tid, module, name,
     assert not res.passed and res.max_violation > res.tolerance
 
 
+def test_a_tail_head_bound_looser_than_its_margin_fails_out_diameter(monkeypatch):
+    """tail_head may exceed the diameter only by its own rounding margin (about 3e-13 C per
+    unit of tail on ordinary rows), not by sqrt(u) C: a bound raised by 1e-9 C tau fails."""
+    import dataclasses
+
+    real = certattn.output.output_bounds
+
+    def looser(x, v, kept, **kw):
+        ob = real(x, v, kept, **kw)
+        c = float(np.max(np.linalg.norm(np.asarray(v), axis=-1)))
+        return dataclasses.replace(ob, tail_head=ob.tail_head + 1e-9 * c * ob.tail_upper)
+
+    monkeypatch.setattr(certattn.output, "output_bounds", looser)
+    (res,) = run_verify(rows=400, ids=["OUT-DIAMETER"], progress=False)
+    assert not res.passed and res.max_violation > res.tolerance
+
+
 def test_a_non_minimal_certificate_fails(monkeypatch):
     real = certattn.topk.certify_topk
 

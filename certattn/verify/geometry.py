@@ -41,31 +41,41 @@ def _simplex_points(rng: np.random.Generator, r: int) -> np.ndarray:
     return a[:, :2]
 
 
-def _gauss_kl(m0, s0, m1, s1):
-    """KL(N(m0, s0) || N(m1, s1)) for batches, from the closed form of two Gaussians."""
+def _gauss_kl(m0, s0, m1, s1, logdet0=None):
+    """KL(N(m0, s0) || N(m1, s1)) for batches, from the closed form of two Gaussians
+    (one solve with ``s1`` gives both ``s1^-1 s0`` and ``s1^-1 (m1 - m0)``)."""
     n = s0.shape[-1]
-    inv = np.linalg.inv(s1)
     dm = m1 - m0
-    quad = np.einsum("...i,...ij,...j->...", dm, inv, dm)
-    tr = np.trace(inv @ s0, axis1=-2, axis2=-1)
-    return 0.5 * (tr + quad - n + np.linalg.slogdet(s1)[1] - np.linalg.slogdet(s0)[1])
+    sol = np.linalg.solve(s1, np.concatenate([s0, dm[..., None]], axis=-1))
+    tr = np.trace(sol[..., :n], axis1=-2, axis2=-1)
+    quad = np.einsum("...i,...i->...", dm, sol[..., n])
+    ld0 = np.linalg.slogdet(s0)[1] if logdet0 is None else logdet0
+    return 0.5 * (tr + quad - n + np.linalg.slogdet(s1)[1] - ld0)
 
 
 def _kl_hessian(fam: tuple[np.ndarray, ...], step: float) -> np.ndarray:
-    """Central second differences at 0 of ``theta -> KL(N(0, S0) || N(J theta, S0 + theta.dS))``."""
+    """Central second differences at 0 of ``theta -> KL(N(0, S0) || N(J theta, S0 + theta.dS))``
+    (each point ``+-e_i +- e_j`` evaluated once; the matrix is symmetric)."""
     jac, s0, ds = fam
     r, n, p = jac.shape
+    logdet0 = np.linalg.slogdet(s0)[1]
+    cache: dict[tuple[float, ...], np.ndarray] = {}
 
     def kl(th: np.ndarray) -> np.ndarray:
-        th = np.broadcast_to(th, (r, p))
-        m1 = np.einsum("rij,rj->ri", jac, th)
-        return _gauss_kl(np.zeros((r, n)), s0, m1, s0 + np.einsum("rk,rkij->rij", th, ds))
+        key = tuple(th.tolist())
+        if key not in cache:
+            tb = np.broadcast_to(th, (r, p))
+            m1 = np.einsum("rij,rj->ri", jac, tb)
+            s1 = s0 + np.einsum("rk,rkij->rij", tb, ds)
+            cache[key] = _gauss_kl(np.zeros((r, n)), s0, m1, s1, logdet0)
+        return cache[key]
 
     g = np.empty((r, p, p))
     for i in range(p):
-        for j in range(p):
+        for j in range(i, p):
             ei, ej = np.eye(p)[i] * step, np.eye(p)[j] * step
             g[:, i, j] = (kl(ei + ej) - kl(ei - ej) - kl(ej - ei) + kl(-ei - ej)) / (4 * step**2)
+            g[:, j, i] = g[:, i, j]
     return g
 
 

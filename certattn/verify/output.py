@@ -39,17 +39,19 @@ def _values(ctx: Ctx, n: int, dv: int = 8) -> tuple[Array, Array, float]:
     return ctx.put(v), ctx.put(v), c
 
 
-def _output_refs(xp, x64, v, kept):
-    """Reference tau, Attn, Attn_k, |Attn - Attn_k|, Var_P(V) from the definitions."""
+def _output_refs(xp, x64, v, kept, variance=False):
+    """Reference tau, Attn, Attn_k, |Attn - Attn_k| and (with ``variance``, else None)
+    Var_P(V) from the definitions."""
     e, z = _terms(xp, x64)
-    h = xp.sum(xp.where(kept, e, xp.zeros_like(e)), axis=-1)
-    p = e / z[:, None]
-    ph = xp.where(kept, e / h[:, None], xp.zeros_like(e))
-    attn, attn_k = p @ v, ph @ v
+    eh = xp.where(kept, e, xp.zeros_like(e))
+    h = xp.sum(eh, axis=-1)
+    attn, attn_k = (e @ v) / z[:, None], (eh @ v) / h[:, None]  # normalised after the sums
     err = xp.linalg.vector_norm(attn - attn_k, axis=-1)
-    dev = v[None, :, :] - attn[:, None, :]
-    var = xp.sum(p * xp.sum(dev * dev, axis=-1), axis=-1)
-    tau = xp.sum(xp.where(kept, xp.zeros_like(e), e), axis=-1) / z
+    var = None
+    if variance:
+        dev = v[None, :, :] - attn[:, None, :]
+        var = xp.sum(e * xp.sum(dev * dev, axis=-1), axis=-1) / z
+    tau = xp.sum(e - eh, axis=-1) / z  # e - eh: the tail terms exactly (e or 0)
     return tau, attn, attn_k, err, var
 
 
@@ -135,23 +137,46 @@ def check_out_bounded(rows, *, xp, device, rng, progress):
     return w.value, 64 * 512 * _U
 
 
+def _distance_margin(xp, ob, n, dv, c):
+    """What ``tail_head`` may exceed ``diameter`` by: its distance margin (``_Centred``)
+    and the error bound of the computed head mean it measures from,
+    ``delta = C (u (2n + 2 d_v + 2048) + n 2^-1074)`` (``output._mu_error``).
+
+    The squared distances carry ``4 (d_v + 16) u (a + b) <= M = 32 (d_v + 16) u C^2``
+    (centred values within ``2C``) and the distances ``2 u (sqrt a + sqrt b) <= 8 u C``, so
+    a computed distance exceeds an exact ``D`` by at most
+    ``sqrt(D^2 + M) - D + 8 u C = M / (sqrt(D^2 + M) + D) + 8 u C``, which decreases in
+    ``D``; with ``D`` the tail-to-head distance ``<= diam_{H,T}``, itself at least
+    ``diameter / tail_upper`` up to the diameter's relative rounding (``1e-12`` here), the
+    margin is at most that expression at ``D = diameter / tail_upper (1 - 1e-12)``: about
+    ``sqrt(M)`` where every value is the same, ``M / (2D)`` (about ``1e-13 C``) on
+    ordinary rows."""
+    m2 = 32 * (dv + 16) * _U * c * c
+    tau = ob.tail_upper
+    pos = tau > 0
+    d = xp.where(pos, ob.diameter / xp.where(pos, tau, xp.ones_like(tau)), xp.zeros_like(tau))
+    d = xp.maximum(d * (1.0 - 1e-12), xp.zeros_like(d))
+    delta = c * (_U * (2 * n + 2 * dv + 2048) + n * 2.0**-1074)
+    return tau * (m2 / (xp.sqrt(d * d + m2) + d) + 8 * _U * c + delta)
+
+
 def check_out_diameter(rows, *, xp, device, rng, progress):
     """OUT-DIAMETER: the chain ``|Attn - Attn_k| <= tail_head <= diameter <= diameter_all <=
     bounded`` of ``output_bounds`` (each step: ``max(0, a - b) / (2C)``), and on a tenth
     more rows where the whole chain is attained (two-point values) each bound's relative
     slack below the error.  Tolerance ``64 n u`` with n = 128.  The step ``tail_head <=
-    diameter`` allows ``tail_head`` its own distance margin, ``tail_upper (sqrt(32 (d_v +
-    16) u) + 8u) C``: its distances come from ``|a|^2 - 2 a.b + |b|^2`` with a margin on the
-    squares (``_Centred.max_dist``), so where every valid value is the same (diameter 0) it
-    stays at about ``sqrt(u) C``."""
+    diameter`` allows ``tail_head`` its own distance margin (:func:`_distance_margin`):
+    its distances come from ``|a|^2 - 2 a.b + |b|^2`` with a margin on the squares
+    (``_Centred.max_dist``), which where every valid value is the same (diameter 0) stays
+    at about ``sqrt(u) C`` and shrinks to about ``1e-13 C`` where the diameter is of
+    order ``C``."""
     ctx, w = _ctx(xp, device, rng, progress), Worst()
     from ..output import output_bounds
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 32, 128), 128 + 8 * 8):
         ob = output_bounds(x, v, kept, diameters=True)
         err = _output_refs(xp, x64, v64, kept)[3]
-        dv = int(v.shape[-1])
-        slack = ob.tail_upper * (math.sqrt(32 * (dv + 16) * _U) + 8 * _U) * c
+        slack = _distance_margin(xp, ob, int(x.shape[-1]), int(v.shape[-1]), c)
         zero = xp.zeros_like(err)
         chain = (err, ob.tail_head, ob.diameter, ob.diameter_all, ob.bounded)
         for i, (a, b) in enumerate(itertools.pairwise(chain)):
@@ -204,7 +229,7 @@ def check_out_var_decomp(rows, *, xp, device, rng, progress):
 
     for x, x64, v, v64, c, kept in _out_cases(ctx, rows, (7, 64, 512), 8 * 8):
         vd = variance_decomposition(x, v, kept)
-        _, _, _, err, var = _output_refs(xp, x64, v64, kept)
+        _, _, _, err, var = _output_refs(xp, x64, v64, kept, variance=True)
         total = (1.0 - vd.tau) * vd.within_head + vd.tau * vd.within_tail + vd.between
         w.add(_rel(xp, total, var, 1e-6 * c * c))
         w.add(_rel(xp, vd.total, var, 1e-6 * c * c))
