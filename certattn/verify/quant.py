@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from .._fp import U
 from ._common import Worst, _ctx, _split, _steps, longdouble_ok
 
 _KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
@@ -53,7 +54,7 @@ def _exact_near(q: np.ndarray, keys: np.ndarray, scale: float,
     """
     d = q.shape[1]
     s = (q @ keys.T) * scale
-    margin = (d + 4) * 2.0**-52 * ((np.abs(q) @ np.abs(keys).T) * scale) + 1e-300
+    margin = 2 * (d + 4) * U * ((np.abs(q) @ np.abs(keys).T) * scale) + 1e-300
     near = np.zeros(s.shape, bool)
     for bound, sign in bounds:
         near |= np.isfinite(bound) & (sign * (s - bound) + margin > 0)

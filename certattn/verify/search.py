@@ -16,6 +16,7 @@ import math
 import numpy as np
 
 from .._array import to_numpy
+from .._fp import U
 from ._common import EPS, Worst, _ctx, _split, _steps, longdouble_ok
 
 
@@ -38,16 +39,15 @@ def _tail_hi(q, keys, vis, kept, scale):
     ``gamma_n``; underflowed terms add at most ``1e-300`` each to the tail.
     """
     d, n = q.shape[1], keys.shape[0]
-    u = 2.0**-53
     x, k = q.astype(np.float64), keys.astype(np.float64)
     lg = (x @ k.T) * scale
-    a = (d + 4) * 2.0**-52 * ((np.abs(x) @ np.abs(k).T) * scale)
+    a = 2 * (d + 4) * U * ((np.abs(x) @ np.abs(k).T) * scale)
     lg = np.where(vis, lg, -np.inf)
     diff = lg - lg.max(axis=1, keepdims=True)
     e = np.exp(diff)
-    theta = np.max(np.where(vis, a + u * np.abs(diff), 0.0), axis=1) + 5 * 2.0**-52
+    theta = np.max(np.where(vis, a + U * np.abs(diff), 0.0), axis=1) + 10 * U
     t = np.where(kept, 0.0, e).sum(axis=1) + n * 1e-300
-    factor = np.exp(2.0 * theta) * (1.0 + (2 * n + 8) * u)
+    factor = np.exp(2.0 * theta) * (1.0 + (2 * n + 8) * U)
     return t / e.sum(axis=1) * factor
 
 
