@@ -1,7 +1,7 @@
 """Throughput and peak memory of every ``certattn verify`` check, with its floor, in one run.
 
 Usage: ``python benchmarks/verify_speed.py [--rows N] [--only ID ...] [--seed 0]
-[--compare CHECKOUT] [--json FILE]``
+[--compare CHECKOUT] [--fit ROWS] [--json FILE]``
 
 Each check runs in a fresh interpreter (so that its peak memory is its own): the child
 imports certattn, records its resident set (``ru_maxrss``), runs the check at the size
@@ -19,6 +19,12 @@ imports certattn, records its resident set (``ru_maxrss``), runs the check at th
   floor says how far a check is from what its data alone costs;
 * ``peak MB``: the child's peak resident set, and ``+MB``: its growth over the imported
   interpreter (the memory the check itself needs).
+
+``--fit ROWS`` measures every check at its default size and at ``--rows ROWS`` (two
+children) and prints its cost model, ``fixed + rows / rate`` CPU seconds through both
+points (the ``rate`` and ``fixed`` of :data:`certattn.verify.CHECKS`), the large size's
+rows/s, ratio to the floor and peak memory, and what the fitted model gives at
+``--rows 10,000,000``.
 
 ``--compare CHECKOUT`` also runs every check in another checkout of certattn (for
 example ``git worktree add /tmp/base main``) right before this one's, and prints its
@@ -111,12 +117,57 @@ def _run_child(tid: str, rows: int | None, seed: int, root: str = _ROOT) -> dict
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def fit(n0: int, s0: float, n1: int, s1: float) -> tuple[float, float]:
+    """``(rate, fixed)`` of the line ``fixed + rows / rate`` through ``(n0, s0)``, ``(n1, s1)``.
+
+    A line that would need a negative ``fixed`` (or two equal sizes) becomes the
+    proportional model through the larger point (``fixed = 0``)."""
+    slope = (s1 - s0) / (n1 - n0) if n1 != n0 else 0.0
+    fixed = s0 - slope * n0
+    if slope <= 0 or fixed < 0:
+        return n1 / max(s1, 1e-9), 0.0
+    return 1.0 / slope, fixed
+
+
+def _fit_table(ids: list[str], rows: int, seed: int) -> list[dict]:
+    """Both sizes of every check, the fitted cost model, and the large size's figures."""
+    from certattn.verify import CHECKS, rows_for
+    from certattn.verify._runner import _Spec
+
+    print("| id | rows | s | rows | s | rows/s | ratio | peak MB | rate rows/s | fixed s "
+          "| at 10^7 s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out, total = [], 0.0
+    for tid in ids:
+        a, b = _run_child(tid, None, seed), _run_child(tid, rows, seed)
+        if "error" in a or "error" in b:
+            print(f"| {tid} | error: {a.get('error') or b.get('error')} |")
+            continue
+        rate, fixed = fit(a["rows"], a["seconds"], b["rows"], b["seconds"])
+        spec = CHECKS[tid]
+        big = _Spec(spec.func, spec.default, rate, spec.row_based, spec.minimum, fixed)
+        at_max = big.seconds(rows_for(tid, 10_000_000))
+        total += at_max
+        ratio = f"{b['seconds'] / b['floor']:.0f}" if b["floor"] > 0 else "-"
+        print(f"| {tid} | {a['rows']:,} | {a['seconds']:.2f} | {b['rows']:,} | "
+              f"{b['seconds']:.2f} | {b['rows'] / max(b['seconds'], 1e-9):,.0f} | {ratio} | "
+              f"{max(a['peak_mb'], b['peak_mb']):.0f} | {rate:,.0f} | {fixed:.2f} | "
+              f"{at_max:.0f} |", flush=True)
+        out.append({"id": tid, "small": a, "large": b, "rate": rate, "fixed": fixed})
+    print(f"\nfitted total at --rows 10,000,000: {total:.0f} CPU-s")
+    print("\n".join(f'    "{r["id"]}": rate={r["rate"]:.3g}, fixed={r["fixed"]:.2f}'
+                    f' (now {CHECKS[r["id"]].rate:.3g}, {CHECKS[r["id"]].fixed:.2f})'
+                    for r in out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=None)
     ap.add_argument("--only", nargs="+", default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare", default=None, metavar="CHECKOUT")
+    ap.add_argument("--fit", type=int, default=None, metavar="ROWS")
     ap.add_argument("--json", default=None, metavar="FILE")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--root", default=_ROOT, help=argparse.SUPPRESS)
@@ -129,6 +180,12 @@ def main(argv: list[str] | None = None) -> None:
     from certattn.verify import estimated_seconds
 
     ids = args.only or [t.id for t in THEOREMS]
+    if args.fit:
+        rows_out = _fit_table(ids, args.fit, args.seed)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows_out, f, indent=1)
+        return
     cmp_head = " base s | speed-up |" if args.compare else ""
     print("| id | rows | seconds | estimate | rows/s | logits/s | floor s | ratio | peak MB "
           "| +MB |" + cmp_head)

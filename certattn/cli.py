@@ -567,11 +567,18 @@ def _add_progress_options(p: argparse.ArgumentParser, what: str) -> None:
                    help="no progress bar")
 
 
-_VERIFY_ROW = (
-    "A row is one query's logits (7 to 2048 keys: many short rows for the ties, masks "
-    "and ranges, long rows for rounding growth); checks of other objects (key blocks, "
-    "Monte Carlo rows, geometry points) scale their own units in proportion."
-)
+def _verify_row() -> str:
+    """What a row is (the row model of ``verify._common.row_shares``)."""
+    from .verify._common import LONG_KEYS, LONG_ROWS
+
+    return (
+        f"A row is one query's logits. Short rows (at most {LONG_KEYS} keys) carry the many "
+        "cases (ties, -inf, dtype-minimum and -10000 masks, extreme ranges, float16) and "
+        f"take all of --rows; long rows (more than {LONG_KEYS} keys, up to 2048, for rounding "
+        f"growth) are a fixed set of at most {LONG_ROWS:,} per kind, dtype and length, "
+        "whatever --rows. Checks of other objects (key blocks, queries, Monte Carlo rows, "
+        "geometry points) scale their own units in proportion."
+    )
 
 
 def _clock_words(seconds: float) -> str:
@@ -588,11 +595,12 @@ def _verify_timing() -> str:
 
     return (
         "On one idle CPU core (NumPy, measured per check; an estimate): the default sizes take "
-        f"about {_clock_words(estimated_seconds())}; --rows N takes about "
-        f"{_clock_words(estimated_seconds(100_000))} per 100,000 rows (1,000,000: about "
-        f"{_clock_words(estimated_seconds(1_000_000))}; {MAX_ROWS:,}, the most: about "
-        f"{_clock_words(estimated_seconds(MAX_ROWS))}); --jobs N divides it by up to N "
-        "on N free cores."
+        f"about {_clock_words(estimated_seconds())}; --rows 100,000 about "
+        f"{_clock_words(estimated_seconds(100_000))}, 1,000,000 about "
+        f"{_clock_words(estimated_seconds(1_000_000))}, {MAX_ROWS:,} (the most) about "
+        f"{_clock_words(estimated_seconds(MAX_ROWS))}, or about "
+        f"{_clock_words(estimated_seconds(MAX_ROWS, jobs=2))} with --jobs 2 on two free "
+        "cores (--jobs N runs the checks in N processes)."
     )
 
 
@@ -925,12 +933,13 @@ def _build_parser() -> argparse.ArgumentParser:
         description="For every theorem of the registry (docs/theorems.md), draw large batches "
         "of instances (ties, masks, extreme ranges, float16 included) and report the largest "
         "violation against its tolerance. Exit status 1 if any check fails; Ctrl-C (130) or "
-        "SIGTERM (143) prints the checks finished so far. " + _VERIFY_ROW + " "
+        "SIGTERM (143) prints the checks finished so far. " + _verify_row() + " "
         + _verify_timing(),
     )
     v.add_argument("--rows", type=_int_option("--rows", 1, MAX_ROWS), metavar="N",
                    help=f"rows per row-based check, 1 to {MAX_ROWS:,} (default: each check's "
-                   "own size; other checks scale proportionally)")
+                   "own size; other checks scale in proportion up to 100,000 and by the "
+                   "square root beyond: 10 times their own size at 10,000,000)")
     v.add_argument("--jobs", type=_int_option("--jobs", 1, MAX_JOBS), metavar="N", default=1,
                    help=f"worker processes, 1 to {MAX_JOBS} (default 1), one check per task; "
                    "the results are those of --jobs 1")

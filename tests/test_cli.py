@@ -411,8 +411,9 @@ def test_verify_help_states_the_measured_time(capsys):
     assert code == 0
     text = " ".join(out.split())
     assert f"the default sizes take about {_clock_words(estimated_seconds())};" in text
-    assert f"about {_clock_words(estimated_seconds(100_000))} per 100,000 rows" in text
-    assert f"the most: about {_clock_words(estimated_seconds(MAX_ROWS))})" in text
+    assert f"--rows 100,000 about {_clock_words(estimated_seconds(100_000))}," in text
+    assert f"{MAX_ROWS:,} (the most) about {_clock_words(estimated_seconds(MAX_ROWS))}" in text
+    assert f"about {_clock_words(estimated_seconds(MAX_ROWS, jobs=2))} with --jobs 2" in text
     assert "A row is one query's logits" in text and "--jobs N" in text
     assert 20 <= estimated_seconds() <= 60  # the goal: the default run within 60 s
 

@@ -88,8 +88,11 @@ def test_usage_errors_exit_2(capsys):
 def test_rows_scale_row_based_and_other_checks():
     for tid, spec in CHECKS.items():
         assert rows_for(tid, None) == spec.default
-        big = rows_for(tid, 10 * BASE_ROWS)
-        assert big == (10 * BASE_ROWS if spec.row_based else 10 * spec.default)
+        big = rows_for(tid, 100 * BASE_ROWS)
+        assert big == (100 * BASE_ROWS if spec.row_based else 10 * spec.default)  # sqrt
+        small = rows_for(tid, BASE_ROWS // 10)
+        assert small == (BASE_ROWS // 10 if spec.row_based
+                         else max(spec.minimum, -(-spec.default // 10)))  # proportional
         assert rows_for(tid, 1) >= 1
 
 

@@ -130,3 +130,59 @@ def test_jobs_give_the_results_of_one_job(capsys):
     assert main(["verify", "--jobs", "0"]) == 2
     with pytest.raises(ValueError, match="jobs must be an integer"):
         run_verify(rows=10, ids=["TV-TAIL"], jobs=0)
+
+
+def test_row_model_keeps_long_rows_fixed_and_every_combination():
+    from certattn.verify._common import LONG_KEYS, LONG_ROWS, row_shares
+
+    lengths = [7] * 21 + [64] * 21 + [1000] * 21
+    for rows in (1, 63, 500, 63 * LONG_ROWS, 10**6, 10**7):
+        shares = row_shares(rows, lengths)
+        assert sum(shares) == rows
+        assert max(shares) - min(shares) <= 1 or rows > 63 * LONG_ROWS
+        long = [s for s, n in zip(shares, lengths, strict=True) if n > LONG_KEYS]
+        assert max(long) <= LONG_ROWS and (rows < 63 or min(shares) >= 1)
+    big = row_shares(10**7, lengths)
+    assert big[-21:] == [LONG_ROWS] * 21 and min(big[:42]) > 10**7 // 43
+    assert row_shares(10**6, [1000, 2048]) == [500_000, 500_000]  # no short rows: even
+
+
+def test_estimate_is_the_cost_model_and_the_schedule():
+    from certattn.verify import CHECKS, estimated_seconds, rows_for
+
+    for rows in (None, 10**5, 10**7):
+        costs = [spec.seconds(rows_for(t, rows)) for t, spec in CHECKS.items()]
+        one, two = estimated_seconds(rows), estimated_seconds(rows, jobs=2)
+        assert one == pytest.approx(sum(costs))
+        assert max(max(costs), one / 2) <= two <= one
+    assert estimated_seconds(10**6) < estimated_seconds(10**7)
+    assert all(s.rate > 0 and s.fixed >= 0 for s in CHECKS.values())
+
+
+def test_float64_tail_screen_bounds_the_extended_tail():
+    """SEARCH-SOUND's float64 upper bound on the tail is >= the longdouble tail, and tight."""
+    from certattn.verify.search import _tail_exact, _tail_hi
+
+    rng = np.random.default_rng(4)
+    for mag in (0.1, 10.0, 100.0):
+        q = rng.standard_normal((300, 16)) * mag
+        keys = rng.standard_normal((64, 16)) * mag
+        vis = np.arange(64)[None, :] < rng.integers(1, 65, 300)[:, None]
+        kept = rng.random((300, 64)) < 0.5
+        hi = _tail_hi(q, keys, vis, kept, 0.25)
+        ex = _tail_exact(q, keys, vis, kept, 0.25)
+        assert (hi >= ex).all()
+        assert (hi <= ex * (1 + 1e-9) + 65e-300).all()  # 1e-300 per underflowed term
+
+
+def test_quant_screen_sends_every_entry_at_a_bound_to_the_exact_scores():
+    from certattn.verify.quant import _exact_near
+
+    rng = np.random.default_rng(5)
+    q, keys = rng.standard_normal((20, 32)), rng.standard_normal((50, 32))
+    s = (q @ keys.T) * 0.5
+    i, _, exact = _exact_near(q, keys, 0.5, ((s, 1.0),))  # a bound equal to the float64 score
+    assert i.size == s.size
+    far = ((s + 1e-6 * np.abs(s) + 1e-9, 1.0), (s - 1e-6 * np.abs(s) - 1e-9, -1.0))
+    assert _exact_near(q, keys, 0.5, far)[0].size == 0
+    assert np.allclose(np.sort(exact.astype(float)), np.sort(s.ravel()), rtol=1e-12, atol=1e-14)

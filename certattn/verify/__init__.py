@@ -25,10 +25,12 @@ Everything is chunked: at most about ``CHUNK_ELEMS`` (2^20) float64 numbers per 
 bar on stderr (on a terminal, with ``CERTATTN_PROGRESS=1`` or ``--progress``) that
 estimates the time left from each check's measured speed (:func:`estimated_seconds`).
 
-``run_verify(rows=None)`` uses each check's default size (the whole run takes about 60 s
-on one core); ``rows=N`` gives ``N`` rows to the row-based checks and scales the others by
-``N / BASE_ROWS`` (at least their minimum; about 90 s per 100,000 rows on one core;
-``jobs=N`` runs the checks in ``N`` worker processes).
+``run_verify(rows=None)`` uses each check's default size (the whole run takes under a minute
+on one core); ``rows=N`` gives ``N`` rows to the row-based checks (short rows scale, long
+rows are a fixed set, :func:`._common.row_shares`) and scales the others by
+``N / BASE_ROWS`` up to ``BASE_ROWS`` and by its square root beyond (at least their
+minimum, :func:`rows_for`); :func:`estimated_seconds` says how long it takes, and
+``jobs=N`` runs the checks in ``N`` worker processes.
 :func:`iter_verify` yields the results one by one (the command line prints the finished
 ones when interrupted).  ``backend="cupy"`` runs the
 library on the GPU (``xp = cupy``); ``backend="strict"`` on ``array-api-strict`` (a

@@ -4,12 +4,13 @@ The result type :class:`VerifyResult`, the running worst violation :class:`Worst
 relative-error and slack measures, the chunking helpers (at most about
 :data:`CHUNK_ELEMS` float64 numbers per step), the per-check context (array namespace,
 device, seeded generator, progress, dtypes), the seeded adversarial logit rows
-(:func:`_draw`, :func:`_cases`: ties, ``-inf`` and dtype-minimum masks, wide ranges, values
-next to the dtype's maximum, dominant keys, near-uniform rows; windows of a reused
-:class:`Pool` of normal and uniform numbers, scaled and shifted per row, so that drawing
-costs a copy rather than a random number per logit) and the float64 references computed
-from the definitions (softmax terms, tails summed from the small end, Top-k masks) that
-several areas share.
+(:func:`_draw`, :func:`_cases`: ties, ``-inf``, dtype-minimum and ``-10000`` masks, wide
+ranges, values next to the dtype's maximum, dominant keys, near-uniform rows; windows of
+a reused :class:`Pool` of normal and uniform numbers, scaled and shifted per row, so that
+drawing costs a copy rather than a random number per logit), the row model
+(:func:`row_shares`: short rows scale with ``--rows``, long rows are a fixed set) and the
+float64 references computed from the definitions (softmax terms, tails summed from the
+small end, Top-k masks) that several areas share.
 """
 
 from __future__ import annotations
@@ -174,8 +175,10 @@ def _draw(
         x = normal() * rng.uniform(0.5, 4.0, (r, 1))
         drop = unif() < rng.uniform(0.0, 0.95, (r, 1))
         drop[np.arange(r), rng.integers(0, n, r)] = False  # at least one valid key
-        # half the rows masked by -inf, half by the dtype's minimum (a finite fill)
-        x = np.where(drop, np.where(rng.random((r, 1)) < 0.5, -np.inf, -top), x)
+        # a third of the rows masked by -inf, a third by the dtype's minimum (a finite
+        # fill), a third by the additive bias -10000 (finite, the logit stays in the row)
+        fill = rng.integers(0, 3, (r, 1))
+        x = np.where(drop, np.where(fill == 0, -np.inf, np.where(fill == 1, -top, x - 1e4)), x)
     elif kind == "wide":  # spreads up to 1e4 around offsets up to +-1e4 (f16: smaller)
         big = 1e4 if dtype != np.float16 else 3e3
         spread = 10 ** rng.uniform(0, math.log10(big), (r, 1))
@@ -197,6 +200,34 @@ def _draw(
     return x.astype(dtype)
 
 
+LONG_KEYS = 128
+"""Rows of more keys than this are *long* (rounding growth); the others are *short*."""
+
+LONG_ROWS = 1024
+"""Rows of each (kind, dtype, long length) combination, whatever ``--rows`` (fewer only when
+an even split gives fewer): the long rows are a fixed set, the short rows take the rest."""
+
+
+def row_shares(rows: int, lengths: list[int]) -> list[int]:
+    """Rows of each combination of ``lengths`` keys (the row model of :func:`_cases`).
+
+    ``rows`` split evenly, except that a combination of more than :data:`LONG_KEYS` keys
+    gets at most :data:`LONG_ROWS` rows and the rows it leaves go to the short
+    combinations (if there are none, the split stays even).  So a large ``--rows`` adds
+    short rows (many cases: ties, masks, ranges) while the long rows (rounding growth)
+    stay a fixed set, and up to ``LONG_ROWS`` rows per combination nothing changes.
+    """
+    even = _split(rows, len(lengths))
+    short = [i for i, n in enumerate(lengths) if n <= LONG_KEYS]
+    if not short or len(short) == len(lengths):
+        return even
+    shares = [0 if n <= LONG_KEYS else min(s, LONG_ROWS) for s, n in zip(even, lengths,
+                                                                         strict=True)]
+    for i, s in zip(short, _split(rows - sum(shares), len(short)), strict=True):
+        shares[i] = s
+    return shares
+
+
 def _cases(
     ctx: Ctx,
     rows: int,
@@ -207,11 +238,14 @@ def _cases(
 ) -> Iterator[tuple[Array, Array, int, str]]:
     """Sub-batches ``(x_lib, x64, n, kind)`` covering ``rows`` rows over every (kind, dtype, n).
 
+    Rows are shared out by :func:`row_shares`: evenly, but at most :data:`LONG_ROWS` rows of
+    each combination with ``n > LONG_KEYS`` (the rest of ``rows`` goes to the short rows).
+
     ``x_lib`` is in the drawn dtype on the backend; ``x64`` is its exact float64 value.
     ``width`` = float64 numbers per logit kept alive by the check (sizes the chunks).
     """
     combos = [(k, d, n) for n in ns for d in ctx.dtypes for k in kinds]
-    shares = _split(rows, len(combos))
+    shares = row_shares(rows, [n for _, _, n in combos])
     # Progress ticks in row-equivalents of work (a row of n keys costs about n), so that
     # the bar moves evenly although the longest rows come last.
     per_key = rows / max(1, sum(s * c[2] for s, c in zip(shares, combos, strict=True)))

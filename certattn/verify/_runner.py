@@ -6,11 +6,14 @@
 stderr and turns a crash into a failed result; :func:`format_table` and :func:`to_json`
 render the results.  The command line is :func:`certattn.cli.main` (``certattn verify``).
 
-Each check's ``rate`` is its measured speed in rows per CPU second (NumPy backend, its
-default size, ``benchmarks/verify_speed.py``; a check uses one core, and on an idle machine
-its wall time is its CPU time); :func:`estimated_seconds` sums
-``rows / rate`` to say how long a run will take, and the progress display uses the same
-model for its estimate of the time left.
+Each check's cost model is ``fixed + rows / rate`` CPU seconds (NumPy backend,
+``benchmarks/verify_speed.py --fit``): ``rate`` is its marginal speed in rows per CPU
+second at large ``--rows`` and ``fixed`` what it costs besides (imports, compilation,
+index building, the fixed set of long rows, :func:`._common.row_shares`), fitted through
+its times at the default size and at ``--rows 1,000,000``.  A check uses one core, and on
+an idle machine its wall time is its CPU time.  :func:`estimated_seconds` sums the
+checks' costs (with ``jobs``: the longest-first schedule of :func:`iter_verify`), and the
+progress display uses the same model for its estimate of the time left.
 """
 
 from __future__ import annotations
@@ -84,71 +87,85 @@ MAX_JOBS = 256
 """Largest ``--jobs``."""
 
 MAX_ROWS = 10_000_000
-"""Largest ``--rows``: about 2.5 hours on one core (:func:`estimated_seconds`)."""
+"""Largest ``--rows`` (:func:`estimated_seconds` says how long it takes)."""
 
 
 @dataclass(frozen=True)
 class _Spec:
     func: Callable[..., tuple[float, float]]
     default: int
-    rate: float  # measured rows per CPU second (NumPy, default size)
+    rate: float  # measured marginal rows per CPU second (NumPy, large --rows)
     row_based: bool = True
     minimum: int = 1
+    fixed: float = 0.0  # measured CPU seconds besides rows / rate
+
+    def seconds(self, rows: int) -> float:
+        """Estimated CPU seconds of this check at ``rows`` rows."""
+        return self.fixed + rows / self.rate
 
 
 CHECKS: dict[str, _Spec] = {
-    "TV-TAIL": _Spec(check_tv_tail, 100_000, 50_000),
-    "TV-KL": _Spec(check_tv_kl, 40_000, 13_000),
-    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 12_000),
-    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 25_000),
-    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 15_000),
-    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 23_000),
-    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 14_000),
-    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 23_000, False, 20),
-    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 22_000),
-    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 35_000),
-    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 20_000, False, 12),
-    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 390_000),
-    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 21_000),
-    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 28_000),
-    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 13_000, False, 18),
-    "OUT-BEST": _Spec(check_out_best, 10_000, 3_000, False, 18),
-    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 14_000),
-    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 14_000, False, 200),
-    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 810_000),
-    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 150_000),
-    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 150_000),
-    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 170_000),
-    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 140_000, False, 64),
-    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 2_700, False, 32),
-    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 26_000, False, 700),
-    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 3_800, False, 32),
-    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 4_000, False, 72),
-    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 12_000, False, 4),
-    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 1_900, False, 4),
-    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 2_000, False, 4),
-    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 4_500, False, 4),
-    "GEO-SCOPE": _Spec(check_geo_scope, 800, 2_200, False, 4),
-    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 4_900, False, 4),
-    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 5_400, False, 4),
-    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 840, False, 4),
-    "GEO-DEPTH": _Spec(check_geo_depth, 200, 220, False, 2),
-    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 3_800, False, 4),
-    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 30_000, False, 12),
+    "TV-TAIL": _Spec(check_tv_tail, 100_000, 450_000, fixed=0.88),
+    "TV-KL": _Spec(check_tv_kl, 40_000, 310_000, fixed=0.74),
+    "DIV-COROLLARIES": _Spec(check_div_corollaries, 40_000, 270_000, fixed=0.88),
+    "BUDGET-EQUIV": _Spec(check_budget_equiv, 60_000, 480_000, fixed=1.12),
+    "TOPK-MINIMAL": _Spec(check_topk_minimal, 70_000, 460_000, fixed=2.61),
+    "GAP-SINGLE": _Spec(check_gap_single, 60_000, 680_000, fixed=0.52),
+    "GAP-EXACT-HEAD": _Spec(check_gap_exact_head, 30_000, 400_000, fixed=0.43),
+    "GAP-MULTI": _Spec(check_gap_multi, 20_000, 54_000, False, 20, fixed=0.02),
+    "GAP-UNIFORM": _Spec(check_gap_uniform, 50_000, 490_000, fixed=0.54),
+    "BLOCK-BOUNDS": _Spec(check_block_bounds, 100_000, 98_000, fixed=0.26),
+    "BLOCK-SCORE": _Spec(check_block_score, 20_000, 62_000, False, 12),
+    "BLOCK-MASS": _Spec(check_block_mass, 300_000, 440_000),
+    "OUT-BOUNDED": _Spec(check_out_bounded, 50_000, 150_000, fixed=0.93),
+    "OUT-HEAD-TAIL": _Spec(check_out_head_tail, 50_000, 280_000, fixed=0.68),
+    "OUT-DIAMETER": _Spec(check_out_diameter, 20_000, 21_000, False, 18, fixed=0.08),
+    "OUT-BEST": _Spec(check_out_best, 10_000, 4_600, False, 18, fixed=0.23),
+    "OUT-VAR-DECOMP": _Spec(check_out_var_decomp, 50_000, 180_000, fixed=1.01),
+    "DELTA-ERROR": _Spec(check_delta_error, 20_000, 26_000, False, 200, fixed=0.21),
+    "GAUSS-TILT": _Spec(check_gauss_tilt, 20_000, 3_500_000, fixed=0.01),
+    "GAUSS-THRESHOLD": _Spec(check_gauss_threshold, 20_000, 1_200_000, fixed=0.06),
+    "GAUSS-TOPFRAC": _Spec(check_gauss_topfrac, 20_000, 1_300_000, fixed=0.08),
+    "GAUSS-KEPS": _Spec(check_gauss_keps, 20_000, 1_200_000, fixed=0.07),
+    "GAUSS-FINITE-N": _Spec(check_gauss_finite_n, 100_000, 230_000, False, 64, fixed=0.05),
+    "GAUSS-LIMITS": _Spec(check_gauss_limits, 2_000, 3_900, False, 32, fixed=0.01),
+    "GAUSS-VALIDITY": _Spec(check_gauss_validity, 7_000, 72_000, False, 700, fixed=0.43),
+    "SEARCH-SOUND": _Spec(check_search_sound, 10_000, 33_000, False, 32, fixed=0.33),
+    "QUANT-SCORE": _Spec(check_quant_score, 20_000, 150_000, False, 72, fixed=0.25),
+    "GEO-METRIC": _Spec(check_geo_metric, 20_000, 34_000, False, 4, fixed=0.16),
+    "GEO-GAUSS-EQ": _Spec(check_geo_gauss_eq, 2_000, 3_600, False, 4, fixed=0.38),
+    "GEO-ORACLES": _Spec(check_geo_oracles, 2_000, 4_200, False, 4, fixed=0.46),
+    "GEO-UNGATED-FLAT": _Spec(check_geo_ungated_flat, 2_000, 59_000, False, 4, fixed=0.45),
+    "GEO-SCOPE": _Spec(check_geo_scope, 800, 9_100, False, 4, fixed=0.16),
+    "GEO-HEADWISE": _Spec(check_geo_headwise, 2_000, 41_000, False, 4, fixed=0.23),
+    "GEO-SPHERE-GATE": _Spec(check_geo_sphere_gate, 2_000, 20_000, False, 4, fixed=0.13),
+    "GEO-SIGMOID-GATE": _Spec(check_geo_sigmoid_gate, 500, 2_300, False, 4, fixed=0.21),
+    "GEO-DEPTH": _Spec(check_geo_depth, 200, 680, False, 2, fixed=0.22),
+    "GEO-PROXY": _Spec(check_geo_proxy, 2_000, 46_000, False, 4, fixed=0.20),
+    "MASK-HIDDEN": _Spec(check_mask_hidden, 10_000, 36_000, False, 12),
 }
-"""Theorem id -> batch check, its default row count, its measured speed (rows per CPU
-second), whether ``--rows N`` gives it ``N`` rows (row-based) or
-``default * N / BASE_ROWS`` (at least ``minimum``)."""
+"""Theorem id -> batch check, its default row count, its measured marginal speed (rows per
+CPU second), whether ``--rows N`` gives it ``N`` rows (row-based) or a scaled default
+(:func:`rows_for`, at least ``minimum``), and its measured fixed cost in CPU seconds
+(``benchmarks/verify_speed.py --fit 1000000``)."""
 
 
 def rows_for(theorem_id: str, rows: int | None) -> int:
-    """Rows the check of ``theorem_id`` draws for ``--rows rows`` (None: its default)."""
+    """Rows the check of ``theorem_id`` draws for ``--rows rows`` (None: its default).
+
+    A row-based check draws ``rows`` logit rows.  The others (key blocks, queries, Monte
+    Carlo rows, geometry points: instances that cost tens to thousands of logit rows each)
+    draw ``default * f`` (at least their minimum) with ``f = rows / BASE_ROWS`` up to
+    ``BASE_ROWS`` and ``f = sqrt(rows / BASE_ROWS)`` beyond: ``--rows 10,000,000`` gives
+    them 10 times their default size (proportional scaling would make them 90% of the time).
+    """
     spec = CHECKS[theorem_id]
     if rows is None:
         return spec.default
     if spec.row_based:
         return max(1, int(rows))
-    return max(spec.minimum, math.ceil(spec.default * int(rows) / BASE_ROWS))
+    f = int(rows) / BASE_ROWS
+    return max(spec.minimum, math.ceil(spec.default * (f if f <= 1 else math.sqrt(f))))
 
 
 def _backend(name: str) -> tuple[Any, Any]:
@@ -182,16 +199,21 @@ def _check_rows(rows: int | None) -> None:
 
 
 def estimated_seconds(
-    rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None
+    rows: int | None = None, ids: list[str] | tuple[str, ...] | None = None, jobs: int = 1
 ) -> float:
-    """Estimated run time of :func:`run_verify` in seconds (one idle core, ``jobs=1``).
+    """Estimated run time of :func:`run_verify` in seconds (idle cores).
 
-    The sum over the checks of ``rows_for(id, rows) / rate``, with each check's ``rate``
-    measured at its default size on NumPy (see :data:`CHECKS`).  An estimate: a busy or
-    faster machine differs by its speed ratio.
+    Each check costs ``fixed + rows_for(id, rows) / rate`` CPU seconds (both measured on
+    NumPy, see :data:`CHECKS`); with ``jobs = 1`` the estimate is their sum, with more the
+    finish time of the longest-first schedule on ``jobs`` workers (as :func:`iter_verify`
+    submits them).  An estimate: a busy or faster machine differs by its speed ratio.
     """
     wanted = list(CHECKS) if ids is None else list(ids)
-    return sum(rows_for(t, rows) / CHECKS[t].rate for t in wanted)
+    costs = sorted((CHECKS[t].seconds(rows_for(t, rows)) for t in wanted), reverse=True)
+    workers = [0.0] * max(1, min(int(jobs), len(costs)))
+    for c in costs:  # each task to the worker that frees first
+        workers[workers.index(min(workers))] += c
+    return max(workers)
 
 
 @functools.cache
@@ -271,7 +293,7 @@ def iter_verify(
     if jobs > 1 and len(wanted) > 1:
         yield from _iter_parallel(wanted, sizes, index, seed, backend, jobs, show)
         return
-    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    cost = [CHECKS[t].seconds(n) for t, n in zip(wanted, sizes, strict=True)]
     cost_total, cost_done, t_start = sum(cost), 0.0, time.perf_counter()
     for i, (tid, n) in enumerate(zip(wanted, sizes, strict=True)):
         bar = _CheckBar(f"verify {i + 1}/{len(wanted)} {tid}", n, cost_done, cost[i],
@@ -293,7 +315,7 @@ def _iter_parallel(wanted: list[str], sizes: list[int], index: list[int], seed: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    cost = [n / CHECKS[t].rate for t, n in zip(wanted, sizes, strict=True)]
+    cost = [CHECKS[t].seconds(n) for t, n in zip(wanted, sizes, strict=True)]
     ctx = multiprocessing.get_context("spawn")  # no fork of a threaded parent
     bar = Progress(f"verify ({jobs} jobs)", len(wanted), unit="checks") if show else None
     pool = ProcessPoolExecutor(max_workers=min(jobs, len(wanted)), mp_context=ctx)
@@ -355,10 +377,9 @@ def run_verify(
     Parameters
     ----------
     rows : int, optional
-        ``None``: each check's default size (about 60 s on one core in total).
+        ``None``: each check's default size (under a minute on one core in total).
         ``N`` (1 to :data:`MAX_ROWS`): ``N`` rows for the row-based checks, the others
-        scaled by ``N / BASE_ROWS`` (about 90 s per 100,000 rows on one core; see
-        :func:`estimated_seconds`).
+        scaled (:func:`rows_for`); see :func:`estimated_seconds` for the time.
     backend : {"numpy", "cupy", "strict"}
         Array library the library's functions run on.
     seed : int

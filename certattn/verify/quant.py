@@ -3,9 +3,10 @@
 Adversarial keys (Gaussian, an outlier channel, keys half-way between grid points,
 zero-range channels, magnitudes beyond float16, tiny magnitudes) are quantized at 2, 4
 and 8 bits in groups of 1, 7 and 64 keys (and one group); the exact quantization error
-and the exact scores ``scale q.k`` are formed in longdouble and must lie within the
-library's ``delta`` and ``[lower, upper]`` (QuantKeys.error_bound, score_bounds,
-page_upper).
+and the exact scores ``scale q.k`` must lie within the library's ``delta`` and
+``[lower, upper]`` (QuantKeys.error_bound, score_bounds, page_upper): a float64 product
+with its rigorous rounding bound settles every entry far from a bound, the others are
+formed in longdouble (:func:`_exact_near`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 
 import numpy as np
 
+from .._fp import U
 from ._common import Worst, _ctx, _split, _steps, longdouble_ok
 
 _KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
@@ -39,6 +41,28 @@ def _keys(kind: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
     return k
 
 
+def _exact_near(q: np.ndarray, keys: np.ndarray, scale: float,
+                bounds: tuple[tuple[np.ndarray, float], ...]) -> tuple[np.ndarray, ...]:
+    """The exact scores ``scale q.k`` (longdouble) of the entries that may pass a bound.
+
+    A float64 product ``q @ keys.T`` errs by at most ``gamma_d |q|.|k|`` in any summation
+    order (FMA included), so every entry whose float64 score is inside each
+    ``(bound, sign)`` (``sign (s - bound) <= 0``) by more than
+    ``(d + 4) 2^-52 scale |q|.|k|`` is inside exactly; only the other entries (rare on
+    honest bounds, every entry a counterfeit moves across) are formed in longdouble.
+    Returns ``(rows, cols, exact scores)`` of those entries.
+    """
+    d = q.shape[1]
+    s = (q @ keys.T) * scale
+    margin = 2 * (d + 4) * U * ((np.abs(q) @ np.abs(keys).T) * scale) + 1e-300
+    near = np.zeros(s.shape, bool)
+    for bound, sign in bounds:
+        near |= np.isfinite(bound) & (sign * (s - bound) + margin > 0)
+    i, j = np.nonzero(near)
+    ld = np.longdouble
+    return i, j, np.sum(q[i].astype(ld) * keys[j].astype(ld), axis=1) * ld(scale)
+
+
 def check_quant_score(rows, *, xp, device, rng, progress):
     """QUANT-SCORE: for ``rows`` queries spread over every (kind, bits, group) combination
     (n = 256 keys, d = 32), every key's exact error ``|k - khat|`` (longdouble) is at most
@@ -62,15 +86,17 @@ def check_quant_score(rows, *, xp, device, rng, progress):
         w.add(np.where(np.isfinite(delta), (err - delta.astype(ld)) / mag, 0.0).astype(float))
         mag_q = ctx.rng.choice([1e-3, 1.0, 30.0])
         scale = 1.0 / math.sqrt(d)
-        keys_ld, knorm = keys.astype(ld).T, np.linalg.norm(keys, axis=1)[None, :]
+        knorm = np.linalg.norm(keys, axis=1)[None, :]
         for r in _steps(share, 16 * n):  # bounded memory: chunks of queries
             q = ctx.rng.standard_normal((r, d)) * mag_q
             lower, upper = qk.score_bounds(q, scale=scale)
             pu = qk.page_upper(q, scale=scale)[:, qk.group_of]
-            s = (q.astype(ld) @ keys_ld) * ld(scale)
-            norm = (np.linalg.norm(q, axis=1)[:, None] * knorm * scale + 1e-300).astype(ld)
-            for bound, sign in ((lower, -1.0), (upper, 1.0), (pu, 1.0)):
-                ex = sign * (s - bound.astype(ld)) / norm
-                w.add(np.where(np.isfinite(bound), ex, 0.0).astype(np.float64))
+            norm = np.linalg.norm(q, axis=1)[:, None] * knorm * scale + 1e-300
+            checks = ((lower, -1.0), (upper, 1.0), (pu, 1.0))
+            i, j, s = _exact_near(q, keys, scale, checks)
+            for bound, sign in checks:
+                b = bound[i, j]
+                ex = (sign * (s - b.astype(ld)) / norm[i, j].astype(ld)).astype(float)
+                w.add(np.where(np.isfinite(b), ex, 0.0))
             ctx.tick(r)
     return w.value, (1e-15 if longdouble_ok() else 1e-12)
