@@ -48,6 +48,9 @@ SKIP_RULES: dict[str, str] = {
     "dask scheduler": "starts a cluster's scheduler process (not a certattn command)",
     "dask worker": "starts a cluster's worker process (not a certattn command)",
     "benchmarks/gpu_check.sh": "the GPU check; tests/test_gpu_check.py runs its --dry-run",
+    "python benchmarks/hf_calibrate.py": "SmolLM2 ladders on 1024 + 1024 tokens of Debian "
+        "Reference text (apt-get; an hour on 2 cores); tests/test_hf_calibrate.py runs "
+        "calibrate, the ladders and compare on a tiny model",
 }
 """Command prefix -> why lines starting with it are not run."""
 
