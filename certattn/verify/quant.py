@@ -2,7 +2,8 @@
 
 Adversarial keys (Gaussian, an outlier channel, keys half-way between grid points,
 zero-range channels, magnitudes beyond float16, tiny magnitudes) are quantized at 2, 4
-and 8 bits in groups of 1, 7 and 64 keys (and one group); the exact quantization error
+and 8 bits, and on nested grids (2 of 4, 2 of 8 and 4 of 8 bits), in groups of 1, 7 and
+64 keys (and one group); the exact quantization error
 and the exact scores ``scale q.k`` must lie within the library's ``delta`` and
 ``[lower, upper]`` (QuantKeys.error_bound, score_bounds, page_upper): a float64 product
 with its rigorous rounding bound settles every entry far from a bound, the others are
@@ -19,6 +20,9 @@ from .._fp import U
 from ._common import Worst, _ctx, _split, _steps, longdouble_ok
 
 _KINDS = ("gauss", "outlier", "halfway", "zero_range", "huge", "tiny")
+
+_GRIDS = ((2, 2), (4, 4), (8, 8), (2, 4), (2, 8), (4, 8))
+"""``(bits, grid_bits)``: plain grids and nested ones (the top ``bits`` of a finer grid)."""
 
 
 def _keys(kind: str, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
@@ -64,7 +68,7 @@ def _exact_near(q: np.ndarray, keys: np.ndarray, scale: float,
 
 
 def check_quant_score(rows, *, xp, device, rng, progress):
-    """QUANT-SCORE: for ``rows`` queries spread over every (kind, bits, group) combination
+    """QUANT-SCORE: for ``rows`` queries spread over every (kind, bits, grid, group) combination
     (n = 256 keys, d = 32), every key's exact error ``|k - khat|`` (longdouble) is at most
     ``delta`` and every exact score ``scale q.k`` lies in ``[lower, upper]`` and below its
     page bound.  Violation: excess relative to ``scale |q||k|``; tolerance 1e-15 (the
@@ -72,14 +76,17 @@ def check_quant_score(rows, *, xp, device, rng, progress):
     from ..quant import quantize_keys
 
     ctx, w = _ctx(xp, device, rng, progress), Worst()
-    combos = [(k, b, g) for k in _KINDS for b in (2, 4, 8) for g in (1, 7, 64, None)]
+    combos = [(k, b, g, grid) for k in _KINDS for b, grid in _GRIDS
+              for g in (1, 7, 64, None)]
     ld = np.longdouble
-    for (kind, bits, group), share in zip(combos, _split(rows, len(combos)), strict=True):
+    for (kind, bits, group, grid), share in zip(combos, _split(rows, len(combos)),
+                                                 strict=True):
         if share == 0:
             continue
         n, d = 256, 32
         keys = _keys(kind, n, d, ctx.rng)
-        qk = quantize_keys(keys, bits, group=group, residual=bool(ctx.rng.integers(2)))
+        qk = quantize_keys(keys, bits, group=group, residual=bool(ctx.rng.integers(2)),
+                           grid_bits=grid)
         khat, delta = qk.reconstruct(), qk.error_bound()
         err = np.abs(keys.astype(ld) - khat.astype(ld))
         mag = np.abs(keys).astype(ld) + 1e-300
