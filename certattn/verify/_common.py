@@ -267,12 +267,6 @@ def _terms(xp: Any, x64: Array) -> tuple[Array, Array]:
     return e, xp.sum(e, axis=-1)
 
 
-def sorted_tails(xp: Any, e: Array) -> tuple[Array, Array]:
-    """Cumulative sums of the ascending terms (small end first) and descending (head)."""
-    es = xp.sort(e, axis=-1)
-    return xp.cumulative_sum(es, axis=-1), xp.cumulative_sum(xp.flip(es, axis=-1), axis=-1)
-
-
 def _at(xp: Any, a: Array, idx: Array) -> Array:
     """``a[row, idx[row]]`` with ``idx`` clipped into range."""
     n = a.shape[-1]
