@@ -23,7 +23,6 @@ __all__ = ["COVERED_BY", "UNCERTIFIED"]
 UNCERTIFIED = {
     "certattn.approx.skyformer": "Nystrom attention, measured against exact attention only",
     "certattn.approx.hybrid_linear": "linear + window attention, measured only",
-    "certattn.approx.hybrid": "linear + window attention, measured only",
 }
 """Public functions returning an :class:`ApproxResult` with no bound (checked: they return
 ``tail_upper = error_bound = None``)."""
