@@ -272,8 +272,12 @@ def test_jobs_give_the_same_results(tmp_path: Path) -> None:
     """Issue 24: sections shared among 2 forked processes give what 1 process gives."""
     import os
 
+    from threadpoolctl import threadpool_info
+
     only = ("identities", "gaussian", "output", "search", "delta")
     docs, pids = {}, {}
+    blas = {p["filepath"]: p["num_threads"] for p in threadpool_info()
+            if p["user_api"] == "blas"}
     for jobs in (1, 2):
         out = tmp_path / f"j{jobs}"
         seen = tmp_path / f"pids{jobs}"
@@ -288,6 +292,10 @@ def test_jobs_give_the_same_results(tmp_path: Path) -> None:
         assert (a["status"], a["figures"], a["results"]) == (b["status"], b["figures"],
                                                              b["results"]), name
     assert {n for n, s in docs[2].items() if s["status"] == "ok"} == set(only)
+    # the BLAS pools, limited while the sections share the cores, are given back
+    after = {p["filepath"]: p["num_threads"] for p in threadpool_info()
+             if p["user_api"] == "blas"}
+    assert blas and {f: after[f] for f in blas} == blas
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forked workers: Linux only")
