@@ -924,7 +924,7 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jobs", type=_int_option("--jobs", 1, _REPRODUCE_MAX_JOBS), metavar="N",
                    help="processes that share the sections after the models are loaded, 1 to "
                    f"{_REPRODUCE_MAX_JOBS} (default: 2, or 1 on a one-core machine; Linux "
-                   "only, elsewhere 1); the results do not depend on it")
+                   "only, elsewhere 1); results agree up to BLAS summation order")
     r.set_defaults(func=_cmd_reproduce)
 
     v = sub.add_parser(

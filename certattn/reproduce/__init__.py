@@ -168,7 +168,8 @@ def _run_sections(names: list[str], runs: list, out: Path, quick: bool, note: Pr
                   jobs: int) -> dict[str, Section]:
     """Run the sections ``names``: in this process, or shared among ``jobs`` processes
     forked after loading (Linux; elsewhere one process).  Every section is deterministic
-    and reads only the loaded runs, so the results do not depend on ``jobs``."""
+    and reads only the loaded runs, so the results do not depend on ``jobs`` beyond the
+    summation order of BLAS, whose pools are limited to each process's share of the cores."""
     groups = _split(names, jobs if sys.platform.startswith("linux") else 1)
     if len(groups) == 1:
         return {n: _run_one(n, runs, out, quick, note) for n in names}
@@ -271,7 +272,8 @@ def reproduce(
         Processes that run the sections, 1 to :data:`MAX_JOBS` (default
         :func:`default_jobs`: 2 where two cores are usable).  The models are loaded once,
         then the sections are shared among processes forked from this one (Linux only;
-        elsewhere they run in this process); the results do not depend on ``jobs``.
+        elsewhere they run in this process); the results do not depend on ``jobs`` beyond
+        BLAS's summation order.
 
     Returns
     -------
