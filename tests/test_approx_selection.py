@@ -285,14 +285,7 @@ def test_quant_fallback_grows_the_kept_set_by_a_quantized_search(method):
     a query falls back only where needed (every query whose set truly drops more than eps
     falls back, by soundness), grows its set by scoring the best-bounded keys instead of
     every key, and stays within eps against exact arithmetic."""
-    rng = np.random.default_rng(5)
-    u = np.array([1.0, 0.0, 0.0, 0.0])
-    q = 3 * u + 0.5 * rng.standard_normal((2, 32, 4))
-    k = 0.5 * rng.standard_normal((2, 32, 4))
-    v = rng.standard_normal((2, 32, 2))
-    k[:, :4] = 6 * u
-    k[1, :4] = 1.5 * u
-    k[1, 20:23] = 4 * u  # strong keys outside the window: the search finds them
+    q, k, v = _strong_keys_case()  # head 1: strong keys outside the window, for the search
     eps = 0.05
     kw = {"window": 6, "sinks": 4} if method is window_sinks else {"budget": 8, "page_size": 4}
     for causal in (False, True):
@@ -358,7 +351,7 @@ def test_quant_fallback_adds_the_bias_to_every_key_bound(to):
 
 def _strong_keys_case():
     """Two heads of 32 keys, queries along ``u``, strong keys in the sinks (head 0) or
-    outside the window (head 1): the case of the quantized search test above."""
+    outside the window (head 1): the search must find them."""
     rng = np.random.default_rng(5)
     u = np.array([1.0, 0.0, 0.0, 0.0])
     q = 3 * u + 0.5 * rng.standard_normal((2, 32, 4))
