@@ -272,15 +272,22 @@ class Pages:
         object.__setattr__(self, "page_size", page_size)
 
     def select(self, scores: Array, valid: Array, ctx: Context) -> Selection:
-        xp = ctx.xp
-        upper, page_of = page_upper_bounds(ctx, self.page_size)
+        upper, _ = page_upper_bounds(ctx, self.page_size)
+        return Selection(kept=self.keep_top(upper, valid, ctx.xp))
+
+    def keep_top(self, page_scores: Array, valid: Array, xp: Any) -> Array:
+        """The kept set ``(..., m, n)``: the ``ceil(budget / page_size)`` visible pages of
+        largest ``page_scores`` (``(..., m, n_pages)``, ties to the earlier page), their
+        visible keys."""
         vis_pages = _block_visible(valid, None, self.page_size, xp)[0] > 0
-        upper = xp.where(vis_pages, upper, xp.full_like(upper, -xp.inf))
+        page_scores = xp.where(vis_pages, page_scores, xp.full_like(page_scores, -xp.inf))
         n_pages = max(1, math.ceil(self.budget / self.page_size))
-        order = xp.argsort(upper, axis=-1, descending=True, stable=True)
+        order = xp.argsort(page_scores, axis=-1, descending=True, stable=True)
         rank = xp.argsort(order, axis=-1, stable=True)
         keep_page = (rank < n_pages) & vis_pages
-        return Selection(kept=_expand_pages(keep_page, page_of, xp) & valid)
+        dev = getattr(valid, "device", None)
+        page_of = xp.arange(int(valid.shape[-1]), device=dev) // self.page_size
+        return _expand_pages(keep_page, page_of, xp) & valid
 
 
 def page_boxes(keys: Array, page_size: int, xp: Any) -> tuple[Array, Array, Array]:

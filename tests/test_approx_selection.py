@@ -4,6 +4,8 @@ arithmetic (mpmath)."""
 
 from __future__ import annotations
 
+import functools
+
 import mpmath
 import numpy as np
 import pytest
@@ -309,9 +311,12 @@ def test_quant_fallback_grows_the_kept_set_by_a_quantized_search(method):
 
 
 def test_quant_fallback_cost_counts_estimates_and_keys_scored():
-    """The cost of a query served its base set: kept keys + (d bits / 8 + 2) / (2 d) per
-    unkept visible key + 4 d / (2 d) = 2 per quantization group holding one."""
+    """The cost of a query served its base set: kept keys + (d bits / 8) / (2 d) per
+    unkept visible key (+ 2 / (2 d) for its residual norm with ``residual=True``) +
+    4 d / (2 d) = 2 per quantization group holding one."""
     from certattn.approx.fallback import CertifiedFallback
+    from certattn.approx.selection import run_policy
+    from certattn.policies import WindowSinks
 
     rng = np.random.default_rng(8)
     q, k, v = _qkv(rng, h=1, n=64, d=8)
@@ -323,8 +328,13 @@ def test_quant_fallback_cost_counts_estimates_and_keys_scored():
     unkept = 64 - kept
     groups = np.array([len({j // 32 for j in np.flatnonzero(~r.kept[0, i])})
                        for i in range(64)])
-    want = kept + (unkept * (8 * 4 / 8 + 2) + groups * 2 * 8 * 2) / 16.0
+    want = kept + (unkept * (8 * 4 / 8) + groups * 2 * 8 * 2) / 16.0
     np.testing.assert_allclose(r.cost[0], want[0])
+    pol = CertifiedFallback(WindowSinks(62, 1), 0.05, bound="quant", to="search", bits=4,
+                            residual=True)
+    rn = run_policy(q, k, v, pol, method="window_sinks", params={}, return_weights=False)
+    np.testing.assert_array_equal(rn.kept, r.kept)
+    np.testing.assert_allclose(rn.cost[0], want[0] + unkept[0] * 2 / 16.0)
     with pytest.raises(InputError, match="search"):
         CertifiedFallback(None, 0.1, to="search")  # page boxes give no per-key bounds
     with pytest.raises(InputError, match="bits"):
@@ -401,11 +411,11 @@ def test_quant_fallback_tiers_read_finer_estimates_only_where_needed(method, tie
         won += int(up.sum())
         np.testing.assert_array_equal(r.kept[up], base.kept[up])
         n_kept = r.kept[up].sum(-1)
-        # kept keys + at least the 2-bit codes and norm of every unkept key (3 bytes of 8
-        # per key) + at least one key's finer extra bits and norm (3 bytes of 8 or more)
+        # kept keys + at least the 2-bit codes of every unkept key (1 byte of 8 per key)
+        # + at least one key's finer extra bits (1 byte of 8 or more)
         unkept = (_causal(32) if causal else np.ones((32, 32), bool)).sum(-1)
         unkept = np.broadcast_to(unkept, fc.shape)[up] - n_kept
-        assert np.all(r.cost[up] > n_kept + unkept * 3 / 8 + 3 / 8)
+        assert np.all(r.cost[up] > n_kept + unkept * 1 / 8 + 1 / 8)
         assert np.all(r.tail_upper <= eps)
         _check_exact(r, q, k, v, causal, eps=eps)
     assert won > 0
@@ -439,9 +449,9 @@ def test_quant_fallback_tiers_add_the_bias_to_the_finer_bounds(tiers, monkeypatc
 @pytest.mark.parametrize("tiers", [(2, 8), (2, 4)])
 def test_quant_fallback_tiers_read_only_the_extra_bits(tiers, monkeypatch):
     """Nested tiers: a key refined from ``b`` to ``b'`` bits costs its ``(b' - b) d / 8``
-    extra code bytes and its 2-byte residual norm, and no second group metadata.  With
-    every unkept key refined, a query the finer tier certifies costs its kept keys +
-    (every unkept key's ``b' d / 8`` code bytes and two norms + ``4 d`` bytes for the one
+    extra code bytes (and, with residual norms, its 2-byte norm), and no second group
+    metadata.  With every unkept key refined, a query the finer tier certifies costs its
+    kept keys + (every unkept key's ``b' d / 8`` code bytes + ``4 d`` bytes for the one
     group) / (2 d)."""
     from certattn.approx.fallback import CertifiedFallback
 
@@ -457,8 +467,24 @@ def test_quant_fallback_tiers_read_only_the_extra_bits(tiers, monkeypatch):
     assert np.any(up)
     n_kept = r.kept.sum(-1)
     unkept = np.arange(1, 33) - n_kept  # causal; one group: 32 keys, groups of 64
-    want = n_kept + (unkept * (d * tiers[-1] / 8 + 2 * 2) + 4 * d) / (2 * d)
+    want = n_kept + (unkept * (d * tiers[-1] / 8) + 4 * d) / (2 * d)
     np.testing.assert_allclose(r.cost[up], want[up])
+    # with residual norms: two more bytes per key and tier read
+    from certattn.approx.selection import run_policy
+    from certattn.policies import WindowSinks
+
+    pol = CertifiedFallback(WindowSinks(6, 4), 0.05, bound="quant", to="search",
+                            bits=tiers, residual=True)
+    run = functools.partial(run_policy, method="window_sinks", params={}, causal=True,
+                            return_weights=False)
+    coarse_n = _coarse_only(monkeypatch, run, q, k, v, pol)
+    rn = run(q, k, v, pol)
+    up_n = coarse_n.params["fell_back"] & ~rn.params["fell_back"]
+    assert np.any(up_n)
+    n_kept = rn.kept.sum(-1)
+    unkept = np.arange(1, 33) - n_kept
+    want = n_kept + (unkept * (d * tiers[-1] / 8 + 2 * 2) + 4 * d) / (2 * d)
+    np.testing.assert_allclose(rn.cost[up_n], want[up_n])
 
 
 def test_quant_fallback_tiers_refuse_bad_widths():
@@ -466,3 +492,78 @@ def test_quant_fallback_tiers_refuse_bad_widths():
     for bad in ((8, 4), (4, 4), (), (4, 3), (4.0, 8)):
         with pytest.raises(InputError, match="bits"):
             window_sinks(q, k, v, fallback="quant", eps=0.1, bits=bad)
+
+
+def test_quest_ranks_pages_by_estimated_mass(monkeypatch):
+    """``rank="estimates"``: Quest's pages ranked by the mass their keys' first-tier
+    estimates give (sum of ``e^{(L + U) / 2}``), not by page boxes; the estimate of every
+    visible key is read and no box is, so a query served its pages costs its kept keys +
+    (every visible key's ``2 d / 8`` code bytes + ``4 d`` bytes per group) /
+    (2 d); every query stays within eps against exact arithmetic."""
+    from certattn.approx.fallback import quant_score_bounds
+    from certattn.policies import Context
+
+    q, k, v = _strong_keys_case()
+    d = q.shape[-1]
+    kw = {"budget": 8, "page_size": 4, "fallback": "quant", "eps": 0.05, "bits": (2, 8)}
+    for causal in (False, True):
+        r = quest(q, k, v, causal=causal, rank="estimates", **kw)
+        box = quest(q, k, v, causal=causal, **kw)
+        assert r.params["rank"] == "estimates" and box.params["rank"] == "box"
+        assert np.all(r.tail_upper <= 0.05)
+        _check_exact(r, q, k, v, causal, eps=0.05)
+        # the served pages are the two of largest estimated mass
+        valid = _causal(32) if causal else np.ones((32, 32), bool)
+        ctx = Context(queries=q, keys=k, scale=0.5, start=0, xp=np)
+        lo, up, _ = quant_score_bounds(ctx, 2, 128, 8)
+        mass = np.where(valid, np.exp(0.5 * lo + 0.5 * up), 0.0).reshape(2, 32, 8, 4).sum(-1)
+        served = ~r.params["fell_back"]
+        assert np.any(served)
+        top = np.argsort(-mass, axis=-1, kind="stable")[..., :2]
+        pages = np.zeros((2, 32, 8), bool)
+        np.put_along_axis(pages, top, True, axis=-1)
+        want = np.repeat(pages, 4, axis=-1) & valid
+        np.testing.assert_array_equal(r.kept[served], want[served])
+        # cost, first tier only (a refined key adds its extra bits, tested above)
+        c = _coarse_only(monkeypatch, quest, q, k, v, causal=causal, rank="estimates", **kw)
+        served = ~c.params["fell_back"]
+        assert np.any(served)
+        nv = np.broadcast_to(valid.sum(-1), served.shape)
+        want_cost = c.kept.sum(-1) + (nv * (2 * d / 8) + 4 * d) / (2 * d)
+        np.testing.assert_allclose(c.cost[served], want_cost[served])
+    # a page whose box is wide (keys 3 e1 and 3 e2: box bound 6, scores 3) and one whose
+    # keys all score 4 (box 4): the boxes keep the first, the estimates the second
+    q1 = np.array([[[1.0, 1.0, 0.0, 0.0]]])
+    k1 = np.zeros((1, 16, 4))
+    k1[0, 0:4:2, 0] = k1[0, 1:4:2, 1] = 3.0
+    k1[0, 4:8, :2] = 2.0
+    v1 = np.random.default_rng(1).standard_normal((1, 16, 2))
+    kw1 = {"budget": 4, "page_size": 4, "fallback": "quant", "eps": 0.9, "bits": (2, 8),
+           "scale": 1.0}
+    est, box = quest(q1, k1, v1, rank="estimates", **kw1), quest(q1, k1, v1, **kw1)
+    assert not est.params["fell_back"].any() and not box.params["fell_back"].any()
+    np.testing.assert_array_equal(np.flatnonzero(est.kept[0, 0]), [4, 5, 6, 7])
+    np.testing.assert_array_equal(np.flatnonzero(box.kept[0, 0]), [0, 1, 2, 3])
+    assert est.tail_upper[0, 0] < box.tail_upper[0, 0]
+
+
+def test_quest_rank_estimates_is_refused_without_estimates():
+    from certattn.approx.fallback import CertifiedFallback
+    from certattn.policies import Pages, WindowSinks
+
+    q, k, v = _qkv(np.random.default_rng(0), n=8, d=4)
+    with pytest.raises(InputError, match="fallback='quant'"):
+        quest(q, k, v, budget=4, page_size=2, rank="estimates")
+    with pytest.raises(InputError, match="fallback='quant'"):
+        quest(q, k, v, budget=4, page_size=2, rank="estimates", fallback="certified",
+              eps=0.1)
+    with pytest.raises(InputError, match="page_rank"):
+        quest(q, k, v, budget=4, page_size=2, rank="mass", fallback="quant", eps=0.1)
+    with pytest.raises(InputError, match="Pages base"):
+        CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search",
+                          page_rank="estimates")
+    with pytest.raises(InputError, match="Pages base"):
+        CertifiedFallback(Pages(4, page_size=2), 0.1, page_rank="estimates")
+    with pytest.raises(InputError, match="residual"):
+        CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", residual=1)
+

@@ -45,8 +45,12 @@ register_policy(
                                to="search", bits=4, group=3),
              CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search",
                                bits=(2, 8), group=4),
+             CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", to="search",
+                               bits=(2, 8), group=4, residual=True),
              CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
-                               to="search", bits=(2, 4, 8), group=3)],
+                               to="search", bits=(2, 4, 8), group=3),
+             CertifiedFallback(Pages(4, page_size=4), 0.1, page_size=4, bound="quant",
+                               to="search", bits=(2, 8), group=3, page_rank="estimates")],
     module=importlib.import_module(__package__),
 )
 
@@ -72,7 +76,9 @@ def _window_sinks(case: Case, extra: dict) -> Claim:
                                       **_kwargs(case)))
 
 
-@register(quest, name="certattn.approx.quest", variants=lambda: _FALLBACK)
+@register(quest, name="certattn.approx.quest", variants=lambda: [
+    *_FALLBACK, ("fallback=quant rank=estimates",
+                 {"fallback": "quant", "eps": 0.1, "bits": (2, 8), "rank": "estimates"})])
 def _quest(case: Case, extra: dict) -> Claim:
     return _approx_claim(quest(case.queries, case.keys, case.values, budget=4, page_size=4,
                                return_weights=False, **extra, **_kwargs(case)))

@@ -32,7 +32,8 @@ unavailable instead of breaking the audit.  :data:`PRESETS` adds the audit's par
 the window certified from 2-bit key estimates of the keys it drops, Theorem QUANT-SCORE,
 refined by the next bits of their nested 8-bit codes (to 4, then 8 bits) where that does
 not certify eps, and a quantized certified search where none does; ``quest_certified``
-the same over Quest's pages).
+the same over Quest's pages, ranked by their mass estimated from those 2-bit estimates
+instead of page boxes, ``rank="estimates"``).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ METHOD_TABLE: dict[str, str] = {
 
 PRESETS: dict[str, Callable[[int, float], dict[str, Any]]] = {
     "window_sinks_certified": lambda n, eps: {"fallback": "quant", "eps": eps, "bits": (2, 4, 8)},
-    "quest_certified": lambda n, eps: {"fallback": "quant", "eps": eps, "bits": (2, 4, 8)},
+    "quest_certified": lambda n, eps: {"fallback": "quant", "eps": eps, "bits": (2, 4, 8),
+                                       "rank": "estimates"},
 }
 """Extra keyword arguments per method name, from the context length ``n`` and ``eps``."""
 

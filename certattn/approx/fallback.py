@@ -161,20 +161,20 @@ def box_tail_upper(
     return hi, pages_read
 
 
-def _quant_keys(ctx: Any, bits: int, group: int, grid_bits: int | None = None
-                ) -> tuple[list[QuantKeys], tuple[int, ...]]:
+def _quant_keys(ctx: Any, bits: int, group: int, grid_bits: int | None = None,
+                residual: bool = True) -> tuple[list[QuantKeys], tuple[int, ...]]:
     """The chunk's keys quantized once per call (:func:`certattn.quant.quantize_keys`,
-    per leading index of ``ctx.keys``, on a ``grid_bits``-bit grid), cached in
-    ``ctx.cache``."""
+    per leading index of ``ctx.keys``, on a ``grid_bits``-bit grid, with or without
+    residual norms), cached in ``ctx.cache``."""
     keys = np.asarray(ctx.keys, dtype=np.float64)
     lead = keys.shape[:-2]
     grid = bits if grid_bits is None else grid_bits
-    key = f"quant:{bits}:{grid}:{group}"
+    key = f"quant:{bits}:{grid}:{group}:{residual}"
     hit = ctx.cache.get(key)
     if hit is None or hit[1] != keys.shape:
         flat = keys.reshape(-1, *keys.shape[-2:])
-        hit = ([quantize_keys(k, bits, group=group, grid_bits=grid) for k in flat],
-               keys.shape)
+        hit = ([quantize_keys(k, bits, group=group, grid_bits=grid, residual=residual)
+                for k in flat], keys.shape)
         ctx.cache[key] = hit
     return hit[0], lead
 
@@ -207,12 +207,14 @@ def quant_score_upper(ctx: Any, bits: int = 4, group: int = 32) -> tuple[Array, 
 
 
 def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32,
-                       grid_bits: int | None = None) -> tuple[Array, Array, QuantKeys]:
+                       grid_bits: int | None = None, residual: bool = True
+                       ) -> tuple[Array, Array, QuantKeys]:
     """Lower and upper bounds on every exact logit of the chunk (Theorem QUANT-SCORE, bias
     added rounded down and up): ``(lower, upper, quantized)``, as :func:`quant_score_upper`
     (``-inf`` / ``+inf`` where a bound overflows), from the top ``bits`` bits of a
-    ``grid_bits``-bit grid (nested grids, :func:`certattn.quant.quantize_keys`)."""
-    qks, lead = _quant_keys(ctx, bits, group, grid_bits)
+    ``grid_bits``-bit grid (nested grids, :func:`certattn.quant.quantize_keys`); without
+    ``residual`` no residual norm is stored or read (the bound is the per-channel one)."""
+    qks, lead = _quant_keys(ctx, bits, group, grid_bits, residual)
     queries = np.asarray(ctx.queries, dtype=np.float64)
     shape = np.broadcast_shapes(queries.shape[:-2], lead)
     qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
@@ -293,6 +295,12 @@ def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
     return rest & (rank < t[..., None])
 
 
+def _row_max(x: Array, valid: Array) -> Array:
+    """Largest finite ``x`` over each row's visible entries, ``(..., m, 1)`` (0 if none)."""
+    top = np.max(np.where(valid & np.isfinite(x), x, -np.inf), axis=-1, keepdims=True)
+    return np.where(np.isfinite(top), top, 0.0)
+
+
 def _tail_estimate(scores: Array, valid: Array, kept: Array, est: Array) -> Array:
     r"""The dropped mass of ``kept`` were the visible unkept logits ``est`` (a choice, not
     a bound): :math:`T / (H + T)`, :math:`T` the sum of ``e^est`` over them; 0 where it
@@ -353,18 +361,36 @@ class CertifiedFallback:
     * ``to="topk"``: every visible key scored, the certified Top-k (Theorem TV-TAIL);
     * ``to="dense"``: dense attention (:math:`\tau = 0`).
 
+    With a :class:`certattn.policies.Pages` base and ``page_rank="estimates"``
+    (``bound="quant"`` only), the base pages are ranked by their estimated mass, the sum
+    over the page's visible keys of :math:`e^{(L_i + U_i)/2}` from the first tier's
+    bounds, instead of by page boxes: the estimate of every visible key is then read
+    (kept keys' too) and no page box is (a choice of the kept set; what certifies it is
+    unchanged).
+
     All certify the budget :func:`certattn.policies.slack_budget` on the computed scores, so
     every query's ``tail_upper`` (the house's bound for the exact scores) is at most
     ``eps``; a grown set whose sound bound misses it (rounding) is served dense.  Every
     bound adds the additive mask bias (``ctx.bias``) when there is one.
 
+    The estimates are quantized per channel in groups of ``group`` keys (default 128) and,
+    with ``residual``, each key also stores a float16 bound on its residual norm (the
+    Cauchy-Schwarz term of QUANT-SCORE).  Both defaults are measured
+    (``benchmarks/fallback_cost.py``, SmolLM2, 1024 tokens, layers 0, 7, 15, 23, 29, eps
+    0.01, ``bits=(2, 4, 8)``): window + sinks costs 0.804x dense with groups of 64 and
+    norms, 0.797x with groups of 128 (groups of 256 raise the fallback rate), 0.780x
+    without norms at the same fallback rate, because the per-channel term is the smaller
+    one on most keys and the norm costs 2 bytes per key and tier.
+
     Cost, in key-equivalents (``2 d`` bytes, one float16 key): keys scored, plus the
     bound's reads: :data:`METADATA_PER_PAGE` per page box, or each unkept key's estimate
-    (``d bits / 8`` bytes of codes and 2 of residual norm) and ``4 d`` bytes of metadata
-    per quantization group holding one (8 d where a key head needs float32 metadata);
-    with tiers, each refined key's extra ``d (b' - b) / 8`` code bytes and 2 of residual
-    norm (its group's metadata are the first tier's).  Values are not counted (nor for
-    dense attention, the unit: counting them would lower every ratio).
+    (``d bits / 8`` bytes of codes, and 2 of residual norm with ``residual``) and ``4 d``
+    bytes of metadata per quantization group holding one (8 d where a key head needs
+    float32 metadata); with tiers, each refined key's extra ``d (b' - b) / 8`` code bytes,
+    and 2 of residual norm with ``residual`` (its group's metadata are the first tier's);
+    with ``page_rank="estimates"``, the first tier's estimate of every visible key instead
+    of the unkept keys' and the page boxes.  Values are not counted (nor for dense
+    attention, the unit: counting them would lower every ratio).
     """
 
     base: Any
@@ -374,7 +400,9 @@ class CertifiedFallback:
     name: str = "certified_fallback"
     bound: str = "box"
     bits: int | tuple[int, ...] = 4
-    group: int = 64
+    group: int = 128
+    page_rank: str = "box"
+    residual: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
@@ -385,6 +413,14 @@ class CertifiedFallback:
             raise InputError(f"fallback bound must be 'box' or 'quant', got {self.bound!r}")
         if self.to == "search" and self.bound != "quant":
             raise InputError("fallback target 'search' needs bound='quant' (per-key bounds)")
+        if not isinstance(self.residual, bool):
+            raise InputError(f"residual must be True or False, got {self.residual!r}")
+        if self.page_rank not in ("box", "estimates"):
+            raise InputError(f"page_rank must be 'box' or 'estimates', got {self.page_rank!r}")
+        if self.page_rank == "estimates" and not (
+                self.bound == "quant" and isinstance(self.base, Pages)):
+            raise InputError("page_rank='estimates' ranks a Pages base by its key estimates: "
+                             "it needs bound='quant' and a Pages base")
         object.__setattr__(self, "bits", check_int_tiers(self.bits, name="bits", choices=BITS))
         check_int_option(self.group, name="group", optional=False)
         if isinstance(self.page_size, bool) or int(self.page_size) != self.page_size or \
@@ -394,10 +430,34 @@ class CertifiedFallback:
     def select(self, scores: Array, valid: Array, ctx: Any) -> Selection:
         return self.select_with_info(scores, valid, ctx)[0]
 
-    def _bound(self, scores: Array, valid: Array, kept: Array, ctx: Any
+    def _tiers(self) -> tuple[int, ...]:
+        return self.bits if isinstance(self.bits, tuple) else (self.bits,)
+
+    def base_kept(self, scores: Array, valid: Array, ctx: Any
+                   ) -> tuple[Array, tuple[Array, Array, QuantKeys] | None]:
+        """The base kept set and, with ``page_rank="estimates"``, the first tier's bounds it
+        was ranked from (:meth:`_bound` reuses them)."""
+        if self.page_rank == "box":
+            return np.asarray(self.base.select(scores, valid, ctx).kept) & valid, None
+        tiers = self._tiers()
+        first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1],
+                                   self.residual)
+        lower, upper, _ = first
+        with np.errstate(over="ignore", invalid="ignore"):
+            mid = np.where(np.isfinite(lower) & np.isfinite(upper),
+                           0.5 * lower + 0.5 * upper, upper)
+            mass = _page_sums(np.where(valid, np.exp(mid - _row_max(mid, valid)), 0.0),
+                              self.base.page_size)
+        # a page whose estimated mass is not finite ranks first (fails toward keeping it)
+        mass = np.where(np.isnan(mass), np.inf, mass)
+        return np.asarray(self.base.keep_top(mass, valid, ctx.xp)), first
+
+    def _bound(self, scores: Array, valid: Array, kept: Array, ctx: Any,
+               first: tuple[Array, Array, QuantKeys] | None = None
                ) -> tuple[Array, Array, Array | None]:
         """``(bound, reads, upper)``: the base set's bound, the key-equivalents its reads
-        cost, and the per-key bounds (``bound="quant"``; None for boxes)."""
+        cost, and the per-key bounds (``bound="quant"``; None for boxes).  ``first``: the
+        first tier's bounds, already computed (``page_rank="estimates"``)."""
         d = int(np.shape(ctx.keys)[-1])
         if self.bound == "box":
             box, pages_read = box_tail_upper(scores, valid, kept, ctx, self.page_size)
@@ -406,12 +466,18 @@ class CertifiedFallback:
             else:
                 meta = METADATA_PER_PAGE * pages_read
             return box, meta, None
-        tiers = self.bits if isinstance(self.bits, tuple) else (self.bits,)
+        tiers = self._tiers()
         # tiers are nested: each width reads the top bits of the finest width's grid
-        lower, upper, qk = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1])
-        reads = _estimate_reads(valid & ~kept, qk, d)
-        if isinstance(self.base, Pages):
-            reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
+        if first is None:
+            first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1],
+                                       self.residual)
+        lower, upper, qk = first
+        if self.page_rank == "estimates":  # every visible key's estimate ranked the pages
+            reads = _estimate_reads(valid, qk, d)
+        else:
+            reads = _estimate_reads(valid & ~kept, qk, d)
+            if isinstance(self.base, Pages):
+                reads = reads + METADATA_PER_PAGE * pages_visible(valid, self.base.page_size)
         bound = key_tail_upper(scores, valid, kept, upper)
         budget = slack_budget(self.eps, ctx)
         have = np.full(upper.shape, float(tiers[0]))  # code bits read per key
@@ -422,7 +488,8 @@ class CertifiedFallback:
             refine = self._to_refine(scores, valid, kept, lower, upper, budget,
                                      2.0 ** (b - have)) & todo[..., None]
             # the minimum (maximum) of two sound upper (lower) bounds is one
-            finer_lo, finer, qk_b = quant_score_bounds(ctx, b, self.group, tiers[-1])
+            finer_lo, finer, qk_b = quant_score_bounds(ctx, b, self.group, tiers[-1],
+                                                       self.residual)
             upper = np.where(refine, np.minimum(upper, finer), upper)
             lower = np.where(refine, np.maximum(lower, finer_lo), lower)
             reads = reads + _refine_reads(refine, have, qk_b, d)
@@ -459,9 +526,8 @@ class CertifiedFallback:
 
     def select_with_info(self, scores: Array, valid: Array, ctx: Any) -> tuple[Selection, dict]:
         scores, valid = np.asarray(scores), np.asarray(valid)
-        sel = self.base.select(scores, valid, ctx)
-        kept = np.asarray(sel.kept) & valid
-        bound, reads, upper = self._bound(scores, valid, kept, ctx)
+        kept, first = self.base_kept(scores, valid, ctx)
+        bound, reads, upper = self._bound(scores, valid, kept, ctx, first)
         # the house widens the bound by the score slack (the head's scores are computed
         # ones): certify the shrunk budget so the widened bound stays within eps
         budget = slack_budget(self.eps, ctx)
@@ -486,5 +552,5 @@ class CertifiedFallback:
         out_kept = np.where(ok[..., None], kept, fb_kept)
         tail = np.where(ok, bound, fb_tail)
         scored = np.where(ok, n_kept, n_fb)
-        info = {"cost": scored + reads, "fell_back": ~ok}
+        info = {"cost": scored + reads, "fell_back": ~ok, "reads": reads}
         return Selection(kept=out_kept, tail_upper=tail, scored=scored.astype(np.int64)), info

@@ -243,7 +243,10 @@ def _context_length(k: Any) -> int:
 
 
 def _fallback_policy(base: Any, fallback: str | None, eps: float | None, page_size: int,
-                     mask: Any, to: str | None, bits: Any) -> Any:
+                     mask: Any, to: str | None, bits: Any, rank: str = "box") -> Any:
+    if rank != "box" and fallback != "quant":
+        raise InputError(f"rank={rank!r} ranks pages by the key estimates of "
+                         "fallback='quant': give fallback='quant'")
     if fallback is None:
         return base
     if fallback not in ("certified", "quant"):
@@ -252,7 +255,7 @@ def _fallback_policy(base: Any, fallback: str | None, eps: float | None, page_si
         raise InputError(f"fallback={fallback!r} needs eps (the TV budget)")
     if fallback == "quant":
         return CertifiedFallback(base, eps, page_size=page_size, to=to or "search",
-                                 bound="quant", bits=bits)
+                                 bound="quant", bits=bits, page_rank=rank)
     if mask is not None:
         _, bias = normalize_mask(np.asarray(mask))
         if bias is not None and np.any(bias != 0):
@@ -310,7 +313,7 @@ def window_sinks(
     fallback_to : {None, "topk", "dense", "search"}
         What a query whose bound exceeds ``eps`` gets (None: the fallback's default).
     bits : {2, 4, 8} or tuple of them
-        Code width of the key estimates of ``fallback="quant"`` (groups of 64 keys); a
+        Code width of the key estimates of ``fallback="quant"`` (groups of 128 keys); a
         strictly increasing tuple such as ``(4, 8)`` (what ``certattn audit`` runs) tiers
         the bound on one nested grid: the finer widths' extra bits are read only for the
         keys of the queries the coarser ones do not certify
@@ -360,6 +363,7 @@ def quest(
     eps: float | None = None,
     fallback_to: str | None = None,
     bits: int | tuple[int, ...] = 4,
+    rank: str = "box",
     return_weights: bool = True,
     chunk_elems: int = CHUNK_ELEMS,
 ) -> ApproxResult:
@@ -379,6 +383,12 @@ def quest(
         Token budget (default :func:`default_budget` of ``Lk``).
     page_size : int
         Keys per page (Quest: 16).
+    rank : {"box", "estimates"}
+        How pages are ranked: by their box score bound (Quest) or, with
+        ``fallback="quant"``, by their mass estimated from the first tier's key estimates
+        (``page_rank="estimates"`` of
+        :class:`~certattn.approx.fallback.CertifiedFallback`): the estimates of every
+        visible key are read and no page box is.
 
     Returns
     -------
@@ -388,12 +398,13 @@ def quest(
     budget = default_budget(n, page_size if isinstance(page_size, int) else 16) \
         if budget is None else budget
     base = Pages(budget=budget, page_size=page_size)
-    pol = _fallback_policy(base, fallback, eps, base.page_size, mask, fallback_to, bits)
+    pol = _fallback_policy(base, fallback, eps, base.page_size, mask, fallback_to, bits,
+                           rank)
     params: dict[str, Any] = {"budget": base.budget, "page_size": base.page_size}
     if fallback is not None:
         params.update(eps=pol.eps, fallback=fallback, fallback_to=pol.to)
         if fallback == "quant":
-            params.update(bits=pol.bits)
+            params.update(bits=pol.bits, rank=pol.page_rank)
     return run_policy(
         q, k, v, pol, method="quest", params=params, mask=mask, causal=causal, scale=scale,
         kv_heads=kv_heads, chunk_elems=chunk_elems, return_weights=return_weights,
