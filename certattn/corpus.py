@@ -107,10 +107,12 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
             n_workers=cores, threads_per_worker=1, dashboard_address=":0",  # any free port
             silence_logs=logging.CRITICAL,
         )
-        c = Client(cluster)
+        # not the process's default client: a caller's later dask.compute must not be
+        # sent to this client once it is closed
+        c = Client(cluster, set_as_default=False)
         return c, [c, cluster]
     try:
-        c = Client(client, timeout="30s")
+        c = Client(client, timeout="30s", set_as_default=False)
     except OSError as exc:
         raise InputError(f"cannot reach the dask scheduler at {client}: {exc}") from None
     except (ValueError, TypeError) as exc:  # distributed's address parser

@@ -522,3 +522,32 @@ def test_corpus_progress_serial_and_cli_on_scheduler(tmp_path, capsys, cluster, 
     monkeypatch.setenv("CERTATTN_PROGRESS", "1")
     code, out_quiet, err = _run(capsys, *argv, "--quiet")
     assert code == 0 and err == "" and out_quiet == out_bar
+
+
+
+@needs_minilm
+def test_corpus_on_scheduler_leaves_the_default_client_alone(cluster, monkeypatch):
+    """``budget_corpus(client=ADDRESS)`` (``--dask ADDRESS``) and ``client="local"`` open
+    their Client as not the process's default: a caller's own default client stays the
+    default, and closing certattn's never leaves dask pointing at a closed client (the
+    full suite once saw a later plain ``.compute()`` fail with "no Client active" after
+    the CLI's Client had been the default)."""
+    distributed = pytest.importorskip("distributed")
+    from certattn.corpus import budget_corpus
+
+    made = []
+
+    class Recording(distributed.Client):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("set_as_default", True))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(distributed, "Client", Recording)
+    before = dask.config.get("scheduler", None)
+    with distributed.Client(cluster) as mine:
+        made.clear()
+        budget_corpus(DOCS[:1], eps=0.05, layers=[1], client=cluster.scheduler_address)
+        assert made == [False]  # certattn's own Client was not made the default
+        assert distributed.default_client() is mine
+    assert dask.config.get("scheduler", None) == before
+    assert int(da.ones(4, chunks=2).sum().compute()) == 4
