@@ -552,5 +552,5 @@ class CertifiedFallback:
         out_kept = np.where(ok[..., None], kept, fb_kept)
         tail = np.where(ok, bound, fb_tail)
         scored = np.where(ok, n_kept, n_fb)
-        info = {"cost": scored + reads, "fell_back": ~ok, "reads": reads}
+        info = {"cost": scored + reads, "fell_back": ~ok}
         return Selection(kept=out_kept, tail_upper=tail, scored=scored.astype(np.int64)), info
