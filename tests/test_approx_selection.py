@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 
+import array_api_compat.numpy as xnp
 import mpmath
 import numpy as np
 import pytest
@@ -496,12 +497,31 @@ def test_quant_fallback_tiers_refuse_bad_widths():
 
 def test_quest_ranks_pages_by_estimated_mass(monkeypatch):
     """``rank="estimates"``: Quest's pages ranked by the mass their keys' first-tier
-    estimates give (sum of ``e^{(L + U) / 2}``), not by page boxes; the estimate of every
-    visible key is read and no box is, so a query served its pages costs its kept keys +
-    (every visible key's ``2 d / 8`` code bytes + ``4 d`` bytes per group) /
-    (2 d); every query stays within eps against exact arithmetic."""
-    from certattn.approx.fallback import quant_score_bounds
-    from certattn.policies import Context
+    estimates give over the ``d / 4`` channels of largest ``|q_j|`` (sum of
+    ``e^{scale sum_J q_j khat_ij}``), not by page boxes; those channels of every visible
+    key's code are read, the others for the unkept keys, and no box: a query served its
+    pages costs its kept keys + (every visible key's ``2 d / 8`` code bytes less the kept
+    keys' unread ``2 (d - d / 4) / 8`` + ``4 d`` bytes per group) / (2 d); every query
+    stays within eps against exact arithmetic."""
+    from certattn.approx.fallback import CertifiedFallback
+    from certattn.approx.selection import run_policy
+    from certattn.policies import Context, Pages
+    from certattn.quant import quantize_keys
+
+    def ranked(q, k, valid, r):
+        """The kept set of the two pages of largest estimated mass over ``r`` channels."""
+        est = np.empty(valid.shape)
+        for h in range(q.shape[0]):
+            khat = quantize_keys(k[h], 2, group=128, grid_bits=8, residual=False).reconstruct()
+            top = np.argsort(-np.abs(q[h]), axis=-1, kind="stable")[:, :r]
+            qr = np.zeros_like(q[h])
+            np.put_along_axis(qr, top, np.take_along_axis(q[h], top, -1), -1)
+            est[h] = 0.5 * qr @ khat.T
+        mass = np.where(valid, np.exp(est), 0.0).reshape(*valid.shape[:-1], 8, 4).sum(-1)
+        top = np.argsort(-mass, axis=-1, kind="stable")[..., :2]
+        pages = np.zeros(mass.shape, bool)
+        np.put_along_axis(pages, top, True, axis=-1)
+        return np.repeat(pages, 4, axis=-1) & valid
 
     q, k, v = _strong_keys_case()
     d = q.shape[-1]
@@ -512,31 +532,37 @@ def test_quest_ranks_pages_by_estimated_mass(monkeypatch):
         assert r.params["rank"] == "estimates" and box.params["rank"] == "box"
         assert np.all(r.tail_upper <= 0.05)
         _check_exact(r, q, k, v, causal, eps=0.05)
-        # the served pages are the two of largest estimated mass
-        valid = _causal(32) if causal else np.ones((32, 32), bool)
-        ctx = Context(queries=q, keys=k, scale=0.5, start=0, xp=np)
-        lo, up, _ = quant_score_bounds(ctx, 2, 128, 8)
-        mass = np.where(valid, np.exp(0.5 * lo + 0.5 * up), 0.0).reshape(2, 32, 8, 4).sum(-1)
+        # the served pages are the two of largest estimated mass, over d / 4 = 1 channel
+        valid = np.broadcast_to(_causal(32) if causal else np.ones((32, 32), bool),
+                                (2, 32, 32))
         served = ~r.params["fell_back"]
         assert np.any(served)
-        top = np.argsort(-mass, axis=-1, kind="stable")[..., :2]
-        pages = np.zeros((2, 32, 8), bool)
-        np.put_along_axis(pages, top, True, axis=-1)
-        want = np.repeat(pages, 4, axis=-1) & valid
-        np.testing.assert_array_equal(r.kept[served], want[served])
+        np.testing.assert_array_equal(r.kept[served], ranked(q, k, valid, 1)[served])
+        # every channel: rank_channels=d
+        pol = CertifiedFallback(Pages(8, page_size=4), 0.05, page_size=4, bound="quant",
+                                to="search", bits=(2, 8), page_rank="estimates",
+                                rank_channels=4)
+        ctx = Context(queries=q, keys=k, scale=0.5, start=0, xp=xnp)
+        kept, _ = pol.base_kept(np.zeros(valid.shape), valid, ctx)
+        np.testing.assert_array_equal(kept, ranked(q, k, valid, 4))
+        full = run_policy(q, k, v, pol, method="quest", params={}, causal=causal,
+                          return_weights=False)
+        assert np.all(full.tail_upper <= 0.05)
         # cost, first tier only (a refined key adds its extra bits, tested above)
         c = _coarse_only(monkeypatch, quest, q, k, v, causal=causal, rank="estimates", **kw)
         served = ~c.params["fell_back"]
         assert np.any(served)
-        nv = np.broadcast_to(valid.sum(-1), served.shape)
-        want_cost = c.kept.sum(-1) + (nv * (2 * d / 8) + 4 * d) / (2 * d)
+        nv = valid.sum(-1)
+        n_kept = c.kept.sum(-1)
+        want_cost = n_kept + (nv * (2 * d / 8) - n_kept * 2 * (d - 1) / 8 + 4 * d) / (2 * d)
         np.testing.assert_allclose(c.cost[served], want_cost[served])
-    # a page whose box is wide (keys 3 e1 and 3 e2: box bound 6, scores 3) and one whose
-    # keys all score 4 (box 4): the boxes keep the first, the estimates the second
-    q1 = np.array([[[1.0, 1.0, 0.0, 0.0]]])
+    # a page whose box is wide (keys 3 e1 and 3 e2: box bound 5.7, scores 3 and 2.7) and
+    # one whose keys all score 3.5 (box 3.5): the boxes keep the first, the estimates (on
+    # channel 0, where the query is largest) the second
+    q1 = np.array([[[1.0, 0.9, 0.0, 0.0]]])
     k1 = np.zeros((1, 16, 4))
     k1[0, 0:4:2, 0] = k1[0, 1:4:2, 1] = 3.0
-    k1[0, 4:8, :2] = 2.0
+    k1[0, 4:8, 0] = 3.5
     v1 = np.random.default_rng(1).standard_normal((1, 16, 2))
     kw1 = {"budget": 4, "page_size": 4, "fallback": "quant", "eps": 0.9, "bits": (2, 8),
            "scale": 1.0}
@@ -545,6 +571,19 @@ def test_quest_ranks_pages_by_estimated_mass(monkeypatch):
     np.testing.assert_array_equal(np.flatnonzero(est.kept[0, 0]), [4, 5, 6, 7])
     np.testing.assert_array_equal(np.flatnonzero(box.kept[0, 0]), [0, 1, 2, 3])
     assert est.tail_upper[0, 0] < box.tail_upper[0, 0]
+    # keys 2 e1 + 2 e2 (score 3.8) against 3 e1 (score 3): channel 0 alone ranks the
+    # second page first, every channel the first
+    k2 = np.zeros((1, 16, 4))
+    k2[0, 0:4, :2] = 2.0
+    k2[0, 4:8, 0] = 3.0
+    ctx = Context(queries=q1, keys=k2, scale=1.0, start=0, xp=xnp)
+    vis = np.ones((1, 1, 16), bool)
+    for r, want in ((1, [4, 5, 6, 7]), (4, [0, 1, 2, 3]), (None, [4, 5, 6, 7])):
+        pol = CertifiedFallback(Pages(4, page_size=4), 0.5, page_size=4, bound="quant",
+                                to="search", bits=(2, 8), page_rank="estimates",
+                                rank_channels=r)
+        kept, _ = pol.base_kept(np.zeros(vis.shape), vis, ctx)
+        np.testing.assert_array_equal(np.flatnonzero(kept[0, 0]), want)
 
 
 def test_quest_rank_estimates_is_refused_without_estimates():
@@ -566,4 +605,8 @@ def test_quest_rank_estimates_is_refused_without_estimates():
         CertifiedFallback(Pages(4, page_size=2), 0.1, page_rank="estimates")
     with pytest.raises(InputError, match="residual"):
         CertifiedFallback(WindowSinks(3, 1), 0.1, bound="quant", residual=1)
+    for bad in (0, 2.0, True):
+        with pytest.raises(InputError, match="rank_channels"):
+            CertifiedFallback(Pages(4, page_size=2), 0.1, bound="quant",
+                              page_rank="estimates", rank_channels=bad)
 

@@ -206,6 +206,20 @@ def quant_score_upper(ctx: Any, bits: int = 4, group: int = 32) -> tuple[Array, 
     return upper, qk
 
 
+def _head_pairs(ctx: Any, bits: int, group: int, grid_bits: int | None, residual: bool
+                ) -> tuple[list[QuantKeys], tuple[int, ...], list[tuple]]:
+    """``(quantized keys, score shape, pairs)``: the chunk's keys quantized per key head
+    (:func:`_quant_keys`), the broadcast ``(..., m, n)`` shape of the chunk's scores, and
+    per leading index ``(index, that head's QuantKeys, its (m, d) queries)``."""
+    qks, lead = _quant_keys(ctx, bits, group, grid_bits, residual)
+    queries = np.asarray(ctx.queries, dtype=np.float64)
+    shape = np.broadcast_shapes(queries.shape[:-2], lead)
+    qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
+    kidx = np.broadcast_to(np.arange(len(qks)).reshape(lead), shape)
+    pairs = [(idx, qks[int(kidx[idx])], qb[idx]) for idx in np.ndindex(*shape)]
+    return qks, (*shape, queries.shape[-2], qks[0].n_keys), pairs
+
+
 def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32,
                        grid_bits: int | None = None, residual: bool = True
                        ) -> tuple[Array, Array, QuantKeys]:
@@ -214,15 +228,10 @@ def quant_score_bounds(ctx: Any, bits: int = 4, group: int = 32,
     (``-inf`` / ``+inf`` where a bound overflows), from the top ``bits`` bits of a
     ``grid_bits``-bit grid (nested grids, :func:`certattn.quant.quantize_keys`); without
     ``residual`` no residual norm is stored or read (the bound is the per-channel one)."""
-    qks, lead = _quant_keys(ctx, bits, group, grid_bits, residual)
-    queries = np.asarray(ctx.queries, dtype=np.float64)
-    shape = np.broadcast_shapes(queries.shape[:-2], lead)
-    qb = np.broadcast_to(queries, (*shape, *queries.shape[-2:]))
-    kidx = np.broadcast_to(np.arange(len(qks)).reshape(lead), shape)
-    m, n = queries.shape[-2], qks[0].n_keys
-    lower, upper = np.empty((*shape, m, n)), np.empty((*shape, m, n))
-    for idx in np.ndindex(*shape):
-        lower[idx], upper[idx] = qks[int(kidx[idx])].score_bounds(qb[idx], scale=ctx.scale)
+    qks, shape, pairs = _head_pairs(ctx, bits, group, grid_bits, residual)
+    lower, upper = np.empty(shape), np.empty(shape)
+    for idx, qk, q in pairs:
+        lower[idx], upper[idx] = qk.score_bounds(q, scale=ctx.scale)
     bias = getattr(ctx, "bias", None)
     if bias is not None:
         b = np.broadcast_to(np.asarray(bias, dtype=np.float64), upper.shape)
@@ -295,6 +304,32 @@ def _extend_by_bounds(scores: Array, valid: Array, kept: Array, upper: Array,
     return rest & (rank < t[..., None])
 
 
+def _partial_estimates(ctx: Any, bits: int, group: int, grid_bits: int, residual: bool,
+                       r: int) -> Array:
+    r"""Scores estimated from ``r`` channels of the ``bits``-bit codes (a choice, not a
+    bound): per query, the ``r`` channels of largest :math:`|q_j|` (ties to the lower
+    index, as in SparQ Attention), :math:`\hat s_i = \mathrm{scale} \sum_{j \in J}
+    q_j \hat k_{ij}` plus the key's additive bias; ``+inf`` for keys of groups whose
+    metadata are not finite.  ``(..., m, n)`` float64."""
+    _, shape, pairs = _head_pairs(ctx, bits, group, grid_bits, residual)
+    est = np.empty(shape)
+    for idx, qk, q in pairs:
+        top = np.argsort(-np.abs(q), axis=-1, kind="stable")[:, :r]
+        qr = np.zeros_like(q)
+        np.put_along_axis(qr, top, np.take_along_axis(q, top, axis=-1), axis=-1)
+        khat = qk.reconstruct()
+        bad = ~np.all(np.isfinite(qk.error_bound()), axis=1)  # metadata not finite
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = (qr @ khat.T) * ctx.scale
+        est[idx] = np.where(bad[None, :] | np.isnan(e), np.inf, e)
+    bias = getattr(ctx, "bias", None)
+    if bias is not None:
+        with np.errstate(invalid="ignore"):
+            est = est + np.broadcast_to(np.asarray(bias, dtype=np.float64), est.shape)
+        est = np.where(np.isnan(est), np.inf, est)
+    return est
+
+
 def _row_max(x: Array, valid: Array) -> Array:
     """Largest finite ``x`` over each row's visible entries, ``(..., m, 1)`` (0 if none)."""
     top = np.max(np.where(valid & np.isfinite(x), x, -np.inf), axis=-1, keepdims=True)
@@ -363,10 +398,14 @@ class CertifiedFallback:
 
     With a :class:`certattn.policies.Pages` base and ``page_rank="estimates"``
     (``bound="quant"`` only), the base pages are ranked by their estimated mass, the sum
-    over the page's visible keys of :math:`e^{(L_i + U_i)/2}` from the first tier's
-    bounds, instead of by page boxes: the estimate of every visible key is then read
-    (kept keys' too) and no page box is (a choice of the kept set; what certifies it is
-    unchanged).
+    over the page's visible keys of :math:`e^{\hat s_i}`, instead of by page boxes;
+    :math:`\hat s_i` is the first tier's estimate over the ``rank_channels`` channels of
+    largest :math:`|q_j|` (default a quarter of the head dimension, SparQ Attention's
+    choice; all channels: ``rank_channels=d``).  Those channels of every visible key's
+    code are read, the other channels only for the unkept keys (whose bounds need them),
+    and no page box is (a choice of the kept set; what certifies it is unchanged).
+    SmolLM2, 30 layers, 1024 tokens, eps 0.01, ``bits=(2, 4, 8)``: 0.718x dense ranking on
+    all 64 channels, 0.696x on 16 (``certattn audit``).
 
     All certify the budget :func:`certattn.policies.slack_budget` on the computed scores, so
     every query's ``tail_upper`` (the house's bound for the exact scores) is at most
@@ -388,8 +427,9 @@ class CertifiedFallback:
     bytes of metadata per quantization group holding one (8 d where a key head needs
     float32 metadata); with tiers, each refined key's extra ``d (b' - b) / 8`` code bytes,
     and 2 of residual norm with ``residual`` (its group's metadata are the first tier's);
-    with ``page_rank="estimates"``, the first tier's estimate of every visible key instead
-    of the unkept keys' and the page boxes.  Values are not counted (nor for dense
+    with ``page_rank="estimates"``, the first tier's ``rank_channels`` code channels of
+    every kept key as well, and the metadata of every group holding a visible key, instead
+    of the page boxes.  Values are not counted (nor for dense
     attention, the unit: counting them would lower every ratio).
     """
 
@@ -403,6 +443,7 @@ class CertifiedFallback:
     group: int = 128
     page_rank: str = "box"
     residual: bool = False
+    rank_channels: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", check_eps(self.eps))
@@ -413,6 +454,7 @@ class CertifiedFallback:
             raise InputError(f"fallback bound must be 'box' or 'quant', got {self.bound!r}")
         if self.to == "search" and self.bound != "quant":
             raise InputError("fallback target 'search' needs bound='quant' (per-key bounds)")
+        check_int_option(self.rank_channels, name="rank_channels")
         if not isinstance(self.residual, bool):
             raise InputError(f"residual must be True or False, got {self.residual!r}")
         if self.page_rank not in ("box", "estimates"):
@@ -440,17 +482,20 @@ class CertifiedFallback:
         if self.page_rank == "box":
             return np.asarray(self.base.select(scores, valid, ctx).kept) & valid, None
         tiers = self._tiers()
-        first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1],
-                                   self.residual)
-        lower, upper, _ = first
+        first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1], self.residual)
+        est = _partial_estimates(ctx, tiers[0], self.group, tiers[-1], self.residual,
+                                 self._rank_channels(ctx))
         with np.errstate(over="ignore", invalid="ignore"):
-            mid = np.where(np.isfinite(lower) & np.isfinite(upper),
-                           0.5 * lower + 0.5 * upper, upper)
-            mass = _page_sums(np.where(valid, np.exp(mid - _row_max(mid, valid)), 0.0),
+            mass = _page_sums(np.where(valid, np.exp(est - _row_max(est, valid)), 0.0),
                               self.base.page_size)
         # a page whose estimated mass is not finite ranks first (fails toward keeping it)
         mass = np.where(np.isnan(mass), np.inf, mass)
         return np.asarray(self.base.keep_top(mass, valid, ctx.xp)), first
+
+    def _rank_channels(self, ctx: Any) -> int:
+        d = int(np.shape(ctx.keys)[-1])
+        r = max(1, d // 4) if self.rank_channels is None else self.rank_channels
+        return min(r, d)
 
     def _bound(self, scores: Array, valid: Array, kept: Array, ctx: Any,
                first: tuple[Array, Array, QuantKeys] | None = None
@@ -472,8 +517,12 @@ class CertifiedFallback:
             first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1],
                                        self.residual)
         lower, upper, qk = first
-        if self.page_rank == "estimates":  # every visible key's estimate ranked the pages
-            reads = _estimate_reads(valid, qk, d)
+        if self.page_rank == "estimates":
+            # the ranking read r channels of every visible key's first-tier code; the
+            # bound reads the others for the unkept keys (all metadata counted)
+            r = self._rank_channels(ctx)
+            n_kept = np.sum(kept & valid, axis=-1)
+            reads = _estimate_reads(valid, qk, d) - n_kept * (d - r) * qk.bits / 8.0 / (2 * d)
         else:
             reads = _estimate_reads(valid & ~kept, qk, d)
             if isinstance(self.base, Pages):

@@ -386,9 +386,9 @@ def quest(
     rank : {"box", "estimates"}
         How pages are ranked: by their box score bound (Quest) or, with
         ``fallback="quant"``, by their mass estimated from the first tier's key estimates
-        (``page_rank="estimates"`` of
-        :class:`~certattn.approx.fallback.CertifiedFallback`): the estimates of every
-        visible key are read and no page box is.
+        over the quarter of the channels where the query is largest (``page_rank=
+        "estimates"`` of :class:`~certattn.approx.fallback.CertifiedFallback`): those
+        channels of every visible key's code are read and no page box is.
 
     Returns
     -------
