@@ -309,19 +309,18 @@ def _partial_estimates(ctx: Any, bits: int, group: int, grid_bits: int, residual
     r"""Scores estimated from ``r`` channels of the ``bits``-bit codes (a choice, not a
     bound): per query, the ``r`` channels of largest :math:`|q_j|` (ties to the lower
     index, as in SparQ Attention), :math:`\hat s_i = \mathrm{scale} \sum_{j \in J}
-    q_j \hat k_{ij}` plus the key's additive bias; ``+inf`` for keys of groups whose
-    metadata are not finite.  ``(..., m, n)`` float64."""
+    q_j \hat k_{ij}` plus the key's additive bias (``+inf`` where that sum is NaN; keys of
+    groups whose metadata are not finite have ``khat = 0``: the caller ranks them by their
+    bounds).  ``(..., m, n)`` float64."""
     _, shape, pairs = _head_pairs(ctx, bits, group, grid_bits, residual)
     est = np.empty(shape)
     for idx, qk, q in pairs:
         top = np.argsort(-np.abs(q), axis=-1, kind="stable")[:, :r]
         qr = np.zeros_like(q)
         np.put_along_axis(qr, top, np.take_along_axis(q, top, axis=-1), axis=-1)
-        khat = qk.reconstruct()
-        bad = ~np.all(np.isfinite(qk.error_bound()), axis=1)  # metadata not finite
         with np.errstate(over="ignore", invalid="ignore"):
-            e = (qr @ khat.T) * ctx.scale
-        est[idx] = np.where(bad[None, :] | np.isnan(e), np.inf, e)
+            e = (qr @ qk.reconstruct().T) * ctx.scale
+        est[idx] = np.where(np.isnan(e), np.inf, e)
     bias = getattr(ctx, "bias", None)
     if bias is not None:
         with np.errstate(invalid="ignore"):
@@ -485,6 +484,8 @@ class CertifiedFallback:
         first = quant_score_bounds(ctx, tiers[0], self.group, tiers[-1], self.residual)
         est = _partial_estimates(ctx, tiers[0], self.group, tiers[-1], self.residual,
                                  self._rank_channels(ctx))
+        # a key whose bound is +inf (metadata not finite, or overflow) ranks its page first
+        est = np.where(first[1] == np.inf, np.inf, est)
         with np.errstate(over="ignore", invalid="ignore"):
             mass = _page_sums(np.where(valid, np.exp(est - _row_max(est, valid)), 0.0),
                               self.base.page_size)

@@ -285,7 +285,6 @@ def hybrid_linear(
     )
 
 
-
 @dataclass(frozen=True)
 class HybridUsage:
     """Component usage of the hybrid against exact attention, per query ``(..., Lq)``.

@@ -314,7 +314,7 @@ def window_sinks(
         What a query whose bound exceeds ``eps`` gets (None: the fallback's default).
     bits : {2, 4, 8} or tuple of them
         Code width of the key estimates of ``fallback="quant"`` (groups of 128 keys); a
-        strictly increasing tuple such as ``(4, 8)`` (what ``certattn audit`` runs) tiers
+        strictly increasing tuple such as ``(2, 4, 8)`` (what ``certattn audit`` runs) tiers
         the bound on one nested grid: the finer widths' extra bits are read only for the
         keys of the queries the coarser ones do not certify
         (:class:`~certattn.approx.fallback.CertifiedFallback`).
