@@ -24,6 +24,7 @@ anything that does not run natively on it.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -304,3 +305,11 @@ def capability_markdown() -> str:
         for fn, cap in CAPABILITIES.items()
     ]
     return "\n".join([head, rule, *rows])
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity set on Linux, else the machine's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)

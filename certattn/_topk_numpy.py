@@ -22,6 +22,7 @@ from typing import Any
 import array_api_compat.numpy as _XNP
 import numpy as np
 
+from ._backends import usable_cores
 from ._topk_generic import cut_sorted
 
 FAST_KEYS = 1 << 20  # keys per chunk
@@ -92,11 +93,7 @@ def threads() -> int:
     env = os.environ.get("CERTATTN_NUM_THREADS", "")
     if env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
+    return max(1, min(usable_cores(), 8))
 
 
 _local = threading.local()

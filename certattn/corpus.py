@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ._backends import usable_cores
 from ._validate import InputError
 
 __all__ = ["budget_corpus", "document_budget", "read_texts"]
@@ -99,12 +100,8 @@ def _client(client: Any) -> tuple[Any, list[Any]]:
             f"--dask needs the distributed extra: pip install 'certattn[distributed]' ({exc})"
         ) from None
     if client == "local":
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cores = os.cpu_count() or 1
         cluster = LocalCluster(  # a task's error is raised here: no worker log of it
-            n_workers=cores, threads_per_worker=1, dashboard_address=":0",  # any free port
+            n_workers=usable_cores(), threads_per_worker=1, dashboard_address=":0",  # any free port
             silence_logs=logging.CRITICAL,
         )
         # not the process's default client: a caller's later dask.compute must not be

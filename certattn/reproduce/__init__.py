@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._backends import usable_cores
 from ._approx import forget_signals
 from ._runs import load_runs, row_stats
 from ._summary import EPS_GRID, PAPER, SECTION_MD, SIZES, Progress, Section, Summary
@@ -107,11 +108,7 @@ the weights by which :func:`_split` shares the sections among the worker process
 
 def default_jobs() -> int:
     """Worker processes of a run by default: 2, or 1 on a machine with one usable core."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(2, cores))
+    return min(2, usable_cores())
 
 
 def _check_jobs(jobs: int | None) -> int:
@@ -182,7 +179,7 @@ def _run_sections(names: list[str], runs: list, out: Path, quick: bool, note: Pr
     workers = []
     # BLAS pools sized for the whole machine in every process spin against each other
     # (measured on 2 cores: 2.4x the CPU time and 2.2x the wall time of one thread each)
-    blas = threadpool_limits(limits=max(1, (os.cpu_count() or 1) // len(groups)),
+    blas = threadpool_limits(limits=max(1, usable_cores() // len(groups)),
                              user_api="blas")
     try:
         for group in groups[1:]:
